@@ -1,0 +1,110 @@
+//! Multi-head attention with PyTorch `nn.MultiheadAttention`'s parameters and semantics.
+
+use super::layers::{normal, Linear};
+use super::ops;
+use candle_core::{Result, Tensor};
+use candle_nn::{Init, VarBuilder};
+
+/// `nn.MultiheadAttention(d_model, heads, kdim, vdim)`.
+///
+/// When keys and values have the model's width the q/k/v projections are packed in one
+/// `in_proj_weight` `[3·d, d]` (and a self-attention computes them in one product); otherwise
+/// they are `q_proj_weight`, `k_proj_weight`, `v_proj_weight` as PyTorch names them. The bias is
+/// always packed in `in_proj_bias`.
+#[derive(Debug, Clone)]
+pub struct MultiheadAttention {
+    /// The packed weight when keys/values have the model's width.
+    in_proj: Option<Linear>,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
+    heads: usize,
+    head_dim: usize,
+}
+
+impl MultiheadAttention {
+    /// Loads the attention under `vb` (`in_proj_weight`, `in_proj_bias`, `out_proj.*`).
+    /// `proj_std` initialises the output projection.
+    pub fn new(
+        d_model: usize,
+        kv_dim: usize,
+        heads: usize,
+        proj_std: f64,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let attn_std = (d_model as f64).powf(-0.5);
+        let bias = vb.get_with_hints(3 * d_model, "in_proj_bias", Init::Const(0.0))?;
+        let bias_part = |i: usize| bias.narrow(0, i * d_model, d_model);
+        let (in_proj, q_w, k_w, v_w) = if kv_dim == d_model {
+            let w =
+                vb.get_with_hints((3 * d_model, d_model), "in_proj_weight", normal(attn_std))?;
+            let part = |i: usize| w.narrow(0, i * d_model, d_model);
+            let packed = Linear::from_parts(w.clone(), Some(bias.clone()));
+            (Some(packed), part(0)?, part(1)?, part(2)?)
+        } else {
+            let q = vb.get_with_hints((d_model, d_model), "q_proj_weight", normal(attn_std))?;
+            let k = vb.get_with_hints((d_model, kv_dim), "k_proj_weight", normal(attn_std))?;
+            let v = vb.get_with_hints((d_model, kv_dim), "v_proj_weight", normal(attn_std))?;
+            (None, q, k, v)
+        };
+        Ok(Self {
+            in_proj,
+            q_proj: Linear::from_parts(q_w, Some(bias_part(0)?)),
+            k_proj: Linear::from_parts(k_w, Some(bias_part(1)?)),
+            v_proj: Linear::from_parts(v_w, Some(bias_part(2)?)),
+            out_proj: Linear::new(d_model, d_model, proj_std, vb.pp("out_proj"))?,
+            heads,
+            head_dim: d_model / heads,
+        })
+    }
+
+    /// Self-attention of `x` `[B, T, d]`; `mask` is additive, `[T, T]` or `[B, T, T]`.
+    pub fn forward_self(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let Some(in_proj) = &self.in_proj else {
+            return self.forward_cross(x, x, mask);
+        };
+        let (b, t, _) = x.dims3()?;
+        // One product for q, k and v, then one copy into [3, B, H, T, hd].
+        let qkv = in_proj
+            .forward(x)?
+            .reshape((b, t, 3, self.heads, self.head_dim))?
+            .permute((2, 0, 3, 1, 4))?
+            .contiguous()?;
+        self.attend(&qkv.get(0)?, &qkv.get(1)?, &qkv.get(2)?, mask)
+    }
+
+    /// Attention of queries `q_x` `[B, T, d]` over keys/values `kv_x` `[B, S, kdim]`.
+    pub fn forward_cross(
+        &self,
+        q_x: &Tensor,
+        kv_x: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let q = self.split_heads(&self.q_proj.forward(q_x)?)?;
+        let k = self.split_heads(&self.k_proj.forward(kv_x)?)?;
+        let v = self.split_heads(&self.v_proj.forward(kv_x)?)?;
+        self.attend(&q, &k, &v, mask)
+    }
+
+    /// `[B, T, d]` → `[B, H, T, hd]`, contiguous.
+    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        x.reshape((b, t, self.heads, self.head_dim))?
+            .transpose(1, 2)?
+            .contiguous()
+    }
+
+    /// `softmax(q kᵀ / √hd + mask) v`, heads merged, then the output projection.
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let (b, h, t, hd) = q.dims4()?;
+        let scores = q.matmul(&k.t()?)?;
+        let probs = ops::masked_softmax(&scores, mask, 1.0 / (hd as f64).sqrt())?;
+        let out = probs
+            .matmul(v)?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, t, h * hd))?;
+        self.out_proj.forward(&out)
+    }
+}

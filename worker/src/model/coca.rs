@@ -1,0 +1,96 @@
+//! The whole CoCa model: image tower, text tower, multimodal decoder and the logit scale.
+
+use super::config::CocaConfig;
+use super::decoder::MultimodalDecoder;
+use super::text::TextTower;
+use super::vision::VisionTower;
+use candle_core::{Result, Tensor, D};
+use candle_nn::{Init, VarBuilder};
+
+/// open_clip's `logit_scale` initial value, `ln(1 / 0.07)`.
+pub const INIT_LOGIT_SCALE: f64 = 2.659_260_036_932_778;
+
+/// CoCa (arXiv 2205.01917) exactly as open_clip's `CoCa`, weights named as its `state_dict()`.
+#[derive(Debug, Clone)]
+pub struct CoCa {
+    pub visual: VisionTower,
+    pub text: TextTower,
+    pub text_decoder: MultimodalDecoder,
+    /// The learned temperature, stored as its log (`[]`).
+    pub logit_scale: Tensor,
+    pub config: CocaConfig,
+}
+
+/// Everything one teacher-forced forward pass produces (open_clip's output dict).
+#[derive(Debug, Clone)]
+pub struct CocaOutput {
+    /// L2-normalised image embedding `[B, E]`.
+    pub image_features: Tensor,
+    /// Image tokens fed to the decoder `[B, Q-1, E]`.
+    pub image_embs: Tensor,
+    /// L2-normalised text embedding `[B, E]`.
+    pub text_features: Tensor,
+    /// Text-tower token outputs `[B, T, W]` (cls removed).
+    pub token_embs: Tensor,
+    /// Decoder logits `[B, T-1, vocab]` predicting `labels`.
+    pub logits: Tensor,
+    /// `text[:, 1:]`, `[B, T-1]`.
+    pub labels: Tensor,
+    /// `exp(logit_scale)`, `[]`.
+    pub logit_scale: Tensor,
+}
+
+impl CoCa {
+    /// Builds the model; `vb` supplies (or initialises) every weight by its open_clip name.
+    pub fn new(config: &CocaConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            visual: VisionTower::new(config, vb.pp("visual"))?,
+            text: TextTower::new(config, vb.pp("text"))?,
+            text_decoder: MultimodalDecoder::new(config, vb.pp("text_decoder"))?,
+            logit_scale: vb.get_with_hints((), "logit_scale", Init::Const(INIT_LOGIT_SCALE))?,
+            config: config.clone(),
+        })
+    }
+
+    /// Normalised image embedding `[B, E]` and decoder tokens `[B, Q-1, E]`.
+    pub fn encode_image(&self, images: &Tensor) -> Result<(Tensor, Tensor)> {
+        let out = self.visual.forward(images)?;
+        Ok((l2_normalize(&out.pooled)?, out.tokens))
+    }
+
+    /// Normalised text embedding `[B, E]` and token outputs `[B, T, W]`.
+    pub fn encode_text(&self, text: &Tensor) -> Result<(Tensor, Tensor)> {
+        let out = self.text.forward(text)?;
+        Ok((l2_normalize(&out.pooled)?, out.tokens))
+    }
+
+    /// The teacher-forced forward pass of training: both towers, then the decoder on
+    /// `token_embs[:, :-1]` predicting `text[:, 1:]`.
+    pub fn forward(&self, images: &Tensor, text: &Tensor) -> Result<CocaOutput> {
+        let (image_features, image_embs) = self.encode_image(images)?;
+        let (text_features, token_embs) = self.encode_text(text)?;
+        let t = text.dim(1)?;
+        let logits = self
+            .text_decoder
+            .forward(&image_embs, &token_embs.narrow(1, 0, t - 1)?)?;
+        Ok(CocaOutput {
+            image_features,
+            image_embs,
+            text_features,
+            token_embs,
+            logits,
+            labels: text.narrow(1, 1, t - 1)?,
+            logit_scale: self.logit_scale.exp()?,
+        })
+    }
+}
+
+/// `x / max(‖x‖₂, 1e-12)` over the last dimension (PyTorch's `F.normalize`).
+pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
+    let norm = x
+        .sqr()?
+        .sum_keepdim(D::Minus1)?
+        .sqrt()?
+        .clamp(1e-12, f64::INFINITY)?;
+    x.broadcast_div(&norm)
+}

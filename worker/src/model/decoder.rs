@@ -1,0 +1,74 @@
+//! The multimodal text decoder: open_clip's `MultimodalTransformer`.
+
+use super::config::CocaConfig;
+use super::layers::{matmul_last, normal, LayerNorm};
+use super::transformer::{causal_mask, BlockShape, ResidualAttentionBlock};
+use candle_core::{bail, Result, Tensor};
+use candle_nn::VarBuilder;
+
+/// Alternating causal self-attention blocks (`resblocks.N`) and cross-attention blocks over the
+/// image tokens (`cross_attn.N`), then `ln_final` and the vocabulary projection.
+#[derive(Debug, Clone)]
+pub struct MultimodalDecoder {
+    resblocks: Vec<ResidualAttentionBlock>,
+    cross_attn: Vec<ResidualAttentionBlock>,
+    ln_final: LayerNorm,
+    text_projection: Tensor,
+    context_length: usize,
+}
+
+impl MultimodalDecoder {
+    /// Loads `text_decoder.*`.
+    pub fn new(cfg: &CocaConfig, vb: VarBuilder) -> Result<Self> {
+        let m = &cfg.multimodal_cfg;
+        let shape = BlockShape {
+            width: m.width,
+            heads: m.heads,
+            mlp_ratio: m.mlp_ratio,
+            layers: m.layers,
+        };
+        let stack = |name: &str, cross: bool| -> Result<Vec<ResidualAttentionBlock>> {
+            let vb = vb.pp(name);
+            (0..m.layers)
+                .map(|i| ResidualAttentionBlock::new(shape, cross, vb.pp(i.to_string())))
+                .collect()
+        };
+        Ok(Self {
+            resblocks: stack("resblocks", false)?,
+            cross_attn: stack("cross_attn", true)?,
+            ln_final: LayerNorm::new(m.width, vb.pp("ln_final"))?,
+            text_projection: vb.get_with_hints(
+                (m.width, m.vocab_size),
+                "text_projection",
+                normal((m.width as f64).powf(-0.5)),
+            )?,
+            context_length: m.context_length,
+        })
+    }
+
+    /// The final hidden states `[B, T, width]` (after `ln_final`), before the vocabulary
+    /// projection.
+    pub fn hidden(&self, image_embs: &Tensor, text_embs: &Tensor) -> Result<Tensor> {
+        let t = text_embs.dim(1)?;
+        if t > self.context_length {
+            bail!(
+                "decoder input has {t} tokens, more than its context length {}",
+                self.context_length
+            );
+        }
+        let mask = causal_mask(t, text_embs.device())?;
+        let mut x = text_embs.clone();
+        for (block, cross) in self.resblocks.iter().zip(&self.cross_attn) {
+            x = block.forward(&x, Some(&mask))?;
+            x = cross.forward_cross(&x, image_embs)?;
+        }
+        self.ln_final.forward(&x)
+    }
+
+    /// Vocabulary logits `[B, T, vocab]` for image tokens `[B, Q, width]` and text token
+    /// embeddings `[B, T, width]`.
+    pub fn forward(&self, image_embs: &Tensor, text_embs: &Tensor) -> Result<Tensor> {
+        let hidden = self.hidden(image_embs, text_embs)?;
+        matmul_last(&hidden, &self.text_projection, None)
+    }
+}

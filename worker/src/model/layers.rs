@@ -1,0 +1,104 @@
+//! The small building blocks: layer norm, linear maps and the transformer MLP.
+
+use super::ops;
+use candle_core::{Result, Tensor};
+use candle_nn::{Init, VarBuilder};
+
+/// PyTorch's `nn.LayerNorm` eps, which open_clip uses everywhere.
+pub const LAYER_NORM_EPS: f64 = 1e-5;
+
+/// Affine layer norm over the last dimension (`weight`, `bias`).
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl LayerNorm {
+    /// Loads `{prefix}.weight` and `{prefix}.bias` of width `dim`.
+    pub fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get_with_hints(dim, "weight", Init::Const(1.0))?,
+            bias: vb.get_with_hints(dim, "bias", Init::Const(0.0))?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        ops::layer_norm(x, &self.weight, &self.bias, LAYER_NORM_EPS)
+    }
+}
+
+/// Normal initialisation with the given standard deviation.
+pub fn normal(std: f64) -> Init {
+    Init::Randn {
+        mean: 0.0,
+        stdev: std,
+    }
+}
+
+/// `x · Wᵀ + b` with a PyTorch-layout weight `[out, in]`.
+///
+/// Inputs of any rank are flattened to one matrix product, so the weight is never broadcast
+/// over the batch (which would make its gradient a batch-sized temporary).
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// Loads `{prefix}.weight` `[out, in]` and `{prefix}.bias` `[out]`.
+    pub fn new(in_dim: usize, out_dim: usize, std: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get_with_hints((out_dim, in_dim), "weight", normal(std))?,
+            bias: Some(vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?),
+        })
+    }
+
+    /// A linear map from tensors already loaded (e.g. slices of a packed projection).
+    pub fn from_parts(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        matmul_last(x, &self.weight.t()?, self.bias.as_ref())
+    }
+}
+
+/// `x · w (+ b)` over the last dimension of `x`, for a `[in, out]` matrix `w`.
+pub fn matmul_last(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let dims = x.dims();
+    let in_dim = *dims.last().unwrap_or(&1);
+    let rows = x.elem_count() / in_dim.max(1);
+    let mut y = x.contiguous()?.reshape((rows, in_dim))?.matmul(w)?;
+    if let Some(b) = bias {
+        y = y.broadcast_add(b)?;
+    }
+    let mut out_dims = dims.to_vec();
+    if let Some(last) = out_dims.last_mut() {
+        *last = w.dim(1)?;
+    }
+    y.reshape(out_dims)
+}
+
+/// The transformer MLP: `c_proj(gelu(c_fc(x)))` with exact GELU.
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    c_fc: Linear,
+    c_proj: Linear,
+}
+
+impl Mlp {
+    /// Loads `{prefix}.c_fc` and `{prefix}.c_proj`; `proj_std` initialises `c_proj`.
+    pub fn new(width: usize, hidden: usize, proj_std: f64, vb: VarBuilder) -> Result<Self> {
+        let fc_std = (2.0 * width as f64).powf(-0.5);
+        Ok(Self {
+            c_fc: Linear::new(width, hidden, fc_std, vb.pp("c_fc"))?,
+            c_proj: Linear::new(hidden, width, proj_std, vb.pp("c_proj"))?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.c_proj.forward(&ops::gelu_erf(&self.c_fc.forward(x)?)?)
+    }
+}

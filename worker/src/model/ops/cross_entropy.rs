@@ -1,0 +1,140 @@
+//! Per-row cross-entropy from logits and integer targets, fused with its backward.
+
+use super::{f32_data, u32_data, ROWS_PER_TASK};
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// `logsumexp(logits[n]) - logits[n, target[n]]` for each row `n` of `[N, V]` logits.
+///
+/// Rows whose target equals `ignore` get loss 0 and no gradient (PyTorch's `ignore_index`); the
+/// caller divides by the number of counted rows. The log-softmax over a 49,408-word vocabulary
+/// is never materialised: the backward recomputes it row by row.
+pub fn cross_entropy_rows(
+    logits: &Tensor,
+    targets: &Tensor,
+    ignore: Option<u32>,
+) -> Result<Tensor> {
+    let (n, v) = logits.dims2()?;
+    if targets.dims() != [n] {
+        bail!(
+            "cross_entropy_rows: targets {:?} do not fit logits [{n}, {v}]",
+            targets.dims()
+        );
+    }
+    let targets = targets.to_dtype(DType::U32)?.contiguous()?;
+    logits
+        .contiguous()?
+        .apply_op2(&targets, CrossEntropy { ignore })
+}
+
+struct CrossEntropy {
+    ignore: Option<u32>,
+}
+
+/// Max and log-sum-exp of one row.
+fn log_sum_exp(row: &[f32]) -> (f32, f32) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = row.iter().map(|x| (x - max).exp()).sum();
+    (max, max + sum.ln())
+}
+
+fn check_target(op: &str, target: u32, vocab: usize) -> Result<usize> {
+    let t = target as usize;
+    if t >= vocab {
+        bail!("{op}: target {t} is outside the {vocab} classes");
+    }
+    Ok(t)
+}
+
+impl CustomOp2 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "cross-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_data(self.name(), s1, l1)?;
+        let targets = u32_data(self.name(), s2, l2)?;
+        let v = l1.shape().dims()[1];
+        let mut loss = vec![0f32; targets.len()];
+        loss.par_iter_mut()
+            .zip(x.par_chunks(v).zip(targets.par_iter()))
+            .try_for_each(|(loss, (row, &target))| -> Result<()> {
+                if Some(target) == self.ignore {
+                    return Ok(());
+                }
+                let t = check_target(self.name(), target, v)?;
+                *loss = log_sum_exp(row).1 - row[t];
+                Ok(())
+            })?;
+        Ok((CpuStorage::F32(loss), Shape::from(targets.len())))
+    }
+
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dlogits = logits.apply_op3_no_bwd(
+            targets,
+            &grad.contiguous()?,
+            &CrossEntropyBackward {
+                ignore: self.ignore,
+            },
+        )?;
+        Ok((Some(dlogits), None))
+    }
+}
+
+/// dlogits[n] = (softmax(logits[n]) − onehot(target[n])) · grad[n].
+struct CrossEntropyBackward {
+    ignore: Option<u32>,
+}
+
+impl CustomOp3 for CrossEntropyBackward {
+    fn name(&self) -> &'static str {
+        "cross-entropy-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_data(self.name(), s1, l1)?;
+        let targets = u32_data(self.name(), s2, l2)?;
+        let g = f32_data(self.name(), s3, l3)?;
+        let v = l1.shape().dims()[1];
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(v * ROWS_PER_TASK)
+            .zip(x.par_chunks(v * ROWS_PER_TASK))
+            .enumerate()
+            .try_for_each(|(task, (dx, x))| -> Result<()> {
+                for (i, (dx, row)) in dx.chunks_mut(v).zip(x.chunks(v)).enumerate() {
+                    let n = task * ROWS_PER_TASK + i;
+                    if Some(targets[n]) == self.ignore {
+                        continue;
+                    }
+                    let t = check_target(self.name(), targets[n], v)?;
+                    let (_, lse) = log_sum_exp(row);
+                    for (d, &x) in dx.iter_mut().zip(row) {
+                        *d = (x - lse).exp() * g[n];
+                    }
+                    dx[t] -= g[n];
+                }
+                Ok(())
+            })?;
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}

@@ -1,0 +1,153 @@
+//! Layer normalisation over the last dimension with affine weight and bias.
+
+use super::{f32_data, ROWS_PER_TASK};
+use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
+use rayon::prelude::*;
+
+/// `(x - mean) / sqrt(var + eps) · weight + bias` over the last dimension (biased variance, as
+/// PyTorch), with a fused backward for `x`, `weight` and `bias`.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    if weight.dims() != [d] || bias.dims() != [d] {
+        bail!(
+            "layer_norm: weight {:?} and bias {:?} must both be [{d}] for input {:?}",
+            weight.dims(),
+            bias.dims(),
+            x.dims()
+        );
+    }
+    x.contiguous()?.apply_op3(
+        &weight.contiguous()?,
+        &bias.contiguous()?,
+        LayerNorm { eps: eps as f32 },
+    )
+}
+
+struct LayerNorm {
+    eps: f32,
+}
+
+/// Mean and reciprocal standard deviation of one row.
+fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
+    let n = x.len() as f32;
+    let mean = x.iter().sum::<f32>() / n;
+    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_data(self.name(), s1, l1)?;
+        let w = f32_data(self.name(), s2, l2)?;
+        let b = f32_data(self.name(), s3, l3)?;
+        let d = w.len();
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(d * ROWS_PER_TASK)
+            .zip(x.par_chunks(d * ROWS_PER_TASK))
+            .for_each(|(y, x)| {
+                for (y, x) in y.chunks_mut(d).zip(x.chunks(d)) {
+                    let (mean, rstd) = row_stats(x, self.eps);
+                    for i in 0..d {
+                        y[i] = (x[i] - mean) * rstd * w[i] + b[i];
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = w.dim(0)?;
+        let rows = x.elem_count() / d;
+        // One pass computes all three gradients, packed as rows [dx..., dweight, dbias].
+        let packed =
+            x.apply_op3_no_bwd(w, &grad.contiguous()?, &LayerNormBackward { eps: self.eps })?;
+        let dx = packed.narrow(0, 0, rows)?.reshape(x.shape())?;
+        let dw = packed.get(rows)?;
+        let db = packed.get(rows + 1)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+struct LayerNormBackward {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNormBackward {
+    fn name(&self) -> &'static str {
+        "layer-norm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_data(self.name(), s1, l1)?;
+        let w = f32_data(self.name(), s2, l2)?;
+        let g = f32_data(self.name(), s3, l3)?;
+        let d = w.len();
+        let rows = x.len() / d;
+        let mut out = vec![0f32; (rows + 2) * d];
+        let (dx, _) = out.split_at_mut(rows * d);
+        let partials: Vec<f32> = dx
+            .par_chunks_mut(d * ROWS_PER_TASK)
+            .zip(
+                x.par_chunks(d * ROWS_PER_TASK)
+                    .zip(g.par_chunks(d * ROWS_PER_TASK)),
+            )
+            .map(|(dx, (x, g))| {
+                // Per-task partial sums of dweight and dbias, reduced below.
+                let mut acc = vec![0f32; 2 * d];
+                let mut xhat = vec![0f32; d];
+                for (dx, (x, g)) in dx.chunks_mut(d).zip(x.chunks(d).zip(g.chunks(d))) {
+                    let (mean, rstd) = row_stats(x, self.eps);
+                    let (mut sum_gw, mut sum_gw_xhat) = (0f32, 0f32);
+                    for i in 0..d {
+                        xhat[i] = (x[i] - mean) * rstd;
+                        let gw = g[i] * w[i];
+                        sum_gw += gw;
+                        sum_gw_xhat += gw * xhat[i];
+                        acc[i] += g[i] * xhat[i];
+                        acc[d + i] += g[i];
+                    }
+                    let n = d as f32;
+                    for i in 0..d {
+                        dx[i] = rstd * (g[i] * w[i] - sum_gw / n - xhat[i] * sum_gw_xhat / n);
+                    }
+                }
+                acc
+            })
+            .reduce(
+                || vec![0f32; 2 * d],
+                |mut a, b| {
+                    a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                    a
+                },
+            );
+        out[rows * d..].copy_from_slice(&partials);
+        Ok((CpuStorage::F32(out), Shape::from((rows + 2, d))))
+    }
+}

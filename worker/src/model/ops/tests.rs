@@ -1,0 +1,178 @@
+//! Each fused op against the same computation composed from candle primitives (which have
+//! backward passes), forward and backward.
+
+use super::*;
+use candle_core::{DType, Device, Tensor, Var, D};
+
+fn rand(shape: &[usize], seed: u64) -> Tensor {
+    // A small deterministic generator keeps the tests independent of candle's RNG.
+    let n: usize = shape.iter().product();
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let data: Vec<f32> = (0..n)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 2.0
+        })
+        .collect();
+    Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// Runs `f` on fresh variables made from `inputs` and returns the output and every gradient of
+/// `sum(output * weights)`.
+fn value_and_grads(inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Tensor) -> (Tensor, Vec<Tensor>) {
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|t| Var::from_tensor(t).unwrap())
+        .collect();
+    let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let out = f(&tensors);
+    let weights = rand(out.dims(), 99);
+    let grads = (&out * &weights)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let g = vars
+        .iter()
+        .map(|v| {
+            grads
+                .get(v)
+                .expect("gradient must reach every input")
+                .clone()
+        })
+        .collect();
+    (out, g)
+}
+
+fn assert_same(fused: &(Tensor, Vec<Tensor>), reference: &(Tensor, Vec<Tensor>), tol: f32) {
+    let d = max_abs_diff(&fused.0, &reference.0);
+    assert!(d < tol, "forward differs by {d}");
+    for (i, (a, b)) in fused.1.iter().zip(&reference.1).enumerate() {
+        let d = max_abs_diff(a, b);
+        assert!(d < tol, "gradient of input {i} differs by {d}");
+    }
+}
+
+#[test]
+fn layer_norm_matches_primitives() {
+    let inputs = [rand(&[3, 5, 24], 1), rand(&[24], 2), rand(&[24], 3)];
+    let fused = value_and_grads(&inputs, |t| layer_norm(&t[0], &t[1], &t[2], 1e-5).unwrap());
+    let reference = value_and_grads(&inputs, |t| {
+        let mean = t[0].mean_keepdim(D::Minus1).unwrap();
+        let centered = t[0].broadcast_sub(&mean).unwrap();
+        let var = centered.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+        let normed = centered
+            .broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap())
+            .unwrap();
+        normed
+            .broadcast_mul(&t[1])
+            .unwrap()
+            .broadcast_add(&t[2])
+            .unwrap()
+    });
+    assert_same(&fused, &reference, 1e-4);
+}
+
+#[test]
+fn gelu_matches_primitives() {
+    let inputs = [rand(&[7, 33], 4)];
+    let fused = value_and_grads(&inputs, |t| gelu_erf(&t[0]).unwrap());
+    let reference = value_and_grads(&inputs, |t| t[0].gelu_erf().unwrap());
+    assert_same(&fused, &reference, 1e-5);
+}
+
+#[test]
+fn masked_softmax_matches_primitives() {
+    let scale = 0.35;
+    let (b, h, t, s) = (2, 3, 4, 5);
+    let mut mask = rand(&[b, t, s], 5)
+        .ge(-1.0)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    // 0 where allowed, -inf where masked; keep column 0 allowed so no row is fully masked.
+    mask = mask
+        .ones_like()
+        .unwrap()
+        .sub(&mask)
+        .unwrap()
+        .affine(-1e30, 0.0)
+        .unwrap();
+    let mask = mask
+        .slice_assign(
+            &[0..b, 0..t, 0..1],
+            &Tensor::zeros((b, t, 1), DType::F32, &Device::Cpu).unwrap(),
+        )
+        .unwrap();
+    let inputs = [rand(&[b, h, t, s], 6)];
+    let fused = value_and_grads(&inputs, |x| {
+        masked_softmax(&x[0], Some(&mask), scale).unwrap()
+    });
+    let reference = value_and_grads(&inputs, |x| {
+        let z = (&x[0] * scale)
+            .unwrap()
+            .broadcast_add(&mask.unsqueeze(1).unwrap())
+            .unwrap();
+        candle_nn::ops::softmax(&z, D::Minus1).unwrap()
+    });
+    assert_same(&fused, &reference, 1e-5);
+    let shared = mask.get(0).unwrap();
+    let fused = value_and_grads(&inputs, |x| {
+        masked_softmax(&x[0], Some(&shared), 1.0).unwrap()
+    });
+    let reference = value_and_grads(&inputs, |x| {
+        candle_nn::ops::softmax(&x[0].broadcast_add(&shared).unwrap(), D::Minus1).unwrap()
+    });
+    assert_same(&fused, &reference, 1e-5);
+    let fused = value_and_grads(&inputs, |x| softmax_last_dim(&x[0]).unwrap());
+    let reference = value_and_grads(&inputs, |x| {
+        candle_nn::ops::softmax(&x[0], D::Minus1).unwrap()
+    });
+    assert_same(&fused, &reference, 1e-5);
+}
+
+#[test]
+fn cross_entropy_matches_primitives_and_ignores_padding() {
+    let targets = Tensor::new(&[3u32, 0, 7, 0, 1], &Device::Cpu).unwrap();
+    let inputs = [rand(&[5, 9], 7)];
+    let fused = value_and_grads(&inputs, |x| {
+        cross_entropy_rows(&x[0], &targets, Some(0)).unwrap()
+    });
+    let keep = Tensor::new(&[1f32, 0., 1., 0., 1.], &Device::Cpu).unwrap();
+    let reference = value_and_grads(&inputs, |x| {
+        let logp = candle_nn::ops::log_softmax(&x[0], D::Minus1).unwrap();
+        let picked = logp
+            .gather(&targets.unsqueeze(1).unwrap(), 1)
+            .unwrap()
+            .squeeze(1)
+            .unwrap();
+        (picked.neg().unwrap() * &keep).unwrap()
+    });
+    assert_same(&fused, &reference, 1e-5);
+    let bad = Tensor::new(&[3u32, 0, 70, 0, 1], &Device::Cpu).unwrap();
+    assert!(cross_entropy_rows(&inputs[0], &bad, None).is_err());
+}
+
+#[test]
+fn ops_reject_other_dtypes() {
+    let x = rand(&[2, 4], 8).to_dtype(DType::F64).unwrap();
+    let err = gelu_erf(&x).unwrap_err().to_string();
+    assert!(err.contains("float32"), "{err}");
+}

@@ -1,0 +1,46 @@
+//! The attentional pooler: learned queries attend over the image tokens.
+
+use super::attention::MultiheadAttention;
+use super::layers::{normal, LayerNorm};
+use candle_core::{Result, Tensor};
+use candle_nn::VarBuilder;
+
+/// open_clip's `AttentionalPooler`: `n_queries` learned queries (normalised by `ln_q`) attend
+/// over the normalised (`ln_k`) image tokens. In CoCa query 0 becomes the contrastive embedding
+/// and the rest are the image tokens the decoder reads.
+#[derive(Debug, Clone)]
+pub struct AttentionalPooler {
+    query: Tensor,
+    attn: MultiheadAttention,
+    ln_q: LayerNorm,
+    ln_k: LayerNorm,
+}
+
+impl AttentionalPooler {
+    /// `d_model`: output width; `context_dim`: width of the tokens pooled over.
+    pub fn new(
+        d_model: usize,
+        context_dim: usize,
+        heads: usize,
+        n_queries: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let proj_std = (d_model as f64).powf(-0.5);
+        Ok(Self {
+            query: vb.get_with_hints((n_queries, d_model), "query", normal(1.0))?,
+            attn: MultiheadAttention::new(d_model, context_dim, heads, proj_std, vb.pp("attn"))?,
+            ln_q: LayerNorm::new(d_model, vb.pp("ln_q"))?,
+            ln_k: LayerNorm::new(context_dim, vb.pp("ln_k"))?,
+        })
+    }
+
+    /// `[B, N, context_dim]` → `[B, n_queries, d_model]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let b = x.dim(0)?;
+        let x = self.ln_k.forward(x)?;
+        let q = self.ln_q.forward(&self.query)?;
+        let (n, d) = q.dims2()?;
+        let q = q.unsqueeze(0)?.broadcast_as((b, n, d))?.contiguous()?;
+        self.attn.forward_cross(&q, &x, None)
+    }
+}

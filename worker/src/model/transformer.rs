@@ -1,0 +1,107 @@
+//! Pre-LN residual blocks and the plain transformer stack (open_clip's
+//! `ResidualAttentionBlock` and `Transformer`).
+
+use super::attention::MultiheadAttention;
+use super::config::mlp_width;
+use super::layers::{LayerNorm, Mlp};
+use candle_core::{Result, Tensor};
+use candle_nn::VarBuilder;
+
+/// `x + attn(ln_1(x))`, then `x + mlp(ln_2(x))`; a cross-attention block also normalises its
+/// keys/values with `ln_1_kv`.
+#[derive(Debug, Clone)]
+pub struct ResidualAttentionBlock {
+    ln_1: LayerNorm,
+    attn: MultiheadAttention,
+    ln_1_kv: Option<LayerNorm>,
+    ln_2: LayerNorm,
+    mlp: Mlp,
+}
+
+/// Sizes shared by every block of one stack.
+#[derive(Debug, Clone, Copy)]
+pub struct BlockShape {
+    pub width: usize,
+    pub heads: usize,
+    pub mlp_ratio: f64,
+    /// Number of blocks in the stack (scales the output-projection init as open_clip does).
+    pub layers: usize,
+}
+
+impl BlockShape {
+    fn proj_std(&self) -> f64 {
+        (self.width as f64).powf(-0.5) * (2.0 * self.layers as f64).powf(-0.5)
+    }
+}
+
+impl ResidualAttentionBlock {
+    /// Loads one block; `cross` adds `ln_1_kv` for attention over another sequence.
+    pub fn new(shape: BlockShape, cross: bool, vb: VarBuilder) -> Result<Self> {
+        let w = shape.width;
+        Ok(Self {
+            ln_1: LayerNorm::new(w, vb.pp("ln_1"))?,
+            attn: MultiheadAttention::new(w, w, shape.heads, shape.proj_std(), vb.pp("attn"))?,
+            ln_1_kv: if cross {
+                Some(LayerNorm::new(w, vb.pp("ln_1_kv"))?)
+            } else {
+                None
+            },
+            ln_2: LayerNorm::new(w, vb.pp("ln_2"))?,
+            mlp: Mlp::new(
+                w,
+                mlp_width(w, shape.mlp_ratio),
+                shape.proj_std(),
+                vb.pp("mlp"),
+            )?,
+        })
+    }
+
+    /// Self-attention block.
+    pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let x = (x + self.attn.forward_self(&self.ln_1.forward(x)?, mask)?)?;
+        &x + self.mlp.forward(&self.ln_2.forward(&x)?)?
+    }
+
+    /// Cross-attention block: queries from `x`, keys and values from `kv`.
+    pub fn forward_cross(&self, x: &Tensor, kv: &Tensor) -> Result<Tensor> {
+        let kv = match &self.ln_1_kv {
+            Some(ln) => ln.forward(kv)?,
+            None => kv.clone(),
+        };
+        let x = (x + self.attn.forward_cross(&self.ln_1.forward(x)?, &kv, None)?)?;
+        &x + self.mlp.forward(&self.ln_2.forward(&x)?)?
+    }
+}
+
+/// `resblocks.0 .. resblocks.{layers-1}` of self-attention blocks.
+#[derive(Debug, Clone)]
+pub struct Transformer {
+    resblocks: Vec<ResidualAttentionBlock>,
+}
+
+impl Transformer {
+    /// Loads `{prefix}.resblocks.N` for every layer.
+    pub fn new(shape: BlockShape, vb: VarBuilder) -> Result<Self> {
+        let vb = vb.pp("resblocks");
+        let resblocks = (0..shape.layers)
+            .map(|i| ResidualAttentionBlock::new(shape, false, vb.pp(i.to_string())))
+            .collect::<Result<_>>()?;
+        Ok(Self { resblocks })
+    }
+
+    pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let mut x = x.clone();
+        for block in &self.resblocks {
+            x = block.forward(&x, mask)?;
+        }
+        Ok(x)
+    }
+}
+
+/// An additive causal mask `[t, t]`: 0 on and below the diagonal, −∞ above.
+pub fn causal_mask(t: usize, device: &candle_core::Device) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(mask, (t, t), device)
+}
