@@ -56,3 +56,67 @@ pub fn max_abs(a: &Tensor) -> f32 {
         .to_scalar::<f32>()
         .unwrap()
 }
+
+/// The path of a workspace binary (`coca-worker`, `coca-launch`) built with the same profile as
+/// this test, building it first when it is absent (the root package cannot depend on another
+/// package's binaries).
+pub fn binary(name: &str) -> PathBuf {
+    static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("test executable lives in target/<profile>/deps");
+    let path = profile_dir.join(name);
+    let _guard = BUILD.lock().unwrap_or_else(|e| e.into_inner());
+    if !path.exists() {
+        let release = profile_dir.file_name().is_some_and(|p| p == "release");
+        let mut cargo = std::process::Command::new(env!("CARGO"));
+        cargo.args(["build", "--workspace", "--bins"]);
+        if release {
+            cargo.arg("--release");
+        }
+        let status = cargo
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("run cargo build");
+        assert!(
+            status.success(),
+            "cargo build of the workspace binaries failed"
+        );
+    }
+    assert!(path.exists(), "{} was not built", path.display());
+    path
+}
+
+/// Runs a binary with arguments, bounded in time, and returns (exit code, stdout, stderr).
+pub fn run(bin: &str, args: &[&str]) -> (i32, String, String) {
+    let child = std::process::Command::new(binary(bin))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn binary");
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(std::time::Duration::from_secs(300)) {
+        Ok(out) => {
+            let out = out.expect("collect output");
+            (
+                out.status.code().unwrap_or(-1),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        }
+        Err(_) => {
+            let _ = std::process::Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .status();
+            panic!("{bin} {args:?} did not finish within 300 s");
+        }
+    }
+}

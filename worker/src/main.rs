@@ -1,1 +1,133 @@
-fn main() {}
+//! `coca-worker`: one CoCa process (training, evaluation and tools); `coca-launch` runs one per
+//! device, and it runs alone, as world size 1, for local work.
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use coca_worker::{bench, checkpoint, runtime, verify};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "coca-worker",
+    version,
+    about = "CoCa training, evaluation and tools"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check this implementation against a reference folder exported from open_clip.
+    Verify {
+        /// Folder in the layout of shared/fixtures/coca-tiny (config.json, weights.safetensors,
+        /// io.safetensors, extras.*).
+        #[arg(long)]
+        reference: PathBuf,
+        /// A checkpoint (safetensors, torch .bin/.pt, paddle .pdparams) to check against the
+        /// reference weights and to run the model sections with.
+        #[arg(long)]
+        checkpoint: Option<PathBuf>,
+    },
+    /// Convert a checkpoint (safetensors, torch .bin/.pt, paddle .pdparams) to open_clip-named
+    /// safetensors.
+    Convert {
+        input: PathBuf,
+        output: PathBuf,
+        /// Also check the tensors against this model config (a built-in name or a JSON file).
+        #[arg(long)]
+        model: Option<String>,
+    },
+    /// Time forward+backward and image embedding on random inputs; prints one JSON line.
+    Bench {
+        /// A built-in config name or a config JSON file.
+        #[arg(long, default_value = "coca_ViT-B-32")]
+        model: String,
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        /// Timed steps after one warm-up step.
+        #[arg(long, default_value_t = 3)]
+        steps: usize,
+    },
+}
+
+/// Exit code for a verification or data mismatch (2 is a usage or input error).
+const EXIT_MISMATCH: u8 = 1;
+const EXIT_ERROR: u8 = 2;
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Verify {
+            reference,
+            checkpoint,
+        } => {
+            let reports = verify::verify(&reference, checkpoint.as_deref())?;
+            let failed = reports
+                .iter()
+                .filter(|r| r.status == verify::Status::Fail)
+                .count();
+            let passed = reports
+                .iter()
+                .filter(|r| r.status == verify::Status::Pass)
+                .count();
+            for r in &reports {
+                println!("{r}");
+            }
+            println!("verify: {passed} passed, {failed} failed");
+            Ok(if failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_MISMATCH)
+            })
+        }
+        Command::Convert {
+            input,
+            output,
+            model,
+        } => {
+            if let Some(model) = model {
+                let config = coca_worker::model::CocaConfig::resolve(&model)?;
+                let tensors = checkpoint::read_state_dict(&input)?;
+                checkpoint::check_against_model(&tensors, &config)
+                    .with_context(|| format!("checkpoint {}", input.display()))?;
+            }
+            let n = checkpoint::convert(&input, &output)?;
+            println!("wrote {n} tensors to {}", output.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            model,
+            batch,
+            steps,
+        } => {
+            let line = bench::run(&bench::BenchOptions {
+                model,
+                batch,
+                steps,
+            })?;
+            println!("{line}");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    runtime::tune_allocator();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("coca-worker: error: {e:#}");
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}

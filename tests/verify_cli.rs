@@ -1,0 +1,141 @@
+//! `coca-worker verify` and `convert` end to end, on the fixtures and on bad input.
+
+mod common;
+
+fn verify(args: &[&str]) -> (i32, String, String) {
+    let mut all = vec!["verify"];
+    all.extend_from_slice(args);
+    common::run("coca-worker", &all)
+}
+
+#[test]
+fn verify_passes_on_the_reference_itself() {
+    let Some(dir) = common::fixture("coca-tiny") else {
+        return;
+    };
+    let (code, out, err) = verify(&["--reference", dir.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    for section in ["forward", "loss", "grads"] {
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with(&format!("{section} pass "))),
+            "{section} did not pass:\n{out}"
+        );
+    }
+    assert!(out.contains("weights not-checked"), "{out}");
+    assert!(out.lines().last().unwrap().starts_with("verify: "), "{out}");
+}
+
+#[test]
+fn verify_passes_with_each_paddle_checkpoint() {
+    let Some(dir) = common::fixture("coca-tiny") else {
+        return;
+    };
+    for file in [
+        "paddle_model_state.pdparams",
+        "paddle_model_state_bf16.pdparams",
+    ] {
+        let ckpt = dir.join(file);
+        let (code, out, err) = verify(&[
+            "--reference",
+            dir.to_str().unwrap(),
+            "--checkpoint",
+            ckpt.to_str().unwrap(),
+        ]);
+        assert_eq!(code, 0, "{file}:\n{out}\n{err}");
+        for section in ["weights", "forward", "loss", "grads"] {
+            assert!(
+                out.lines()
+                    .any(|l| l.starts_with(&format!("{section} pass "))),
+                "{file}: {section} did not pass:\n{out}"
+            );
+        }
+    }
+}
+
+#[test]
+fn verify_fails_on_a_corrupt_checkpoint_and_reports_why() {
+    let Some(dir) = common::fixture("coca-tiny") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(dir.join("paddle_model_state.pdparams")).unwrap();
+    let truncated = tmp.path().join("truncated.pdparams");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    let (code, out, _) = verify(&[
+        "--reference",
+        dir.to_str().unwrap(),
+        "--checkpoint",
+        truncated.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("weights FAIL"), "{out}");
+    assert!(out.contains("verify: 0 passed, 1 failed"), "{out}");
+}
+
+#[test]
+fn convert_paddle_to_safetensors_round_trips() {
+    let Some(dir) = common::fixture("coca-tiny") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let out_path = tmp.path().join("converted.safetensors");
+    let ckpt = dir.join("paddle_model_state.pdparams");
+    let config = dir.join("config.json");
+    let (code, out, err) = common::run(
+        "coca-worker",
+        &[
+            "convert",
+            ckpt.to_str().unwrap(),
+            out_path.to_str().unwrap(),
+            "--model",
+            config.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    let converted = common::load(&out_path);
+    let reference = common::load(&dir.join("weights.safetensors"));
+    assert_eq!(converted.len(), reference.len());
+    for (name, t) in &reference {
+        assert_eq!(common::max_abs_diff(&converted[name], t), 0.0, "{name}");
+    }
+    // The converted file is itself a valid checkpoint for verify.
+    let (code, out, _) = verify(&[
+        "--reference",
+        dir.to_str().unwrap(),
+        "--checkpoint",
+        out_path.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out}");
+}
+
+#[test]
+fn convert_names_every_mismatch() {
+    let Some(dir) = common::fixture("coca-tiny") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let out_path = tmp.path().join("x.safetensors");
+    let ckpt = dir.join("weights.safetensors");
+    let (code, _, err) = common::run(
+        "coca-worker",
+        &[
+            "convert",
+            ckpt.to_str().unwrap(),
+            out_path.to_str().unwrap(),
+            "--model",
+            "coca_ViT-B-32",
+        ],
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("wrong shapes"), "{err}");
+    assert!(
+        err.contains("visual.conv1.weight: shape [64, 3, 8, 8], expected [768, 3, 32, 32]"),
+        "{err}"
+    );
+    assert!(err.contains("missing keys"), "{err}");
+    assert!(
+        !out_path.exists(),
+        "nothing may be written for a bad checkpoint"
+    );
+}

@@ -1,0 +1,108 @@
+//! `coca-worker bench`: training-step and embedding speed on random inputs.
+//!
+//! A benchmark, not a test: it prints one JSON line that the README's tables are made from.
+
+use crate::model::trainable::trainable_model;
+use crate::model::{coca_loss, CoCa, CocaConfig, CocaLossConfig};
+use anyhow::{ensure, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use std::collections::HashMap;
+use std::time::Instant;
+
+/// What `bench` measures.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub model: String,
+    pub batch: usize,
+    pub steps: usize,
+}
+
+/// Random normalised images `[B, 3, S, S]` and token rows `[B, T]` shaped like real captions:
+/// sot, words, eot, then padding.
+pub fn random_batch(
+    config: &CocaConfig,
+    batch: usize,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let s = config.vision_cfg.image_size;
+    let images = Tensor::randn(0f32, 1.0, (batch, 3, s, s), device)?;
+    let t = config.text_cfg.context_length;
+    let vocab = config.text_cfg.vocab_size as u32;
+    let mut ids = vec![0u32; batch * t];
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    for (b, row) in ids.chunks_mut(t).enumerate() {
+        let len = 2 + (b * 7 + 5) % (t - 1);
+        for (i, id) in row.iter_mut().enumerate().take(len) {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            *id = match i {
+                0 => 49406.min(vocab - 2),
+                _ if i + 1 == len => 49407.min(vocab - 1),
+                _ => 1 + (state % (vocab as u64 - 3)) as u32,
+            };
+        }
+    }
+    Ok((images, Tensor::from_vec(ids, (batch, t), device)?))
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(|a, b| a.total_cmp(b));
+    xs[xs.len() / 2]
+}
+
+/// Runs the benchmark and returns its JSON line.
+pub fn run(opts: &BenchOptions) -> Result<serde_json::Value> {
+    ensure!(
+        opts.batch > 0 && opts.steps > 0,
+        "--batch and --steps must be positive"
+    );
+    let config = CocaConfig::resolve(&opts.model)?;
+    let device = Device::Cpu;
+    let (model, varmap) = trainable_model(&config, None, DType::F32, &device)?;
+    let (images, text) = random_batch(&config, opts.batch, &device)?;
+    let loss_cfg = CocaLossConfig::default();
+    let mut step_times = Vec::new();
+    for step in 0..=opts.steps {
+        let start = Instant::now();
+        let out = model.forward(&images, &text)?;
+        let loss = coca_loss(&out, &loss_cfg)?;
+        let grads = loss.total.backward()?;
+        drop(grads);
+        if step > 0 {
+            step_times.push(start.elapsed().as_secs_f64());
+        }
+    }
+    // Inference over detached weights records no graph.
+    let weights: HashMap<String, Tensor> = varmap
+        .data()
+        .lock()
+        .map_err(|_| anyhow::anyhow!("variable map lock poisoned"))?
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
+        .collect();
+    let frozen = CoCa::new(
+        &config,
+        VarBuilder::from_tensors(weights, DType::F32, &device),
+    )?;
+    let mut embed_times = Vec::new();
+    for step in 0..=opts.steps {
+        let start = Instant::now();
+        frozen.encode_image(&images)?;
+        if step > 0 {
+            embed_times.push(start.elapsed().as_secs_f64());
+        }
+    }
+    let fwd_bwd = median(step_times);
+    let embed = median(embed_times);
+    Ok(serde_json::json!({
+        "model": opts.model,
+        "batch": opts.batch,
+        "steps": opts.steps,
+        "threads": rayon::current_num_threads(),
+        "fwd_bwd_s": fwd_bwd,
+        "fwd_bwd_samples_per_s": opts.batch as f64 / fwd_bwd,
+        "embed_images_per_s": opts.batch as f64 / embed,
+    }))
+}

@@ -1,0 +1,157 @@
+//! Parameters as one flat float32 buffer, with a table of where each tensor lives.
+//!
+//! The optimizer, gradient clipping and (later) sharding work on flat buffers: one pass over
+//! contiguous memory instead of a dozen tensor ops per parameter, and a partition of the buffer
+//! is a partition of the optimizer state.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{backprop::GradStore, DType, Tensor, Var};
+use rayon::prelude::*;
+
+/// Where one parameter lives in the flat buffers, and how it is optimised.
+#[derive(Debug, Clone)]
+pub struct Segment {
+    /// open_clip name.
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub offset: usize,
+    pub len: usize,
+    /// Base learning rate (before the schedule factor).
+    pub lr: f64,
+    /// Decoupled weight decay.
+    pub weight_decay: f64,
+}
+
+/// The trainable variables in a fixed order, and their segments in the flat buffers.
+pub struct FlatParams {
+    vars: Vec<Var>,
+    segments: Vec<Segment>,
+    total: usize,
+}
+
+/// Per-parameter learning rate and weight decay, decided by name and shape.
+pub trait GroupRule {
+    fn lr_and_wd(&self, name: &str, shape: &[usize]) -> (f64, f64);
+}
+
+impl FlatParams {
+    /// Lays out `vars` (sorted by name, so the layout is the same in every process) with the
+    /// learning rate and weight decay `rule` gives each.
+    pub fn new(mut vars: Vec<(String, Var)>, rule: &dyn GroupRule) -> Result<Self> {
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut offset = 0;
+        let mut segments = Vec::with_capacity(vars.len());
+        for (name, var) in &vars {
+            if var.dtype() != DType::F32 {
+                bail!(
+                    "{name}: the optimizer keeps float32 parameters, found {:?}",
+                    var.dtype()
+                );
+            }
+            let shape = var.dims().to_vec();
+            let len = var.elem_count();
+            let (lr, weight_decay) = rule.lr_and_wd(name, &shape);
+            segments.push(Segment {
+                name: name.clone(),
+                shape,
+                offset,
+                len,
+                lr,
+                weight_decay,
+            });
+            offset += len;
+        }
+        Ok(Self {
+            vars: vars.into_iter().map(|(_, v)| v).collect(),
+            segments,
+            total: offset,
+        })
+    }
+
+    /// Total number of scalars.
+    pub fn len(&self) -> usize {
+        self.total
+    }
+
+    /// Whether there are no parameters at all.
+    pub fn is_empty(&self) -> bool {
+        self.total == 0
+    }
+
+    pub fn segments(&self) -> &[Segment] {
+        &self.segments
+    }
+
+    pub fn vars(&self) -> &[Var] {
+        &self.vars
+    }
+
+    /// The current parameter values as one flat buffer.
+    pub fn gather_values(&self) -> Result<Vec<f32>> {
+        let mut flat = vec![0f32; self.total];
+        for (var, s) in self.vars.iter().zip(&self.segments) {
+            let values = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+            flat[s.offset..s.offset + s.len].copy_from_slice(&values);
+        }
+        Ok(flat)
+    }
+
+    /// Adds the gradients in `grads` into `flat` (for accumulation); parameters that received
+    /// no gradient add nothing.
+    pub fn accumulate_grads(&self, grads: &GradStore, flat: &mut [f32]) -> Result<()> {
+        if flat.len() != self.total {
+            bail!(
+                "gradient buffer has {} scalars, expected {}",
+                flat.len(),
+                self.total
+            );
+        }
+        let parts: Vec<Option<Vec<f32>>> = self
+            .vars
+            .iter()
+            .map(|v| {
+                grads
+                    .get(v.as_tensor())
+                    .map(|g| g.flatten_all()?.to_vec1::<f32>())
+                    .transpose()
+            })
+            .collect::<candle_core::Result<_>>()?;
+        let mut rest = flat;
+        let mut chunks = Vec::with_capacity(self.segments.len());
+        for s in &self.segments {
+            let (head, tail) = rest.split_at_mut(s.len);
+            chunks.push(head);
+            rest = tail;
+        }
+        chunks
+            .into_par_iter()
+            .zip(parts.par_iter())
+            .for_each(|(dst, src)| {
+                if let Some(src) = src {
+                    dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+                }
+            });
+        Ok(())
+    }
+
+    /// Writes a flat buffer of values back into the variables.
+    pub fn scatter_values(&self, flat: &[f32]) -> Result<()> {
+        if flat.len() != self.total {
+            bail!(
+                "parameter buffer has {} scalars, expected {}",
+                flat.len(),
+                self.total
+            );
+        }
+        for (var, s) in self.vars.iter().zip(&self.segments) {
+            let t = Tensor::from_slice(
+                &flat[s.offset..s.offset + s.len],
+                s.shape.as_slice(),
+                var.device(),
+            )?;
+            var.set(&t)
+                .with_context(|| format!("cannot update {}", s.name))?;
+        }
+        Ok(())
+    }
+}

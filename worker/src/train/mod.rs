@@ -1,0 +1,7 @@
+//! Training: the optimizer over flat buffers, the schedule, parameter groups and the step.
+
+pub mod adamw;
+pub mod flat;
+pub mod groups;
+pub mod schedule;
+pub mod trainer;

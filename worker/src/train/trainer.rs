@@ -1,0 +1,153 @@
+//! One optimizer step of CoCa: forward and backward over micro-batches, gradient clipping,
+//! AdamW over flat buffers, and the logit-scale clamp.
+
+use super::adamw::{clip_to_norm, global_norm, AdamWConfig, FlatAdamW};
+use super::flat::{FlatParams, GroupRule};
+use super::schedule::CosineSchedule;
+use crate::model::{coca_loss, CoCa, CocaLossConfig};
+use anyhow::{Context, Result};
+use candle_core::Tensor;
+use candle_nn::VarMap;
+
+/// `logit_scale` is clamped to `[0, ln 100]` after every update, as open_clip does.
+pub const LOGIT_SCALE_MAX: f32 = 4.605_170_2;
+
+/// Everything that decides an update besides the data.
+#[derive(Debug, Clone, Copy)]
+pub struct TrainerConfig {
+    pub adamw: AdamWConfig,
+    /// Global-norm clipping threshold; `None` disables clipping.
+    pub max_grad_norm: Option<f64>,
+    pub schedule: CosineSchedule,
+    pub loss: CocaLossConfig,
+}
+
+/// Loss values of one micro-batch.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LossValues {
+    pub contrastive: f64,
+    pub caption: f64,
+    pub total: f64,
+}
+
+/// What one update did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct UpdateReport {
+    /// Schedule step this update used (0-based).
+    pub step: u64,
+    /// The learning-rate factor of the schedule (multiply by a group's base rate).
+    pub lr_factor: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// `false` when the gradients were not finite and the update was skipped.
+    pub applied: bool,
+}
+
+/// The model with its optimizer state.
+pub struct Trainer {
+    pub model: CoCa,
+    params: FlatParams,
+    values: Vec<f32>,
+    grads: Vec<f32>,
+    pub optimizer: FlatAdamW,
+    config: TrainerConfig,
+    /// Offset of `logit_scale` in the flat buffers.
+    logit_scale_offset: Option<usize>,
+    /// Schedule steps taken (applied or skipped).
+    pub step: u64,
+}
+
+impl Trainer {
+    /// Wraps a trainable model (from [`crate::model::trainable::trainable_model`]).
+    pub fn new(
+        model: CoCa,
+        varmap: &VarMap,
+        groups: &dyn GroupRule,
+        config: TrainerConfig,
+    ) -> Result<Self> {
+        let vars = varmap
+            .data()
+            .lock()
+            .map_err(|_| anyhow::anyhow!("variable map lock poisoned"))?
+            .iter()
+            .map(|(n, v)| (n.clone(), v.clone()))
+            .collect();
+        let params = FlatParams::new(vars, groups)?;
+        let values = params.gather_values()?;
+        let logit_scale_offset = params
+            .segments()
+            .iter()
+            .find(|s| s.name == "logit_scale")
+            .map(|s| s.offset);
+        Ok(Self {
+            model,
+            grads: vec![0.0; params.len()],
+            optimizer: FlatAdamW::new(params.len(), config.adamw),
+            values,
+            params,
+            config,
+            logit_scale_offset,
+            step: 0,
+        })
+    }
+
+    /// The flat parameter layout.
+    pub fn params(&self) -> &FlatParams {
+        &self.params
+    }
+
+    /// Forward and backward on one micro-batch; the gradients of `loss · loss_scale` are added
+    /// to the accumulated gradients. A non-finite loss adds nothing and is returned as it is.
+    pub fn backward(
+        &mut self,
+        images: &Tensor,
+        text: &Tensor,
+        loss_scale: f64,
+    ) -> Result<LossValues> {
+        let out = self.model.forward(images, text)?;
+        let loss = coca_loss(&out, &self.config.loss)?;
+        let values = LossValues {
+            contrastive: loss.contrastive.to_scalar::<f32>()? as f64,
+            caption: loss.caption.to_scalar::<f32>()? as f64,
+            total: loss.total.to_scalar::<f32>()? as f64,
+        };
+        if values.total.is_finite() {
+            let grads = (loss.total * loss_scale)?.backward()?;
+            self.params
+                .accumulate_grads(&grads, &mut self.grads)
+                .context("accumulating gradients")?;
+        }
+        Ok(values)
+    }
+
+    /// Clips, updates and clamps from the accumulated gradients, then clears them. Non-finite
+    /// gradients skip the update (the schedule still advances).
+    pub fn update(&mut self) -> Result<UpdateReport> {
+        let grad_norm = global_norm(&self.grads);
+        let lr_factor = self.config.schedule.factor(self.step);
+        let report = UpdateReport {
+            step: self.step,
+            lr_factor,
+            grad_norm,
+            applied: grad_norm.is_finite(),
+        };
+        self.step += 1;
+        if report.applied {
+            if let Some(max) = self.config.max_grad_norm {
+                clip_to_norm(&mut self.grads, grad_norm, max);
+            }
+            self.optimizer.update(
+                &mut self.values,
+                &self.grads,
+                self.params.segments(),
+                lr_factor,
+            );
+            if let Some(i) = self.logit_scale_offset {
+                self.values[i] = self.values[i].clamp(0.0, LOGIT_SCALE_MAX);
+            }
+            self.params.scatter_values(&self.values)?;
+        }
+        self.grads.iter_mut().for_each(|g| *g = 0.0);
+        Ok(report)
+    }
+}
