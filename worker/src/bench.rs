@@ -60,7 +60,7 @@ pub fn run(opts: &BenchOptions) -> Result<serde_json::Value> {
     );
     let config = CocaConfig::resolve(&opts.model)?;
     let device = Device::Cpu;
-    let (model, varmap) = trainable_model(&config, None, DType::F32, &device)?;
+    let (model, vars) = trainable_model(&config, None, 0, DType::F32, &device)?;
     let (images, text) = random_batch(&config, opts.batch, &device)?;
     let loss_cfg = CocaLossConfig::default();
     let mut step_times = Vec::new();
@@ -75,13 +75,7 @@ pub fn run(opts: &BenchOptions) -> Result<serde_json::Value> {
         }
     }
     // Inference over detached weights records no graph.
-    let weights: HashMap<String, Tensor> = varmap
-        .data()
-        .lock()
-        .map_err(|_| anyhow::anyhow!("variable map lock poisoned"))?
-        .iter()
-        .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
-        .collect();
+    let weights: HashMap<String, Tensor> = vars.tensors().into_iter().collect();
     let frozen = CoCa::new(
         &config,
         VarBuilder::from_tensors(weights, DType::F32, &device),

@@ -98,7 +98,7 @@ impl Comparison {
         let r = d / reference.abs().max(f64::MIN_POSITIVE);
         self.max_abs = self.max_abs.max(d);
         self.max_rel = self.max_rel.max(r);
-        if !(r <= rel) {
+        if r.is_nan() || r > rel {
             self.failures.push(format!(
                 "{name}: {ours} vs reference {reference} (rel {r:e} > {rel:e})"
             ));

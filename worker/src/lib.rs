@@ -3,7 +3,9 @@
 pub mod bench;
 pub mod checkpoint;
 pub mod compare;
+pub mod data;
 pub mod model;
+pub mod rng;
 pub mod runtime;
 pub mod train;
 pub mod verify;

@@ -258,8 +258,13 @@ fn weights_section(reference: &Reference, checkpoint: &Path) -> (SectionReport, 
 fn model_sections(reference: &Reference, weights: HashMap<String, Tensor>) -> Vec<SectionReport> {
     let names: Vec<String> = weights.keys().cloned().collect();
     let run = || -> Result<(Comparison, Comparison, Comparison)> {
-        let (model, varmap) =
-            trainable_model(&reference.config, Some(weights), DType::F32, &Device::Cpu)?;
+        let (model, vars) = trainable_model(
+            &reference.config,
+            Some(weights),
+            0,
+            DType::F32,
+            &Device::Cpu,
+        )?;
         let image = reference.io("input.image")?;
         let text = reference.io("input.text")?;
         let out = model.forward(image, text)?;
@@ -293,10 +298,6 @@ fn model_sections(reference: &Reference, weights: HashMap<String, Tensor>) -> Ve
             );
         }
         let grads = loss.total.backward()?;
-        let vars = varmap
-            .data()
-            .lock()
-            .map_err(|_| anyhow::anyhow!("variable map lock poisoned"))?;
         let mut gradients = Comparison::default();
         for name in &names {
             let var = vars
@@ -361,9 +362,10 @@ fn train_section(reference: &Reference) -> SectionReport {
                 .get(name)
                 .with_context(|| format!("extras.safetensors has no tensor {name}"))
         };
-        let (model, varmap) = trainable_model(
+        let (model, vars) = trainable_model(
             &reference.config,
             Some(reference.weights.clone()),
+            0,
             DType::F32,
             &Device::Cpu,
         )?;
@@ -381,7 +383,7 @@ fn train_section(reference: &Reference) -> SectionReport {
             loss: CocaLossConfig::default(),
         };
         let groups = TowerGroups::uniform(settings.lr, settings.weight_decay);
-        let mut trainer = Trainer::new(model, &varmap, &groups, config)?;
+        let mut trainer = Trainer::new(model, &vars, &groups, config)?;
         let losses = get("train.losses")?
             .to_dtype(DType::F64)?
             .to_vec1::<f64>()?;
@@ -405,10 +407,6 @@ fn train_section(reference: &Reference) -> SectionReport {
                 1e-4,
             );
         }
-        let vars = varmap
-            .data()
-            .lock()
-            .map_err(|_| anyhow::anyhow!("variable map lock poisoned"))?;
         let mut finals = 0;
         for (name, expected) in &extras {
             if let Some(param) = name.strip_prefix("train.final.") {

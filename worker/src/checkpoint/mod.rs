@@ -4,7 +4,7 @@
 
 mod paddle_layout;
 pub mod pdparams;
-mod pickle;
+pub mod pickle;
 pub mod raw;
 mod safetensors_io;
 pub mod torch_pickle;

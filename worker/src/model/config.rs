@@ -244,13 +244,13 @@ impl CocaConfig {
             v.pos_embed_type
         );
         ensure!(
-            v.patch_size > 0 && v.image_size % v.patch_size == 0,
+            v.patch_size > 0 && v.image_size.is_multiple_of(v.patch_size),
             "vision_cfg.image_size {} must be a multiple of patch_size {}",
             v.image_size,
             v.patch_size
         );
         ensure!(
-            v.head_width > 0 && v.width % v.head_width == 0,
+            v.head_width > 0 && v.width.is_multiple_of(v.head_width),
             "vision_cfg.width {} must be a multiple of head_width {}",
             v.width,
             v.head_width
@@ -320,7 +320,7 @@ impl CocaConfig {
 }
 
 fn divides(what: &str, heads: usize, of: &str, width: usize) -> Result<()> {
-    if heads == 0 || width % heads != 0 {
+    if heads == 0 || !width.is_multiple_of(heads) {
         bail!("{what} = {heads} must divide {of} = {width}");
     }
     Ok(())

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 ///
 /// Built by constructing the model over a backend that records each request and hands back a
 /// broadcast zero (no memory), so names and shapes come from the model code itself.
-pub fn parameter_shapes(config: &CocaConfig) -> Result<Vec<(String, Vec<usize>)>> {
+pub fn parameter_shapes(config: &CocaConfig) -> Result<Records> {
     let recorder = Recorder::default();
     let records = recorder.records.clone();
     let vb = VarBuilder::from_backend(Box::new(recorder), DType::F32, Device::Cpu);
@@ -30,9 +30,12 @@ pub fn parameter_count(config: &CocaConfig) -> Result<usize> {
         .sum())
 }
 
+/// Parameter names and shapes, in the order the model asked for them.
+type Records = Vec<(String, Vec<usize>)>;
+
 #[derive(Default)]
 struct Recorder {
-    records: Arc<Mutex<Vec<(String, Vec<usize>)>>>,
+    records: Arc<Mutex<Records>>,
 }
 
 impl SimpleBackend for Recorder {

@@ -86,11 +86,12 @@ impl FlatAdamW {
 
 /// The global L2 norm of a flat gradient buffer (accumulated in f64).
 pub fn global_norm(grads: &[f32]) -> f64 {
-    grads
+    // Partial sums in chunk order, then summed sequentially: reproducible bit for bit.
+    let partials: Vec<f64> = grads
         .par_chunks(CHUNK)
         .map(|c| c.iter().map(|&g| (g as f64) * (g as f64)).sum::<f64>())
-        .sum::<f64>()
-        .sqrt()
+        .collect();
+    partials.iter().sum::<f64>().sqrt()
 }
 
 /// Scales gradients as `torch.nn.utils.clip_grad_norm_` does: by

@@ -4,10 +4,10 @@
 use super::adamw::{clip_to_norm, global_norm, AdamWConfig, FlatAdamW};
 use super::flat::{FlatParams, GroupRule};
 use super::schedule::CosineSchedule;
+use crate::model::trainable::TrainableWeights;
 use crate::model::{coca_loss, CoCa, CocaLossConfig};
 use anyhow::{Context, Result};
 use candle_core::Tensor;
-use candle_nn::VarMap;
 
 /// `logit_scale` is clamped to `[0, ln 100]` after every update, as open_clip does.
 pub const LOGIT_SCALE_MAX: f32 = 4.605_170_2;
@@ -61,17 +61,11 @@ impl Trainer {
     /// Wraps a trainable model (from [`crate::model::trainable::trainable_model`]).
     pub fn new(
         model: CoCa,
-        varmap: &VarMap,
+        weights: &TrainableWeights,
         groups: &dyn GroupRule,
         config: TrainerConfig,
     ) -> Result<Self> {
-        let vars = varmap
-            .data()
-            .lock()
-            .map_err(|_| anyhow::anyhow!("variable map lock poisoned"))?
-            .iter()
-            .map(|(n, v)| (n.clone(), v.clone()))
-            .collect();
+        let vars = weights.iter().cloned().collect();
         let params = FlatParams::new(vars, groups)?;
         let values = params.gather_values()?;
         let logit_scale_offset = params

@@ -140,13 +140,14 @@ impl CustomOp3 for LayerNormBackward {
                 }
                 acc
             })
-            .reduce(
-                || vec![0f32; 2 * d],
-                |mut a, b| {
-                    a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-                    a
-                },
-            );
+            .collect::<Vec<_>>()
+            // Summed in task order, not rayon's adaptive tree: results are bit-for-bit
+            // reproducible whatever the thread timing (resumed runs depend on it).
+            .into_iter()
+            .fold(vec![0f32; 2 * d], |mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                a
+            });
         out[rows * d..].copy_from_slice(&partials);
         Ok((CpuStorage::F32(out), Shape::from((rows + 2, d))))
     }

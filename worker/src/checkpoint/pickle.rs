@@ -1,0 +1,1042 @@
+//! A minimal pickle virtual machine: enough of protocols 2–5 to read what `torch.save` (protocol 2)
+//! and `paddle.save`/numpy (protocols 2–5) write, producing a plain [`Value`] tree. Nothing is
+//! imported or called: globals, `REDUCE`, `BUILD` and persistent ids are kept as data for the
+//! format readers to interpret.
+//!
+//! This is our own VM rather than `candle_core::pickle`: candle's lacks the protocol-4 opcodes
+//! numpy and paddle emit (`FRAME`, `STACK_GLOBAL`, `MEMOIZE`, `SHORT_BINUNICODE`,
+//! `SHORT_BINBYTES`, ...), and its errors do not say where the input went wrong.
+//!
+//! Objects live in an arena while the VM runs, so that in-place mutations (`SETITEMS`, `APPENDS`,
+//! `BUILD`) are seen through every memo reference, as in Python. The arena is then unrolled into a
+//! tree; shared objects are copied (their bytes only when they really are shared), with limits on
+//! depth and total size so hostile input cannot blow the stack or the memory.
+
+use anyhow::{anyhow, bail, Result};
+use std::collections::HashMap;
+
+/// A decoded pickle object.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    /// `None`.
+    None,
+    /// `True` / `False`.
+    Bool(bool),
+    /// An integer that fits in 64 bits.
+    Int(i64),
+    /// A float.
+    Float(f64),
+    /// A `str`.
+    Str(String),
+    /// `bytes` or `bytearray`.
+    Bytes(Vec<u8>),
+    /// A `list`.
+    List(Vec<Value>),
+    /// A `tuple`.
+    Tuple(Vec<Value>),
+    /// A `dict` (also `collections.OrderedDict()`, which the VM builds directly), in insertion
+    /// order.
+    Dict(Vec<(Value, Value)>),
+    /// A reference to `module.name` (a class or function), from `GLOBAL`/`STACK_GLOBAL`.
+    Global {
+        /// The module path, e.g. `torch._utils`.
+        module: String,
+        /// The attribute name, e.g. `_rebuild_tensor_v2`.
+        name: String,
+    },
+    /// `callable(*args)`, from `REDUCE`, `NEWOBJ` or `NEWOBJ_EX` (whose keyword arguments must be
+    /// empty).
+    Reduce {
+        /// What would be called.
+        callable: Box<Value>,
+        /// The argument tuple.
+        args: Box<Value>,
+    },
+    /// `obj.__setstate__(state)`, from `BUILD`.
+    Build {
+        /// The object being built.
+        obj: Box<Value>,
+        /// Its state.
+        state: Box<Value>,
+    },
+    /// A persistent id (`BINPERSID`/`PERSID`): a reference to data stored outside the pickle.
+    PersistentId(Box<Value>),
+}
+
+impl Value {
+    /// The string, if this is a `Str`.
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The integer, if this is an `Int`.
+    pub fn as_int(&self) -> Option<i64> {
+        match self {
+            Value::Int(i) => Some(*i),
+            _ => None,
+        }
+    }
+
+    /// The items, if this is a `Tuple` or a `List`.
+    pub fn as_seq(&self) -> Option<&[Value]> {
+        match self {
+            Value::Tuple(v) | Value::List(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// The entries, if this is a `Dict`, or a `Build` of a dict (an `OrderedDict` with attributes,
+    /// such as a torch state dict's `_metadata`).
+    pub fn as_dict(&self) -> Option<&[(Value, Value)]> {
+        match self {
+            Value::Dict(d) => Some(d),
+            Value::Build { obj, .. } => match obj.as_ref() {
+                Value::Dict(d) => Some(d),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// Like [`Value::as_dict`], but takes ownership.
+    pub fn into_dict(self) -> Result<Vec<(Value, Value)>, Value> {
+        match self {
+            Value::Dict(d) => Ok(d),
+            Value::Build { obj, state } => match *obj {
+                Value::Dict(d) => Ok(d),
+                obj => Err(Value::Build {
+                    obj: Box::new(obj),
+                    state,
+                }),
+            },
+            other => Err(other),
+        }
+    }
+
+    /// The value stored under the string key `key`, if this is a dict holding one.
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.as_dict()?
+            .iter()
+            .find(|(k, _)| k.as_str() == Some(key))
+            .map(|(_, v)| v)
+    }
+
+    /// Whether this is `Global { module, name }`.
+    pub fn is_global(&self, module: &str, name: &str) -> bool {
+        matches!(self, Value::Global { module: m, name: n } if m == module && n == name)
+    }
+
+    /// A short description for error messages, e.g. `int`, `dict`,
+    /// `call of torch._utils._rebuild_tensor_v2`.
+    pub fn describe(&self) -> String {
+        match self {
+            Value::None => "None".into(),
+            Value::Bool(_) => "bool".into(),
+            Value::Int(_) => "int".into(),
+            Value::Float(_) => "float".into(),
+            Value::Str(_) => "str".into(),
+            Value::Bytes(_) => "bytes".into(),
+            Value::List(_) => "list".into(),
+            Value::Tuple(_) => "tuple".into(),
+            Value::Dict(_) => "dict".into(),
+            Value::Global { module, name } => format!("global {module}.{name}"),
+            Value::Reduce { callable, .. } => match callable.as_ref() {
+                Value::Global { module, name } => format!("call of {module}.{name}"),
+                other => format!("call of {}", other.describe()),
+            },
+            Value::Build { obj, .. } => format!("built {}", obj.describe()),
+            Value::PersistentId(_) => "persistent id".into(),
+        }
+    }
+}
+
+/// Parses one pickle from the start of `data` (bytes after `STOP` are ignored). `source` names the
+/// input in error messages (e.g. the file path), which also give the byte offset at fault.
+pub fn parse(data: &[u8], source: &str) -> Result<Value> {
+    let mut vm = Vm {
+        data,
+        pos: 0,
+        arena: Vec::new(),
+        stack: Vec::new(),
+        marks: Vec::new(),
+        memo: HashMap::new(),
+    };
+    let root = vm
+        .run()
+        .map_err(|e| anyhow!("{source}: invalid pickle: {e}"))?;
+    Unroller::new(vm.arena, root)
+        .unroll(root, 0)
+        .map_err(|e| anyhow!("{source}: invalid pickle: {e}"))
+}
+
+type Id = usize;
+
+/// An object in the VM's arena; containers refer to their items by arena index.
+#[derive(Clone)]
+enum Node {
+    None,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(String),
+    Bytes(Vec<u8>),
+    List(Vec<Id>),
+    Tuple(Vec<Id>),
+    Dict(Vec<(Id, Id)>),
+    Global {
+        module: String,
+        name: String,
+    },
+    Reduce {
+        callable: Id,
+        args: Id,
+    },
+    Build {
+        obj: Id,
+        state: Id,
+    },
+    PersistentId(Id),
+    /// Moved out by the unroller.
+    Taken,
+}
+
+impl Node {
+    fn children(&self) -> Vec<Id> {
+        match self {
+            Node::List(v) | Node::Tuple(v) => v.clone(),
+            Node::Dict(d) => d.iter().flat_map(|&(k, v)| [k, v]).collect(),
+            Node::Reduce {
+                callable: a,
+                args: b,
+            }
+            | Node::Build { obj: a, state: b } => vec![*a, *b],
+            Node::PersistentId(a) => vec![*a],
+            _ => Vec::new(),
+        }
+    }
+}
+
+struct Vm<'a> {
+    data: &'a [u8],
+    pos: usize,
+    arena: Vec<Node>,
+    stack: Vec<Id>,
+    /// Stack lengths at each open `MARK`.
+    marks: Vec<usize>,
+    memo: HashMap<u64, Id>,
+}
+
+/// The largest protocol this VM knows.
+const HIGHEST_PROTOCOL: u8 = 5;
+
+impl Vm<'_> {
+    fn take(&mut self, n: usize, what: &str) -> Result<&[u8]> {
+        let start = self.pos;
+        match start.checked_add(n) {
+            Some(end) if end <= self.data.len() => {
+                self.pos = end;
+                Ok(&self.data[start..end])
+            }
+            _ => bail!(
+                "truncated input: {what} needs {n} bytes at offset {start}, but only {} remain",
+                self.data.len() - start
+            ),
+        }
+    }
+
+    fn take_array<const N: usize>(&mut self, what: &str) -> Result<[u8; N]> {
+        let mut out = [0u8; N];
+        out.copy_from_slice(self.take(N, what)?);
+        Ok(out)
+    }
+
+    fn take_len(&mut self, width: usize, what: &str) -> Result<usize> {
+        let len = match width {
+            1 => u64::from(self.take_array::<1>(what)?[0]),
+            4 => u64::from(u32::from_le_bytes(self.take_array(what)?)),
+            _ => u64::from_le_bytes(self.take_array(what)?),
+        };
+        usize::try_from(len).map_err(|_| anyhow!("{what}: length {len} does not fit in memory"))
+    }
+
+    fn take_line(&mut self, what: &str) -> Result<String> {
+        let rest = &self.data[self.pos..];
+        let Some(n) = rest.iter().position(|&b| b == b'\n') else {
+            bail!(
+                "truncated input: {what} at offset {} has no terminating newline",
+                self.pos
+            )
+        };
+        let line = std::str::from_utf8(&rest[..n])
+            .map_err(|_| anyhow!("{what} at offset {} is not valid UTF-8", self.pos))?
+            .to_owned();
+        self.pos += n + 1;
+        Ok(line)
+    }
+
+    fn alloc(&mut self, node: Node) -> Id {
+        self.arena.push(node);
+        self.arena.len() - 1
+    }
+
+    fn push(&mut self, node: Node) {
+        let id = self.alloc(node);
+        self.stack.push(id);
+    }
+
+    fn fence(&self) -> usize {
+        self.marks.last().copied().unwrap_or(0)
+    }
+
+    fn pop(&mut self, op_at: usize) -> Result<Id> {
+        if self.stack.len() <= self.fence() {
+            bail!("stack underflow at offset {op_at}");
+        }
+        self.stack
+            .pop()
+            .ok_or_else(|| anyhow!("stack underflow at offset {op_at}"))
+    }
+
+    fn top(&self, op_at: usize) -> Result<Id> {
+        if self.stack.len() <= self.fence() {
+            bail!("stack underflow at offset {op_at}");
+        }
+        self.stack
+            .last()
+            .copied()
+            .ok_or_else(|| anyhow!("stack underflow at offset {op_at}"))
+    }
+
+    fn pop_mark(&mut self, op_at: usize) -> Result<Vec<Id>> {
+        let Some(mark) = self.marks.pop() else {
+            bail!("no MARK before the opcode at offset {op_at}");
+        };
+        // `pop` never goes below the fence, so the mark is within the stack.
+        Ok(self.stack.split_off(mark.min(self.stack.len())))
+    }
+
+    fn memo_get(&self, index: u64, op_at: usize) -> Result<Id> {
+        self.memo
+            .get(&index)
+            .copied()
+            .ok_or_else(|| anyhow!("memo entry {index} read at offset {op_at} was never stored"))
+    }
+
+    fn memo_put(&mut self, index: u64, op_at: usize) -> Result<()> {
+        let top = self.top(op_at)?;
+        self.memo.insert(index, top);
+        Ok(())
+    }
+
+    /// `callable(*args)`, with the few calls the readers need evaluated directly.
+    fn reduce(&self, callable: Id, args: Id) -> Node {
+        if let (Node::Global { module, name }, Node::Tuple(items)) =
+            (&self.arena[callable], &self.arena[args])
+        {
+            match (module.as_str(), name.as_str(), items.as_slice()) {
+                // `OrderedDict()`: torch state dicts and backward hooks; items follow via SETITEMS.
+                ("collections", "OrderedDict", []) => return Node::Dict(Vec::new()),
+                // Protocol < 3 pickles empty `bytes` as `bytes()`, and a bytearray as
+                // `bytearray(bytes)`.
+                ("builtins" | "__builtin__", "bytes" | "bytearray", []) => {
+                    return Node::Bytes(Vec::new())
+                }
+                ("builtins" | "__builtin__", "bytearray", [inner]) => {
+                    if let Node::Bytes(b) = &self.arena[*inner] {
+                        return Node::Bytes(b.clone());
+                    }
+                }
+                // Protocol < 3 pickles `bytes` as `_codecs.encode(latin1_text, 'latin1')`.
+                ("_codecs", "encode", [text, encoding]) => {
+                    if let (Node::Str(text), Node::Str(encoding)) =
+                        (&self.arena[*text], &self.arena[*encoding])
+                    {
+                        if encoding == "latin1" || encoding == "latin-1" {
+                            let bytes: Option<Vec<u8>> = text
+                                .chars()
+                                .map(|c| u8::try_from(u32::from(c)).ok())
+                                .collect();
+                            if let Some(bytes) = bytes {
+                                return Node::Bytes(bytes);
+                            }
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        Node::Reduce { callable, args }
+    }
+
+    /// Runs to `STOP` and returns the arena index of the result.
+    fn run(&mut self) -> Result<Id> {
+        loop {
+            let at = self.pos;
+            let [op] = self.take_array::<1>("opcode")?;
+            match op {
+                0x80 => {
+                    // PROTO
+                    let [v] = self.take_array::<1>("PROTO")?;
+                    if v > HIGHEST_PROTOCOL {
+                        bail!("unsupported pickle protocol {v} at offset {at}");
+                    }
+                }
+                0x95 => {
+                    // FRAME: a framing hint only.
+                    self.take(8, "FRAME")?;
+                }
+                b'.' => {
+                    // STOP
+                    return self.pop(at);
+                }
+                b'c' => {
+                    // GLOBAL
+                    let module = self.take_line("GLOBAL module")?;
+                    let name = self.take_line("GLOBAL name")?;
+                    self.push(Node::Global { module, name });
+                }
+                0x93 => {
+                    // STACK_GLOBAL
+                    let name = self.pop(at)?;
+                    let module = self.pop(at)?;
+                    match (&self.arena[module], &self.arena[name]) {
+                        (Node::Str(m), Node::Str(n)) => {
+                            let node = Node::Global {
+                                module: m.clone(),
+                                name: n.clone(),
+                            };
+                            self.push(node);
+                        }
+                        _ => bail!("STACK_GLOBAL at offset {at} needs two strings"),
+                    }
+                }
+                b'X' | 0x8c | 0x8d => {
+                    // BINUNICODE, SHORT_BINUNICODE, BINUNICODE8
+                    let width = match op {
+                        0x8c => 1,
+                        b'X' => 4,
+                        _ => 8,
+                    };
+                    let len = self.take_len(width, "string length")?;
+                    let bytes = self.take(len, "string")?;
+                    let s = String::from_utf8(bytes.to_vec())
+                        .map_err(|_| anyhow!("string at offset {at} is not valid UTF-8"))?;
+                    self.push(Node::Str(s));
+                }
+                b'C' | b'B' | 0x8e | 0x96 => {
+                    // SHORT_BINBYTES, BINBYTES, BINBYTES8, BYTEARRAY8
+                    let width = match op {
+                        b'C' => 1,
+                        b'B' => 4,
+                        _ => 8,
+                    };
+                    let len = self.take_len(width, "bytes length")?;
+                    let bytes = self.take(len, "bytes")?.to_vec();
+                    self.push(Node::Bytes(bytes));
+                }
+                b'J' => {
+                    let v = i32::from_le_bytes(self.take_array("BININT")?);
+                    self.push(Node::Int(v.into()));
+                }
+                b'K' => {
+                    let [v] = self.take_array::<1>("BININT1")?;
+                    self.push(Node::Int(v.into()));
+                }
+                b'M' => {
+                    let v = u16::from_le_bytes(self.take_array("BININT2")?);
+                    self.push(Node::Int(v.into()));
+                }
+                0x8a | 0x8b => {
+                    // LONG1, LONG4: little-endian two's complement of the given length.
+                    let width = if op == 0x8a { 1 } else { 4 };
+                    let len = self.take_len(width, "LONG length")?;
+                    let bytes = self.take(len, "LONG")?;
+                    let v = long_from_le(bytes)
+                        .ok_or_else(|| anyhow!("integer at offset {at} does not fit in 64 bits"))?;
+                    self.push(Node::Int(v));
+                }
+                b'G' => {
+                    let v = f64::from_be_bytes(self.take_array("BINFLOAT")?);
+                    self.push(Node::Float(v));
+                }
+                b'N' => self.push(Node::None),
+                0x88 => self.push(Node::Bool(true)),
+                0x89 => self.push(Node::Bool(false)),
+                b'}' => self.push(Node::Dict(Vec::new())),
+                b']' => self.push(Node::List(Vec::new())),
+                b')' => self.push(Node::Tuple(Vec::new())),
+                b'(' => self.marks.push(self.stack.len()),
+                b'd' => {
+                    // DICT
+                    let items = self.pop_mark(at)?;
+                    if items.len() % 2 != 0 {
+                        bail!("DICT at offset {at} has an odd number of items");
+                    }
+                    let pairs = items.chunks_exact(2).map(|p| (p[0], p[1])).collect();
+                    self.push(Node::Dict(pairs));
+                }
+                b'l' => {
+                    let items = self.pop_mark(at)?;
+                    self.push(Node::List(items));
+                }
+                b't' => {
+                    let items = self.pop_mark(at)?;
+                    self.push(Node::Tuple(items));
+                }
+                0x85..=0x87 => {
+                    // TUPLE1, TUPLE2, TUPLE3
+                    let n = usize::from(op - 0x84);
+                    let mut items = Vec::with_capacity(n);
+                    for _ in 0..n {
+                        items.push(self.pop(at)?);
+                    }
+                    items.reverse();
+                    self.push(Node::Tuple(items));
+                }
+                b'0' => {
+                    // POP
+                    self.pop(at)?;
+                }
+                b'1' => {
+                    // POP_MARK
+                    self.pop_mark(at)?;
+                }
+                b'2' => {
+                    // DUP
+                    let top = self.top(at)?;
+                    self.stack.push(top);
+                }
+                b's' | b'u' => {
+                    // SETITEM, SETITEMS
+                    let items = if op == b's' {
+                        let v = self.pop(at)?;
+                        let k = self.pop(at)?;
+                        vec![k, v]
+                    } else {
+                        self.pop_mark(at)?
+                    };
+                    if items.len() % 2 != 0 {
+                        bail!("SETITEMS at offset {at} has an odd number of items");
+                    }
+                    let target = self.top(at)?;
+                    let Node::Dict(dict) = &mut self.arena[target] else {
+                        bail!("SETITEM(S) at offset {at} on something that is not a dict");
+                    };
+                    dict.extend(items.chunks_exact(2).map(|p| (p[0], p[1])));
+                }
+                b'a' | b'e' => {
+                    // APPEND, APPENDS
+                    let items = if op == b'a' {
+                        vec![self.pop(at)?]
+                    } else {
+                        self.pop_mark(at)?
+                    };
+                    let target = self.top(at)?;
+                    let Node::List(list) = &mut self.arena[target] else {
+                        bail!("APPEND(S) at offset {at} on something that is not a list");
+                    };
+                    list.extend(items);
+                }
+                b'q' => {
+                    let [i] = self.take_array::<1>("BINPUT")?;
+                    self.memo_put(i.into(), at)?;
+                }
+                b'r' => {
+                    let i = u32::from_le_bytes(self.take_array("LONG_BINPUT")?);
+                    self.memo_put(i.into(), at)?;
+                }
+                0x94 => {
+                    // MEMOIZE
+                    let i = self.memo.len() as u64;
+                    self.memo_put(i, at)?;
+                }
+                b'h' => {
+                    let [i] = self.take_array::<1>("BINGET")?;
+                    let id = self.memo_get(i.into(), at)?;
+                    self.stack.push(id);
+                }
+                b'j' => {
+                    let i = u32::from_le_bytes(self.take_array("LONG_BINGET")?);
+                    let id = self.memo_get(i.into(), at)?;
+                    self.stack.push(id);
+                }
+                b'R' | 0x81 => {
+                    // REDUCE, NEWOBJ
+                    let args = self.pop(at)?;
+                    let callable = self.pop(at)?;
+                    if !matches!(self.arena[args], Node::Tuple(_)) {
+                        bail!("REDUCE/NEWOBJ at offset {at} with arguments that are not a tuple");
+                    }
+                    let node = self.reduce(callable, args);
+                    self.push(node);
+                }
+                0x92 => {
+                    // NEWOBJ_EX
+                    let kwargs = self.pop(at)?;
+                    let args = self.pop(at)?;
+                    let cls = self.pop(at)?;
+                    if !matches!(&self.arena[kwargs], Node::Dict(d) if d.is_empty()) {
+                        bail!("NEWOBJ_EX at offset {at} with keyword arguments is not supported");
+                    }
+                    if !matches!(self.arena[args], Node::Tuple(_)) {
+                        bail!("NEWOBJ_EX at offset {at} with arguments that are not a tuple");
+                    }
+                    let node = self.reduce(cls, args);
+                    self.push(node);
+                }
+                b'b' => {
+                    // BUILD: replaces the object in place, so memo references see the result.
+                    let state = self.pop(at)?;
+                    let target = self.top(at)?;
+                    let inner = std::mem::replace(&mut self.arena[target], Node::Taken);
+                    let obj = self.alloc(inner);
+                    self.arena[target] = Node::Build { obj, state };
+                }
+                b'Q' => {
+                    // BINPERSID
+                    let pid = self.pop(at)?;
+                    self.push(Node::PersistentId(pid));
+                }
+                b'P' => {
+                    // PERSID
+                    let line = self.take_line("PERSID")?;
+                    let pid = self.alloc(Node::Str(line));
+                    self.push(Node::PersistentId(pid));
+                }
+                0x97 | 0x98 => {
+                    bail!("out-of-band buffer (opcode {op:#04x}) at offset {at} is not supported")
+                }
+                _ => bail!("unknown or unsupported opcode {op:#04x} at offset {at}"),
+            }
+        }
+    }
+}
+
+/// Decodes a pickle LONG (little-endian two's complement), if it fits in an `i64`.
+fn long_from_le(bytes: &[u8]) -> Option<i64> {
+    let Some(&last) = bytes.last() else {
+        return Some(0);
+    };
+    let fill = if last & 0x80 != 0 { 0xff } else { 0 };
+    if bytes.len() > 8 {
+        // Longer encodings are fine if the extra bytes are only sign extension.
+        let (low, high) = bytes.split_at(8);
+        if high.iter().any(|&b| b != fill) || (low[7] & 0x80 != 0) != (fill == 0xff) {
+            return None;
+        }
+        return Some(i64::from_le_bytes(low.try_into().ok()?));
+    }
+    let mut buf = [fill; 8];
+    buf[..bytes.len()].copy_from_slice(bytes);
+    Some(i64::from_le_bytes(buf))
+}
+
+/// Deepest nesting accepted when unrolling (also bounds recursion on cyclic input).
+const MAX_DEPTH: usize = 256;
+
+/// Turns the arena into a tree, moving each node out at its last use and copying it before.
+struct Unroller {
+    arena: Vec<Node>,
+    /// References to each node not yet unrolled.
+    refs: Vec<usize>,
+    /// Nodes the tree may still grow by: shared objects are copied, so the tree can outgrow the
+    /// arena, but not without bound.
+    budget: usize,
+}
+
+impl Unroller {
+    fn new(arena: Vec<Node>, root: Id) -> Self {
+        let mut refs = vec![0usize; arena.len()];
+        for node in &arena {
+            for child in node.children() {
+                refs[child] += 1;
+            }
+        }
+        refs[root] += 1;
+        let budget = arena.len().saturating_mul(16).saturating_add(1 << 20);
+        Unroller {
+            arena,
+            refs,
+            budget,
+        }
+    }
+
+    fn unroll(&mut self, id: Id, depth: usize) -> Result<Value> {
+        if depth > MAX_DEPTH {
+            bail!("objects nested more than {MAX_DEPTH} deep (or a reference cycle)");
+        }
+        if self.budget == 0 {
+            bail!("shared references expand to too many objects");
+        }
+        self.budget -= 1;
+        self.refs[id] = self.refs[id].saturating_sub(1);
+        let node = if self.refs[id] == 0 {
+            std::mem::replace(&mut self.arena[id], Node::Taken)
+        } else {
+            // Still referenced elsewhere: copy it, which adds a reference to each of its items.
+            let copy = self.arena[id].clone();
+            for child in copy.children() {
+                self.refs[child] += 1;
+            }
+            copy
+        };
+        let seq = |this: &mut Self, ids: Vec<Id>| -> Result<Vec<Value>> {
+            ids.into_iter().map(|c| this.unroll(c, depth + 1)).collect()
+        };
+        Ok(match node {
+            Node::None => Value::None,
+            Node::Bool(b) => Value::Bool(b),
+            Node::Int(i) => Value::Int(i),
+            Node::Float(f) => Value::Float(f),
+            Node::Str(s) => Value::Str(s),
+            Node::Bytes(b) => Value::Bytes(b),
+            Node::List(items) => Value::List(seq(self, items)?),
+            Node::Tuple(items) => Value::Tuple(seq(self, items)?),
+            Node::Dict(pairs) => {
+                let mut out = Vec::with_capacity(pairs.len());
+                for (k, v) in pairs {
+                    out.push((self.unroll(k, depth + 1)?, self.unroll(v, depth + 1)?));
+                }
+                Value::Dict(out)
+            }
+            Node::Global { module, name } => Value::Global { module, name },
+            Node::Reduce { callable, args } => Value::Reduce {
+                callable: Box::new(self.unroll(callable, depth + 1)?),
+                args: Box::new(self.unroll(args, depth + 1)?),
+            },
+            Node::Build { obj, state } => Value::Build {
+                obj: Box::new(self.unroll(obj, depth + 1)?),
+                state: Box::new(self.unroll(state, depth + 1)?),
+            },
+            Node::PersistentId(pid) => Value::PersistentId(Box::new(self.unroll(pid, depth + 1)?)),
+            Node::Taken => bail!("internal error: object {id} used after it was moved"),
+        })
+    }
+}
+
+/// A pickle writer for tests: emits the same opcodes as CPython's pickler so that tests can build
+/// torch- and numpy-style pickles without Python.
+#[cfg(test)]
+pub(crate) mod writer {
+    /// Accumulates opcodes; every method appends one construct.
+    pub struct PickleWriter {
+        /// The pickle so far.
+        pub buf: Vec<u8>,
+        memo: u32,
+    }
+
+    impl PickleWriter {
+        /// Starts a pickle with `PROTO protocol` (and, for protocol 4+, a dummy `FRAME`).
+        pub fn new(protocol: u8) -> Self {
+            let mut buf = vec![0x80, protocol];
+            if protocol >= 4 {
+                buf.push(0x95);
+                buf.extend_from_slice(&0u64.to_le_bytes());
+            }
+            PickleWriter { buf, memo: 0 }
+        }
+
+        /// A raw opcode.
+        pub fn op(&mut self, op: u8) -> &mut Self {
+            self.buf.push(op);
+            self
+        }
+
+        /// `BINPUT` of the next memo index, as protocol-2 pickles do after most objects.
+        pub fn put(&mut self) -> &mut Self {
+            if self.memo < 256 {
+                self.buf.extend_from_slice(&[b'q', self.memo as u8]);
+            } else {
+                self.buf.push(b'r');
+                self.buf.extend_from_slice(&self.memo.to_le_bytes());
+            }
+            self.memo += 1;
+            self
+        }
+
+        /// `BINGET`/`LONG_BINGET` of memo index `i`.
+        pub fn get(&mut self, i: u32) -> &mut Self {
+            if i < 256 {
+                self.buf.extend_from_slice(&[b'h', i as u8]);
+            } else {
+                self.buf.push(b'j');
+                self.buf.extend_from_slice(&i.to_le_bytes());
+            }
+            self
+        }
+
+        /// The index the next `put` will use.
+        pub fn next_memo(&self) -> u32 {
+            self.memo
+        }
+
+        /// `GLOBAL module\nname\n` (protocol 2 style).
+        pub fn global(&mut self, module: &str, name: &str) -> &mut Self {
+            self.buf.push(b'c');
+            self.buf
+                .extend_from_slice(format!("{module}\n{name}\n").as_bytes());
+            self
+        }
+
+        /// `SHORT_BINUNICODE module; SHORT_BINUNICODE name; STACK_GLOBAL` (protocol 4 style).
+        pub fn stack_global(&mut self, module: &str, name: &str) -> &mut Self {
+            self.str(module).str(name).op(0x93)
+        }
+
+        /// A `str`, as `SHORT_BINUNICODE` when short and `BINUNICODE` otherwise.
+        pub fn str(&mut self, s: &str) -> &mut Self {
+            if s.len() < 256 {
+                self.buf.extend_from_slice(&[0x8c, s.len() as u8]);
+            } else {
+                self.buf.push(b'X');
+                self.buf.extend_from_slice(&(s.len() as u32).to_le_bytes());
+            }
+            self.buf.extend_from_slice(s.as_bytes());
+            self
+        }
+
+        /// A `str` as `BINUNICODE` (what protocol 2 always uses).
+        pub fn binunicode(&mut self, s: &str) -> &mut Self {
+            self.buf.push(b'X');
+            self.buf.extend_from_slice(&(s.len() as u32).to_le_bytes());
+            self.buf.extend_from_slice(s.as_bytes());
+            self
+        }
+
+        /// `bytes`, as `SHORT_BINBYTES` or `BINBYTES`.
+        pub fn bytes(&mut self, b: &[u8]) -> &mut Self {
+            if b.len() < 256 {
+                self.buf.extend_from_slice(&[b'C', b.len() as u8]);
+            } else {
+                self.buf.push(b'B');
+                self.buf.extend_from_slice(&(b.len() as u32).to_le_bytes());
+            }
+            self.buf.extend_from_slice(b);
+            self
+        }
+
+        /// An int, with the opcode CPython would choose.
+        pub fn int(&mut self, v: i64) -> &mut Self {
+            if (0..256).contains(&v) {
+                self.buf.extend_from_slice(&[b'K', v as u8]);
+            } else if (0..65536).contains(&v) {
+                self.buf.push(b'M');
+                self.buf.extend_from_slice(&(v as u16).to_le_bytes());
+            } else if i32::try_from(v).is_ok() {
+                self.buf.push(b'J');
+                self.buf.extend_from_slice(&(v as i32).to_le_bytes());
+            } else {
+                self.buf.extend_from_slice(&[0x8a, 8]);
+                self.buf.extend_from_slice(&v.to_le_bytes());
+            }
+            self
+        }
+
+        /// `NEWTRUE` / `NEWFALSE`.
+        pub fn bool(&mut self, v: bool) -> &mut Self {
+            self.op(if v { 0x88 } else { 0x89 })
+        }
+
+        /// A tuple of ints, as CPython writes it (`EMPTY_TUPLE`, `TUPLEn` or `MARK ... TUPLE`).
+        pub fn int_tuple(&mut self, items: &[i64]) -> &mut Self {
+            if items.is_empty() {
+                return self.op(b')');
+            }
+            if items.len() > 3 {
+                self.op(b'(');
+            }
+            for &i in items {
+                self.int(i);
+            }
+            match items.len() {
+                1 => self.op(0x85),
+                2 => self.op(0x86),
+                3 => self.op(0x87),
+                _ => self.op(b't'),
+            }
+        }
+
+        /// `STOP`, returning the finished pickle.
+        pub fn finish(&mut self) -> Vec<u8> {
+            self.op(b'.');
+            std::mem::take(&mut self.buf)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::writer::PickleWriter;
+    use super::*;
+
+    fn ok(data: &[u8]) -> Value {
+        parse(data, "test").unwrap()
+    }
+
+    #[test]
+    fn scalars_and_containers() {
+        let mut w = PickleWriter::new(4);
+        w.op(b'}').op(0x94).op(b'(');
+        w.str("a").int(-5);
+        w.str("b").int(70000);
+        w.str("c").int(1 << 40);
+        w.str("d")
+            .op(b'G')
+            .buf
+            .extend_from_slice(&1.5f64.to_be_bytes());
+        w.str("e").bool(true);
+        w.str("f").op(b'N');
+        w.str("g").bytes(b"xyz");
+        w.str("h").op(b']').int(1).int(2).op(0x86).op(b'a');
+        w.str("i")
+            .stack_global("torch._utils", "_rebuild_tensor_v2");
+        w.op(b'u');
+        let v = ok(&w.finish());
+        assert_eq!(v.get("a"), Some(&Value::Int(-5)));
+        assert_eq!(v.get("b"), Some(&Value::Int(70000)));
+        assert_eq!(v.get("c"), Some(&Value::Int(1 << 40)));
+        assert_eq!(v.get("d"), Some(&Value::Float(1.5)));
+        assert_eq!(v.get("e"), Some(&Value::Bool(true)));
+        assert_eq!(v.get("f"), Some(&Value::None));
+        assert_eq!(v.get("g"), Some(&Value::Bytes(b"xyz".to_vec())));
+        assert_eq!(
+            v.get("h"),
+            Some(&Value::List(vec![Value::Tuple(vec![
+                Value::Int(1),
+                Value::Int(2)
+            ])]))
+        );
+        assert!(v
+            .get("i")
+            .unwrap()
+            .is_global("torch._utils", "_rebuild_tensor_v2"));
+    }
+
+    #[test]
+    fn memo_sees_in_place_mutation() {
+        // d = {}; memoize; d['k'] = 1 (after memoizing); then [d, d] via BINGET.
+        let mut w = PickleWriter::new(2);
+        w.op(b'}').put().str("k").int(1).op(b's').op(b'0');
+        w.get(0).get(0).op(0x86);
+        let v = ok(&w.finish());
+        let d = Value::Dict(vec![(Value::Str("k".into()), Value::Int(1))]);
+        assert_eq!(v, Value::Tuple(vec![d.clone(), d]));
+
+        // An object memoized before BUILD is seen built through the memo.
+        let mut w = PickleWriter::new(2);
+        w.global("m", "C")
+            .op(b')')
+            .op(b'R')
+            .put()
+            .int(7)
+            .op(b'b')
+            .op(b'0');
+        w.get(0);
+        let v = ok(&w.finish());
+        assert!(
+            matches!(&v, Value::Build { state, .. } if **state == Value::Int(7)),
+            "{v:?}"
+        );
+    }
+
+    #[test]
+    fn ordered_dict_and_latin1_bytes() {
+        let mut w = PickleWriter::new(2);
+        w.global("collections", "OrderedDict").op(b')').op(b'R');
+        w.op(b'(').binunicode("x");
+        w.global("_codecs", "encode")
+            .binunicode("a\u{ff}")
+            .binunicode("latin1")
+            .op(0x86)
+            .op(b'R');
+        w.op(b'u');
+        let v = ok(&w.finish());
+        assert_eq!(
+            v,
+            Value::Dict(vec![(
+                Value::Str("x".into()),
+                Value::Bytes(vec![b'a', 0xff])
+            )])
+        );
+    }
+
+    #[test]
+    fn long_decoding() {
+        assert_eq!(long_from_le(&[]), Some(0));
+        assert_eq!(long_from_le(&[0xff]), Some(-1));
+        assert_eq!(long_from_le(&[0x00, 0x80]), Some(-32768));
+        assert_eq!(long_from_le(&[0xff, 0x00]), Some(255));
+        assert_eq!(long_from_le(&[1, 0, 0, 0, 0, 0, 0, 0, 0]), Some(1));
+        assert_eq!(long_from_le(&[0, 0, 0, 0, 0, 0, 0, 0, 1]), None);
+        assert_eq!(long_from_le(&[0, 0, 0, 0, 0, 0, 0, 0x80, 0]), None);
+    }
+
+    #[test]
+    fn errors_name_the_problem() {
+        let err = parse(&[0x80, 2, 0xff], "f.pkl").unwrap_err().to_string();
+        assert!(
+            err.contains("f.pkl") && err.contains("0xff") && err.contains("offset 2"),
+            "{err}"
+        );
+        let err = parse(&[0x80, 4, 0x8c, 10, b'a'], "f.pkl")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("truncated"), "{err}");
+        let err = parse(&[], "f.pkl").unwrap_err().to_string();
+        assert!(err.contains("truncated"), "{err}");
+        let err = parse(&[b'h', 3, b'.'], "f.pkl").unwrap_err().to_string();
+        assert!(err.contains("memo"), "{err}");
+        let err = parse(b"(.", "f.pkl").unwrap_err().to_string();
+        assert!(err.contains("underflow"), "{err}");
+        assert!(parse(&[0x80, 9, b'N', b'.'], "f").is_err());
+        assert!(parse(&[b'K', 1, b'K', 2, b's', b'.'], "f").is_err());
+    }
+
+    #[test]
+    fn cycles_and_blowups_are_errors() {
+        // l = []; l.append(l)
+        let cyclic = [b']', b'q', 0, b'h', 0, b'a', b'.'];
+        assert!(parse(&cyclic, "f")
+            .unwrap_err()
+            .to_string()
+            .contains("cycle"));
+        // t0 = (); t_{i+1} = (t_i, t_i) 64 times: 2^64 nodes if copied naively.
+        let mut w = PickleWriter::new(2);
+        w.op(b')').put();
+        for i in 0..64 {
+            w.get(i).get(i).op(0x86).put();
+        }
+        assert!(parse(&w.finish(), "f").is_err());
+    }
+
+    #[test]
+    fn random_garbage_never_panics() {
+        // A small xorshift generator: deterministic, no dependency.
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        // Bias towards real opcodes so the VM gets deep into its states.
+        let ops = b"\x80\x95c\x93X\x8c\x8dCB\x8e\x96JKM\x8a\x8bGN\x88\x89}])(dlt\x85\x86\x87012suaeqr\x94hjR\x81\x92bQP.";
+        for round in 0..20_000 {
+            let len = (next() % 64) as usize;
+            let data: Vec<u8> = (0..len)
+                .map(|_| {
+                    let r = next();
+                    if r % 3 == 0 {
+                        (r >> 8) as u8
+                    } else {
+                        ops[(r >> 8) as usize % ops.len()]
+                    }
+                })
+                .collect();
+            let _ = parse(&data, &format!("round {round}"));
+        }
+    }
+}

@@ -1,0 +1,183 @@
+//! `coca-worker pretrain` flags: the seed's (PaddleMIX `run_pretrain_dist.py`, HF-style
+//! `TrainingArguments`) spelled as the seed spells them.
+//!
+//! Flags are accepted with underscores (`--per_device_train_batch_size`, the seed's spelling) or
+//! dashes; boolean flags take `True`/`False`/`true`/`1`/... or no value. Unknown flags are errors
+//! with a suggestion (clap's). A flag this build cannot honour is an error from
+//! [`PretrainArgs::validate`], never silently ignored.
+
+use anyhow::{bail, Result};
+use clap::Args;
+use std::path::PathBuf;
+
+/// Parses the seed's boolean spellings.
+pub fn parse_bool(s: &str) -> Result<bool, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "y" | "on" => Ok(true),
+        "false" | "0" | "no" | "n" | "off" => Ok(false),
+        _ => Err(format!("expected True or False, got {s:?}")),
+    }
+}
+
+/// Rewrites `--some-flag[=v]` as `--some_flag[=v]` so both spellings reach one definition.
+pub fn normalize_flag_spelling(args: impl IntoIterator<Item = String>) -> Vec<String> {
+    args.into_iter()
+        .map(|a| match a.strip_prefix("--") {
+            Some(rest) if !rest.is_empty() => {
+                let (name, value) = match rest.split_once('=') {
+                    Some((n, v)) => (n, Some(v)),
+                    None => (rest, None),
+                };
+                let name = name.replace('-', "_");
+                match value {
+                    Some(v) => format!("--{name}={v}"),
+                    None => format!("--{name}"),
+                }
+            }
+            _ => a,
+        })
+        .collect()
+}
+
+/// The training flags. Names and meanings follow the seed; defaults follow the seed where it has
+/// one and otherwise suit the built-in demo.
+#[derive(Debug, Clone, Args, serde::Serialize, serde::Deserialize)]
+pub struct PretrainArgs {
+    /// A built-in config (`coca_ViT-B-32`, `coca_ViT-L-14`, `coca_demo`), a PaddleMIX name such as
+    /// `paddlemix/CoCa/CoCa-ViT-B-32-laion2B-s13B-b90k`, or a directory/file holding a config
+    /// (and optionally weights). Default: the CPU-sized demo model.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Load weights: a checkpoint file, or `True` for the weights beside `--model`.
+    #[arg(long)]
+    pub pretrained: Option<String>,
+    /// The data set: `coco_karpathy`, a LAION file list, a data-set file, or `synthetic`
+    /// (the default: the built-in synthetic captioning set).
+    #[arg(long)]
+    pub task_name: Option<String>,
+    /// Root folder that data-set image paths are relative to.
+    #[arg(long)]
+    pub data_root: Option<PathBuf>,
+    #[arg(long)]
+    pub per_device_train_batch_size: Option<usize>,
+    #[arg(long, default_value_t = 8)]
+    pub per_device_eval_batch_size: usize,
+    /// Loader threads (decoding and augmentation).
+    #[arg(long, default_value_t = 2)]
+    pub dataloader_num_workers: usize,
+    #[arg(long)]
+    pub learning_rate: Option<f64>,
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    #[arg(long, default_value_t = 0.9)]
+    pub adam_beta1: f64,
+    #[arg(long, default_value_t = 0.999)]
+    pub adam_beta2: f64,
+    #[arg(long, default_value_t = 1e-8)]
+    pub adam_epsilon: f64,
+    /// Global-norm clipping threshold; 0 disables clipping.
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    #[arg(long)]
+    pub warmup_steps: Option<u64>,
+    #[arg(long)]
+    pub num_train_epochs: Option<f64>,
+    /// Total optimizer steps; overrides `--num_train_epochs` when positive.
+    #[arg(long, allow_negative_numbers = true)]
+    pub max_steps: Option<i64>,
+    #[arg(long, default_value = "output")]
+    pub output_dir: PathBuf,
+    #[arg(long, default_value_t = 10)]
+    pub logging_steps: u64,
+    /// Save a checkpoint every N optimizer steps (0: only at the end).
+    #[arg(long, default_value_t = 0)]
+    pub save_steps: u64,
+    /// Keep only the newest K checkpoints.
+    #[arg(long)]
+    pub save_total_limit: Option<usize>,
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "true", value_parser = parse_bool)]
+    pub do_train: bool,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", value_parser = parse_bool)]
+    pub bf16: bool,
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", value_parser = parse_bool)]
+    pub fp16: bool,
+    #[arg(long, default_value_t = 1)]
+    pub gradient_accumulation_steps: usize,
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", value_parser = parse_bool)]
+    pub local_loss: bool,
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", value_parser = parse_bool)]
+    pub gather_with_grad: bool,
+    #[arg(long, default_value_t = 2.0)]
+    pub coca_caption_loss_weight: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub coca_contrastive_loss_weight: f64,
+    #[arg(long)]
+    pub visual_lr: Option<f64>,
+    #[arg(long)]
+    pub text_lr: Option<f64>,
+    #[arg(long)]
+    pub visual_wd: Option<f64>,
+    #[arg(long)]
+    pub text_wd: Option<f64>,
+    /// An ImageFolder to evaluate zero-shot classification on.
+    #[arg(long)]
+    pub classification_eval: Option<PathBuf>,
+    #[arg(long)]
+    pub eval_steps: Option<u64>,
+    #[arg(long)]
+    pub pretrained_text_model: Option<String>,
+    #[arg(long, default_value_t = 1)]
+    pub tensor_parallel_degree: usize,
+    #[arg(long, default_value_t = 1)]
+    pub sharding_parallel_degree: usize,
+    /// `stage1`, `stage2` (ZeRO) or empty.
+    #[arg(long, default_value = "")]
+    pub sharding: String,
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", value_parser = parse_bool)]
+    pub disable_tqdm: bool,
+    /// A checkpoint directory, or `True` for the newest in `--output_dir`.
+    #[arg(long)]
+    pub resume_from_checkpoint: Option<String>,
+}
+
+impl PretrainArgs {
+    /// Rejects what this build cannot honour, naming the flag.
+    pub fn validate(&self) -> Result<()> {
+        if self.tensor_parallel_degree != 1 {
+            bail!(
+                "--tensor_parallel_degree {} is not available in this build (tensor parallelism \
+                 is not implemented yet); use 1",
+                self.tensor_parallel_degree
+            );
+        }
+        if self.sharding_parallel_degree != 1 || !self.sharding.is_empty() {
+            bail!(
+                "--sharding {:?} / --sharding_parallel_degree {} are not available in this build \
+                 (ZeRO sharding is not implemented yet)",
+                self.sharding,
+                self.sharding_parallel_degree
+            );
+        }
+        if self.bf16 || self.fp16 {
+            bail!("--bf16/--fp16: mixed precision needs a GPU build; CPU training runs in float32");
+        }
+        if self.classification_eval.is_some() || self.eval_steps.is_some() {
+            bail!("--classification_eval/--eval_steps: zero-shot evaluation during training is not available in this build");
+        }
+        if self.pretrained_text_model.is_some() {
+            bail!("--pretrained_text_model is not available in this build");
+        }
+        if !self.do_train {
+            bail!("--do_train False: pretrain only trains; use `coca-worker eval` for evaluation");
+        }
+        if self.gradient_accumulation_steps == 0 {
+            bail!("--gradient_accumulation_steps must be at least 1");
+        }
+        if self.per_device_train_batch_size == Some(0) {
+            bail!("--per_device_train_batch_size must be at least 1");
+        }
+        Ok(())
+    }
+}
