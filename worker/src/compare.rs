@@ -23,6 +23,8 @@ pub enum Tolerance {
     OfTensorMax { rel: f64 },
     /// Exactly equal (token ids).
     Exact,
+    /// Mean absolute difference over the tensor at most `abs` (resampled pixels).
+    MeanAbs { abs: f64 },
 }
 
 impl std::fmt::Display for Tolerance {
@@ -31,6 +33,7 @@ impl std::fmt::Display for Tolerance {
             Self::Elementwise { abs, rel } => write!(f, "abs {abs:e} or rel {rel:e}"),
             Self::OfTensorMax { rel } => write!(f, "{rel:e} of tensor max"),
             Self::Exact => write!(f, "exact"),
+            Self::MeanAbs { abs } => write!(f, "mean abs {abs:e}"),
         }
     }
 }
@@ -64,6 +67,7 @@ impl Comparison {
             .max(f64::MIN_POSITIVE);
         let mut bad = 0usize;
         let mut max_abs = 0f64;
+        let mut sum_abs = 0f64;
         for (x, y) in a.iter().zip(&b) {
             let d = (x - y).abs();
             if d.is_nan() {
@@ -72,13 +76,22 @@ impl Comparison {
                 continue;
             }
             max_abs = max_abs.max(d);
+            sum_abs += d;
             let ok = match tol {
                 Tolerance::Elementwise { abs, rel } => d <= abs || d <= rel * y.abs(),
                 Tolerance::OfTensorMax { rel } => d <= rel * scale,
                 Tolerance::Exact => d == 0.0,
+                Tolerance::MeanAbs { .. } => true,
             };
             if !ok {
                 bad += 1;
+            }
+        }
+        if let Tolerance::MeanAbs { abs } = tol {
+            let mean = sum_abs / a.len().max(1) as f64;
+            if mean > abs {
+                self.failures
+                    .push(format!("{name}: mean abs {mean:e} > {abs:e}"));
             }
         }
         self.max_abs = self.max_abs.max(max_abs);

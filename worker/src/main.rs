@@ -3,7 +3,8 @@
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use coca_worker::{bench, checkpoint, runtime, verify};
+use coca_worker::pretrain::args::{normalize_flag_spelling, PretrainArgs};
+use coca_worker::{bench, checkpoint, pretrain, runtime, verify};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -20,6 +21,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Train CoCa (the seed's flags). With no data flags: the built-in demo on synthetic data.
+    Pretrain(Box<PretrainArgs>),
     /// Check this implementation against a reference folder exported from open_clip.
     Verify {
         /// Folder in the layout of shared/fixtures/coca-tiny (config.json, weights.safetensors,
@@ -59,6 +62,10 @@ const EXIT_ERROR: u8 = 2;
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
+        Command::Pretrain(args) => {
+            pretrain::run::run(*args)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Verify {
             reference,
             checkpoint,
@@ -122,7 +129,7 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(normalize_flag_spelling(std::env::args()));
     match run(cli) {
         Ok(code) => code,
         Err(e) => {

@@ -64,6 +64,13 @@ impl CoCa {
         Ok((l2_normalize(&out.pooled)?, out.tokens))
     }
 
+    /// Logits `[B, vocab]` for the token after each prefix `[B, t]`, given the image tokens
+    /// from [`Self::encode_image`].
+    pub fn next_token_logits(&self, image_embs: &Tensor, prefix: &Tensor) -> Result<Tensor> {
+        let (_, tokens) = self.encode_text(prefix)?;
+        self.text_decoder.forward_last(image_embs, &tokens)
+    }
+
     /// The teacher-forced forward pass of training: both towers, then the decoder on
     /// `token_embs[:, :-1]` predicting `text[:, 1:]`.
     pub fn forward(&self, images: &Tensor, text: &Tensor) -> Result<CocaOutput> {

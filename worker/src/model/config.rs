@@ -13,6 +13,8 @@ use std::path::Path;
 const NAMED_CONFIGS: &[(&str, &str)] = &[
     ("coca_ViT-B-32", include_str!("configs/coca_ViT-B-32.json")),
     ("coca_ViT-L-14", include_str!("configs/coca_ViT-L-14.json")),
+    // Sized to learn the built-in synthetic set on a 2-core CPU in minutes.
+    ("coca_demo", include_str!("configs/coca_demo.json")),
 ];
 
 /// A whole CoCa model: the two towers, the multimodal decoder and the shared embedding width.

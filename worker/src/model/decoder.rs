@@ -71,4 +71,14 @@ impl MultimodalDecoder {
         let hidden = self.hidden(image_embs, text_embs)?;
         matmul_last(&hidden, &self.text_projection, None)
     }
+
+    /// Vocabulary logits `[B, vocab]` for the last position only (generation).
+    pub fn forward_last(&self, image_embs: &Tensor, text_embs: &Tensor) -> Result<Tensor> {
+        let hidden = self.hidden(image_embs, text_embs)?;
+        let t = hidden.dim(1)?;
+        hidden
+            .narrow(1, t - 1, 1)?
+            .squeeze(1)?
+            .matmul(&self.text_projection)
+    }
 }

@@ -19,7 +19,7 @@ pub fn parse_bool(s: &str) -> Result<bool, String> {
     }
 }
 
-/// Rewrites `--some-flag[=v]` as `--some_flag[=v]` so both spellings reach one definition.
+/// Rewrites `--some_flag[=v]` as `--some-flag[=v]` so both spellings reach one definition.
 pub fn normalize_flag_spelling(args: impl IntoIterator<Item = String>) -> Vec<String> {
     args.into_iter()
         .map(|a| match a.strip_prefix("--") {
@@ -28,7 +28,7 @@ pub fn normalize_flag_spelling(args: impl IntoIterator<Item = String>) -> Vec<St
                     Some((n, v)) => (n, Some(v)),
                     None => (rest, None),
                 };
-                let name = name.replace('-', "_");
+                let name = name.replace('_', "-");
                 match value {
                     Some(v) => format!("--{name}={v}"),
                     None => format!("--{name}"),

@@ -6,8 +6,9 @@ use super::flat::{FlatParams, GroupRule};
 use super::schedule::CosineSchedule;
 use crate::model::trainable::TrainableWeights;
 use crate::model::{coca_loss, CoCa, CocaLossConfig};
-use anyhow::{Context, Result};
-use candle_core::Tensor;
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use std::collections::HashMap;
 
 /// `logit_scale` is clamped to `[0, ln 100]` after every update, as open_clip does.
 pub const LOGIT_SCALE_MAX: f32 = 4.605_170_2;
@@ -143,5 +144,62 @@ impl Trainer {
         }
         self.grads.iter_mut().for_each(|g| *g = 0.0);
         Ok(report)
+    }
+}
+
+/// Names of the two AdamW moment buffers in saved optimizer state (`exp_avg.<param>`, ...).
+pub const MOMENT_NAMES: [&str; 2] = ["exp_avg", "exp_avg_sq"];
+
+impl Trainer {
+    /// The optimizer's moments as named tensors (`exp_avg.<param>`, `exp_avg_sq.<param>`), so a
+    /// checkpoint does not depend on the flat layout it was saved from.
+    pub fn optimizer_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::with_capacity(2 * self.params.segments().len());
+        for (prefix, buffer) in MOMENT_NAMES
+            .iter()
+            .zip([&self.optimizer.exp_avg, &self.optimizer.exp_avg_sq])
+        {
+            for s in self.params.segments() {
+                let values = &buffer[s.offset..s.offset + s.len];
+                let t = Tensor::from_slice(values, s.shape.as_slice(), &Device::Cpu)?;
+                out.push((format!("{prefix}.{}", s.name), t));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Restores the moments saved by [`Self::optimizer_tensors`] and the step counters.
+    pub fn restore_optimizer(
+        &mut self,
+        tensors: &HashMap<String, Tensor>,
+        adam_step: u64,
+        schedule_step: u64,
+    ) -> Result<()> {
+        for (prefix, buffer) in MOMENT_NAMES
+            .iter()
+            .zip([&mut self.optimizer.exp_avg, &mut self.optimizer.exp_avg_sq])
+        {
+            for s in self.params.segments() {
+                let name = format!("{prefix}.{}", s.name);
+                let t = tensors
+                    .get(&name)
+                    .with_context(|| format!("optimizer state has no {name}"))?;
+                if t.dims() != s.shape.as_slice() {
+                    bail!(
+                        "optimizer state {name} has shape {:?}, expected {:?}",
+                        t.dims(),
+                        s.shape
+                    );
+                }
+                let values = t
+                    .to_dtype(candle_core::DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                buffer[s.offset..s.offset + s.len].copy_from_slice(&values);
+            }
+        }
+        self.optimizer.step = adam_step;
+        self.step = schedule_step;
+        Ok(())
     }
 }

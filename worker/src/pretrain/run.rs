@@ -1,0 +1,289 @@
+//! The training loop of `coca-worker pretrain` (one process, world size 1).
+
+use super::args::PretrainArgs;
+use super::checkpoint::{self, TrainerState};
+use super::demo;
+use super::metrics::{RunLog, StepMetrics};
+use super::model_source::{resolve_model, ResolvedModel};
+use crate::data::loader::{CaptionSource, Loader, LoaderPosition};
+use crate::data::sampler::DistributedSampler;
+use crate::data::synthetic::SyntheticCaptions;
+use crate::data::synthetic_source::SyntheticSource;
+use crate::data::tokenizer::ClipTokenizer;
+use crate::model::trainable::trainable_model;
+use crate::model::CocaLossConfig;
+use crate::train::adamw::AdamWConfig;
+use crate::train::groups::TowerGroups;
+use crate::train::schedule::CosineSchedule;
+use crate::train::trainer::{Trainer, TrainerConfig};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Samples in the built-in synthetic training set.
+pub const SYNTHETIC_TRAIN_LEN: usize = 20_000;
+/// Non-finite steps in a row after which training stops.
+const MAX_NONFINITE_IN_A_ROW: u32 = 10;
+
+/// Settings that differ between the built-in demo and a run on real data.
+struct Defaults {
+    batch: usize,
+    lr: f64,
+    weight_decay: f64,
+    warmup: u64,
+    epochs: f64,
+}
+
+fn defaults(demo: bool) -> Defaults {
+    if demo {
+        Defaults {
+            batch: 32,
+            lr: 1e-3,
+            weight_decay: 0.1,
+            warmup: 50,
+            epochs: 1.0,
+        }
+    } else {
+        Defaults {
+            batch: 8,
+            lr: 5e-5,
+            weight_decay: 0.0,
+            warmup: 0,
+            epochs: 3.0,
+        }
+    }
+}
+
+/// The data set `--task_name` names.
+fn resolve_data(args: &PretrainArgs, image_size: usize) -> Result<(Arc<dyn CaptionSource>, bool)> {
+    match args.task_name.as_deref() {
+        None | Some("synthetic") => {
+            let set = SyntheticCaptions::new(args.seed, SYNTHETIC_TRAIN_LEN, image_size as u32);
+            Ok((Arc::new(SyntheticSource { set }), true))
+        }
+        Some(other) => bail!(
+            "--task_name {other:?}: only the built-in `synthetic` set is available in this build \
+             (coco_karpathy, LAION part files and webdataset readers are not implemented yet)"
+        ),
+    }
+}
+
+/// World size from the launcher's environment; this build trains in one process.
+fn check_world_size() -> Result<()> {
+    let world: usize = match std::env::var("WORLD_SIZE") {
+        Ok(v) => v
+            .parse()
+            .with_context(|| format!("WORLD_SIZE={v:?} is not a number"))?,
+        Err(_) => 1,
+    };
+    if world != 1 {
+        bail!("WORLD_SIZE={world}: data-parallel training is not available in this build; run one worker");
+    }
+    Ok(())
+}
+
+/// Runs `pretrain`.
+pub fn run(args: PretrainArgs) -> Result<()> {
+    args.validate()?;
+    check_world_size()?;
+    let device = Device::Cpu;
+    let ResolvedModel { config, weights } = resolve_model(&args)?;
+    let (source, is_synthetic) = resolve_data(&args, config.vision_cfg.image_size)?;
+    let d = defaults(is_synthetic && args.model.is_none());
+    let batch = args.per_device_train_batch_size.unwrap_or(d.batch);
+    let accum = args.gradient_accumulation_steps;
+    let tokenizer = Arc::new(ClipTokenizer::new()?);
+    let ctx = config.text_cfg.context_length;
+
+    let resume = match &args.resume_from_checkpoint {
+        Some(v) => checkpoint::resolve_resume(v, &args.output_dir)?,
+        None => None,
+    };
+    let resumed = match &resume {
+        Some(dir) => Some(checkpoint::load(dir, &config)?),
+        None => None,
+    };
+    let initial = match &resumed {
+        Some(c) => Some(c.weights.clone()),
+        None => weights,
+    };
+    let (model, vars) = trainable_model(&config, initial, args.seed, DType::F32, &device)?;
+    let groups = TowerGroups {
+        lr: args.learning_rate.unwrap_or(d.lr),
+        weight_decay: args.weight_decay.unwrap_or(d.weight_decay),
+        visual_lr: args.visual_lr,
+        visual_wd: args.visual_wd,
+        text_lr: args.text_lr,
+        text_wd: args.text_wd,
+    };
+    let sampler = DistributedSampler::new(source.len(), args.seed, batch, 0, 1)?;
+    let batches_per_epoch = sampler.batches_per_epoch();
+    let steps_per_epoch = (batches_per_epoch / accum).max(1);
+    let total_steps = match args.max_steps {
+        Some(s) if s > 0 => s as u64,
+        _ => (args.num_train_epochs.unwrap_or(d.epochs) * steps_per_epoch as f64).ceil() as u64,
+    };
+    let trainer_config = TrainerConfig {
+        adamw: AdamWConfig {
+            beta1: args.adam_beta1,
+            beta2: args.adam_beta2,
+            eps: args.adam_epsilon,
+        },
+        max_grad_norm: (args.max_grad_norm > 0.0).then_some(args.max_grad_norm),
+        schedule: CosineSchedule {
+            warmup_steps: args.warmup_steps.unwrap_or(d.warmup),
+            total_steps,
+        },
+        loss: CocaLossConfig {
+            contrastive_weight: args.coca_contrastive_loss_weight,
+            caption_weight: args.coca_caption_loss_weight,
+            pad_id: config.text_cfg.pad_id,
+        },
+    };
+    let mut trainer = Trainer::new(model, &vars, &groups, trainer_config)?;
+    let mut position = LoaderPosition::default();
+    if let Some(c) = &resumed {
+        trainer.restore_optimizer(&c.optimizer, c.state.adam_step, c.state.global_step)?;
+        position = c.state.loader_position;
+        eprintln!(
+            "resuming from {} at step {}",
+            c.dir.display(),
+            c.state.global_step
+        );
+    }
+    let tok = tokenizer.clone();
+    let mut loader = Loader::new(
+        source.clone(),
+        sampler,
+        Arc::new(move |caption: &str| tok.tokenize(caption, ctx)),
+        args.dataloader_num_workers,
+        position,
+    )?;
+    let run_record = serde_json::json!({
+        "args": &args,
+        "per_device_train_batch_size": batch,
+        "total_steps": total_steps,
+        "learning_rate": groups.lr,
+        "weight_decay": groups.weight_decay,
+        "warmup_steps": trainer_config.schedule.warmup_steps,
+    });
+    let mut log = RunLog::new(
+        &args.output_dir,
+        trainer.step,
+        total_steps,
+        args.disable_tqdm,
+    )?;
+    let image_size = config.vision_cfg.image_size;
+    let mut nonfinite_in_a_row = 0;
+    let mut skipped_total = 0usize;
+    let save = |trainer: &Trainer, position: LoaderPosition| -> Result<()> {
+        let state = TrainerState {
+            format_version: 1,
+            global_step: trainer.step,
+            adam_step: trainer.optimizer.step,
+            loader_position: position,
+            model_config: config.clone(),
+            run: run_record.clone(),
+        };
+        let weights = vars.tensors();
+        let dir = checkpoint::save(
+            &args.output_dir,
+            &state,
+            &weights,
+            &trainer.optimizer_tensors()?,
+            args.save_total_limit,
+        )?;
+        tracing::info!("saved {}", dir.display());
+        Ok(())
+    };
+    while trainer.step < total_steps {
+        let started = Instant::now();
+        let (mut sums, mut samples, mut finite) = ([0f64; 3], 0usize, true);
+        for _ in 0..accum {
+            let b = loader.next_batch()?;
+            for reason in &b.skipped {
+                tracing::warn!("skipped {reason}");
+            }
+            skipped_total += b.skipped.len();
+            position = next_position(b.position, batches_per_epoch);
+            if b.len == 0 {
+                continue;
+            }
+            let images = Tensor::from_vec(b.images, (b.len, 3, image_size, image_size), &device)?;
+            let text = Tensor::from_vec(b.tokens, (b.len, ctx), &device)?;
+            let loss = trainer.backward(&images, &text, 1.0 / accum as f64)?;
+            finite &= loss.total.is_finite();
+            sums[0] += loss.total / accum as f64;
+            sums[1] += loss.contrastive / accum as f64;
+            sums[2] += loss.caption / accum as f64;
+            samples += b.len;
+        }
+        let report = trainer.update()?;
+        if !finite || !report.applied {
+            nonfinite_in_a_row += 1;
+            log.println(format!(
+                "warning: step {}: non-finite loss or gradient, update skipped ({nonfinite_in_a_row} in a row)",
+                report.step + 1
+            ));
+            if nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW {
+                bail!(
+                    "{MAX_NONFINITE_IN_A_ROW} non-finite steps in a row at step {}: stopping",
+                    report.step + 1
+                );
+            }
+        } else {
+            nonfinite_in_a_row = 0;
+        }
+        let metrics = StepMetrics {
+            step: trainer.step,
+            epoch: (position.epoch as f64) + position.batch as f64 / batches_per_epoch as f64,
+            loss: sums[0],
+            contrastive_loss: sums[1],
+            caption_loss: sums[2],
+            learning_rate: groups.lr * report.lr_factor,
+            grad_norm: report.grad_norm,
+            samples_per_s: samples as f64 / started.elapsed().as_secs_f64(),
+            skipped_samples: skipped_total,
+        };
+        log.step(&metrics);
+        if trainer.step % args.logging_steps.max(1) == 0 || trainer.step == total_steps {
+            log.log(&metrics)?;
+        }
+        if args.save_steps > 0 && trainer.step % args.save_steps == 0 && trainer.step < total_steps
+        {
+            save(&trainer, position)?;
+        }
+    }
+    save(&trainer, position)?;
+    log.finish(&args.output_dir.join("loss_curve.png"))?;
+    if skipped_total > 0 {
+        eprintln!("{skipped_total} samples were skipped (see the warnings above)");
+    }
+    if is_synthetic {
+        drop(loader);
+        demo::report(
+            &trainer.model,
+            &tokenizer,
+            args.seed,
+            &config,
+            &args.output_dir,
+        )?;
+    }
+    Ok(())
+}
+
+/// The position after `p`.
+fn next_position(p: LoaderPosition, batches_per_epoch: usize) -> LoaderPosition {
+    if p.batch + 1 >= batches_per_epoch {
+        LoaderPosition {
+            epoch: p.epoch + 1,
+            batch: 0,
+        }
+    } else {
+        LoaderPosition {
+            epoch: p.epoch,
+            batch: p.batch + 1,
+        }
+    }
+}

@@ -1,0 +1,191 @@
+//! The sections checked against `extras.json` / `extras.safetensors`: `tokenizer`,
+//! `preprocess`, `zeroshot` and `generate`.
+
+use super::{finish, not_checked, Reference, SectionReport, FORWARD_TOL};
+use crate::compare::{Comparison, Tolerance};
+use crate::data::preprocess::open_image;
+use crate::data::tokenizer::{ClipTokenizer, PAD};
+use crate::eval::generate::greedy;
+use crate::eval::zeroshot::{zero_shot_classifier, zero_shot_logits};
+use crate::model::CoCa;
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use std::collections::HashMap;
+use std::path::Path;
+
+/// Mean absolute pixel difference allowed (bicubic resamplers round differently).
+const PREPROCESS_TOL: Tolerance = Tolerance::MeanAbs { abs: 0.01 };
+
+/// The reference folder's extras.
+pub(crate) struct Extras {
+    json: serde_json::Value,
+    tensors: HashMap<String, Tensor>,
+}
+
+impl Extras {
+    /// `None` when the folder has no extras.
+    pub(crate) fn open(dir: &Path) -> Result<Option<Self>> {
+        let (json_path, st_path) = (dir.join("extras.json"), dir.join("extras.safetensors"));
+        if !json_path.exists() || !st_path.exists() {
+            return Ok(None);
+        }
+        let json = serde_json::from_str(
+            &std::fs::read_to_string(&json_path)
+                .with_context(|| format!("cannot read {}", json_path.display()))?,
+        )
+        .with_context(|| format!("{} is not JSON", json_path.display()))?;
+        let tensors = candle_core::safetensors::load(&st_path, &Device::Cpu)
+            .with_context(|| format!("cannot read {}", st_path.display()))?;
+        Ok(Some(Self { json, tensors }))
+    }
+
+    fn tensor(&self, name: &str) -> Result<&Tensor> {
+        self.tensors
+            .get(name)
+            .with_context(|| format!("extras.safetensors has no tensor {name}"))
+    }
+
+    fn strings(&self, pointer: &str) -> Result<Vec<String>> {
+        let values = self
+            .json
+            .pointer(pointer)
+            .and_then(|v| v.as_array())
+            .with_context(|| format!("extras.json has no list at {pointer}"))?;
+        values
+            .iter()
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_string)
+                    .with_context(|| format!("extras.json {pointer} holds a non-string"))
+            })
+            .collect()
+    }
+
+    fn number(&self, pointer: &str) -> Result<usize> {
+        self.json
+            .pointer(pointer)
+            .and_then(|v| v.as_u64())
+            .map(|v| v as usize)
+            .with_context(|| format!("extras.json has no number at {pointer}"))
+    }
+}
+
+/// Token ids of every string, at context 77 and at the model's context, exactly.
+pub(crate) fn tokenizer_section(reference: &Reference, extras: &Extras) -> SectionReport {
+    let outcome = (|| -> Result<Comparison> {
+        let tokenizer = ClipTokenizer::new()?;
+        let strings = extras.strings("/tokenizer_strings")?;
+        let mut comparison = Comparison::default();
+        for (name, ctx) in [
+            ("tokenizer.ids_77", 77),
+            (
+                "tokenizer.ids_model_ctx",
+                reference.config.text_cfg.context_length,
+            ),
+        ] {
+            let ids: Vec<i64> = strings
+                .iter()
+                .flat_map(|s| tokenizer.tokenize(s, ctx))
+                .map(i64::from)
+                .collect();
+            let ours = Tensor::from_vec(ids, (strings.len(), ctx), &Device::Cpu)?;
+            comparison.check(name, &ours, extras.tensor(name)?, Tolerance::Exact)?;
+        }
+        Ok(comparison)
+    })();
+    finish("tokenizer", Tolerance::Exact.to_string(), outcome)
+}
+
+/// open_clip's eval transform of every image at 224 and 32.
+pub(crate) fn preprocess_section(reference: &Reference, extras: &Extras) -> SectionReport {
+    let images_dir = reference.dir.join("images");
+    if !images_dir.is_dir() {
+        return not_checked("preprocess", "no images/ folder");
+    }
+    let outcome = (|| -> Result<Comparison> {
+        let names = extras.strings("/images")?;
+        let mut comparison = Comparison::default();
+        for size in [224usize, 32] {
+            let expected = extras.tensor(&format!("preprocess.{size}"))?;
+            for (i, name) in names.iter().enumerate() {
+                let pixels = open_image(&images_dir.join(name))?.eval_transform(size);
+                let ours = Tensor::from_vec(pixels, (3, size, size), &Device::Cpu)?;
+                comparison.check(
+                    &format!("{name}@{size}"),
+                    &ours,
+                    &expected.get(i)?,
+                    PREPROCESS_TOL,
+                )?;
+            }
+        }
+        Ok(comparison)
+    })();
+    finish("preprocess", PREPROCESS_TOL.to_string(), outcome)
+}
+
+/// The model on the reference weights, for inference.
+fn reference_model(reference: &Reference) -> Result<CoCa> {
+    let vb = VarBuilder::from_tensors(reference.weights.clone(), DType::F32, &Device::Cpu);
+    Ok(CoCa::new(&reference.config, vb)?)
+}
+
+/// The zero-shot classifier from the class names and templates, and the logits of the
+/// reference's preprocessed 32×32 images.
+pub(crate) fn zeroshot_section(reference: &Reference, extras: &Extras) -> SectionReport {
+    let outcome = (|| -> Result<Comparison> {
+        let model = reference_model(reference)?;
+        let tokenizer = ClipTokenizer::new()?;
+        let classnames = extras.strings("/zeroshot/classnames")?;
+        let templates = extras.strings("/zeroshot/templates")?;
+        let classifier =
+            zero_shot_classifier(&model, &tokenizer, &classnames, &templates, &Device::Cpu)?;
+        let mut comparison = Comparison::default();
+        comparison.check(
+            "zeroshot.classifier",
+            &classifier,
+            extras.tensor("zeroshot.classifier")?,
+            FORWARD_TOL,
+        )?;
+        let (features, _) = model.encode_image(extras.tensor("preprocess.32")?)?;
+        let logits = zero_shot_logits(&features, &classifier)?;
+        comparison.check(
+            "zeroshot.logits",
+            &logits,
+            extras.tensor("zeroshot.logits")?,
+            FORWARD_TOL,
+        )?;
+        Ok(comparison)
+    })();
+    finish("zeroshot", FORWARD_TOL.to_string(), outcome)
+}
+
+/// Greedy captions of the reference's preprocessed 32×32 images, token for token.
+pub(crate) fn generate_section(reference: &Reference, extras: &Extras) -> SectionReport {
+    let outcome = (|| -> Result<Comparison> {
+        let model = reference_model(reference)?;
+        let seq_len = extras.number("/generate/seq_len")?;
+        let min_len = extras.number("/generate/min_seq_len")?;
+        let expected = extras.tensor("generate.greedy")?;
+        let seqs = greedy(&model, extras.tensor("preprocess.32")?, seq_len, min_len)?;
+        let width = expected.dim(1)?;
+        let ids: Vec<i64> = seqs
+            .iter()
+            .flat_map(|s| {
+                let mut s = s.clone();
+                s.resize(width.max(s.len()), PAD);
+                s.truncate(width);
+                s.into_iter().map(i64::from)
+            })
+            .collect();
+        let ours = Tensor::from_vec(ids, (seqs.len(), width), &Device::Cpu)?;
+        let mut comparison = Comparison::default();
+        comparison.check("generate.greedy", &ours, expected, Tolerance::Exact)?;
+        Ok(comparison)
+    })();
+    let mut report = finish("generate", Tolerance::Exact.to_string(), outcome);
+    if report.note.is_empty() {
+        report.note = "greedy only; beam search is not implemented yet".into();
+    }
+    report
+}
