@@ -43,7 +43,8 @@ enum Command {
         #[arg(long)]
         model: Option<String>,
     },
-    /// Time forward+backward and image embedding on random inputs; prints one JSON line.
+    /// Time training steps, image embedding and greedy captioning on random inputs; prints one
+    /// JSON line.
     Bench {
         /// A built-in config name or a config JSON file.
         #[arg(long, default_value = "coca_ViT-B-32")]

@@ -42,11 +42,13 @@ impl SplitMix64 {
         (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
 
-    /// Standard normal (Box–Muller).
-    pub fn normal(&mut self) -> f64 {
+    /// A pair of independent standard normals (Box–Muller).
+    pub fn normal_pair(&mut self) -> (f64, f64) {
         let u1 = self.next_f64().max(f64::MIN_POSITIVE);
         let u2 = self.next_f64();
-        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+        let r = (-2.0 * u1.ln()).sqrt();
+        let (s, c) = (2.0 * std::f64::consts::PI * u2).sin_cos();
+        (r * c, r * s)
     }
 }
 

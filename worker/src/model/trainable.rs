@@ -81,9 +81,16 @@ fn seeded_init(shape: &Shape, init: Init, seed: u64, name: &str) -> Result<Tenso
     let mut rng = SplitMix64(mix_seed(&[seed, hash_str(name)]));
     let data: Vec<f32> = match init {
         Init::Const(v) => vec![v as f32; n],
-        Init::Randn { mean, stdev } => (0..n)
-            .map(|_| (mean + stdev * rng.normal()) as f32)
-            .collect(),
+        Init::Randn { mean, stdev } => {
+            let mut v = Vec::with_capacity(n + 1);
+            while v.len() < n {
+                let (a, b) = rng.normal_pair();
+                v.push((mean + stdev * a) as f32);
+                v.push((mean + stdev * b) as f32);
+            }
+            v.truncate(n);
+            v
+        }
         Init::Uniform { lo, up } => (0..n)
             .map(|_| (lo + (up - lo) * rng.next_f64()) as f32)
             .collect(),

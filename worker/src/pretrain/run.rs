@@ -219,8 +219,12 @@ pub fn run(args: PretrainArgs) -> Result<()> {
             sums[2] += loss.caption / accum as f64;
             samples += b.len;
         }
-        let report = trainer.update()?;
-        if !finite || !report.applied {
+        let report = if finite {
+            trainer.update()?
+        } else {
+            trainer.skip_update()
+        };
+        if !report.applied {
             nonfinite_in_a_row += 1;
             log.println(format!(
                 "warning: step {}: non-finite loss or gradient, update skipped ({nonfinite_in_a_row} in a row)",

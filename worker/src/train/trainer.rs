@@ -115,6 +115,20 @@ impl Trainer {
         Ok(values)
     }
 
+    /// Discards the accumulated gradients without updating (a micro-batch's loss was not
+    /// finite); the schedule still advances.
+    pub fn skip_update(&mut self) -> UpdateReport {
+        let report = UpdateReport {
+            step: self.step,
+            lr_factor: self.config.schedule.factor(self.step),
+            grad_norm: f64::NAN,
+            applied: false,
+        };
+        self.step += 1;
+        self.grads.iter_mut().for_each(|g| *g = 0.0);
+        report
+    }
+
     /// Clips, updates and clamps from the accumulated gradients, then clears them. Non-finite
     /// gradients skip the update (the schedule still advances).
     pub fn update(&mut self) -> Result<UpdateReport> {
