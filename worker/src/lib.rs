@@ -1,6 +1,7 @@
 //! The CoCa worker: model, checkpoints and the commands one process per device runs.
 
 pub mod bench;
+pub mod bench_data;
 pub mod checkpoint;
 pub mod compare;
 pub mod data;

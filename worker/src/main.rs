@@ -4,7 +4,7 @@
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use coca_worker::pretrain::args::{normalize_flag_spelling, PretrainArgs};
-use coca_worker::{bench, checkpoint, pretrain, runtime, verify};
+use coca_worker::{bench, bench_data, checkpoint, pretrain, runtime, verify};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -55,6 +55,16 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         steps: usize,
     },
+    /// Tokenizer strings/s and loader images/s (JPEG decode + train transform, 1 and 2
+    /// threads); prints one JSON line.
+    BenchData {
+        #[arg(long, default_value_t = 256)]
+        images: usize,
+        #[arg(long, default_value_t = 224)]
+        image_size: usize,
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+    },
 }
 
 /// Exit code for a verification or data mismatch (2 is a usage or input error).
@@ -103,6 +113,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             let n = checkpoint::convert(&input, &output)?;
             println!("wrote {n} tensors to {}", output.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::BenchData {
+            images,
+            image_size,
+            batch,
+        } => {
+            let line = bench_data::run(&bench_data::DataBenchOptions {
+                images,
+                image_size,
+                batch,
+            })?;
+            println!("{line}");
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench {

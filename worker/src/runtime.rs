@@ -13,6 +13,6 @@ pub fn tune_allocator() {
     // SAFETY: mallopt only changes allocator parameters; it is called before other threads start.
     unsafe {
         libc::mallopt(libc::M_MMAP_MAX, 0);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, -1);
     }
 }
