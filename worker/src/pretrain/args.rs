@@ -51,11 +51,14 @@ pub struct PretrainArgs {
     /// Load weights: a checkpoint file, or `True` for the weights beside `--model`.
     #[arg(long)]
     pub pretrained: Option<String>,
-    /// The data set: `coco_karpathy`, a LAION file list, a data-set file, or `synthetic`
-    /// (the default: the built-in synthetic captioning set).
+    /// The data set: `synthetic` (the default: the built-in synthetic captioning set),
+    /// `coco_karpathy`, a Karpathy-format `.json` file, a LAION file list, or webdataset shards
+    /// (`shards-{000..009}.tar`, a folder of `.tar` files, or a list of them); see
+    /// `data::train_set`.
     #[arg(long)]
     pub task_name: Option<String>,
-    /// Root folder that data-set image paths are relative to.
+    /// Root folder that data-set image paths are relative to (`coco_karpathy`: default
+    /// `~/.paddlemix/datasets/coco`; a `.json` file: default its own folder).
     #[arg(long)]
     pub data_root: Option<PathBuf>,
     #[arg(long)]

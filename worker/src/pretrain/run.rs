@@ -6,10 +6,12 @@ use super::demo;
 use super::metrics::{RunLog, StepMetrics};
 use super::model_source::{resolve_model, ResolvedModel};
 use crate::data::loader::{CaptionSource, Loader, LoaderPosition};
+use crate::data::parts::ShardSpec;
 use crate::data::sampler::DistributedSampler;
 use crate::data::synthetic::SyntheticCaptions;
 use crate::data::synthetic_source::SyntheticSource;
 use crate::data::tokenizer::ClipTokenizer;
+use crate::data::train_set::open_train_set;
 use crate::model::trainable::trainable_model;
 use crate::model::CocaLossConfig;
 use crate::train::adamw::AdamWConfig;
@@ -55,17 +57,36 @@ fn defaults(demo: bool) -> Defaults {
     }
 }
 
-/// The data set `--task_name` names.
+/// The data set `--task_name` names (see [`crate::data::train_set`]), and whether it is the
+/// built-in synthetic set. Records skipped while indexing are logged as warnings.
 fn resolve_data(args: &PretrainArgs, image_size: usize) -> Result<(Arc<dyn CaptionSource>, bool)> {
     match args.task_name.as_deref() {
         None | Some("synthetic") => {
             let set = SyntheticCaptions::new(args.seed, SYNTHETIC_TRAIN_LEN, image_size as u32);
             Ok((Arc::new(SyntheticSource { set }), true))
         }
-        Some(other) => bail!(
-            "--task_name {other:?}: only the built-in `synthetic` set is available in this build \
-             (coco_karpathy, LAION part files and webdataset readers are not implemented yet)"
-        ),
+        Some(name) => {
+            // One process: rank 0 of 1 (check_world_size), so a per-rank source is the whole set
+            // and the sampler below takes it as it is.
+            let set = open_train_set(
+                name,
+                args.data_root.as_deref(),
+                image_size,
+                args.seed,
+                ShardSpec::single(),
+            )?;
+            for reason in &set.skipped {
+                tracing::warn!("skipped {reason}");
+            }
+            if !set.skipped.is_empty() {
+                eprintln!(
+                    "{} record(s) skipped while reading the data set (see the warnings)",
+                    set.skipped.len()
+                );
+            }
+            eprintln!("data: {}", set.description);
+            Ok((set.source, false))
+        }
     }
 }
 
