@@ -25,6 +25,8 @@ pub struct StepMetrics {
 /// The progress bar and the metrics file.
 pub struct RunLog {
     bar: ProgressBar,
+    /// `--disable_tqdm`: lines go straight to stderr (a hidden bar drops them).
+    hidden: bool,
     jsonl: PathBuf,
     history: Vec<(u64, f64)>,
 }
@@ -51,6 +53,7 @@ impl RunLog {
         bar.set_position(start_step);
         Ok(Self {
             bar,
+            hidden,
             jsonl: output_dir.join("metrics.jsonl"),
             history: Vec::new(),
         })
@@ -69,7 +72,7 @@ impl RunLog {
     /// Prints a metrics line and appends it to `metrics.jsonl`.
     pub fn log(&self, m: &StepMetrics) -> Result<()> {
         let line = serde_json::to_string(m)?;
-        self.bar.println(format!(
+        self.println(format!(
             "step {} epoch {:.2}: loss {:.4} contrastive {:.4} caption {:.4} lr {:.3e} grad_norm {:.3} {:.1} samples/s",
             m.step, m.epoch, m.loss, m.contrastive_loss, m.caption_loss, m.learning_rate, m.grad_norm, m.samples_per_s
         ));
@@ -84,7 +87,11 @@ impl RunLog {
 
     /// Prints a line above the bar.
     pub fn println(&self, line: impl AsRef<str>) {
-        self.bar.println(line.as_ref());
+        if self.hidden {
+            eprintln!("{}", line.as_ref());
+        } else {
+            self.bar.println(line.as_ref());
+        }
     }
 
     /// Closes the bar and draws the loss curve of this run's steps into `path`.

@@ -198,6 +198,7 @@ pub fn run(args: PretrainArgs) -> Result<()> {
     let image_size = config.vision_cfg.image_size;
     let mut nonfinite_in_a_row = 0;
     let mut skipped_total = 0usize;
+    let mut skips = EpochSkips::new(position.epoch);
     let save = |trainer: &Trainer, position: LoaderPosition| -> Result<()> {
         let state = TrainerState {
             format_version: 1,
@@ -223,10 +224,12 @@ pub fn run(args: PretrainArgs) -> Result<()> {
         let (mut sums, mut samples, mut finite) = ([0f64; 3], 0usize, true);
         for _ in 0..accum {
             let b = loader.next_batch()?;
-            for reason in &b.skipped {
-                tracing::warn!("skipped {reason}");
+            if b.position.epoch != skips.epoch {
+                skips.report(&log);
+                skips = EpochSkips::new(b.position.epoch);
             }
             skipped_total += b.skipped.len();
+            skips.add(b.skipped);
             position = next_position(b.position, batches_per_epoch);
             if b.len == 0 {
                 continue;
@@ -280,10 +283,11 @@ pub fn run(args: PretrainArgs) -> Result<()> {
             save(&trainer, position)?;
         }
     }
+    skips.report(&log);
     save(&trainer, position)?;
     log.finish(&args.output_dir.join("loss_curve.png"))?;
     if skipped_total > 0 {
-        eprintln!("{skipped_total} samples were skipped (see the warnings above)");
+        eprintln!("{skipped_total} samples were skipped in all (see the epoch reports above)");
     }
     if is_synthetic {
         drop(loader);
@@ -309,6 +313,51 @@ fn next_position(p: LoaderPosition, batches_per_epoch: usize) -> LoaderPosition 
         LoaderPosition {
             epoch: p.epoch,
             batch: p.batch + 1,
+        }
+    }
+}
+
+/// Reasons listed in an epoch's report before the rest are counted.
+const SKIPS_LISTED: usize = 20;
+
+/// Samples skipped during one epoch, reported (with file and line) when the epoch ends.
+struct EpochSkips {
+    epoch: u64,
+    reasons: Vec<String>,
+}
+
+impl EpochSkips {
+    fn new(epoch: u64) -> Self {
+        Self {
+            epoch,
+            reasons: Vec::new(),
+        }
+    }
+
+    fn add(&mut self, reasons: Vec<String>) {
+        for r in &reasons {
+            tracing::debug!("skipped {r}");
+        }
+        self.reasons.extend(reasons);
+    }
+
+    fn report(&self, log: &RunLog) {
+        if self.reasons.is_empty() {
+            return;
+        }
+        log.println(format!(
+            "epoch {}: {} sample(s) skipped:",
+            self.epoch,
+            self.reasons.len()
+        ));
+        for r in self.reasons.iter().take(SKIPS_LISTED) {
+            log.println(format!("  {r}"));
+        }
+        if self.reasons.len() > SKIPS_LISTED {
+            log.println(format!(
+                "  ... and {} more",
+                self.reasons.len() - SKIPS_LISTED
+            ));
         }
     }
 }
