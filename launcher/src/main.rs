@@ -4,6 +4,7 @@
 //! launching arrive with the control plane. Asking for more is an error, never silently ignored.
 
 use anyhow::{bail, Context, Result};
+use coca_common::topology::Topology;
 use std::process::{Command, ExitCode};
 
 fn parse_count(flag: &str, value: Option<&String>) -> Result<usize> {
@@ -11,6 +12,28 @@ fn parse_count(flag: &str, value: Option<&String>) -> Result<usize> {
     value
         .parse::<usize>()
         .with_context(|| format!("{flag} must be a positive integer, got {value:?}"))
+}
+
+/// The value of a worker flag such as `--tensor_parallel_degree N` (either spelling, `=` or
+/// separate), 1 when absent.
+fn degree_flag(worker_args: &[String], name: &str) -> Result<usize> {
+    let spellings = [format!("--{name}"), format!("--{}", name.replace('_', "-"))];
+    let mut value = None;
+    for (i, arg) in worker_args.iter().enumerate() {
+        for flag in &spellings {
+            if arg == flag {
+                value = worker_args.get(i + 1).cloned();
+            } else if let Some(v) = arg.strip_prefix(&format!("{flag}=")) {
+                value = Some(v.to_string());
+            }
+        }
+    }
+    match value {
+        None => Ok(1),
+        Some(v) => v
+            .parse()
+            .with_context(|| format!("--{name} must be a positive integer, got {v:?}")),
+    }
 }
 
 fn run() -> Result<i32> {
@@ -30,7 +53,11 @@ fn run() -> Result<i32> {
             other => bail!("unknown launcher flag {other:?}"),
         }
     }
-    if nnodes != 1 || nproc != 1 {
+    let tp = degree_flag(worker_args, "tensor_parallel_degree")?;
+    let sharding = degree_flag(worker_args, "sharding_parallel_degree")?;
+    // Checked before anything starts, so a bad layout fails in the launcher with the arithmetic.
+    let topology = Topology::new(nnodes * nproc, tp, sharding)?;
+    if topology.world != 1 {
         bail!(
             "this build launches one local worker only (asked for --nnodes {nnodes} × \
              --nproc-per-node {nproc}); multi-process launching is not available yet"
