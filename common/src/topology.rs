@@ -52,7 +52,7 @@ impl Topology {
             );
         }
         let model = tp * sharding;
-        if world % model != 0 || world < model {
+        if !world.is_multiple_of(model) || world < model {
             bail!(
                 "the world of {world} processes cannot be split into tensor_parallel_degree {tp} \
                  × sharding_parallel_degree {sharding} = {model}: {world} / {model} = {:.3} is not \
