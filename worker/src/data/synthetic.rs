@@ -284,14 +284,27 @@ impl SyntheticCaptions {
             .collect()
     }
 
-    /// Prompt templates for zero-shot; `{}` is the class name. They are prefixes of training
-    /// captions (one per count, the plural formed by appending "s"), so a model trained only on
-    /// this set has seen every word of every prompt.
+    /// Prompt templates for zero-shot; `{}` is the class name. Like OpenAI's 80 ImageNet
+    /// templates they are an ensemble: every count word with every background, in the caption
+    /// grammar's own words ("two {}s on a blue background"), so that the averaged class
+    /// embedding describes the shape and colour alone and a model trained only on this set has
+    /// seen every word of every prompt.
     pub fn templates() -> Vec<String> {
-        ["one {}", "two {}s", "three {}s", "four {}s"]
-            .iter()
-            .map(|t| t.to_string())
-            .collect()
+        let mut out = Vec::with_capacity(COUNTS.len() * COLOURS.len());
+        for (i, count) in COUNTS.iter().enumerate() {
+            let plural = if i == 0 { "" } else { "s" };
+            for background in COLOURS {
+                let article = if background.starts_with(['a', 'e', 'i', 'o', 'u']) {
+                    "an"
+                } else {
+                    "a"
+                };
+                out.push(format!(
+                    "{count} {{}}{plural} on {article} {background} background"
+                ));
+            }
+        }
+        out
     }
 
     /// Number of distinct captions the grammar can produce (10,800), each equally likely.

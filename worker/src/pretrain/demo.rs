@@ -1,7 +1,7 @@
 //! The end of the demo: zero-shot accuracy on held-out synthetic images over the set's class
 //! names, and greedy captions beside the true ones.
 
-use crate::data::synthetic::SyntheticCaptions;
+use crate::data::synthetic::{SyntheticCaptions, POSITIONS};
 use crate::data::synthetic_source::normalize_rgb;
 use crate::data::tokenizer::ClipTokenizer;
 use crate::eval::generate::greedy;
@@ -15,6 +15,8 @@ use std::path::Path;
 pub const HELD_OUT: usize = 500;
 /// Captions printed.
 const CAPTIONS_SHOWN: usize = 8;
+/// Held-out images captioned for the per-attribute accuracy.
+const CAPTIONED: usize = 100;
 
 /// The demo's results, also written to `output_dir/demo_results.json`.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -24,8 +26,11 @@ pub struct DemoResults {
     pub chance: f64,
     pub classes: usize,
     pub held_out_images: usize,
-    /// Exact-match rate of greedy captions on the shown images.
+    /// Exact-match rate of greedy captions over the captioned held-out images.
     pub captions_exact: f64,
+    /// Per attribute (count, colour, shape, position, background): the fraction of captions
+    /// that state it correctly.
+    pub caption_attribute_accuracy: Vec<(String, f64)>,
     pub captions: Vec<(String, String)>,
 }
 
@@ -63,9 +68,8 @@ pub fn report(
         let (features, _) = model.encode_image(&images)?;
         logits.push(zero_shot_logits(&features, &classifier)?);
         labels.extend(samples.iter().map(|s| s.class_index));
-        if start == 0 {
-            let shown = images.narrow(0, 0, CAPTIONS_SHOWN.min(samples.len()))?;
-            let ids = greedy(model, &shown, config.text_cfg.context_length, 2)?;
+        if start < CAPTIONED {
+            let ids = greedy(model, &images, config.text_cfg.context_length, 2)?;
             for (seq, sample) in ids.iter().zip(&samples) {
                 captions.push((
                     tokenizer.decode(seq).trim().to_string(),
@@ -78,6 +82,7 @@ pub fn report(
     let (top1, top5) = top_k_accuracy(&logits, &labels, 5)?;
     let exact =
         captions.iter().filter(|(a, b)| a == b).count() as f64 / captions.len().max(1) as f64;
+    let attributes = attribute_accuracy(&captions);
     let results = DemoResults {
         zero_shot_top1: top1,
         zero_shot_top5: top5,
@@ -85,6 +90,7 @@ pub fn report(
         classes: classnames.len(),
         held_out_images: HELD_OUT,
         captions_exact: exact,
+        caption_attribute_accuracy: attributes,
         captions,
     };
     println!(
@@ -95,12 +101,70 @@ pub fn report(
         100.0 * top5,
         100.0 * results.chance
     );
-    println!("greedy captions (generated | true):");
-    for (generated, truth) in &results.captions {
+    let parts: Vec<String> = results
+        .caption_attribute_accuracy
+        .iter()
+        .map(|(name, acc)| format!("{name} {:.0}%", 100.0 * acc))
+        .collect();
+    println!(
+        "greedy captions of {} held-out images: {:.0}% exactly right; attributes right: {}",
+        results.captions.len(),
+        100.0 * exact,
+        parts.join(", ")
+    );
+    println!("some of them (generated | true):");
+    for (generated, truth) in results.captions.iter().take(CAPTIONS_SHOWN) {
         println!("  {generated} | {truth}");
     }
     let path = output_dir.join("demo_results.json");
     std::fs::write(&path, serde_json::to_vec_pretty(&results)?)
         .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(results)
+}
+
+/// Which attributes each generated caption states as the true caption does. The grammar is
+/// `COUNT COLOUR SHAPE[s] [POSITION] on a|an BACKGROUND background`.
+fn attribute_accuracy(captions: &[(String, String)]) -> Vec<(String, f64)> {
+    let words = |c: &str| c.split_whitespace().map(str::to_string).collect::<Vec<_>>();
+    let position = |c: &str| {
+        POSITIONS
+            .iter()
+            .filter(|p| !p.is_empty())
+            .find(|p| c.contains(*p))
+            .copied()
+            .unwrap_or("")
+    };
+    let checks: [(&str, Box<dyn Fn(&str, &str) -> bool>); 5] = [
+        (
+            "count",
+            Box::new(move |g, t| words(g).first() == words(t).first()),
+        ),
+        (
+            "colour",
+            Box::new(move |g, t| words(g).get(1) == words(t).get(1)),
+        ),
+        (
+            "shape",
+            Box::new(move |g, t| {
+                let shape = |c: &str| words(c).get(2).map(|w| w.trim_end_matches('s').to_string());
+                shape(g) == shape(t)
+            }),
+        ),
+        ("position", Box::new(move |g, t| position(g) == position(t))),
+        (
+            "background",
+            Box::new(move |g, t| {
+                let bg = |c: &str| words(c).iter().rev().nth(1).cloned();
+                bg(g) == bg(t)
+            }),
+        ),
+    ];
+    let n = captions.len().max(1) as f64;
+    checks
+        .iter()
+        .map(|(name, check)| {
+            let right = captions.iter().filter(|(g, t)| check(g, t)).count();
+            (name.to_string(), right as f64 / n)
+        })
+        .collect()
 }
