@@ -55,6 +55,8 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         steps: usize,
     },
+    /// Caption images: prints `path<TAB>caption` per image.
+    Caption(Box<coca_worker::eval::caption::CaptionArgs>),
     /// Tokenizer strings/s and loader images/s (JPEG decode + train transform, 1 and 2
     /// threads); prints one JSON line.
     BenchData {
@@ -113,6 +115,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             let n = checkpoint::convert(&input, &output)?;
             println!("wrote {n} tensors to {}", output.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Caption(args) => {
+            coca_worker::eval::caption::run(&args)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::BenchData {

@@ -1,4 +1,7 @@
-//! Evaluation and inference on the model: zero-shot classification and caption generation.
+//! Evaluation and inference on the model: zero-shot classification, caption generation and the
+//! inference commands.
 
+pub mod caption;
 pub mod generate;
+pub mod model_args;
 pub mod zeroshot;
