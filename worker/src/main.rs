@@ -55,6 +55,8 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         steps: usize,
     },
+    /// Evaluate: zero-shot classification; prints one JSON line per evaluation.
+    Eval(Box<coca_worker::eval::cli::EvalArgs>),
     /// Caption images: prints `path<TAB>caption` per image.
     Caption(Box<coca_worker::eval::caption::CaptionArgs>),
     /// Tokenizer strings/s and loader images/s (JPEG decode + train transform, 1 and 2
@@ -115,6 +117,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             let n = checkpoint::convert(&input, &output)?;
             println!("wrote {n} tensors to {}", output.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Eval(args) => {
+            for line in coca_worker::eval::cli::run(&args)? {
+                println!("{line}");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Caption(args) => {

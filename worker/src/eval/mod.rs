@@ -2,6 +2,8 @@
 //! inference commands.
 
 pub mod caption;
+pub mod classification;
+pub mod cli;
 pub mod generate;
 pub mod model_args;
 pub mod zeroshot;

@@ -1,0 +1,191 @@
+//! `coca-worker eval` on small data sets the tests write, with the coca-tiny reference weights.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use coca_worker::data::image_folder::ImageFolder;
+use coca_worker::data::tokenizer::ClipTokenizer;
+use coca_worker::eval::zeroshot::{zero_shot_classifier, zero_shot_logits};
+use coca_worker::model::{CoCa, CocaConfig};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// A 24-bit BMP of `w`×`h` pixels from `pixel(x, y)`.
+fn write_bmp(path: &Path, w: u32, h: u32, pixel: impl Fn(u32, u32) -> [u8; 3]) {
+    let row = (w * 3).div_ceil(4) * 4;
+    let size = 54 + row * h;
+    let mut b = Vec::with_capacity(size as usize);
+    b.extend(b"BM");
+    b.extend(size.to_le_bytes());
+    b.extend(0u32.to_le_bytes());
+    b.extend(54u32.to_le_bytes());
+    b.extend(40u32.to_le_bytes());
+    b.extend((w as i32).to_le_bytes());
+    b.extend((h as i32).to_le_bytes());
+    b.extend(1u16.to_le_bytes());
+    b.extend(24u16.to_le_bytes());
+    b.extend([0u8; 24]);
+    for y in (0..h).rev() {
+        let start = b.len();
+        for x in 0..w {
+            let [r, g, bl] = pixel(x, y);
+            b.extend([bl, g, r]);
+        }
+        b.resize(start + row as usize, 0);
+    }
+    std::fs::write(path, b).unwrap();
+}
+
+const CLASSES: [(&str, [u8; 3]); 4] = [
+    ("blue", [20, 40, 230]),
+    ("green", [30, 200, 40]),
+    ("red", [220, 30, 30]),
+    ("white", [245, 245, 245]),
+];
+
+fn write_folder(dir: &Path) {
+    for (name, colour) in CLASSES {
+        let class_dir = dir.join("images").join(name);
+        std::fs::create_dir_all(&class_dir).unwrap();
+        for (i, shade) in [0i32, -25, 25].into_iter().enumerate() {
+            let c = colour.map(|v| (v as i32 + shade).clamp(0, 255) as u8);
+            write_bmp(&class_dir.join(format!("{i}.bmp")), 40, 30, |x, y| {
+                if (x / 8 + y / 8) % 3 == 0 {
+                    [c[0] / 2, c[1] / 2, c[2] / 2]
+                } else {
+                    c
+                }
+            });
+        }
+    }
+    let labels: Vec<String> = CLASSES.iter().map(|(n, _)| format!("{n} square")).collect();
+    std::fs::write(dir.join("labels.txt"), labels.join("\n")).unwrap();
+    std::fs::write(
+        dir.join("templates.txt"),
+        "a photo of a {}.\na drawing of a {}.\n",
+    )
+    .unwrap();
+}
+
+fn model_from(config: &Path, weights: &Path) -> CoCa {
+    let config = CocaConfig::from_file(config).unwrap();
+    let weights = common::load(&weights.to_path_buf());
+    CoCa::new(
+        &config,
+        VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu),
+    )
+    .unwrap()
+}
+
+/// Top-1 in percent computed directly: classifier, image features, logits.
+fn direct_top1(model: &CoCa, dir: &Path) -> f64 {
+    let folder = ImageFolder::open(dir).unwrap();
+    let tokenizer = ClipTokenizer::new().unwrap();
+    let classifier = zero_shot_classifier(
+        model,
+        &tokenizer,
+        folder.classnames(),
+        folder.templates(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let size = model.config.vision_cfg.image_size;
+    let mut correct = 0;
+    for i in 0..folder.len() {
+        let (image, label) = folder.get(i).unwrap();
+        let pixels =
+            Tensor::from_vec(image.eval_transform(size), (1, 3, size, size), &Device::Cpu).unwrap();
+        let (features, _) = model.encode_image(&pixels).unwrap();
+        let logits = zero_shot_logits(&features, &classifier).unwrap();
+        let row = logits.get(0).unwrap().to_vec1::<f32>().unwrap();
+        if row.iter().all(|&v| v <= row[label]) {
+            correct += 1;
+        }
+    }
+    100.0 * correct as f64 / folder.len() as f64
+}
+
+fn eval_json(args: &[&str]) -> serde_json::Value {
+    let mut full = vec!["eval"];
+    full.extend(args);
+    let (code, stdout, stderr) = common::run("coca-worker", &full);
+    assert_eq!(code, 0, "{stderr}");
+    serde_json::from_str(stdout.lines().next().expect("one JSON line")).unwrap()
+}
+
+#[test]
+fn classification_matches_direct_logits_and_the_cache_follows_the_weights() {
+    let Some(fixture) = common::fixture("coca-tiny") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("colours");
+    write_folder(&data);
+    let model_dir = fixture.display().to_string();
+    let data_arg = data.display().to_string();
+    let args = [
+        "--model",
+        &model_dir,
+        "--classification_eval",
+        &data_arg,
+        "--batch_size",
+        "5",
+    ];
+    let first = eval_json(&args);
+    assert_eq!(first["classifier_cached"], false);
+    assert_eq!(first["images"], 12);
+    assert_eq!(first["classes"], 4);
+    assert!(first["top5"].is_null(), "top-5 is absent below 5 classes");
+    let model = model_from(
+        &fixture.join("config.json"),
+        &fixture.join("weights.safetensors"),
+    );
+    let expected = direct_top1(&model, &data);
+    assert!((first["top1"].as_f64().unwrap() - expected).abs() < 1e-9);
+    let second = eval_json(&args);
+    assert_eq!(second["classifier_cached"], true);
+    assert_eq!(second["top1"], first["top1"]);
+
+    // Other weights: the cached classifier must not be used.
+    let mut weights: HashMap<String, Tensor> = common::load(&fixture.join("weights.safetensors"));
+    let proj = weights["text.text_projection"].clone();
+    let flipped = proj.affine(-1.0, 0.0).unwrap();
+    weights.insert("text.text_projection".into(), flipped);
+    let changed = tmp.path().join("changed.safetensors");
+    candle_core::safetensors::save(&weights, &changed).unwrap();
+    let changed_arg = changed.display().to_string();
+    let mut changed_args = args.to_vec();
+    changed_args.extend(["--pretrained", &changed_arg]);
+    let third = eval_json(&changed_args);
+    assert_eq!(third["classifier_cached"], false);
+    let model = model_from(&fixture.join("config.json"), &changed);
+    let expected = direct_top1(&model, &data);
+    assert!((third["top1"].as_f64().unwrap() - expected).abs() < 1e-9);
+    let fourth = eval_json(&changed_args);
+    assert_eq!(fourth["classifier_cached"], true);
+    assert_eq!(fourth["top1"], third["top1"]);
+}
+
+#[test]
+fn eval_errors_name_the_flag() {
+    let Some(fixture) = common::fixture("coca-tiny") else {
+        return;
+    };
+    let model_dir = fixture.display().to_string();
+    let (code, _, stderr) = common::run(
+        "coca-worker",
+        &[
+            "eval",
+            "--model",
+            &model_dir,
+            "--classification_eval",
+            "/nonexistent/dir",
+        ],
+    );
+    assert_eq!(code, 2);
+    assert!(stderr.contains("/nonexistent/dir"), "{stderr}");
+    let (code, _, stderr) = common::run("coca-worker", &["eval", "--model", &model_dir]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("--classification_eval"), "{stderr}");
+}
