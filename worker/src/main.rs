@@ -57,6 +57,8 @@ enum Command {
     },
     /// Evaluate: zero-shot classification; prints one JSON line per evaluation.
     Eval(Box<coca_worker::eval::cli::EvalArgs>),
+    /// Write L2-normalised image or text embeddings to .safetensors or .npy.
+    Embed(Box<coca_worker::eval::embed::EmbedArgs>),
     /// Caption images: prints `path<TAB>caption` per image.
     Caption(Box<coca_worker::eval::caption::CaptionArgs>),
     /// Tokenizer strings/s and loader images/s (JPEG decode + train transform, 1 and 2
@@ -123,6 +125,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             for line in coca_worker::eval::cli::run(&args)? {
                 println!("{line}");
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Embed(args) => {
+            let n = coca_worker::eval::embed::run(&args)?;
+            println!("wrote {n} embeddings to {}", args.out.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Caption(args) => {

@@ -4,6 +4,7 @@
 pub mod caption;
 pub mod classification;
 pub mod cli;
+pub mod embed;
 pub mod generate;
 pub mod model_args;
 pub mod zeroshot;
