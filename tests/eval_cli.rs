@@ -189,3 +189,82 @@ fn eval_errors_name_the_flag() {
     assert_eq!(code, 2);
     assert!(stderr.contains("--classification_eval"), "{stderr}");
 }
+
+#[test]
+fn retrieval_recalls_match_the_library_on_a_tiny_split() {
+    use coca_worker::eval::embed::{embed_images, embed_texts};
+    use coca_worker::eval::retrieval::recall_at_k;
+    let Some(fixture) = common::fixture("coca-tiny") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let images_dir = tmp.path().join("images");
+    std::fs::create_dir_all(&images_dir).unwrap();
+    let names = ["astronaut.png", "chelsea.jpg", "coffee_rgba.png"];
+    for n in names {
+        std::fs::copy(fixture.join("images").join(n), images_dir.join(n)).unwrap();
+    }
+    // Two records per image with list captions, one with a single string: 3 images, 12 texts.
+    let captions = [
+        [
+            "an astronaut in a suit",
+            "a woman in space",
+            "a portrait",
+            "nasa photo",
+        ],
+        [
+            "a cat looking up",
+            "an orange cat",
+            "a tabby",
+            "a kitten close up",
+        ],
+        [
+            "a cup of coffee",
+            "coffee on a saucer",
+            "a drink",
+            "a mug from above",
+        ],
+    ];
+    let mut records = Vec::new();
+    for (n, c) in names.iter().zip(&captions) {
+        records.push(serde_json::json!({"image": n, "caption": [c[0], c[1], c[2]]}));
+        records.push(serde_json::json!({"image": n, "caption": c[3]}));
+    }
+    let json = tmp.path().join("test.json");
+    std::fs::write(&json, serde_json::to_string(&records).unwrap()).unwrap();
+    let model_dir = fixture.display().to_string();
+    let json_arg = json.display().to_string();
+    let out = eval_json(&[
+        "--model",
+        &model_dir,
+        "--retrieval",
+        &json_arg,
+        "--batch_size",
+        "5",
+    ]);
+    assert_eq!(out["images"], 3);
+    assert_eq!(out["texts"], 12);
+
+    let model = model_from(
+        &fixture.join("config.json"),
+        &fixture.join("weights.safetensors"),
+    );
+    let paths: Vec<_> = names.iter().map(|n| images_dir.join(n)).collect();
+    let texts: Vec<String> = captions.iter().flatten().map(|s| s.to_string()).collect();
+    let img = embed_images(&model, &paths, 2).unwrap();
+    let txt = embed_texts(&model, &texts, 7).unwrap();
+    let scores: Vec<Vec<f32>> = img.matmul(&txt.t().unwrap()).unwrap().to_vec2().unwrap();
+    let t2i: Vec<Vec<f32>> = (0..texts.len())
+        .map(|t| scores.iter().map(|row| row[t]).collect())
+        .collect();
+    let image_texts: Vec<Vec<usize>> = (0..3).map(|i| (i * 4..i * 4 + 4).collect()).collect();
+    let text_images: Vec<Vec<usize>> = (0..12).map(|t| vec![t / 4]).collect();
+    for k in [1usize, 5, 10] {
+        let i2t = recall_at_k(&scores, &image_texts, k);
+        let t2i = recall_at_k(&t2i, &text_images, k);
+        assert!((out[format!("image_to_text_R@{k}")].as_f64().unwrap() - i2t).abs() < 1e-9);
+        assert!((out[format!("text_to_image_R@{k}")].as_f64().unwrap() - t2i).abs() < 1e-9);
+    }
+    // With 3 images every text finds its image within the top 5.
+    assert_eq!(out["text_to_image_R@5"], 100.0);
+}

@@ -1,8 +1,9 @@
 //! `coca-worker eval`: zero-shot classification, retrieval and captioning evaluations; each
-//! prints one JSON line.
+//! prints one JSON line (accuracies and recalls in percent).
 
-use super::classification;
+use super::karpathy::read_eval_split;
 use super::model_args::ModelArgs;
+use super::{classification, retrieval};
 use crate::data::image_folder::ImageFolder;
 use anyhow::{bail, Result};
 use clap::Args;
@@ -24,6 +25,12 @@ pub struct EvalArgs {
     /// Do not read or write the classifier cache.
     #[arg(long)]
     pub no_classifier_cache: bool,
+    /// Image↔text recall@1/5/10 on a Karpathy-format split (`[{"image", "caption"}]`).
+    #[arg(long)]
+    pub retrieval: Option<PathBuf>,
+    /// Folder the split's images are relative to. Default: the JSON file's folder.
+    #[arg(long)]
+    pub data_root: Option<PathBuf>,
     /// Images (or texts) per forward pass.
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
@@ -31,8 +38,8 @@ pub struct EvalArgs {
 
 /// Runs the evaluations asked for and returns their JSON lines.
 pub fn run(args: &EvalArgs) -> Result<Vec<serde_json::Value>> {
-    if args.classification_eval.is_none() {
-        bail!("nothing to evaluate: pass --classification_eval DIR");
+    if args.classification_eval.is_none() && args.retrieval.is_none() {
+        bail!("nothing to evaluate: pass --classification_eval DIR or --retrieval FILE.json");
     }
     let loaded = args.model.load()?;
     let mut lines = Vec::new();
@@ -63,6 +70,21 @@ pub fn run(args: &EvalArgs) -> Result<Vec<serde_json::Value>> {
             "classes": result.classes,
             "classifier_cached": result.classifier_cached,
         }));
+    }
+    if let Some(json) = &args.retrieval {
+        let split = read_eval_split(json, args.data_root.as_deref())?;
+        let r = retrieval::evaluate(&loaded.model, &split, args.batch_size)?;
+        let mut line = serde_json::json!({
+            "eval": "retrieval",
+            "file": json.display().to_string(),
+            "images": r.images,
+            "texts": r.texts,
+        });
+        for (i, k) in retrieval::KS.iter().enumerate() {
+            line[format!("image_to_text_R@{k}")] = r.image_to_text[i].into();
+            line[format!("text_to_image_R@{k}")] = r.text_to_image[i].into();
+        }
+        lines.push(line);
     }
     Ok(lines)
 }
