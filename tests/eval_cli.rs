@@ -268,3 +268,79 @@ fn retrieval_recalls_match_the_library_on_a_tiny_split() {
     // With 3 images every text finds its image within the top 5.
     assert_eq!(out["text_to_image_R@5"], 100.0);
 }
+
+#[test]
+fn captioning_writes_captions_and_scores_them() {
+    use coca_worker::eval::caption::caption_files;
+    use coca_worker::eval::caption_metrics::{bleu4, cider, tokenize};
+    use coca_worker::eval::generate::{GenerateOptions, GenerationType};
+    let Some(fixture) = common::fixture("coca-tiny") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let names = ["astronaut.png", "chelsea.jpg"];
+    let refs = [
+        vec!["an astronaut in a suit", "a woman in a space suit"],
+        vec!["a cat looking up", "an orange tabby cat"],
+    ];
+    let records: Vec<_> = names
+        .iter()
+        .zip(&refs)
+        .map(|(n, r)| serde_json::json!({"image": n, "caption": r}))
+        .collect();
+    let json = tmp.path().join("split.json");
+    std::fs::write(&json, serde_json::to_string(&records).unwrap()).unwrap();
+    let out = tmp.path().join("captions.jsonl");
+    let (model_dir, json_arg, out_arg) = (
+        fixture.display().to_string(),
+        json.display().to_string(),
+        out.display().to_string(),
+    );
+    let images_root = fixture.join("images").display().to_string();
+    let line = eval_json(&[
+        "--model",
+        &model_dir,
+        "--captioning",
+        &json_arg,
+        "--data_root",
+        &images_root,
+        "--out",
+        &out_arg,
+        "--generation_type",
+        "greedy",
+        "--seq_len",
+        "12",
+    ]);
+    let written: Vec<serde_json::Value> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(written.len(), 2);
+    assert_eq!(written[0]["image"], names[0]);
+
+    let model = model_from(
+        &fixture.join("config.json"),
+        &fixture.join("weights.safetensors"),
+    );
+    let paths: Vec<_> = names
+        .iter()
+        .map(|n| fixture.join("images").join(n))
+        .collect();
+    let opts = GenerateOptions {
+        generation_type: GenerationType::Greedy,
+        seq_len: 12,
+        ..GenerateOptions::default()
+    };
+    let captions = caption_files(&model, &paths, &opts, 8).unwrap();
+    for (w, c) in written.iter().zip(&captions) {
+        assert_eq!(w["caption"].as_str().unwrap(), c);
+    }
+    let hyps: Vec<Vec<String>> = captions.iter().map(|c| tokenize(c)).collect();
+    let refs: Vec<Vec<Vec<String>>> = refs
+        .iter()
+        .map(|r| r.iter().map(|c| tokenize(c)).collect())
+        .collect();
+    assert_eq!(line["BLEU-4"].as_f64().unwrap(), bleu4(&hyps, &refs));
+    assert_eq!(line["CIDEr"].as_f64().unwrap(), cider(&hyps, &refs));
+}

@@ -55,7 +55,7 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         steps: usize,
     },
-    /// Evaluate: zero-shot classification, image-text retrieval; prints one JSON line per evaluation.
+    /// Evaluate: zero-shot classification, image-text retrieval, captioning; prints one JSON line per evaluation.
     Eval(Box<coca_worker::eval::cli::EvalArgs>),
     /// Write L2-normalised image or text embeddings to .safetensors or .npy.
     Embed(Box<coca_worker::eval::embed::EmbedArgs>),

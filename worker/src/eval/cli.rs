@@ -1,11 +1,13 @@
 //! `coca-worker eval`: zero-shot classification, retrieval and captioning evaluations; each
 //! prints one JSON line (accuracies and recalls in percent).
 
+use super::caption::{caption_files, GenerateArgs};
+use super::caption_metrics::{bleu4, cider, tokenize};
 use super::karpathy::read_eval_split;
 use super::model_args::ModelArgs;
 use super::{classification, retrieval};
 use crate::data::image_folder::ImageFolder;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::path::PathBuf;
 
@@ -28,6 +30,15 @@ pub struct EvalArgs {
     /// Image↔text recall@1/5/10 on a Karpathy-format split (`[{"image", "caption"}]`).
     #[arg(long)]
     pub retrieval: Option<PathBuf>,
+    /// Caption every image of a Karpathy-format split and score BLEU-4 and CIDEr against its
+    /// captions.
+    #[arg(long)]
+    pub captioning: Option<PathBuf>,
+    /// Where `--captioning` writes the generated captions (JSON lines `{"image", "caption"}`).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    #[command(flatten)]
+    pub generate: GenerateArgs,
     /// Folder the split's images are relative to. Default: the JSON file's folder.
     #[arg(long)]
     pub data_root: Option<PathBuf>,
@@ -38,8 +49,11 @@ pub struct EvalArgs {
 
 /// Runs the evaluations asked for and returns their JSON lines.
 pub fn run(args: &EvalArgs) -> Result<Vec<serde_json::Value>> {
-    if args.classification_eval.is_none() && args.retrieval.is_none() {
-        bail!("nothing to evaluate: pass --classification_eval DIR or --retrieval FILE.json");
+    if args.classification_eval.is_none() && args.retrieval.is_none() && args.captioning.is_none() {
+        bail!(
+            "nothing to evaluate: pass --classification_eval DIR, --retrieval FILE.json or \
+             --captioning FILE.json"
+        );
     }
     let loaded = args.model.load()?;
     let mut lines = Vec::new();
@@ -85,6 +99,35 @@ pub fn run(args: &EvalArgs) -> Result<Vec<serde_json::Value>> {
             line[format!("text_to_image_R@{k}")] = r.text_to_image[i].into();
         }
         lines.push(line);
+    }
+    if let Some(json) = &args.captioning {
+        let split = read_eval_split(json, args.data_root.as_deref())?;
+        let opts = args.generate.options(&loaded.model);
+        let paths: Vec<PathBuf> = split.iter().map(|i| i.path.clone()).collect();
+        let captions = caption_files(&loaded.model, &paths, &opts, args.batch_size)?;
+        if let Some(out) = &args.out {
+            let mut text = String::new();
+            for (image, caption) in split.iter().zip(&captions) {
+                text.push_str(
+                    &serde_json::json!({"image": image.name, "caption": caption}).to_string(),
+                );
+                text.push('\n');
+            }
+            std::fs::write(out, text)
+                .with_context(|| format!("cannot write --out {}", out.display()))?;
+        }
+        let hyps: Vec<Vec<String>> = captions.iter().map(|c| tokenize(c)).collect();
+        let refs: Vec<Vec<Vec<String>>> = split
+            .iter()
+            .map(|i| i.captions.iter().map(|c| tokenize(c)).collect())
+            .collect();
+        lines.push(serde_json::json!({
+            "eval": "captioning",
+            "file": json.display().to_string(),
+            "images": split.len(),
+            "BLEU-4": bleu4(&hyps, &refs),
+            "CIDEr": cider(&hyps, &refs),
+        }));
     }
     Ok(lines)
 }

@@ -2,6 +2,7 @@
 //! inference commands.
 
 pub mod caption;
+pub mod caption_metrics;
 pub mod classification;
 pub mod cli;
 pub mod embed;
