@@ -310,8 +310,8 @@ pub fn greedy(
 
 /// open_clip's sampling loop: per step, rows that ended (last token eos or pad) get `pad`; the
 /// others get min-length and repetition processing of their prefix, the top-k/top-p filter,
-/// then a draw at `temperature`, and `eos` at the last position. Stops when every row ended or
-/// the rows reach `seq_len`.
+/// then a draw at `temperature`, and `eos` at the last position (which needs no logits, so
+/// none are computed for it). Stops when every row ended or the rows reach `seq_len`.
 fn sample_search(
     decoder: &mut dyn StepDecoder,
     b: usize,
@@ -328,6 +328,13 @@ fn sample_search(
         if ended.iter().all(|&e| e) {
             break;
         }
+        if cur_len + 1 == opts.seq_len {
+            // The last position is eos for every row still open: no logits needed.
+            for (seq, &ended) in out.iter_mut().zip(&ended) {
+                seq.push(if ended { opts.pad } else { opts.eos });
+            }
+            break;
+        }
         let logits = decoder.next_logits(&out)?;
         for ((seq, mut row), &ended) in out.iter_mut().zip(logits).zip(&ended) {
             if ended {
@@ -336,21 +343,17 @@ fn sample_search(
             }
             processors::min_length(&mut row, cur_len, opts.min_seq_len, opts.eos);
             processors::repetition_penalty(&mut row, seq, opts.repetition_penalty);
-            let token = if cur_len + 1 == opts.seq_len {
-                opts.eos
-            } else {
-                match opts.generation_type {
-                    GenerationType::Greedy => processors::argmax(&row),
-                    GenerationType::TopK => {
-                        processors::top_k(&mut row, opts.top_k);
-                        processors::sample(&row, opts.temperature, &mut rng)
-                    }
-                    GenerationType::TopP => {
-                        processors::top_p(&mut row, opts.top_p);
-                        processors::sample(&row, opts.temperature, &mut rng)
-                    }
-                    GenerationType::BeamSearch => bail!("beam search is not a sampling method"),
+            let token = match opts.generation_type {
+                GenerationType::Greedy => processors::argmax(&row),
+                GenerationType::TopK => {
+                    processors::top_k(&mut row, opts.top_k);
+                    processors::sample(&row, opts.temperature, &mut rng)
                 }
+                GenerationType::TopP => {
+                    processors::top_p(&mut row, opts.top_p);
+                    processors::sample(&row, opts.temperature, &mut rng)
+                }
+                GenerationType::BeamSearch => bail!("beam search is not a sampling method"),
             };
             seq.push(token);
         }
