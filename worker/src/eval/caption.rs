@@ -23,16 +23,22 @@ pub struct GenerateArgs {
     /// End-of-text is forbidden while a caption is shorter than this.
     #[arg(long, default_value_t = 5)]
     pub min_seq_len: usize,
+    /// Divides the filtered logits before sampling.
     #[arg(long, default_value_t = 1.0)]
     pub temperature: f32,
+    /// Tokens kept by top_k sampling.
     #[arg(long, default_value_t = 1)]
     pub top_k: usize,
+    /// Probability mass kept by top_p sampling.
     #[arg(long, default_value_t = 0.1)]
     pub top_p: f32,
+    /// Beams per image (beam_search).
     #[arg(long, default_value_t = 6)]
     pub num_beams: usize,
+    /// Groups the beams are split into (beam_search).
     #[arg(long, default_value_t = 3)]
     pub num_beam_groups: usize,
+    /// Hugging Face's repetition penalty (1 = none).
     #[arg(long, default_value_t = 1.0)]
     pub repetition_penalty: f32,
     /// Hamming diversity penalty between beam groups (open_clip uses none).
@@ -74,8 +80,10 @@ pub struct CaptionArgs {
     /// Image files.
     #[arg(required = true)]
     pub images: Vec<PathBuf>,
+    /// The model.
     #[command(flatten)]
     pub model: ModelArgs,
+    /// The generation settings.
     #[command(flatten)]
     pub generate: GenerateArgs,
     /// Images per forward pass.

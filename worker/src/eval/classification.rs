@@ -15,9 +15,13 @@ use std::path::Path;
 /// Zero-shot accuracy in percent; `top5` is `None` below 5 classes.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct ClassificationResult {
+    /// Top-1 accuracy, percent.
     pub top1: f64,
+    /// Top-5 accuracy, percent (absent below 5 classes).
     pub top5: Option<f64>,
+    /// Images evaluated.
     pub images: usize,
+    /// Number of classes.
     pub classes: usize,
     /// Whether the classifier came from the cache file.
     pub classifier_cached: bool,

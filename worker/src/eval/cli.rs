@@ -14,6 +14,7 @@ use std::path::PathBuf;
 /// `coca-worker eval` flags.
 #[derive(Debug, Clone, Args)]
 pub struct EvalArgs {
+    /// The model.
     #[command(flatten)]
     pub model: ModelArgs,
     /// Zero-shot top-1/top-5 on an ImageFolder (`DIR/images/<class>/...`, optional
@@ -37,6 +38,7 @@ pub struct EvalArgs {
     /// Where `--captioning` writes the generated captions (JSON lines `{"image", "caption"}`).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Generation settings for `--captioning`.
     #[command(flatten)]
     pub generate: GenerateArgs,
     /// Folder the split's images are relative to. Default: the JSON file's folder.

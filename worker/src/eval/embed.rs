@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 /// `coca-worker embed` flags.
 #[derive(Debug, Clone, Args)]
 pub struct EmbedArgs {
+    /// The model.
     #[command(flatten)]
     pub model: ModelArgs,
     /// Image files to embed.

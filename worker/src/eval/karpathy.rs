@@ -13,6 +13,7 @@ pub struct EvalImage {
     pub name: String,
     /// The file to read.
     pub path: PathBuf,
+    /// Its reference captions.
     pub captions: Vec<String>,
 }
 

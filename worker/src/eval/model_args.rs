@@ -34,6 +34,7 @@ pub struct ModelArgs {
 
 /// A model ready for inference, with a key of its config and weights.
 pub struct LoadedModel {
+    /// The model, float32 on the CPU.
     pub model: CoCa,
     /// Hex digest of the config and the weight file's bytes: equal keys, equal model.
     pub weights_key: String,

@@ -13,9 +13,13 @@ pub const KS: [usize; 3] = [1, 5, 10];
 /// Recall@k per k in [`KS`], in percent, both directions.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct RetrievalResult {
+    /// Image queries, recall@k per k.
     pub image_to_text: Vec<f64>,
+    /// Text queries, recall@k per k.
     pub text_to_image: Vec<f64>,
+    /// Number of images.
     pub images: usize,
+    /// Number of captions.
     pub texts: usize,
 }
 

@@ -7,7 +7,9 @@ use candle_core::{Result, Tensor};
 /// Keys and values `[B, H, S, head_dim]` kept between decoding steps (inference only).
 #[derive(Debug, Clone)]
 pub struct KvCache {
+    /// Keys `[B, H, S, head_dim]`.
     pub k: Tensor,
+    /// Values `[B, H, S, head_dim]`.
     pub v: Tensor,
 }
 

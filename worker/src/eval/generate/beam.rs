@@ -66,8 +66,11 @@ pub type Candidates = Vec<(f32, u32, usize)>;
 /// (image-major), the new score, token and source row (an index into the group's rows).
 #[derive(Debug, Clone)]
 pub struct GroupStep {
+    /// Running score of each continued beam.
     pub scores: Vec<f32>,
+    /// The token each beam appends.
     pub tokens: Vec<u32>,
+    /// The row (within the group's rows) each beam continues.
     pub sources: Vec<usize>,
 }
 

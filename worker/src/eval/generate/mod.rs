@@ -57,9 +57,13 @@ pub struct GenerateOptions {
     pub min_seq_len: usize,
     /// Divides the filtered logits before sampling.
     pub temperature: f32,
+    /// Tokens kept by `top_k` sampling.
     pub top_k: usize,
+    /// Probability mass kept by `top_p` sampling.
     pub top_p: f32,
+    /// Beams per image (beam search).
     pub num_beams: usize,
+    /// Groups the beams are split into (diverse beam search).
     pub num_beam_groups: usize,
     /// HF's repetition penalty (1 = none).
     pub repetition_penalty: f32,
@@ -69,8 +73,11 @@ pub struct GenerateOptions {
     pub length_penalty: f64,
     /// Seed of the sampling RNG (`top_k`, `top_p`).
     pub seed: u64,
+    /// Start-of-text id (49406).
     pub sot: u32,
+    /// End-of-text id (49407).
     pub eos: u32,
+    /// Padding id (0).
     pub pad: u32,
 }
 
