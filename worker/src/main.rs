@@ -55,6 +55,12 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         steps: usize,
     },
+    /// Evaluate: zero-shot classification, image-text retrieval, captioning; prints one JSON line per evaluation.
+    Eval(Box<coca_worker::eval::cli::EvalArgs>),
+    /// Write L2-normalised image or text embeddings to .safetensors or .npy.
+    Embed(Box<coca_worker::eval::embed::EmbedArgs>),
+    /// Caption images: prints `path<TAB>caption` per image.
+    Caption(Box<coca_worker::eval::caption::CaptionArgs>),
     /// Tokenizer strings/s and loader images/s (JPEG decode + train transform, 1 and 2
     /// threads); prints one JSON line.
     BenchData {
@@ -113,6 +119,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             let n = checkpoint::convert(&input, &output)?;
             println!("wrote {n} tensors to {}", output.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Eval(args) => {
+            for line in coca_worker::eval::cli::run(&args)? {
+                println!("{line}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Embed(args) => {
+            let n = coca_worker::eval::embed::run(&args)?;
+            println!("wrote {n} embeddings to {}", args.out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Caption(args) => {
+            coca_worker::eval::caption::run(&args)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::BenchData {

@@ -3,6 +3,35 @@
 use super::layers::{normal, Linear};
 use super::ops;
 use candle_core::{Result, Tensor};
+
+/// Keys and values `[B, H, S, head_dim]` kept between decoding steps (inference only).
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    /// Keys `[B, H, S, head_dim]`.
+    pub k: Tensor,
+    /// Values `[B, H, S, head_dim]`.
+    pub v: Tensor,
+}
+
+impl KvCache {
+    /// The cache of batch rows `rows` (a u32 index tensor), in that order.
+    pub fn select(&self, rows: &Tensor) -> Result<Self> {
+        Ok(Self {
+            k: self.k.contiguous()?.index_select(rows, 0)?,
+            v: self.v.contiguous()?.index_select(rows, 0)?,
+        })
+    }
+
+    /// Number of cached positions.
+    pub fn len(&self) -> Result<usize> {
+        self.k.dim(2)
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> Result<bool> {
+        Ok(self.len()? == 0)
+    }
+}
 use candle_nn::{Init, VarBuilder};
 
 /// `nn.MultiheadAttention(d_model, heads, kdim, vdim)`.
@@ -85,6 +114,64 @@ impl MultiheadAttention {
         let k = self.split_heads(&self.k_proj.forward(kv_x)?)?;
         let v = self.split_heads(&self.v_proj.forward(kv_x)?)?;
         self.attend(&q, &k, &v, mask)
+    }
+
+    /// Self-attention of `n` new positions `x` `[B, n, d]` that follow the cached ones: each
+    /// attends to every cached position and causally to the new ones. The new keys and values
+    /// are appended to `cache` (created when `None`). Inference only.
+    pub fn forward_self_cached(&self, x: &Tensor, cache: &mut Option<KvCache>) -> Result<Tensor> {
+        let (b, n, _) = x.dims3()?;
+        let (q, k, v) = match &self.in_proj {
+            Some(in_proj) => {
+                let qkv = in_proj
+                    .forward(x)?
+                    .reshape((b, n, 3, self.heads, self.head_dim))?
+                    .permute((2, 0, 3, 1, 4))?
+                    .contiguous()?;
+                (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?)
+            }
+            None => (
+                self.split_heads(&self.q_proj.forward(x)?)?,
+                self.split_heads(&self.k_proj.forward(x)?)?,
+                self.split_heads(&self.v_proj.forward(x)?)?,
+            ),
+        };
+        let (k, v) = match cache.take() {
+            Some(past) => (
+                Tensor::cat(&[&past.k, &k], 2)?,
+                Tensor::cat(&[&past.v, &v], 2)?,
+            ),
+            None => (k.contiguous()?, v.contiguous()?),
+        };
+        let total = k.dim(2)?;
+        let mask = if n > 1 {
+            let past = total - n;
+            let mask: Vec<f32> = (0..n)
+                .flat_map(|i| {
+                    (0..total).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 })
+                })
+                .collect();
+            Some(Tensor::from_vec(mask, (n, total), x.device())?)
+        } else {
+            None
+        };
+        let out = self.attend(&q.contiguous()?, &k, &v, mask.as_ref())?;
+        *cache = Some(KvCache { k, v });
+        Ok(out)
+    }
+
+    /// The keys and values of `kv_x` `[B, S, kdim]`, for repeated cross-attention over it.
+    pub fn cross_kv(&self, kv_x: &Tensor) -> Result<KvCache> {
+        Ok(KvCache {
+            k: self.split_heads(&self.k_proj.forward(kv_x)?)?,
+            v: self.split_heads(&self.v_proj.forward(kv_x)?)?,
+        })
+    }
+
+    /// Attention of queries `q_x` `[B, T, d]` over precomputed keys and values (no mask).
+    pub fn forward_cross_cached(&self, q_x: &Tensor, kv: &KvCache) -> Result<Tensor> {
+        let q = self.split_heads(&self.q_proj.forward(q_x)?)?;
+        self.attend(&q, &kv.k, &kv.v, None)
     }
 
     /// `[B, T, d]` → `[B, H, T, hd]`, contiguous.

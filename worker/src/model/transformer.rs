@@ -1,7 +1,7 @@
 //! Pre-LN residual blocks and the plain transformer stack (open_clip's
 //! `ResidualAttentionBlock` and `Transformer`).
 
-use super::attention::MultiheadAttention;
+use super::attention::{KvCache, MultiheadAttention};
 use super::config::mlp_width;
 use super::layers::{LayerNorm, Mlp};
 use candle_core::{Result, Tensor};
@@ -73,6 +73,32 @@ impl ResidualAttentionBlock {
     }
 }
 
+impl ResidualAttentionBlock {
+    /// [`Self::forward`] for new positions after those in `cache` (see
+    /// [`MultiheadAttention::forward_self_cached`]). Inference only.
+    pub fn forward_cached(&self, x: &Tensor, cache: &mut Option<KvCache>) -> Result<Tensor> {
+        let x = (x + self
+            .attn
+            .forward_self_cached(&self.ln_1.forward(x)?, cache)?)?;
+        &x + self.mlp.forward(&self.ln_2.forward(&x)?)?
+    }
+
+    /// The cross-attention keys and values of `kv` (after `ln_1_kv`), computed once per image.
+    pub fn cross_kv(&self, kv: &Tensor) -> Result<KvCache> {
+        let kv = match &self.ln_1_kv {
+            Some(ln) => ln.forward(kv)?,
+            None => kv.clone(),
+        };
+        self.attn.cross_kv(&kv)
+    }
+
+    /// [`Self::forward_cross`] over keys and values from [`Self::cross_kv`].
+    pub fn forward_cross_cached(&self, x: &Tensor, kv: &KvCache) -> Result<Tensor> {
+        let x = (x + self.attn.forward_cross_cached(&self.ln_1.forward(x)?, kv)?)?;
+        &x + self.mlp.forward(&self.ln_2.forward(&x)?)?
+    }
+}
+
 /// `resblocks.0 .. resblocks.{layers-1}` of self-attention blocks.
 #[derive(Debug, Clone)]
 pub struct Transformer {
@@ -93,6 +119,21 @@ impl Transformer {
         let mut x = x.clone();
         for block in &self.resblocks {
             x = block.forward(&x, mask)?;
+        }
+        Ok(x)
+    }
+
+    /// Number of blocks.
+    pub fn layers(&self) -> usize {
+        self.resblocks.len()
+    }
+
+    /// [`Self::forward`] for new positions after the cached ones; `caches` holds one entry per
+    /// block. Inference only.
+    pub fn forward_cached(&self, x: &Tensor, caches: &mut [Option<KvCache>]) -> Result<Tensor> {
+        let mut x = x.clone();
+        for (block, cache) in self.resblocks.iter().zip(caches.iter_mut()) {
+            x = block.forward_cached(&x, cache)?;
         }
         Ok(x)
     }

@@ -1,0 +1,108 @@
+//! `coca-worker caption` on the fixture images with the coca-tiny reference weights.
+
+mod common;
+
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+use coca_worker::eval::caption::caption_files;
+use coca_worker::eval::generate::{GenerateOptions, GenerationType};
+use coca_worker::model::{CoCa, CocaConfig};
+use std::path::PathBuf;
+
+#[test]
+fn caption_prints_what_the_library_generates() {
+    let Some(dir) = common::fixture("coca-tiny") else {
+        return;
+    };
+    let Some(_) = common::fixture("coca-tiny/extras.json") else {
+        return;
+    };
+    let names = [
+        "astronaut.png",
+        "camera_gray.png",
+        "chelsea.jpg",
+        "coffee_rgba.png",
+        "tiny_10x7.png",
+    ];
+    let paths: Vec<String> = names
+        .iter()
+        .map(|n| dir.join("images").join(n).display().to_string())
+        .collect();
+    // The library's captions match open_clip token for token on the reference's preprocessed
+    // pixels (tests/generate.rs); here the pixels come from our own eval transform, which may
+    // differ by rounding, so the binary is compared with the library on the same files.
+    let config = CocaConfig::from_file(&dir.join("config.json")).unwrap();
+    let weights = common::load(&dir.join("weights.safetensors"));
+    let lib_model = CoCa::new(
+        &config,
+        VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu),
+    )
+    .unwrap();
+    let files: Vec<PathBuf> = paths.iter().map(PathBuf::from).collect();
+    let model = dir.display().to_string();
+    for (generation_type, kind) in [
+        ("beam_search", GenerationType::BeamSearch),
+        ("greedy", GenerationType::Greedy),
+    ] {
+        let mut args: Vec<&str> = paths.iter().map(String::as_str).collect();
+        args.extend([
+            "--model",
+            &model,
+            "--generation_type",
+            generation_type,
+            "--seq_len",
+            "15",
+            "--min-seq-len",
+            "5",
+            "--batch_size",
+            "2",
+        ]);
+        let mut full = vec!["caption"];
+        full.extend(args);
+        let (code, stdout, stderr) = common::run("coca-worker", &full);
+        assert_eq!(code, 0, "{stderr}");
+        let opts = GenerateOptions {
+            generation_type: kind,
+            seq_len: 15,
+            min_seq_len: 5,
+            ..GenerateOptions::default()
+        };
+        let expected = caption_files(&lib_model, &files, &opts, 5).unwrap();
+        let lines: Vec<&str> = stdout.lines().collect();
+        assert_eq!(lines.len(), names.len(), "{stdout}");
+        for ((line, path), caption) in lines.iter().zip(&paths).zip(&expected) {
+            assert!(!caption.is_empty());
+            assert_eq!(*line, format!("{path}\t{caption}"), "{generation_type}");
+        }
+    }
+}
+
+#[test]
+fn caption_errors_name_the_file_and_flag() {
+    let Some(dir) = common::fixture("coca-tiny") else {
+        return;
+    };
+    let model = dir.display().to_string();
+    let (code, _, stderr) = common::run(
+        "coca-worker",
+        &["caption", "/nonexistent/x.png", "--model", &model],
+    );
+    assert_eq!(code, 2);
+    assert!(stderr.contains("/nonexistent/x.png"), "{stderr}");
+    let image = dir.join("images/chelsea.jpg").display().to_string();
+    let (code, _, stderr) = common::run(
+        "coca-worker",
+        &[
+            "caption",
+            &image,
+            "--model",
+            &model,
+            "--seq_len",
+            "4",
+            "--min_seq_len",
+            "5",
+        ],
+    );
+    assert_eq!(code, 2);
+    assert!(stderr.contains("--seq_len"), "{stderr}");
+}

@@ -1,0 +1,82 @@
+//! `coca-worker embed`: embeddings written as .safetensors and .npy read back equal to the
+//! library's.
+
+mod common;
+
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+use coca_worker::eval::embed::{embed_images, embed_texts, read_npy};
+use coca_worker::model::{CoCa, CocaConfig};
+use std::path::PathBuf;
+
+#[test]
+fn embeddings_round_trip_through_both_formats() {
+    let Some(dir) = common::fixture("coca-tiny") else {
+        return;
+    };
+    let config = CocaConfig::from_file(&dir.join("config.json")).unwrap();
+    let weights = common::load(&dir.join("weights.safetensors"));
+    let model = CoCa::new(
+        &config,
+        VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu),
+    )
+    .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let model_arg = dir.display().to_string();
+    let images: Vec<PathBuf> = ["astronaut.png", "chelsea.jpg", "tiny_10x7.png"]
+        .iter()
+        .map(|n| dir.join("images").join(n))
+        .collect();
+    let image_args: Vec<String> = images.iter().map(|p| p.display().to_string()).collect();
+    let texts = ["a photo of a cat", "two dogs in the snow", "a red circle"];
+    let expected_images = embed_images(&model, &images, 3).unwrap();
+    let expected_texts = embed_texts(
+        &model,
+        &texts.iter().map(|t| t.to_string()).collect::<Vec<_>>(),
+        3,
+    )
+    .unwrap();
+    for ext in ["safetensors", "npy"] {
+        for (kind, inputs, expected) in [
+            ("--images", &image_args, &expected_images),
+            (
+                "--texts",
+                &texts.iter().map(|t| t.to_string()).collect::<Vec<_>>(),
+                &expected_texts,
+            ),
+        ] {
+            let out = tmp.path().join(format!("e{kind}.{ext}"));
+            let out_arg = out.display().to_string();
+            let mut args = vec![
+                "embed",
+                "--model",
+                &model_arg,
+                "--out",
+                &out_arg,
+                "--batch_size",
+                "2",
+                kind,
+            ];
+            args.extend(inputs.iter().map(String::as_str));
+            let (code, _, stderr) = common::run("coca-worker", &args);
+            assert_eq!(code, 0, "{stderr}");
+            let got = if ext == "npy" {
+                read_npy(&out).unwrap()
+            } else {
+                common::load(&out)["embeddings"].clone()
+            };
+            assert_eq!(got.dims(), &[3, config.embed_dim]);
+            assert!(common::max_abs_diff(&got, expected) < 1e-5, "{kind} {ext}");
+            let norms = got.sqr().unwrap().sum(1).unwrap().to_vec1::<f32>().unwrap();
+            assert!(norms.iter().all(|n| (n - 1.0).abs() < 1e-4), "{norms:?}");
+        }
+    }
+    let (code, _, stderr) = common::run(
+        "coca-worker",
+        &[
+            "embed", "--model", &model_arg, "--out", "x.txt", "--texts", "a",
+        ],
+    );
+    assert_eq!(code, 2);
+    assert!(stderr.contains("--out"), "{stderr}");
+}

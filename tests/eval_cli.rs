@@ -1,0 +1,346 @@
+//! `coca-worker eval` on small data sets the tests write, with the coca-tiny reference weights.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use coca_worker::data::image_folder::ImageFolder;
+use coca_worker::data::tokenizer::ClipTokenizer;
+use coca_worker::eval::zeroshot::{zero_shot_classifier, zero_shot_logits};
+use coca_worker::model::{CoCa, CocaConfig};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// A 24-bit BMP of `w`×`h` pixels from `pixel(x, y)`.
+fn write_bmp(path: &Path, w: u32, h: u32, pixel: impl Fn(u32, u32) -> [u8; 3]) {
+    let row = (w * 3).div_ceil(4) * 4;
+    let size = 54 + row * h;
+    let mut b = Vec::with_capacity(size as usize);
+    b.extend(b"BM");
+    b.extend(size.to_le_bytes());
+    b.extend(0u32.to_le_bytes());
+    b.extend(54u32.to_le_bytes());
+    b.extend(40u32.to_le_bytes());
+    b.extend((w as i32).to_le_bytes());
+    b.extend((h as i32).to_le_bytes());
+    b.extend(1u16.to_le_bytes());
+    b.extend(24u16.to_le_bytes());
+    b.extend([0u8; 24]);
+    for y in (0..h).rev() {
+        let start = b.len();
+        for x in 0..w {
+            let [r, g, bl] = pixel(x, y);
+            b.extend([bl, g, r]);
+        }
+        b.resize(start + row as usize, 0);
+    }
+    std::fs::write(path, b).unwrap();
+}
+
+const CLASSES: [(&str, [u8; 3]); 4] = [
+    ("blue", [20, 40, 230]),
+    ("green", [30, 200, 40]),
+    ("red", [220, 30, 30]),
+    ("white", [245, 245, 245]),
+];
+
+fn write_folder(dir: &Path) {
+    for (name, colour) in CLASSES {
+        let class_dir = dir.join("images").join(name);
+        std::fs::create_dir_all(&class_dir).unwrap();
+        for (i, shade) in [0i32, -25, 25].into_iter().enumerate() {
+            let c = colour.map(|v| (v as i32 + shade).clamp(0, 255) as u8);
+            write_bmp(&class_dir.join(format!("{i}.bmp")), 40, 30, |x, y| {
+                if (x / 8 + y / 8) % 3 == 0 {
+                    [c[0] / 2, c[1] / 2, c[2] / 2]
+                } else {
+                    c
+                }
+            });
+        }
+    }
+    let labels: Vec<String> = CLASSES.iter().map(|(n, _)| format!("{n} square")).collect();
+    std::fs::write(dir.join("labels.txt"), labels.join("\n")).unwrap();
+    std::fs::write(
+        dir.join("templates.txt"),
+        "a photo of a {}.\na drawing of a {}.\n",
+    )
+    .unwrap();
+}
+
+fn model_from(config: &Path, weights: &Path) -> CoCa {
+    let config = CocaConfig::from_file(config).unwrap();
+    let weights = common::load(&weights.to_path_buf());
+    CoCa::new(
+        &config,
+        VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu),
+    )
+    .unwrap()
+}
+
+/// Top-1 in percent computed directly: classifier, image features, logits.
+fn direct_top1(model: &CoCa, dir: &Path) -> f64 {
+    let folder = ImageFolder::open(dir).unwrap();
+    let tokenizer = ClipTokenizer::new().unwrap();
+    let classifier = zero_shot_classifier(
+        model,
+        &tokenizer,
+        folder.classnames(),
+        folder.templates(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let size = model.config.vision_cfg.image_size;
+    let mut correct = 0;
+    for i in 0..folder.len() {
+        let (image, label) = folder.get(i).unwrap();
+        let pixels =
+            Tensor::from_vec(image.eval_transform(size), (1, 3, size, size), &Device::Cpu).unwrap();
+        let (features, _) = model.encode_image(&pixels).unwrap();
+        let logits = zero_shot_logits(&features, &classifier).unwrap();
+        let row = logits.get(0).unwrap().to_vec1::<f32>().unwrap();
+        if row.iter().all(|&v| v <= row[label]) {
+            correct += 1;
+        }
+    }
+    100.0 * correct as f64 / folder.len() as f64
+}
+
+fn eval_json(args: &[&str]) -> serde_json::Value {
+    let mut full = vec!["eval"];
+    full.extend(args);
+    let (code, stdout, stderr) = common::run("coca-worker", &full);
+    assert_eq!(code, 0, "{stderr}");
+    serde_json::from_str(stdout.lines().next().expect("one JSON line")).unwrap()
+}
+
+#[test]
+fn classification_matches_direct_logits_and_the_cache_follows_the_weights() {
+    let Some(fixture) = common::fixture("coca-tiny") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("colours");
+    write_folder(&data);
+    let model_dir = fixture.display().to_string();
+    let data_arg = data.display().to_string();
+    let args = [
+        "--model",
+        &model_dir,
+        "--classification_eval",
+        &data_arg,
+        "--batch_size",
+        "5",
+    ];
+    let first = eval_json(&args);
+    assert_eq!(first["classifier_cached"], false);
+    assert_eq!(first["images"], 12);
+    assert_eq!(first["classes"], 4);
+    assert!(first["top5"].is_null(), "top-5 is absent below 5 classes");
+    let model = model_from(
+        &fixture.join("config.json"),
+        &fixture.join("weights.safetensors"),
+    );
+    let expected = direct_top1(&model, &data);
+    assert!((first["top1"].as_f64().unwrap() - expected).abs() < 1e-9);
+    let second = eval_json(&args);
+    assert_eq!(second["classifier_cached"], true);
+    assert_eq!(second["top1"], first["top1"]);
+
+    // Other weights: the cached classifier must not be used.
+    let mut weights: HashMap<String, Tensor> = common::load(&fixture.join("weights.safetensors"));
+    let proj = weights["text.text_projection"].clone();
+    let flipped = proj.affine(-1.0, 0.0).unwrap();
+    weights.insert("text.text_projection".into(), flipped);
+    let changed = tmp.path().join("changed.safetensors");
+    candle_core::safetensors::save(&weights, &changed).unwrap();
+    let changed_arg = changed.display().to_string();
+    let mut changed_args = args.to_vec();
+    changed_args.extend(["--pretrained", &changed_arg]);
+    let third = eval_json(&changed_args);
+    assert_eq!(third["classifier_cached"], false);
+    let model = model_from(&fixture.join("config.json"), &changed);
+    let expected = direct_top1(&model, &data);
+    assert!((third["top1"].as_f64().unwrap() - expected).abs() < 1e-9);
+    let fourth = eval_json(&changed_args);
+    assert_eq!(fourth["classifier_cached"], true);
+    assert_eq!(fourth["top1"], third["top1"]);
+}
+
+#[test]
+fn eval_errors_name_the_flag() {
+    let Some(fixture) = common::fixture("coca-tiny") else {
+        return;
+    };
+    let model_dir = fixture.display().to_string();
+    let (code, _, stderr) = common::run(
+        "coca-worker",
+        &[
+            "eval",
+            "--model",
+            &model_dir,
+            "--classification_eval",
+            "/nonexistent/dir",
+        ],
+    );
+    assert_eq!(code, 2);
+    assert!(stderr.contains("/nonexistent/dir"), "{stderr}");
+    let (code, _, stderr) = common::run("coca-worker", &["eval", "--model", &model_dir]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("--classification_eval"), "{stderr}");
+}
+
+#[test]
+fn retrieval_recalls_match_the_library_on_a_tiny_split() {
+    use coca_worker::eval::embed::{embed_images, embed_texts};
+    use coca_worker::eval::retrieval::recall_at_k;
+    let Some(fixture) = common::fixture("coca-tiny") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let images_dir = tmp.path().join("images");
+    std::fs::create_dir_all(&images_dir).unwrap();
+    let names = ["astronaut.png", "chelsea.jpg", "coffee_rgba.png"];
+    for n in names {
+        std::fs::copy(fixture.join("images").join(n), images_dir.join(n)).unwrap();
+    }
+    // Two records per image with list captions, one with a single string: 3 images, 12 texts.
+    let captions = [
+        [
+            "an astronaut in a suit",
+            "a woman in space",
+            "a portrait",
+            "nasa photo",
+        ],
+        [
+            "a cat looking up",
+            "an orange cat",
+            "a tabby",
+            "a kitten close up",
+        ],
+        [
+            "a cup of coffee",
+            "coffee on a saucer",
+            "a drink",
+            "a mug from above",
+        ],
+    ];
+    let mut records = Vec::new();
+    for (n, c) in names.iter().zip(&captions) {
+        records.push(serde_json::json!({"image": n, "caption": [c[0], c[1], c[2]]}));
+        records.push(serde_json::json!({"image": n, "caption": c[3]}));
+    }
+    let json = tmp.path().join("test.json");
+    std::fs::write(&json, serde_json::to_string(&records).unwrap()).unwrap();
+    let model_dir = fixture.display().to_string();
+    let json_arg = json.display().to_string();
+    let out = eval_json(&[
+        "--model",
+        &model_dir,
+        "--retrieval",
+        &json_arg,
+        "--batch_size",
+        "5",
+    ]);
+    assert_eq!(out["images"], 3);
+    assert_eq!(out["texts"], 12);
+
+    let model = model_from(
+        &fixture.join("config.json"),
+        &fixture.join("weights.safetensors"),
+    );
+    let paths: Vec<_> = names.iter().map(|n| images_dir.join(n)).collect();
+    let texts: Vec<String> = captions.iter().flatten().map(|s| s.to_string()).collect();
+    let img = embed_images(&model, &paths, 2).unwrap();
+    let txt = embed_texts(&model, &texts, 7).unwrap();
+    let scores: Vec<Vec<f32>> = img.matmul(&txt.t().unwrap()).unwrap().to_vec2().unwrap();
+    let t2i: Vec<Vec<f32>> = (0..texts.len())
+        .map(|t| scores.iter().map(|row| row[t]).collect())
+        .collect();
+    let image_texts: Vec<Vec<usize>> = (0..3).map(|i| (i * 4..i * 4 + 4).collect()).collect();
+    let text_images: Vec<Vec<usize>> = (0..12).map(|t| vec![t / 4]).collect();
+    for k in [1usize, 5, 10] {
+        let i2t = recall_at_k(&scores, &image_texts, k);
+        let t2i = recall_at_k(&t2i, &text_images, k);
+        assert!((out[format!("image_to_text_R@{k}")].as_f64().unwrap() - i2t).abs() < 1e-9);
+        assert!((out[format!("text_to_image_R@{k}")].as_f64().unwrap() - t2i).abs() < 1e-9);
+    }
+    // With 3 images every text finds its image within the top 5.
+    assert_eq!(out["text_to_image_R@5"], 100.0);
+}
+
+#[test]
+fn captioning_writes_captions_and_scores_them() {
+    use coca_worker::eval::caption::caption_files;
+    use coca_worker::eval::caption_metrics::{bleu4, cider, tokenize};
+    use coca_worker::eval::generate::{GenerateOptions, GenerationType};
+    let Some(fixture) = common::fixture("coca-tiny") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let names = ["astronaut.png", "chelsea.jpg"];
+    let refs = [
+        vec!["an astronaut in a suit", "a woman in a space suit"],
+        vec!["a cat looking up", "an orange tabby cat"],
+    ];
+    let records: Vec<_> = names
+        .iter()
+        .zip(&refs)
+        .map(|(n, r)| serde_json::json!({"image": n, "caption": r}))
+        .collect();
+    let json = tmp.path().join("split.json");
+    std::fs::write(&json, serde_json::to_string(&records).unwrap()).unwrap();
+    let out = tmp.path().join("captions.jsonl");
+    let (model_dir, json_arg, out_arg) = (
+        fixture.display().to_string(),
+        json.display().to_string(),
+        out.display().to_string(),
+    );
+    let images_root = fixture.join("images").display().to_string();
+    let line = eval_json(&[
+        "--model",
+        &model_dir,
+        "--captioning",
+        &json_arg,
+        "--data_root",
+        &images_root,
+        "--out",
+        &out_arg,
+        "--generation_type",
+        "greedy",
+        "--seq_len",
+        "12",
+    ]);
+    let written: Vec<serde_json::Value> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(written.len(), 2);
+    assert_eq!(written[0]["image"], names[0]);
+
+    let model = model_from(
+        &fixture.join("config.json"),
+        &fixture.join("weights.safetensors"),
+    );
+    let paths: Vec<_> = names
+        .iter()
+        .map(|n| fixture.join("images").join(n))
+        .collect();
+    let opts = GenerateOptions {
+        generation_type: GenerationType::Greedy,
+        seq_len: 12,
+        ..GenerateOptions::default()
+    };
+    let captions = caption_files(&model, &paths, &opts, 8).unwrap();
+    for (w, c) in written.iter().zip(&captions) {
+        assert_eq!(w["caption"].as_str().unwrap(), c);
+    }
+    let hyps: Vec<Vec<String>> = captions.iter().map(|c| tokenize(c)).collect();
+    let refs: Vec<Vec<Vec<String>>> = refs
+        .iter()
+        .map(|r| r.iter().map(|c| tokenize(c)).collect())
+        .collect();
+    assert_eq!(line["BLEU-4"].as_f64().unwrap(), bleu4(&hyps, &refs));
+    assert_eq!(line["CIDEr"].as_f64().unwrap(), cider(&hyps, &refs));
+}

@@ -1,0 +1,186 @@
+//! Caption generation: open_clip's beam search on the `coca-tiny` fixture, and the key/value
+//! cache against recomputing the prefix (fixture and random model).
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use coca_worker::eval::generate::{
+    generate_with, CachedDecoder, GenerateOptions, GenerationType, RecomputeDecoder, StepDecoder,
+};
+use coca_worker::model::trainable::trainable_model;
+use coca_worker::model::{CoCa, CocaConfig};
+use std::collections::HashMap;
+
+fn fixture_model() -> Option<(CoCa, Tensor, HashMap<String, Tensor>)> {
+    let dir = common::fixture("coca-tiny")?;
+    common::fixture("coca-tiny/extras.safetensors")?;
+    let config = CocaConfig::from_file(&dir.join("config.json")).unwrap();
+    let weights = common::load(&dir.join("weights.safetensors"));
+    let extras = common::load(&dir.join("extras.safetensors"));
+    let model = CoCa::new(
+        &config,
+        VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu),
+    )
+    .unwrap();
+    let images = extras["preprocess.32"].clone();
+    Some((model, images, extras))
+}
+
+fn random_model() -> (CoCa, Tensor) {
+    let config = CocaConfig::resolve("coca_demo").unwrap();
+    let (_, vars) = trainable_model(&config, None, 11, DType::F32, &Device::Cpu).unwrap();
+    let weights: HashMap<String, Tensor> = vars.tensors().into_iter().collect();
+    let model = CoCa::new(
+        &config,
+        VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu),
+    )
+    .unwrap();
+    let s = config.vision_cfg.image_size;
+    // Fixed pixels (candle's randn is not seeded): token equality below is then reproducible;
+    // the cache and the recompute agree to ~1e-5 in the logits, so a near-tie could in
+    // principle split them on other inputs.
+    let n = 3 * 3 * s * s;
+    let pixels: Vec<f32> = (0..n)
+        .map(|i| ((i as f32) * 0.618_034).sin() * 1.5)
+        .collect();
+    let images = Tensor::from_vec(pixels, (3, 3, s, s), &Device::Cpu).unwrap();
+    (model, images)
+}
+
+/// Feeds the same token rows to both decoders one position at a time and compares every step's
+/// logits. Each image appears twice (rows `i` and `i + b`); midway the two copies swap
+/// histories, as beam search reorders beams of one image.
+fn assert_cache_matches_recompute(model: &CoCa, images: &Tensor, steps: usize) {
+    let images = Tensor::cat(&[images, images], 0).unwrap();
+    let (_, image_embs) = model.encode_image(&images).unwrap();
+    let rows = images.dim(0).unwrap();
+    let mut cached = CachedDecoder::new(model, &image_embs).unwrap();
+    let mut recompute = RecomputeDecoder::new(model, image_embs.clone());
+    let mut seqs: Vec<Vec<u32>> = vec![vec![49406]; rows];
+    let mut worst = 0f32;
+    for step in 0..steps {
+        let a = cached.next_logits(&seqs).unwrap();
+        let r = recompute.next_logits(&seqs).unwrap();
+        for (x, y) in a.iter().zip(&r) {
+            for (p, q) in x.iter().zip(y) {
+                worst = worst.max((p - q).abs());
+            }
+        }
+        for (i, seq) in seqs.iter_mut().enumerate() {
+            seq.push(1000 + (step as u32 * 37 + i as u32 * 101) % 40000);
+        }
+        if step == 2 {
+            let sources: Vec<usize> = (0..rows).map(|i| (i + rows / 2) % rows).collect();
+            cached.reorder(&sources).unwrap();
+            seqs = sources.iter().map(|&s| seqs[s].clone()).collect();
+        }
+    }
+    eprintln!("cache vs recompute: max abs logit difference {worst:e}");
+    assert!(worst < 1e-4, "cached logits differ by {worst}");
+}
+
+fn assert_same_tokens(model: &CoCa, images: &Tensor, opts: &GenerateOptions) {
+    let a = generate_with(model, images, opts, true).unwrap();
+    let b = generate_with(model, images, opts, false).unwrap();
+    assert_eq!(a, b, "{:?}", opts.generation_type);
+}
+
+#[test]
+fn beam_search_matches_open_clip() {
+    let Some((model, images, extras)) = fixture_model() else {
+        return;
+    };
+    let opts = GenerateOptions {
+        generation_type: GenerationType::BeamSearch,
+        seq_len: 15,
+        min_seq_len: 5,
+        ..GenerateOptions::default()
+    };
+    let ours = generate_with(&model, &images, &opts, true).unwrap();
+    let expected = extras["generate.beam"].to_vec2::<i64>().unwrap();
+    for (o, e) in ours.iter().zip(&expected) {
+        let mut o: Vec<i64> = o.iter().map(|&t| t as i64).collect();
+        o.resize(e.len(), 0);
+        assert_eq!(&o, e);
+    }
+    let greedy = extras["generate.greedy"].to_vec2::<i64>().unwrap();
+    assert_ne!(
+        greedy, expected,
+        "the fixture's beam and greedy captions should differ"
+    );
+}
+
+#[test]
+fn cache_equals_recompute_on_the_fixture() {
+    let Some((model, images, _)) = fixture_model() else {
+        return;
+    };
+    assert_cache_matches_recompute(&model, &images, 15);
+    for generation_type in [GenerationType::Greedy, GenerationType::BeamSearch] {
+        let opts = GenerateOptions {
+            generation_type,
+            seq_len: 15,
+            min_seq_len: 5,
+            ..GenerateOptions::default()
+        };
+        assert_same_tokens(&model, &images, &opts);
+    }
+}
+
+#[test]
+fn cache_equals_recompute_on_a_random_model() {
+    let (model, images) = random_model();
+    assert_cache_matches_recompute(&model, &images, 16);
+    for (generation_type, penalty) in [
+        (GenerationType::Greedy, 1.0),
+        (GenerationType::TopK, 1.3),
+        (GenerationType::TopP, 1.0),
+        (GenerationType::BeamSearch, 1.2),
+    ] {
+        let opts = GenerateOptions {
+            generation_type,
+            seq_len: 12,
+            min_seq_len: 3,
+            top_k: 5,
+            top_p: 0.5,
+            repetition_penalty: penalty,
+            diversity_penalty: if generation_type == GenerationType::BeamSearch {
+                0.5
+            } else {
+                0.0
+            },
+            seed: 3,
+            ..GenerateOptions::default()
+        };
+        assert_same_tokens(&model, &images, &opts);
+    }
+}
+
+#[test]
+fn bad_options_are_errors() {
+    let (model, images) = random_model();
+    for opts in [
+        GenerateOptions {
+            seq_len: 5,
+            min_seq_len: 5,
+            ..GenerateOptions::default()
+        },
+        GenerateOptions {
+            num_beams: 6,
+            num_beam_groups: 4,
+            ..GenerateOptions::default()
+        },
+        GenerateOptions {
+            seq_len: 100,
+            ..GenerateOptions::default()
+        },
+        GenerateOptions {
+            generation_type: GenerationType::TopP,
+            top_p: 0.0,
+            ..GenerateOptions::default()
+        },
+    ] {
+        assert!(generate_with(&model, &images, &opts, true).is_err());
+    }
+}

@@ -1,0 +1,137 @@
+//! `coca-worker caption`: captions for image files.
+
+use super::generate::{generate, GenerateOptions, GenerationType};
+use super::model_args::ModelArgs;
+use crate::data::preprocess::open_image;
+use crate::data::tokenizer::ClipTokenizer;
+use crate::model::CoCa;
+use anyhow::{ensure, Result};
+use candle_core::{Device, Tensor};
+use clap::Args;
+use std::path::PathBuf;
+
+/// `CoCa.generate`'s settings as flags (open_clip 3.x defaults).
+#[derive(Debug, Clone, Args)]
+pub struct GenerateArgs {
+    /// greedy, top_k, top_p or beam_search.
+    #[arg(long, default_value = "beam_search")]
+    pub generation_type: GenerationType,
+    /// Output length, sot and eos included. Default: 30, or the model's context length + 1
+    /// when shorter.
+    #[arg(long)]
+    pub seq_len: Option<usize>,
+    /// End-of-text is forbidden while a caption is shorter than this.
+    #[arg(long, default_value_t = 5)]
+    pub min_seq_len: usize,
+    /// Divides the filtered logits before sampling.
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f32,
+    /// Tokens kept by top_k sampling.
+    #[arg(long, default_value_t = 1)]
+    pub top_k: usize,
+    /// Probability mass kept by top_p sampling.
+    #[arg(long, default_value_t = 0.1)]
+    pub top_p: f32,
+    /// Beams per image (beam_search).
+    #[arg(long, default_value_t = 6)]
+    pub num_beams: usize,
+    /// Groups the beams are split into (beam_search).
+    #[arg(long, default_value_t = 3)]
+    pub num_beam_groups: usize,
+    /// Hugging Face's repetition penalty (1 = none).
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    /// Hamming diversity penalty between beam groups (open_clip uses none).
+    #[arg(long, default_value_t = 0.0)]
+    pub diversity_penalty: f32,
+    /// Seed of the sampling RNG (top_k, top_p).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl GenerateArgs {
+    /// The options for `model`.
+    pub fn options(&self, model: &CoCa) -> GenerateOptions {
+        let ctx = model
+            .config
+            .text_cfg
+            .context_length
+            .min(model.config.multimodal_cfg.context_length);
+        GenerateOptions {
+            generation_type: self.generation_type,
+            seq_len: self.seq_len.unwrap_or(30.min(ctx + 1)),
+            min_seq_len: self.min_seq_len,
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            num_beams: self.num_beams,
+            num_beam_groups: self.num_beam_groups,
+            repetition_penalty: self.repetition_penalty,
+            diversity_penalty: self.diversity_penalty,
+            seed: self.seed,
+            ..GenerateOptions::default()
+        }
+    }
+}
+
+/// `coca-worker caption` flags.
+#[derive(Debug, Clone, Args)]
+pub struct CaptionArgs {
+    /// Image files.
+    #[arg(required = true)]
+    pub images: Vec<PathBuf>,
+    /// The model.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The generation settings.
+    #[command(flatten)]
+    pub generate: GenerateArgs,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+}
+
+/// Preprocessed images `[B, 3, S, S]` (open_clip's eval transform).
+pub fn load_images(paths: &[PathBuf], size: usize) -> Result<Tensor> {
+    let mut pixels = Vec::with_capacity(paths.len() * 3 * size * size);
+    for p in paths {
+        pixels.extend(open_image(p)?.eval_transform(size));
+    }
+    Ok(Tensor::from_vec(
+        pixels,
+        (paths.len(), 3, size, size),
+        &Device::Cpu,
+    )?)
+}
+
+/// Captions `model` writes for `paths`, in order.
+pub fn caption_files(
+    model: &CoCa,
+    paths: &[PathBuf],
+    opts: &GenerateOptions,
+    batch_size: usize,
+) -> Result<Vec<String>> {
+    ensure!(batch_size > 0, "--batch_size must be positive");
+    opts.validate(model)?;
+    let tokenizer = ClipTokenizer::new()?;
+    let size = model.config.vision_cfg.image_size;
+    let mut captions = Vec::with_capacity(paths.len());
+    for chunk in paths.chunks(batch_size) {
+        let images = load_images(chunk, size)?;
+        for ids in generate(model, &images, opts)? {
+            captions.push(tokenizer.decode(&ids).trim().to_string());
+        }
+    }
+    Ok(captions)
+}
+
+/// Runs `caption`: one `path<TAB>caption` line per image on stdout.
+pub fn run(args: &CaptionArgs) -> Result<()> {
+    let loaded = args.model.load()?;
+    let opts = args.generate.options(&loaded.model);
+    let captions = caption_files(&loaded.model, &args.images, &opts, args.batch_size)?;
+    for (path, caption) in args.images.iter().zip(captions) {
+        println!("{}\t{caption}", path.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,151 @@
+//! Zero-shot classification of an ImageFolder (`eval --classification_eval DIR`), with the
+//! text classifier cached in a file keyed by the weights, class names and templates.
+
+use super::zeroshot::{zero_shot_classifier, zero_shot_logits};
+use crate::data::image_folder::ImageFolder;
+use crate::data::tokenizer::ClipTokenizer;
+use crate::model::CoCa;
+use crate::rng::hash_str;
+use anyhow::{ensure, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// Zero-shot accuracy in percent; `top5` is `None` below 5 classes.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ClassificationResult {
+    /// Top-1 accuracy, percent.
+    pub top1: f64,
+    /// Top-5 accuracy, percent (absent below 5 classes).
+    pub top5: Option<f64>,
+    /// Images evaluated.
+    pub images: usize,
+    /// Number of classes.
+    pub classes: usize,
+    /// Whether the classifier came from the cache file.
+    pub classifier_cached: bool,
+}
+
+/// The cache key of a classifier: the weights' key, the class names and the templates.
+pub fn classifier_key(weights_key: &str, classnames: &[String], templates: &[String]) -> String {
+    let text = format!(
+        "{weights_key}\u{1}{}\u{1}{}",
+        classnames.join("\u{2}"),
+        templates.join("\u{2}")
+    );
+    format!("{weights_key}-{:016x}", hash_str(&text))
+}
+
+/// The classifier stored at `path` when its key is `key`.
+fn read_cached(path: &Path, key: &str) -> Option<Tensor> {
+    let bytes = std::fs::read(path).ok()?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).ok()?;
+    if meta.metadata().as_ref()?.get("key")? != key {
+        return None;
+    }
+    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).ok()?;
+    tensors.get("classifier").cloned()
+}
+
+/// Writes the classifier with its key.
+fn write_cached(path: &Path, key: &str, classifier: &Tensor) -> Result<()> {
+    let (rows, cols) = classifier.dims2()?;
+    let data: Vec<f32> = classifier.flatten_all()?.to_vec1()?;
+    let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![rows, cols], &bytes)
+            .context("classifier tensor")?;
+    let meta = HashMap::from([("key".to_string(), key.to_string())]);
+    let out = safetensors::serialize([("classifier", view)], Some(meta))
+        .context("serialising the classifier")?;
+    std::fs::write(path, out)
+        .with_context(|| format!("cannot write the classifier cache {}", path.display()))
+}
+
+/// The classifier for `folder`: read from `cache` when its key matches, else built (and
+/// written to `cache` when given; a failed write is a warning). Returns it and whether it was cached.
+pub fn folder_classifier(
+    model: &CoCa,
+    weights_key: &str,
+    folder: &ImageFolder,
+    cache: Option<&Path>,
+) -> Result<(Tensor, bool)> {
+    let key = classifier_key(weights_key, folder.classnames(), folder.templates());
+    if let Some(c) = cache.and_then(|p| read_cached(p, &key)) {
+        if c.dims2().ok() == Some((model.config.embed_dim, folder.classnames().len())) {
+            return Ok((c, true));
+        }
+    }
+    let tokenizer = ClipTokenizer::new()?;
+    let classifier = zero_shot_classifier(
+        model,
+        &tokenizer,
+        folder.classnames(),
+        folder.templates(),
+        &Device::Cpu,
+    )?;
+    if let Some(p) = cache {
+        if let Err(e) = write_cached(p, &key, &classifier) {
+            tracing::warn!("{e:#}; the classifier will be rebuilt next time");
+        }
+    }
+    Ok((classifier, false))
+}
+
+/// Zero-shot top-1/top-5 of `model` on `folder`, `batch_size` images per forward pass, with a
+/// progress bar on stderr.
+pub fn evaluate(
+    model: &CoCa,
+    weights_key: &str,
+    folder: &ImageFolder,
+    cache: Option<&Path>,
+    batch_size: usize,
+) -> Result<ClassificationResult> {
+    ensure!(batch_size > 0, "--batch_size must be positive");
+    ensure!(
+        !folder.is_empty(),
+        "{} holds no images",
+        folder.root().display()
+    );
+    let (classifier, cached) = folder_classifier(model, weights_key, folder, cache)?;
+    let classes = folder.classnames().len();
+    let size = model.config.vision_cfg.image_size;
+    let bar = ProgressBar::new(folder.len() as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} images [{elapsed} < {eta}]")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_message("zero-shot");
+    let (mut top1, mut top5) = (0usize, 0usize);
+    let indices: Vec<usize> = (0..folder.len()).collect();
+    for chunk in indices.chunks(batch_size) {
+        let mut pixels = Vec::with_capacity(chunk.len() * 3 * size * size);
+        let mut labels = Vec::with_capacity(chunk.len());
+        for &i in chunk {
+            let (image, label) = folder.get(i)?;
+            pixels.extend(image.eval_transform(size));
+            labels.push(label);
+        }
+        let images = Tensor::from_vec(pixels, (chunk.len(), 3, size, size), &Device::Cpu)?;
+        let (features, _) = model.encode_image(&images)?;
+        let logits = zero_shot_logits(&features, &classifier)?
+            .to_dtype(DType::F32)?
+            .to_vec2::<f32>()?;
+        for (row, &label) in logits.iter().zip(&labels) {
+            let better = row.iter().filter(|&&v| v > row[label]).count();
+            top1 += usize::from(better == 0);
+            top5 += usize::from(better < 5);
+        }
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    let n = folder.len() as f64;
+    Ok(ClassificationResult {
+        top1: 100.0 * top1 as f64 / n,
+        top5: (classes >= 5).then(|| 100.0 * top5 as f64 / n),
+        images: folder.len(),
+        classes,
+        classifier_cached: cached,
+    })
+}

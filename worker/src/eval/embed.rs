@@ -1,0 +1,161 @@
+//! `coca-worker embed`: L2-normalised image or text embeddings written to `.safetensors`
+//! (tensor `embeddings`) or `.npy` (float32, C order).
+
+use super::caption::load_images;
+use super::model_args::ModelArgs;
+use crate::data::tokenizer::ClipTokenizer;
+use crate::model::CoCa;
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{Device, Tensor};
+use clap::Args;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// `coca-worker embed` flags.
+#[derive(Debug, Clone, Args)]
+pub struct EmbedArgs {
+    /// The model.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Image files to embed.
+    #[arg(long, num_args = 1.., conflicts_with = "texts")]
+    pub images: Vec<PathBuf>,
+    /// Texts to embed.
+    #[arg(long, num_args = 1..)]
+    pub texts: Vec<String>,
+    /// Output file: `.safetensors` (tensor `embeddings`) or `.npy`.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Inputs per forward pass.
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+}
+
+/// Normalised embeddings `[N, embed_dim]` of image files, `batch_size` per pass.
+pub fn embed_images(model: &CoCa, paths: &[PathBuf], batch_size: usize) -> Result<Tensor> {
+    ensure!(batch_size > 0, "--batch_size must be positive");
+    let size = model.config.vision_cfg.image_size;
+    let parts = paths
+        .chunks(batch_size)
+        .map(|chunk| Ok(model.encode_image(&load_images(chunk, size)?)?.0))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&parts, 0)?)
+}
+
+/// Normalised embeddings `[N, embed_dim]` of texts (tokenized at the model's context length).
+pub fn embed_texts(model: &CoCa, texts: &[String], batch_size: usize) -> Result<Tensor> {
+    ensure!(batch_size > 0, "--batch_size must be positive");
+    let tokenizer = ClipTokenizer::new()?;
+    let ctx = model.config.text_cfg.context_length;
+    let parts = texts
+        .chunks(batch_size)
+        .map(|chunk| {
+            let ids: Vec<u32> = chunk
+                .iter()
+                .flat_map(|t| tokenizer.tokenize(t, ctx))
+                .collect();
+            let ids = Tensor::from_vec(ids, (chunk.len(), ctx), &Device::Cpu)?;
+            Ok(model.encode_text(&ids)?.0)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&parts, 0)?)
+}
+
+/// A float32 `[rows, cols]` array as NumPy's `.npy` format 1.0.
+pub fn npy_bytes(data: &[f32], rows: usize, cols: usize) -> Vec<u8> {
+    let mut header =
+        format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({rows}, {cols}), }}");
+    // Magic (6) + version (2) + length (2) + header + newline, padded to 64 bytes.
+    let unpadded = 10 + header.len() + 1;
+    header.push_str(&" ".repeat((64 - unpadded % 64) % 64));
+    header.push('\n');
+    let mut out = Vec::with_capacity(10 + header.len() + data.len() * 4);
+    out.extend(b"\x93NUMPY\x01\x00");
+    out.extend((header.len() as u16).to_le_bytes());
+    out.extend(header.as_bytes());
+    out.extend(data.iter().flat_map(|v| v.to_le_bytes()));
+    out
+}
+
+/// Reads a 2-D little-endian float32 C-order `.npy` file (what [`npy_bytes`] writes).
+pub fn read_npy(path: &Path) -> Result<Tensor> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    ensure!(
+        bytes.len() >= 10 && &bytes[..6] == b"\x93NUMPY",
+        "{} is not a .npy file",
+        path.display()
+    );
+    let len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    let header = std::str::from_utf8(bytes.get(10..10 + len).context("truncated header")?)
+        .with_context(|| format!("{}: header is not text", path.display()))?;
+    ensure!(
+        header.contains("'<f4'") && header.contains("'fortran_order': False"),
+        "{}: only little-endian float32 C-order arrays are read",
+        path.display()
+    );
+    let shape_text = header
+        .split("'shape': (")
+        .nth(1)
+        .and_then(|s| s.split(')').next())
+        .with_context(|| format!("{}: no shape in the header", path.display()))?;
+    let shape: Vec<usize> = shape_text
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse::<usize>())
+        .collect::<std::result::Result<_, _>>()
+        .with_context(|| format!("{}: bad shape {shape_text:?}", path.display()))?;
+    let data: Vec<f32> = bytes[10 + len..]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    ensure!(
+        data.len() == shape.iter().product::<usize>(),
+        "{}: data does not fit shape {shape:?}",
+        path.display()
+    );
+    Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
+}
+
+/// Writes `embeddings` `[N, E]` to `out` in the format its extension names.
+pub fn write_embeddings(embeddings: &Tensor, out: &Path) -> Result<()> {
+    let ext = out.extension().and_then(|e| e.to_str()).unwrap_or("");
+    match ext {
+        "safetensors" => {
+            let map = HashMap::from([("embeddings".to_string(), embeddings.clone())]);
+            candle_core::safetensors::save(&map, out)
+                .with_context(|| format!("cannot write --out {}", out.display()))
+        }
+        "npy" => {
+            let (rows, cols) = embeddings.dims2()?;
+            let data: Vec<f32> = embeddings.flatten_all()?.to_vec1()?;
+            std::fs::write(out, npy_bytes(&data, rows, cols))
+                .with_context(|| format!("cannot write --out {}", out.display()))
+        }
+        _ => bail!(
+            "--out {}: the file name must end in .safetensors or .npy",
+            out.display()
+        ),
+    }
+}
+
+/// Runs `embed`; returns the number of embeddings written.
+pub fn run(args: &EmbedArgs) -> Result<usize> {
+    let ext = args.out.extension().and_then(|e| e.to_str()).unwrap_or("");
+    ensure!(
+        ext == "safetensors" || ext == "npy",
+        "--out {}: the file name must end in .safetensors or .npy",
+        args.out.display()
+    );
+    if args.images.is_empty() == args.texts.is_empty() {
+        bail!("pass either --images FILES... or --texts TEXT...");
+    }
+    let loaded = args.model.load()?;
+    let embeddings = if args.images.is_empty() {
+        embed_texts(&loaded.model, &args.texts, args.batch_size)?
+    } else {
+        embed_images(&loaded.model, &args.images, args.batch_size)?
+    };
+    write_embeddings(&embeddings, &args.out)?;
+    Ok(embeddings.dim(0)?)
+}
