@@ -122,6 +122,9 @@ pub fn report(
     Ok(results)
 }
 
+/// Whether a generated caption states one attribute as the true caption does.
+type AttributeCheck = Box<dyn Fn(&str, &str) -> bool>;
+
 /// Which attributes each generated caption states as the true caption does. The grammar is
 /// `COUNT COLOUR SHAPE[s] [POSITION] on a|an BACKGROUND background`.
 fn attribute_accuracy(captions: &[(String, String)]) -> Vec<(String, f64)> {
@@ -134,7 +137,7 @@ fn attribute_accuracy(captions: &[(String, String)]) -> Vec<(String, f64)> {
             .copied()
             .unwrap_or("")
     };
-    let checks: [(&str, Box<dyn Fn(&str, &str) -> bool>); 5] = [
+    let checks: [(&str, AttributeCheck); 5] = [
         (
             "count",
             Box::new(move |g, t| words(g).first() == words(t).first()),
