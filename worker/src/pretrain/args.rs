@@ -124,7 +124,8 @@ pub struct PretrainArgs {
     pub visual_wd: Option<f64>,
     #[arg(long)]
     pub text_wd: Option<f64>,
-    /// An ImageFolder to evaluate zero-shot classification on.
+    /// An ImageFolder to evaluate zero-shot classification on, every `--eval_steps` and at the
+    /// end, with the current weights (the classifier is rebuilt each time).
     #[arg(long)]
     pub classification_eval: Option<PathBuf>,
     #[arg(long)]
@@ -166,8 +167,11 @@ impl PretrainArgs {
         if self.bf16 || self.fp16 {
             bail!("--bf16/--fp16: mixed precision needs a GPU build; CPU training runs in float32");
         }
-        if self.classification_eval.is_some() || self.eval_steps.is_some() {
-            bail!("--classification_eval/--eval_steps: zero-shot evaluation during training is not available in this build");
+        if self.eval_steps.is_some() && self.classification_eval.is_none() {
+            bail!("--eval_steps needs --classification_eval DIR (the evaluation it schedules)");
+        }
+        if self.eval_steps == Some(0) {
+            bail!("--eval_steps must be at least 1");
         }
         if self.pretrained_text_model.is_some() {
             bail!("--pretrained_text_model is not available in this build");

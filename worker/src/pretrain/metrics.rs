@@ -85,6 +85,32 @@ impl RunLog {
         Ok(())
     }
 
+    /// Prints a zero-shot evaluation and appends it to `metrics.jsonl`.
+    pub fn log_eval(
+        &self,
+        step: u64,
+        result: &crate::eval::classification::ClassificationResult,
+    ) -> Result<()> {
+        let top5 = result.top5.map_or("-".to_string(), |v| format!("{v:.2}%"));
+        self.println(format!(
+            "step {step}: zero-shot on {} images, {} classes: top-1 {:.2}% top-5 {top5}",
+            result.images, result.classes, result.top1
+        ));
+        let line = serde_json::json!({
+            "step": step,
+            "zeroshot_top1": result.top1,
+            "zeroshot_top5": result.top5,
+            "zeroshot_images": result.images,
+        });
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.jsonl)
+            .with_context(|| format!("cannot open {}", self.jsonl.display()))?;
+        writeln!(f, "{line}").with_context(|| format!("cannot write {}", self.jsonl.display()))?;
+        Ok(())
+    }
+
     /// Prints a line above the bar.
     pub fn println(&self, line: impl AsRef<str>) {
         if self.hidden {

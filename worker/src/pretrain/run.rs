@@ -5,6 +5,7 @@ use super::checkpoint::{self, TrainerState};
 use super::demo;
 use super::metrics::{RunLog, StepMetrics};
 use super::model_source::{resolve_model, ResolvedModel};
+use crate::data::image_folder::ImageFolder;
 use crate::data::loader::{CaptionSource, Loader, LoaderPosition};
 use crate::data::parts::ShardSpec;
 use crate::data::sampler::DistributedSampler;
@@ -12,14 +13,17 @@ use crate::data::synthetic::SyntheticCaptions;
 use crate::data::synthetic_source::SyntheticSource;
 use crate::data::tokenizer::ClipTokenizer;
 use crate::data::train_set::open_train_set;
+use crate::eval::classification::evaluate;
 use crate::model::trainable::trainable_model;
-use crate::model::CocaLossConfig;
+use crate::model::{CoCa, CocaLossConfig};
 use crate::train::adamw::AdamWConfig;
 use crate::train::groups::TowerGroups;
 use crate::train::schedule::CosineSchedule;
 use crate::train::trainer::{Trainer, TrainerConfig};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -189,6 +193,33 @@ pub fn run(args: PretrainArgs) -> Result<()> {
         "weight_decay": groups.weight_decay,
         "warmup_steps": trainer_config.schedule.warmup_steps,
     });
+    let eval_folder = match &args.classification_eval {
+        Some(dir) => Some(
+            ImageFolder::open(dir)
+                .with_context(|| format!("--classification_eval {}", dir.display()))?,
+        ),
+        None => None,
+    };
+    let zero_shot = |log: &RunLog, step: u64| -> Result<()> {
+        let Some(folder) = &eval_folder else {
+            return Ok(());
+        };
+        // The current weights, detached: evaluation records no graph. No classifier cache: the
+        // weights change every step (the seed's frozen cache goes stale).
+        let weights: HashMap<String, Tensor> = vars.tensors().into_iter().collect();
+        let model = CoCa::new(
+            &config,
+            VarBuilder::from_tensors(weights, DType::F32, &device),
+        )?;
+        let result = evaluate(
+            &model,
+            "training",
+            folder,
+            None,
+            args.per_device_eval_batch_size,
+        )?;
+        log.log_eval(step, &result)
+    };
     let mut log = RunLog::new(
         &args.output_dir,
         trainer.step,
@@ -278,12 +309,18 @@ pub fn run(args: PretrainArgs) -> Result<()> {
         if trainer.step % args.logging_steps.max(1) == 0 || trainer.step == total_steps {
             log.log(&metrics)?;
         }
+        if let Some(every) = args.eval_steps {
+            if trainer.step % every == 0 && trainer.step < total_steps {
+                zero_shot(&log, trainer.step)?;
+            }
+        }
         if args.save_steps > 0 && trainer.step % args.save_steps == 0 && trainer.step < total_steps
         {
             save(&trainer, position)?;
         }
     }
     skips.report(&log);
+    zero_shot(&log, trainer.step)?;
     save(&trainer, position)?;
     log.finish(&args.output_dir.join("loss_curve.png"))?;
     if skipped_total > 0 {
