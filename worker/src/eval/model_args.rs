@@ -2,22 +2,14 @@
 //! key identifying the weights (for caches built from them).
 
 use crate::checkpoint::load_for_model;
-use crate::model::{CoCa, CocaConfig};
+use crate::model::source::{resolve_config, WEIGHT_FILES};
+use crate::model::CoCa;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use clap::Args;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-
-/// Weight files looked for in a `--model` directory when `--pretrained` is absent, in order.
-const WEIGHT_FILES: &[&str] = &[
-    "weights.safetensors",
-    "model.safetensors",
-    "open_clip_model.safetensors",
-    "open_clip_pytorch_model.bin",
-    "model_state.pdparams",
-];
 
 /// Which model to run.
 #[derive(Debug, Clone, Args)]
@@ -45,24 +37,9 @@ pub struct LoadedModel {
 impl ModelArgs {
     /// Resolves the config and the weight file, loads them, and keys them.
     pub fn load(&self) -> Result<LoadedModel> {
-        let path = Path::new(&self.model);
-        let (config, dir) = if path.is_dir() {
-            let config = CocaConfig::from_file(&path.join("config.json")).with_context(|| {
-                format!(
-                    "--model {}: a model directory holds config.json",
-                    self.model
-                )
-            })?;
-            (config, Some(path.to_path_buf()))
-        } else if path.is_file() {
-            (CocaConfig::from_file(path)?, None)
-        } else {
-            (
-                CocaConfig::named(&self.model)
-                    .with_context(|| format!("--model {}", self.model))?,
-                None,
-            )
-        };
+        let (config, dir) = resolve_config(&self.model)?;
+        // Weights are looked for only in a `--model` directory, never beside a config file.
+        let dir = dir.filter(|_| Path::new(&self.model).is_dir());
         let weights_path = match (&self.pretrained, &dir) {
             (Some(p), _) => p.clone(),
             (None, Some(dir)) => WEIGHT_FILES

@@ -9,6 +9,7 @@ pub mod loss;
 pub mod manifest;
 pub mod ops;
 pub mod pooler;
+pub mod source;
 pub mod text;
 pub mod trainable;
 pub mod transformer;
