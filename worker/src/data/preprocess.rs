@@ -34,6 +34,7 @@
 //! such as the fixture photo); a GIF's transparent pixels decode to black where PIL keeps the
 //! palette colour; CMYK JPEGs are converted to RGB before the resize (PIL resizes in CMYK).
 
+use crate::rng::{mix64, SplitMix64};
 use std::io::Cursor;
 use std::path::Path;
 
@@ -256,7 +257,7 @@ pub struct Region {
 /// `(seed, epoch, sample_index)`.
 #[derive(Clone, Debug)]
 pub struct SampleRng {
-    state: u64,
+    state: SplitMix64,
 }
 
 impl SampleRng {
@@ -265,13 +266,14 @@ impl SampleRng {
         let mut s = mix64(seed ^ 0x5851_F42D_4C95_7F2D);
         s = mix64(s ^ mix64(epoch.wrapping_add(0x9E37_79B9_7F4A_7C15)));
         s = mix64(s ^ mix64(sample_index.wrapping_add(0xD1B5_4A32_D192_ED03)));
-        Self { state: s }
+        Self {
+            state: SplitMix64(s),
+        }
     }
 
     /// Next 64 random bits (SplitMix64).
     pub fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        mix64(self.state)
+        self.state.next_u64()
     }
 
     /// Uniform in `[lo, hi)`, 53-bit resolution.
@@ -285,12 +287,6 @@ impl SampleRng {
         let n = max as u128 + 1;
         ((u128::from(self.next_u64()) * n) >> 64) as usize
     }
-}
-
-fn mix64(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 /// torchvision `RandomResizedCrop.get_params`: up to 10 draws of an area fraction in `scale` and

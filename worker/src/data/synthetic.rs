@@ -47,6 +47,7 @@
 //! from the same grammar, so zero-shot classes and caption words are all seen in training. The
 //! rule is an involution: the held-out set of a held-out set is the training set again.
 
+use crate::rng::mix64;
 use image::RgbImage;
 
 /// Shape words (singular; every plural is the word plus "s").
@@ -313,26 +314,18 @@ impl SyntheticCaptions {
     }
 
     fn rng(&self, index: u64) -> SplitMix64 {
-        SplitMix64(mix64(
+        SplitMix64(crate::rng::SplitMix64(mix64(
             mix64(self.seed ^ 0x5EED_C0CA_5EED_C0CA).wrapping_add(index),
-        ))
+        )))
     }
 }
 
-/// SplitMix64's output function (Steele, Lea & Flood 2014): a bijective 64-bit mixer.
-fn mix64(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// SplitMix64: a tiny deterministic generator, plenty for drawing pictures.
-struct SplitMix64(u64);
+/// The project's SplitMix64 with the draws picture-making needs.
+struct SplitMix64(crate::rng::SplitMix64);
 
 impl SplitMix64 {
     fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        mix64(self.0)
+        self.0.next_u64()
     }
 
     /// Uniform in `0..n` (Lemire's multiply-shift; the bias is below 2^-60 for small `n`).
