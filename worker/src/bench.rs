@@ -35,17 +35,14 @@ pub fn random_batch(
     let t = config.text_cfg.context_length;
     let vocab = config.text_cfg.vocab_size as u32;
     let mut ids = vec![0u32; batch * t];
-    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    let mut rng = crate::rng::SplitMix64(0x2545_F491_4F6C_DD1D);
     for (b, row) in ids.chunks_mut(t).enumerate() {
         let len = 2 + (b * 7 + 5) % (t - 1);
         for (i, id) in row.iter_mut().enumerate().take(len) {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
             *id = match i {
                 0 => 49406.min(vocab - 2),
                 _ if i + 1 == len => 49407.min(vocab - 1),
-                _ => 1 + (state % (vocab as u64 - 3)) as u32,
+                _ => 1 + rng.below(vocab as u64 - 3) as u32,
             };
         }
     }
