@@ -3,5 +3,6 @@
 //! This crate stays free of heavy dependencies (no candle) so that the launcher builds and starts
 //! quickly; anything both sides must agree on (the topology, the control-plane protocol) lives here.
 
+pub mod collective;
 pub mod topology;
 pub mod worker_binary;
