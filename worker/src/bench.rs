@@ -77,6 +77,7 @@ pub fn run(opts: &BenchOptions) -> Result<serde_json::Value> {
             total_steps: opts.steps as u64 + 1,
         },
         loss: CocaLossConfig::default(),
+        span: Default::default(),
     };
     let mut trainer = Trainer::new(
         model,

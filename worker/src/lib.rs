@@ -5,6 +5,7 @@ pub mod bench_data;
 pub mod checkpoint;
 pub mod compare;
 pub mod data;
+pub mod distributed;
 pub mod eval;
 pub mod model;
 pub mod pretrain;

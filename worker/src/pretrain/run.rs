@@ -13,6 +13,7 @@ use crate::data::synthetic::SyntheticCaptions;
 use crate::data::synthetic_source::SyntheticSource;
 use crate::data::tokenizer::ClipTokenizer;
 use crate::data::train_set::open_train_set;
+use crate::distributed::loss::ContrastiveSpan;
 use crate::eval::classification::evaluate;
 use crate::model::trainable::trainable_model;
 use crate::model::{CoCa, CocaLossConfig};
@@ -164,6 +165,10 @@ pub fn run(args: PretrainArgs) -> Result<()> {
             contrastive_weight: args.coca_contrastive_loss_weight,
             caption_weight: args.coca_caption_loss_weight,
             pad_id: config.text_cfg.pad_id,
+        },
+        span: ContrastiveSpan {
+            local_loss: args.local_loss,
+            gather_with_grad: args.gather_with_grad,
         },
     };
     let mut trainer = Trainer::new(model, &vars, &groups, trainer_config)?;

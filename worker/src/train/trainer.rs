@@ -5,10 +5,17 @@ use super::adamw::{clip_to_norm, global_norm, AdamWConfig, FlatAdamW};
 use super::flat::{FlatParams, GroupRule};
 use super::schedule::CosineSchedule;
 use crate::model::trainable::TrainableWeights;
-use crate::model::{coca_loss, CoCa, CocaLossConfig};
+use crate::distributed::loss::{coca_group_loss, ContrastiveSpan, LossValues};
+use crate::model::{CoCa, CocaLossConfig};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
+use coca_common::collective::{Collective, ReduceOp, SingleProcess};
 use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Gradients are all-reduced in buckets of this many elements (64 MiB of f32), which bounds
+/// the transport's buffers without costing bandwidth.
+const GRAD_BUCKET: usize = 16 << 20;
 
 /// `logit_scale` is clamped to `[0, ln 100]` after every update, as open_clip does.
 pub const LOGIT_SCALE_MAX: f32 = 4.605_170_2;
@@ -21,14 +28,7 @@ pub struct TrainerConfig {
     pub max_grad_norm: Option<f64>,
     pub schedule: CosineSchedule,
     pub loss: CocaLossConfig,
-}
-
-/// Loss values of one micro-batch.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct LossValues {
-    pub contrastive: f64,
-    pub caption: f64,
-    pub total: f64,
+    pub span: ContrastiveSpan,
 }
 
 /// What one update did.
@@ -56,15 +56,30 @@ pub struct Trainer {
     logit_scale_offset: Option<usize>,
     /// Schedule steps taken (applied or skipped).
     pub step: u64,
+    /// The ranks that read different samples and reduce gradients together.
+    data_group: Arc<dyn Collective>,
 }
 
 impl Trainer {
-    /// Wraps a trainable model (from [`crate::model::trainable::trainable_model`]).
+    /// Wraps a trainable model (from [`crate::model::trainable::trainable_model`]) for one
+    /// process.
     pub fn new(
         model: CoCa,
         weights: &TrainableWeights,
         groups: &dyn GroupRule,
         config: TrainerConfig,
+    ) -> Result<Self> {
+        Self::in_group(model, weights, groups, config, Arc::new(SingleProcess))
+    }
+
+    /// Like [`Self::new`], reducing gradients over `data_group`. Every member must start from
+    /// the same weights.
+    pub fn in_group(
+        model: CoCa,
+        weights: &TrainableWeights,
+        groups: &dyn GroupRule,
+        config: TrainerConfig,
+        data_group: Arc<dyn Collective>,
     ) -> Result<Self> {
         let vars = weights.iter().cloned().collect();
         let params = FlatParams::new(vars, groups)?;
@@ -83,6 +98,7 @@ impl Trainer {
             config,
             logit_scale_offset,
             step: 0,
+            data_group,
         })
     }
 
@@ -91,8 +107,9 @@ impl Trainer {
         &self.params
     }
 
-    /// Forward and backward on one micro-batch; the gradients of `loss · loss_scale` are added
-    /// to the accumulated gradients. A non-finite loss adds nothing and is returned as it is.
+    /// Forward and backward on this member's part of one micro-batch; the gradients of its share
+    /// of the loss · `loss_scale` are added to the accumulated gradients. Returns the global
+    /// loss (the same on every member); a non-finite one adds nothing, on every member alike.
     pub fn backward(
         &mut self,
         images: &Tensor,
@@ -100,14 +117,10 @@ impl Trainer {
         loss_scale: f64,
     ) -> Result<LossValues> {
         let out = self.model.forward(images, text)?;
-        let loss = coca_loss(&out, &self.config.loss)?;
-        let values = LossValues {
-            contrastive: loss.contrastive.to_scalar::<f32>()? as f64,
-            caption: loss.caption.to_scalar::<f32>()? as f64,
-            total: loss.total.to_scalar::<f32>()? as f64,
-        };
+        let loss = coca_group_loss(&out, &self.config.loss, self.config.span, &self.data_group)?;
+        let values = loss.values;
         if values.total.is_finite() {
-            let grads = (loss.total * loss_scale)?.backward()?;
+            let grads = (loss.share * loss_scale)?.backward()?;
             self.params
                 .accumulate_grads(&grads, &mut self.grads)
                 .context("accumulating gradients")?;
@@ -132,6 +145,11 @@ impl Trainer {
     /// Clips, updates and clamps from the accumulated gradients, then clears them. Non-finite
     /// gradients skip the update (the schedule still advances).
     pub fn update(&mut self) -> Result<UpdateReport> {
+        for bucket in self.grads.chunks_mut(GRAD_BUCKET) {
+            self.data_group
+                .all_reduce(bucket, ReduceOp::Sum)
+                .context("all-reducing gradients over the data-parallel group")?;
+        }
         let grad_norm = global_norm(&self.grads);
         let lr_factor = self.config.schedule.factor(self.step);
         let report = UpdateReport {

@@ -66,6 +66,7 @@ pub(crate) fn train_section(reference: &Reference) -> SectionReport {
                 total_steps: settings.steps,
             },
             loss: CocaLossConfig::default(),
+            span: Default::default(),
         };
         let groups = TowerGroups::uniform(settings.lr, settings.weight_decay);
         let mut trainer = Trainer::new(model, &vars, &groups, config)?;

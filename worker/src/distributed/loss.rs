@@ -1,0 +1,163 @@
+//! The CoCa loss over a data-parallel group, arranged so that summing every member's gradient
+//! gives exactly the gradient of the loss of the whole global batch on one process.
+//!
+//! Each member computes a *share* of the global loss. The shares' gradients add up (the trainer
+//! all-reduces gradients with a sum) to the one-process gradient, whatever the split:
+//! - caption: the member's summed token cross-entropy divided by the global count of non-pad
+//!   tokens (not its own count, so uneven caption lengths across members weigh right);
+//! - contrastive, open_clip's three layouts:
+//!   - default (`gather_with_grad` off): features gathered as constants except the member's own
+//!     rows, the full global loss on every member. Each member's gradient is then exactly the
+//!     global loss's gradient through its own features; the logit scale, which every member sees
+//!     whole, keeps its gradient on member 0 only.
+//!   - `gather_with_grad`: gathered with gradient (the backward reduce-scatters), every member
+//!     computes the full loss; its share is 1/W of it.
+//!   - `local_loss` + `gather_with_grad`: each member computes only its own rows of both logit
+//!     matrices against everyone's features; its share is its rows' sum over the global row count.
+//! - `local_loss` without `gather_with_grad` loses the other members' terms of each gradient
+//!   (as in open_clip), so the result would depend on the world size: rejected.
+
+use super::autograd::{all_gather_rows, gather_rows_detached};
+use crate::model::loss::contrastive_loss;
+use crate::model::ops::cross_entropy_rows;
+use crate::model::{CocaLossConfig, CocaOutput};
+use anyhow::{bail, Result};
+use candle_core::{DType, Tensor};
+use coca_common::collective::{Collective, ReduceOp};
+use std::sync::Arc;
+
+/// How the contrastive loss spans the group: open_clip's `--local_loss` / `--gather_with_grad`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ContrastiveSpan {
+    pub local_loss: bool,
+    pub gather_with_grad: bool,
+}
+
+impl ContrastiveSpan {
+    /// Rejects the combination whose gradient depends on the world size.
+    pub fn validate(&self) -> Result<()> {
+        if self.local_loss && !self.gather_with_grad {
+            bail!(
+                "--local_loss needs --gather_with_grad: without it each rank's gradient misses the \
+                 other ranks' terms and the result changes with the number of ranks"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Global loss values, identical on every member.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LossValues {
+    pub contrastive: f64,
+    pub caption: f64,
+    pub total: f64,
+}
+
+/// This member's share of the loss and the global values.
+pub struct GroupLoss {
+    /// Backpropagate this on every member and sum the gradients over the group.
+    pub share: Tensor,
+    pub values: LossValues,
+}
+
+/// Sums `values` over the group (identical results on every member).
+fn sum_over(comm: &Arc<dyn Collective>, values: &mut [f32]) -> Result<()> {
+    comm.all_reduce(values, ReduceOp::Sum)
+}
+
+/// The caption share: this member's token losses over the global count of non-pad tokens.
+fn caption_share(out: &CocaOutput, pad_id: u32, comm: &Arc<dyn Collective>) -> Result<Tensor> {
+    let (b, t, v) = out.logits.dims3()?;
+    let labels = out.labels.to_dtype(DType::U32)?.flatten_all()?;
+    let local = labels
+        .ne(pad_id)?
+        .to_dtype(DType::F32)?
+        .sum_all()?
+        .to_scalar::<f32>()?;
+    let mut counted = [local];
+    sum_over(comm, &mut counted)?;
+    if counted[0] == 0.0 {
+        bail!("caption loss: every label of the global batch is padding");
+    }
+    let rows = cross_entropy_rows(&out.logits.reshape((b * t, v))?, &labels, Some(pad_id))?;
+    Ok((rows.sum_all()? / counted[0] as f64)?)
+}
+
+/// The contrastive share and the value to sum over members for reporting.
+fn contrastive_share(
+    out: &CocaOutput,
+    span: ContrastiveSpan,
+    comm: &Arc<dyn Collective>,
+) -> Result<(Tensor, Tensor)> {
+    span.validate()?;
+    let members = comm.size() as f64;
+    let (image, text, scale) = (&out.image_features, &out.text_features, &out.logit_scale);
+    if !span.gather_with_grad {
+        let n = image.dim(0)?;
+        let with_own_rows = |x: &Tensor| -> Result<Tensor> {
+            if comm.size() == 1 {
+                return Ok(x.clone());
+            }
+            let (all, offset) = gather_rows_detached(x, comm)?;
+            let total = all.dim(0)?;
+            let before = all.narrow(0, 0, offset)?;
+            let after = all.narrow(0, offset + n, total - offset - n)?;
+            Ok(Tensor::cat(&[&before, x, &after], 0)?)
+        };
+        let (image, text) = (with_own_rows(image)?, with_own_rows(text)?);
+        let scale = if comm.rank() == 0 {
+            scale.clone()
+        } else {
+            scale.detach()
+        };
+        let loss = contrastive_loss(&image, &text, &scale)?;
+        let reported = (&loss / members)?;
+        return Ok((loss, reported));
+    }
+    let all_image = all_gather_rows(image, comm)?;
+    let all_text = all_gather_rows(text, comm)?;
+    if !span.local_loss {
+        let share = (contrastive_loss(&all_image, &all_text, scale)? / members)?;
+        return Ok((share.clone(), share));
+    }
+    let (n, total) = (image.dim(0)?, all_image.dim(0)?);
+    // This member's offset: the rows of lower members (gathered counts are in member order).
+    let mut counts = vec![0f32; comm.size()];
+    comm.all_gather(&[n as f32], &mut counts)?;
+    let offset = counts[..comm.rank()].iter().sum::<f32>() as u32;
+    let targets = Tensor::arange(offset, offset + n as u32, image.device())?;
+    let per_image = image.matmul(&all_text.t()?)?.broadcast_mul(scale)?;
+    let per_text = text.matmul(&all_image.t()?)?.broadcast_mul(scale)?;
+    let image_ce = cross_entropy_rows(&per_image, &targets, None)?.sum_all()?;
+    let text_ce = cross_entropy_rows(&per_text, &targets, None)?.sum_all()?;
+    let share = ((image_ce + text_ce)? * (0.5 / total as f64))?;
+    Ok((share.clone(), share))
+}
+
+/// open_clip's `CoCaLoss` over the group `comm` (a group of one gives the one-process loss).
+pub fn coca_group_loss(
+    out: &CocaOutput,
+    cfg: &CocaLossConfig,
+    span: ContrastiveSpan,
+    comm: &Arc<dyn Collective>,
+) -> Result<GroupLoss> {
+    let (contrastive, reported) = contrastive_share(out, span, comm)?;
+    let caption = caption_share(out, cfg.pad_id, comm)?;
+    let contrastive = (contrastive * cfg.contrastive_weight)?;
+    let caption = (caption * cfg.caption_weight)?;
+    let mut values = [
+        (reported * cfg.contrastive_weight)?.to_scalar::<f32>()?,
+        caption.to_scalar::<f32>()?,
+    ];
+    sum_over(comm, &mut values)?;
+    let (c, cap) = (values[0] as f64, values[1] as f64);
+    Ok(GroupLoss {
+        share: (contrastive + caption)?,
+        values: LossValues {
+            contrastive: c,
+            caption: cap,
+            total: c + cap,
+        },
+    })
+}

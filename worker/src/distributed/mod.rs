@@ -1,0 +1,5 @@
+//! Running as one rank of a job: collectives as autograd operations, the loss over a
+//! data-parallel group, and the rank's context read from the launcher's environment.
+
+pub mod autograd;
+pub mod loss;
