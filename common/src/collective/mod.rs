@@ -14,6 +14,10 @@
 use anyhow::{ensure, Result};
 use std::time::Duration;
 
+pub mod memory_kv;
+
+pub use self::memory_kv::MemoryKeyValue;
+
 /// Reduction applied by all-reduce and reduce-scatter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReduceOp {
