@@ -2,4 +2,5 @@
 //! data-parallel group, and the rank's context read from the launcher's environment.
 
 pub mod autograd;
+pub mod context;
 pub mod loss;
