@@ -4,3 +4,4 @@
 pub mod autograd;
 pub mod context;
 pub mod loss;
+pub mod share;

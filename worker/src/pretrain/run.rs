@@ -275,9 +275,6 @@ fn train(args: &PretrainArgs, ctx: &RankContext) -> Result<()> {
         let Some(folder) = &eval_folder else {
             return Ok(());
         };
-        if !ctx.is_main() {
-            return Ok(());
-        }
         // The current weights, detached: evaluation records no graph. No classifier cache: the
         // weights change every step (the seed's frozen cache goes stale).
         let weights: HashMap<String, Tensor> = vars.tensors().into_iter().collect();
@@ -291,6 +288,7 @@ fn train(args: &PretrainArgs, ctx: &RankContext) -> Result<()> {
             folder,
             None,
             args.per_device_eval_batch_size,
+            &ctx.data,
         )?;
         log.log_eval(step, &result)
     };
