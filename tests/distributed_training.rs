@@ -511,3 +511,33 @@ fn zero_stage1_and_stage2_train_the_same_parameters_and_their_checkpoints_load_a
         "one process → stage2×4",
     );
 }
+
+#[test]
+fn a_launcher_waiting_for_its_peers_stops_on_sigterm() {
+    let tmp = tempfile::tempdir().unwrap();
+    let port = free_udp_port().to_string();
+    let mut node0 = Job::start(
+        "coca-launch",
+        &launcher_flags(
+            &[
+                "--nnodes",
+                "2",
+                "--node-rank",
+                "0",
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                &port,
+                "--rdzv-token",
+                "a-test-secret-of-enough-length",
+                "--log-dir",
+                tmp.path().join("logs").to_str().unwrap(),
+            ],
+            &["--version".to_string()],
+        ),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    node0.signal("-TERM");
+    let code = node0.wait(Duration::from_secs(5));
+    assert_eq!(code, Some(128 + 15), "{:?}", node0.output());
+}

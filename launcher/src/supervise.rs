@@ -14,7 +14,7 @@ use coca_common::control::{
 use coca_common::topology::Topology;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs, UdpSocket};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -46,6 +46,28 @@ struct Job {
     control_addr: SocketAddr,
     advertise: IpAddr,
     visible_gpus: Vec<String>,
+}
+
+/// SIGINT, SIGTERM and SIGHUP: while workers run, recorded for the supervision loop (which
+/// stops the workers in order); while none run (rendezvous), the default action — the
+/// launcher just ends.
+struct Signals {
+    received: Arc<AtomicUsize>,
+    idle: Arc<AtomicBool>,
+}
+
+impl Signals {
+    fn install() -> Result<Self> {
+        let received = Arc::new(AtomicUsize::new(0));
+        let idle = Arc::new(AtomicBool::new(true));
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            signal_hook::flag::register_conditional_default(sig, idle.clone())
+                .context("cannot install signal handlers")?;
+            signal_hook::flag::register_usize(sig, received.clone(), sig as usize)
+                .context("cannot install signal handlers")?;
+        }
+        Ok(Self { received, idle })
+    }
 }
 
 /// How one generation of workers ended.
@@ -138,11 +160,7 @@ pub fn run(command_line: CommandLine) -> Result<i32> {
         advertise,
         visible_gpus,
     };
-    let signals = Arc::new(AtomicUsize::new(0));
-    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-        signal_hook::flag::register_usize(sig, signals.clone(), sig as usize)
-            .context("cannot install signal handlers")?;
-    }
+    let signals = Signals::install()?;
     let result = generations(&job, &client, &signals);
     if server.is_some() {
         // Give the other nodes a moment to receive the verdict before node 0's service goes.
@@ -154,7 +172,7 @@ pub fn run(command_line: CommandLine) -> Result<i32> {
 }
 
 /// Rendezvous, run, and again after each restart.
-fn generations(job: &Job, client: &ControlClient, signals: &AtomicUsize) -> Result<i32> {
+fn generations(job: &Job, client: &ControlClient, signals: &Signals) -> Result<i32> {
     loop {
         let plan = client
             .rendezvous(job.args.rdzv_timeout())
@@ -174,8 +192,11 @@ fn generations(job: &Job, client: &ControlClient, signals: &AtomicUsize) -> Resu
             plan.rank_offset(job.layout.node_rank),
             plan.rank_offset(job.layout.node_rank) + job.nproc
         );
+        signals.idle.store(false, Ordering::SeqCst);
         let workers = start_workers(job, &plan)?;
-        match supervise(job, client, &plan, workers, signals)? {
+        let outcome = supervise(job, client, &plan, workers, &signals.received);
+        signals.idle.store(true, Ordering::SeqCst);
+        match outcome? {
             Outcome::Finished => return Ok(0),
             Outcome::Failed(code) => return Ok(code),
             Outcome::Restart => continue,
