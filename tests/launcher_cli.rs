@@ -22,12 +22,21 @@ fn a_layout_that_does_not_divide_fails_with_the_arithmetic() {
 
 #[test]
 fn runs_the_worker_beside_it_and_passes_its_exit_code() {
-    let (code, out, err) = common::run("coca-launch", &["--", "--version"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let log_dir = tmp.path().display().to_string();
+    let (code, out, err) = common::run("coca-launch", &["--log-dir", &log_dir, "--", "--version"]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("[rank 0] coca-worker "), "{out}");
     let (code, _, err) = common::run(
         "coca-launch",
-        &["--", "convert", "/nonexistent/x.bin", "y.safetensors"],
+        &[
+            "--log-dir",
+            &log_dir,
+            "--",
+            "convert",
+            "/nonexistent/x.bin",
+            "y.safetensors",
+        ],
     );
     assert_eq!(code, 2, "the worker's exit code comes back: {err}");
     assert!(err.contains("/nonexistent/x.bin"), "{err}");
