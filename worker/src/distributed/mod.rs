@@ -1,5 +1,7 @@
 //! Running as one rank of a job: collectives as autograd operations, the loss over a
-//! data-parallel group, and the rank's context read from the launcher's environment.
+//! data-parallel group, tensor parallelism (`tensor_parallel`), and the rank's context read
+//! from the launcher's environment.
 
 pub mod autograd;
 pub mod loss;
+pub mod tensor_parallel;

@@ -22,7 +22,11 @@ use candle_core::{backend::BackendStorage, bail, CpuStorage, Layout, Result};
 const ROWS_PER_TASK: usize = 16;
 
 /// The contiguous f32 data behind a CPU storage, or an error naming `op`.
-pub(crate) fn f32_data<'a>(op: &str, storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
+pub(crate) fn f32_data<'a>(
+    op: &str,
+    storage: &'a CpuStorage,
+    layout: &Layout,
+) -> Result<&'a [f32]> {
     let data = match storage {
         CpuStorage::F32(d) => d.as_slice(),
         other => bail!(
@@ -37,7 +41,11 @@ pub(crate) fn f32_data<'a>(op: &str, storage: &'a CpuStorage, layout: &Layout) -
 }
 
 /// The contiguous u32 data behind a CPU storage, or an error naming `op`.
-fn u32_data<'a>(op: &str, storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [u32]> {
+pub(crate) fn u32_data<'a>(
+    op: &str,
+    storage: &'a CpuStorage,
+    layout: &Layout,
+) -> Result<&'a [u32]> {
     let data = match storage {
         CpuStorage::U32(d) => d.as_slice(),
         other => bail!("{op}: indices must be u32, got {:?}", other.dtype()),
