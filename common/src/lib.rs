@@ -4,5 +4,6 @@
 //! quickly; anything both sides must agree on (the topology, the control-plane protocol) lives here.
 
 pub mod collective;
+pub mod control;
 pub mod topology;
 pub mod worker_binary;

@@ -14,6 +14,13 @@
 use anyhow::{ensure, Result};
 use std::time::Duration;
 
+pub mod bench;
+pub mod memory_kv;
+pub mod ring;
+
+pub use self::memory_kv::MemoryKeyValue;
+pub use self::ring::RingCollective;
+
 /// Reduction applied by all-reduce and reduce-scatter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReduceOp {
