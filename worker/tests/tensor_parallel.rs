@@ -874,3 +874,100 @@ fn global_grad_norm_sums_the_split_parts_over_the_group() {
         assert!(((norm - want) / want).abs() < 1e-5, "{norm} vs {want}");
     }
 }
+
+// The same over the TCP ring backend (loopback), members as threads.
+
+/// A ring of `size` members on loopback, formed one thread per member.
+fn ring_group(size: usize) -> Vec<Arc<dyn Collective>> {
+    use coca_common::collective::memory_kv::MemoryKeyValue;
+    use coca_common::collective::ring::RingCollective;
+    let kv = MemoryKeyValue::new();
+    let members: Vec<usize> = (0..size).collect();
+    let loopback = std::net::IpAddr::from([127, 0, 0, 1]);
+    std::thread::scope(|s| {
+        let joins: Vec<_> = (0..size)
+            .map(|m| {
+                let (kv, members) = (&kv, &members);
+                s.spawn(move || {
+                    RingCollective::connect(
+                        "tp-test",
+                        members,
+                        m,
+                        loopback,
+                        kv,
+                        b"tensor-parallel-test-token",
+                        Duration::from_secs(60),
+                    )
+                })
+            })
+            .collect();
+        joins
+            .into_iter()
+            .map(|j| Arc::new(j.join().unwrap().unwrap()) as Arc<dyn Collective>)
+            .collect()
+    })
+}
+
+#[test]
+fn over_the_ring_forward_and_gradients_match_unsplit() {
+    let config = four_head_config();
+    let (images, text) = four_head_inputs();
+    let (model, vars) = trainable_model(&config, None, 11, DType::F32, &Device::Cpu).unwrap();
+    let reference = forward_all(
+        &model.forward(&images, &text).unwrap(),
+        &TensorParallel::single(),
+    );
+    let (reference_grads, _) = gradients(&model, &vars, &images, &text);
+    let size = 4;
+    let members = run_group(ring_group(size), |tp| {
+        let (model, vars) =
+            trainable_model_parallel(&config, None, 11, DType::F32, &Device::Cpu, &tp).unwrap();
+        let fwd = forward_all(&model.forward(&images, &text).unwrap(), &tp);
+        let (local, _) = gradients(&model, &vars, &images, &text);
+        let gathered = gather_state_dict(&local, &config, tp.group().as_ref()).unwrap();
+        (fwd, (gathered, local))
+    });
+    let (forwards, grads): (Vec<_>, Vec<_>) = members.into_iter().unzip();
+    for (rank, ours) in forwards.iter().enumerate() {
+        compare_forward(
+            &format!("ring tp={size} member {rank}"),
+            ours,
+            &reference,
+            1e-5,
+        );
+    }
+    compare_gradients(&format!("ring tp={size}"), &grads, &reference_grads, 1e-5);
+}
+
+/// The released configs' shards: every split parameter's shards partition it, and each member
+/// holds the replicated parameters plus `1/T` of the split ones.
+#[test]
+fn released_configs_split_into_equal_shards() {
+    for (name, degrees, refused) in [("coca_ViT-B-32", [2, 4], 8), ("coca_ViT-L-14", [2, 4], 8)] {
+        let config = CocaConfig::named(name).unwrap();
+        let full = parameter_shapes(&config).unwrap();
+        let count = |dims: &[usize]| dims.iter().product::<usize>();
+        let total: usize = full.iter().map(|(_, d)| count(d)).sum();
+        let replicated: usize = full
+            .iter()
+            .filter(|(n, _)| split_of(n).is_replicated())
+            .map(|(_, d)| count(d))
+            .sum();
+        for size in degrees {
+            let mut split_sum = 0;
+            for rank in 0..size {
+                let local = local_parameter_shapes(&config, rank, size).unwrap();
+                let mine: usize = local.iter().map(|(_, d)| count(d)).sum();
+                assert_eq!(mine - replicated, (total - replicated) / size);
+                split_sum += mine - replicated;
+            }
+            assert_eq!(split_sum, total - replicated);
+            eprintln!(
+                "{name}: {total} parameters, {replicated} replicated; tp={size}: {} per member",
+                replicated + (total - replicated) / size
+            );
+        }
+        let err = format!("{:#}", check_degree(&config, refused).unwrap_err());
+        eprintln!("{name}: {err}");
+    }
+}
