@@ -1,11 +1,12 @@
 //! One optimizer step of CoCa: forward and backward over micro-batches, gradient clipping,
 //! AdamW over flat buffers, and the logit-scale clamp.
 
-use super::adamw::{clip_to_norm, global_norm, AdamWConfig, FlatAdamW};
+use super::adamw::{clip_to_norm, AdamWConfig, FlatAdamW};
 use super::flat::{FlatParams, GroupRule};
 use super::schedule::CosineSchedule;
-use crate::model::trainable::TrainableWeights;
 use crate::distributed::loss::{coca_group_loss, ContrastiveSpan, LossValues};
+use crate::distributed::tensor_parallel::global_grad_norm;
+use crate::model::trainable::TrainableWeights;
 use crate::model::{CoCa, CocaLossConfig};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
@@ -150,7 +151,9 @@ impl Trainer {
                 .all_reduce(bucket, ReduceOp::Sum)
                 .context("all-reducing gradients over the data-parallel group")?;
         }
-        let grad_norm = global_norm(&self.grads);
+        // Under tensor parallelism each member holds only its shards' gradients: the norm sums
+        // them over the TP group (`global_norm` at degree 1, bit for bit).
+        let grad_norm = global_grad_norm(&self.grads, self.params.segments(), &self.model.tp)?;
         let lr_factor = self.config.schedule.factor(self.step);
         let report = UpdateReport {
             step: self.step,
