@@ -344,3 +344,65 @@ fn captioning_writes_captions_and_scores_them() {
     assert_eq!(line["BLEU-4"].as_f64().unwrap(), bleu4(&hyps, &refs));
     assert_eq!(line["CIDEr"].as_f64().unwrap(), cider(&hyps, &refs));
 }
+
+#[test]
+fn evaluations_under_the_launcher_give_the_numbers_of_one_process() {
+    let Some(fixture) = common::fixture("coca-tiny") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let folder = tmp.path().join("colours");
+    write_folder(&folder);
+    let images = tmp.path().join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    let names = ["astronaut.png", "chelsea.jpg", "coffee_rgba.png"];
+    for n in names {
+        std::fs::copy(fixture.join("images").join(n), images.join(n)).unwrap();
+    }
+    let records: Vec<_> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| serde_json::json!({"image": n, "caption": [format!("photo {i}"), "a thing"]}))
+        .collect();
+    let split = tmp.path().join("split.json");
+    std::fs::write(&split, serde_json::to_string(&records).unwrap()).unwrap();
+    let (model, folder, split, images) = (
+        fixture.display().to_string(),
+        folder.display().to_string(),
+        split.display().to_string(),
+        images.display().to_string(),
+    );
+    let eval = [
+        "eval",
+        "--model",
+        &model,
+        "--classification_eval",
+        &folder,
+        "--no_classifier_cache",
+        "--retrieval",
+        &split,
+        "--captioning",
+        &split,
+        "--data_root",
+        &images,
+        "--seq_len",
+        "8",
+        "--batch_size",
+        "2",
+    ];
+    let (code, alone, err) = common::run("coca-worker", &eval);
+    assert_eq!(code, 0, "{err}");
+    let log_dir = tmp.path().join("logs").display().to_string();
+    let mut launched = vec!["--nproc-per-node", "3", "--log-dir", &log_dir, "--"];
+    launched.extend(eval);
+    let (code, out, err) = common::run("coca-launch", &launched);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let parse = |text: &str| -> Vec<serde_json::Value> {
+        text.lines()
+            .filter_map(|l| serde_json::from_str(l.trim_start_matches("[rank 0] ")).ok())
+            .collect()
+    };
+    let (alone, launched) = (parse(&alone), parse(&out));
+    assert_eq!(alone.len(), 3, "three evaluations");
+    assert_eq!(alone, launched, "the same numbers on 1 and 3 ranks");
+}

@@ -4,19 +4,6 @@ mod common;
 
 use std::path::Path;
 
-/// A small config the synthetic set (32×32) trains quickly.
-const TINY_CONFIG: &str = r#"{
-  "embed_dim": 32,
-  "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8,
-                 "attentional_pool": true, "attn_pooler_queries": 5, "attn_pooler_heads": 2,
-                 "output_tokens": true},
-  "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1,
-               "embed_cls": true, "output_tokens": true},
-  "multimodal_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2,
-                     "layers": 1, "attn_pooler_heads": 2},
-  "custom_text": true
-}"#;
-
 fn pretrain(args: &[&str]) -> (i32, String, String) {
     let mut all = vec!["pretrain", "--disable_tqdm", "True"];
     all.extend_from_slice(args);
@@ -31,16 +18,10 @@ fn metrics(dir: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
-fn tiny_config(dir: &Path) -> String {
-    let path = dir.join("tiny.json");
-    std::fs::write(&path, TINY_CONFIG).unwrap();
-    path.to_str().unwrap().to_string()
-}
-
 #[test]
 fn resumed_run_matches_an_uninterrupted_one_bit_for_bit() {
     let tmp = tempfile::tempdir().unwrap();
-    let config = tiny_config(tmp.path());
+    let config = common::tiny_config(tmp.path());
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
     let common_flags = [
         "--model",
@@ -105,7 +86,7 @@ fn resumed_run_matches_an_uninterrupted_one_bit_for_bit() {
 #[test]
 fn corrupt_or_foreign_checkpoints_are_clear_errors() {
     let tmp = tempfile::tempdir().unwrap();
-    let config = tiny_config(tmp.path());
+    let config = common::tiny_config(tmp.path());
     let out_dir = tmp.path().join("run");
     let base = [
         "--model",

@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod jobs;
+
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -119,4 +121,14 @@ pub fn run(bin: &str, args: &[&str]) -> (i32, String, String) {
             panic!("{bin} {args:?} did not finish within 300 s");
         }
     }
+}
+
+/// A small config the synthetic set (32×32) trains quickly.
+pub const TINY_CONFIG: &str = include_str!("../../worker/tests/data/tiny_config.json");
+
+/// Writes [`TINY_CONFIG`] into `dir` and returns its path.
+pub fn tiny_config(dir: &std::path::Path) -> String {
+    let path = dir.join("tiny.json");
+    std::fs::write(&path, TINY_CONFIG).unwrap();
+    path.to_str().unwrap().to_string()
 }

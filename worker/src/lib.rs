@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod bench_data;
+pub mod bench_memory;
 pub mod checkpoint;
 pub mod compare;
 pub mod data;

@@ -61,6 +61,26 @@ enum Command {
     Embed(Box<coca_worker::eval::embed::EmbedArgs>),
     /// Caption images: prints `path<TAB>caption` per image.
     Caption(Box<coca_worker::eval::caption::CaptionArgs>),
+    /// All-reduce bus bandwidth over the job's world (run under `coca-launch`); rank 0 prints
+    /// one JSON line.
+    BenchCollectives {
+        /// Bytes per all-reduce (f32 elements × 4).
+        #[arg(long, default_value_t = 64 << 20)]
+        bytes: usize,
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        #[arg(long, default_value_t = 10)]
+        iters: usize,
+    },
+    /// Bytes of parameters, gradients and optimizer state per rank under ZeRO stage 1 and 2 for
+    /// each sharding degree, from the buffers of real trainers; one JSON line per layout.
+    BenchMemory {
+        #[arg(long, default_value = "coca_ViT-L-14")]
+        model: String,
+        /// Sharding degrees to report (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "2,4,8")]
+        sharding: Vec<usize>,
+    },
     /// Tokenizer strings/s and loader images/s (JPEG decode + train transform, 1 and 2
     /// threads); prints one JSON line.
     BenchData {
@@ -149,6 +169,39 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("{line}");
             Ok(ExitCode::SUCCESS)
         }
+        Command::BenchMemory { model, sharding } => {
+            for line in coca_worker::bench_memory::run(&model, &sharding)? {
+                println!("{line}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::BenchCollectives {
+            bytes,
+            warmup,
+            iters,
+        } => {
+            let ctx = coca_worker::distributed::context::RankContext::from_env(1, 1)?;
+            let report = coca_common::collective::bench::bench_all_reduce(
+                ctx.world.as_ref(),
+                bytes,
+                warmup,
+                iters,
+            )?;
+            if ctx.is_main() {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "collective": "all_reduce",
+                        "ranks": report.size,
+                        "bytes": report.bytes,
+                        "seconds": report.seconds,
+                        "algbw_gb_s": report.algbw_gbps,
+                        "busbw_gb_s": report.busbw_gbps,
+                    })
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Bench {
             model,
             batch,
@@ -179,7 +232,13 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("coca-worker: error: {e:#}");
-            ExitCode::from(EXIT_ERROR)
+            if e.downcast_ref::<coca_worker::distributed::context::PeerFailed>()
+                .is_some()
+            {
+                ExitCode::from(coca_worker::distributed::context::EXIT_PEER_FAILED as u8)
+            } else {
+                ExitCode::from(EXIT_ERROR)
+            }
         }
     }
 }

@@ -4,17 +4,8 @@
 use std::path::Path;
 use std::process::Command;
 
-const TINY_CONFIG: &str = r#"{
-  "embed_dim": 32,
-  "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8,
-                 "attentional_pool": true, "attn_pooler_queries": 5, "attn_pooler_heads": 2,
-                 "output_tokens": true},
-  "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1,
-               "embed_cls": true, "output_tokens": true},
-  "multimodal_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2,
-                     "layers": 1, "attn_pooler_heads": 2},
-  "custom_text": true
-}"#;
+/// A small config the synthetic set (32×32) trains quickly.
+const TINY_CONFIG: &str = include_str!("data/tiny_config.json");
 
 /// An ImageFolder of plain-coloured images: 3 classes × 2 images.
 fn image_folder(dir: &Path) {

@@ -3,5 +3,7 @@
 //! from the launcher's environment.
 
 pub mod autograd;
+pub mod context;
 pub mod loss;
+pub mod share;
 pub mod tensor_parallel;

@@ -4,13 +4,17 @@
 use super::zeroshot::{zero_shot_classifier, zero_shot_logits};
 use crate::data::image_folder::ImageFolder;
 use crate::data::tokenizer::ClipTokenizer;
+use crate::distributed::autograd::all_gather_rows;
+use crate::distributed::share::block;
 use crate::model::CoCa;
 use crate::rng::hash_str;
 use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
+use coca_common::collective::{Collective, ReduceOp};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 /// Zero-shot accuracy in percent; `top5` is `None` below 5 classes.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -63,29 +67,40 @@ fn write_cached(path: &Path, key: &str, classifier: &Tensor) -> Result<()> {
         .with_context(|| format!("cannot write the classifier cache {}", path.display()))
 }
 
-/// The classifier for `folder`: read from `cache` when its key matches, else built (and
-/// written to `cache` when given; a failed write is a warning). Returns it and whether it was cached.
+/// The classifier for `folder`: read from `cache` when its key matches, else built — each rank
+/// of `comm` embedding one block of the classes — and written to `cache` by rank 0 when given
+/// (a failed write is a warning). Returns it and whether it was cached.
 pub fn folder_classifier(
     model: &CoCa,
     weights_key: &str,
     folder: &ImageFolder,
     cache: Option<&Path>,
+    comm: &Arc<dyn Collective>,
 ) -> Result<(Tensor, bool)> {
     let key = classifier_key(weights_key, folder.classnames(), folder.templates());
-    if let Some(c) = cache.and_then(|p| read_cached(p, &key)) {
-        if c.dims2().ok() == Some((model.config.embed_dim, folder.classnames().len())) {
+    let cached = cache
+        .and_then(|p| read_cached(p, &key))
+        .filter(|c| c.dims2().ok() == Some((model.config.embed_dim, folder.classnames().len())));
+    // Every rank must agree on whether to build it (building takes collectives).
+    let mut found = [f32::from(u8::from(cached.is_some()))];
+    comm.all_reduce(&mut found, ReduceOp::Sum)
+        .context("agreeing on the classifier cache")?;
+    if found[0] as usize == comm.size() {
+        if let Some(c) = cached {
             return Ok((c, true));
         }
     }
     let tokenizer = ClipTokenizer::new()?;
-    let classifier = zero_shot_classifier(
-        model,
-        &tokenizer,
-        folder.classnames(),
-        folder.templates(),
-        &Device::Cpu,
-    )?;
-    if let Some(p) = cache {
+    let names = &folder.classnames()[block(folder.classnames().len(), comm.rank(), comm.size())];
+    let mine = if names.is_empty() {
+        Tensor::zeros((0, model.config.embed_dim), DType::F32, &Device::Cpu)?
+    } else {
+        zero_shot_classifier(model, &tokenizer, names, folder.templates(), &Device::Cpu)?
+            .t()?
+            .contiguous()?
+    };
+    let classifier = all_gather_rows(&mine, comm)?.t()?.contiguous()?;
+    if let (Some(p), 0) = (cache, comm.rank()) {
         if let Err(e) = write_cached(p, &key, &classifier) {
             tracing::warn!("{e:#}; the classifier will be rebuilt next time");
         }
@@ -94,13 +109,15 @@ pub fn folder_classifier(
 }
 
 /// Zero-shot top-1/top-5 of `model` on `folder`, `batch_size` images per forward pass, with a
-/// progress bar on stderr.
+/// progress bar on stderr (rank 0). Each rank of `comm` classifies one block of the images and
+/// the hits are summed, so the result is the same for any number of ranks.
 pub fn evaluate(
     model: &CoCa,
     weights_key: &str,
     folder: &ImageFolder,
     cache: Option<&Path>,
     batch_size: usize,
+    comm: &Arc<dyn Collective>,
 ) -> Result<ClassificationResult> {
     ensure!(batch_size > 0, "--batch_size must be positive");
     ensure!(
@@ -108,17 +125,22 @@ pub fn evaluate(
         "{} holds no images",
         folder.root().display()
     );
-    let (classifier, cached) = folder_classifier(model, weights_key, folder, cache)?;
+    let (classifier, cached) = folder_classifier(model, weights_key, folder, cache, comm)?;
     let classes = folder.classnames().len();
     let size = model.config.vision_cfg.image_size;
-    let bar = ProgressBar::new(folder.len() as u64);
+    let mine = block(folder.len(), comm.rank(), comm.size());
+    let bar = if comm.rank() == 0 {
+        ProgressBar::new(mine.len() as u64)
+    } else {
+        ProgressBar::hidden()
+    };
     bar.set_style(
         ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} images [{elapsed} < {eta}]")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar.set_message("zero-shot");
     let (mut top1, mut top5) = (0usize, 0usize);
-    let indices: Vec<usize> = (0..folder.len()).collect();
+    let indices: Vec<usize> = mine.collect();
     for chunk in indices.chunks(batch_size) {
         let mut pixels = Vec::with_capacity(chunk.len() * 3 * size * size);
         let mut labels = Vec::with_capacity(chunk.len());
@@ -140,6 +162,10 @@ pub fn evaluate(
         bar.inc(chunk.len() as u64);
     }
     bar.finish_and_clear();
+    let mut hits = [top1 as f32, top5 as f32];
+    comm.all_reduce(&mut hits, ReduceOp::Sum)
+        .context("summing zero-shot hits over the ranks")?;
+    let (top1, top5) = (hits[0] as usize, hits[1] as usize);
     let n = folder.len() as f64;
     Ok(ClassificationResult {
         top1: 100.0 * top1 as f64 / n,

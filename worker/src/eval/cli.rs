@@ -7,9 +7,13 @@ use super::karpathy::read_eval_split;
 use super::model_args::ModelArgs;
 use super::{classification, retrieval};
 use crate::data::image_folder::ImageFolder;
+use crate::distributed::context::RankContext;
+use crate::distributed::share::{all_gather_strings, block};
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use coca_common::collective::Collective;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// `coca-worker eval` flags.
 #[derive(Debug, Clone, Args)]
@@ -49,8 +53,16 @@ pub struct EvalArgs {
     pub batch_size: usize,
 }
 
-/// Runs the evaluations asked for and returns their JSON lines.
+/// Runs the evaluations asked for and returns their JSON lines (on rank 0; other ranks of a
+/// launched job share the work and return nothing).
 pub fn run(args: &EvalArgs) -> Result<Vec<serde_json::Value>> {
+    let ctx = RankContext::from_env(1, 1)?;
+    let lines = evaluate(args, &ctx.world)?;
+    Ok(if ctx.is_main() { lines } else { Vec::new() })
+}
+
+/// The evaluations, each rank of `comm` taking one block of the images and texts.
+fn evaluate(args: &EvalArgs, comm: &Arc<dyn Collective>) -> Result<Vec<serde_json::Value>> {
     if args.classification_eval.is_none() && args.retrieval.is_none() && args.captioning.is_none() {
         bail!(
             "nothing to evaluate: pass --classification_eval DIR, --retrieval FILE.json or \
@@ -76,6 +88,7 @@ pub fn run(args: &EvalArgs) -> Result<Vec<serde_json::Value>> {
             &folder,
             cache.as_deref(),
             args.batch_size,
+            comm,
         )?;
         lines.push(serde_json::json!({
             "eval": "classification",
@@ -89,7 +102,7 @@ pub fn run(args: &EvalArgs) -> Result<Vec<serde_json::Value>> {
     }
     if let Some(json) = &args.retrieval {
         let split = read_eval_split(json, args.data_root.as_deref())?;
-        let r = retrieval::evaluate(&loaded.model, &split, args.batch_size)?;
+        let r = retrieval::evaluate(&loaded.model, &split, args.batch_size, comm)?;
         let mut line = serde_json::json!({
             "eval": "retrieval",
             "file": json.display().to_string(),
@@ -106,8 +119,10 @@ pub fn run(args: &EvalArgs) -> Result<Vec<serde_json::Value>> {
         let split = read_eval_split(json, args.data_root.as_deref())?;
         let opts = args.generate.options(&loaded.model);
         let paths: Vec<PathBuf> = split.iter().map(|i| i.path.clone()).collect();
-        let captions = caption_files(&loaded.model, &paths, &opts, args.batch_size)?;
-        if let Some(out) = &args.out {
+        let mine = block(paths.len(), comm.rank(), comm.size());
+        let captions = caption_files(&loaded.model, &paths[mine], &opts, args.batch_size)?;
+        let captions = all_gather_strings(comm.as_ref(), &captions)?;
+        if let (Some(out), 0) = (&args.out, comm.rank()) {
             let mut text = String::new();
             for (image, caption) in split.iter().zip(&captions) {
                 text.push_str(

@@ -6,7 +6,7 @@ use super::model_args::ModelArgs;
 use crate::data::tokenizer::ClipTokenizer;
 use crate::model::CoCa;
 use anyhow::{bail, ensure, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use clap::Args;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -34,6 +34,13 @@ pub struct EmbedArgs {
 /// Normalised embeddings `[N, embed_dim]` of image files, `batch_size` per pass.
 pub fn embed_images(model: &CoCa, paths: &[PathBuf], batch_size: usize) -> Result<Tensor> {
     ensure!(batch_size > 0, "--batch_size must be positive");
+    if paths.is_empty() {
+        return Ok(Tensor::zeros(
+            (0, model.config.embed_dim),
+            DType::F32,
+            &Device::Cpu,
+        )?);
+    }
     let size = model.config.vision_cfg.image_size;
     let parts = paths
         .chunks(batch_size)
@@ -45,6 +52,13 @@ pub fn embed_images(model: &CoCa, paths: &[PathBuf], batch_size: usize) -> Resul
 /// Normalised embeddings `[N, embed_dim]` of texts (tokenized at the model's context length).
 pub fn embed_texts(model: &CoCa, texts: &[String], batch_size: usize) -> Result<Tensor> {
     ensure!(batch_size > 0, "--batch_size must be positive");
+    if texts.is_empty() {
+        return Ok(Tensor::zeros(
+            (0, model.config.embed_dim),
+            DType::F32,
+            &Device::Cpu,
+        )?);
+    }
     let tokenizer = ClipTokenizer::new()?;
     let ctx = model.config.text_cfg.context_length;
     let parts = texts

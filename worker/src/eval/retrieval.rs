@@ -4,8 +4,12 @@
 
 use super::embed::{embed_images, embed_texts};
 use super::karpathy::EvalImage;
+use crate::distributed::autograd::all_gather_rows;
+use crate::distributed::share::block;
 use crate::model::CoCa;
 use anyhow::Result;
+use coca_common::collective::Collective;
+use std::sync::Arc;
 
 /// The ks reported.
 pub const KS: [usize; 3] = [1, 5, 10];
@@ -47,8 +51,14 @@ pub fn recall_at_k(scores: &[Vec<f32>], positives: &[Vec<usize>], k: usize) -> f
     100.0 * hits as f64 / scores.len() as f64
 }
 
-/// Embeds every image and caption of `split` and computes recall@1/5/10 both ways.
-pub fn evaluate(model: &CoCa, split: &[EvalImage], batch_size: usize) -> Result<RetrievalResult> {
+/// Embeds every image and caption of `split` (each rank of `comm` one block of each, gathered
+/// in order) and computes recall@1/5/10 both ways.
+pub fn evaluate(
+    model: &CoCa,
+    split: &[EvalImage],
+    batch_size: usize,
+    comm: &Arc<dyn Collective>,
+) -> Result<RetrievalResult> {
     let paths: Vec<_> = split.iter().map(|i| i.path.clone()).collect();
     let mut texts = Vec::new();
     let mut text_image = Vec::new();
@@ -58,8 +68,15 @@ pub fn evaluate(model: &CoCa, split: &[EvalImage], batch_size: usize) -> Result<
             text_image.push(i);
         }
     }
-    let image_emb = embed_images(model, &paths, batch_size)?;
-    let text_emb = embed_texts(model, &texts, batch_size)?;
+    let (rank, world) = (comm.rank(), comm.size());
+    let image_emb = all_gather_rows(
+        &embed_images(model, &paths[block(paths.len(), rank, world)], batch_size)?,
+        comm,
+    )?;
+    let text_emb = all_gather_rows(
+        &embed_texts(model, &texts[block(texts.len(), rank, world)], batch_size)?,
+        comm,
+    )?;
     let scores = image_emb.matmul(&text_emb.t()?)?;
     let i2t: Vec<Vec<f32>> = scores.to_vec2()?;
     let t2i: Vec<Vec<f32>> = scores.t()?.contiguous()?.to_vec2()?;

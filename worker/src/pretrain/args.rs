@@ -6,6 +6,7 @@
 //! with a suggestion (clap's). A flag this build cannot honour is an error from
 //! [`PretrainArgs::validate`], never silently ignored.
 
+use crate::train::trainer::ZeroStage;
 use anyhow::{bail, Result};
 use clap::Args;
 use std::path::PathBuf;
@@ -147,6 +148,28 @@ pub struct PretrainArgs {
 }
 
 impl PretrainArgs {
+    /// The ZeRO stage `--sharding` asks for (`None` without sharding or with a sharding degree
+    /// of 1, where there is nothing to partition).
+    pub fn zero_stage(&self) -> Result<Option<ZeroStage>> {
+        let stage = match self.sharding.trim().to_ascii_lowercase().as_str() {
+            "" => None,
+            "stage1" => Some(ZeroStage::One),
+            "stage2" => Some(ZeroStage::Two),
+            "stage3" => bail!(
+                "--sharding stage3 (parameters partitioned too) is not available; use stage1 or \
+                 stage2"
+            ),
+            other => bail!("--sharding {other:?}: expected stage1 or stage2"),
+        };
+        match (stage, self.sharding_parallel_degree) {
+            (None, d) if d > 1 => {
+                bail!("--sharding_parallel_degree {d} needs --sharding stage1 or --sharding stage2")
+            }
+            (_, 1) => Ok(None),
+            (stage, _) => Ok(stage),
+        }
+    }
+
     /// Rejects what this build cannot honour, naming the flag.
     pub fn validate(&self) -> Result<()> {
         if self.tensor_parallel_degree != 1 {
@@ -156,14 +179,7 @@ impl PretrainArgs {
                 self.tensor_parallel_degree
             );
         }
-        if self.sharding_parallel_degree != 1 || !self.sharding.is_empty() {
-            bail!(
-                "--sharding {:?} / --sharding_parallel_degree {} are not available in this build \
-                 (ZeRO sharding is not implemented yet)",
-                self.sharding,
-                self.sharding_parallel_degree
-            );
-        }
+        self.zero_stage()?;
         if self.bf16 || self.fp16 {
             bail!("--bf16/--fp16: mixed precision needs a GPU build; CPU training runs in float32");
         }

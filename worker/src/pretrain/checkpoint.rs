@@ -2,10 +2,14 @@
 //! safetensors), the optimizer moments, and `trainer_state.json` (steps, data-loader position,
 //! the resolved configuration).
 //!
+//! With ZeRO sharding the optimizer moments are one file per sharding rank plus an index (see
+//! [`super::optimizer_shards`]), all written into the same staging directory.
+//!
 //! A checkpoint is written into a temporary directory and renamed into place, so a crash
 //! mid-write leaves the previous checkpoint whole; older ones beyond `--save_total_limit` are
 //! removed only after the new one is in place.
 
+use super::optimizer_shards::{self, ShardIndex};
 use crate::checkpoint::{read_safetensors, write_safetensors_atomic};
 use crate::data::loader::LoaderPosition;
 use crate::model::CocaConfig;
@@ -83,7 +87,35 @@ fn sync_dir(dir: &Path) {
     }
 }
 
-/// Writes a checkpoint atomically and prunes old ones beyond `keep`.
+/// The optimizer state of a checkpoint as rank 0 writes it.
+pub enum OptimizerState<'a> {
+    /// Moments by parameter name (`optimizer.safetensors`).
+    Named(&'a [(String, Tensor)]),
+    /// Moments in shard files the sharding ranks have already written into the staging
+    /// directory; rank 0 adds the index.
+    Sharded(&'a ShardIndex),
+}
+
+/// The directory a checkpoint is assembled in before it is renamed into place. Its name is
+/// the same in every rank, so sharding ranks can write their blocks into it.
+pub fn staging_dir(output_dir: &Path, step: u64) -> PathBuf {
+    output_dir.join(format!(".checkpoint-{step}.tmp"))
+}
+
+/// Creates an empty staging directory for `step` (rank 0, before the others write into it).
+pub fn begin(output_dir: &Path, step: u64) -> Result<PathBuf> {
+    std::fs::create_dir_all(output_dir)
+        .with_context(|| format!("cannot create {}", output_dir.display()))?;
+    let tmp = staging_dir(output_dir, step);
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)
+            .with_context(|| format!("cannot remove the stale {}", tmp.display()))?;
+    }
+    std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    Ok(tmp)
+}
+
+/// Writes a checkpoint atomically and prunes old ones beyond `keep` (one process).
 pub fn save(
     output_dir: &Path,
     state: &TrainerState,
@@ -91,20 +123,34 @@ pub fn save(
     optimizer: &[(String, Tensor)],
     keep: Option<usize>,
 ) -> Result<PathBuf> {
-    std::fs::create_dir_all(output_dir)
-        .with_context(|| format!("cannot create {}", output_dir.display()))?;
+    begin(output_dir, state.global_step)?;
+    finish(
+        output_dir,
+        state,
+        weights,
+        OptimizerState::Named(optimizer),
+        keep,
+    )
+}
+
+/// Completes the staging directory of `state.global_step` (model, optimizer, state), renames
+/// it into place and prunes old checkpoints beyond `keep` (rank 0).
+pub fn finish(
+    output_dir: &Path,
+    state: &TrainerState,
+    weights: &[(String, Tensor)],
+    optimizer: OptimizerState,
+    keep: Option<usize>,
+) -> Result<PathBuf> {
     let final_dir = checkpoint_dir(output_dir, state.global_step);
-    let tmp = output_dir.join(format!(
-        ".checkpoint-{}.tmp-{}",
-        state.global_step,
-        std::process::id()
-    ));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)?;
-    }
-    std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    let tmp = staging_dir(output_dir, state.global_step);
     write_safetensors_atomic(weights, &tmp.join(MODEL_FILE))?;
-    write_safetensors_atomic(optimizer, &tmp.join(OPTIMIZER_FILE))?;
+    match optimizer {
+        OptimizerState::Named(tensors) => {
+            write_safetensors_atomic(tensors, &tmp.join(OPTIMIZER_FILE))?
+        }
+        OptimizerState::Sharded(index) => optimizer_shards::write_index(&tmp, index)?,
+    }
     let json = serde_json::to_vec_pretty(state)?;
     let state_path = tmp.join(STATE_FILE);
     std::fs::write(&state_path, json)
@@ -114,11 +160,10 @@ pub fn save(
     if final_dir.exists() {
         // Re-saving the same step (e.g. after a restart): replace it only once the new one is
         // complete.
-        let old = output_dir.join(format!(
-            ".checkpoint-{}.old-{}",
-            state.global_step,
-            std::process::id()
-        ));
+        let old = output_dir.join(format!(".checkpoint-{}.old", state.global_step));
+        if old.exists() {
+            std::fs::remove_dir_all(&old)?;
+        }
         std::fs::rename(&final_dir, &old)?;
         std::fs::rename(&tmp, &final_dir)?;
         std::fs::remove_dir_all(&old)?;
@@ -181,11 +226,17 @@ pub fn load(dir: &Path, config: &CocaConfig) -> Result<LoadedCheckpoint> {
     let weights: Vec<(String, Tensor)> = read_safetensors(&dir.join(MODEL_FILE))?;
     crate::checkpoint::check_against_model(&weights, config)
         .with_context(|| format!("checkpoint {}", dir.display()))?;
-    let optimizer = read_safetensors(&dir.join(OPTIMIZER_FILE))?;
+    let optimizer = if dir.join(optimizer_shards::INDEX_FILE).is_file() {
+        optimizer_shards::read_sharded(dir)?
+    } else {
+        read_safetensors(&dir.join(OPTIMIZER_FILE))?
+            .into_iter()
+            .collect()
+    };
     Ok(LoadedCheckpoint {
         dir: dir.to_path_buf(),
         state,
         weights: weights.into_iter().collect(),
-        optimizer: optimizer.into_iter().collect(),
+        optimizer,
     })
 }

@@ -27,13 +27,29 @@ pub struct RunLog {
     bar: ProgressBar,
     /// `--disable_tqdm`: lines go straight to stderr (a hidden bar drops them).
     hidden: bool,
-    jsonl: PathBuf,
+    /// `None` on ranks other than 0: one rank writes the shared files.
+    jsonl: Option<PathBuf>,
     history: Vec<(u64, f64)>,
 }
 
 impl RunLog {
     /// A bar over `total_steps` starting at `start_step` (hidden with `--disable_tqdm`).
     pub fn new(output_dir: &Path, start_step: u64, total_steps: u64, hidden: bool) -> Result<Self> {
+        Self::create(output_dir, start_step, total_steps, hidden, true)
+    }
+
+    /// For ranks other than 0: metrics lines on stderr (the rank's log), no bar, no files.
+    pub fn lines_only(output_dir: &Path, start_step: u64, total_steps: u64) -> Result<Self> {
+        Self::create(output_dir, start_step, total_steps, true, false)
+    }
+
+    fn create(
+        output_dir: &Path,
+        start_step: u64,
+        total_steps: u64,
+        hidden: bool,
+        files: bool,
+    ) -> Result<Self> {
         std::fs::create_dir_all(output_dir)
             .with_context(|| format!("cannot create {}", output_dir.display()))?;
         let bar = ProgressBar::with_draw_target(
@@ -54,7 +70,7 @@ impl RunLog {
         Ok(Self {
             bar,
             hidden,
-            jsonl: output_dir.join("metrics.jsonl"),
+            jsonl: files.then(|| output_dir.join("metrics.jsonl")),
             history: Vec::new(),
         })
     }
@@ -76,12 +92,20 @@ impl RunLog {
             "step {} epoch {:.2}: loss {:.4} contrastive {:.4} caption {:.4} lr {:.3e} grad_norm {:.3} {:.1} samples/s",
             m.step, m.epoch, m.loss, m.contrastive_loss, m.caption_loss, m.learning_rate, m.grad_norm, m.samples_per_s
         ));
+        self.append(&line)
+    }
+
+    /// Appends one JSON line to `metrics.jsonl` (rank 0 only).
+    fn append(&self, line: &str) -> Result<()> {
+        let Some(path) = &self.jsonl else {
+            return Ok(());
+        };
         let mut f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(&self.jsonl)
-            .with_context(|| format!("cannot open {}", self.jsonl.display()))?;
-        writeln!(f, "{line}").with_context(|| format!("cannot write {}", self.jsonl.display()))?;
+            .open(path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        writeln!(f, "{line}").with_context(|| format!("cannot write {}", path.display()))?;
         Ok(())
     }
 
@@ -102,13 +126,7 @@ impl RunLog {
             "zeroshot_top5": result.top5,
             "zeroshot_images": result.images,
         });
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.jsonl)
-            .with_context(|| format!("cannot open {}", self.jsonl.display()))?;
-        writeln!(f, "{line}").with_context(|| format!("cannot write {}", self.jsonl.display()))?;
-        Ok(())
+        self.append(&line.to_string())
     }
 
     /// Prints a line above the bar.
@@ -123,7 +141,7 @@ impl RunLog {
     /// Closes the bar and draws the loss curve of this run's steps into `path`.
     pub fn finish(self, path: &Path) -> Result<()> {
         self.bar.finish_and_clear();
-        if self.history.len() >= 2 {
+        if self.history.len() >= 2 && self.jsonl.is_some() {
             draw_curve(&self.history, path)?;
         }
         Ok(())

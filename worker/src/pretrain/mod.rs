@@ -1,8 +1,10 @@
-//! `coca-worker pretrain`: the seed's training command on one process.
+//! `coca-worker pretrain`: the seed's training command, one rank of a job or a job of one.
 
 pub mod args;
 pub mod checkpoint;
 pub mod demo;
 pub mod metrics;
 pub mod model_source;
+pub mod optimizer_shards;
+pub mod rank_checkpoint;
 pub mod run;

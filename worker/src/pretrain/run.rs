@@ -1,10 +1,13 @@
-//! The training loop of `coca-worker pretrain` (one process, world size 1).
+//! The training loop of `coca-worker pretrain`, one rank of a data-parallel job (or a job of
+//! one). Every rank trains; rank 0 alone writes checkpoints, metrics, evaluations and the demo
+//! report (the weights are identical on every rank).
 
 use super::args::PretrainArgs;
 use super::checkpoint::{self, TrainerState};
 use super::demo;
 use super::metrics::{RunLog, StepMetrics};
 use super::model_source::{resolve_model, ResolvedModel};
+use super::rank_checkpoint;
 use crate::data::image_folder::ImageFolder;
 use crate::data::loader::{CaptionSource, Loader, LoaderPosition};
 use crate::data::parts::ShardSpec;
@@ -13,6 +16,7 @@ use crate::data::synthetic::SyntheticCaptions;
 use crate::data::synthetic_source::SyntheticSource;
 use crate::data::tokenizer::ClipTokenizer;
 use crate::data::train_set::open_train_set;
+use crate::distributed::context::{PeerFailed, RankContext};
 use crate::distributed::loss::ContrastiveSpan;
 use crate::eval::classification::evaluate;
 use crate::model::trainable::trainable_model;
@@ -20,13 +24,13 @@ use crate::model::{CoCa, CocaLossConfig};
 use crate::train::adamw::AdamWConfig;
 use crate::train::groups::TowerGroups;
 use crate::train::schedule::CosineSchedule;
-use crate::train::trainer::{Trainer, TrainerConfig};
+use crate::train::trainer::{Trainer, TrainerConfig, TrainerGroups};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Samples in the built-in synthetic training set.
 pub const SYNTHETIC_TRAIN_LEN: usize = 20_000;
@@ -64,21 +68,23 @@ fn defaults(demo: bool) -> Defaults {
 
 /// The data set `--task_name` names (see [`crate::data::train_set`]), and whether it is the
 /// built-in synthetic set. Records skipped while indexing are logged as warnings.
-fn resolve_data(args: &PretrainArgs, image_size: usize) -> Result<(Arc<dyn CaptionSource>, bool)> {
+fn resolve_data(args: &PretrainArgs, image_size: usize, shard: ShardSpec) -> Result<TrainData> {
     match args.task_name.as_deref() {
         None | Some("synthetic") => {
             let set = SyntheticCaptions::new(args.seed, SYNTHETIC_TRAIN_LEN, image_size as u32);
-            Ok((Arc::new(SyntheticSource { set }), true))
+            Ok(TrainData {
+                source: Arc::new(SyntheticSource { set }),
+                synthetic: true,
+                per_rank: false,
+            })
         }
         Some(name) => {
-            // One process: rank 0 of 1 (check_world_size), so a per-rank source is the whole set
-            // and the sampler below takes it as it is.
             let set = open_train_set(
                 name,
                 args.data_root.as_deref(),
                 image_size,
                 args.seed,
-                ShardSpec::single(),
+                shard,
             )?;
             for reason in &set.skipped {
                 tracing::warn!("skipped {reason}");
@@ -90,42 +96,80 @@ fn resolve_data(args: &PretrainArgs, image_size: usize) -> Result<(Arc<dyn Capti
                 );
             }
             eprintln!("data: {}", set.description);
-            Ok((set.source, false))
+            Ok(TrainData {
+                source: set.source,
+                synthetic: false,
+                per_rank: set.per_rank,
+            })
         }
     }
 }
 
-/// World size from the launcher's environment; this build trains in one process.
-fn check_world_size() -> Result<()> {
-    let world: usize = match std::env::var("WORLD_SIZE") {
-        Ok(v) => v
-            .parse()
-            .with_context(|| format!("WORLD_SIZE={v:?} is not a number"))?,
-        Err(_) => 1,
-    };
-    if world != 1 {
-        bail!("WORLD_SIZE={world}: data-parallel training is not available in this build; run one worker");
-    }
-    Ok(())
+/// The training samples of this rank.
+struct TrainData {
+    source: Arc<dyn CaptionSource>,
+    /// The built-in synthetic set (demo defaults and report).
+    synthetic: bool,
+    /// `source` holds only this rank's share (see [`crate::data::train_set::TrainSet`]).
+    per_rank: bool,
 }
 
-/// Runs `pretrain`.
+/// Runs `pretrain` as the rank the launcher's environment describes (or alone).
 pub fn run(args: PretrainArgs) -> Result<()> {
     args.validate()?;
-    check_world_size()?;
+    let ctx = RankContext::from_env(args.tensor_parallel_degree, args.sharding_parallel_degree)?;
+    let result = train(&args, &ctx);
+    match result {
+        Err(e) if ctx.peer_failed(PEER_VERDICT_WAIT) => Err(e.context(PeerFailed)),
+        other => other,
+    }
+}
+
+/// How long a rank whose collective failed waits to learn whether another rank failed first.
+const PEER_VERDICT_WAIT: Duration = Duration::from_secs(3);
+
+/// The newest checkpoint to resume from: after a restart (generation > 0) the newest in
+/// `--output_dir`, whatever `--resume_from_checkpoint` said; otherwise that flag.
+fn resume_dir(args: &PretrainArgs, ctx: &RankContext) -> Result<Option<std::path::PathBuf>> {
+    if ctx.generation > 0 {
+        if let Some((_, dir)) = checkpoint::list_checkpoints(&args.output_dir)?.pop() {
+            eprintln!(
+                "restart {}: resuming from the newest checkpoint {}",
+                ctx.generation,
+                dir.display()
+            );
+            return Ok(Some(dir));
+        }
+    }
+    match &args.resume_from_checkpoint {
+        Some(v) => checkpoint::resolve_resume(v, &args.output_dir),
+        None => Ok(None),
+    }
+}
+
+/// Trains as rank `ctx.rank`.
+fn train(args: &PretrainArgs, ctx: &RankContext) -> Result<()> {
+    let args = args.clone();
     let device = Device::Cpu;
+    let data_rank = ctx.topology.data_rank(ctx.rank)?;
+    let data_world = ctx.topology.data_world();
     let ResolvedModel { config, weights } = resolve_model(&args)?;
-    let (source, is_synthetic) = resolve_data(&args, config.vision_cfg.image_size)?;
+    let TrainData {
+        source,
+        synthetic: is_synthetic,
+        per_rank,
+    } = resolve_data(
+        &args,
+        config.vision_cfg.image_size,
+        ShardSpec::new(data_rank, data_world)?,
+    )?;
     let d = defaults(is_synthetic && args.model.is_none());
     let batch = args.per_device_train_batch_size.unwrap_or(d.batch);
     let accum = args.gradient_accumulation_steps;
     let tokenizer = Arc::new(ClipTokenizer::new()?);
-    let ctx = config.text_cfg.context_length;
+    let text_len = config.text_cfg.context_length;
 
-    let resume = match &args.resume_from_checkpoint {
-        Some(v) => checkpoint::resolve_resume(v, &args.output_dir)?,
-        None => None,
-    };
+    let resume = resume_dir(&args, ctx)?;
     let resumed = match &resume {
         Some(dir) => Some(checkpoint::load(dir, &config)?),
         None => None,
@@ -143,9 +187,25 @@ pub fn run(args: PretrainArgs) -> Result<()> {
         text_lr: args.text_lr,
         text_wd: args.text_wd,
     };
-    let sampler = DistributedSampler::new(source.len(), args.seed, batch, 0, 1)?;
+    // A per-rank source is this rank's whole share; otherwise the rank takes its slice of each
+    // global batch, so that the global batches are the same whatever the world size.
+    let sampler = if per_rank {
+        DistributedSampler::new(source.len(), args.seed, batch, 0, 1)?
+    } else {
+        DistributedSampler::new(source.len(), args.seed, batch, data_rank, data_world)?
+    };
     let batches_per_epoch = sampler.batches_per_epoch();
-    let steps_per_epoch = (batches_per_epoch / accum).max(1);
+    // Ranks holding different shares agree on the shortest epoch, so they take the same steps.
+    let steps_batches = if per_rank {
+        let mut all = vec![0f32; ctx.data.size()];
+        ctx.data
+            .all_gather(&[batches_per_epoch as f32], &mut all)
+            .context("agreeing on the epoch length")?;
+        all.into_iter().fold(f32::MAX, f32::min) as usize
+    } else {
+        batches_per_epoch
+    };
+    let steps_per_epoch = (steps_batches / accum).max(1);
     let total_steps = match args.max_steps {
         Some(s) if s > 0 => s as u64,
         _ => (args.num_train_epochs.unwrap_or(d.epochs) * steps_per_epoch as f64).ceil() as u64,
@@ -171,7 +231,13 @@ pub fn run(args: PretrainArgs) -> Result<()> {
             gather_with_grad: args.gather_with_grad,
         },
     };
-    let mut trainer = Trainer::new(model, &vars, &groups, trainer_config)?;
+    let trainer_groups = TrainerGroups {
+        data: ctx.data.clone(),
+        sharding: ctx.sharding.clone(),
+        replicas: ctx.replicas.clone(),
+        stage: args.zero_stage()?,
+    };
+    let mut trainer = Trainer::in_groups(model, &vars, &groups, trainer_config, trainer_groups)?;
     let mut position = LoaderPosition::default();
     if let Some(c) = &resumed {
         trainer.restore_optimizer(&c.optimizer, c.state.adam_step, c.state.global_step)?;
@@ -186,7 +252,7 @@ pub fn run(args: PretrainArgs) -> Result<()> {
     let mut loader = Loader::new(
         source.clone(),
         sampler,
-        Arc::new(move |caption: &str| tok.tokenize(caption, ctx)),
+        Arc::new(move |caption: &str| tok.tokenize(caption, text_len)),
         args.dataloader_num_workers,
         position,
     )?;
@@ -222,15 +288,20 @@ pub fn run(args: PretrainArgs) -> Result<()> {
             folder,
             None,
             args.per_device_eval_batch_size,
+            &ctx.data,
         )?;
         log.log_eval(step, &result)
     };
-    let mut log = RunLog::new(
-        &args.output_dir,
-        trainer.step,
-        total_steps,
-        args.disable_tqdm,
-    )?;
+    let mut log = if ctx.is_main() {
+        RunLog::new(
+            &args.output_dir,
+            trainer.step,
+            total_steps,
+            args.disable_tqdm,
+        )?
+    } else {
+        RunLog::lines_only(&args.output_dir, trainer.step, total_steps)?
+    };
     let image_size = config.vision_cfg.image_size;
     let mut nonfinite_in_a_row = 0;
     let mut skipped_total = 0usize;
@@ -244,16 +315,14 @@ pub fn run(args: PretrainArgs) -> Result<()> {
             model_config: config.clone(),
             run: run_record.clone(),
         };
-        let weights = vars.tensors();
-        let dir = checkpoint::save(
+        rank_checkpoint::save(
+            ctx,
             &args.output_dir,
             &state,
-            &weights,
-            &trainer.optimizer_tensors()?,
+            trainer,
+            &vars,
             args.save_total_limit,
-        )?;
-        tracing::info!("saved {}", dir.display());
-        Ok(())
+        )
     };
     while trainer.step < total_steps {
         let started = Instant::now();
@@ -271,7 +340,7 @@ pub fn run(args: PretrainArgs) -> Result<()> {
                 continue;
             }
             let images = Tensor::from_vec(b.images, (b.len, 3, image_size, image_size), &device)?;
-            let text = Tensor::from_vec(b.tokens, (b.len, ctx), &device)?;
+            let text = Tensor::from_vec(b.tokens, (b.len, text_len), &device)?;
             let loss = trainer.backward(&images, &text, 1.0 / accum as f64)?;
             finite &= loss.total.is_finite();
             sums[0] += loss.total / accum as f64;
@@ -307,7 +376,7 @@ pub fn run(args: PretrainArgs) -> Result<()> {
             caption_loss: sums[2],
             learning_rate: groups.lr * report.lr_factor,
             grad_norm: report.grad_norm,
-            samples_per_s: samples as f64 / started.elapsed().as_secs_f64(),
+            samples_per_s: (samples * data_world) as f64 / started.elapsed().as_secs_f64(),
             skipped_samples: skipped_total,
         };
         log.step(&metrics);
@@ -331,7 +400,7 @@ pub fn run(args: PretrainArgs) -> Result<()> {
     if skipped_total > 0 {
         eprintln!("{skipped_total} samples were skipped in all (see the epoch reports above)");
     }
-    if is_synthetic {
+    if is_synthetic && ctx.is_main() {
         drop(loader);
         demo::report(
             &trainer.model,

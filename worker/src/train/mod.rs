@@ -3,5 +3,6 @@
 pub mod adamw;
 pub mod flat;
 pub mod groups;
+pub mod partition;
 pub mod schedule;
 pub mod trainer;

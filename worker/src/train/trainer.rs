@@ -1,11 +1,21 @@
-//! One optimizer step of CoCa: forward and backward over micro-batches, gradient clipping,
-//! AdamW over flat buffers, and the logit-scale clamp.
+//! One optimizer step of CoCa: forward and backward over micro-batches, the gradient reduction
+//! over the data-parallel group (ZeRO stage 1 or 2 when sharded), clipping by the true global
+//! norm, AdamW over this rank's partition of the flat buffers, and the logit-scale clamp.
+//!
+//! Without sharding every rank all-reduces the whole gradient and updates everything. With
+//! `--sharding stage1` the gradient is still all-reduced, but each sharding rank updates only
+//! its [`Partition`] (and holds AdamW moments only for it), then the parameters are
+//! all-gathered. `stage2` also partitions the gradient: each micro-batch's gradient is
+//! reduce-scattered at once, so between micro-batches and after the reduction a rank keeps only
+//! its block. The clipping norm is always the norm of the whole reduced gradient (partial
+//! squared norms summed over the sharding group), never a rank's partial view.
 
-use super::adamw::{clip_to_norm, AdamWConfig, FlatAdamW};
-use super::flat::{FlatParams, GroupRule};
+use super::adamw::{clip_to_norm, global_norm, AdamWConfig, FlatAdamW};
+use super::flat::{FlatParams, GroupRule, Segment};
+use super::partition::Partition;
 use super::schedule::CosineSchedule;
 use crate::distributed::loss::{coca_group_loss, ContrastiveSpan, LossValues};
-use crate::distributed::tensor_parallel::global_grad_norm;
+use crate::distributed::tensor_parallel::{global_grad_norm, squared_grad_norm};
 use crate::model::trainable::TrainableWeights;
 use crate::model::{CoCa, CocaLossConfig};
 use anyhow::{bail, Context, Result};
@@ -14,12 +24,12 @@ use coca_common::collective::{Collective, ReduceOp, SingleProcess};
 use std::collections::HashMap;
 use std::sync::Arc;
 
+/// `logit_scale` is clamped to `[0, ln 100]` after every update, as open_clip does.
+pub const LOGIT_SCALE_MAX: f32 = 4.605_170_2;
+
 /// Gradients are all-reduced in buckets of this many elements (64 MiB of f32), which bounds
 /// the transport's buffers without costing bandwidth.
 const GRAD_BUCKET: usize = 16 << 20;
-
-/// `logit_scale` is clamped to `[0, ln 100]` after every update, as open_clip does.
-pub const LOGIT_SCALE_MAX: f32 = 4.605_170_2;
 
 /// Everything that decides an update besides the data.
 #[derive(Debug, Clone, Copy)]
@@ -30,6 +40,46 @@ pub struct TrainerConfig {
     pub schedule: CosineSchedule,
     pub loss: CocaLossConfig,
     pub span: ContrastiveSpan,
+}
+
+/// ZeRO's stages (`--sharding stage1|stage2`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ZeroStage {
+    /// Optimizer state partitioned.
+    One,
+    /// Optimizer state and gradients partitioned.
+    Two,
+}
+
+/// The process groups a trainer reduces over.
+#[derive(Clone)]
+pub struct TrainerGroups {
+    /// Ranks that read different samples (dp × sharding): the loss spans them and their
+    /// gradients are summed.
+    pub data: Arc<dyn Collective>,
+    /// Ranks partitioning the optimizer state (a group of one: no sharding).
+    pub sharding: Arc<dyn Collective>,
+    /// The ranks holding the same partition in the other data-parallel replicas.
+    pub replicas: Arc<dyn Collective>,
+    /// `None`: no sharding (the sharding group must then be a group of one).
+    pub stage: Option<ZeroStage>,
+}
+
+impl TrainerGroups {
+    /// One process.
+    pub fn single() -> Self {
+        Self::data_parallel(Arc::new(SingleProcess))
+    }
+
+    /// Plain data parallelism over `data`.
+    pub fn data_parallel(data: Arc<dyn Collective>) -> Self {
+        Self {
+            data,
+            sharding: Arc::new(SingleProcess),
+            replicas: Arc::new(SingleProcess),
+            stage: None,
+        }
+    }
 }
 
 /// What one update did.
@@ -45,11 +95,21 @@ pub struct UpdateReport {
     pub applied: bool,
 }
 
+/// Bytes a rank holds for training, from the real buffers (the memory report of `bench`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct TrainerMemory {
+    pub parameters: usize,
+    /// Gradient kept between micro-batches and after the reduction.
+    pub gradients: usize,
+    pub optimizer_state: usize,
+}
+
 /// The model with its optimizer state.
 pub struct Trainer {
     pub model: CoCa,
     params: FlatParams,
     values: Vec<f32>,
+    /// Accumulated gradient: the whole buffer, or (stage 2) this rank's reduced block.
     grads: Vec<f32>,
     pub optimizer: FlatAdamW,
     config: TrainerConfig,
@@ -57,8 +117,10 @@ pub struct Trainer {
     logit_scale_offset: Option<usize>,
     /// Schedule steps taken (applied or skipped).
     pub step: u64,
-    /// The ranks that read different samples and reduce gradients together.
-    data_group: Arc<dyn Collective>,
+    groups: TrainerGroups,
+    partition: Partition,
+    /// The segments of `partition`, offsets relative to its start.
+    owned: Vec<Segment>,
 }
 
 impl Trainer {
@@ -70,42 +132,74 @@ impl Trainer {
         groups: &dyn GroupRule,
         config: TrainerConfig,
     ) -> Result<Self> {
-        Self::in_group(model, weights, groups, config, Arc::new(SingleProcess))
+        Self::in_groups(model, weights, groups, config, TrainerGroups::single())
     }
 
-    /// Like [`Self::new`], reducing gradients over `data_group`. Every member must start from
-    /// the same weights.
-    pub fn in_group(
+    /// Like [`Self::new`], reducing over `groups`. Every member must start from the same
+    /// weights.
+    pub fn in_groups(
         model: CoCa,
         weights: &TrainableWeights,
-        groups: &dyn GroupRule,
+        rule: &dyn GroupRule,
         config: TrainerConfig,
-        data_group: Arc<dyn Collective>,
+        groups: TrainerGroups,
     ) -> Result<Self> {
         let vars = weights.iter().cloned().collect();
-        let params = FlatParams::new(vars, groups)?;
+        let params = FlatParams::new(vars, rule)?;
         let values = params.gather_values()?;
         let logit_scale_offset = params
             .segments()
             .iter()
             .find(|s| s.name == "logit_scale")
             .map(|s| s.offset);
+        let partition = match groups.stage {
+            None if groups.sharding.size() > 1 => {
+                bail!(
+                    "a sharding group of {} needs a ZeRO stage",
+                    groups.sharding.size()
+                )
+            }
+            None => Partition::whole(params.len()),
+            Some(_) => Partition::new(params.len(), groups.sharding.rank(), groups.sharding.size()),
+        };
+        let grad_len = match groups.stage {
+            Some(ZeroStage::Two) => partition.len(),
+            _ => params.len(),
+        };
         Ok(Self {
             model,
-            grads: vec![0.0; params.len()],
-            optimizer: FlatAdamW::new(params.len(), config.adamw),
+            grads: vec![0.0; grad_len],
+            optimizer: FlatAdamW::new(partition.len(), config.adamw),
             values,
+            owned: partition.segments(params.segments()),
+            partition,
             params,
             config,
             logit_scale_offset,
             step: 0,
-            data_group,
+            groups,
         })
     }
 
     /// The flat parameter layout.
     pub fn params(&self) -> &FlatParams {
         &self.params
+    }
+
+    /// The block of the flat buffers this rank updates.
+    pub fn partition(&self) -> Partition {
+        self.partition
+    }
+
+    /// Bytes held for parameters, kept gradients and optimizer state.
+    pub fn memory(&self) -> TrainerMemory {
+        let f32_bytes = std::mem::size_of::<f32>();
+        TrainerMemory {
+            parameters: self.values.len() * f32_bytes,
+            gradients: self.grads.len() * f32_bytes,
+            optimizer_state: (self.optimizer.exp_avg.len() + self.optimizer.exp_avg_sq.len())
+                * f32_bytes,
+        }
     }
 
     /// Forward and backward on this member's part of one micro-batch; the gradients of its share
@@ -118,14 +212,35 @@ impl Trainer {
         loss_scale: f64,
     ) -> Result<LossValues> {
         let out = self.model.forward(images, text)?;
-        let loss = coca_group_loss(&out, &self.config.loss, self.config.span, &self.data_group)?;
+        let loss = coca_group_loss(&out, &self.config.loss, self.config.span, &self.groups.data)?;
         let values = loss.values;
-        if values.total.is_finite() {
-            let grads = (loss.share * loss_scale)?.backward()?;
+        if !values.total.is_finite() {
+            return Ok(values);
+        }
+        let grads = (loss.share * loss_scale)?.backward()?;
+        if self.groups.stage != Some(ZeroStage::Two) {
             self.params
                 .accumulate_grads(&grads, &mut self.grads)
                 .context("accumulating gradients")?;
+            return Ok(values);
         }
+        // Stage 2: reduce this micro-batch's gradient at once and keep only this rank's block.
+        let p = self.partition;
+        let mut full = vec![0f32; p.padded_total()];
+        self.params
+            .accumulate_grads(&grads, &mut full[..self.params.len()])
+            .context("accumulating gradients")?;
+        let mut block = vec![0f32; p.block];
+        self.groups
+            .sharding
+            .reduce_scatter(&full, &mut block, ReduceOp::Sum)
+            .context("reduce-scattering gradients over the sharding group")?;
+        drop(full);
+        self.groups
+            .replicas
+            .all_reduce(&mut block, ReduceOp::Sum)
+            .context("all-reducing gradient blocks over the data-parallel replicas")?;
+        self.grads.iter_mut().zip(&block).for_each(|(g, b)| *g += b);
         Ok(values)
     }
 
@@ -143,17 +258,44 @@ impl Trainer {
         report
     }
 
-    /// Clips, updates and clamps from the accumulated gradients, then clears them. Non-finite
-    /// gradients skip the update (the schedule still advances).
+    /// Reduces the accumulated gradients, clips, updates this rank's partition, gathers the
+    /// parameters and clamps, then clears the gradients. Non-finite gradients skip the update
+    /// on every rank alike (the schedule still advances).
     pub fn update(&mut self) -> Result<UpdateReport> {
-        for bucket in self.grads.chunks_mut(GRAD_BUCKET) {
-            self.data_group
-                .all_reduce(bucket, ReduceOp::Sum)
-                .context("all-reducing gradients over the data-parallel group")?;
-        }
-        // Under tensor parallelism each member holds only its shards' gradients: the norm sums
-        // them over the TP group (`global_norm` at degree 1, bit for bit).
-        let grad_norm = global_grad_norm(&self.grads, self.params.segments(), &self.model.tp)?;
+        let p = self.partition;
+        let owned: &mut [f32] = match self.groups.stage {
+            Some(ZeroStage::Two) => &mut self.grads,
+            _ => {
+                for bucket in self.grads.chunks_mut(GRAD_BUCKET) {
+                    self.groups
+                        .data
+                        .all_reduce(bucket, ReduceOp::Sum)
+                        .context("all-reducing gradients over the data-parallel group")?;
+                }
+                &mut self.grads[p.start..p.end]
+            }
+        };
+        // Under tensor parallelism a rank holds only its shards' gradients: the split
+        // parameters' squares are also summed over the TP group (plain `global_norm` at
+        // degree 1, bit for bit).
+        let tp = &self.model.tp;
+        let grad_norm = if self.groups.sharding.size() == 1 {
+            global_grad_norm(owned, &self.owned, tp)?
+        } else {
+            // The true norm: every block's squared norm, summed over the sharding group.
+            let partial = if tp.is_single() {
+                let norm = global_norm(owned);
+                norm * norm
+            } else {
+                squared_grad_norm(owned, &self.owned, tp)?
+            };
+            let mut squares = [partial as f32];
+            self.groups
+                .sharding
+                .all_reduce(&mut squares, ReduceOp::Sum)
+                .context("summing squared gradient norms over the sharding group")?;
+            (squares[0] as f64).sqrt()
+        };
         let lr_factor = self.config.schedule.factor(self.step);
         let report = UpdateReport {
             step: self.step,
@@ -164,14 +306,25 @@ impl Trainer {
         self.step += 1;
         if report.applied {
             if let Some(max) = self.config.max_grad_norm {
-                clip_to_norm(&mut self.grads, grad_norm, max);
+                clip_to_norm(owned, grad_norm, max);
             }
             self.optimizer.update(
-                &mut self.values,
-                &self.grads,
-                self.params.segments(),
+                &mut self.values[p.start..p.end],
+                owned,
+                &self.owned,
                 lr_factor,
             );
+            if self.groups.sharding.size() > 1 {
+                let mut block = vec![0f32; p.block];
+                block[..p.len()].copy_from_slice(&self.values[p.start..p.end]);
+                let mut all = vec![0f32; p.padded_total()];
+                self.groups
+                    .sharding
+                    .all_gather(&block, &mut all)
+                    .context("all-gathering parameters over the sharding group")?;
+                let total = self.values.len();
+                self.values.copy_from_slice(&all[..total]);
+            }
             if let Some(i) = self.logit_scale_offset {
                 self.values[i] = self.values[i].clamp(0.0, LOGIT_SCALE_MAX);
             }
@@ -187,8 +340,12 @@ pub const MOMENT_NAMES: [&str; 2] = ["exp_avg", "exp_avg_sq"];
 
 impl Trainer {
     /// The optimizer's moments as named tensors (`exp_avg.<param>`, `exp_avg_sq.<param>`), so a
-    /// checkpoint does not depend on the flat layout it was saved from.
+    /// checkpoint does not depend on the flat layout it was saved from. Unsharded trainers only
+    /// (a sharded one saves [`Self::optimizer_block`]).
     pub fn optimizer_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        if self.partition.len() != self.params.len() {
+            bail!("a sharded trainer saves its optimizer block, not named tensors");
+        }
         let mut out = Vec::with_capacity(2 * self.params.segments().len());
         for (prefix, buffer) in MOMENT_NAMES
             .iter()
@@ -203,18 +360,39 @@ impl Trainer {
         Ok(out)
     }
 
-    /// Restores the moments saved by [`Self::optimizer_tensors`] and the step counters.
+    /// This rank's block of the moments as 1-D tensors named `exp_avg` and `exp_avg_sq`
+    /// (covering flat elements `partition().start..end`).
+    pub fn optimizer_block(&self) -> Result<Vec<(String, Tensor)>> {
+        MOMENT_NAMES
+            .iter()
+            .zip([&self.optimizer.exp_avg, &self.optimizer.exp_avg_sq])
+            .map(|(name, buffer)| {
+                Ok((
+                    name.to_string(),
+                    Tensor::from_slice(buffer, buffer.len(), &Device::Cpu)?,
+                ))
+            })
+            .collect()
+    }
+
+    /// Restores moments saved under parameter names (by any layout: each rank copies the part
+    /// of every tensor its partition covers) and the step counters.
     pub fn restore_optimizer(
         &mut self,
         tensors: &HashMap<String, Tensor>,
         adam_step: u64,
         schedule_step: u64,
     ) -> Result<()> {
+        let p = self.partition;
         for (prefix, buffer) in MOMENT_NAMES
             .iter()
             .zip([&mut self.optimizer.exp_avg, &mut self.optimizer.exp_avg_sq])
         {
             for s in self.params.segments() {
+                let (from, to) = (s.offset.max(p.start), (s.offset + s.len).min(p.end));
+                if from >= to {
+                    continue;
+                }
                 let name = format!("{prefix}.{}", s.name);
                 let t = tensors
                     .get(&name)
@@ -229,8 +407,9 @@ impl Trainer {
                 let values = t
                     .to_dtype(candle_core::DType::F32)?
                     .flatten_all()?
+                    .narrow(0, from - s.offset, to - from)?
                     .to_vec1::<f32>()?;
-                buffer[s.offset..s.offset + s.len].copy_from_slice(&values);
+                buffer[from - p.start..to - p.start].copy_from_slice(&values);
             }
         }
         self.optimizer.step = adam_step;

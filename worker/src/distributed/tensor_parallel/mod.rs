@@ -198,14 +198,21 @@ pub fn check_degree(config: &CocaConfig, degree: usize) -> Result<()> {
 }
 
 /// The global L2 norm of the whole model's gradients when each member holds the flat gradient
-/// buffer `grads` of its own shards, laid out by `segments` (the trainer's flat layout): the
-/// split parameters' squares are summed over the group, the replicated ones (identical on every
-/// member) counted once. The same value on every member; non-finite on every member when any
-/// member's gradients are. Degree 1 is [`global_norm`], bit for bit.
+/// buffer `grads` of its own shards, laid out by `segments` (the trainer's flat layout, offsets
+/// relative to `grads`): the split parameters' squares are summed over the group, the
+/// replicated ones (identical on every member) counted once. The same value on every member;
+/// non-finite on every member when any member's gradients are. Degree 1 is [`global_norm`],
+/// bit for bit.
 pub fn global_grad_norm(grads: &[f32], segments: &[Segment], tp: &TensorParallel) -> Result<f64> {
     if tp.is_single() {
         return Ok(global_norm(grads));
     }
+    Ok(squared_grad_norm(grads, segments, tp)?.sqrt())
+}
+
+/// The square of [`global_grad_norm`] (to be summed further, e.g. over a sharding group whose
+/// members each hold a block of the flat buffer: pass the block and its segments).
+pub fn squared_grad_norm(grads: &[f32], segments: &[Segment], tp: &TensorParallel) -> Result<f64> {
     let (mut split, mut replicated) = (0f64, 0f64);
     for s in segments {
         ensure!(
@@ -223,6 +230,9 @@ pub fn global_grad_norm(grads: &[f32], segments: &[Segment], tp: &TensorParallel
             split += sq;
         }
     }
+    if tp.is_single() {
+        return Ok(split + replicated);
+    }
     // The collective carries f32: each member's f64 goes as a high and a low part (≈ 48 bits),
     // summed in f64 in member order (the same bits on every member).
     let hi = split as f32;
@@ -232,7 +242,7 @@ pub fn global_grad_norm(grads: &[f32], segments: &[Segment], tp: &TensorParallel
         .all_gather(&mine, &mut all)
         .context("summing the split gradients' squares over the tensor-parallel group")?;
     let split: f64 = all.iter().map(|&x| x as f64).sum();
-    Ok((split + replicated).sqrt())
+    Ok(split + replicated)
 }
 
 /// A group that only knows its layout; every collective is an error.

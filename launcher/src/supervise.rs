@@ -1,0 +1,504 @@
+//! The launcher's life: check the layout, host (node 0) or join the control plane, rendezvous,
+//! start this node's workers, and react to the first of: every worker done, a worker failing
+//! here, an abort or restart from the control plane, or a signal to the launcher.
+
+use crate::args::{node_layout, nproc_per_node, CommandLine, LauncherArgs, NodeLayout};
+use crate::process::{describe, WorkerProcess, WorkerSpec};
+use crate::summary;
+use crate::worker_flags::degree_flag;
+use anyhow::{bail, Context, Result};
+use coca_common::control::{
+    ClientConfig, ControlClient, ControlServer, Event, ExitKind, FailureReport, Identity, Plan,
+    ServerConfig, Token,
+};
+use coca_common::topology::Topology;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs, UdpSocket};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// A failure of the control plane itself (exit code 3), as opposed to a worker's.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ControlPlaneError(pub String);
+
+/// How often the launcher looks at its workers, the control plane and signals.
+const POLL: Duration = Duration::from_millis(50);
+/// How long a launcher that reported a local failure waits for the control plane's verdict
+/// before stopping on its own.
+const VERDICT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A worker's exit code meaning "stopped because another rank failed" (coca-worker's
+/// `EXIT_PEER_FAILED`): reported only if no other failure is heard of within
+/// [`COLLATERAL_DELAY`], so the summary names the rank that failed first.
+const EXIT_PEER_FAILED: i32 = 75;
+const COLLATERAL_DELAY: Duration = Duration::from_secs(3);
+
+/// Everything fixed for the job's lifetime on this node.
+struct Job {
+    args: LauncherArgs,
+    worker_args: Vec<String>,
+    worker_binary: PathBuf,
+    layout: NodeLayout,
+    nproc: usize,
+    topology: Topology,
+    token: Token,
+    control_addr: SocketAddr,
+    advertise: IpAddr,
+    visible_gpus: Vec<String>,
+}
+
+/// SIGINT, SIGTERM and SIGHUP: while workers run, recorded for the supervision loop (which
+/// stops the workers in order); while none run (rendezvous), the default action — the
+/// launcher just ends.
+struct Signals {
+    received: Arc<AtomicUsize>,
+    idle: Arc<AtomicBool>,
+}
+
+impl Signals {
+    fn install() -> Result<Self> {
+        let received = Arc::new(AtomicUsize::new(0));
+        let idle = Arc::new(AtomicBool::new(true));
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            signal_hook::flag::register_conditional_default(sig, idle.clone())
+                .context("cannot install signal handlers")?;
+            signal_hook::flag::register_usize(sig, received.clone(), sig as usize)
+                .context("cannot install signal handlers")?;
+        }
+        Ok(Self { received, idle })
+    }
+}
+
+/// How one generation of workers ended.
+enum Outcome {
+    Finished,
+    Restart,
+    Failed(i32),
+}
+
+/// Runs the launcher; the exit code as described in `main.rs`.
+pub fn run(command_line: CommandLine) -> Result<i32> {
+    let CommandLine {
+        launcher: args,
+        worker: worker_args,
+    } = command_line;
+    let layout = node_layout(&args, |k| std::env::var(k).ok())?;
+    let visible_gpus = visible_gpus();
+    let nproc = nproc_per_node(&args.nproc_per_node, visible_gpus.len())?;
+    let tp = degree_flag(&worker_args, "tensor_parallel_degree")?;
+    let sharding = degree_flag(&worker_args, "sharding_parallel_degree")?;
+    // Checked before anything starts, so a bad layout fails here with the arithmetic.
+    let topology = Topology::new(layout.nnodes * nproc, tp, sharding)?;
+    if !nproc.is_multiple_of(tp) {
+        tracing::warn!(
+            "--tensor_parallel_degree {tp} does not divide --nproc-per-node {nproc}: tensor-parallel \
+             groups will span nodes"
+        );
+    }
+    let worker_binary = coca_common::worker_binary::worker_beside_current_exe()?;
+    std::fs::create_dir_all(&args.log_dir)
+        .with_context(|| format!("cannot create --log-dir {}", args.log_dir.display()))?;
+    let token = job_token(&args, &layout)?;
+
+    let server = if layout.node_rank == 0 {
+        let bind_ip = if layout.standalone {
+            IpAddr::V4(Ipv4Addr::LOCALHOST)
+        } else {
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+        };
+        let bind = SocketAddr::new(bind_ip, layout.master_port.unwrap_or(0));
+        let server = ControlServer::start(ServerConfig {
+            bind,
+            token: token.clone(),
+            nnodes: layout.nnodes,
+            rdzv_timeout: args.rdzv_timeout(),
+            heartbeat_timeout: Duration::from_secs(args.heartbeat_timeout),
+            max_restarts: args.max_restarts,
+        })
+        .with_context(|| format!("cannot host the control plane on {bind}"))?;
+        tracing::info!("control plane listening on {}", server.local_addr());
+        Some(server)
+    } else {
+        None
+    };
+    let control_addr = match &server {
+        Some(s) => SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), s.local_addr().port()),
+        None => resolve(&layout.master_addr, layout.master_port.unwrap_or_default())?,
+    };
+    let advertise = if layout.standalone {
+        IpAddr::V4(Ipv4Addr::LOCALHOST)
+    } else {
+        local_ip_towards(resolve(
+            &layout.master_addr,
+            layout.master_port.unwrap_or(1),
+        )?)?
+    };
+    let client = ControlClient::connect(
+        ClientConfig {
+            server: control_addr,
+            token: token.clone(),
+            connect_timeout: args.rdzv_timeout(),
+            heartbeat_interval: Duration::from_secs(1),
+        },
+        Identity::Node {
+            node_rank: layout.node_rank,
+            nproc,
+            host: advertise.to_string(),
+        },
+    )
+    .map_err(|e| ControlPlaneError(format!("{e:#}")))?;
+    let job = Job {
+        args,
+        worker_args,
+        worker_binary,
+        layout,
+        nproc,
+        topology,
+        token,
+        control_addr,
+        advertise,
+        visible_gpus,
+    };
+    let signals = Signals::install()?;
+    let result = generations(&job, &client, &signals);
+    if server.is_some() {
+        // Give the other nodes a moment to receive the verdict before node 0's service goes.
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    client.close();
+    drop(server);
+    result
+}
+
+/// Rendezvous, run, and again after each restart.
+fn generations(job: &Job, client: &ControlClient, signals: &Signals) -> Result<i32> {
+    loop {
+        let plan = client
+            .rendezvous(job.args.rdzv_timeout())
+            .map_err(|e| ControlPlaneError(format!("{e:#}")))?;
+        if plan.world != job.topology.world {
+            bail!(ControlPlaneError(format!(
+                "the nodes disagree on the world size: the control plane counts {} workers, this \
+                 node expects {}",
+                plan.world, job.topology.world
+            )));
+        }
+        tracing::info!(
+            "generation {}: {} node(s), {} worker(s); this node runs ranks {}..{}",
+            plan.generation,
+            plan.nodes.len(),
+            plan.world,
+            plan.rank_offset(job.layout.node_rank),
+            plan.rank_offset(job.layout.node_rank) + job.nproc
+        );
+        signals.idle.store(false, Ordering::SeqCst);
+        let workers = start_workers(job, &plan)?;
+        let outcome = supervise(job, client, &plan, workers, &signals.received);
+        signals.idle.store(true, Ordering::SeqCst);
+        match outcome? {
+            Outcome::Finished => return Ok(0),
+            Outcome::Failed(code) => return Ok(code),
+            Outcome::Restart => continue,
+        }
+    }
+}
+
+/// Starts this node's workers with the torchrun environment plus the control plane's.
+fn start_workers(job: &Job, plan: &Plan) -> Result<Vec<WorkerProcess>> {
+    let offset = plan.rank_offset(job.layout.node_rank);
+    let t = &job.topology;
+    let mut workers = Vec::with_capacity(job.nproc);
+    for local_rank in 0..job.nproc {
+        let rank = offset + local_rank;
+        let c = t.coordinates(rank)?;
+        let mut env: Vec<(String, String)> = [
+            ("RANK", rank.to_string()),
+            ("LOCAL_RANK", local_rank.to_string()),
+            ("WORLD_SIZE", t.world.to_string()),
+            ("LOCAL_WORLD_SIZE", job.nproc.to_string()),
+            ("GROUP_RANK", job.layout.node_rank.to_string()),
+            ("NODE_RANK", job.layout.node_rank.to_string()),
+            ("MASTER_ADDR", job.control_addr.ip().to_string()),
+            ("MASTER_PORT", job.control_addr.port().to_string()),
+            ("TORCHELASTIC_RESTART_COUNT", plan.generation.to_string()),
+            ("COCA_CONTROL_ADDR", job.control_addr.to_string()),
+            ("COCA_CONTROL_TOKEN", job.token.to_hex()),
+            ("COCA_GENERATION", plan.generation.to_string()),
+            ("COCA_ADVERTISE_HOST", job.advertise.to_string()),
+            ("COCA_TENSOR_PARALLEL_DEGREE", t.tp.to_string()),
+            ("COCA_SHARDING_PARALLEL_DEGREE", t.sharding.to_string()),
+            ("COCA_DATA_PARALLEL_DEGREE", t.dp.to_string()),
+            ("COCA_TP_RANK", c.tp.to_string()),
+            ("COCA_SHARDING_RANK", c.sharding.to_string()),
+            ("COCA_DP_RANK", c.dp.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        if let Some(device) = job.visible_gpus.get(local_rank) {
+            env.push(("CUDA_VISIBLE_DEVICES".to_string(), device.clone()));
+        }
+        workers.push(WorkerProcess::spawn(WorkerSpec {
+            binary: &job.worker_binary,
+            args: &job.worker_args,
+            env,
+            rank,
+            log_dir: &job.args.log_dir,
+            echo: local_rank == 0,
+        })?);
+    }
+    Ok(workers)
+}
+
+fn now_unix() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Watches one generation of workers until the job finishes, fails or restarts.
+fn supervise(
+    job: &Job,
+    client: &ControlClient,
+    plan: &Plan,
+    mut workers: Vec<WorkerProcess>,
+    signals: &AtomicUsize,
+) -> Result<Outcome> {
+    let node_rank = job.layout.node_rank;
+    let mut reported: Option<(FailureReport, Instant)> = None;
+    let mut collateral: Option<(FailureReport, Instant)> = None;
+    let mut done_reported = false;
+    loop {
+        let sig = signals.swap(0, Ordering::SeqCst);
+        if sig != 0 {
+            tracing::warn!(
+                "received {}: stopping this node's workers",
+                crate::process::signal_name(sig as i32)
+            );
+            let failure = FailureReport {
+                generation: plan.generation,
+                node_rank,
+                rank: None,
+                pid: Some(std::process::id()),
+                exit: ExitKind::Signal(sig as i32),
+                cause: format!(
+                    "the launcher of node {node_rank} received {}",
+                    crate::process::signal_name(sig as i32)
+                ),
+                last_lines: Vec::new(),
+                unix_time_s: now_unix(),
+            };
+            let _ = client.report_failure(failure);
+            stop_all(&mut workers, job.args.grace_period);
+            return Ok(Outcome::Failed(128 + sig as i32));
+        }
+        for w in workers.iter_mut() {
+            let before = w.status.is_some();
+            let Some(status) = w.poll()? else { continue };
+            if before {
+                continue;
+            }
+            if status.success() {
+                tracing::info!("rank {} finished", w.rank);
+                continue;
+            }
+            let (words, _) = describe(status);
+            tracing::error!("rank {} (pid {}) failed: {words}", w.rank, w.pid);
+            if reported.is_none() {
+                let failure = FailureReport {
+                    generation: plan.generation,
+                    node_rank,
+                    rank: Some(w.rank),
+                    pid: Some(w.pid),
+                    exit: match (
+                        status.code(),
+                        std::os::unix::process::ExitStatusExt::signal(&status),
+                    ) {
+                        (Some(c), _) => ExitKind::Code(c),
+                        (None, Some(s)) => ExitKind::Signal(s),
+                        _ => ExitKind::Lost,
+                    },
+                    cause: format!(
+                        "rank {} on node {node_rank} ended with {words} (log: {})",
+                        w.rank,
+                        w.log_path.display()
+                    ),
+                    last_lines: w.tail(),
+                    unix_time_s: now_unix(),
+                };
+                if status.code() == Some(EXIT_PEER_FAILED) {
+                    collateral.get_or_insert((failure, Instant::now()));
+                } else {
+                    report(client, &failure);
+                    reported = Some((failure, Instant::now()));
+                }
+            }
+        }
+        if let Some((failure, at)) = &collateral {
+            if reported.is_none() && at.elapsed() > COLLATERAL_DELAY {
+                report(client, failure);
+                reported = Some((failure.clone(), Instant::now()));
+            }
+        }
+        if !done_reported
+            && reported.is_none()
+            && collateral.is_none()
+            && workers.iter().all(|w| w.status.is_some())
+        {
+            client
+                .report_done()
+                .map_err(|e| ControlPlaneError(format!("{e:#}")))?;
+            done_reported = true;
+        }
+        match client.events().try_recv() {
+            Ok(Event::Finished) => {
+                tracing::info!("every worker on every node finished");
+                return Ok(Outcome::Finished);
+            }
+            Ok(Event::Restart {
+                generation,
+                failure,
+            }) => {
+                eprintln!("{}", summary::render(&failure));
+                eprintln!(
+                    "coca-launch: restarting every worker (generation {generation} of at most {})",
+                    job.args.max_restarts
+                );
+                stop_all(&mut workers, job.args.grace_period);
+                return Ok(Outcome::Restart);
+            }
+            Ok(Event::Abort { reason, failure }) => {
+                stop_all(&mut workers, job.args.grace_period);
+                return Ok(match failure {
+                    Some(f) => {
+                        eprintln!("{}", summary::render(&f));
+                        Outcome::Failed(summary::exit_code(&f))
+                    }
+                    None if done_reported => {
+                        tracing::warn!("{reason} after this node's workers finished");
+                        Outcome::Finished
+                    }
+                    None => {
+                        bail!(ControlPlaneError(format!("the job was aborted: {reason}")))
+                    }
+                });
+            }
+            Err(e) if e.is_empty() => {}
+            Err(_) => {
+                stop_all(&mut workers, job.args.grace_period);
+                bail!(ControlPlaneError("lost the control plane".to_string()));
+            }
+        }
+        if let Some((failure, at)) = &reported {
+            if at.elapsed() > VERDICT_TIMEOUT {
+                tracing::error!("no answer from the control plane; stopping on our own");
+                stop_all(&mut workers, job.args.grace_period);
+                eprintln!("{}", summary::render(failure));
+                return Ok(Outcome::Failed(summary::exit_code(failure)));
+            }
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// Tells the control plane about a local failure (logged when that fails too).
+fn report(client: &ControlClient, failure: &FailureReport) {
+    if let Err(e) = client.report_failure(failure.clone()) {
+        tracing::error!("cannot report the failure to the control plane: {e:#}");
+    }
+}
+
+/// SIGTERM to every live worker's group, SIGKILL after `grace_s`, and reap them all.
+fn stop_all(workers: &mut [WorkerProcess], grace_s: u64) {
+    for w in workers.iter() {
+        w.signal(libc::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(grace_s);
+    loop {
+        let alive = workers
+            .iter_mut()
+            .map(|w| !matches!(w.poll(), Ok(Some(_)) | Err(_)))
+            .filter(|&running| running)
+            .count();
+        if alive == 0 {
+            return;
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for w in workers.iter() {
+        w.signal(libc::SIGKILL);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline
+        && workers
+            .iter_mut()
+            .any(|w| !matches!(w.poll(), Ok(Some(_)) | Err(_)))
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The job secret: random for a standalone job, given for a multi-node one.
+fn job_token(args: &LauncherArgs, layout: &NodeLayout) -> Result<Token> {
+    if let Some(secret) = &args.rdzv_token {
+        return Token::from_secret(secret).context("--rdzv-token / COCA_RDZV_TOKEN");
+    }
+    if let Some(file) = &args.rdzv_token_file {
+        return Token::from_file(file);
+    }
+    if layout.standalone {
+        return Token::random();
+    }
+    bail!(
+        "a multi-node job needs its secret: --rdzv-token, COCA_RDZV_TOKEN or --rdzv-token-file \
+         (the same on every node; for example `openssl rand -hex 32`)"
+    )
+}
+
+/// `host:port` as a socket address (the first IPv4 one when there are several).
+fn resolve(host: &str, port: u16) -> Result<SocketAddr> {
+    let addrs: Vec<SocketAddr> = (host, port)
+        .to_socket_addrs()
+        .with_context(|| format!("cannot resolve --master-addr {host:?}"))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .with_context(|| format!("--master-addr {host:?} resolves to no address"))
+}
+
+/// The local address the kernel would use to reach `target` (no packet is sent).
+fn local_ip_towards(target: SocketAddr) -> Result<IpAddr> {
+    let bind: SocketAddr = if target.is_ipv4() {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = UdpSocket::bind(bind).context("cannot open a UDP socket")?;
+    socket
+        .connect(target)
+        .with_context(|| format!("no route to the master address {target}"))?;
+    Ok(socket.local_addr()?.ip())
+}
+
+/// GPU ids this launcher may hand out: `CUDA_VISIBLE_DEVICES`, else the NVIDIA driver's list.
+fn visible_gpus() -> Vec<String> {
+    if let Ok(list) = std::env::var("CUDA_VISIBLE_DEVICES") {
+        return list
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty() && *s != "-1")
+            .map(str::to_string)
+            .collect();
+    }
+    match std::fs::read_dir("/proc/driver/nvidia/gpus") {
+        Ok(entries) => (0..entries.count()).map(|i| i.to_string()).collect(),
+        Err(_) => Vec::new(),
+    }
+}

@@ -1,0 +1,543 @@
+//! Data-parallel training under `coca-launch`: 1, 2 and 4 processes and two simulated nodes end
+//! with the same parameters; a killed worker stops every node promptly; restarts resume from
+//! the latest checkpoint and end where an uninterrupted run does.
+
+mod common;
+
+use common::jobs::{alive, descendants, free_udp_port, kill, wait_for_path, worker_pid, Job};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const JOB_LIMIT: Duration = Duration::from_secs(240);
+
+/// `pretrain` flags of a short run on the synthetic set with the tiny model.
+fn pretrain_flags(config: &str, out: &Path, per_device_batch: usize, steps: usize) -> Vec<String> {
+    [
+        "pretrain",
+        "--model",
+        config,
+        "--max_steps",
+        &steps.to_string(),
+        "--per_device_train_batch_size",
+        &per_device_batch.to_string(),
+        "--learning_rate",
+        "1e-3",
+        // open_clip's epsilon for ViT CoCa; with 1e-8, parameters whose true gradient is zero
+        // (the key bias: softmax ignores it) move by Adam-normalised rounding noise.
+        "--adam_epsilon",
+        "1e-6",
+        "--warmup_steps",
+        "2",
+        "--logging_steps",
+        "1",
+        "--seed",
+        "5",
+        "--disable_tqdm",
+        "True",
+        "--output_dir",
+        out.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn launcher_flags(list: &[&str], worker: &[String]) -> Vec<String> {
+    let mut v: Vec<String> = list.iter().map(|s| s.to_string()).collect();
+    v.push("--".into());
+    v.extend_from_slice(worker);
+    v
+}
+
+/// Every tensor of `b` within `tol` of `a`, absolute or relative to the tensor's largest
+/// magnitude (parameters that start at zero stay small for the first steps).
+fn assert_same_weights(a: &Path, b: &Path, tol: f32, what: &str) {
+    let (a, b) = (
+        common::load(&a.to_path_buf()),
+        common::load(&b.to_path_buf()),
+    );
+    assert_eq!(a.len(), b.len(), "{what}: different tensor sets");
+    let mut worst = (0f32, 0f32, String::new());
+    for (name, ta) in &a {
+        let tb = b
+            .get(name)
+            .unwrap_or_else(|| panic!("{what}: {name} is missing"));
+        let diff = common::max_abs_diff(ta, tb);
+        let rel = diff / common::max_abs(ta).max(1e-12);
+        assert!(
+            diff <= tol || rel <= tol,
+            "{what}: {name} differs by {diff:.3e} ({rel:.3e} relative; tolerance {tol:.0e})"
+        );
+        if diff > worst.0 {
+            worst = (diff, rel, name.clone());
+        }
+    }
+    eprintln!(
+        "{what}: largest difference {:.3e} ({:.3e} relative) in {}",
+        worst.0, worst.1, worst.2
+    );
+}
+
+/// The losses rank 0 logged.
+fn losses(out: &Path) -> Vec<f64> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["loss"].as_f64())
+        .collect()
+}
+
+fn run_launcher(flags: Vec<String>) -> String {
+    let mut job = Job::start("coca-launch", &flags);
+    let (code, out, err) = job.finish(JOB_LIMIT);
+    assert_eq!(code, 0, "coca-launch {flags:?}\n{out}\n{err}");
+    out
+}
+
+#[test]
+fn one_two_four_processes_and_two_nodes_train_the_same_parameters() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = common::tiny_config(tmp.path());
+    let steps = 4;
+    let global_batch = 8;
+    let single = tmp.path().join("single");
+    let flags = pretrain_flags(&config, &single, global_batch, steps);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let (code, out, err) = common::run("coca-worker", &flags);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let reference = single.join(format!("checkpoint-{steps}/model.safetensors"));
+    let reference_losses = losses(&single);
+    assert_eq!(reference_losses.len(), steps);
+
+    // (processes per node, nodes, extra pretrain flags): every contrastive layout open_clip has.
+    let layouts: [(usize, usize, &[&str]); 3] = [
+        (2, 1, &[]),
+        (
+            4,
+            1,
+            &["--gather_with_grad", "True", "--local_loss", "True"],
+        ),
+        (2, 2, &["--gather_with_grad", "True"]),
+    ];
+    for (nproc, nnodes, extra) in layouts {
+        let world = nproc * nnodes;
+        let what = format!("{nnodes} node(s) × {nproc} processes {extra:?}");
+        let out_dir = tmp.path().join(format!("n{nnodes}p{nproc}"));
+        let mut worker = pretrain_flags(&config, &out_dir, global_batch / world, steps);
+        worker.extend(extra.iter().map(|s| s.to_string()));
+        let log_dir = out_dir.join("logs");
+        let log_dir = log_dir.to_str().unwrap();
+        let nproc_s = nproc.to_string();
+        if nnodes == 1 {
+            let stdout = run_launcher(launcher_flags(
+                &["--nproc-per-node", &nproc_s, "--log-dir", log_dir],
+                &worker,
+            ));
+            assert!(
+                stdout.contains("[rank 0]"),
+                "local rank 0 is echoed: {stdout}"
+            );
+            for rank in 0..world {
+                assert!(Path::new(log_dir)
+                    .join(format!("workerlog.{rank}"))
+                    .is_file());
+            }
+        } else {
+            let port = free_udp_port().to_string();
+            let mut jobs: Vec<Job> = (0..nnodes)
+                .map(|node| {
+                    let node = node.to_string();
+                    Job::start(
+                        "coca-launch",
+                        &launcher_flags(
+                            &[
+                                "--nnodes",
+                                "2",
+                                "--node_rank",
+                                &node,
+                                "--nproc_per_node",
+                                &nproc_s,
+                                "--master_addr",
+                                "127.0.0.1",
+                                "--master_port",
+                                &port,
+                                "--rdzv_token",
+                                "a-test-secret-of-enough-length",
+                                "--log-dir",
+                                log_dir,
+                            ],
+                            &worker,
+                        ),
+                    )
+                })
+                .collect();
+            for job in jobs.iter_mut() {
+                let (code, out, err) = job.finish(JOB_LIMIT);
+                assert_eq!(code, 0, "{what}\n{out}\n{err}");
+            }
+        }
+        let got = out_dir.join(format!("checkpoint-{steps}/model.safetensors"));
+        assert_same_weights(&reference, &got, 1e-5, &what);
+        let got_losses = losses(&out_dir);
+        assert_eq!(got_losses.len(), steps, "{what}");
+        for (a, b) in reference_losses.iter().zip(&got_losses) {
+            assert!((a - b).abs() <= 1e-5 * a.abs(), "{what}: loss {b} vs {a}");
+        }
+    }
+}
+
+/// Starts two simulated nodes of two workers each on a long run.
+fn two_nodes(tmp: &Path, extra_launcher: &[&str]) -> (Vec<Job>, std::path::PathBuf) {
+    let config = common::tiny_config(tmp);
+    let out_dir = tmp.join("run");
+    let worker = pretrain_flags(&config, &out_dir, 4, 100_000);
+    let port = free_udp_port().to_string();
+    let log_dir = tmp.join("logs");
+    let jobs = (0..2)
+        .map(|node| {
+            let node = node.to_string();
+            let mut flags = vec![
+                "--nnodes",
+                "2",
+                "--node-rank",
+                &node,
+                "--nproc-per-node",
+                "2",
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                &port,
+                "--rdzv-token",
+                "a-test-secret-of-enough-length",
+                "--heartbeat-timeout",
+                "4",
+                "--log-dir",
+                log_dir.to_str().unwrap(),
+            ];
+            flags.extend_from_slice(extra_launcher);
+            Job::start("coca-launch", &launcher_flags(&flags, &worker))
+        })
+        .collect();
+    (jobs, out_dir)
+}
+
+#[test]
+fn a_killed_worker_stops_every_node_within_ten_seconds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut jobs, out_dir) = two_nodes(tmp.path(), &[]);
+    wait_for_path(&out_dir.join("metrics.jsonl"), JOB_LIMIT);
+    let workers: Vec<u32> = jobs.iter().flat_map(|j| descendants(j.pid())).collect();
+    assert_eq!(workers.len(), 4, "two workers per node");
+    let victim = worker_pid(jobs[1].pid(), 3, Duration::from_secs(5));
+    let killed_at = Instant::now();
+    kill(victim, "-9");
+    let mut stderr = String::new();
+    for job in jobs.iter_mut() {
+        let left = Duration::from_secs(10).saturating_sub(killed_at.elapsed());
+        let code = job.wait(left);
+        let (_, err) = job.output();
+        assert_eq!(
+            code,
+            Some(137),
+            "the first failure's code (SIGKILL) comes back\n{err}"
+        );
+        stderr.push_str(&err);
+    }
+    let took = killed_at.elapsed();
+    assert!(took <= Duration::from_secs(10), "took {took:?}");
+    assert!(
+        stderr.contains("rank 3"),
+        "the failed rank is named: {stderr}"
+    );
+    assert!(stderr.contains("SIGKILL"), "{stderr}");
+    std::thread::sleep(Duration::from_millis(200));
+    let left: Vec<u32> = workers.into_iter().filter(|&p| alive(p)).collect();
+    assert!(left.is_empty(), "workers still running: {left:?}");
+}
+
+#[test]
+fn a_launcher_killed_with_sigkill_takes_its_workers_with_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = common::tiny_config(tmp.path());
+    let out_dir = tmp.path().join("run");
+    let worker = pretrain_flags(&config, &out_dir, 4, 100_000);
+    let log_dir = tmp.path().join("logs");
+    let mut job = Job::start(
+        "coca-launch",
+        &launcher_flags(
+            &[
+                "--nproc-per-node",
+                "2",
+                "--log-dir",
+                log_dir.to_str().unwrap(),
+            ],
+            &worker,
+        ),
+    );
+    wait_for_path(&out_dir.join("metrics.jsonl"), JOB_LIMIT);
+    let workers = descendants(job.pid());
+    assert_eq!(workers.len(), 2);
+    job.signal("-9");
+    assert!(job.wait(Duration::from_secs(5)).is_some());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while workers.iter().any(|&p| alive(p)) {
+        assert!(Instant::now() < deadline, "orphaned workers: {workers:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn sigterm_to_a_launcher_stops_the_job_on_every_node() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut jobs, out_dir) = two_nodes(tmp.path(), &[]);
+    wait_for_path(&out_dir.join("metrics.jsonl"), JOB_LIMIT);
+    let workers: Vec<u32> = jobs.iter().flat_map(|j| descendants(j.pid())).collect();
+    jobs[0].signal("-TERM");
+    for job in jobs.iter_mut() {
+        let code = job.wait(Duration::from_secs(10));
+        assert!(
+            matches!(code, Some(c) if c != 0),
+            "{code:?} {:?}",
+            job.output()
+        );
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(workers.iter().all(|&p| !alive(p)));
+}
+
+#[test]
+fn with_max_restarts_a_killed_worker_restarts_the_job_from_its_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = common::tiny_config(tmp.path());
+    let steps = 30;
+    let single = tmp.path().join("single");
+    let mut flags = pretrain_flags(&config, &single, 16, steps);
+    flags.extend(["--save_steps".to_string(), "4".to_string()]);
+    let flags_ref: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let (code, out, err) = common::run("coca-worker", &flags_ref);
+    assert_eq!(code, 0, "{out}\n{err}");
+
+    let out_dir = tmp.path().join("restarted");
+    let mut worker = pretrain_flags(&config, &out_dir, 8, steps);
+    worker.extend(["--save_steps".to_string(), "4".to_string()]);
+    let log_dir = tmp.path().join("logs");
+    let mut job = Job::start(
+        "coca-launch",
+        &launcher_flags(
+            &[
+                "--nproc-per-node",
+                "2",
+                "--max-restarts",
+                "1",
+                "--log-dir",
+                log_dir.to_str().unwrap(),
+            ],
+            &worker,
+        ),
+    );
+    wait_for_path(&out_dir.join("checkpoint-4"), JOB_LIMIT);
+    kill(worker_pid(job.pid(), 1, Duration::from_secs(5)), "-9");
+    let (code, out, err) = job.finish(JOB_LIMIT);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(err.contains("restarting"), "{err}");
+    assert!(out.contains("resuming from"), "{out}");
+    assert_same_weights(
+        &single.join(format!("checkpoint-{steps}/model.safetensors")),
+        &out_dir.join(format!("checkpoint-{steps}/model.safetensors")),
+        1e-5,
+        "restarted run",
+    );
+}
+
+#[test]
+fn a_node_without_the_token_cannot_join() {
+    let tmp = tempfile::tempdir().unwrap();
+    let port = free_udp_port().to_string();
+    let start = |node: &str, token: &str| {
+        Job::start(
+            "coca-launch",
+            &launcher_flags(
+                &[
+                    "--nnodes",
+                    "2",
+                    "--node-rank",
+                    node,
+                    "--master-addr",
+                    "127.0.0.1",
+                    "--master-port",
+                    &port,
+                    "--rdzv-token",
+                    token,
+                    "--rdzv-timeout",
+                    "6",
+                    "--log-dir",
+                    tmp.path().join("logs").to_str().unwrap(),
+                ],
+                &["--version".to_string()],
+            ),
+        )
+    };
+    let mut node0 = start("0", "the-right-secret-0123456789");
+    let mut intruder = start("1", "a-wrong-secret-0123456789ab");
+    let (code, _, err) = intruder.finish(Duration::from_secs(30));
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("bad token"), "{err}");
+    let (code, _, err) = node0.finish(Duration::from_secs(30));
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("node 1"), "the missing node is named: {err}");
+}
+
+/// Runs `pretrain` with `flags` under a one-node launcher of `nproc` workers.
+fn launch_local(nproc: usize, worker: &[String], log_dir: &Path) {
+    run_launcher(launcher_flags(
+        &[
+            "--nproc-per-node",
+            &nproc.to_string(),
+            "--log-dir",
+            log_dir.to_str().unwrap(),
+        ],
+        worker,
+    ));
+}
+
+fn with(mut flags: Vec<String>, extra: &[&str]) -> Vec<String> {
+    flags.extend(extra.iter().map(|s| s.to_string()));
+    flags
+}
+
+#[test]
+fn zero_stage1_and_stage2_train_the_same_parameters_and_their_checkpoints_load_anywhere() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = common::tiny_config(tmp.path());
+    let (steps, global_batch) = (4, 8);
+    let logs = tmp.path().join("logs");
+    // One process, saving halfway.
+    let single = tmp.path().join("single");
+    let flags = with(
+        pretrain_flags(&config, &single, global_batch, steps),
+        &["--save_steps", "2"],
+    );
+    let flags_ref: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let (code, out, err) = common::run("coca-worker", &flags_ref);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let reference = single.join(format!("checkpoint-{steps}/model.safetensors"));
+    let final_of = |dir: &Path| dir.join(format!("checkpoint-{steps}/model.safetensors"));
+
+    // (sharding degree, stage) on 4 processes; dp fills the rest.
+    for (sharding, stage) in [(2, "stage1"), (2, "stage2"), (4, "stage2")] {
+        let out_dir = tmp.path().join(format!("{stage}x{sharding}"));
+        let worker = with(
+            pretrain_flags(&config, &out_dir, global_batch / 4, steps),
+            &[
+                "--sharding_parallel_degree",
+                &sharding.to_string(),
+                "--sharding",
+                stage,
+                "--save_steps",
+                "2",
+            ],
+        );
+        launch_local(4, &worker, &logs);
+        assert_same_weights(
+            &reference,
+            &final_of(&out_dir),
+            1e-5,
+            &format!("{stage} × {sharding}"),
+        );
+        assert!(
+            out_dir
+                .join("checkpoint-2/optimizer-shard-00001-of-00002.safetensors")
+                .is_file()
+                || sharding == 4
+        );
+        assert_eq!(losses(&out_dir).len(), steps);
+    }
+
+    // A stage2 × 4 checkpoint resumes as stage1 × 2 and as one process; a one-process
+    // checkpoint resumes as stage2 × 4.
+    let sharded_ckpt = tmp.path().join("stage2x4/checkpoint-2");
+    assert!(sharded_ckpt.join("optimizer.index.json").is_file());
+    let resumed = tmp.path().join("resumed-stage1x2");
+    launch_local(
+        2,
+        &with(
+            pretrain_flags(&config, &resumed, global_batch / 2, steps),
+            &[
+                "--sharding_parallel_degree",
+                "2",
+                "--sharding",
+                "stage1",
+                "--resume_from_checkpoint",
+                sharded_ckpt.to_str().unwrap(),
+            ],
+        ),
+        &logs,
+    );
+    assert_same_weights(&reference, &final_of(&resumed), 1e-5, "stage2×4 → stage1×2");
+    let resumed = tmp.path().join("resumed-single");
+    let flags = with(
+        pretrain_flags(&config, &resumed, global_batch, steps),
+        &["--resume_from_checkpoint", sharded_ckpt.to_str().unwrap()],
+    );
+    let flags_ref: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let (code, out, err) = common::run("coca-worker", &flags_ref);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_same_weights(
+        &reference,
+        &final_of(&resumed),
+        1e-5,
+        "stage2×4 → one process",
+    );
+    let resumed = tmp.path().join("resumed-stage2x4");
+    launch_local(
+        4,
+        &with(
+            pretrain_flags(&config, &resumed, global_batch / 4, steps),
+            &[
+                "--sharding_parallel_degree",
+                "4",
+                "--sharding",
+                "stage2",
+                "--resume_from_checkpoint",
+                single.join("checkpoint-2").to_str().unwrap(),
+            ],
+        ),
+        &logs,
+    );
+    assert_same_weights(
+        &reference,
+        &final_of(&resumed),
+        1e-5,
+        "one process → stage2×4",
+    );
+}
+
+#[test]
+fn a_launcher_waiting_for_its_peers_stops_on_sigterm() {
+    let tmp = tempfile::tempdir().unwrap();
+    let port = free_udp_port().to_string();
+    let mut node0 = Job::start(
+        "coca-launch",
+        &launcher_flags(
+            &[
+                "--nnodes",
+                "2",
+                "--node-rank",
+                "0",
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                &port,
+                "--rdzv-token",
+                "a-test-secret-of-enough-length",
+                "--log-dir",
+                tmp.path().join("logs").to_str().unwrap(),
+            ],
+            &["--version".to_string()],
+        ),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    node0.signal("-TERM");
+    let code = node0.wait(Duration::from_secs(5));
+    assert_eq!(code, Some(128 + 15), "{:?}", node0.output());
+}

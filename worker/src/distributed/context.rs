@@ -1,0 +1,200 @@
+//! This process's place in a job, read from the launcher's environment: its rank, the
+//! topology, the control-plane connection and the process groups it communicates over.
+//!
+//! Without a launcher (`WORLD_SIZE` unset or 1 and no control plane) a worker is a job of one:
+//! every group is [`SingleProcess`] and nothing is contacted, so local debugging needs nothing.
+
+use anyhow::{bail, Context, Result};
+use coca_common::collective::ring::RingCollective;
+use coca_common::collective::{Collective, SingleProcess};
+use coca_common::control::{ClientConfig, ControlClient, Event, Identity, Token};
+use coca_common::topology::{GroupKind, Topology};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Exit code of a worker that stopped because another rank failed (the launcher reports these
+/// after the real failure, so the summary names the rank that failed first).
+pub const EXIT_PEER_FAILED: i32 = 75;
+
+/// Marks an error as the consequence of another rank's failure (exit code
+/// [`EXIT_PEER_FAILED`]).
+#[derive(Debug, thiserror::Error)]
+#[error("stopped because another rank failed first (see the launcher's summary)")]
+pub struct PeerFailed;
+
+/// How long setting up the process groups may take.
+const GROUP_SETUP_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A rank's view of the job.
+pub struct RankContext {
+    pub topology: Topology,
+    pub rank: usize,
+    pub local_rank: usize,
+    /// Restart generation (0 for the first start).
+    pub generation: u64,
+    /// Every rank.
+    pub world: Arc<dyn Collective>,
+    /// Ranks reading different samples (sharding × dp) that reduce gradients together.
+    pub data: Arc<dyn Collective>,
+    /// Ranks partitioning the optimizer state (ZeRO).
+    pub sharding: Arc<dyn Collective>,
+    /// Ranks at the same sharding and tensor coordinates in the other data-parallel replicas.
+    pub replicas: Arc<dyn Collective>,
+    /// Ranks holding slices of the same layers.
+    pub tensor: Arc<dyn Collective>,
+    /// The control-plane connection (heartbeats run on its own threads); `None` alone.
+    pub control: Option<Arc<ControlClient>>,
+}
+
+fn env_number(name: &str) -> Result<Option<usize>> {
+    match std::env::var(name) {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .map(Some)
+            .with_context(|| format!("{name}={v:?} is not a number")),
+        Err(_) => Ok(None),
+    }
+}
+
+fn env_required(name: &str) -> Result<String> {
+    std::env::var(name).with_context(|| {
+        format!("{name} is not set: workers of a multi-process job are started by coca-launch")
+    })
+}
+
+impl RankContext {
+    /// A job of one process.
+    pub fn single() -> Self {
+        Self {
+            topology: Topology::new(1, 1, 1).expect("a world of one is valid"),
+            rank: 0,
+            local_rank: 0,
+            generation: 0,
+            world: Arc::new(SingleProcess),
+            data: Arc::new(SingleProcess),
+            sharding: Arc::new(SingleProcess),
+            replicas: Arc::new(SingleProcess),
+            tensor: Arc::new(SingleProcess),
+            control: None,
+        }
+    }
+
+    /// Reads the launcher's environment and connects; `tp` and `sharding` are the degrees the
+    /// worker's own flags ask for (they must match the launcher's).
+    pub fn from_env(tp: usize, sharding: usize) -> Result<Self> {
+        let world = env_number("WORLD_SIZE")?.unwrap_or(1);
+        let control_addr = std::env::var("COCA_CONTROL_ADDR").ok();
+        if world == 1 && control_addr.is_none() {
+            Topology::new(1, tp, sharding)?;
+            return Ok(Self::single());
+        }
+        let rank = env_number("RANK")?.context("RANK is not set")?;
+        let local_rank = env_number("LOCAL_RANK")?.unwrap_or(0);
+        let generation = env_number("COCA_GENERATION")?.unwrap_or(0) as u64;
+        let topology = Topology::new(world, tp, sharding)?;
+        for (name, expected) in [
+            ("COCA_TENSOR_PARALLEL_DEGREE", tp),
+            ("COCA_SHARDING_PARALLEL_DEGREE", sharding),
+        ] {
+            if let Some(v) = env_number(name)? {
+                if v != expected {
+                    bail!("the launcher set {name}={v} but this worker's flags ask for {expected}");
+                }
+            }
+        }
+        let control_addr: SocketAddr = env_required("COCA_CONTROL_ADDR")?
+            .parse()
+            .context("COCA_CONTROL_ADDR is not an address")?;
+        let token =
+            Token::from_hex(&env_required("COCA_CONTROL_TOKEN")?).context("COCA_CONTROL_TOKEN")?;
+        let advertise: IpAddr = env_required("COCA_ADVERTISE_HOST")?
+            .parse()
+            .context("COCA_ADVERTISE_HOST is not an IP address")?;
+        let control = Arc::new(
+            ControlClient::connect(
+                ClientConfig {
+                    server: control_addr,
+                    token: token.clone(),
+                    connect_timeout: Duration::from_secs(60),
+                    heartbeat_interval: Duration::from_secs(1),
+                },
+                Identity::Worker { rank, generation },
+            )
+            .with_context(|| format!("rank {rank}: connecting to the control plane"))?,
+        );
+        let group = |kind: GroupKind, name: &str| -> Result<Arc<dyn Collective>> {
+            let members = topology.group(rank, kind)?;
+            if members.len() == 1 {
+                return Ok(Arc::new(SingleProcess));
+            }
+            let label = format!("gen{generation}/{name}/{}", members[0]);
+            let ring = RingCollective::connect(
+                &label,
+                &members,
+                rank,
+                advertise,
+                control.as_ref(),
+                token.as_bytes(),
+                GROUP_SETUP_TIMEOUT,
+            )
+            .with_context(|| format!("rank {rank}: setting up the {name} group {members:?}"))?;
+            Ok(Arc::new(ring))
+        };
+        let world_group: Arc<dyn Collective> = {
+            let all: Vec<usize> = (0..world).collect();
+            let ring = RingCollective::connect(
+                &format!("gen{generation}/world"),
+                &all,
+                rank,
+                advertise,
+                control.as_ref(),
+                token.as_bytes(),
+                GROUP_SETUP_TIMEOUT,
+            )
+            .with_context(|| format!("rank {rank}: setting up the world group"))?;
+            Arc::new(ring)
+        };
+        let data = if topology.data_world() == world {
+            world_group.clone()
+        } else {
+            group(GroupKind::DataAndSharding, "data")?
+        };
+        let sharding = group(GroupKind::Sharding, "sharding")?;
+        let replicas = group(GroupKind::Data, "replicas")?;
+        let tensor = group(GroupKind::Tensor, "tensor")?;
+        Ok(Self {
+            topology,
+            rank,
+            local_rank,
+            generation,
+            world: world_group,
+            data,
+            sharding,
+            replicas,
+            tensor,
+            control: Some(control),
+        })
+    }
+
+    /// Whether this rank writes shared outputs (checkpoints, metrics, reports).
+    pub fn is_main(&self) -> bool {
+        self.rank == 0
+    }
+
+    /// After an error: `true` when the control plane says the job is stopping because of
+    /// another rank (waits briefly for its verdict), so the error is a consequence, not a cause.
+    pub fn peer_failed(&self, wait: Duration) -> bool {
+        let Some(control) = &self.control else {
+            return false;
+        };
+        matches!(
+            control.events().recv_timeout(wait),
+            Ok(Event::Abort {
+                failure: Some(_),
+                ..
+            } | Event::Restart { .. })
+        )
+    }
+}

@@ -1,0 +1,212 @@
+//! The trainer over process groups, with ranks as threads on loopback ring collectives: data
+//! parallelism (every contrastive layout) and ZeRO stage 1/2 give the one-process parameters.
+
+use candle_core::{DType, Device, Tensor};
+use coca_common::collective::memory_kv::MemoryKeyValue;
+use coca_common::collective::ring::RingCollective;
+use coca_common::collective::{Collective, SingleProcess};
+use coca_common::topology::{GroupKind, Topology};
+use coca_worker::distributed::loss::ContrastiveSpan;
+use coca_worker::model::trainable::trainable_model;
+use coca_worker::model::{CocaConfig, CocaLossConfig};
+use coca_worker::train::adamw::AdamWConfig;
+use coca_worker::train::groups::TowerGroups;
+use coca_worker::train::schedule::CosineSchedule;
+use coca_worker::train::trainer::{Trainer, TrainerConfig, TrainerGroups, ZeroStage};
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::time::Duration;
+
+const GLOBAL_BATCH: usize = 8;
+fn steps() -> usize {
+    std::env::var("DP_STEPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3)
+}
+const TOKEN: &[u8] = b"test-token";
+
+fn config() -> CocaConfig {
+    CocaConfig::from_json(include_str!("data/tiny_config.json")).unwrap()
+}
+
+/// A deterministic global batch: images, and captions of lengths 3..=15 padded with zeros.
+fn global_batch(step: usize, cfg: &CocaConfig) -> (Vec<f32>, Vec<u32>) {
+    let s = cfg.vision_cfg.image_size;
+    let ctx = cfg.text_cfg.context_length;
+    let images = (0..GLOBAL_BATCH * 3 * s * s)
+        .map(|i| (((i * 7919 + step * 104_729) % 1000) as f32 / 500.0) - 1.0)
+        .collect();
+    let mut tokens = vec![0u32; GLOBAL_BATCH * ctx];
+    for b in 0..GLOBAL_BATCH {
+        let len = 3 + (b * 5 + step * 3) % (ctx - 3);
+        tokens[b * ctx] = 49406;
+        for t in 1..len - 1 {
+            tokens[b * ctx + t] = 1 + ((b * 131 + t * 17 + step * 7) % 4000) as u32;
+        }
+        tokens[b * ctx + len - 1] = 49407;
+    }
+    (images, tokens)
+}
+
+/// Trains `STEPS` steps as one rank; returns the final weights.
+fn train(
+    groups: TrainerGroups,
+    span: ContrastiveSpan,
+    data_rank: usize,
+    data_world: usize,
+) -> HashMap<String, Tensor> {
+    let cfg = config();
+    let (model, vars) = trainable_model(&cfg, None, 11, DType::F32, &Device::Cpu).unwrap();
+    let trainer_config = TrainerConfig {
+        adamw: AdamWConfig {
+            eps: 1e-6,
+            ..AdamWConfig::default()
+        },
+        max_grad_norm: Some(1.0),
+        schedule: CosineSchedule {
+            warmup_steps: 1,
+            total_steps: steps() as u64,
+        },
+        loss: CocaLossConfig::default(),
+        span,
+    };
+    let rule = TowerGroups::uniform(1e-3, 0.1);
+    let mut trainer = Trainer::in_groups(model, &vars, &rule, trainer_config, groups).unwrap();
+    let (s, ctx) = (cfg.vision_cfg.image_size, cfg.text_cfg.context_length);
+    let local = GLOBAL_BATCH / data_world;
+    for step in 0..steps() {
+        let (images, tokens) = global_batch(step, &cfg);
+        let img = &images[data_rank * local * 3 * s * s..(data_rank + 1) * local * 3 * s * s];
+        let tok = &tokens[data_rank * local * ctx..(data_rank + 1) * local * ctx];
+        let images = Tensor::from_slice(img, (local, 3, s, s), &Device::Cpu).unwrap();
+        let text = Tensor::from_slice(tok, (local, ctx), &Device::Cpu).unwrap();
+        let loss = trainer.backward(&images, &text, 1.0).unwrap();
+        assert!(loss.total.is_finite());
+        assert!(trainer.update().unwrap().applied);
+    }
+    vars.tensors().into_iter().collect()
+}
+
+/// Runs every rank of a `world` with `sharding` degree on threads.
+fn train_group(
+    world: usize,
+    sharding: usize,
+    stage: Option<ZeroStage>,
+    span: ContrastiveSpan,
+) -> Vec<HashMap<String, Tensor>> {
+    let topology = Topology::new(world, 1, sharding).unwrap();
+    let kv = Arc::new(MemoryKeyValue::new());
+    let name = format!("w{world}s{sharding}{stage:?}{span:?}");
+    let handles: Vec<_> = (0..world)
+        .map(|rank| {
+            let kv = kv.clone();
+            let name = name.clone();
+            std::thread::spawn(move || {
+                let group = |kind: GroupKind, label: &str| -> Arc<dyn Collective> {
+                    let members = topology.group(rank, kind).unwrap();
+                    if members.len() == 1 {
+                        return Arc::new(SingleProcess);
+                    }
+                    Arc::new(
+                        RingCollective::connect(
+                            &format!("{name}/{label}/{}", members[0]),
+                            &members,
+                            rank,
+                            IpAddr::V4(Ipv4Addr::LOCALHOST),
+                            kv.as_ref(),
+                            TOKEN,
+                            Duration::from_secs(30),
+                        )
+                        .unwrap(),
+                    )
+                };
+                let groups = TrainerGroups {
+                    data: group(GroupKind::DataAndSharding, "data"),
+                    sharding: group(GroupKind::Sharding, "sharding"),
+                    replicas: group(GroupKind::Data, "replicas"),
+                    stage,
+                };
+                train(
+                    groups,
+                    span,
+                    topology.data_rank(rank).unwrap(),
+                    topology.data_world(),
+                )
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+/// Every tensor within 1e-5, absolute or relative to the tensor's largest magnitude.
+fn assert_close(reference: &HashMap<String, Tensor>, got: &HashMap<String, Tensor>, what: &str) {
+    for (name, a) in reference {
+        let b = &got[name];
+        let max = |t: &Tensor| {
+            t.abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        let diff = max(&(a - b).unwrap());
+        let rel = diff / max(a).max(1e-12);
+        if diff > 1e-7 {
+            eprintln!("{what}: {name} abs {diff:.3e} rel {rel:.3e}");
+        }
+        assert!(
+            diff <= 1e-5 || rel <= 1e-5,
+            "{what}: {name} differs by {diff:.3e} ({rel:.3e} relative)"
+        );
+    }
+}
+
+#[test]
+fn data_parallel_layouts_equal_one_process() {
+    let reference = train(TrainerGroups::single(), ContrastiveSpan::default(), 0, 1);
+    let spans = [
+        ContrastiveSpan::default(),
+        ContrastiveSpan {
+            local_loss: false,
+            gather_with_grad: true,
+        },
+        ContrastiveSpan {
+            local_loss: true,
+            gather_with_grad: true,
+        },
+    ];
+    for world in [2, 4] {
+        for span in spans {
+            let ranks = train_group(world, 1, None, span);
+            for (rank, got) in ranks.iter().enumerate() {
+                assert_close(&reference, got, &format!("dp {world} {span:?} rank {rank}"));
+            }
+        }
+    }
+}
+
+#[test]
+fn zero_stages_equal_one_process() {
+    let reference = train(TrainerGroups::single(), ContrastiveSpan::default(), 0, 1);
+    for (world, sharding, stage) in [
+        (2, 2, ZeroStage::One),
+        (2, 2, ZeroStage::Two),
+        (4, 2, ZeroStage::One),
+        (4, 2, ZeroStage::Two),
+        (4, 4, ZeroStage::Two),
+    ] {
+        let ranks = train_group(world, sharding, Some(stage), ContrastiveSpan::default());
+        for (rank, got) in ranks.iter().enumerate() {
+            assert_close(
+                &reference,
+                got,
+                &format!("{stage:?} × {sharding} of {world}, rank {rank}"),
+            );
+        }
+    }
+}
