@@ -18,6 +18,7 @@
 //!   (as in open_clip), so the result would depend on the world size: rejected.
 
 use super::autograd::{all_gather_rows, gather_rows_detached};
+use super::tensor_parallel::vocab_parallel_cross_entropy;
 use crate::model::loss::contrastive_loss;
 use crate::model::ops::cross_entropy_rows;
 use crate::model::{CocaLossConfig, CocaOutput};
@@ -66,7 +67,8 @@ fn sum_over(comm: &Arc<dyn Collective>, values: &mut [f32]) -> Result<()> {
     comm.all_reduce(values, ReduceOp::Sum)
 }
 
-/// The caption share: this member's token losses over the global count of non-pad tokens.
+/// The caption share: this member's token losses over the global count of non-pad tokens (the
+/// logits may be split by vocabulary over a tensor-parallel group, `out.tp`).
 fn caption_share(out: &CocaOutput, pad_id: u32, comm: &Arc<dyn Collective>) -> Result<Tensor> {
     let (b, t, v) = out.logits.dims3()?;
     let labels = out.labels.to_dtype(DType::U32)?.flatten_all()?;
@@ -80,7 +82,12 @@ fn caption_share(out: &CocaOutput, pad_id: u32, comm: &Arc<dyn Collective>) -> R
     if counted[0] == 0.0 {
         bail!("caption loss: every label of the global batch is padding");
     }
-    let rows = cross_entropy_rows(&out.logits.reshape((b * t, v))?, &labels, Some(pad_id))?;
+    let rows = vocab_parallel_cross_entropy(
+        &out.logits.reshape((b * t, v))?,
+        &labels,
+        Some(pad_id),
+        &out.tp,
+    )?;
     Ok((rows.sum_all()? / counted[0] as f64)?)
 }
 

@@ -2,6 +2,7 @@
 
 use super::layers::{normal, Linear};
 use super::ops;
+use crate::distributed::tensor_parallel::TensorParallel;
 use candle_core::{Result, Tensor};
 
 /// Keys and values `[B, H, S, head_dim]` kept between decoding steps (inference only).
@@ -40,6 +41,10 @@ use candle_nn::{Init, VarBuilder};
 /// `in_proj_weight` `[3·d, d]` (and a self-attention computes them in one product); otherwise
 /// they are `q_proj_weight`, `k_proj_weight`, `v_proj_weight` as PyTorch names them. The bias is
 /// always packed in `in_proj_bias`.
+///
+/// Under tensor parallelism of degree `T` each member holds `heads / T` heads: its rows of q,
+/// of k and of v (packed as `[q_r; k_r; v_r]`, biases alike) and the matching input columns of
+/// `out_proj.weight`; the output is summed over the group before `out_proj.bias` is added.
 #[derive(Debug, Clone)]
 pub struct MultiheadAttention {
     /// The packed weight when keys/values have the model's width.
@@ -48,33 +53,38 @@ pub struct MultiheadAttention {
     k_proj: Linear,
     v_proj: Linear,
     out_proj: Linear,
+    /// This member's heads.
     heads: usize,
     head_dim: usize,
+    tp: TensorParallel,
 }
 
 impl MultiheadAttention {
-    /// Loads the attention under `vb` (`in_proj_weight`, `in_proj_bias`, `out_proj.*`).
-    /// `proj_std` initialises the output projection.
+    /// Loads the attention under `vb` (`in_proj_weight`, `in_proj_bias`, `out_proj.*`; this
+    /// member's shards). `heads` is the full head count and `proj_std` initialises the output
+    /// projection.
     pub fn new(
         d_model: usize,
         kv_dim: usize,
         heads: usize,
         proj_std: f64,
         vb: VarBuilder,
+        tp: &TensorParallel,
     ) -> Result<Self> {
         let attn_std = (d_model as f64).powf(-0.5);
-        let bias = vb.get_with_hints(3 * d_model, "in_proj_bias", Init::Const(0.0))?;
-        let bias_part = |i: usize| bias.narrow(0, i * d_model, d_model);
+        // This member's width of q, of k and of v.
+        let local = tp.part(d_model);
+        let bias = vb.get_with_hints(3 * local, "in_proj_bias", Init::Const(0.0))?;
+        let bias_part = |i: usize| bias.narrow(0, i * local, local);
         let (in_proj, q_w, k_w, v_w) = if kv_dim == d_model {
-            let w =
-                vb.get_with_hints((3 * d_model, d_model), "in_proj_weight", normal(attn_std))?;
-            let part = |i: usize| w.narrow(0, i * d_model, d_model);
+            let w = vb.get_with_hints((3 * local, d_model), "in_proj_weight", normal(attn_std))?;
+            let part = |i: usize| w.narrow(0, i * local, local);
             let packed = Linear::from_parts(w.clone(), Some(bias.clone()));
             (Some(packed), part(0)?, part(1)?, part(2)?)
         } else {
-            let q = vb.get_with_hints((d_model, d_model), "q_proj_weight", normal(attn_std))?;
-            let k = vb.get_with_hints((d_model, kv_dim), "k_proj_weight", normal(attn_std))?;
-            let v = vb.get_with_hints((d_model, kv_dim), "v_proj_weight", normal(attn_std))?;
+            let q = vb.get_with_hints((local, d_model), "q_proj_weight", normal(attn_std))?;
+            let k = vb.get_with_hints((local, kv_dim), "k_proj_weight", normal(attn_std))?;
+            let v = vb.get_with_hints((local, kv_dim), "v_proj_weight", normal(attn_std))?;
             (None, q, k, v)
         };
         Ok(Self {
@@ -82,9 +92,10 @@ impl MultiheadAttention {
             q_proj: Linear::from_parts(q_w, Some(bias_part(0)?)),
             k_proj: Linear::from_parts(k_w, Some(bias_part(1)?)),
             v_proj: Linear::from_parts(v_w, Some(bias_part(2)?)),
-            out_proj: Linear::new(d_model, d_model, proj_std, vb.pp("out_proj"))?,
-            heads,
+            out_proj: Linear::new(local, d_model, proj_std, vb.pp("out_proj"))?,
+            heads: tp.part(heads),
             head_dim: d_model / heads,
+            tp: tp.clone(),
         })
     }
 
@@ -94,9 +105,10 @@ impl MultiheadAttention {
             return self.forward_cross(x, x, mask);
         };
         let (b, t, _) = x.dims3()?;
+        let x = self.tp.copy_in(x)?;
         // One product for q, k and v, then one copy into [3, B, H, T, hd].
         let qkv = in_proj
-            .forward(x)?
+            .forward(&x)?
             .reshape((b, t, 3, self.heads, self.head_dim))?
             .permute((2, 0, 3, 1, 4))?
             .contiguous()?;
@@ -110,9 +122,10 @@ impl MultiheadAttention {
         kv_x: &Tensor,
         mask: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let q = self.split_heads(&self.q_proj.forward(q_x)?)?;
-        let k = self.split_heads(&self.k_proj.forward(kv_x)?)?;
-        let v = self.split_heads(&self.v_proj.forward(kv_x)?)?;
+        let (q_x, kv_x) = (self.tp.copy_in(q_x)?, self.tp.copy_in(kv_x)?);
+        let q = self.split_heads(&self.q_proj.forward(&q_x)?)?;
+        let k = self.split_heads(&self.k_proj.forward(&kv_x)?)?;
+        let v = self.split_heads(&self.v_proj.forward(&kv_x)?)?;
         self.attend(&q, &k, &v, mask)
     }
 
@@ -182,7 +195,8 @@ impl MultiheadAttention {
             .contiguous()
     }
 
-    /// `softmax(q kᵀ / √hd + mask) v`, heads merged, then the output projection.
+    /// `softmax(q kᵀ / √hd + mask) v`, heads merged, then the output projection (summed over
+    /// the tensor-parallel group).
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let (b, h, t, hd) = q.dims4()?;
         let scores = q.matmul(&k.t()?)?;
@@ -192,6 +206,6 @@ impl MultiheadAttention {
             .transpose(1, 2)?
             .contiguous()?
             .reshape((b, t, h * hd))?;
-        self.out_proj.forward(&out)
+        self.out_proj.forward_reduced(&out, &self.tp)
     }
 }

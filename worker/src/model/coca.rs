@@ -4,6 +4,7 @@ use super::config::CocaConfig;
 use super::decoder::MultimodalDecoder;
 use super::text::TextTower;
 use super::vision::VisionTower;
+use crate::distributed::tensor_parallel::TensorParallel;
 use candle_core::{Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 
@@ -19,6 +20,8 @@ pub struct CoCa {
     /// The learned temperature, stored as its log (`[]`).
     pub logit_scale: Tensor,
     pub config: CocaConfig,
+    /// The tensor-parallel group this member's shards belong to (degree 1: the whole model).
+    pub tp: TensorParallel,
 }
 
 /// Everything one teacher-forced forward pass produces (open_clip's output dict).
@@ -32,23 +35,39 @@ pub struct CocaOutput {
     pub text_features: Tensor,
     /// Text-tower token outputs `[B, T, W]` (cls removed).
     pub token_embs: Tensor,
-    /// Decoder logits `[B, T-1, vocab]` predicting `labels`.
+    /// Decoder logits `[B, T-1, vocab]` predicting `labels`; under tensor parallelism this
+    /// member's vocabulary columns `[B, T-1, vocab / T]` (the loss functions take care of it).
     pub logits: Tensor,
     /// `text[:, 1:]`, `[B, T-1]`.
     pub labels: Tensor,
     /// `exp(logit_scale)`, `[]`.
     pub logit_scale: Tensor,
+    /// The tensor-parallel group `logits` is split over.
+    pub tp: TensorParallel,
 }
 
 impl CoCa {
     /// Builds the model; `vb` supplies (or initialises) every weight by its open_clip name.
     pub fn new(config: &CocaConfig, vb: VarBuilder) -> Result<Self> {
+        Self::new_parallel(config, vb, &TensorParallel::single())
+    }
+
+    /// Builds member `tp.rank()`'s part of the model split over the tensor-parallel group `tp`
+    /// (see [`crate::distributed::tensor_parallel`]): `vb` supplies this member's shards under
+    /// the standard names with their local shapes (e.g. from
+    /// [`crate::distributed::tensor_parallel::shard_state_dict`]). A degree that does not divide
+    /// every head count, MLP width and vocabulary is an error before anything is built. Degree 1
+    /// is [`Self::new`].
+    pub fn new_parallel(config: &CocaConfig, vb: VarBuilder, tp: &TensorParallel) -> Result<Self> {
+        tp.check(config)
+            .map_err(|e| candle_core::Error::Msg(format!("{e:#}")))?;
         Ok(Self {
-            visual: VisionTower::new(config, vb.pp("visual"))?,
-            text: TextTower::new(config, vb.pp("text"))?,
-            text_decoder: MultimodalDecoder::new(config, vb.pp("text_decoder"))?,
+            visual: VisionTower::new(config, vb.pp("visual"), tp)?,
+            text: TextTower::new(config, vb.pp("text"), tp)?,
+            text_decoder: MultimodalDecoder::new(config, vb.pp("text_decoder"), tp)?,
             logit_scale: vb.get_with_hints((), "logit_scale", Init::Const(INIT_LOGIT_SCALE))?,
             config: config.clone(),
+            tp: tp.clone(),
         })
     }
 
@@ -65,7 +84,7 @@ impl CoCa {
     }
 
     /// Logits `[B, vocab]` for the token after each prefix `[B, t]`, given the image tokens
-    /// from [`Self::encode_image`].
+    /// from [`Self::encode_image`]. Without tensor parallelism only.
     pub fn next_token_logits(&self, image_embs: &Tensor, prefix: &Tensor) -> Result<Tensor> {
         let (_, tokens) = self.encode_text(prefix)?;
         self.text_decoder.forward_last(image_embs, &tokens)
@@ -88,6 +107,7 @@ impl CoCa {
             logits,
             labels: text.narrow(1, 1, t - 1)?,
             logit_scale: self.logit_scale.exp()?,
+            tp: self.tp.clone(),
         })
     }
 }

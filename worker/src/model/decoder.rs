@@ -4,23 +4,31 @@ use super::attention::KvCache;
 use super::config::CocaConfig;
 use super::layers::{matmul_last, normal, LayerNorm};
 use super::transformer::{causal_mask, BlockShape, ResidualAttentionBlock};
+use crate::distributed::tensor_parallel::TensorParallel;
 use candle_core::{bail, Result, Tensor};
 use candle_nn::VarBuilder;
 
 /// Alternating causal self-attention blocks (`resblocks.N`) and cross-attention blocks over the
 /// image tokens (`cross_attn.N`), then `ln_final` and the vocabulary projection.
+///
+/// Under tensor parallelism the blocks are split as in [`ResidualAttentionBlock`] and the
+/// vocabulary projection by columns: [`Self::forward`] returns this member's `[B, T, V/T]`
+/// slice of the logits (see
+/// [`crate::distributed::tensor_parallel::vocab_parallel_cross_entropy`]).
 #[derive(Debug, Clone)]
 pub struct MultimodalDecoder {
     resblocks: Vec<ResidualAttentionBlock>,
     cross_attn: Vec<ResidualAttentionBlock>,
     ln_final: LayerNorm,
+    /// This member's columns of the `[W, V]` projection (all of it at degree 1).
     text_projection: Tensor,
     context_length: usize,
+    tp: TensorParallel,
 }
 
 impl MultimodalDecoder {
-    /// Loads `text_decoder.*`.
-    pub fn new(cfg: &CocaConfig, vb: VarBuilder) -> Result<Self> {
+    /// Loads `text_decoder.*` (this tensor-parallel member's shards).
+    pub fn new(cfg: &CocaConfig, vb: VarBuilder, tp: &TensorParallel) -> Result<Self> {
         let m = &cfg.multimodal_cfg;
         let shape = BlockShape {
             width: m.width,
@@ -31,7 +39,7 @@ impl MultimodalDecoder {
         let stack = |name: &str, cross: bool| -> Result<Vec<ResidualAttentionBlock>> {
             let vb = vb.pp(name);
             (0..m.layers)
-                .map(|i| ResidualAttentionBlock::new(shape, cross, vb.pp(i.to_string())))
+                .map(|i| ResidualAttentionBlock::new(shape, cross, vb.pp(i.to_string()), tp))
                 .collect()
         };
         Ok(Self {
@@ -39,12 +47,26 @@ impl MultimodalDecoder {
             cross_attn: stack("cross_attn", true)?,
             ln_final: LayerNorm::new(m.width, vb.pp("ln_final"))?,
             text_projection: vb.get_with_hints(
-                (m.width, m.vocab_size),
+                (m.width, tp.part(m.vocab_size)),
                 "text_projection",
                 normal((m.width as f64).powf(-0.5)),
             )?,
             context_length: m.context_length,
+            tp: tp.clone(),
         })
+    }
+
+    /// Generation needs whole-vocabulary logits, which a tensor-parallel member does not hold.
+    fn single_only(&self, what: &str) -> Result<()> {
+        if !self.tp.is_single() {
+            bail!(
+                "{what} needs the whole vocabulary's logits; it runs without tensor parallelism \
+                 only (this model is member {} of {})",
+                self.tp.rank(),
+                self.tp.size()
+            );
+        }
+        Ok(())
     }
 
     /// The final hidden states `[B, T, width]` (after `ln_final`), before the vocabulary
@@ -67,14 +89,16 @@ impl MultimodalDecoder {
     }
 
     /// Vocabulary logits `[B, T, vocab]` for image tokens `[B, Q, width]` and text token
-    /// embeddings `[B, T, width]`.
+    /// embeddings `[B, T, width]`; this member's `[B, T, vocab / T]` columns under tensor
+    /// parallelism.
     pub fn forward(&self, image_embs: &Tensor, text_embs: &Tensor) -> Result<Tensor> {
-        let hidden = self.hidden(image_embs, text_embs)?;
+        let hidden = self.tp.copy_in(&self.hidden(image_embs, text_embs)?)?;
         matmul_last(&hidden, &self.text_projection, None)
     }
 
-    /// Vocabulary logits `[B, vocab]` for the last position only (generation).
+    /// Vocabulary logits `[B, vocab]` for the last position only (generation; degree 1 only).
     pub fn forward_last(&self, image_embs: &Tensor, text_embs: &Tensor) -> Result<Tensor> {
+        self.single_only("generation")?;
         let hidden = self.hidden(image_embs, text_embs)?;
         let t = hidden.dim(1)?;
         hidden
@@ -98,13 +122,14 @@ impl MultimodalDecoder {
 
     /// Logits `[B, vocab]` at the last of `n` new text token embeddings `[B, n, width]` that
     /// follow the positions in `caches` (one per self-attention block), over image keys and
-    /// values from [`Self::cross_kv`]. Inference only.
+    /// values from [`Self::cross_kv`]. Inference only, degree 1 only.
     pub fn forward_last_cached(
         &self,
         image_kv: &[KvCache],
         text_embs: &Tensor,
         caches: &mut [Option<KvCache>],
     ) -> Result<Tensor> {
+        self.single_only("generation")?;
         let n = text_embs.dim(1)?;
         let past = match caches.first() {
             Some(Some(c)) => c.len()?,

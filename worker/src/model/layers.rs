@@ -1,6 +1,7 @@
 //! The small building blocks: layer norm, linear maps and the transformer MLP.
 
 use super::ops;
+use crate::distributed::tensor_parallel::TensorParallel;
 use candle_core::{Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
@@ -63,6 +64,20 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         matmul_last(x, &self.weight.t()?, self.bias.as_ref())
     }
+
+    /// A row-parallel layer: this member's weight columns times its slice of the input, summed
+    /// over the tensor-parallel group, then the (replicated) bias once. [`Self::forward`] at
+    /// degree 1.
+    pub fn forward_reduced(&self, x: &Tensor, tp: &TensorParallel) -> Result<Tensor> {
+        if tp.is_single() {
+            return self.forward(x);
+        }
+        let y = tp.reduce_out(&matmul_last(x, &self.weight.t()?, None)?)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
 }
 
 /// `x · w (+ b)` over the last dimension of `x`, for a `[in, out]` matrix `w`.
@@ -82,23 +97,39 @@ pub fn matmul_last(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tens
 }
 
 /// The transformer MLP: `c_proj(gelu(c_fc(x)))` with exact GELU.
+///
+/// Under tensor parallelism of degree `T` each member holds `hidden / T` hidden units: `c_fc`
+/// column-parallel (weight rows and bias), `c_proj` row-parallel (weight columns; its bias is
+/// added after the sum over the group).
 #[derive(Debug, Clone)]
 pub struct Mlp {
     c_fc: Linear,
     c_proj: Linear,
+    tp: TensorParallel,
 }
 
 impl Mlp {
-    /// Loads `{prefix}.c_fc` and `{prefix}.c_proj`; `proj_std` initialises `c_proj`.
-    pub fn new(width: usize, hidden: usize, proj_std: f64, vb: VarBuilder) -> Result<Self> {
+    /// Loads `{prefix}.c_fc` and `{prefix}.c_proj` (this member's shards); `hidden` is the full
+    /// hidden width and `proj_std` initialises `c_proj`.
+    pub fn new(
+        width: usize,
+        hidden: usize,
+        proj_std: f64,
+        vb: VarBuilder,
+        tp: &TensorParallel,
+    ) -> Result<Self> {
         let fc_std = (2.0 * width as f64).powf(-0.5);
+        let local = tp.part(hidden);
         Ok(Self {
-            c_fc: Linear::new(width, hidden, fc_std, vb.pp("c_fc"))?,
-            c_proj: Linear::new(hidden, width, proj_std, vb.pp("c_proj"))?,
+            c_fc: Linear::new(width, local, fc_std, vb.pp("c_fc"))?,
+            c_proj: Linear::new(local, width, proj_std, vb.pp("c_proj"))?,
+            tp: tp.clone(),
         })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.c_proj.forward(&ops::gelu_erf(&self.c_fc.forward(x)?)?)
+        let x = self.tp.copy_in(x)?;
+        self.c_proj
+            .forward_reduced(&ops::gelu_erf(&self.c_fc.forward(&x)?)?, &self.tp)
     }
 }

@@ -2,6 +2,7 @@
 
 use super::coca::CocaOutput;
 use super::ops::cross_entropy_rows;
+use crate::distributed::tensor_parallel::caption_loss_parallel;
 use candle_core::{bail, DType, Result, Tensor};
 
 /// Loss weights and the padding id (open_clip's `CoCaLoss` arguments).
@@ -67,12 +68,14 @@ pub fn caption_loss(logits: &Tensor, labels: &Tensor, pad_id: u32) -> Result<Ten
     rows.sum_all()? / counted as f64
 }
 
-/// open_clip's `CoCaLoss` on one process.
+/// open_clip's `CoCaLoss` on one process (or on every member of a tensor-parallel group alike:
+/// the caption part is then the vocabulary-parallel cross-entropy over `out.tp`).
 pub fn coca_loss(out: &CocaOutput, cfg: &CocaLossConfig) -> Result<CocaLoss> {
     let contrastive =
         (contrastive_loss(&out.image_features, &out.text_features, &out.logit_scale)?
             * cfg.contrastive_weight)?;
-    let caption = (caption_loss(&out.logits, &out.labels, cfg.pad_id)? * cfg.caption_weight)?;
+    let caption = (caption_loss_parallel(&out.logits, &out.labels, cfg.pad_id, &out.tp)?
+        * cfg.caption_weight)?;
     let total = (&contrastive + &caption)?;
     Ok(CocaLoss {
         contrastive,

@@ -2,6 +2,7 @@
 
 use super::coca::CoCa;
 use super::config::CocaConfig;
+use crate::distributed::tensor_parallel::TensorParallel;
 use candle_core::{DType, Device, Result, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
@@ -12,10 +13,16 @@ use std::sync::{Arc, Mutex};
 /// Built by constructing the model over a backend that records each request and hands back a
 /// broadcast zero (no memory), so names and shapes come from the model code itself.
 pub fn parameter_shapes(config: &CocaConfig) -> Result<Records> {
+    parameter_shapes_for(config, &TensorParallel::single())
+}
+
+/// [`parameter_shapes`] of one tensor-parallel member's shards (local shapes). Nothing is run,
+/// so `tp` may be [`TensorParallel::layout_only`].
+pub fn parameter_shapes_for(config: &CocaConfig, tp: &TensorParallel) -> Result<Records> {
     let recorder = Recorder::default();
     let records = recorder.records.clone();
     let vb = VarBuilder::from_backend(Box::new(recorder), DType::F32, Device::Cpu);
-    CoCa::new(config, vb)?;
+    CoCa::new_parallel(config, vb, tp)?;
     let records = records
         .lock()
         .map_err(|_| candle_core::Error::Msg("poisoned".into()))?;

@@ -2,6 +2,7 @@
 
 use super::attention::MultiheadAttention;
 use super::layers::{normal, LayerNorm};
+use crate::distributed::tensor_parallel::TensorParallel;
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
@@ -17,18 +18,27 @@ pub struct AttentionalPooler {
 }
 
 impl AttentionalPooler {
-    /// `d_model`: output width; `context_dim`: width of the tokens pooled over.
+    /// `d_model`: output width; `context_dim`: width of the tokens pooled over; `heads`: the
+    /// full head count (a tensor-parallel member holds `heads / T` of them).
     pub fn new(
         d_model: usize,
         context_dim: usize,
         heads: usize,
         n_queries: usize,
         vb: VarBuilder,
+        tp: &TensorParallel,
     ) -> Result<Self> {
         let proj_std = (d_model as f64).powf(-0.5);
         Ok(Self {
             query: vb.get_with_hints((n_queries, d_model), "query", normal(1.0))?,
-            attn: MultiheadAttention::new(d_model, context_dim, heads, proj_std, vb.pp("attn"))?,
+            attn: MultiheadAttention::new(
+                d_model,
+                context_dim,
+                heads,
+                proj_std,
+                vb.pp("attn"),
+                tp,
+            )?,
             ln_q: LayerNorm::new(d_model, vb.pp("ln_q"))?,
             ln_k: LayerNorm::new(context_dim, vb.pp("ln_k"))?,
         })

@@ -4,13 +4,18 @@ use super::attention::KvCache;
 use super::config::CocaConfig;
 use super::layers::{normal, LayerNorm};
 use super::transformer::{BlockShape, Transformer};
+use crate::distributed::tensor_parallel::{vocab_parallel_embedding, TensorParallel};
 use candle_core::{bail, DType, Result, Tensor};
 use candle_nn::VarBuilder;
 
 /// Token embedding, learned positions (context + 1 for the cls token), a causal transformer
 /// with the cls/pad mask, `ln_final` on the cls output and `text_projection`.
+///
+/// Under tensor parallelism the token embedding is split by vocabulary (member `r` holds rows
+/// `r·V/T ..`); the transformer's attentions and MLPs are split as in [`Transformer`].
 #[derive(Debug, Clone)]
 pub struct TextTower {
+    /// This member's rows of the `[V, W]` table (all of it at degree 1).
     token_embedding: Tensor,
     positional_embedding: Tensor,
     cls_emb: Tensor,
@@ -20,6 +25,7 @@ pub struct TextTower {
     pad_id: u32,
     correct_cls_mask: bool,
     context_length: usize,
+    tp: TensorParallel,
 }
 
 /// What the text tower produces.
@@ -32,8 +38,8 @@ pub struct TextOutput {
 }
 
 impl TextTower {
-    /// Loads `text.*`.
-    pub fn new(cfg: &CocaConfig, vb: VarBuilder) -> Result<Self> {
+    /// Loads `text.*` (this tensor-parallel member's shards).
+    pub fn new(cfg: &CocaConfig, vb: VarBuilder, tp: &TensorParallel) -> Result<Self> {
         let t = &cfg.text_cfg;
         let shape = BlockShape {
             width: t.width,
@@ -43,7 +49,7 @@ impl TextTower {
         };
         Ok(Self {
             token_embedding: vb.get_with_hints(
-                (t.vocab_size, t.width),
+                (tp.part(t.vocab_size), t.width),
                 "token_embedding.weight",
                 normal(0.02),
             )?,
@@ -53,7 +59,7 @@ impl TextTower {
                 normal(0.01),
             )?,
             cls_emb: vb.get_with_hints(t.width, "cls_emb", normal(0.01))?,
-            transformer: Transformer::new(shape, vb.pp("transformer"))?,
+            transformer: Transformer::new(shape, vb.pp("transformer"), tp)?,
             ln_final: LayerNorm::new(t.width, vb.pp("ln_final"))?,
             text_projection: vb.get_with_hints(
                 (t.width, cfg.embed_dim),
@@ -63,7 +69,14 @@ impl TextTower {
             pad_id: t.pad_id,
             correct_cls_mask: t.correct_cls_mask,
             context_length: t.context_length,
+            tp: tp.clone(),
         })
+    }
+
+    /// Embedding rows of the ids `[N]` (u32), from this member's vocabulary slice summed over
+    /// the group under tensor parallelism.
+    fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        vocab_parallel_embedding(&self.token_embedding, ids, &self.tp)
     }
 
     /// Token ids `[B, T]` (T ≤ context length) → pooled embedding and token outputs.
@@ -77,10 +90,7 @@ impl TextTower {
         }
         let ids = text.to_dtype(DType::U32)?;
         let width = self.cls_emb.dim(0)?;
-        let x = self
-            .token_embedding
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, t, width))?;
+        let x = self.embed(&ids.flatten_all()?)?.reshape((b, t, width))?;
         let cls = self
             .cls_emb
             .reshape((1, 1, width))?
@@ -129,8 +139,7 @@ impl TextTower {
         let ids = ids.to_dtype(DType::U32)?;
         let width = self.cls_emb.dim(0)?;
         let x = self
-            .token_embedding
-            .index_select(&ids.flatten_all()?, 0)?
+            .embed(&ids.flatten_all()?)?
             .reshape((b, n, width))?
             .broadcast_add(&self.positional_embedding.narrow(0, past, n)?)?;
         self.transformer.forward_cached(&x, caches)

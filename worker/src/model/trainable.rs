@@ -2,6 +2,7 @@
 
 use super::coca::CoCa;
 use super::config::CocaConfig;
+use crate::distributed::tensor_parallel::{full_shape, shard_tensor, split_of, TensorParallel};
 use crate::rng::{hash_str, mix_seed, SplitMix64};
 use candle_core::{DType, Device, Result, Shape, Tensor, Var};
 use candle_nn::var_builder::SimpleBackend;
@@ -53,15 +54,44 @@ pub fn trainable_model(
     dtype: DType,
     device: &Device,
 ) -> Result<(CoCa, TrainableWeights)> {
+    trainable_model_parallel(
+        config,
+        initial,
+        seed,
+        dtype,
+        device,
+        &TensorParallel::single(),
+    )
+}
+
+/// [`trainable_model`] for member `tp.rank()` of a tensor-parallel group: the variables are
+/// this member's shards (standard names, local shapes, see
+/// [`crate::distributed::tensor_parallel`]).
+///
+/// A weight in `initial` may be given whole (the full shape: this member's shard is cut from
+/// it) or already as this member's shard. Every other weight is the slice of exactly the value
+/// [`trainable_model`] would initialise (the full tensor is drawn from the `(seed, name)`
+/// generator, then sliced), so any degree starts from the same model.
+pub fn trainable_model_parallel(
+    config: &CocaConfig,
+    initial: Option<HashMap<String, Tensor>>,
+    seed: u64,
+    dtype: DType,
+    device: &Device,
+    tp: &TensorParallel,
+) -> Result<(CoCa, TrainableWeights)> {
     let backend = SeededVars {
         initial: Mutex::new(initial.unwrap_or_default()),
         seed,
+        rank: tp.rank(),
+        size: tp.size(),
         created: Arc::default(),
     };
     let created = backend.created.clone();
-    let model = CoCa::new(
+    let model = CoCa::new_parallel(
         config,
         VarBuilder::from_backend(Box::new(backend), dtype, device.clone()),
+        tp,
     )?;
     let vars = created
         .lock()
@@ -73,7 +103,18 @@ pub fn trainable_model(
 struct SeededVars {
     initial: Mutex<HashMap<String, Tensor>>,
     seed: u64,
+    /// This member of a tensor-parallel group of `size` (0 of 1 without one).
+    rank: usize,
+    size: usize,
     created: Arc<Mutex<Vec<(String, Var)>>>,
+}
+
+impl SeededVars {
+    /// This member's shard of `name` cut from its full value.
+    fn shard(&self, name: &str, full: &Tensor) -> Result<Tensor> {
+        shard_tensor(name, full, self.rank, self.size)
+            .map_err(|e| candle_core::Error::Msg(format!("{e:#}")))
+    }
 }
 
 fn seeded_init(shape: &Shape, init: Init, seed: u64, name: &str) -> Result<Tensor> {
@@ -106,14 +147,17 @@ impl SimpleBackend for SeededVars {
             .lock()
             .map_err(|_| candle_core::Error::Msg("initial weights lock poisoned".into()))?
             .remove(name);
+        let full = Shape::from(full_shape(split_of(name), s.dims(), self.size));
         let value = match given {
-            Some(t) if t.shape() != &s => candle_core::bail!(
+            Some(t) if t.shape() == &s => t,
+            Some(t) if t.shape() == &full => self.shard(name, &t)?,
+            Some(t) => candle_core::bail!(
                 "{name}: the given weight has shape {:?}, the model needs {:?}",
                 t.dims(),
                 s.dims()
             ),
-            Some(t) => t,
-            None => seeded_init(&s, h, self.seed, name)?,
+            None if full == s => seeded_init(&s, h, self.seed, name)?,
+            None => self.shard(name, &seeded_init(&full, h, self.seed, name)?)?,
         };
         let var = Var::from_tensor(&value.to_dtype(dtype)?.to_device(dev)?)?;
         let tensor = var.as_tensor().clone();

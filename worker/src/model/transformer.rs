@@ -4,6 +4,7 @@
 use super::attention::{KvCache, MultiheadAttention};
 use super::config::mlp_width;
 use super::layers::{LayerNorm, Mlp};
+use crate::distributed::tensor_parallel::TensorParallel;
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
@@ -35,12 +36,18 @@ impl BlockShape {
 }
 
 impl ResidualAttentionBlock {
-    /// Loads one block; `cross` adds `ln_1_kv` for attention over another sequence.
-    pub fn new(shape: BlockShape, cross: bool, vb: VarBuilder) -> Result<Self> {
+    /// Loads one block (this member's shards of its attention and MLP); `cross` adds
+    /// `ln_1_kv` for attention over another sequence.
+    pub fn new(
+        shape: BlockShape,
+        cross: bool,
+        vb: VarBuilder,
+        tp: &TensorParallel,
+    ) -> Result<Self> {
         let w = shape.width;
         Ok(Self {
             ln_1: LayerNorm::new(w, vb.pp("ln_1"))?,
-            attn: MultiheadAttention::new(w, w, shape.heads, shape.proj_std(), vb.pp("attn"))?,
+            attn: MultiheadAttention::new(w, w, shape.heads, shape.proj_std(), vb.pp("attn"), tp)?,
             ln_1_kv: if cross {
                 Some(LayerNorm::new(w, vb.pp("ln_1_kv"))?)
             } else {
@@ -52,6 +59,7 @@ impl ResidualAttentionBlock {
                 mlp_width(w, shape.mlp_ratio),
                 shape.proj_std(),
                 vb.pp("mlp"),
+                tp,
             )?,
         })
     }
@@ -107,10 +115,10 @@ pub struct Transformer {
 
 impl Transformer {
     /// Loads `{prefix}.resblocks.N` for every layer.
-    pub fn new(shape: BlockShape, vb: VarBuilder) -> Result<Self> {
+    pub fn new(shape: BlockShape, vb: VarBuilder, tp: &TensorParallel) -> Result<Self> {
         let vb = vb.pp("resblocks");
         let resblocks = (0..shape.layers)
-            .map(|i| ResidualAttentionBlock::new(shape, false, vb.pp(i.to_string())))
+            .map(|i| ResidualAttentionBlock::new(shape, false, vb.pp(i.to_string()), tp))
             .collect::<Result<_>>()?;
         Ok(Self { resblocks })
     }

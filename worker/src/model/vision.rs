@@ -4,6 +4,7 @@ use super::config::CocaConfig;
 use super::layers::{matmul_last, normal, LayerNorm};
 use super::pooler::AttentionalPooler;
 use super::transformer::{BlockShape, Transformer};
+use crate::distributed::tensor_parallel::TensorParallel;
 use candle_core::{bail, Result, Tensor};
 use candle_nn::VarBuilder;
 
@@ -33,8 +34,8 @@ pub struct VisionOutput {
 }
 
 impl VisionTower {
-    /// Loads `visual.*`.
-    pub fn new(cfg: &CocaConfig, vb: VarBuilder) -> Result<Self> {
+    /// Loads `visual.*` (this tensor-parallel member's shards).
+    pub fn new(cfg: &CocaConfig, vb: VarBuilder, tp: &TensorParallel) -> Result<Self> {
         let v = &cfg.vision_cfg;
         let grid = v.image_size / v.patch_size;
         let scale = (v.width as f64).powf(-0.5);
@@ -59,13 +60,14 @@ impl VisionTower {
                 normal(scale),
             )?,
             ln_pre: LayerNorm::new(v.width, vb.pp("ln_pre"))?,
-            transformer: Transformer::new(shape, vb.pp("transformer"))?,
+            transformer: Transformer::new(shape, vb.pp("transformer"), tp)?,
             attn_pool: AttentionalPooler::new(
                 e,
                 v.width,
                 v.attn_pooler_heads,
                 v.attn_pooler_queries,
                 vb.pp("attn_pool"),
+                tp,
             )?,
             ln_post: LayerNorm::new(e, vb.pp("ln_post"))?,
             proj: vb.get_with_hints((e, e), "proj", normal(scale))?,

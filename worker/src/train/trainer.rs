@@ -15,6 +15,7 @@ use super::flat::{FlatParams, GroupRule, Segment};
 use super::partition::Partition;
 use super::schedule::CosineSchedule;
 use crate::distributed::loss::{coca_group_loss, ContrastiveSpan, LossValues};
+use crate::distributed::tensor_parallel::{global_grad_norm, squared_grad_norm};
 use crate::model::trainable::TrainableWeights;
 use crate::model::{CoCa, CocaLossConfig};
 use anyhow::{bail, Context, Result};
@@ -274,12 +275,21 @@ impl Trainer {
                 &mut self.grads[p.start..p.end]
             }
         };
+        // Under tensor parallelism a rank holds only its shards' gradients: the split
+        // parameters' squares are also summed over the TP group (plain `global_norm` at
+        // degree 1, bit for bit).
+        let tp = &self.model.tp;
         let grad_norm = if self.groups.sharding.size() == 1 {
-            global_norm(owned)
+            global_grad_norm(owned, &self.owned, tp)?
         } else {
             // The true norm: every block's squared norm, summed over the sharding group.
-            let partial = global_norm(owned);
-            let mut squares = [(partial * partial) as f32];
+            let partial = if tp.is_single() {
+                let norm = global_norm(owned);
+                norm * norm
+            } else {
+                squared_grad_norm(owned, &self.owned, tp)?
+            };
+            let mut squares = [partial as f32];
             self.groups
                 .sharding
                 .all_reduce(&mut squares, ReduceOp::Sum)

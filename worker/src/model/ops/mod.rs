@@ -41,7 +41,11 @@ pub(crate) fn f32_data<'a>(
 }
 
 /// The contiguous u32 data behind a CPU storage, or an error naming `op`.
-fn u32_data<'a>(op: &str, storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [u32]> {
+pub(crate) fn u32_data<'a>(
+    op: &str,
+    storage: &'a CpuStorage,
+    layout: &Layout,
+) -> Result<&'a [u32]> {
     let data = match storage {
         CpuStorage::U32(d) => d.as_slice(),
         other => bail!("{op}: indices must be u32, got {:?}", other.dtype()),

@@ -1,0 +1,297 @@
+//! Megatron-style tensor parallelism (TP) for CoCa: every attention and MLP of the three towers,
+//! the attentional pooler and the decoder is split by heads / hidden units over the `T` members
+//! of a tensor-parallel group, and the token embedding and the decoder's vocabulary projection
+//! are split by vocabulary.
+//!
+//! - Attention (self, cross, pooler): member `r` holds heads `r·H/T .. (r+1)·H/T` of q, of k and
+//!   of v (the rows of the packed `in_proj_weight`/`in_proj_bias`, or of `q_proj_weight`,
+//!   `k_proj_weight`, `v_proj_weight`) — column-parallel — and the matching input columns of
+//!   `out_proj.weight` — row-parallel; the output is summed over the group and `out_proj.bias`
+//!   is added once after the sum.
+//! - MLP: `c_fc` column-parallel (weight rows and bias), `c_proj` row-parallel (weight columns,
+//!   bias after the sum).
+//! - `text.token_embedding.weight` `[V, W]`: member `r` holds rows `r·V/T ..`; a lookup zeroes
+//!   the ids it does not own and sums over the group.
+//! - `text_decoder.text_projection` `[W, V]`: columns split; the logits `[B, L, V/T]` stay split
+//!   and the caption loss is the vocabulary-parallel cross-entropy
+//!   ([`vocab_parallel_cross_entropy`]), so the full logits are never on one member.
+//! - Everything else (layer norms, positional and class embeddings, `conv1`, the contrastive
+//!   projections, the pooler's queries, `logit_scale`) is replicated.
+//!
+//! Per attention and per MLP the forward pass runs one all-reduce (Megatron's `g`,
+//! [`reduce_from_group`]) and the backward one (`f`, [`copy_to_group`] at the input of the
+//! column-parallel layer). The vocabulary-parallel embedding adds one forward all-reduce, the
+//! decoder's projection one backward all-reduce, and the cross-entropy one all-gather of two
+//! floats per token.
+//!
+//! Gradients: when every member of a TP group feeds the model the same inputs, the gradients of
+//! the replicated parameters come out bit-identical on every member (they only see activations
+//! and gradients that are either replicated or the result of an all-reduce, which is
+//! bit-identical on every member), so no TP all-reduce of gradients is needed; the split
+//! parameters' gradients are each member's own slices. A global gradient norm, however, must
+//! sum the split parameters' squares over the group ([`Split::is_replicated`] tells which).
+//!
+//! Degree 1 is the plain model: every TP operation is skipped and the outputs are bit-identical
+//! to [`crate::model::CoCa::new`]'s.
+
+mod split;
+mod vocab;
+
+pub use split::{
+    full_shape, gather_state_dict, gather_tensor, local_parameter_shapes, shard_state_dict,
+    shard_tensor, split_of, Split,
+};
+pub use vocab::{caption_loss_parallel, vocab_parallel_cross_entropy, vocab_parallel_embedding};
+
+use super::autograd::{copy_to_group, reduce_from_group};
+use crate::model::config::{mlp_width, CocaConfig};
+use crate::train::adamw::global_norm;
+use crate::train::flat::Segment;
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::Tensor;
+use coca_common::collective::{Collective, SingleProcess};
+use std::fmt;
+use std::sync::Arc;
+
+/// The tensor-parallel group a model is built for: its members each hold `1/size` of every
+/// split parameter (see the module docs).
+#[derive(Clone)]
+pub struct TensorParallel {
+    group: Arc<dyn Collective>,
+}
+
+impl fmt::Debug for TensorParallel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "TensorParallel {{ rank: {}, size: {} }}",
+            self.rank(),
+            self.size()
+        )
+    }
+}
+
+impl Default for TensorParallel {
+    fn default() -> Self {
+        Self::single()
+    }
+}
+
+impl TensorParallel {
+    /// Tensor parallelism over `group` (its size is the TP degree, its rank this member's).
+    pub fn new(group: Arc<dyn Collective>) -> Self {
+        Self { group }
+    }
+
+    /// Degree 1: the plain model.
+    pub fn single() -> Self {
+        Self::new(Arc::new(SingleProcess))
+    }
+
+    /// A layout of member `rank` of `size` whose collectives fail: for computing shapes and
+    /// building models that are never run (e.g. [`local_parameter_shapes`]).
+    pub fn layout_only(rank: usize, size: usize) -> Self {
+        Self::new(Arc::new(LayoutOnly { rank, size }))
+    }
+
+    /// The TP degree.
+    pub fn size(&self) -> usize {
+        self.group.size()
+    }
+
+    /// This member's index in the group.
+    pub fn rank(&self) -> usize {
+        self.group.rank()
+    }
+
+    /// Whether this is the plain model (degree 1).
+    pub fn is_single(&self) -> bool {
+        self.size() == 1
+    }
+
+    /// The group's collectives.
+    pub fn group(&self) -> &Arc<dyn Collective> {
+        &self.group
+    }
+
+    /// `n / size`: this member's share of a dimension that [`check_degree`] has checked.
+    pub fn part(&self, n: usize) -> usize {
+        n / self.size()
+    }
+
+    /// Megatron's `f`: identity forward, gradient summed over the group (the input of a
+    /// column-parallel layer). Nothing at degree 1.
+    pub fn copy_in(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        copy_to_group(x, &self.group)
+    }
+
+    /// Megatron's `g`: sum over the group, gradient passed through (the output of a
+    /// row-parallel layer). Nothing at degree 1.
+    pub fn reduce_out(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        reduce_from_group(x, &self.group)
+    }
+
+    /// [`check_degree`] for this group's size.
+    pub fn check(&self, config: &CocaConfig) -> Result<()> {
+        check_degree(config, self.size())
+    }
+}
+
+/// Checks that `degree` divides every split dimension of `config`: the heads of the image
+/// tower, its attentional pooler, the text tower and the decoder, the three MLP widths and both
+/// vocabularies. The error names the tower and the numbers.
+pub fn check_degree(config: &CocaConfig, degree: usize) -> Result<()> {
+    if degree == 0 {
+        bail!("tensor-parallel degree must be at least 1");
+    }
+    let v = &config.vision_cfg;
+    let t = &config.text_cfg;
+    let m = &config.multimodal_cfg;
+    let dims = [
+        (
+            "the image tower's attention heads (vision_cfg.width / head_width)",
+            config.vision_heads(),
+        ),
+        (
+            "the image tower's MLP width (vision_cfg.width × mlp_ratio)",
+            mlp_width(v.width, v.mlp_ratio),
+        ),
+        (
+            "the attentional pooler's heads (vision_cfg.attn_pooler_heads)",
+            v.attn_pooler_heads,
+        ),
+        ("the text tower's attention heads (text_cfg.heads)", t.heads),
+        (
+            "the text tower's MLP width (text_cfg.width × mlp_ratio)",
+            mlp_width(t.width, t.mlp_ratio),
+        ),
+        (
+            "the text tower's vocabulary (text_cfg.vocab_size)",
+            t.vocab_size,
+        ),
+        (
+            "the decoder's attention heads (multimodal_cfg.heads)",
+            m.heads,
+        ),
+        (
+            "the decoder's MLP width (multimodal_cfg.width × mlp_ratio)",
+            mlp_width(m.width, m.mlp_ratio),
+        ),
+        (
+            "the decoder's vocabulary (multimodal_cfg.vocab_size)",
+            m.vocab_size,
+        ),
+    ];
+    let bad: Vec<String> = dims
+        .iter()
+        .filter(|(_, n)| !n.is_multiple_of(degree))
+        .map(|(what, n)| format!("{what} = {n}"))
+        .collect();
+    if !bad.is_empty() {
+        bail!(
+            "tensor-parallel degree {degree} does not divide {} (every split dimension must be a \
+             multiple of the degree)",
+            bad.join("; ")
+        );
+    }
+    Ok(())
+}
+
+/// The global L2 norm of the whole model's gradients when each member holds the flat gradient
+/// buffer `grads` of its own shards, laid out by `segments` (the trainer's flat layout, offsets
+/// relative to `grads`): the split parameters' squares are summed over the group, the
+/// replicated ones (identical on every member) counted once. The same value on every member;
+/// non-finite on every member when any member's gradients are. Degree 1 is [`global_norm`],
+/// bit for bit.
+pub fn global_grad_norm(grads: &[f32], segments: &[Segment], tp: &TensorParallel) -> Result<f64> {
+    if tp.is_single() {
+        return Ok(global_norm(grads));
+    }
+    Ok(squared_grad_norm(grads, segments, tp)?.sqrt())
+}
+
+/// The square of [`global_grad_norm`] (to be summed further, e.g. over a sharding group whose
+/// members each hold a block of the flat buffer: pass the block and its segments).
+pub fn squared_grad_norm(grads: &[f32], segments: &[Segment], tp: &TensorParallel) -> Result<f64> {
+    let (mut split, mut replicated) = (0f64, 0f64);
+    for s in segments {
+        ensure!(
+            s.offset + s.len <= grads.len(),
+            "segment {} lies outside the gradient buffer",
+            s.name
+        );
+        let sq: f64 = grads[s.offset..s.offset + s.len]
+            .iter()
+            .map(|&g| (g as f64) * (g as f64))
+            .sum();
+        if split_of(&s.name).is_replicated() {
+            replicated += sq;
+        } else {
+            split += sq;
+        }
+    }
+    if tp.is_single() {
+        return Ok(split + replicated);
+    }
+    // The collective carries f32: each member's f64 goes as a high and a low part (≈ 48 bits),
+    // summed in f64 in member order (the same bits on every member).
+    let hi = split as f32;
+    let mine = [hi, (split - hi as f64) as f32];
+    let mut all = vec![0f32; 2 * tp.size()];
+    tp.group()
+        .all_gather(&mine, &mut all)
+        .context("summing the split gradients' squares over the tensor-parallel group")?;
+    let split: f64 = all.iter().map(|&x| x as f64).sum();
+    Ok(split + replicated)
+}
+
+/// A group that only knows its layout; every collective is an error.
+struct LayoutOnly {
+    rank: usize,
+    size: usize,
+}
+
+impl LayoutOnly {
+    fn refuse(&self) -> Result<()> {
+        bail!(
+            "a layout-only tensor-parallel group (member {} of {}) cannot communicate",
+            self.rank,
+            self.size
+        )
+    }
+}
+
+impl Collective for LayoutOnly {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.size
+    }
+
+    fn all_reduce(&self, _: &mut [f32], _: coca_common::collective::ReduceOp) -> Result<()> {
+        self.refuse()
+    }
+
+    fn all_gather(&self, _: &[f32], _: &mut [f32]) -> Result<()> {
+        self.refuse()
+    }
+
+    fn reduce_scatter(
+        &self,
+        _: &[f32],
+        _: &mut [f32],
+        _: coca_common::collective::ReduceOp,
+    ) -> Result<()> {
+        self.refuse()
+    }
+
+    fn broadcast(&self, _: &mut [f32], _: usize) -> Result<()> {
+        self.refuse()
+    }
+
+    fn barrier(&self) -> Result<()> {
+        self.refuse()
+    }
+}
