@@ -541,3 +541,117 @@ fn a_launcher_waiting_for_its_peers_stops_on_sigterm() {
     let code = node0.wait(Duration::from_secs(5));
     assert_eq!(code, Some(128 + 15), "{:?}", node0.output());
 }
+
+#[test]
+fn tensor_parallel_layouts_train_the_same_parameters() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = common::tiny_config(tmp.path());
+    let (steps, global_batch) = (4, 8);
+    let logs = tmp.path().join("logs");
+    let single = tmp.path().join("single");
+    let flags = with(
+        pretrain_flags(&config, &single, global_batch, steps),
+        &["--save_steps", "2"],
+    );
+    let flags_ref: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let (code, out, err) = common::run("coca-worker", &flags_ref);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let final_of = |dir: &Path| dir.join(format!("checkpoint-{steps}/model.safetensors"));
+    let reference_losses = losses(&single);
+
+    // (processes, sharding degree, stage): tp 2 everywhere, dp fills the rest.
+    for (world, sharding, stage) in [
+        (4, 1, ""),
+        (4, 2, "stage1"),
+        (4, 2, "stage2"),
+        (8, 2, "stage2"),
+    ] {
+        let what = format!("tp 2 × sharding {sharding} {stage} on {world}");
+        let out_dir = tmp.path().join(format!("tp2-{world}-{sharding}{stage}"));
+        let data_world = world / 2;
+        let mut worker = with(
+            pretrain_flags(&config, &out_dir, global_batch / data_world, steps),
+            &["--tensor_parallel_degree", "2", "--save_steps", "2"],
+        );
+        if sharding > 1 {
+            worker = with(
+                worker,
+                &[
+                    "--sharding_parallel_degree",
+                    &sharding.to_string(),
+                    "--sharding",
+                    stage,
+                ],
+            );
+        }
+        launch_local(world, &worker, &logs);
+        assert_same_weights(&final_of(&single), &final_of(&out_dir), 1e-5, &what);
+        for (a, b) in reference_losses.iter().zip(&losses(&out_dir)) {
+            assert!((a - b).abs() <= 1e-5 * a.abs(), "{what}: loss {b} vs {a}");
+        }
+    }
+
+    // A tensor-parallel (and sharded) checkpoint resumes as one process, and a one-process
+    // checkpoint resumes as tp 2 × dp 2.
+    let resumed = tmp.path().join("resumed-single");
+    let tp_ckpt = tmp.path().join("tp2-4-2stage2/checkpoint-2");
+    let flags = with(
+        pretrain_flags(&config, &resumed, global_batch, steps),
+        &["--resume_from_checkpoint", tp_ckpt.to_str().unwrap()],
+    );
+    let flags_ref: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let (code, out, err) = common::run("coca-worker", &flags_ref);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_same_weights(
+        &final_of(&single),
+        &final_of(&resumed),
+        1e-5,
+        "tp2×stage2 → one process",
+    );
+    let resumed = tmp.path().join("resumed-tp2");
+    launch_local(
+        4,
+        &with(
+            pretrain_flags(&config, &resumed, global_batch / 2, steps),
+            &[
+                "--tensor_parallel_degree",
+                "2",
+                "--resume_from_checkpoint",
+                single.join("checkpoint-2").to_str().unwrap(),
+            ],
+        ),
+        &logs,
+    );
+    assert_same_weights(
+        &final_of(&single),
+        &final_of(&resumed),
+        1e-5,
+        "one process → tp2×dp2",
+    );
+}
+
+#[test]
+fn a_tensor_parallel_degree_that_does_not_split_the_heads_is_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = common::tiny_config(tmp.path());
+    let worker = with(
+        pretrain_flags(&config, &tmp.path().join("run"), 8, 2),
+        &["--tensor_parallel_degree", "4"],
+    );
+    let mut job = Job::start(
+        "coca-launch",
+        &launcher_flags(
+            &[
+                "--nproc-per-node",
+                "4",
+                "--log-dir",
+                tmp.path().join("logs").to_str().unwrap(),
+            ],
+            &worker,
+        ),
+    );
+    let (code, out, err) = job.finish(JOB_LIMIT);
+    assert_eq!(code, 2, "{out}\n{err}");
+    let all = format!("{out}{err}");
+    assert!(all.contains("heads") && all.contains("= 2"), "{all}");
+}

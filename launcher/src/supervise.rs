@@ -46,6 +46,8 @@ struct Job {
     control_addr: SocketAddr,
     advertise: IpAddr,
     visible_gpus: Vec<String>,
+    /// Compute threads each worker gets: this node's cores ÷ its workers.
+    threads_per_worker: usize,
 }
 
 /// SIGINT, SIGTERM and SIGHUP: while workers run, recorded for the supervision loop (which
@@ -159,6 +161,8 @@ pub fn run(command_line: CommandLine) -> Result<i32> {
         control_addr,
         advertise,
         visible_gpus,
+        threads_per_worker: (std::thread::available_parallelism().map_or(1, |n| n.get()) / nproc)
+            .max(1),
     };
     let signals = Signals::install()?;
     let result = generations(&job, &client, &signals);
@@ -236,6 +240,14 @@ fn start_workers(job: &Job, plan: &Plan) -> Result<Vec<WorkerProcess>> {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
+        // Like torchrun's OMP_NUM_THREADS: the node's cores shared among its workers, unless
+        // the user set it.
+        if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+            env.push((
+                "RAYON_NUM_THREADS".to_string(),
+                job.threads_per_worker.to_string(),
+            ));
+        }
         if let Some(device) = job.visible_gpus.get(local_rank) {
             env.push(("CUDA_VISIBLE_DEVICES".to_string(), device.clone()));
         }

@@ -2,8 +2,10 @@
 //!
 //! A benchmark, not a test: it prints one JSON line that the README's tables are made from.
 
+use crate::distributed::context::RankContext;
+use crate::distributed::tensor_parallel::TensorParallel;
 use crate::eval::generate::{generate_with, GenerateOptions, GenerationType};
-use crate::model::trainable::trainable_model;
+use crate::model::trainable::trainable_model_parallel;
 use crate::model::{CoCa, CocaConfig, CocaLossConfig};
 use crate::train::adamw::AdamWConfig;
 use crate::train::groups::TowerGroups;
@@ -21,6 +23,9 @@ pub struct BenchOptions {
     pub model: String,
     pub batch: usize,
     pub steps: usize,
+    /// Tensor-parallel degree (run under `coca-launch` with that many workers); above 1 only
+    /// the training step is measured.
+    pub tensor_parallel_degree: usize,
 }
 
 /// Random normalised images `[B, 3, S, S]` and token rows `[B, T]` shaped like real captions:
@@ -57,17 +62,24 @@ fn median(mut xs: Vec<f64>) -> f64 {
 /// New tokens generated for the caption-latency figure.
 pub const CAPTION_TOKENS: usize = 20;
 
-/// Runs the benchmark and returns its JSON line: the median training step (forward, backward,
+/// Runs the benchmark and returns its JSON line (`None` on ranks other than 0): the median training step (forward, backward,
 /// clipping and AdamW), image embedding throughput, and greedy caption latency for one image (on the key/value cache, and
 /// recomputing the prefix each step as open_clip does).
-pub fn run(opts: &BenchOptions) -> Result<serde_json::Value> {
+pub fn run(opts: &BenchOptions) -> Result<Option<serde_json::Value>> {
     ensure!(
         opts.batch > 0 && opts.steps > 0,
         "--batch and --steps must be positive"
     );
     let config = CocaConfig::resolve(&opts.model)?;
     let device = Device::Cpu;
-    let (model, vars) = trainable_model(&config, None, 0, DType::F32, &device)?;
+    let ctx = RankContext::from_env(opts.tensor_parallel_degree, 1)?;
+    ensure!(
+        ctx.topology.dp == 1,
+        "bench measures one model: run it with --tensor_parallel_degree equal to the number of \
+         workers"
+    );
+    let tp = TensorParallel::new(ctx.tensor.clone());
+    let (model, vars) = trainable_model_parallel(&config, None, 0, DType::F32, &device, &tp)?;
     let (images, text) = random_batch(&config, opts.batch, &device)?;
     let trainer_config = TrainerConfig {
         adamw: AdamWConfig::default(),
@@ -93,6 +105,20 @@ pub fn run(opts: &BenchOptions) -> Result<serde_json::Value> {
         if step > 0 {
             step_times.push(start.elapsed().as_secs_f64());
         }
+    }
+    let step = median(step_times);
+    if !tp.is_single() {
+        return Ok(ctx.is_main().then(|| {
+            serde_json::json!({
+                "model": opts.model,
+                "batch": opts.batch,
+                "steps": opts.steps,
+                "tensor_parallel_degree": tp.size(),
+                "threads_per_rank": rayon::current_num_threads(),
+                "train_step_s": step,
+                "train_samples_per_s": opts.batch as f64 / step,
+            })
+        }));
     }
     // Inference over detached weights records no graph.
     let weights: HashMap<String, Tensor> = vars.tensors().into_iter().collect();
@@ -127,9 +153,8 @@ pub fn run(opts: &BenchOptions) -> Result<serde_json::Value> {
             recompute_times.push(start.elapsed().as_secs_f64());
         }
     }
-    let step = median(step_times);
     let embed = median(embed_times);
-    Ok(serde_json::json!({
+    Ok(Some(serde_json::json!({
         "model": opts.model,
         "batch": opts.batch,
         "steps": opts.steps,
@@ -140,5 +165,5 @@ pub fn run(opts: &BenchOptions) -> Result<serde_json::Value> {
         "greedy_caption_s": median(caption_times),
         "greedy_caption_recompute_s": median(recompute_times),
         "caption_new_tokens": caption_len - 1,
-    }))
+    })))
 }

@@ -54,6 +54,10 @@ enum Command {
         /// Timed steps after one warm-up step.
         #[arg(long, default_value_t = 3)]
         steps: usize,
+        /// Split the model over this many workers (run under `coca-launch`); only the
+        /// training step is measured then.
+        #[arg(long, default_value_t = 1)]
+        tensor_parallel_degree: usize,
     },
     /// Evaluate: zero-shot classification, image-text retrieval, captioning; prints one JSON line per evaluation.
     Eval(Box<coca_worker::eval::cli::EvalArgs>),
@@ -206,13 +210,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
             model,
             batch,
             steps,
+            tensor_parallel_degree,
         } => {
             let line = bench::run(&bench::BenchOptions {
                 model,
                 batch,
                 steps,
+                tensor_parallel_degree,
             })?;
-            println!("{line}");
+            if let Some(line) = line {
+                println!("{line}");
+            }
             Ok(ExitCode::SUCCESS)
         }
     }

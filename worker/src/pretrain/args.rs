@@ -172,13 +172,6 @@ impl PretrainArgs {
 
     /// Rejects what this build cannot honour, naming the flag.
     pub fn validate(&self) -> Result<()> {
-        if self.tensor_parallel_degree != 1 {
-            bail!(
-                "--tensor_parallel_degree {} is not available in this build (tensor parallelism \
-                 is not implemented yet); use 1",
-                self.tensor_parallel_degree
-            );
-        }
         self.zero_stage()?;
         if self.bf16 || self.fp16 {
             bail!("--bf16/--fp16: mixed precision needs a GPU build; CPU training runs in float32");

@@ -18,8 +18,9 @@ use crate::data::tokenizer::ClipTokenizer;
 use crate::data::train_set::open_train_set;
 use crate::distributed::context::{PeerFailed, RankContext};
 use crate::distributed::loss::ContrastiveSpan;
+use crate::distributed::tensor_parallel::{gather_state_dict, shard_moments, TensorParallel};
 use crate::eval::classification::evaluate;
-use crate::model::trainable::trainable_model;
+use crate::model::trainable::trainable_model_parallel;
 use crate::model::{CoCa, CocaLossConfig};
 use crate::train::adamw::AdamWConfig;
 use crate::train::groups::TowerGroups;
@@ -178,7 +179,12 @@ fn train(args: &PretrainArgs, ctx: &RankContext) -> Result<()> {
         Some(c) => Some(c.weights.clone()),
         None => weights,
     };
-    let (model, vars) = trainable_model(&config, initial, args.seed, DType::F32, &device)?;
+    let tp = TensorParallel::new(ctx.tensor.clone());
+    tp.check(&config)
+        .context("--tensor_parallel_degree does not fit the model")?;
+    // Full weights (pretrained or resumed) are sliced to this rank's shards.
+    let (model, vars) =
+        trainable_model_parallel(&config, initial, args.seed, DType::F32, &device, &tp)?;
     let groups = TowerGroups {
         lr: args.learning_rate.unwrap_or(d.lr),
         weight_decay: args.weight_decay.unwrap_or(d.weight_decay),
@@ -240,7 +246,8 @@ fn train(args: &PretrainArgs, ctx: &RankContext) -> Result<()> {
     let mut trainer = Trainer::in_groups(model, &vars, &groups, trainer_config, trainer_groups)?;
     let mut position = LoaderPosition::default();
     if let Some(c) = &resumed {
-        trainer.restore_optimizer(&c.optimizer, c.state.adam_step, c.state.global_step)?;
+        let moments = shard_moments(&c.optimizer, &tp)?;
+        trainer.restore_optimizer(&moments, c.state.adam_step, c.state.global_step)?;
         position = c.state.loader_position;
         eprintln!(
             "resuming from {} at step {}",
@@ -278,9 +285,10 @@ fn train(args: &PretrainArgs, ctx: &RankContext) -> Result<()> {
         // The current weights, detached: evaluation records no graph. No classifier cache: the
         // weights change every step (the seed's frozen cache goes stale).
         let weights: HashMap<String, Tensor> = vars.tensors().into_iter().collect();
-        let model = CoCa::new(
+        let model = CoCa::new_parallel(
             &config,
             VarBuilder::from_tensors(weights, DType::F32, &device),
+            &tp,
         )?;
         let result = evaluate(
             &model,
@@ -317,6 +325,7 @@ fn train(args: &PretrainArgs, ctx: &RankContext) -> Result<()> {
         };
         rank_checkpoint::save(
             ctx,
+            &tp,
             &args.output_dir,
             &state,
             trainer,
@@ -400,10 +409,24 @@ fn train(args: &PretrainArgs, ctx: &RankContext) -> Result<()> {
     if skipped_total > 0 {
         eprintln!("{skipped_total} samples were skipped in all (see the epoch reports above)");
     }
-    if is_synthetic && ctx.is_main() {
+    if is_synthetic {
         drop(loader);
+        // Generation runs on one unsplit model: tensor-parallel ranks gather the weights first.
+        let full = if tp.is_single() {
+            None
+        } else {
+            let local: HashMap<String, Tensor> = vars.tensors().into_iter().collect();
+            let full = gather_state_dict(&local, &config, tp.group().as_ref())?;
+            Some(CoCa::new(
+                &config,
+                VarBuilder::from_tensors(full, DType::F32, &device),
+            )?)
+        };
+        if !ctx.is_main() {
+            return Ok(());
+        }
         demo::report(
-            &trainer.model,
+            full.as_ref().unwrap_or(&trainer.model),
             &tokenizer,
             args.seed,
             &config,

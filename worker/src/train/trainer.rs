@@ -360,6 +360,34 @@ impl Trainer {
         Ok(out)
     }
 
+    /// The moments of every parameter this rank holds as named tensors, all-gathering the
+    /// blocks over the sharding group when sharded (every member must call it).
+    pub fn gathered_optimizer_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let p = self.partition;
+        if p.count == 1 {
+            return self.optimizer_tensors();
+        }
+        let mut out = Vec::with_capacity(2 * self.params.segments().len());
+        for (prefix, buffer) in MOMENT_NAMES
+            .iter()
+            .zip([&self.optimizer.exp_avg, &self.optimizer.exp_avg_sq])
+        {
+            let mut block = vec![0f32; p.block];
+            block[..p.len()].copy_from_slice(buffer);
+            let mut all = vec![0f32; p.padded_total()];
+            self.groups
+                .sharding
+                .all_gather(&block, &mut all)
+                .context("gathering optimizer blocks over the sharding group")?;
+            for s in self.params.segments() {
+                let values = &all[s.offset..s.offset + s.len];
+                let t = Tensor::from_slice(values, s.shape.as_slice(), &Device::Cpu)?;
+                out.push((format!("{prefix}.{}", s.name), t));
+            }
+        }
+        Ok(out)
+    }
+
     /// This rank's block of the moments as 1-D tensors named `exp_avg` and `exp_avg_sq`
     /// (covering flat elements `partition().start..end`).
     pub fn optimizer_block(&self) -> Result<Vec<(String, Tensor)>> {

@@ -38,8 +38,8 @@ mod split;
 mod vocab;
 
 pub use split::{
-    full_shape, gather_state_dict, gather_tensor, local_parameter_shapes, shard_state_dict,
-    shard_tensor, split_of, Split,
+    full_shape, gather_moments, gather_state_dict, gather_tensor, local_parameter_shapes,
+    shard_moments, shard_state_dict, shard_tensor, split_of, Split,
 };
 pub use vocab::{caption_loss_parallel, vocab_parallel_cross_entropy, vocab_parallel_embedding};
 
