@@ -30,33 +30,12 @@ pub fn load(path: &PathBuf) -> HashMap<String, Tensor> {
 
 /// Largest absolute difference between two tensors of the same shape.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shapes differ");
-    let a = a.to_dtype(candle_core::DType::F32).unwrap();
-    let b = b.to_dtype(candle_core::DType::F32).unwrap();
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    coca_worker::compare::max_abs_diff(a, b).unwrap()
 }
 
 /// Largest absolute element of a tensor.
 pub fn max_abs(a: &Tensor) -> f32 {
-    a.to_dtype(candle_core::DType::F32)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    coca_worker::compare::max_abs(a).unwrap()
 }
 
 /// The path of a workspace binary (`coca-worker`, `coca-launch`) built with the same profile as

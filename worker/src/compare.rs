@@ -38,6 +38,23 @@ impl std::fmt::Display for Tolerance {
     }
 }
 
+/// Largest absolute element of a tensor (0 when it is empty).
+pub fn max_abs(t: &Tensor) -> Result<f32> {
+    let flat = t.to_dtype(DType::F32)?.abs()?.flatten_all()?;
+    if flat.elem_count() == 0 {
+        return Ok(0.0);
+    }
+    Ok(flat.max(0)?.to_scalar::<f32>()?)
+}
+
+/// Largest absolute difference between two tensors of one shape.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    if a.dims() != b.dims() {
+        bail!("shapes differ: {:?} and {:?}", a.dims(), b.dims());
+    }
+    max_abs(&(a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?)
+}
+
 fn to_f64(t: &Tensor) -> Result<Vec<f64>> {
     Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?)
 }

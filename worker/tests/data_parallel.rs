@@ -6,6 +6,7 @@ use coca_common::collective::memory_kv::MemoryKeyValue;
 use coca_common::collective::ring::RingCollective;
 use coca_common::collective::{Collective, SingleProcess};
 use coca_common::topology::{GroupKind, Topology};
+use coca_worker::compare::{max_abs, max_abs_diff};
 use coca_worker::distributed::loss::ContrastiveSpan;
 use coca_worker::model::trainable::trainable_model;
 use coca_worker::model::{CocaConfig, CocaLossConfig};
@@ -144,21 +145,8 @@ fn train_group(
 fn assert_close(reference: &HashMap<String, Tensor>, got: &HashMap<String, Tensor>, what: &str) {
     for (name, a) in reference {
         let b = &got[name];
-        let max = |t: &Tensor| {
-            t.abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
-        let diff = max(&(a - b).unwrap());
-        let rel = diff / max(a).max(1e-12);
-        if diff > 1e-7 {
-            eprintln!("{what}: {name} abs {diff:.3e} rel {rel:.3e}");
-        }
+        let diff = max_abs_diff(a, b).unwrap();
+        let rel = diff / max_abs(a).unwrap().max(1e-12);
         assert!(
             diff <= 1e-5 || rel <= 1e-5,
             "{what}: {name} differs by {diff:.3e} ({rel:.3e} relative)"

@@ -3,14 +3,11 @@
 
 use super::TensorParallel;
 use crate::model::loss::caption_loss;
-use crate::model::ops::{cross_entropy_rows, f32_data, u32_data};
-use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use crate::model::ops::{cross_entropy_rows, f32_data, u32_data, CrossEntropyBackward, VocabShard};
+use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use coca_common::collective::Collective;
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
-
-/// Rows handed to one rayon task in the cross-entropy kernels.
-const ROWS_PER_TASK: usize = 16;
 
 /// Embedding rows `[N, W]` of the ids `[N]` (u32, global vocabulary ids) from `weight`, this
 /// member's rows `rank·Vₗ .. (rank+1)·Vₗ` of the full `[V, W]` table: the rows of ids another
@@ -228,62 +225,14 @@ impl CustomOp2 for ParallelCrossEntropy {
         let dlogits = logits.apply_op3_no_bwd(
             targets,
             &grad.contiguous()?,
-            &ParallelCrossEntropyBackward {
-                start: self.start,
+            &CrossEntropyBackward {
                 ignore: self.ignore,
-                lse,
+                shard: Some(VocabShard {
+                    start: self.start,
+                    lse,
+                }),
             },
         )?;
         Ok((Some(dlogits), None))
-    }
-}
-
-/// dlogits[n] = (exp(logits[n] − lse[n]) − onehot_local(target[n])) · grad[n].
-struct ParallelCrossEntropyBackward {
-    start: usize,
-    ignore: Option<u32>,
-    lse: Arc<Vec<f32>>,
-}
-
-impl CustomOp3 for ParallelCrossEntropyBackward {
-    fn name(&self) -> &'static str {
-        "vocab-parallel-cross-entropy-backward"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let x = f32_data(self.name(), s1, l1)?;
-        let targets = u32_data(self.name(), s2, l2)?;
-        let g = f32_data(self.name(), s3, l3)?;
-        let v = l1.shape().dims()[1];
-        let mut dx = vec![0f32; x.len()];
-        dx.par_chunks_mut(v * ROWS_PER_TASK)
-            .zip(x.par_chunks(v * ROWS_PER_TASK))
-            .enumerate()
-            .for_each(|(task, (dx, x))| {
-                for (i, (dx, row)) in dx.chunks_mut(v).zip(x.chunks(v)).enumerate() {
-                    let n = task * ROWS_PER_TASK + i;
-                    let target = targets[n];
-                    if Some(target) == self.ignore {
-                        continue;
-                    }
-                    let lse = self.lse[n];
-                    for (d, &x) in dx.iter_mut().zip(row) {
-                        *d = (x - lse).exp() * g[n];
-                    }
-                    let t = target as usize;
-                    if (self.start..self.start + v).contains(&t) {
-                        dx[t - self.start] -= g[n];
-                    }
-                }
-            });
-        Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }

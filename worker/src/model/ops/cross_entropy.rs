@@ -87,6 +87,7 @@ impl CustomOp2 for CrossEntropy {
             &grad.contiguous()?,
             &CrossEntropyBackward {
                 ignore: self.ignore,
+                shard: None,
             },
         )?;
         Ok((Some(dlogits), None))
@@ -94,8 +95,18 @@ impl CustomOp2 for CrossEntropy {
 }
 
 /// dlogits[n] = (softmax(logits[n]) − onehot(target[n])) · grad[n].
-struct CrossEntropyBackward {
-    ignore: Option<u32>,
+pub(crate) struct CrossEntropyBackward {
+    pub(crate) ignore: Option<u32>,
+    /// For a slice of the vocabulary (tensor parallelism): the logits are columns
+    /// `start..start + V` of the whole row, and each row's log-sum-exp over the whole vocabulary
+    /// is given.
+    pub(crate) shard: Option<VocabShard>,
+}
+
+/// Where a vocabulary slice starts and every row's log-sum-exp over the whole vocabulary.
+pub(crate) struct VocabShard {
+    pub(crate) start: usize,
+    pub(crate) lse: std::sync::Arc<Vec<f32>>,
 }
 
 impl CustomOp3 for CrossEntropyBackward {
@@ -126,12 +137,22 @@ impl CustomOp3 for CrossEntropyBackward {
                     if Some(targets[n]) == self.ignore {
                         continue;
                     }
-                    let t = check_target(self.name(), targets[n], v)?;
-                    let (_, lse) = log_sum_exp(row);
+                    let lse = match &self.shard {
+                        Some(shard) => shard.lse[n],
+                        None => log_sum_exp(row).1,
+                    };
                     for (d, &x) in dx.iter_mut().zip(row) {
                         *d = (x - lse).exp() * g[n];
                     }
-                    dx[t] -= g[n];
+                    match &self.shard {
+                        None => dx[check_target(self.name(), targets[n], v)?] -= g[n],
+                        Some(shard) => {
+                            let t = targets[n] as usize;
+                            if (shard.start..shard.start + v).contains(&t) {
+                                dx[t - shard.start] -= g[n];
+                            }
+                        }
+                    }
                 }
                 Ok(())
             })?;

@@ -12,6 +12,7 @@ mod layer_norm;
 mod softmax;
 
 pub use cross_entropy::cross_entropy_rows;
+pub(crate) use cross_entropy::{CrossEntropyBackward, VocabShard};
 pub use gelu::gelu_erf;
 pub use layer_norm::layer_norm;
 pub use softmax::{masked_softmax, softmax_last_dim};

@@ -20,17 +20,7 @@ fn rand(shape: &[usize], seed: u64) -> Tensor {
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    crate::compare::max_abs_diff(a, b).unwrap()
 }
 
 /// Runs `f` on fresh variables made from `inputs` and returns the output and every gradient of
