@@ -42,12 +42,36 @@ fn pretrain_flags(config: &str, out: &Path, per_device_batch: usize, steps: usiz
     .collect()
 }
 
-fn launcher_flags(list: &[&str], worker: &[String]) -> Vec<String> {
-    let mut v: Vec<String> = list.iter().map(|s| s.to_string()).collect();
+fn launcher_flags<S: AsRef<str>>(list: &[S], worker: &[String]) -> Vec<String> {
+    let mut v: Vec<String> = list.iter().map(|s| s.as_ref().to_string()).collect();
     v.push("--".into());
     v.extend_from_slice(worker);
     v
 }
+
+/// Launcher flags of `node` of a simulated two-node job on loopback, plus `extra`.
+fn node_flags(node: usize, port: &str, token: &str, log_dir: &Path, extra: &[&str]) -> Vec<String> {
+    let node = node.to_string();
+    let mut flags = vec![
+        "--nnodes",
+        "2",
+        "--node-rank",
+        &node,
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        port,
+        "--rdzv-token",
+        token,
+        "--log-dir",
+        log_dir.to_str().unwrap(),
+    ];
+    flags.extend_from_slice(extra);
+    flags.iter().map(|s| s.to_string()).collect()
+}
+
+/// The secret of the simulated multi-node jobs.
+const TOKEN: &str = "a-test-secret-of-enough-length";
 
 /// Every tensor of `b` within `tol` of `a`, absolute or relative to the tensor's largest
 /// magnitude (parameters that start at zero stay small for the first steps).
@@ -146,29 +170,14 @@ fn one_two_four_processes_and_two_nodes_train_the_same_parameters() {
             let port = free_udp_port().to_string();
             let mut jobs: Vec<Job> = (0..nnodes)
                 .map(|node| {
-                    let node = node.to_string();
-                    Job::start(
-                        "coca-launch",
-                        &launcher_flags(
-                            &[
-                                "--nnodes",
-                                "2",
-                                "--node_rank",
-                                &node,
-                                "--nproc_per_node",
-                                &nproc_s,
-                                "--master_addr",
-                                "127.0.0.1",
-                                "--master_port",
-                                &port,
-                                "--rdzv_token",
-                                "a-test-secret-of-enough-length",
-                                "--log-dir",
-                                log_dir,
-                            ],
-                            &worker,
-                        ),
-                    )
+                    let flags = node_flags(
+                        node,
+                        &port,
+                        TOKEN,
+                        Path::new(log_dir),
+                        &["--nproc_per_node", &nproc_s],
+                    );
+                    Job::start("coca-launch", &launcher_flags(&flags, &worker))
                 })
                 .collect();
             for job in jobs.iter_mut() {
@@ -195,26 +204,9 @@ fn two_nodes(tmp: &Path, extra_launcher: &[&str]) -> (Vec<Job>, std::path::PathB
     let log_dir = tmp.join("logs");
     let jobs = (0..2)
         .map(|node| {
-            let node = node.to_string();
-            let mut flags = vec![
-                "--nnodes",
-                "2",
-                "--node-rank",
-                &node,
-                "--nproc-per-node",
-                "2",
-                "--master-addr",
-                "127.0.0.1",
-                "--master-port",
-                &port,
-                "--rdzv-token",
-                "a-test-secret-of-enough-length",
-                "--heartbeat-timeout",
-                "4",
-                "--log-dir",
-                log_dir.to_str().unwrap(),
-            ];
-            flags.extend_from_slice(extra_launcher);
+            let mut extra = vec!["--nproc-per-node", "2", "--heartbeat-timeout", "4"];
+            extra.extend_from_slice(extra_launcher);
+            let flags = node_flags(node, &port, TOKEN, &log_dir, &extra);
             Job::start("coca-launch", &launcher_flags(&flags, &worker))
         })
         .collect();
@@ -353,32 +345,16 @@ fn with_max_restarts_a_killed_worker_restarts_the_job_from_its_checkpoint() {
 fn a_node_without_the_token_cannot_join() {
     let tmp = tempfile::tempdir().unwrap();
     let port = free_udp_port().to_string();
-    let start = |node: &str, token: &str| {
+    let log_dir = tmp.path().join("logs");
+    let start = |node: usize, token: &str| {
+        let flags = node_flags(node, &port, token, &log_dir, &["--rdzv-timeout", "6"]);
         Job::start(
             "coca-launch",
-            &launcher_flags(
-                &[
-                    "--nnodes",
-                    "2",
-                    "--node-rank",
-                    node,
-                    "--master-addr",
-                    "127.0.0.1",
-                    "--master-port",
-                    &port,
-                    "--rdzv-token",
-                    token,
-                    "--rdzv-timeout",
-                    "6",
-                    "--log-dir",
-                    tmp.path().join("logs").to_str().unwrap(),
-                ],
-                &["--version".to_string()],
-            ),
+            &launcher_flags(&flags, &["--version".to_string()]),
         )
     };
-    let mut node0 = start("0", "the-right-secret-0123456789");
-    let mut intruder = start("1", "a-wrong-secret-0123456789ab");
+    let mut node0 = start(0, "the-right-secret-0123456789");
+    let mut intruder = start(1, "a-wrong-secret-0123456789ab");
     let (code, _, err) = intruder.finish(Duration::from_secs(30));
     assert_eq!(code, 3, "{err}");
     assert!(err.contains("bad token"), "{err}");
@@ -516,25 +492,10 @@ fn zero_stage1_and_stage2_train_the_same_parameters_and_their_checkpoints_load_a
 fn a_launcher_waiting_for_its_peers_stops_on_sigterm() {
     let tmp = tempfile::tempdir().unwrap();
     let port = free_udp_port().to_string();
+    let flags = node_flags(0, &port, TOKEN, &tmp.path().join("logs"), &[]);
     let mut node0 = Job::start(
         "coca-launch",
-        &launcher_flags(
-            &[
-                "--nnodes",
-                "2",
-                "--node-rank",
-                "0",
-                "--master-addr",
-                "127.0.0.1",
-                "--master-port",
-                &port,
-                "--rdzv-token",
-                "a-test-secret-of-enough-length",
-                "--log-dir",
-                tmp.path().join("logs").to_str().unwrap(),
-            ],
-            &["--version".to_string()],
-        ),
+        &launcher_flags(&flags, &["--version".to_string()]),
     );
     std::thread::sleep(Duration::from_millis(500));
     node0.signal("-TERM");

@@ -12,46 +12,10 @@ use crate::train::adamw::AdamWConfig;
 use crate::train::groups::TowerGroups;
 use crate::train::schedule::CosineSchedule;
 use crate::train::trainer::{Trainer, TrainerConfig, TrainerGroups, ZeroStage};
-use anyhow::{bail, Result};
+use anyhow::Result;
 use candle_core::{DType, Device};
-use coca_common::collective::{Collective, ReduceOp, SingleProcess};
+use coca_common::collective::{LayoutOnly, SingleProcess};
 use std::sync::Arc;
-
-/// A group that has a rank and a size but cannot communicate.
-struct LayoutOnly {
-    rank: usize,
-    size: usize,
-}
-
-impl LayoutOnly {
-    fn refuse<T>(&self) -> Result<T> {
-        bail!("the memory report builds trainers without peers; no collective can run")
-    }
-}
-
-impl Collective for LayoutOnly {
-    fn rank(&self) -> usize {
-        self.rank
-    }
-    fn size(&self) -> usize {
-        self.size
-    }
-    fn all_reduce(&self, _: &mut [f32], _: ReduceOp) -> Result<()> {
-        self.refuse()
-    }
-    fn all_gather(&self, _: &[f32], _: &mut [f32]) -> Result<()> {
-        self.refuse()
-    }
-    fn reduce_scatter(&self, _: &[f32], _: &mut [f32], _: ReduceOp) -> Result<()> {
-        self.refuse()
-    }
-    fn broadcast(&self, _: &mut [f32], _: usize) -> Result<()> {
-        self.refuse()
-    }
-    fn barrier(&self) -> Result<()> {
-        self.refuse()
-    }
-}
 
 /// The report, one JSON line per layout (rank 0 of each; the others differ by < 1 block).
 pub fn run(model: &str, degrees: &[usize]) -> Result<Vec<serde_json::Value>> {

@@ -99,6 +99,55 @@ impl Collective for SingleProcess {
     }
 }
 
+/// A group that knows its rank and size but cannot communicate: every collective is an
+/// error. For building one rank's share of something (a tensor-parallel shard, a ZeRO
+/// partition) without its peers, e.g. in memory reports and layout checks.
+#[derive(Debug, Clone, Copy)]
+pub struct LayoutOnly {
+    pub rank: usize,
+    pub size: usize,
+}
+
+impl LayoutOnly {
+    fn refuse(&self) -> Result<()> {
+        anyhow::bail!(
+            "a layout-only group (member {} of {}) cannot communicate",
+            self.rank,
+            self.size
+        )
+    }
+}
+
+impl Collective for LayoutOnly {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.size
+    }
+
+    fn all_reduce(&self, _: &mut [f32], _: ReduceOp) -> Result<()> {
+        self.refuse()
+    }
+
+    fn all_gather(&self, _: &[f32], _: &mut [f32]) -> Result<()> {
+        self.refuse()
+    }
+
+    fn reduce_scatter(&self, _: &[f32], _: &mut [f32], _: ReduceOp) -> Result<()> {
+        self.refuse()
+    }
+
+    fn broadcast(&self, _: &mut [f32], _: usize) -> Result<()> {
+        self.refuse()
+    }
+
+    fn barrier(&self) -> Result<()> {
+        self.refuse()
+    }
+}
+
 /// The key-value store the control plane offers, as far as collectives need it: backends
 /// publish their endpoints under a key and read their peers'.
 pub trait KeyValue: Send + Sync {

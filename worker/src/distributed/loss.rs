@@ -18,12 +18,12 @@
 //!   (as in open_clip), so the result would depend on the world size: rejected.
 
 use super::autograd::{all_gather_rows, gather_rows_detached};
-use super::tensor_parallel::vocab_parallel_cross_entropy;
+use super::tensor_parallel::caption_token_loss;
 use crate::model::loss::contrastive_loss;
 use crate::model::ops::cross_entropy_rows;
 use crate::model::{CocaLossConfig, CocaOutput};
 use anyhow::{bail, Result};
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use coca_common::collective::{Collective, ReduceOp};
 use std::sync::Arc;
 
@@ -70,25 +70,13 @@ fn sum_over(comm: &Arc<dyn Collective>, values: &mut [f32]) -> Result<()> {
 /// The caption share: this member's token losses over the global count of non-pad tokens (the
 /// logits may be split by vocabulary over a tensor-parallel group, `out.tp`).
 fn caption_share(out: &CocaOutput, pad_id: u32, comm: &Arc<dyn Collective>) -> Result<Tensor> {
-    let (b, t, v) = out.logits.dims3()?;
-    let labels = out.labels.to_dtype(DType::U32)?.flatten_all()?;
-    let local = labels
-        .ne(pad_id)?
-        .to_dtype(DType::F32)?
-        .sum_all()?
-        .to_scalar::<f32>()?;
+    let (sum, local) = caption_token_loss(&out.logits, &out.labels, pad_id, &out.tp)?;
     let mut counted = [local];
     sum_over(comm, &mut counted)?;
     if counted[0] == 0.0 {
         bail!("caption loss: every label of the global batch is padding");
     }
-    let rows = vocab_parallel_cross_entropy(
-        &out.logits.reshape((b * t, v))?,
-        &labels,
-        Some(pad_id),
-        &out.tp,
-    )?;
-    Ok((rows.sum_all()? / counted[0] as f64)?)
+    Ok((sum / counted[0] as f64)?)
 }
 
 /// The contrastive share and the value to sum over members for reporting.

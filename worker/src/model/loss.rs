@@ -2,8 +2,8 @@
 
 use super::coca::CocaOutput;
 use super::ops::cross_entropy_rows;
-use crate::distributed::tensor_parallel::caption_loss_parallel;
-use candle_core::{bail, DType, Result, Tensor};
+use crate::distributed::tensor_parallel::{caption_loss_parallel, TensorParallel};
+use candle_core::{Result, Tensor};
 
 /// Loss weights and the padding id (open_clip's `CoCaLoss` arguments).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -54,18 +54,7 @@ pub fn contrastive_loss(
 /// Mean cross-entropy of `logits` `[B, T, V]` against `labels` `[B, T]` over the tokens that are
 /// not padding.
 pub fn caption_loss(logits: &Tensor, labels: &Tensor, pad_id: u32) -> Result<Tensor> {
-    let (b, t, v) = logits.dims3()?;
-    let labels = labels.to_dtype(DType::U32)?.flatten_all()?;
-    let counted = labels
-        .ne(pad_id)?
-        .to_dtype(DType::F32)?
-        .sum_all()?
-        .to_scalar::<f32>()?;
-    if counted == 0.0 {
-        bail!("caption loss: every label is padding ({b}×{t} tokens)");
-    }
-    let rows = cross_entropy_rows(&logits.reshape((b * t, v))?, &labels, Some(pad_id))?;
-    rows.sum_all()? / counted as f64
+    caption_loss_parallel(logits, labels, pad_id, &TensorParallel::single())
 }
 
 /// open_clip's `CoCaLoss` on one process (or on every member of a tensor-parallel group alike:

@@ -41,7 +41,10 @@ pub use split::{
     full_shape, gather_moments, gather_state_dict, gather_tensor, local_parameter_shapes,
     shard_moments, shard_state_dict, shard_tensor, split_of, Split,
 };
-pub use vocab::{caption_loss_parallel, vocab_parallel_cross_entropy, vocab_parallel_embedding};
+pub use vocab::{
+    caption_loss_parallel, caption_token_loss, vocab_parallel_cross_entropy,
+    vocab_parallel_embedding,
+};
 
 use super::autograd::{copy_to_group, reduce_from_group};
 use crate::model::config::{mlp_width, CocaConfig};
@@ -49,7 +52,7 @@ use crate::train::adamw::global_norm;
 use crate::train::flat::Segment;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::Tensor;
-use coca_common::collective::{Collective, SingleProcess};
+use coca_common::collective::{Collective, LayoutOnly, SingleProcess};
 use std::fmt;
 use std::sync::Arc;
 
@@ -243,55 +246,4 @@ pub fn squared_grad_norm(grads: &[f32], segments: &[Segment], tp: &TensorParalle
         .context("summing the split gradients' squares over the tensor-parallel group")?;
     let split: f64 = all.iter().map(|&x| x as f64).sum();
     Ok(split + replicated)
-}
-
-/// A group that only knows its layout; every collective is an error.
-struct LayoutOnly {
-    rank: usize,
-    size: usize,
-}
-
-impl LayoutOnly {
-    fn refuse(&self) -> Result<()> {
-        bail!(
-            "a layout-only tensor-parallel group (member {} of {}) cannot communicate",
-            self.rank,
-            self.size
-        )
-    }
-}
-
-impl Collective for LayoutOnly {
-    fn rank(&self) -> usize {
-        self.rank
-    }
-
-    fn size(&self) -> usize {
-        self.size
-    }
-
-    fn all_reduce(&self, _: &mut [f32], _: coca_common::collective::ReduceOp) -> Result<()> {
-        self.refuse()
-    }
-
-    fn all_gather(&self, _: &[f32], _: &mut [f32]) -> Result<()> {
-        self.refuse()
-    }
-
-    fn reduce_scatter(
-        &self,
-        _: &[f32],
-        _: &mut [f32],
-        _: coca_common::collective::ReduceOp,
-    ) -> Result<()> {
-        self.refuse()
-    }
-
-    fn broadcast(&self, _: &mut [f32], _: usize) -> Result<()> {
-        self.refuse()
-    }
-
-    fn barrier(&self) -> Result<()> {
-        self.refuse()
-    }
 }

@@ -2,7 +2,6 @@
 //! the cross-entropy over logits whose vocabulary is split across the group.
 
 use super::TensorParallel;
-use crate::model::loss::caption_loss;
 use crate::model::ops::{cross_entropy_rows, f32_data, u32_data, CrossEntropyBackward, VocabShard};
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use coca_common::collective::Collective;
@@ -83,17 +82,15 @@ pub fn vocab_parallel_cross_entropy(
     )
 }
 
-/// The caption loss (mean cross-entropy over the non-pad targets) of vocabulary-split logits
-/// `[B, L, V/T]` against `labels` `[B, L]`; [`caption_loss`] at degree 1.
-pub fn caption_loss_parallel(
+/// The summed cross-entropy over the non-pad targets of vocabulary-split logits `[B, L, V/T]`
+/// against `labels` `[B, L]`, and how many targets were counted. The caption loss divides the
+/// one by the other — over one batch, or over the whole data-parallel group.
+pub fn caption_token_loss(
     logits: &Tensor,
     labels: &Tensor,
     pad_id: u32,
     tp: &TensorParallel,
-) -> Result<Tensor> {
-    if tp.is_single() {
-        return caption_loss(logits, labels, pad_id);
-    }
+) -> Result<(Tensor, f32)> {
     let (b, t, v) = logits.dims3()?;
     let labels = labels.to_dtype(DType::U32)?.flatten_all()?;
     let counted = labels
@@ -101,12 +98,27 @@ pub fn caption_loss_parallel(
         .to_dtype(DType::F32)?
         .sum_all()?
         .to_scalar::<f32>()?;
-    if counted == 0.0 {
-        bail!("caption loss: every label is padding ({b}×{t} tokens)");
-    }
     let rows =
         vocab_parallel_cross_entropy(&logits.reshape((b * t, v))?, &labels, Some(pad_id), tp)?;
-    rows.sum_all()? / counted as f64
+    Ok((rows.sum_all()?, counted))
+}
+
+/// The caption loss (mean cross-entropy over the non-pad targets) of vocabulary-split logits
+/// `[B, L, V/T]` against `labels` `[B, L]`.
+pub fn caption_loss_parallel(
+    logits: &Tensor,
+    labels: &Tensor,
+    pad_id: u32,
+    tp: &TensorParallel,
+) -> Result<Tensor> {
+    let (sum, counted) = caption_token_loss(logits, labels, pad_id, tp)?;
+    if counted == 0.0 {
+        bail!(
+            "caption loss: every label is padding ({:?} tokens)",
+            labels.dims()
+        );
+    }
+    sum / counted as f64
 }
 
 struct ParallelCrossEntropy {
