@@ -125,10 +125,7 @@ fn one_two_four_processes_and_two_nodes_train_the_same_parameters() {
     let steps = 4;
     let global_batch = 8;
     let single = tmp.path().join("single");
-    let flags = pretrain_flags(&config, &single, global_batch, steps);
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let (code, out, err) = common::run("coca-worker", &flags);
-    assert_eq!(code, 0, "{out}\n{err}");
+    run_alone(&pretrain_flags(&config, &single, global_batch, steps));
     let reference = single.join(format!("checkpoint-{steps}/model.safetensors"));
     let reference_losses = losses(&single);
     assert_eq!(reference_losses.len(), steps);
@@ -305,9 +302,7 @@ fn with_max_restarts_a_killed_worker_restarts_the_job_from_its_checkpoint() {
     let single = tmp.path().join("single");
     let mut flags = pretrain_flags(&config, &single, 16, steps);
     flags.extend(["--save_steps".to_string(), "4".to_string()]);
-    let flags_ref: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let (code, out, err) = common::run("coca-worker", &flags_ref);
-    assert_eq!(code, 0, "{out}\n{err}");
+    run_alone(&flags);
 
     let out_dir = tmp.path().join("restarted");
     let mut worker = pretrain_flags(&config, &out_dir, 8, steps);
@@ -376,6 +371,13 @@ fn launch_local(nproc: usize, worker: &[String], log_dir: &Path) {
     ));
 }
 
+/// Runs `coca-worker` with `flags` as a job of one; it must succeed.
+fn run_alone(flags: &[String]) {
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let (code, out, err) = common::run("coca-worker", &flags);
+    assert_eq!(code, 0, "{out}\n{err}");
+}
+
 fn with(mut flags: Vec<String>, extra: &[&str]) -> Vec<String> {
     flags.extend(extra.iter().map(|s| s.to_string()));
     flags
@@ -393,9 +395,7 @@ fn zero_stage1_and_stage2_train_the_same_parameters_and_their_checkpoints_load_a
         pretrain_flags(&config, &single, global_batch, steps),
         &["--save_steps", "2"],
     );
-    let flags_ref: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let (code, out, err) = common::run("coca-worker", &flags_ref);
-    assert_eq!(code, 0, "{out}\n{err}");
+    run_alone(&flags);
     let reference = single.join(format!("checkpoint-{steps}/model.safetensors"));
     let final_of = |dir: &Path| dir.join(format!("checkpoint-{steps}/model.safetensors"));
 
@@ -455,9 +455,7 @@ fn zero_stage1_and_stage2_train_the_same_parameters_and_their_checkpoints_load_a
         pretrain_flags(&config, &resumed, global_batch, steps),
         &["--resume_from_checkpoint", sharded_ckpt.to_str().unwrap()],
     );
-    let flags_ref: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let (code, out, err) = common::run("coca-worker", &flags_ref);
-    assert_eq!(code, 0, "{out}\n{err}");
+    run_alone(&flags);
     assert_same_weights(
         &reference,
         &final_of(&resumed),
@@ -514,9 +512,7 @@ fn tensor_parallel_layouts_train_the_same_parameters() {
         pretrain_flags(&config, &single, global_batch, steps),
         &["--save_steps", "2"],
     );
-    let flags_ref: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let (code, out, err) = common::run("coca-worker", &flags_ref);
-    assert_eq!(code, 0, "{out}\n{err}");
+    run_alone(&flags);
     let final_of = |dir: &Path| dir.join(format!("checkpoint-{steps}/model.safetensors"));
     let reference_losses = losses(&single);
 
@@ -560,9 +556,7 @@ fn tensor_parallel_layouts_train_the_same_parameters() {
         pretrain_flags(&config, &resumed, global_batch, steps),
         &["--resume_from_checkpoint", tp_ckpt.to_str().unwrap()],
     );
-    let flags_ref: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let (code, out, err) = common::run("coca-worker", &flags_ref);
-    assert_eq!(code, 0, "{out}\n{err}");
+    run_alone(&flags);
     assert_same_weights(
         &final_of(&single),
         &final_of(&resumed),
