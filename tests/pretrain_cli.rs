@@ -133,9 +133,16 @@ fn flags_are_checked() {
         err.contains("per-device-train-batch-size"),
         "a suggestion is expected: {err}"
     );
+    // One process cannot hold two tensor-parallel ranks: the error shows the arithmetic.
     let (code, _, err) = pretrain(&["--tensor_parallel_degree", "2"]);
     assert_eq!(code, 2);
-    assert!(err.contains("--tensor_parallel_degree 2"), "{err}");
+    assert!(
+        err.contains("tensor_parallel_degree 2") && err.contains("1 / 2"),
+        "{err}"
+    );
+    let (code, _, err) = pretrain(&["--sharding", "stage3", "--sharding_parallel_degree", "2"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("stage3"), "{err}");
     let (code, _, err) = pretrain(&["--bf16", "True"]);
     assert_eq!(code, 2);
     assert!(err.contains("--bf16"), "{err}");
