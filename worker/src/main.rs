@@ -76,14 +76,17 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         iters: usize,
     },
-    /// Bytes of parameters, gradients and optimizer state per rank under ZeRO stage 1 and 2 for
-    /// each sharding degree, from the buffers of real trainers; one JSON line per layout.
+    /// Bytes of parameters, gradients and optimizer state per rank under ZeRO stage 1 and 2 and
+    /// tensor parallelism, from the buffers of real trainers; one JSON line per layout.
     BenchMemory {
         #[arg(long, default_value = "coca_ViT-L-14")]
         model: String,
         /// Sharding degrees to report (comma-separated).
         #[arg(long, value_delimiter = ',', default_value = "2,4,8")]
         sharding: Vec<usize>,
+        /// Tensor-parallel degrees to report (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "2,4")]
+        tensor_parallel: Vec<usize>,
     },
     /// Tokenizer strings/s and loader images/s (JPEG decode + train transform, 1 and 2
     /// threads); prints one JSON line.
@@ -173,8 +176,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("{line}");
             Ok(ExitCode::SUCCESS)
         }
-        Command::BenchMemory { model, sharding } => {
-            for line in coca_worker::bench_memory::run(&model, &sharding)? {
+        Command::BenchMemory {
+            model,
+            sharding,
+            tensor_parallel,
+        } => {
+            for line in coca_worker::bench_memory::run(&model, &sharding, &tensor_parallel)? {
                 println!("{line}");
             }
             Ok(ExitCode::SUCCESS)
