@@ -610,3 +610,31 @@ fn a_tensor_parallel_degree_that_does_not_split_the_heads_is_an_error() {
     let all = format!("{out}{err}");
     assert!(all.contains("heads") && all.contains("= 2"), "{all}");
 }
+
+#[test]
+fn a_hung_worker_is_found_by_its_silence_and_the_job_stops() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut jobs, out_dir) = two_nodes(tmp.path(), &[]);
+    wait_for_path(&out_dir.join("metrics.jsonl"), JOB_LIMIT);
+    let workers: Vec<u32> = jobs.iter().flat_map(|j| descendants(j.pid())).collect();
+    let victim = worker_pid(jobs[1].pid(), 2, Duration::from_secs(5));
+    let stopped_at = Instant::now();
+    kill(victim, "-STOP");
+    let mut stderr = String::new();
+    for job in jobs.iter_mut() {
+        let code = job.wait(Duration::from_secs(20));
+        let (_, err) = job.output();
+        assert!(matches!(code, Some(c) if c != 0), "{code:?}\n{err}");
+        stderr.push_str(&err);
+    }
+    // Heartbeat timeout (4 s) + grace period (3 s) + slack.
+    let took = stopped_at.elapsed();
+    assert!(took <= Duration::from_secs(15), "took {took:?}");
+    assert!(
+        stderr.contains("rank 2"),
+        "the silent rank is named: {stderr}"
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    let left: Vec<u32> = workers.into_iter().filter(|&p| alive(p)).collect();
+    assert!(left.is_empty(), "workers still running: {left:?}");
+}
