@@ -82,9 +82,14 @@ fn evaluate(args: &EvalArgs, comm: &Arc<dyn Collective>) -> Result<Vec<serde_jso
                     .unwrap_or_else(|| dir.join(".coca_zeroshot_classifier.safetensors")),
             )
         };
+        // The key only names cached classifiers; without a cache the file is not hashed.
+        let key = match cache {
+            Some(_) => loaded.weights_key()?,
+            None => String::new(),
+        };
         let result = classification::evaluate(
             &loaded.model,
-            &loaded.weights_key,
+            &key,
             &folder,
             cache.as_deref(),
             args.batch_size,

@@ -24,18 +24,26 @@ pub struct ModelArgs {
     pub pretrained: Option<PathBuf>,
 }
 
-/// A model ready for inference, with a key of its config and weights.
+/// A model ready for inference, and where it came from.
 pub struct LoadedModel {
     /// The model, float32 on the CPU.
     pub model: CoCa,
-    /// Hex digest of the config and the weight file's bytes: equal keys, equal model.
-    pub weights_key: String,
     /// The weight file loaded.
     pub weights_path: PathBuf,
+    /// The config as JSON (part of the weights key).
+    config_json: String,
+}
+
+impl LoadedModel {
+    /// Hex digest of the config and the weight file's bytes: equal keys, equal model. Computed
+    /// on demand (it reads the whole file): only cached results need it.
+    pub fn weights_key(&self) -> Result<String> {
+        weights_key(&self.weights_path, self.config_json.as_bytes())
+    }
 }
 
 impl ModelArgs {
-    /// Resolves the config and the weight file, loads them, and keys them.
+    /// Resolves the config and the weight file and loads them.
     pub fn load(&self) -> Result<LoadedModel> {
         let (config, dir) = resolve_config(&self.model)?;
         // Weights are looked for only in a `--model` directory, never beside a config file.
@@ -64,12 +72,10 @@ impl ModelArgs {
             VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu),
         )
         .with_context(|| format!("building the model from {}", weights_path.display()))?;
-        let config_json = serde_json::to_string(&config)?;
-        let weights_key = weights_key(&weights_path, config_json.as_bytes())?;
         Ok(LoadedModel {
             model,
-            weights_key,
             weights_path,
+            config_json: serde_json::to_string(&config)?,
         })
     }
 }
