@@ -638,3 +638,23 @@ fn a_hung_worker_is_found_by_its_silence_and_the_job_stops() {
     let left: Vec<u32> = workers.into_iter().filter(|&p| alive(p)).collect();
     assert!(left.is_empty(), "workers still running: {left:?}");
 }
+
+#[test]
+fn gpu_workers_in_a_cpu_build_stop_with_an_error_that_says_so() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = common::tiny_config(tmp.path());
+    let worker = pretrain_flags(&config, &tmp.path().join("run"), 8, 2);
+    let flags = launcher_flags(
+        &[
+            "--nproc-per-node",
+            "gpu",
+            "--log-dir",
+            tmp.path().join("logs").to_str().unwrap(),
+        ],
+        &worker,
+    );
+    let mut job = Job::start_with_env("coca-launch", &flags, &[("CUDA_VISIBLE_DEVICES", "0,1")]);
+    let (code, out, err) = job.finish(JOB_LIMIT);
+    assert_eq!(code, 2, "{out}\n{err}");
+    assert!(format!("{out}{err}").contains("CPU only"), "{out}\n{err}");
+}

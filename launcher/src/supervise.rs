@@ -48,6 +48,8 @@ struct Job {
     visible_gpus: Vec<String>,
     /// Compute threads each worker gets: this node's cores ÷ its workers.
     threads_per_worker: usize,
+    /// One worker per GPU was asked for (`gpu`, or `auto` on a node with GPUs).
+    gpu_workers: bool,
 }
 
 /// SIGINT, SIGTERM and SIGHUP: while workers run, recorded for the supervision loop (which
@@ -150,6 +152,8 @@ pub fn run(command_line: CommandLine) -> Result<i32> {
         },
     )
     .map_err(|e| ControlPlaneError(format!("{e:#}")))?;
+    let gpu_workers =
+        args.nproc_per_node == "gpu" || (args.nproc_per_node == "auto" && !visible_gpus.is_empty());
     let job = Job {
         args,
         worker_args,
@@ -163,6 +167,7 @@ pub fn run(command_line: CommandLine) -> Result<i32> {
         visible_gpus,
         threads_per_worker: (std::thread::available_parallelism().map_or(1, |n| n.get()) / nproc)
             .max(1),
+        gpu_workers,
     };
     let signals = Signals::install()?;
     let result = generations(&job, &client, &signals);
@@ -247,6 +252,9 @@ fn start_workers(job: &Job, plan: &Plan) -> Result<Vec<WorkerProcess>> {
                 "RAYON_NUM_THREADS".to_string(),
                 job.threads_per_worker.to_string(),
             ));
+        }
+        if job.gpu_workers {
+            env.push(("COCA_DEVICE_KIND".to_string(), "gpu".to_string()));
         }
         if let Some(device) = job.visible_gpus.get(local_rank) {
             env.push(("CUDA_VISIBLE_DEVICES".to_string(), device.clone()));

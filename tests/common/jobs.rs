@@ -34,8 +34,14 @@ fn collect(
 impl Job {
     /// Starts `bin` (a workspace binary) with `args`.
     pub fn start(bin: &str, args: &[String]) -> Job {
+        Self::start_with_env(bin, args, &[])
+    }
+
+    /// Like [`Self::start`], with extra environment variables.
+    pub fn start_with_env(bin: &str, args: &[String], env: &[(&str, &str)]) -> Job {
         let mut child = Command::new(super::binary(bin))
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -84,6 +84,13 @@ impl RankContext {
     /// Reads the launcher's environment and connects; `tp` and `sharding` are the degrees the
     /// worker's own flags ask for (they must match the launcher's).
     pub fn from_env(tp: usize, sharding: usize) -> Result<Self> {
+        if std::env::var("COCA_DEVICE_KIND").as_deref() == Ok("gpu") {
+            bail!(
+                "the launcher started one worker per GPU (--nproc-per-node gpu/auto), but this \
+                 build computes on the CPU only (the CUDA/NCCL backend is not implemented yet); \
+                 start CPU workers with --nproc-per-node N"
+            );
+        }
         let world = env_number("WORLD_SIZE")?.unwrap_or(1);
         let control_addr = std::env::var("COCA_CONTROL_ADDR").ok();
         if world == 1 && control_addr.is_none() {
