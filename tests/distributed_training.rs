@@ -658,3 +658,43 @@ fn gpu_workers_in_a_cpu_build_stop_with_an_error_that_says_so() {
     assert_eq!(code, 2, "{out}\n{err}");
     assert!(format!("{out}{err}").contains("CPU only"), "{out}\n{err}");
 }
+
+/// The zero-shot lines rank 0 logged: (step, top-1).
+fn zero_shot_lines(out: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            Some((v["step"].as_u64()?, v["zeroshot_top1"].as_f64()?))
+        })
+        .collect()
+}
+
+#[test]
+fn zero_shot_during_training_under_tensor_and_data_parallelism_matches_one_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = common::tiny_config(tmp.path());
+    let folder = tmp.path().join("colours");
+    common::images::write_folder(&folder);
+    let eval = [
+        "--classification_eval",
+        folder.to_str().unwrap(),
+        "--eval_steps",
+        "2",
+    ];
+    let single = tmp.path().join("single");
+    run_alone(&with(pretrain_flags(&config, &single, 8, 3), &eval));
+    let parallel = tmp.path().join("tp2dp2");
+    launch_local(
+        4,
+        &with(
+            pretrain_flags(&config, &parallel, 4, 3),
+            &[&["--tensor_parallel_degree", "2"][..], &eval[..]].concat(),
+        ),
+        &tmp.path().join("logs"),
+    );
+    let expected = zero_shot_lines(&single);
+    assert_eq!(expected.iter().map(|e| e.0).collect::<Vec<_>>(), vec![2, 3]);
+    assert_eq!(zero_shot_lines(&parallel), expected);
+}

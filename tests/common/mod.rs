@@ -2,6 +2,7 @@
 
 #![allow(dead_code)]
 
+pub mod images;
 pub mod jobs;
 
 use candle_core::{Device, Tensor};
