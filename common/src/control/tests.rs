@@ -420,6 +420,26 @@ fn restart_then_abort_with_max_restarts_1() {
 }
 
 #[test]
+fn a_launcher_stopped_by_a_signal_ends_the_job_even_with_restarts_left() {
+    let srv = server(2, 3);
+    let addr = srv.local_addr();
+    let nodes = vec![node(addr, 0, 1), node(addr, 1, 1)];
+    rendezvous_all(&nodes);
+    let stopped = FailureReport {
+        rank: None,
+        exit: ExitKind::Signal(15),
+        ..failure(0, 1, 0)
+    };
+    nodes[1].report_failure(stopped.clone()).unwrap();
+    match next_event(&nodes[0], SLACK) {
+        Event::Abort {
+            failure: Some(f), ..
+        } => assert_eq!(f, stopped),
+        other => panic!("expected an Abort, got {other:?}"),
+    }
+}
+
+#[test]
 fn node_vanishing_without_goodbye_aborts_the_others() {
     let srv = server(3, 0);
     let addr = srv.local_addr();

@@ -152,7 +152,10 @@ impl Shared {
             return Ok(());
         }
         let max = self.config.max_restarts;
-        if st.restarts < max {
+        // A launcher stopped by a signal (no rank) was told to stop — by a person or the
+        // scheduler: the job ends instead of restarting without that node.
+        let stopped = report.rank.is_none() && matches!(report.exit, ExitKind::Signal(_));
+        if st.restarts < max && !stopped {
             st.restarts += 1;
             let generation = st.generation + 1;
             warn!(
@@ -172,7 +175,7 @@ impl Shared {
             };
             Self::broadcast(st, &event);
         } else {
-            let reason = if max == 0 {
+            let reason = if max == 0 || stopped {
                 report.to_string()
             } else {
                 format!("{report} (all {max} restarts used)")
