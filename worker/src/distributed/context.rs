@@ -131,8 +131,7 @@ impl RankContext {
             )
             .with_context(|| format!("rank {rank}: connecting to the control plane"))?,
         );
-        let group = |kind: GroupKind, name: &str| -> Result<Arc<dyn Collective>> {
-            let members = topology.group(rank, kind)?;
+        let ring = |name: &str, members: Vec<usize>| -> Result<Arc<dyn Collective>> {
             if members.len() == 1 {
                 return Ok(Arc::new(SingleProcess));
             }
@@ -149,20 +148,8 @@ impl RankContext {
             .with_context(|| format!("rank {rank}: setting up the {name} group {members:?}"))?;
             Ok(Arc::new(ring))
         };
-        let world_group: Arc<dyn Collective> = {
-            let all: Vec<usize> = (0..world).collect();
-            let ring = RingCollective::connect(
-                &format!("gen{generation}/world"),
-                &all,
-                rank,
-                advertise,
-                control.as_ref(),
-                token.as_bytes(),
-                GROUP_SETUP_TIMEOUT,
-            )
-            .with_context(|| format!("rank {rank}: setting up the world group"))?;
-            Arc::new(ring)
-        };
+        let group = |kind: GroupKind, name: &str| ring(name, topology.group(rank, kind)?);
+        let world_group = ring("world", (0..world).collect())?;
         let data = if topology.data_world() == world {
             world_group.clone()
         } else {

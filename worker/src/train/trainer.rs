@@ -315,15 +315,9 @@ impl Trainer {
                 lr_factor,
             );
             if self.groups.sharding.size() > 1 {
-                let mut block = vec![0f32; p.block];
-                block[..p.len()].copy_from_slice(&self.values[p.start..p.end]);
-                let mut all = vec![0f32; p.padded_total()];
-                self.groups
-                    .sharding
-                    .all_gather(&block, &mut all)
-                    .context("all-gathering parameters over the sharding group")?;
-                let total = self.values.len();
-                self.values.copy_from_slice(&all[..total]);
+                self.values = self
+                    .gather_blocks(&self.values[p.start..p.end])
+                    .context("all-gathering parameters")?;
             }
             if let Some(i) = self.logit_scale_offset {
                 self.values[i] = self.values[i].clamp(0.0, LOGIT_SCALE_MAX);
@@ -346,46 +340,53 @@ impl Trainer {
         if self.partition.len() != self.params.len() {
             bail!("a sharded trainer saves its optimizer block, not named tensors");
         }
-        let mut out = Vec::with_capacity(2 * self.params.segments().len());
-        for (prefix, buffer) in MOMENT_NAMES
-            .iter()
-            .zip([&self.optimizer.exp_avg, &self.optimizer.exp_avg_sq])
-        {
-            for s in self.params.segments() {
-                let values = &buffer[s.offset..s.offset + s.len];
-                let t = Tensor::from_slice(values, s.shape.as_slice(), &Device::Cpu)?;
-                out.push((format!("{prefix}.{}", s.name), t));
-            }
-        }
+        let mut out = self.named(MOMENT_NAMES[0], &self.optimizer.exp_avg)?;
+        out.extend(self.named(MOMENT_NAMES[1], &self.optimizer.exp_avg_sq)?);
         Ok(out)
     }
 
     /// The moments of every parameter this rank holds as named tensors, all-gathering the
     /// blocks over the sharding group when sharded (every member must call it).
     pub fn gathered_optimizer_tensors(&self) -> Result<Vec<(String, Tensor)>> {
-        let p = self.partition;
-        if p.count == 1 {
+        if self.partition.count == 1 {
             return self.optimizer_tensors();
         }
-        let mut out = Vec::with_capacity(2 * self.params.segments().len());
-        for (prefix, buffer) in MOMENT_NAMES
-            .iter()
-            .zip([&self.optimizer.exp_avg, &self.optimizer.exp_avg_sq])
-        {
-            let mut block = vec![0f32; p.block];
-            block[..p.len()].copy_from_slice(buffer);
-            let mut all = vec![0f32; p.padded_total()];
-            self.groups
-                .sharding
-                .all_gather(&block, &mut all)
-                .context("gathering optimizer blocks over the sharding group")?;
-            for s in self.params.segments() {
-                let values = &all[s.offset..s.offset + s.len];
-                let t = Tensor::from_slice(values, s.shape.as_slice(), &Device::Cpu)?;
-                out.push((format!("{prefix}.{}", s.name), t));
-            }
-        }
+        let mut out = self.named(
+            MOMENT_NAMES[0],
+            &self.gather_blocks(&self.optimizer.exp_avg)?,
+        )?;
+        out.extend(self.named(
+            MOMENT_NAMES[1],
+            &self.gather_blocks(&self.optimizer.exp_avg_sq)?,
+        )?);
         Ok(out)
+    }
+
+    /// `flat` (a whole flat buffer) as one tensor per parameter, named `<prefix>.<param>`.
+    fn named(&self, prefix: &str, flat: &[f32]) -> Result<Vec<(String, Tensor)>> {
+        self.params
+            .segments()
+            .iter()
+            .map(|s| {
+                let values = &flat[s.offset..s.offset + s.len];
+                let t = Tensor::from_slice(values, s.shape.as_slice(), &Device::Cpu)?;
+                Ok((format!("{prefix}.{}", s.name), t))
+            })
+            .collect()
+    }
+
+    /// Every sharding rank's block (this rank's is `owned`) put together: the whole flat buffer.
+    fn gather_blocks(&self, owned: &[f32]) -> Result<Vec<f32>> {
+        let p = self.partition;
+        let mut block = vec![0f32; p.block];
+        block[..p.len()].copy_from_slice(owned);
+        let mut all = vec![0f32; p.padded_total()];
+        self.groups
+            .sharding
+            .all_gather(&block, &mut all)
+            .context("all-gathering blocks over the sharding group")?;
+        all.truncate(self.params.len());
+        Ok(all)
     }
 
     /// This rank's block of the moments as 1-D tensors named `exp_avg` and `exp_avg_sq`
