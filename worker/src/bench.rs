@@ -4,7 +4,8 @@
 
 use crate::distributed::context::RankContext;
 use crate::distributed::tensor_parallel::TensorParallel;
-use crate::eval::generate::{generate_with, GenerateOptions, GenerationType};
+use crate::eval::generate::kernels::{linear, F32View};
+use crate::eval::generate::{generate_with, CachedDecoder, GenerateOptions, GenerationType};
 use crate::model::trainable::trainable_model_parallel;
 use crate::model::{CoCa, CocaConfig, CocaLossConfig};
 use crate::train::adamw::AdamWConfig;
@@ -138,10 +139,14 @@ pub fn run(opts: &BenchOptions) -> Result<Option<serde_json::Value>> {
         min_seq_len: caption_len - 1,
         ..GenerateOptions::default()
     };
+    let mut encode_one_times = Vec::new();
     for step in 0..=opts.steps {
         let start = Instant::now();
         frozen.encode_image(&images)?;
         let embedded = start.elapsed().as_secs_f64();
+        let start = Instant::now();
+        frozen.encode_image(&one)?;
+        encode_one_times.push(start.elapsed().as_secs_f64());
         let start = Instant::now();
         generate_with(&frozen, &one, &greedy, true)?;
         let cached = start.elapsed().as_secs_f64();
@@ -154,6 +159,9 @@ pub fn run(opts: &BenchOptions) -> Result<Option<serde_json::Value>> {
         }
     }
     let embed = median(embed_times);
+    let floor = decode_floor(&frozen, &one)?;
+    // Steps that compute logits: the prefix starts at sot and the last token is eos.
+    let logit_steps = caption_len - 2;
     Ok(Some(serde_json::json!({
         "model": opts.model,
         "batch": opts.batch,
@@ -165,5 +173,40 @@ pub fn run(opts: &BenchOptions) -> Result<Option<serde_json::Value>> {
         "greedy_caption_s": median(caption_times),
         "greedy_caption_recompute_s": median(recompute_times),
         "caption_new_tokens": caption_len - 1,
+        "encode_one_image_s": median(encode_one_times),
+        "decode_weight_bytes_per_step": floor.bytes_per_step,
+        "weight_stream_gb_s": floor.stream_bytes_per_s / 1e9,
+        "greedy_caption_decode_floor_s":
+            logit_steps as f64 * floor.bytes_per_step as f64 / floor.stream_bytes_per_s,
     })))
+}
+
+/// What bounds greedy decoding from below on this machine: every step reads all the weights of
+/// the text tower and the decoder once, so no float32 decoder takes less than
+/// `steps × bytes_per_step / stream_bytes_per_s`.
+struct DecodeFloor {
+    bytes_per_step: usize,
+    /// How fast the decoding kernel streams that many bytes of weights from memory (one row
+    /// times a matrix of the same size; median of 5).
+    stream_bytes_per_s: f64,
+}
+
+fn decode_floor(model: &CoCa, image: &Tensor) -> Result<DecodeFloor> {
+    const WIDTH: usize = 512;
+    let (_, image_embs) = model.encode_image(image)?;
+    let bytes_per_step = CachedDecoder::new(model, &image_embs, 1)?.weight_bytes_per_step();
+    let rows = bytes_per_step / std::mem::size_of::<f32>() / WIDTH;
+    let matrix = Tensor::ones((rows, WIDTH), DType::F32, &Device::Cpu)?;
+    let matrix = F32View::new(&matrix, "bandwidth probe")?;
+    let (x, bias) = (vec![1f32; WIDTH], vec![0f32; rows]);
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        let start = Instant::now();
+        rayon::join(|| linear(&x, &matrix, &bias), || ()).0?;
+        times.push(start.elapsed().as_secs_f64());
+    }
+    Ok(DecodeFloor {
+        bytes_per_step,
+        stream_bytes_per_s: (rows * WIDTH * std::mem::size_of::<f32>()) as f64 / median(times),
+    })
 }

@@ -5,34 +5,6 @@ use super::ops;
 use crate::distributed::tensor_parallel::TensorParallel;
 use candle_core::{Result, Tensor};
 
-/// Keys and values `[B, H, S, head_dim]` kept between decoding steps (inference only).
-#[derive(Debug, Clone)]
-pub struct KvCache {
-    /// Keys `[B, H, S, head_dim]`.
-    pub k: Tensor,
-    /// Values `[B, H, S, head_dim]`.
-    pub v: Tensor,
-}
-
-impl KvCache {
-    /// The cache of batch rows `rows` (a u32 index tensor), in that order.
-    pub fn select(&self, rows: &Tensor) -> Result<Self> {
-        Ok(Self {
-            k: self.k.contiguous()?.index_select(rows, 0)?,
-            v: self.v.contiguous()?.index_select(rows, 0)?,
-        })
-    }
-
-    /// Number of cached positions.
-    pub fn len(&self) -> Result<usize> {
-        self.k.dim(2)
-    }
-
-    /// Whether nothing is cached.
-    pub fn is_empty(&self) -> Result<bool> {
-        Ok(self.len()? == 0)
-    }
-}
 use candle_nn::{Init, VarBuilder};
 
 /// `nn.MultiheadAttention(d_model, heads, kdim, vdim)`.
@@ -48,13 +20,13 @@ use candle_nn::{Init, VarBuilder};
 #[derive(Debug, Clone)]
 pub struct MultiheadAttention {
     /// The packed weight when keys/values have the model's width.
-    in_proj: Option<Linear>,
-    q_proj: Linear,
+    pub(crate) in_proj: Option<Linear>,
+    pub(crate) q_proj: Linear,
     k_proj: Linear,
     v_proj: Linear,
-    out_proj: Linear,
+    pub(crate) out_proj: Linear,
     /// This member's heads.
-    heads: usize,
+    pub(crate) heads: usize,
     head_dim: usize,
     tp: TensorParallel,
 }
@@ -129,62 +101,24 @@ impl MultiheadAttention {
         self.attend(&q, &k, &v, mask)
     }
 
-    /// Self-attention of `n` new positions `x` `[B, n, d]` that follow the cached ones: each
-    /// attends to every cached position and causally to the new ones. The new keys and values
-    /// are appended to `cache` (created when `None`). Inference only.
-    pub fn forward_self_cached(&self, x: &Tensor, cache: &mut Option<KvCache>) -> Result<Tensor> {
-        let (b, n, _) = x.dims3()?;
-        let (q, k, v) = match &self.in_proj {
-            Some(in_proj) => {
-                let qkv = in_proj
-                    .forward(x)?
-                    .reshape((b, n, 3, self.heads, self.head_dim))?
-                    .permute((2, 0, 3, 1, 4))?
-                    .contiguous()?;
-                (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?)
-            }
-            None => (
-                self.split_heads(&self.q_proj.forward(x)?)?,
-                self.split_heads(&self.k_proj.forward(x)?)?,
-                self.split_heads(&self.v_proj.forward(x)?)?,
-            ),
+    /// The keys and values `[B, S, d]` of `kv_x` `[B, S, kdim]` (heads interleaved), for
+    /// repeated cross-attention over it while decoding.
+    pub fn cross_kv(&self, kv_x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let Some(in_proj) = &self.in_proj else {
+            return Ok((self.k_proj.forward(kv_x)?, self.v_proj.forward(kv_x)?));
         };
-        let (k, v) = match cache.take() {
-            Some(past) => (
-                Tensor::cat(&[&past.k, &k], 2)?,
-                Tensor::cat(&[&past.v, &v], 2)?,
-            ),
-            None => (k.contiguous()?, v.contiguous()?),
-        };
-        let total = k.dim(2)?;
-        let mask = if n > 1 {
-            let past = total - n;
-            let mask: Vec<f32> = (0..n)
-                .flat_map(|i| {
-                    (0..total).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 })
-                })
-                .collect();
-            Some(Tensor::from_vec(mask, (n, total), x.device())?)
-        } else {
-            None
-        };
-        let out = self.attend(&q.contiguous()?, &k, &v, mask.as_ref())?;
-        *cache = Some(KvCache { k, v });
-        Ok(out)
-    }
-
-    /// The keys and values of `kv_x` `[B, S, kdim]`, for repeated cross-attention over it.
-    pub fn cross_kv(&self, kv_x: &Tensor) -> Result<KvCache> {
-        Ok(KvCache {
-            k: self.split_heads(&self.k_proj.forward(kv_x)?)?,
-            v: self.split_heads(&self.v_proj.forward(kv_x)?)?,
-        })
-    }
-
-    /// Attention of queries `q_x` `[B, T, d]` over precomputed keys and values (no mask).
-    pub fn forward_cross_cached(&self, q_x: &Tensor, kv: &KvCache) -> Result<Tensor> {
-        let q = self.split_heads(&self.q_proj.forward(q_x)?)?;
-        self.attend(&q, &kv.k, &kv.v, None)
+        // k and v are adjacent in the packed weight: one product for both.
+        let local = self.heads * self.head_dim;
+        let (w, b) = (&in_proj.weight, in_proj.bias.as_ref());
+        let kv = Linear::from_parts(
+            w.narrow(0, local, 2 * local)?,
+            b.map(|b| b.narrow(0, local, 2 * local)).transpose()?,
+        )
+        .forward(kv_x)?;
+        Ok((
+            kv.narrow(2, 0, local)?.contiguous()?,
+            kv.narrow(2, local, local)?.contiguous()?,
+        ))
     }
 
     /// `[B, T, d]` → `[B, H, T, hd]`, contiguous.

@@ -1,6 +1,5 @@
 //! The multimodal text decoder: open_clip's `MultimodalTransformer`.
 
-use super::attention::KvCache;
 use super::config::CocaConfig;
 use super::layers::{matmul_last, normal, LayerNorm};
 use super::transformer::{causal_mask, BlockShape, ResidualAttentionBlock};
@@ -17,13 +16,13 @@ use candle_nn::VarBuilder;
 /// [`crate::distributed::tensor_parallel::vocab_parallel_cross_entropy`]).
 #[derive(Debug, Clone)]
 pub struct MultimodalDecoder {
-    resblocks: Vec<ResidualAttentionBlock>,
-    cross_attn: Vec<ResidualAttentionBlock>,
-    ln_final: LayerNorm,
+    pub(crate) resblocks: Vec<ResidualAttentionBlock>,
+    pub(crate) cross_attn: Vec<ResidualAttentionBlock>,
+    pub(crate) ln_final: LayerNorm,
     /// This member's columns of the `[W, V]` projection (all of it at degree 1).
-    text_projection: Tensor,
-    context_length: usize,
-    tp: TensorParallel,
+    pub(crate) text_projection: Tensor,
+    pub(crate) context_length: usize,
+    pub(crate) tp: TensorParallel,
 }
 
 impl MultimodalDecoder {
@@ -103,58 +102,6 @@ impl MultimodalDecoder {
         let t = hidden.dim(1)?;
         hidden
             .narrow(1, t - 1, 1)?
-            .squeeze(1)?
-            .matmul(&self.text_projection)
-    }
-
-    /// Number of self-attention (and of cross-attention) blocks.
-    pub fn layers(&self) -> usize {
-        self.resblocks.len()
-    }
-
-    /// Per cross-attention block, the keys and values of the image tokens `[B, Q, width]`.
-    pub fn cross_kv(&self, image_embs: &Tensor) -> Result<Vec<KvCache>> {
-        self.cross_attn
-            .iter()
-            .map(|block| block.cross_kv(image_embs))
-            .collect()
-    }
-
-    /// Logits `[B, vocab]` at the last of `n` new text token embeddings `[B, n, width]` that
-    /// follow the positions in `caches` (one per self-attention block), over image keys and
-    /// values from [`Self::cross_kv`]. Inference only, degree 1 only.
-    pub fn forward_last_cached(
-        &self,
-        image_kv: &[KvCache],
-        text_embs: &Tensor,
-        caches: &mut [Option<KvCache>],
-    ) -> Result<Tensor> {
-        self.single_only("generation")?;
-        let n = text_embs.dim(1)?;
-        let past = match caches.first() {
-            Some(Some(c)) => c.len()?,
-            _ => 0,
-        };
-        if past + n > self.context_length {
-            bail!(
-                "decoder input has {} tokens, more than its context length {}",
-                past + n,
-                self.context_length
-            );
-        }
-        let mut x = text_embs.clone();
-        for ((block, cross), (kv, cache)) in self
-            .resblocks
-            .iter()
-            .zip(&self.cross_attn)
-            .zip(image_kv.iter().zip(caches.iter_mut()))
-        {
-            x = block.forward_cached(&x, cache)?;
-            x = cross.forward_cross_cached(&x, kv)?;
-        }
-        let last = x.narrow(1, n - 1, 1)?;
-        self.ln_final
-            .forward(&last)?
             .squeeze(1)?
             .matmul(&self.text_projection)
     }

@@ -11,8 +11,8 @@ pub const LAYER_NORM_EPS: f64 = 1e-5;
 /// Affine layer norm over the last dimension (`weight`, `bias`).
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
+    pub(crate) weight: Tensor,
+    pub(crate) bias: Tensor,
 }
 
 impl LayerNorm {
@@ -43,8 +43,8 @@ pub fn normal(std: f64) -> Init {
 /// over the batch (which would make its gradient a batch-sized temporary).
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: Tensor,
-    bias: Option<Tensor>,
+    pub(crate) weight: Tensor,
+    pub(crate) bias: Option<Tensor>,
 }
 
 impl Linear {
@@ -103,8 +103,8 @@ pub fn matmul_last(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tens
 /// added after the sum over the group).
 #[derive(Debug, Clone)]
 pub struct Mlp {
-    c_fc: Linear,
-    c_proj: Linear,
+    pub(crate) c_fc: Linear,
+    pub(crate) c_proj: Linear,
     tp: TensorParallel,
 }
 

@@ -1,6 +1,5 @@
 //! The text tower: open_clip's `TextTransformer` with CoCa's appended cls token.
 
-use super::attention::KvCache;
 use super::config::CocaConfig;
 use super::layers::{normal, LayerNorm};
 use super::transformer::{BlockShape, Transformer};
@@ -16,15 +15,15 @@ use candle_nn::VarBuilder;
 #[derive(Debug, Clone)]
 pub struct TextTower {
     /// This member's rows of the `[V, W]` table (all of it at degree 1).
-    token_embedding: Tensor,
-    positional_embedding: Tensor,
+    pub(crate) token_embedding: Tensor,
+    pub(crate) positional_embedding: Tensor,
     cls_emb: Tensor,
-    transformer: Transformer,
+    pub(crate) transformer: Transformer,
     ln_final: LayerNorm,
     text_projection: Tensor,
     pad_id: u32,
     correct_cls_mask: bool,
-    context_length: usize,
+    pub(crate) context_length: usize,
     tp: TensorParallel,
 }
 
@@ -108,41 +107,6 @@ impl TextTower {
             pooled,
             tokens: x.narrow(1, 0, t)?,
         })
-    }
-
-    /// Number of transformer blocks (one [`KvCache`] each in [`Self::forward_tokens_cached`]).
-    pub fn layers(&self) -> usize {
-        self.transformer.layers()
-    }
-
-    /// The token outputs `[B, n, width]` of `n` new ids `[B, n]` appended to the prefix whose
-    /// keys and values are in `caches` (one per block). Equal to the first `T` rows of
-    /// [`Self::forward`]'s `tokens` for a prefix without padding: those rows never attend to the
-    /// cls token, which comes last. Inference only.
-    pub fn forward_tokens_cached(
-        &self,
-        ids: &Tensor,
-        caches: &mut [Option<KvCache>],
-    ) -> Result<Tensor> {
-        let (b, n) = ids.dims2()?;
-        let past = match caches.first() {
-            Some(Some(c)) => c.len()?,
-            _ => 0,
-        };
-        if past + n > self.context_length {
-            bail!(
-                "text has {} tokens, more than the context length {}",
-                past + n,
-                self.context_length
-            );
-        }
-        let ids = ids.to_dtype(DType::U32)?;
-        let width = self.cls_emb.dim(0)?;
-        let x = self
-            .embed(&ids.flatten_all()?)?
-            .reshape((b, n, width))?
-            .broadcast_add(&self.positional_embedding.narrow(0, past, n)?)?;
-        self.transformer.forward_cached(&x, caches)
     }
 
     /// The additive `[B, T+1, T+1]` mask: causal, plus open_clip's cls/pad key mask.

@@ -1,7 +1,7 @@
 //! Pre-LN residual blocks and the plain transformer stack (open_clip's
 //! `ResidualAttentionBlock` and `Transformer`).
 
-use super::attention::{KvCache, MultiheadAttention};
+use super::attention::MultiheadAttention;
 use super::config::mlp_width;
 use super::layers::{LayerNorm, Mlp};
 use crate::distributed::tensor_parallel::TensorParallel;
@@ -12,11 +12,11 @@ use candle_nn::VarBuilder;
 /// keys/values with `ln_1_kv`.
 #[derive(Debug, Clone)]
 pub struct ResidualAttentionBlock {
-    ln_1: LayerNorm,
-    attn: MultiheadAttention,
+    pub(crate) ln_1: LayerNorm,
+    pub(crate) attn: MultiheadAttention,
     ln_1_kv: Option<LayerNorm>,
-    ln_2: LayerNorm,
-    mlp: Mlp,
+    pub(crate) ln_2: LayerNorm,
+    pub(crate) mlp: Mlp,
 }
 
 /// Sizes shared by every block of one stack.
@@ -82,35 +82,20 @@ impl ResidualAttentionBlock {
 }
 
 impl ResidualAttentionBlock {
-    /// [`Self::forward`] for new positions after those in `cache` (see
-    /// [`MultiheadAttention::forward_self_cached`]). Inference only.
-    pub fn forward_cached(&self, x: &Tensor, cache: &mut Option<KvCache>) -> Result<Tensor> {
-        let x = (x + self
-            .attn
-            .forward_self_cached(&self.ln_1.forward(x)?, cache)?)?;
-        &x + self.mlp.forward(&self.ln_2.forward(&x)?)?
-    }
-
-    /// The cross-attention keys and values of `kv` (after `ln_1_kv`), computed once per image.
-    pub fn cross_kv(&self, kv: &Tensor) -> Result<KvCache> {
-        let kv = match &self.ln_1_kv {
-            Some(ln) => ln.forward(kv)?,
-            None => kv.clone(),
-        };
-        self.attn.cross_kv(&kv)
-    }
-
-    /// [`Self::forward_cross`] over keys and values from [`Self::cross_kv`].
-    pub fn forward_cross_cached(&self, x: &Tensor, kv: &KvCache) -> Result<Tensor> {
-        let x = (x + self.attn.forward_cross_cached(&self.ln_1.forward(x)?, kv)?)?;
-        &x + self.mlp.forward(&self.ln_2.forward(&x)?)?
+    /// The cross-attention keys and values `[B, S, width]` of `kv` (after `ln_1_kv`), computed
+    /// once per image for decoding.
+    pub fn cross_kv(&self, kv: &Tensor) -> Result<(Tensor, Tensor)> {
+        match &self.ln_1_kv {
+            Some(ln) => self.attn.cross_kv(&ln.forward(kv)?),
+            None => self.attn.cross_kv(kv),
+        }
     }
 }
 
 /// `resblocks.0 .. resblocks.{layers-1}` of self-attention blocks.
 #[derive(Debug, Clone)]
 pub struct Transformer {
-    resblocks: Vec<ResidualAttentionBlock>,
+    pub(crate) resblocks: Vec<ResidualAttentionBlock>,
 }
 
 impl Transformer {
@@ -127,21 +112,6 @@ impl Transformer {
         let mut x = x.clone();
         for block in &self.resblocks {
             x = block.forward(&x, mask)?;
-        }
-        Ok(x)
-    }
-
-    /// Number of blocks.
-    pub fn layers(&self) -> usize {
-        self.resblocks.len()
-    }
-
-    /// [`Self::forward`] for new positions after the cached ones; `caches` holds one entry per
-    /// block. Inference only.
-    pub fn forward_cached(&self, x: &Tensor, caches: &mut [Option<KvCache>]) -> Result<Tensor> {
-        let mut x = x.clone();
-        for (block, cache) in self.resblocks.iter().zip(caches.iter_mut()) {
-            x = block.forward_cached(&x, cache)?;
         }
         Ok(x)
     }

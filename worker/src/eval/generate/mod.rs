@@ -7,10 +7,13 @@
 //! step, as open_clip does; the two give the same logits (see the tests).
 
 pub mod beam;
+mod cached;
+pub(crate) mod kernels;
 pub mod processors;
 
+pub use cached::CachedDecoder;
+
 use crate::data::tokenizer::{EOT, PAD, SOT};
-use crate::model::attention::KvCache;
 use crate::model::CoCa;
 use crate::rng::SplitMix64;
 use anyhow::{bail, ensure, Result};
@@ -201,66 +204,6 @@ impl StepDecoder for RecomputeDecoder<'_> {
     }
 }
 
-/// Decoding on a key/value cache: the text tower's and the decoder's self-attention keys and
-/// values of the prefix, and the cross-attention keys and values of the image tokens (computed
-/// once). Each step runs only the new positions.
-pub struct CachedDecoder<'a> {
-    model: &'a CoCa,
-    image_kv: Vec<KvCache>,
-    text: Vec<Option<KvCache>>,
-    decoder: Vec<Option<KvCache>>,
-    len: usize,
-    device: Device,
-}
-
-impl<'a> CachedDecoder<'a> {
-    /// Decoding for image tokens `image_embs` `[rows, Q, width]`, one row per sequence.
-    pub fn new(model: &'a CoCa, image_embs: &Tensor) -> Result<Self> {
-        Ok(Self {
-            model,
-            image_kv: model.text_decoder.cross_kv(image_embs)?,
-            text: vec![None; model.text.layers()],
-            decoder: vec![None; model.text_decoder.layers()],
-            len: 0,
-            device: image_embs.device().clone(),
-        })
-    }
-}
-
-impl StepDecoder for CachedDecoder<'_> {
-    fn next_logits(&mut self, seqs: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
-        let ids = prefix_tensor(seqs, self.len, &self.device)?;
-        let tokens = self
-            .model
-            .text
-            .forward_tokens_cached(&ids, &mut self.text)?;
-        let logits = self.model.text_decoder.forward_last_cached(
-            &self.image_kv,
-            &tokens,
-            &mut self.decoder,
-        )?;
-        self.len = seqs[0].len();
-        Ok(logits.to_vec2::<f32>()?)
-    }
-
-    fn reorder(&mut self, sources: &[usize]) -> Result<()> {
-        if sources.iter().enumerate().all(|(i, &s)| i == s) {
-            return Ok(());
-        }
-        let idx: Vec<u32> = sources.iter().map(|&s| s as u32).collect();
-        let idx = Tensor::from_vec(idx, sources.len(), &self.device)?;
-        for c in self
-            .text
-            .iter_mut()
-            .chain(self.decoder.iter_mut())
-            .flatten()
-        {
-            *c = c.select(&idx)?;
-        }
-        Ok(())
-    }
-}
-
 /// Captions for preprocessed images `[B, 3, S, S]`: rows of token ids from sot, ending with eos
 /// and padded with `pad` to a common width (at most `seq_len`). Uses the key/value cache.
 pub fn generate(model: &CoCa, images: &Tensor, opts: &GenerateOptions) -> Result<Vec<Vec<u32>>> {
@@ -277,25 +220,31 @@ pub fn generate_with(
     opts.validate(model)?;
     let (_, image_embs) = model.encode_image(images)?;
     let b = images.dim(0)?;
-    let image_embs = if opts.generation_type == GenerationType::BeamSearch {
-        // repeat_interleave: num_beams rows per image.
-        let idx: Vec<u32> = (0..b as u32)
-            .flat_map(|i| std::iter::repeat_n(i, opts.num_beams))
-            .collect();
-        let idx = Tensor::from_vec(idx, b * opts.num_beams, images.device())?;
-        image_embs.contiguous()?.index_select(&idx, 0)?
-    } else {
-        image_embs
+    let rows_per_image = match opts.generation_type {
+        GenerationType::BeamSearch => opts.num_beams,
+        _ => 1,
     };
-    let mut decoder: Box<dyn StepDecoder> = if cached {
-        Box::new(CachedDecoder::new(model, &image_embs)?)
-    } else {
-        Box::new(RecomputeDecoder::new(model, image_embs))
+    // The search runs on a pool thread: the decoding kernels' parallel products then split by
+    // work stealing instead of waking the pool from outside it (and parking this thread) for
+    // each of the ~120 products of a step.
+    let search = || -> Result<Vec<Vec<u32>>> {
+        let mut decoder: Box<dyn StepDecoder> = if cached {
+            Box::new(CachedDecoder::new(model, &image_embs, rows_per_image)?)
+        } else {
+            // repeat_interleave: one row of image tokens per sequence.
+            let idx: Vec<u32> = (0..b as u32)
+                .flat_map(|i| std::iter::repeat_n(i, rows_per_image))
+                .collect();
+            let idx = Tensor::from_vec(idx, b * rows_per_image, images.device())?;
+            let image_embs = image_embs.contiguous()?.index_select(&idx, 0)?;
+            Box::new(RecomputeDecoder::new(model, image_embs))
+        };
+        match opts.generation_type {
+            GenerationType::BeamSearch => beam_search(decoder.as_mut(), b, opts),
+            _ => sample_search(decoder.as_mut(), b, opts),
+        }
     };
-    match opts.generation_type {
-        GenerationType::BeamSearch => beam_search(decoder.as_mut(), b, opts),
-        _ => sample_search(decoder.as_mut(), b, opts),
-    }
+    rayon::join(search, || ()).0
 }
 
 /// Greedy captions of at most `max_len` ids with `eos` forbidden below `min_len` (the fixture's

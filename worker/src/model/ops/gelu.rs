@@ -14,6 +14,11 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(GeluErf)
 }
 
+/// `0.5 · x · (1 + erf(x / √2))` of one value (the op and the decoding kernels).
+pub(crate) fn gelu_erf_value(x: f32) -> f32 {
+    0.5 * x * (1.0 + libm::erff(x * FRAC_1_SQRT_2))
+}
+
 struct GeluErf;
 
 impl CustomOp1 for GeluErf {
@@ -28,7 +33,7 @@ impl CustomOp1 for GeluErf {
             .zip(x.par_chunks(CHUNK))
             .for_each(|(y, x)| {
                 for (y, &x) in y.iter_mut().zip(x) {
-                    *y = 0.5 * x * (1.0 + libm::erff(x * FRAC_1_SQRT_2));
+                    *y = gelu_erf_value(x);
                 }
             });
         Ok((CpuStorage::F32(y), l.shape().clone()))

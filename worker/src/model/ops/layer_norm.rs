@@ -35,6 +35,14 @@ fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
     (mean, 1.0 / (var + eps).sqrt())
 }
 
+/// The forward of one row into `y` (the op and the decoding kernels).
+pub(crate) fn layer_norm_row(y: &mut [f32], x: &[f32], w: &[f32], b: &[f32], eps: f32) {
+    let (mean, rstd) = row_stats(x, eps);
+    for i in 0..x.len() {
+        y[i] = (x[i] - mean) * rstd * w[i] + b[i];
+    }
+}
+
 impl CustomOp3 for LayerNorm {
     fn name(&self) -> &'static str {
         "layer-norm"
@@ -58,10 +66,7 @@ impl CustomOp3 for LayerNorm {
             .zip(x.par_chunks(d * ROWS_PER_TASK))
             .for_each(|(y, x)| {
                 for (y, x) in y.chunks_mut(d).zip(x.chunks(d)) {
-                    let (mean, rstd) = row_stats(x, self.eps);
-                    for i in 0..d {
-                        y[i] = (x[i] - mean) * rstd * w[i] + b[i];
-                    }
+                    layer_norm_row(y, x, w, b, self.eps);
                 }
             });
         Ok((CpuStorage::F32(y), l1.shape().clone()))

@@ -14,7 +14,10 @@ mod softmax;
 pub use cross_entropy::cross_entropy_rows;
 pub(crate) use cross_entropy::{CrossEntropyBackward, VocabShard};
 pub use gelu::gelu_erf;
+pub(crate) use gelu::gelu_erf_value;
 pub use layer_norm::layer_norm;
+pub(crate) use layer_norm::layer_norm_row;
+pub(crate) use softmax::softmax_row;
 pub use softmax::{masked_softmax, softmax_last_dim};
 
 use candle_core::{backend::BackendStorage, bail, CpuStorage, Layout, Result};

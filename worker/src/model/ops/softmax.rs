@@ -39,7 +39,8 @@ pub fn masked_softmax(scores: &Tensor, mask: Option<&Tensor>, scale: f64) -> Res
     )
 }
 
-fn softmax_row(y: &mut [f32], x: &[f32], mask: Option<&[f32]>, scale: f32) {
+/// `softmax(scale · x + mask)` of one row into `y` (every op and the decoding kernels).
+pub(crate) fn softmax_row(y: &mut [f32], x: &[f32], mask: Option<&[f32]>, scale: f32) {
     match mask {
         Some(m) => y
             .iter_mut()
