@@ -5,7 +5,7 @@ mod common;
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use coca_worker::eval::caption::caption_files;
-use coca_worker::eval::generate::{GenerateOptions, GenerationType};
+use coca_worker::eval::generate::{DecodePrecision, GenerateOptions, GenerationType};
 use coca_worker::model::{CoCa, CocaConfig};
 use std::path::PathBuf;
 
@@ -40,9 +40,25 @@ fn caption_prints_what_the_library_generates() {
     .unwrap();
     let files: Vec<PathBuf> = paths.iter().map(PathBuf::from).collect();
     let model = dir.display().to_string();
-    for (generation_type, kind) in [
-        ("beam_search", GenerationType::BeamSearch),
-        ("greedy", GenerationType::Greedy),
+    for (generation_type, kind, precision, decode_precision) in [
+        (
+            "beam_search",
+            GenerationType::BeamSearch,
+            "fp32",
+            DecodePrecision::F32,
+        ),
+        (
+            "greedy",
+            GenerationType::Greedy,
+            "fp32",
+            DecodePrecision::F32,
+        ),
+        (
+            "beam_search",
+            GenerationType::BeamSearch,
+            "bf16",
+            DecodePrecision::Bf16,
+        ),
     ] {
         let mut args: Vec<&str> = paths.iter().map(String::as_str).collect();
         args.extend([
@@ -56,6 +72,8 @@ fn caption_prints_what_the_library_generates() {
             "5",
             "--batch_size",
             "2",
+            "--decode_precision",
+            precision,
         ]);
         let mut full = vec!["caption"];
         full.extend(args);
@@ -65,6 +83,7 @@ fn caption_prints_what_the_library_generates() {
             generation_type: kind,
             seq_len: 15,
             min_seq_len: 5,
+            decode_precision,
             ..GenerateOptions::default()
         };
         let expected = caption_files(&lib_model, &files, &opts, 5).unwrap();
@@ -72,7 +91,11 @@ fn caption_prints_what_the_library_generates() {
         assert_eq!(lines.len(), names.len(), "{stdout}");
         for ((line, path), caption) in lines.iter().zip(&paths).zip(&expected) {
             assert!(!caption.is_empty());
-            assert_eq!(*line, format!("{path}\t{caption}"), "{generation_type}");
+            assert_eq!(
+                *line,
+                format!("{path}\t{caption}"),
+                "{generation_type} {precision}"
+            );
         }
     }
 }
@@ -105,4 +128,17 @@ fn caption_errors_name_the_file_and_flag() {
     );
     assert_eq!(code, 2);
     assert!(stderr.contains("--seq_len"), "{stderr}");
+    let (code, _, stderr) = common::run(
+        "coca-worker",
+        &[
+            "caption",
+            &image,
+            "--model",
+            &model,
+            "--decode_precision",
+            "fp16",
+        ],
+    );
+    assert_eq!(code, 2);
+    assert!(stderr.contains("expected fp32 or bf16"), "{stderr}");
 }

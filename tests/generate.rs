@@ -6,7 +6,8 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use coca_worker::eval::generate::{
-    generate_with, CachedDecoder, GenerateOptions, GenerationType, RecomputeDecoder, StepDecoder,
+    generate_with, CachedDecoder, DecodePrecision, DecodeWeights, GenerateOptions, GenerationType,
+    RecomputeDecoder, StepDecoder,
 };
 use coca_worker::model::trainable::trainable_model;
 use coca_worker::model::{CoCa, CocaConfig};
@@ -55,7 +56,8 @@ fn assert_cache_matches_recompute(model: &CoCa, images: &Tensor, steps: usize, c
     let images = Tensor::cat(&vec![images; copies], 0).unwrap();
     let (_, image_embs) = model.encode_image(&images).unwrap();
     let rows = images.dim(0).unwrap();
-    let mut cached = CachedDecoder::new(model, &image_embs, 1).unwrap();
+    let weights = DecodeWeights::new(model, DecodePrecision::F32).unwrap();
+    let mut cached = CachedDecoder::new(&weights, &image_embs, 1).unwrap();
     let mut recompute = RecomputeDecoder::new(model, image_embs.clone());
     let mut seqs: Vec<Vec<u32>> = vec![vec![49406]; rows];
     let mut worst = 0f32;
@@ -79,7 +81,7 @@ fn assert_cache_matches_recompute(model: &CoCa, images: &Tensor, steps: usize, c
     // A whole prefix in one call runs its positions in turn (the last step's, which fits the
     // context).
     let prefix: Vec<Vec<u32>> = seqs.iter().map(|s| s[..s.len() - 1].to_vec()).collect();
-    let mut fresh = CachedDecoder::new(model, &image_embs, 1).unwrap();
+    let mut fresh = CachedDecoder::new(&weights, &image_embs, 1).unwrap();
     let a = fresh.next_logits(&prefix).unwrap();
     let r = recompute.next_logits(&prefix).unwrap();
     for (x, y) in a.iter().zip(&r) {
@@ -136,6 +138,43 @@ fn cache_equals_recompute_on_the_fixture() {
             ..GenerateOptions::default()
         };
         assert_same_tokens(&model, &images, &opts);
+    }
+}
+
+/// bfloat16 decoding weights: half the bytes per step, and logits within bfloat16's rounding of
+/// float32's (each logit is a long sum of weights × activations; 2⁻⁸ relative per weight).
+#[test]
+fn bf16_decoding_weights_stay_close_to_float32() {
+    let Some((model, images, _)) = fixture_model() else {
+        return;
+    };
+    let (_, image_embs) = model.encode_image(&images).unwrap();
+    let f32_weights = DecodeWeights::new(&model, DecodePrecision::F32).unwrap();
+    let bf16_weights = DecodeWeights::new(&model, DecodePrecision::Bf16).unwrap();
+    let (full, half) = (f32_weights.bytes_per_step(), bf16_weights.bytes_per_step());
+    assert!(
+        half < full * 52 / 100,
+        "bf16 reads {half} bytes per step, f32 {full}"
+    );
+    let mut exact = CachedDecoder::new(&f32_weights, &image_embs, 1).unwrap();
+    let mut rounded = CachedDecoder::new(&bf16_weights, &image_embs, 1).unwrap();
+    let rows = images.dim(0).unwrap();
+    let mut seqs: Vec<Vec<u32>> = vec![vec![49406]; rows];
+    for step in 0..8u32 {
+        let a = exact.next_logits(&seqs).unwrap();
+        let b = rounded.next_logits(&seqs).unwrap();
+        for (x, y) in a.iter().zip(&b) {
+            let range = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let worst = x.iter().zip(y).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+            assert!(worst > 0.0, "bf16 weights changed nothing");
+            assert!(
+                worst < 0.02 * range,
+                "step {step}: logits differ by {worst} (range {range})"
+            );
+        }
+        for (i, seq) in seqs.iter_mut().enumerate() {
+            seq.push(1000 + step * 37 + i as u32 * 101);
+        }
     }
 }
 

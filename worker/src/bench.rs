@@ -4,8 +4,10 @@
 
 use crate::distributed::context::RankContext;
 use crate::distributed::tensor_parallel::TensorParallel;
-use crate::eval::generate::kernels::{linear, F32View};
-use crate::eval::generate::{generate_with, CachedDecoder, GenerateOptions, GenerationType};
+use crate::eval::generate::kernels::{linear, F32View, Matrix};
+use crate::eval::generate::{
+    generate_using, generate_with, DecodePrecision, DecodeWeights, GenerateOptions, GenerationType,
+};
 use crate::model::trainable::trainable_model_parallel;
 use crate::model::{CoCa, CocaConfig, CocaLossConfig};
 use crate::train::adamw::AdamWConfig;
@@ -128,9 +130,38 @@ pub fn run(opts: &BenchOptions) -> Result<Option<serde_json::Value>> {
         VarBuilder::from_tensors(weights, DType::F32, &device),
     )?;
     let mut embed_times = Vec::new();
-    let mut caption_times = Vec::new();
-    let mut recompute_times = Vec::new();
-    let one = images.narrow(0, 0, 1)?;
+    for step in 0..=opts.steps {
+        let start = Instant::now();
+        frozen.encode_image(&images)?;
+        if step > 0 {
+            embed_times.push(start.elapsed().as_secs_f64());
+        }
+    }
+    let mut report = serde_json::json!({
+        "model": opts.model,
+        "batch": opts.batch,
+        "steps": opts.steps,
+        "threads": rayon::current_num_threads(),
+        "train_step_s": step,
+        "train_samples_per_s": opts.batch as f64 / step,
+        "embed_images_per_s": opts.batch as f64 / median(embed_times),
+    });
+    if let (Some(report), serde_json::Value::Object(caption)) = (
+        report.as_object_mut(),
+        caption_latency(&frozen, &images.narrow(0, 0, 1)?, opts.steps)?,
+    ) {
+        report.extend(caption);
+    }
+    Ok(Some(report))
+}
+
+/// Greedy caption latency for `image` (`[1, 3, S, S]`), CAPTION_TOKENS new tokens as
+/// open_clip's `generate` makes them, median of `steps` after a warm-up: on the key/value cache
+/// with float32 and with bfloat16 decoding weights (built once, as `caption` does), and
+/// recomputing the prefix (open_clip's way); with the image encoding alone and the bandwidth
+/// floor of the float32 decoding steps.
+fn caption_latency(model: &CoCa, image: &Tensor, steps: usize) -> Result<serde_json::Value> {
+    let config = &model.config;
     let caption_len = (CAPTION_TOKENS + 1).min(config.text_cfg.context_length);
     // Greedy with end-of-text forbidden until the last position: exactly CAPTION_TOKENS new.
     let greedy = GenerateOptions {
@@ -139,65 +170,55 @@ pub fn run(opts: &BenchOptions) -> Result<Option<serde_json::Value>> {
         min_seq_len: caption_len - 1,
         ..GenerateOptions::default()
     };
-    let mut encode_one_times = Vec::new();
-    for step in 0..=opts.steps {
-        let start = Instant::now();
-        frozen.encode_image(&images)?;
-        let embedded = start.elapsed().as_secs_f64();
-        let start = Instant::now();
-        frozen.encode_image(&one)?;
-        encode_one_times.push(start.elapsed().as_secs_f64());
-        let start = Instant::now();
-        generate_with(&frozen, &one, &greedy, true)?;
-        let cached = start.elapsed().as_secs_f64();
-        let start = Instant::now();
-        generate_with(&frozen, &one, &greedy, false)?;
-        if step > 0 {
-            embed_times.push(embedded);
-            caption_times.push(cached);
-            recompute_times.push(start.elapsed().as_secs_f64());
+    let f32_weights = DecodeWeights::new(model, DecodePrecision::F32)?;
+    let start = Instant::now();
+    let bf16_weights = DecodeWeights::new(model, DecodePrecision::Bf16)?;
+    let bf16_build = start.elapsed().as_secs_f64();
+    let bf16 = GenerateOptions {
+        decode_precision: DecodePrecision::Bf16,
+        ..greedy.clone()
+    };
+    let timed = |run: &dyn Fn() -> Result<()>| -> Result<f64> {
+        let mut times = Vec::new();
+        for step in 0..=steps {
+            let start = Instant::now();
+            run()?;
+            if step > 0 {
+                times.push(start.elapsed().as_secs_f64());
+            }
         }
-    }
-    let embed = median(embed_times);
-    let floor = decode_floor(&frozen, &one)?;
+        Ok(median(times))
+    };
+    let encode = timed(&|| model.encode_image(image).map(drop).map_err(Into::into))?;
+    let cached = timed(&|| generate_using(&f32_weights, image, &greedy).map(drop))?;
+    let cached_bf16 = timed(&|| generate_using(&bf16_weights, image, &bf16).map(drop))?;
+    let recompute = timed(&|| generate_with(model, image, &greedy, false).map(drop))?;
+    let bytes_per_step = f32_weights.bytes_per_step();
+    drop((f32_weights, bf16_weights));
+    let stream = weight_stream_bytes_per_s(bytes_per_step)?;
     // Steps that compute logits: the prefix starts at sot and the last token is eos.
     let logit_steps = caption_len - 2;
-    Ok(Some(serde_json::json!({
-        "model": opts.model,
-        "batch": opts.batch,
-        "steps": opts.steps,
-        "threads": rayon::current_num_threads(),
-        "train_step_s": step,
-        "train_samples_per_s": opts.batch as f64 / step,
-        "embed_images_per_s": opts.batch as f64 / embed,
-        "greedy_caption_s": median(caption_times),
-        "greedy_caption_recompute_s": median(recompute_times),
+    Ok(serde_json::json!({
         "caption_new_tokens": caption_len - 1,
-        "encode_one_image_s": median(encode_one_times),
-        "decode_weight_bytes_per_step": floor.bytes_per_step,
-        "weight_stream_gb_s": floor.stream_bytes_per_s / 1e9,
-        "greedy_caption_decode_floor_s":
-            logit_steps as f64 * floor.bytes_per_step as f64 / floor.stream_bytes_per_s,
-    })))
+        "greedy_caption_s": cached,
+        "greedy_caption_bf16_s": cached_bf16,
+        "bf16_decode_weights_build_s": bf16_build,
+        "greedy_caption_recompute_s": recompute,
+        "encode_one_image_s": encode,
+        "decode_weight_bytes_per_step": bytes_per_step,
+        "weight_stream_gb_s": stream / 1e9,
+        "greedy_caption_decode_floor_s": logit_steps as f64 * bytes_per_step as f64 / stream,
+    }))
 }
 
-/// What bounds greedy decoding from below on this machine: every step reads all the weights of
-/// the text tower and the decoder once, so no float32 decoder takes less than
-/// `steps × bytes_per_step / stream_bytes_per_s`.
-struct DecodeFloor {
-    bytes_per_step: usize,
-    /// How fast the decoding kernel streams that many bytes of weights from memory (one row
-    /// times a matrix of the same size; median of 5).
-    stream_bytes_per_s: f64,
-}
-
-fn decode_floor(model: &CoCa, image: &Tensor) -> Result<DecodeFloor> {
+/// How fast the decoding kernel streams `bytes` of float32 weights from memory (one row times
+/// a matrix of that size; median of 5). Every float32 decoding step reads that many bytes, so
+/// `steps × bytes / rate` bounds greedy decoding from below on this machine.
+fn weight_stream_bytes_per_s(bytes: usize) -> Result<f64> {
     const WIDTH: usize = 512;
-    let (_, image_embs) = model.encode_image(image)?;
-    let bytes_per_step = CachedDecoder::new(model, &image_embs, 1)?.weight_bytes_per_step();
-    let rows = bytes_per_step / std::mem::size_of::<f32>() / WIDTH;
+    let rows = bytes / std::mem::size_of::<f32>() / WIDTH;
     let matrix = Tensor::ones((rows, WIDTH), DType::F32, &Device::Cpu)?;
-    let matrix = F32View::new(&matrix, "bandwidth probe")?;
+    let matrix = Matrix::F32(F32View::new(&matrix, "bandwidth probe")?);
     let (x, bias) = (vec![1f32; WIDTH], vec![0f32; rows]);
     let mut times = Vec::new();
     for _ in 0..5 {
@@ -205,8 +226,5 @@ fn decode_floor(model: &CoCa, image: &Tensor) -> Result<DecodeFloor> {
         rayon::join(|| linear(&x, &matrix, &bias), || ()).0?;
         times.push(start.elapsed().as_secs_f64());
     }
-    Ok(DecodeFloor {
-        bytes_per_step,
-        stream_bytes_per_s: (rows * WIDTH * std::mem::size_of::<f32>()) as f64 / median(times),
-    })
+    Ok(matrix.bytes() as f64 / median(times))
 }

@@ -8,10 +8,12 @@
 
 pub mod beam;
 mod cached;
-pub(crate) mod kernels;
+pub mod kernels;
 pub mod processors;
+mod weights;
 
 pub use cached::CachedDecoder;
+pub use weights::{DecodePrecision, DecodeWeights};
 
 use crate::data::tokenizer::{EOT, PAD, SOT};
 use crate::model::CoCa;
@@ -82,6 +84,8 @@ pub struct GenerateOptions {
     pub eos: u32,
     /// Padding id (0).
     pub pad: u32,
+    /// How the key/value-cache decoder holds the weights it reads every step.
+    pub decode_precision: DecodePrecision,
 }
 
 impl Default for GenerateOptions {
@@ -102,6 +106,7 @@ impl Default for GenerateOptions {
             sot: SOT,
             eos: EOT,
             pad: PAD,
+            decode_precision: DecodePrecision::F32,
         }
     }
 }
@@ -207,7 +212,18 @@ impl StepDecoder for RecomputeDecoder<'_> {
 /// Captions for preprocessed images `[B, 3, S, S]`: rows of token ids from sot, ending with eos
 /// and padded with `pad` to a common width (at most `seq_len`). Uses the key/value cache.
 pub fn generate(model: &CoCa, images: &Tensor, opts: &GenerateOptions) -> Result<Vec<Vec<u32>>> {
-    generate_with(model, images, opts, true)
+    let weights = DecodeWeights::new(model, opts.decode_precision)?;
+    search(model, images, opts, Some(&weights))
+}
+
+/// [`generate`] on decoding weights built once for many batches (`opts.decode_precision` is
+/// the one they were built with).
+pub fn generate_using(
+    weights: &DecodeWeights,
+    images: &Tensor,
+    opts: &GenerateOptions,
+) -> Result<Vec<Vec<u32>>> {
+    search(weights.model(), images, opts, Some(weights))
 }
 
 /// [`generate`] with the cache (`cached`) or recomputing the prefix every step.
@@ -216,6 +232,20 @@ pub fn generate_with(
     images: &Tensor,
     opts: &GenerateOptions,
     cached: bool,
+) -> Result<Vec<Vec<u32>>> {
+    match cached {
+        true => generate(model, images, opts),
+        false => search(model, images, opts, None),
+    }
+}
+
+/// Encodes the images, then runs the search of `opts` on the key/value cache over `weights`, or
+/// recomputing the prefix without them.
+fn search(
+    model: &CoCa,
+    images: &Tensor,
+    opts: &GenerateOptions,
+    weights: Option<&DecodeWeights>,
 ) -> Result<Vec<Vec<u32>>> {
     opts.validate(model)?;
     let (_, image_embs) = model.encode_image(images)?;
@@ -228,16 +258,17 @@ pub fn generate_with(
     // work stealing instead of waking the pool from outside it (and parking this thread) for
     // each of the ~120 products of a step.
     let search = || -> Result<Vec<Vec<u32>>> {
-        let mut decoder: Box<dyn StepDecoder> = if cached {
-            Box::new(CachedDecoder::new(model, &image_embs, rows_per_image)?)
-        } else {
-            // repeat_interleave: one row of image tokens per sequence.
-            let idx: Vec<u32> = (0..b as u32)
-                .flat_map(|i| std::iter::repeat_n(i, rows_per_image))
-                .collect();
-            let idx = Tensor::from_vec(idx, b * rows_per_image, images.device())?;
-            let image_embs = image_embs.contiguous()?.index_select(&idx, 0)?;
-            Box::new(RecomputeDecoder::new(model, image_embs))
+        let mut decoder: Box<dyn StepDecoder> = match weights {
+            Some(weights) => Box::new(CachedDecoder::new(weights, &image_embs, rows_per_image)?),
+            None => {
+                // repeat_interleave: one row of image tokens per sequence.
+                let idx: Vec<u32> = (0..b as u32)
+                    .flat_map(|i| std::iter::repeat_n(i, rows_per_image))
+                    .collect();
+                let idx = Tensor::from_vec(idx, b * rows_per_image, images.device())?;
+                let image_embs = image_embs.contiguous()?.index_select(&idx, 0)?;
+                Box::new(RecomputeDecoder::new(model, image_embs))
+            }
         };
         match opts.generation_type {
             GenerationType::BeamSearch => beam_search(decoder.as_mut(), b, opts),

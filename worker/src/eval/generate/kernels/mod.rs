@@ -1,0 +1,291 @@
+//! Row kernels for decoding: one new position per sequence, times every weight matrix.
+//!
+//! A decoding step is a matrix-vector product per weight matrix for each of a few rows. It is
+//! bound by the bandwidth of reading the weights, and candle's GEMM (which packs its operands) and
+//! per-op tensors cost more than the arithmetic there. These kernels read each weight row once,
+//! in place, for all rows at a time, and split the outputs over the rayon pool. Above
+//! [`MAX_STREAMED_ROWS`] rows (batched captioning) a float32 product is compute-bound, and it
+//! goes to candle's GEMM. Weights may also be read as a bfloat16 copy ([`Matrix::Bf16`]): half
+//! the bytes per step, with float32 arithmetic.
+//!
+//! Products sum in a fixed order whatever the thread count, so results do not depend on the
+//! machine's cores.
+
+use crate::model::ops::softmax_row;
+use candle_core::Tensor;
+use rayon::prelude::*;
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(test)]
+mod tests;
+mod view;
+
+pub use view::{F32View, Matrix, WeightElement};
+
+/// Rows up to which products stream the weights here; above it candle's GEMM is faster.
+pub const MAX_STREAMED_ROWS: usize = 8;
+
+/// Outputs per rayon task in [`linear`]: enough weight bytes (64 KiB at width 512) to amortise
+/// scheduling, and small enough to balance two to a few dozen threads.
+const OUTPUTS_PER_TASK: usize = 32;
+
+/// Rayon tasks per thread in [`project`]: few, long runs of each weight row stream fastest,
+/// and a few per thread still balance.
+const PROJECT_TASKS_PER_THREAD: usize = 4;
+
+/// Partial sums per dot product: `Σ w[i]·x[i]` sums lane `i mod LANES` in order, then the
+/// lanes in order (vectorisable without reassociating anything).
+const LANES: usize = 32;
+
+/// `Σ w[i]·x[i]`, portable. Multiplies and adds separately, so the result is the same with or
+/// without FMA hardware, and the same as [`avx2::dot`].
+#[inline(always)]
+fn dot_portable<T: WeightElement>(w: &[T], x: &[f32]) -> f32 {
+    let n = w.len().min(x.len()) / LANES * LANES;
+    let mut lanes = [0f32; LANES];
+    for (w, x) in w[..n].chunks_exact(LANES).zip(x[..n].chunks_exact(LANES)) {
+        for i in 0..LANES {
+            lanes[i] += w[i].widen() * x[i];
+        }
+    }
+    finish_dot(lanes, &w[n..], &x[n..])
+}
+
+/// Adds the tail (fewer than [`LANES`] elements) to the first lanes, then sums the lanes.
+#[inline(always)]
+fn finish_dot<T: WeightElement>(mut lanes: [f32; LANES], w: &[T], x: &[f32]) -> f32 {
+    for (lane, (w, x)) in lanes.iter_mut().zip(w.iter().zip(x)) {
+        *lane += w.widen() * x;
+    }
+    lanes.iter().sum()
+}
+
+/// `y[c] = (((y[c] + x0·p0[c]) + x1·p1[c]) + x2·p2[c]) + x3·p3[c]`, portable (the order of
+/// four steps of `y += x_i·p_i`, and of [`avx2::axpy4`]).
+#[inline(always)]
+fn axpy4_portable<T: WeightElement>(y: &mut [f32], x: [f32; 4], p: [&[T]; 4]) {
+    let terms = p[0].iter().zip(p[1]).zip(p[2]).zip(p[3]);
+    for (y, (((w0, w1), w2), w3)) in y.iter_mut().zip(terms) {
+        *y = *y + x[0] * w0.widen() + x[1] * w1.widen() + x[2] * w2.widen() + x[3] * w3.widen();
+    }
+}
+
+/// Whether the AVX2 loops may run (checked once by the standard library, then cached).
+#[inline(always)]
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return std::arch::is_x86_feature_detected!("avx2");
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// `Σ w[i]·x[i]` (see [`dot_portable`]).
+#[inline(always)]
+fn dot<T: WeightElement>(w: &[T], x: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU supports AVX2.
+        return unsafe { avx2::dot(w, x) };
+    }
+    dot_portable(w, x)
+}
+
+/// Four steps of `y += x_i · p_i` (see [`axpy4_portable`]).
+#[inline(always)]
+fn axpy4<T: WeightElement>(y: &mut [f32], x: [f32; 4], p: [&[T]; 4]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU supports AVX2.
+        return unsafe { avx2::axpy4(y, x, p) };
+    }
+    axpy4_portable(y, x, p)
+}
+
+/// `y[r][o] = bias[o] + W[o]·x[r]` for the rows of `x` (`rows × in`) and a `[out, in]` weight,
+/// into `yt` laid out output-major (`out × rows`), for outputs from `first`.
+#[inline(always)]
+fn linear_block<T: WeightElement>(
+    x: &[f32],
+    w: &[T],
+    bias: &[f32],
+    then: &impl Fn(f32) -> f32,
+    first: usize,
+    yt: &mut [f32],
+) {
+    let inputs = w.len() / bias.len();
+    let rows = x.len() / inputs;
+    for (k, y) in yt.chunks_mut(rows).enumerate() {
+        let o = first + k;
+        let w_row = &w[o * inputs..(o + 1) * inputs];
+        for (r, y) in y.iter_mut().enumerate() {
+            *y = then(bias[o] + dot(w_row, &x[r * inputs..(r + 1) * inputs]));
+        }
+    }
+}
+
+/// `y[r][c0..] = Σ_i x[r][i] · P[i][c0..]` over the columns `first..` of one task, summed in
+/// order of `i`; four inputs per pass over `y`, so `y` is loaded and stored a quarter as often.
+fn project_block<T: WeightElement>(x: &[f32], p: &[T], first: usize, ys: &mut [&mut [f32]]) {
+    let inputs = x.len() / ys.len();
+    let columns = p.len() / inputs;
+    let width = ys[0].len();
+    let row = |i: usize| &p[i * columns + first..][..width];
+    let grouped = inputs / 4 * 4;
+    for i in (0..grouped).step_by(4) {
+        let rows = [row(i), row(i + 1), row(i + 2), row(i + 3)];
+        for (r, y) in ys.iter_mut().enumerate() {
+            let x = &x[r * inputs + i..][..4];
+            axpy4(y, [x[0], x[1], x[2], x[3]], rows);
+        }
+    }
+    for i in grouped..inputs {
+        let p_row = row(i);
+        for (r, y) in ys.iter_mut().enumerate() {
+            let xi = x[r * inputs + i];
+            for (y, w) in y.iter_mut().zip(p_row) {
+                *y += xi * w.widen();
+            }
+        }
+    }
+}
+
+/// [`linear_block`] in parallel tasks of [`OUTPUTS_PER_TASK`] outputs.
+fn stream_linear<T: WeightElement>(
+    x: &[f32],
+    w: &[T],
+    b: &[f32],
+    then: impl Fn(f32) -> f32 + Sync,
+) -> Vec<f32> {
+    let rows = x.len() / (w.len() / b.len());
+    let mut yt = vec![0f32; b.len() * rows];
+    yt.par_chunks_mut(OUTPUTS_PER_TASK * rows)
+        .enumerate()
+        .for_each(|(task, yt)| linear_block(x, w, b, &then, task * OUTPUTS_PER_TASK, yt));
+    transpose(&yt, b.len(), rows)
+}
+
+/// [`project_block`] in [`PROJECT_TASKS_PER_THREAD`] parallel tasks per thread.
+fn stream_project<T: WeightElement>(x: &[f32], p: &[T], rows: usize) -> Vec<Vec<f32>> {
+    let columns = p.len() / (x.len() / rows);
+    let per_task = columns
+        .div_ceil(PROJECT_TASKS_PER_THREAD * rayon::current_num_threads())
+        .next_multiple_of(LANES);
+    let mut out = vec![vec![0f32; columns]; rows];
+    // Task t gets columns [t·C, (t+1)·C) of every row.
+    let mut tasks: Vec<Vec<&mut [f32]>> = Vec::new();
+    for row in out.iter_mut() {
+        for (t, chunk) in row.chunks_mut(per_task).enumerate() {
+            if tasks.len() <= t {
+                tasks.push(Vec::with_capacity(rows));
+            }
+            tasks[t].push(chunk);
+        }
+    }
+    tasks
+        .into_par_iter()
+        .enumerate()
+        .for_each(|(t, mut ys)| project_block(x, p, t * per_task, &mut ys));
+    out
+}
+
+/// `x · Wᵀ + b` for `x` `[rows, in]` and a PyTorch-layout weight `[out, in]`: `[rows, out]`.
+pub fn linear(x: &[f32], w: &Matrix, b: &[f32]) -> anyhow::Result<Vec<f32>> {
+    linear_then(x, w, b, |y| y)
+}
+
+/// `then(x · Wᵀ + b)` elementwise: [`linear`] with an activation applied as each output is
+/// made (in the parallel tasks).
+pub fn linear_then(
+    x: &[f32],
+    w: &Matrix,
+    b: &[f32],
+    then: impl Fn(f32) -> f32 + Sync,
+) -> anyhow::Result<Vec<f32>> {
+    let outputs = b.len();
+    let inputs = w.elements() / outputs.max(1);
+    let rows = x.len() / inputs.max(1);
+    anyhow::ensure!(
+        outputs > 0 && inputs * outputs == w.elements() && rows * inputs == x.len(),
+        "decoding: a [{outputs}, {inputs}] weight does not fit {} inputs",
+        x.len()
+    );
+    Ok(match w {
+        Matrix::F32(view) if rows > MAX_STREAMED_ROWS => {
+            let device = view.tensor().device();
+            let x = Tensor::from_slice(x, (rows, inputs), device)?;
+            let y = x.matmul(&view.tensor().t()?)?;
+            let y = y.broadcast_add(&Tensor::new(b, device)?)?;
+            let mut y: Vec<f32> = y.flatten_all()?.to_vec1()?;
+            y.par_iter_mut().for_each(|y| *y = then(*y));
+            y
+        }
+        Matrix::F32(view) => stream_linear(x, view.as_slice(), b, then),
+        Matrix::Bf16(data) => stream_linear(x, data, b, then),
+    })
+}
+
+/// `[a, b]` → `[b, a]` (a copy when either is 1).
+fn transpose(m: &[f32], a: usize, b: usize) -> Vec<f32> {
+    if a == 1 || b == 1 {
+        return m.to_vec();
+    }
+    (0..b)
+        .flat_map(|j| (0..a).map(move |i| m[i * b + j]))
+        .collect()
+}
+
+/// `x · P` for `x` `[rows, in]` and a `[in, out]` matrix (the vocabulary projection): one
+/// vector of `out` per row.
+pub fn project(x: &[f32], p: &Matrix, inputs: usize) -> anyhow::Result<Vec<Vec<f32>>> {
+    let columns = p.elements() / inputs.max(1);
+    let rows = x.len() / inputs.max(1);
+    anyhow::ensure!(
+        rows > 0 && columns * inputs == p.elements() && rows * inputs == x.len(),
+        "decoding: a [{inputs}, {columns}] projection does not fit {} inputs",
+        x.len()
+    );
+    Ok(match p {
+        Matrix::F32(view) if rows > MAX_STREAMED_ROWS => {
+            let x = Tensor::from_slice(x, (rows, inputs), view.tensor().device())?;
+            x.matmul(view.tensor())?.to_vec2()?
+        }
+        Matrix::F32(view) => stream_project(x, view.as_slice(), rows),
+        Matrix::Bf16(data) => stream_project(x, data, rows),
+    })
+}
+
+/// Keys and values `[slots, capacity, width]` of attention heads interleaved as
+/// `nn.MultiheadAttention` packs them; the first `len` positions of each slot are filled.
+pub struct KvRows<'a> {
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub capacity: usize,
+    pub len: usize,
+}
+
+/// Attention of one query per row: `q` `[rows, width]` over the filled positions of cache slot
+/// `slots[r]`, `softmax(q·kᵀ/√head_dim)·v` per head, heads merged: `[rows, width]`.
+pub fn attend(q: &[f32], kv: &KvRows, heads: usize, slots: &[usize]) -> Vec<f32> {
+    let width = q.len() / slots.len().max(1);
+    let head_dim = width / heads.max(1);
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let mut out = vec![0f32; q.len()];
+    out.par_chunks_mut(head_dim)
+        .enumerate()
+        .for_each(|(rh, out)| {
+            let (r, h) = (rh / heads, rh % heads);
+            let q = &q[r * width + h * head_dim..][..head_dim];
+            let base = slots[r] * kv.capacity * width + h * head_dim;
+            let at = |j: usize| base + j * width..base + j * width + head_dim;
+            let scores: Vec<f32> = (0..kv.len).map(|j| dot(&kv.k[at(j)], q)).collect();
+            let mut probs = vec![0f32; kv.len];
+            softmax_row(&mut probs, &scores, None, scale);
+            for (j, &p) in probs.iter().enumerate() {
+                for (o, &v) in out.iter_mut().zip(&kv.v[at(j)]) {
+                    *o += p * v;
+                }
+            }
+        });
+    out
+}
