@@ -35,30 +35,58 @@ const OUTPUTS_PER_TASK: usize = 32;
 const PROJECT_TASKS_PER_THREAD: usize = 4;
 
 /// Partial sums per dot product: `Σ w[i]·x[i]` sums lane `i mod LANES` in order, then the
-/// lanes in order (vectorisable without reassociating anything).
-const LANES: usize = 32;
+/// lanes as [`sum_lanes`] does; two AVX2 registers (two independent chains of adds), so it
+/// vectorises without reassociating anything. Every product of a row with a weight row sums
+/// this way, whatever the rows or tiles around it.
+const LANES: usize = 16;
 
-/// `Σ w[i]·x[i]`, portable. Multiplies and adds separately, so the result is the same with or
-/// without FMA hardware, and the same as [`avx2::dot`].
+/// Input rows per tile in [`linear_block`] (2 × 4 accumulators fit AVX2's registers).
+const TILE_ROWS: usize = 4;
+
+/// The lanes' sum as a fixed tree: `l[i] + l[i+8]`, then `(a0+a4, a1+a5, a2+a6, a3+a7)`, then
+/// `(s0+s2, s1+s3)`, then `t0+t1` (how two registers are reduced in four steps).
 #[inline(always)]
-fn dot_portable<T: WeightElement>(w: &[T], x: &[f32]) -> f32 {
-    let n = w.len().min(x.len()) / LANES * LANES;
-    let mut lanes = [0f32; LANES];
-    for (w, x) in w[..n].chunks_exact(LANES).zip(x[..n].chunks_exact(LANES)) {
-        for i in 0..LANES {
-            lanes[i] += w[i].widen() * x[i];
-        }
-    }
-    finish_dot(lanes, &w[n..], &x[n..])
+fn sum_lanes(l: [f32; LANES]) -> f32 {
+    let a: [f32; 8] = std::array::from_fn(|i| l[i] + l[i + 8]);
+    let s = [a[0] + a[4], a[1] + a[5], a[2] + a[6], a[3] + a[7]];
+    let t = [s[0] + s[2], s[1] + s[3]];
+    t[0] + t[1]
 }
 
-/// Adds the tail (fewer than [`LANES`] elements) to the first lanes, then sums the lanes.
+/// The dot products `w·x[r]` of one weight row with `R` input rows, portable: each as
+/// described at [`LANES`]. Multiplies and adds separately, so the result is the same with or
+/// without FMA hardware, and the same as [`avx2::tile`]. The weight row is read once, in order
+/// (one stream for the prefetcher).
 #[inline(always)]
-fn finish_dot<T: WeightElement>(mut lanes: [f32; LANES], w: &[T], x: &[f32]) -> f32 {
+fn tile_portable<T: WeightElement, const R: usize>(w: &[T], x: [&[f32]; R]) -> [f32; R] {
+    let len = common_len(w, &x);
+    let n = len / LANES * LANES;
+    let mut lanes = [[0f32; LANES]; R];
+    for k in (0..n).step_by(LANES) {
+        for (lanes, x) in lanes.iter_mut().zip(&x) {
+            for (l, lane) in lanes.iter_mut().enumerate() {
+                *lane += w[k + l].widen() * x[k + l];
+            }
+        }
+    }
+    for (lanes, x) in lanes.iter_mut().zip(&x) {
+        add_tail(lanes, &w[n..len], &x[n..len]);
+    }
+    lanes.map(sum_lanes)
+}
+
+/// The length every row of a tile has (the shortest).
+#[inline(always)]
+fn common_len<T, const R: usize>(w: &[T], x: &[&[f32]; R]) -> usize {
+    x.iter().map(|x| x.len()).fold(w.len(), usize::min)
+}
+
+/// Adds the tail (fewer than [`LANES`] elements) to the first lanes.
+#[inline(always)]
+fn add_tail<T: WeightElement>(lanes: &mut [f32; LANES], w: &[T], x: &[f32]) {
     for (lane, (w, x)) in lanes.iter_mut().zip(w.iter().zip(x)) {
         *lane += w.widen() * x;
     }
-    lanes.iter().sum()
 }
 
 /// `y[c] = (((y[c] + x0·p0[c]) + x1·p1[c]) + x2·p2[c]) + x3·p3[c]`, portable (the order of
@@ -80,15 +108,20 @@ fn has_avx2() -> bool {
     false
 }
 
-/// `Σ w[i]·x[i]` (see [`dot_portable`]).
+/// The dot products of a tile (see [`tile_portable`]).
 #[inline(always)]
-fn dot<T: WeightElement>(w: &[T], x: &[f32]) -> f32 {
+fn tile<T: WeightElement, const R: usize>(w: &[T], x: [&[f32]; R]) -> [f32; R] {
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         // SAFETY: the CPU supports AVX2.
-        return unsafe { avx2::dot(w, x) };
+        return unsafe { avx2::tile(w, x) };
     }
-    dot_portable(w, x)
+    tile_portable(w, x)
+}
+
+/// `Σ a[i]·b[i]` summed as every product here is (see [`LANES`]).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    tile(a, [b])[0]
 }
 
 /// Four steps of `y += x_i · p_i` (see [`axpy4_portable`]).
@@ -102,8 +135,10 @@ fn axpy4<T: WeightElement>(y: &mut [f32], x: [f32; 4], p: [&[T]; 4]) {
     axpy4_portable(y, x, p)
 }
 
-/// `y[r][o] = bias[o] + W[o]·x[r]` for the rows of `x` (`rows × in`) and a `[out, in]` weight,
-/// into `yt` laid out output-major (`out × rows`), for outputs from `first`.
+/// `y[r][o] = then(bias[o] + W[o]·x[r])` for the rows of `x` (`rows × in`) and a `[out, in]`
+/// weight, into `yt` laid out output-major (`out × rows`), for outputs from `first`. Each
+/// weight row meets up to [`TILE_ROWS`] input rows per pass (more rows take further passes
+/// over it, from L1).
 #[inline(always)]
 fn linear_block<T: WeightElement>(
     x: &[f32],
@@ -115,11 +150,25 @@ fn linear_block<T: WeightElement>(
 ) {
     let inputs = w.len() / bias.len();
     let rows = x.len() / inputs;
+    let x_row = |r: usize| &x[r * inputs..(r + 1) * inputs];
     for (k, y) in yt.chunks_mut(rows).enumerate() {
         let o = first + k;
         let w_row = &w[o * inputs..(o + 1) * inputs];
-        for (r, y) in y.iter_mut().enumerate() {
-            *y = then(bias[o] + dot(w_row, &x[r * inputs..(r + 1) * inputs]));
+        let mut emit = |r0: usize, sums: &[f32]| {
+            for (y, sum) in y[r0..].iter_mut().zip(sums) {
+                *y = then(bias[o] + sum);
+            }
+        };
+        let mut r0 = 0;
+        while r0 < rows {
+            let x = |i: usize| x_row(r0 + i);
+            match rows - r0 {
+                1 => emit(r0, &tile(w_row, [x(0)])),
+                2 => emit(r0, &tile(w_row, [x(0), x(1)])),
+                3 => emit(r0, &tile(w_row, [x(0), x(1), x(2)])),
+                _ => emit(r0, &tile(w_row, [x(0), x(1), x(2), x(3)])),
+            }
+            r0 += TILE_ROWS;
         }
     }
 }

@@ -119,12 +119,17 @@ fn avx2_loops_equal_the_portable_ones_bit_for_bit() {
         return;
     }
     fn check<T: WeightElement>(convert: impl Fn(f32) -> T) {
-        for n in [1, 15, 16, 37, 64, 515] {
+        for n in [1, 7, 8, 15, 16, 37, 64, 515] {
             let w: Vec<T> = pseudo_random(n, 7.0).into_iter().map(&convert).collect();
-            let x = pseudo_random(n, 8.0);
-            // SAFETY: the CPU supports AVX2 (checked above).
-            let fast = unsafe { avx2::dot(&w, &x) };
-            assert_eq!(fast.to_bits(), dot_portable(&w, &x).to_bits(), "dot of {n}");
+            let x: Vec<Vec<f32>> = (0..4).map(|r| pseudo_random(n, 20.0 + r as f32)).collect();
+            let bits = |t: &[f32]| t.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            // SAFETY (all AVX2 calls): the CPU supports AVX2 (checked above).
+            let fast = unsafe { avx2::tile(&w, [&x[0][..], &x[1], &x[2], &x[3]]) };
+            let portable = tile_portable(&w, [&x[0][..], &x[1], &x[2], &x[3]]);
+            assert_eq!(bits(&fast), bits(&portable), "tile of 4 × {n}");
+            let fast = unsafe { avx2::tile(&w, [&x[0][..]]) };
+            let portable = tile_portable(&w, [&x[0][..]]);
+            assert_eq!(bits(&fast), bits(&portable), "tile of 1 × {n}");
             let rows: Vec<Vec<T>> = (0..4)
                 .map(|k| {
                     pseudo_random(n, k as f32)
@@ -135,13 +140,33 @@ fn avx2_loops_equal_the_portable_ones_bit_for_bit() {
                 .collect();
             let p = [&rows[0][..], &rows[1][..], &rows[2][..], &rows[3][..]];
             let (mut fast, mut portable) = (pseudo_random(n, 9.0), pseudo_random(n, 9.0));
-            // SAFETY: as above.
             unsafe { avx2::axpy4(&mut fast, [0.5, -1.25, 2.0, 0.75], p) };
             axpy4_portable(&mut portable, [0.5, -1.25, 2.0, 0.75], p);
-            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&fast), bits(&portable), "axpy4 of {n}");
         }
     }
     check(|v| v);
     check(half::bf16::from_f32);
+}
+
+/// A row's outputs do not depend on the rows streamed beside it (tiles of 1 to 4 rows, an odd
+/// output count): the same bits alone as among 7 others.
+#[test]
+fn a_row_sums_the_same_alone_or_among_others() {
+    let (inputs, outputs, rows) = (37, 71, MAX_STREAMED_ROWS);
+    let w = Tensor::from_vec(
+        pseudo_random(outputs * inputs, 3.0),
+        (outputs, inputs),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let w = Matrix::F32(F32View::new(&w, "w").unwrap());
+    let bias = pseudo_random(outputs, 4.0);
+    let x = pseudo_random(rows * inputs, 5.0);
+    let together = linear(&x, &w, &bias).unwrap();
+    for (r, expected) in together.chunks(outputs).enumerate() {
+        let alone = linear(&x[r * inputs..(r + 1) * inputs], &w, &bias).unwrap();
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&alone), bits(expected), "row {r}");
+    }
 }
