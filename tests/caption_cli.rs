@@ -100,23 +100,28 @@ fn caption_prints_what_the_library_generates() {
     }
 }
 
+/// `coca-worker caption ARGS...` exits 2 with `expected` in its error.
+fn assert_usage_error(args: &[&str], expected: &str) {
+    let mut full = vec!["caption"];
+    full.extend(args);
+    let (code, _, stderr) = common::run("coca-worker", &full);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains(expected), "{stderr}");
+}
+
 #[test]
 fn caption_errors_name_the_file_and_flag() {
     let Some(dir) = common::fixture("coca-tiny") else {
         return;
     };
     let model = dir.display().to_string();
-    let (code, _, stderr) = common::run(
-        "coca-worker",
-        &["caption", "/nonexistent/x.png", "--model", &model],
+    assert_usage_error(
+        &["/nonexistent/x.png", "--model", &model],
+        "/nonexistent/x.png",
     );
-    assert_eq!(code, 2);
-    assert!(stderr.contains("/nonexistent/x.png"), "{stderr}");
     let image = dir.join("images/chelsea.jpg").display().to_string();
-    let (code, _, stderr) = common::run(
-        "coca-worker",
+    assert_usage_error(
         &[
-            "caption",
             &image,
             "--model",
             &model,
@@ -125,20 +130,10 @@ fn caption_errors_name_the_file_and_flag() {
             "--min_seq_len",
             "5",
         ],
+        "--seq_len",
     );
-    assert_eq!(code, 2);
-    assert!(stderr.contains("--seq_len"), "{stderr}");
-    let (code, _, stderr) = common::run(
-        "coca-worker",
-        &[
-            "caption",
-            &image,
-            "--model",
-            &model,
-            "--decode_precision",
-            "fp16",
-        ],
+    assert_usage_error(
+        &[&image, "--model", &model, "--decode_precision", "fp16"],
+        "expected fp32 or bf16",
     );
-    assert_eq!(code, 2);
-    assert!(stderr.contains("expected fp32 or bf16"), "{stderr}");
 }

@@ -158,8 +158,8 @@ pub fn run(opts: &BenchOptions) -> Result<Option<serde_json::Value>> {
 /// Greedy caption latency for `image` (`[1, 3, S, S]`), CAPTION_TOKENS new tokens as
 /// open_clip's `generate` makes them, median of `steps` after a warm-up: on the key/value cache
 /// with float32 and with bfloat16 decoding weights (built once, as `caption` does), and
-/// recomputing the prefix (open_clip's way); with the image encoding alone and the bandwidth
-/// floor of the float32 decoding steps.
+/// recomputing the prefix (open_clip's way); beam search as `caption` runs it by default; the
+/// image encoding alone and the bandwidth floor of the float32 decoding steps.
 fn caption_latency(model: &CoCa, image: &Tensor, steps: usize) -> Result<serde_json::Value> {
     let config = &model.config;
     let caption_len = (CAPTION_TOKENS + 1).min(config.text_cfg.context_length);
@@ -193,6 +193,12 @@ fn caption_latency(model: &CoCa, image: &Tensor, steps: usize) -> Result<serde_j
     let cached = timed(&|| generate_using(&f32_weights, image, &greedy).map(drop))?;
     let cached_bf16 = timed(&|| generate_using(&bf16_weights, image, &bf16).map(drop))?;
     let recompute = timed(&|| generate_with(model, image, &greedy, false).map(drop))?;
+    // `caption`'s default: open_clip's beam search (6 beams in 3 groups), as long as greedy's.
+    let beams = GenerateOptions {
+        generation_type: GenerationType::BeamSearch,
+        ..greedy.clone()
+    };
+    let beam = timed(&|| generate_using(&f32_weights, image, &beams).map(drop))?;
     let bytes_per_step = f32_weights.bytes_per_step();
     drop((f32_weights, bf16_weights));
     let stream = weight_stream_bytes_per_s(bytes_per_step)?;
@@ -204,6 +210,7 @@ fn caption_latency(model: &CoCa, image: &Tensor, steps: usize) -> Result<serde_j
         "greedy_caption_bf16_s": cached_bf16,
         "bf16_decode_weights_build_s": bf16_build,
         "greedy_caption_recompute_s": recompute,
+        "beam_caption_s": beam,
         "encode_one_image_s": encode,
         "decode_weight_bytes_per_step": bytes_per_step,
         "weight_stream_gb_s": stream / 1e9,
