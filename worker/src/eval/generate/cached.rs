@@ -25,7 +25,7 @@ impl BlockView<'_> {
     }
 
     /// The self-attention block for the new position `cache.len` of every row; its keys and
-    /// values are appended to `cache`.
+    /// values are appended to `cache` (one position more).
     fn forward_self(&self, x: &mut [f32], cache: &mut SelfCache) -> Result<()> {
         let width = cache.width;
         let rows = x.len() / width;
@@ -45,6 +45,7 @@ impl BlockView<'_> {
         };
         let slots: Vec<usize> = (0..rows).collect();
         self.attend_into(x, &q, &kv, &slots)?;
+        cache.len += 1;
         self.mlp_into(x)
     }
 
@@ -118,6 +119,7 @@ pub struct CachedDecoder<'w> {
     image_kv: Vec<ImageKv>,
     /// The image each sequence reads (beam search moves sequences between rows).
     image_rows: Vec<usize>,
+    /// Width of both text stacks.
     width: usize,
     /// Positions cached so far.
     len: usize,
@@ -135,7 +137,12 @@ impl<'w> CachedDecoder<'w> {
             rows_per_image > 0,
             "decoding needs at least one row per image"
         );
-        let (images, _, width) = image_embs.dims3()?;
+        let (images, _, image_width) = image_embs.dims3()?;
+        let width = weights.width;
+        ensure!(
+            image_width == width,
+            "decoding: image tokens of width {image_width} for text stacks of width {width}"
+        );
         let rows = images * rows_per_image;
         let image_kv = weights
             .model
@@ -187,7 +194,6 @@ impl<'w> CachedDecoder<'w> {
         }
         for (block, cache) in weights.text_blocks.iter().zip(&mut self.text_caches) {
             block.forward_self(&mut x, cache)?;
-            cache.len += 1;
         }
         for (((own, cross), cache), image) in weights
             .decoder_blocks
@@ -196,7 +202,6 @@ impl<'w> CachedDecoder<'w> {
             .zip(&self.image_kv)
         {
             own.forward_self(&mut x, cache)?;
-            cache.len += 1;
             cross.forward_cross(&mut x, image, &self.image_rows)?;
         }
         self.len += 1;

@@ -3,12 +3,14 @@
 //! transformers' `BeamSearchScorer`.
 //!
 //! Decoding runs on a key/value cache ([`CachedDecoder`]): each step feeds only the new token
-//! through the text tower and the decoder. [`RecomputeDecoder`] recomputes the whole prefix each
-//! step, as open_clip does; the two give the same logits (see the tests).
+//! through the text tower and the decoder, whose weights ([`DecodeWeights`], float32 in place
+//! or a bfloat16 copy) the row kernels in `kernels/` stream once per step for all sequences.
+//! [`RecomputeDecoder`] recomputes the whole prefix each step with the model's forward pass, as
+//! open_clip does; the two give the same logits (see the tests).
 
 pub mod beam;
 mod cached;
-pub mod kernels;
+pub(crate) mod kernels;
 pub mod processors;
 mod weights;
 

@@ -178,6 +178,8 @@ pub struct DecodeWeights<'m> {
     pub(super) text_projection: Matrix<'m>,
     /// Positions both stacks take.
     pub(super) context_length: usize,
+    /// Width of both stacks (the decoder reads the text tower's token outputs).
+    pub(super) width: usize,
 }
 
 impl<'m> DecodeWeights<'m> {
@@ -245,6 +247,7 @@ impl<'m> DecodeWeights<'m> {
                 precision,
             )?,
             context_length: text.context_length.min(decoder.context_length),
+            width: text.positional_embedding.dim(1)?,
         })
     }
 
