@@ -2,7 +2,7 @@
 //! text tower and the decoder, on the [`DecodeWeights`] read by the row kernels of
 //! [`super::kernels`].
 
-use super::kernels::{attend, project, KvRows};
+use super::kernels::{attend, project, KvLayout, KvRows};
 use super::weights::{BlockView, DecodeWeights};
 use super::StepDecoder;
 use crate::model::ops::gelu_erf_value;
@@ -42,6 +42,7 @@ impl BlockView<'_> {
             v: &cache.v,
             capacity: cache.capacity,
             len: cache.len + 1,
+            layout: KvLayout::Interleaved,
         };
         let slots: Vec<usize> = (0..rows).collect();
         self.attend_into(x, &q, &kv, &slots)?;
@@ -57,6 +58,7 @@ impl BlockView<'_> {
             v: &image.v,
             capacity: image.tokens,
             len: image.tokens,
+            layout: KvLayout::HeadMajor,
         };
         self.attend_into(x, &q, &kv, slots)?;
         self.mlp_into(x)
@@ -102,7 +104,8 @@ impl SelfCache {
     }
 }
 
-/// A cross-attention block's keys and values of the image tokens, `[images, tokens, width]`.
+/// A cross-attention block's keys and values of the image tokens,
+/// `[images, heads, tokens, head_dim]`.
 struct ImageKv {
     k: Vec<f32>,
     v: Vec<f32>,
@@ -149,12 +152,19 @@ impl<'w> CachedDecoder<'w> {
             .text_decoder
             .cross_attn
             .iter()
-            .map(|block| -> Result<ImageKv> {
+            .zip(&weights.decoder_blocks)
+            .map(|(block, (_, view))| -> Result<ImageKv> {
                 let (k, v) = block.cross_kv(image_embs)?;
+                let (images, tokens, _) = k.dims3()?;
+                // [images, tokens, width] → [images, heads, tokens, head_dim].
+                let head_major = |t: Tensor| -> Result<Vec<f32>> {
+                    let t = t.reshape((images, tokens, view.heads, width / view.heads))?;
+                    Ok(t.transpose(1, 2)?.contiguous()?.flatten_all()?.to_vec1()?)
+                };
                 Ok(ImageKv {
-                    tokens: k.dim(1)?,
-                    k: k.flatten_all()?.to_vec1()?,
-                    v: v.flatten_all()?.to_vec1()?,
+                    tokens,
+                    k: head_major(k)?,
+                    v: head_major(v)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;

@@ -304,13 +304,24 @@ pub fn project(x: &[f32], p: &Matrix, inputs: usize) -> anyhow::Result<Vec<Vec<f
     })
 }
 
-/// Keys and values `[slots, capacity, width]` of attention heads interleaved as
-/// `nn.MultiheadAttention` packs them; the first `len` positions of each slot are filled.
+/// How a cache lays out its keys and values per slot.
+#[derive(Clone, Copy)]
+pub enum KvLayout {
+    /// `[capacity, width]` with the heads interleaved as `nn.MultiheadAttention` packs them
+    /// (a new position appends one row).
+    Interleaved,
+    /// `[heads, capacity, head_dim]`: each head's keys contiguous (read in one stream).
+    HeadMajor,
+}
+
+/// Keys and values of `slots` cache slots of `capacity` positions each, the first `len`
+/// filled.
 pub struct KvRows<'a> {
     pub k: &'a [f32],
     pub v: &'a [f32],
     pub capacity: usize,
     pub len: usize,
+    pub layout: KvLayout,
 }
 
 /// Attention of one query per row: `q` `[rows, width]` over the filled positions of cache slot
@@ -325,8 +336,15 @@ pub fn attend(q: &[f32], kv: &KvRows, heads: usize, slots: &[usize]) -> Vec<f32>
         .for_each(|(rh, out)| {
             let (r, h) = (rh / heads, rh % heads);
             let q = &q[r * width + h * head_dim..][..head_dim];
-            let base = slots[r] * kv.capacity * width + h * head_dim;
-            let at = |j: usize| base + j * width..base + j * width + head_dim;
+            let (head_stride, position_stride) = match kv.layout {
+                KvLayout::Interleaved => (head_dim, width),
+                KvLayout::HeadMajor => (kv.capacity * head_dim, head_dim),
+            };
+            let base = slots[r] * kv.capacity * width + h * head_stride;
+            let at = |j: usize| {
+                let start = base + j * position_stride;
+                start..start + head_dim
+            };
             let scores: Vec<f32> = (0..kv.len).map(|j| dot(&kv.k[at(j)], q)).collect();
             let mut probs = vec![0f32; kv.len];
             softmax_row(&mut probs, &scores, None, scale);

@@ -66,7 +66,8 @@ fn linear_and_project_match_candle() {
     assert!(linear(&[0.0; 36], &w_f32, &bias).is_err());
 }
 
-/// One query against a cache with unused capacity, per head, against the formula.
+/// One query against a cache with unused capacity, per head, against the formula, in both
+/// layouts.
 #[test]
 fn attend_is_softmax_attention_per_head() {
     let (heads, head_dim, capacity, len) = (2, 3, 5, 4);
@@ -75,35 +76,40 @@ fn attend_is_softmax_attention_per_head() {
     let q = pseudo_random(2 * width, 3.0);
     let k = pseudo_random(2 * capacity * width, 4.0);
     let v = pseudo_random(2 * capacity * width, 5.0);
-    let kv = KvRows {
-        k: &k,
-        v: &v,
-        capacity,
-        len,
-    };
-    let out = attend(&q, &kv, heads, &slots);
-    for (r, &slot) in slots.iter().enumerate() {
-        for h in 0..heads {
-            let at =
-                |m: &[f32], j: usize, d: usize| m[(slot * capacity + j) * width + h * head_dim + d];
-            let scores: Vec<f32> = (0..len)
-                .map(|j| {
-                    (0..head_dim)
-                        .map(|d| q[r * width + h * head_dim + d] * at(&k, j, d))
-                        .sum::<f32>()
-                        / (head_dim as f32).sqrt()
-                })
-                .collect();
-            let total: f32 = scores.iter().map(|s| s.exp()).sum();
-            for d in 0..head_dim {
-                let expected: f32 = (0..len)
-                    .map(|j| scores[j].exp() / total * at(&v, j, d))
-                    .sum();
-                let got = out[r * width + h * head_dim + d];
-                assert!(
-                    (got - expected).abs() < 1e-5,
-                    "row {r} head {h}: {got} vs {expected}"
-                );
+    for layout in [KvLayout::Interleaved, KvLayout::HeadMajor] {
+        let kv = KvRows {
+            k: &k,
+            v: &v,
+            capacity,
+            len,
+            layout,
+        };
+        let out = attend(&q, &kv, heads, &slots);
+        for (r, &slot) in slots.iter().enumerate() {
+            for h in 0..heads {
+                let at = |m: &[f32], j: usize, d: usize| match layout {
+                    KvLayout::Interleaved => m[(slot * capacity + j) * width + h * head_dim + d],
+                    KvLayout::HeadMajor => m[((slot * heads + h) * capacity + j) * head_dim + d],
+                };
+                let scores: Vec<f32> = (0..len)
+                    .map(|j| {
+                        (0..head_dim)
+                            .map(|d| q[r * width + h * head_dim + d] * at(&k, j, d))
+                            .sum::<f32>()
+                            / (head_dim as f32).sqrt()
+                    })
+                    .collect();
+                let total: f32 = scores.iter().map(|s| s.exp()).sum();
+                for d in 0..head_dim {
+                    let expected: f32 = (0..len)
+                        .map(|j| scores[j].exp() / total * at(&v, j, d))
+                        .sum();
+                    let got = out[r * width + h * head_dim + d];
+                    assert!(
+                        (got - expected).abs() < 1e-5,
+                        "row {r} head {h}: {got} vs {expected}"
+                    );
+                }
             }
         }
     }
