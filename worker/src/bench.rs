@@ -159,7 +159,8 @@ pub fn run(opts: &BenchOptions) -> Result<Option<serde_json::Value>> {
 /// open_clip's `generate` makes them, median of `steps` after a warm-up: on the key/value cache
 /// with float32 and with bfloat16 decoding weights (built once, as `caption` does), and
 /// recomputing the prefix (open_clip's way); beam search as `caption` runs it by default; the
-/// image encoding alone and the bandwidth floor of the float32 decoding steps.
+/// image encoding alone and the bandwidth floor of the float32 decoding steps, probed right
+/// after each float32 caption.
 fn caption_latency(model: &CoCa, image: &Tensor, steps: usize) -> Result<serde_json::Value> {
     let config = &model.config;
     let caption_len = (CAPTION_TOKENS + 1).min(config.text_cfg.context_length);
@@ -190,7 +191,22 @@ fn caption_latency(model: &CoCa, image: &Tensor, steps: usize) -> Result<serde_j
         Ok(median(times))
     };
     let encode = timed(&|| model.encode_image(image).map(drop).map_err(Into::into))?;
-    let cached = timed(&|| generate_using(&f32_weights, image, &greedy).map(drop))?;
+    // The host's memory bandwidth varies over seconds: each float32 caption is followed by a
+    // probe of the streaming rate, so the floor is taken at the same moments.
+    let bytes_per_step = f32_weights.bytes_per_step();
+    let probe = StreamProbe::new(bytes_per_step)?;
+    let (mut cached_times, mut rates) = (Vec::new(), Vec::new());
+    for step in 0..=steps {
+        let start = Instant::now();
+        generate_using(&f32_weights, image, &greedy)?;
+        let elapsed = start.elapsed().as_secs_f64();
+        let rate = probe.bytes_per_s()?;
+        if step > 0 {
+            cached_times.push(elapsed);
+            rates.push(rate);
+        }
+    }
+    let (cached, stream) = (median(cached_times), median(rates));
     let cached_bf16 = timed(&|| generate_using(&bf16_weights, image, &bf16).map(drop))?;
     let recompute = timed(&|| generate_with(model, image, &greedy, false).map(drop))?;
     // `caption`'s default: open_clip's beam search (6 beams in 3 groups), as long as greedy's.
@@ -199,9 +215,6 @@ fn caption_latency(model: &CoCa, image: &Tensor, steps: usize) -> Result<serde_j
         ..greedy.clone()
     };
     let beam = timed(&|| generate_using(&f32_weights, image, &beams).map(drop))?;
-    let bytes_per_step = f32_weights.bytes_per_step();
-    drop((f32_weights, bf16_weights));
-    let stream = weight_stream_bytes_per_s(bytes_per_step)?;
     // Steps that compute logits: the prefix starts at sot and the last token is eos.
     let logit_steps = caption_len - 2;
     Ok(serde_json::json!({
@@ -218,20 +231,32 @@ fn caption_latency(model: &CoCa, image: &Tensor, steps: usize) -> Result<serde_j
     }))
 }
 
-/// How fast the decoding kernel streams `bytes` of float32 weights from memory (one row times
-/// a matrix of that size; median of 5). Every float32 decoding step reads that many bytes, so
-/// `steps × bytes / rate` bounds greedy decoding from below on this machine.
-fn weight_stream_bytes_per_s(bytes: usize) -> Result<f64> {
+/// How fast the decoding kernel streams float32 weights from memory: one row times a matrix
+/// of as many bytes as a decoding step reads. Every float32 step reads that many bytes, so
+/// `steps × bytes / rate` bounds greedy decoding from below at the moment of the probe.
+struct StreamProbe {
+    matrix: Tensor,
+    x: Vec<f32>,
+    bias: Vec<f32>,
+}
+
+impl StreamProbe {
     const WIDTH: usize = 512;
-    let rows = bytes / std::mem::size_of::<f32>() / WIDTH;
-    let matrix = Tensor::ones((rows, WIDTH), DType::F32, &Device::Cpu)?;
-    let matrix = Matrix::F32(F32View::new(&matrix, "bandwidth probe")?);
-    let (x, bias) = (vec![1f32; WIDTH], vec![0f32; rows]);
-    let mut times = Vec::new();
-    for _ in 0..5 {
-        let start = Instant::now();
-        rayon::join(|| linear(&x, &matrix, &bias), || ()).0?;
-        times.push(start.elapsed().as_secs_f64());
+
+    fn new(bytes: usize) -> Result<Self> {
+        let rows = bytes / std::mem::size_of::<f32>() / Self::WIDTH;
+        Ok(Self {
+            matrix: Tensor::ones((rows, Self::WIDTH), DType::F32, &Device::Cpu)?,
+            x: vec![1f32; Self::WIDTH],
+            bias: vec![0f32; rows],
+        })
     }
-    Ok(matrix.bytes() as f64 / median(times))
+
+    /// Bytes per second of one pass.
+    fn bytes_per_s(&self) -> Result<f64> {
+        let matrix = Matrix::F32(F32View::new(&self.matrix, "bandwidth probe")?);
+        let start = Instant::now();
+        rayon::join(|| linear(&self.x, &matrix, &self.bias), || ()).0?;
+        Ok(matrix.bytes() as f64 / start.elapsed().as_secs_f64())
+    }
 }
