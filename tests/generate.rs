@@ -141,6 +141,34 @@ fn cache_equals_recompute_on_the_fixture() {
     }
 }
 
+/// What a decoding step reads, counted from the fixture's tensor list: both text stacks'
+/// blocks, except the image-side parts of cross-attention (`ln_1_kv`, the k/v thirds of
+/// `in_proj`, which are computed once per image), then `ln_final` and the vocabulary projection.
+fn step_bytes_from_the_weight_file() -> usize {
+    let dir = common::fixture("coca-tiny").unwrap();
+    let weights = common::load(&dir.join("weights.safetensors"));
+    let elements: usize = weights
+        .iter()
+        .map(|(name, t)| {
+            let n = t.elem_count();
+            let block = name.starts_with("text.transformer.")
+                || name.starts_with("text_decoder.resblocks.");
+            let cross = name.starts_with("text_decoder.cross_attn.");
+            match name.as_str() {
+                "text_decoder.ln_final.weight"
+                | "text_decoder.ln_final.bias"
+                | "text_decoder.text_projection" => n,
+                _ if block => n,
+                _ if cross && name.contains(".ln_1_kv.") => 0,
+                _ if cross && name.contains(".attn.in_proj_") => n / 3,
+                _ if cross => n,
+                _ => 0,
+            }
+        })
+        .sum();
+    elements * std::mem::size_of::<f32>()
+}
+
 /// bfloat16 decoding weights: half the bytes per step, and logits within bfloat16's rounding of
 /// float32's (each logit is a long sum of weights × activations; 2⁻⁸ relative per weight).
 #[test]
@@ -152,6 +180,11 @@ fn bf16_decoding_weights_stay_close_to_float32() {
     let f32_weights = DecodeWeights::new(&model, DecodePrecision::F32).unwrap();
     let bf16_weights = DecodeWeights::new(&model, DecodePrecision::Bf16).unwrap();
     let (full, half) = (f32_weights.bytes_per_step(), bf16_weights.bytes_per_step());
+    assert_eq!(
+        full,
+        step_bytes_from_the_weight_file(),
+        "float32 bytes per step"
+    );
     assert!(
         half < full * 52 / 100,
         "bf16 reads {half} bytes per step, f32 {full}"

@@ -1,0 +1,43 @@
+//! `coca-worker bench` on the fixture config: it runs every measurement and reports each figure
+//! (the figures themselves are benchmarks, not test assertions).
+
+mod common;
+
+#[test]
+fn bench_reports_every_figure() {
+    let Some(config) = common::fixture("coca-tiny/config.json") else {
+        return;
+    };
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    let context = json["text_cfg"]["context_length"].as_u64().unwrap();
+    let config = config.display().to_string();
+    let args = ["bench", "--model", &config, "--batch", "2", "--steps", "1"];
+    let (code, stdout, stderr) = common::run("coca-worker", &args);
+    assert_eq!(code, 0, "{stderr}");
+    let line: serde_json::Value =
+        serde_json::from_str(stdout.lines().last().expect("one JSON line")).unwrap();
+    for key in [
+        "train_step_s",
+        "embed_images_per_s",
+        "greedy_caption_s",
+        "greedy_caption_bf16_s",
+        "beam_caption_s",
+        "greedy_caption_recompute_s",
+        "encode_one_image_s",
+        "weight_stream_gb_s",
+        "greedy_caption_decode_floor_s",
+    ] {
+        let value = line[key].as_f64().unwrap_or(f64::NAN);
+        assert!(value > 0.0 && value.is_finite(), "{key}: {value} in {line}");
+    }
+    // Every decoding step reads each matrix of both text stacks once.
+    let bytes = line["decode_weight_bytes_per_step"].as_u64().unwrap_or(0);
+    assert!(bytes > 0, "{line}");
+    // 20 new tokens, or as many as the context holds after sot.
+    assert_eq!(
+        line["caption_new_tokens"].as_u64(),
+        Some(21.min(context) - 1),
+        "{line}"
+    );
+}
