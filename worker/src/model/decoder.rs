@@ -56,7 +56,7 @@ impl MultimodalDecoder {
     }
 
     /// Generation needs whole-vocabulary logits, which a tensor-parallel member does not hold.
-    fn single_only(&self, what: &str) -> Result<()> {
+    pub(crate) fn single_only(&self, what: &str) -> Result<()> {
         if !self.tp.is_single() {
             bail!(
                 "{what} needs the whole vocabulary's logits; it runs without tensor parallelism \

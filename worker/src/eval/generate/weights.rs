@@ -6,7 +6,7 @@ use crate::model::layers::{LayerNorm, Linear, Mlp, LAYER_NORM_EPS};
 use crate::model::ops::layer_norm_row;
 use crate::model::transformer::ResidualAttentionBlock;
 use crate::model::CoCa;
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{bail, Context, Result};
 use std::str::FromStr;
 
 /// How the matrices read at every decoding step are held.
@@ -188,13 +188,7 @@ impl<'m> DecodeWeights<'m> {
     pub fn new(model: &'m CoCa, precision: DecodePrecision) -> Result<Self> {
         let text = &model.text;
         let decoder = &model.text_decoder;
-        ensure!(
-            decoder.tp.is_single(),
-            "generation needs the whole vocabulary's logits; it runs without tensor parallelism \
-             only (this model is member {} of {})",
-            decoder.tp.rank(),
-            decoder.tp.size()
-        );
+        decoder.single_only("generation")?;
         let text_blocks = text
             .transformer
             .resblocks

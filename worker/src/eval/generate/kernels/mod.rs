@@ -211,7 +211,7 @@ fn stream_linear<T: WeightElement>(
     yt.par_chunks_mut(OUTPUTS_PER_TASK * rows)
         .enumerate()
         .for_each(|(task, yt)| linear_block(x, w, b, &then, task * OUTPUTS_PER_TASK, yt));
-    transpose(&yt, b.len(), rows)
+    transpose(yt, b.len(), rows)
 }
 
 /// [`project_block`] in [`PROJECT_TASKS_PER_THREAD`] parallel tasks per thread.
@@ -274,11 +274,12 @@ pub fn linear_then(
     })
 }
 
-/// `[a, b]` → `[b, a]` (a copy when either is 1).
-fn transpose(m: &[f32], a: usize, b: usize) -> Vec<f32> {
+/// `[a, b]` → `[b, a]` (the same buffer when either is 1: one decoding row needs no copy).
+fn transpose(m: Vec<f32>, a: usize, b: usize) -> Vec<f32> {
     if a == 1 || b == 1 {
-        return m.to_vec();
+        return m;
     }
+    let m = &m;
     (0..b)
         .flat_map(|j| (0..a).map(move |i| m[i * b + j]))
         .collect()
