@@ -27,6 +27,8 @@ fn bench_reports_every_figure() {
         "encode_one_image_s",
         "weight_stream_gb_s",
         "greedy_caption_decode_floor_s",
+        "f32_decode_weights_build_s",
+        "bf16_decode_weights_build_s",
     ] {
         let value = line[key].as_f64().unwrap_or(f64::NAN);
         assert!(value > 0.0 && value.is_finite(), "{key}: {value} in {line}");

@@ -100,6 +100,37 @@ fn caption_prints_what_the_library_generates() {
     }
 }
 
+#[test]
+fn long_runs_on_huge_pages_caption_as_short_ones() {
+    let Some(dir) = common::fixture("coca-tiny") else {
+        return;
+    };
+    let config = CocaConfig::from_file(&dir.join("config.json")).unwrap();
+    let weights = common::load(&dir.join("weights.safetensors"));
+    let model = CoCa::new(
+        &config,
+        VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu),
+    )
+    .unwrap();
+    let images: Vec<PathBuf> = ["astronaut.png", "chelsea.jpg", "camera_gray.png"]
+        .iter()
+        .map(|n| dir.join("images").join(n))
+        .collect();
+    let opts = GenerateOptions {
+        generation_type: GenerationType::Greedy,
+        seq_len: 12,
+        ..GenerateOptions::default()
+    };
+    // Three batches keep the weights where they are; 16 move them onto huge pages first.
+    let short = caption_files(&model, &images, &opts, 1).unwrap();
+    let many: Vec<PathBuf> = images.iter().cycle().take(16).cloned().collect();
+    let long = caption_files(&model, &many, &opts, 1).unwrap();
+    assert_eq!(long.len(), 16);
+    for (i, caption) in long.iter().enumerate() {
+        assert_eq!(caption, &short[i % 3], "image {i}");
+    }
+}
+
 /// `coca-worker caption ARGS...` exits 2 with `expected` in its error.
 fn assert_usage_error(args: &[&str], expected: &str) {
     let mut full = vec!["caption"];

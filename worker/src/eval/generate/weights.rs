@@ -245,6 +245,34 @@ impl<'m> DecodeWeights<'m> {
         })
     }
 
+    /// Moves the matrices onto huge pages ([`crate::huge_pages`]). Every step streams every
+    /// matrix, and on 2 MiB pages the steps run about 25 % faster here. The move copies the
+    /// matrices the first time in a process (0.5–1.5 s for `coca_ViT-B-32` here, about what 15
+    /// batches of decoding save), so it pays for long runs, not for one caption. Where the
+    /// kernel declines, the weights stay as they are (logged at debug level).
+    pub fn move_to_huge_pages(&self) {
+        let refused = self
+            .matrices()
+            .filter_map(|m| m.advise_huge_pages().err())
+            .last();
+        if let Some(error) = refused {
+            tracing::debug!(%error, "decoding weights stay on the pages they have");
+        }
+    }
+
+    /// Every matrix a step multiplies by.
+    fn matrices(&self) -> impl Iterator<Item = &Matrix<'m>> {
+        self.blocks()
+            .flat_map(|b| [&b.in_proj, &b.out_proj, &b.c_fc, &b.c_proj].map(|l| &l.weight))
+            .chain([&self.text_projection])
+    }
+
+    /// Both stacks' blocks, in step order.
+    fn blocks(&self) -> impl Iterator<Item = &BlockView<'m>> {
+        let decoder = self.decoder_blocks.iter().flat_map(|(s, c)| [s, c]);
+        self.text_blocks.iter().chain(decoder)
+    }
+
     /// The model the weights belong to.
     pub fn model(&self) -> &'m CoCa {
         self.model
@@ -253,12 +281,7 @@ impl<'m> DecodeWeights<'m> {
     /// Bytes of weights a step reads (every matrix of both stacks once, whatever the rows):
     /// what bounds a step's time from below on a machine of a given memory bandwidth.
     pub fn bytes_per_step(&self) -> usize {
-        let blocks: usize = self
-            .text_blocks
-            .iter()
-            .chain(self.decoder_blocks.iter().flat_map(|(s, c)| [s, c]))
-            .map(BlockView::bytes)
-            .sum();
+        let blocks: usize = self.blocks().map(BlockView::bytes).sum();
         blocks + self.ln_final.bytes() + self.text_projection.bytes()
     }
 }

@@ -103,6 +103,15 @@ impl<'t> Matrix<'t> {
         }
     }
 
+    /// Moves the elements onto huge pages (see [`crate::huge_pages::advise`]): every step
+    /// streams them.
+    pub fn advise_huge_pages(&self) -> std::io::Result<()> {
+        match self {
+            Matrix::F32(v) => crate::huge_pages::advise(v.as_slice()),
+            Matrix::Bf16(d) => crate::huge_pages::advise(d),
+        }
+    }
+
     /// Bytes streamed by one product.
     pub fn bytes(&self) -> usize {
         match self {
