@@ -34,6 +34,10 @@ const OUTPUTS_PER_TASK: usize = 32;
 /// and a few per thread still balance.
 const PROJECT_TASKS_PER_THREAD: usize = 4;
 
+/// Key elements (`positions × head_dim`) a task of [`attend`] reads at least: a head over a
+/// short self-attention cache is less work than forking it to another thread.
+const MIN_ATTENTION_TASK: usize = 16 * 1024;
+
 /// Partial sums per dot product: `Σ w[i]·x[i]` sums lane `i mod LANES` in order, then the
 /// lanes as [`sum_lanes`] does; two AVX2 registers (two independent chains of adds), so it
 /// vectorises without reassociating anything. Every product of a row with a weight row sums
@@ -332,7 +336,9 @@ pub fn attend(q: &[f32], kv: &KvRows, heads: usize, slots: &[usize]) -> Vec<f32>
     let head_dim = width / heads.max(1);
     let scale = 1.0 / (head_dim as f32).sqrt();
     let mut out = vec![0f32; q.len()];
+    let heads_per_task = MIN_ATTENTION_TASK.div_ceil((kv.len * head_dim).max(1));
     out.par_chunks_mut(head_dim)
+        .with_min_len(heads_per_task)
         .enumerate()
         .for_each(|(rh, out)| {
             let (r, h) = (rh / heads, rh % heads);
