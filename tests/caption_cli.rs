@@ -2,11 +2,8 @@
 
 mod common;
 
-use candle_core::{DType, Device};
-use candle_nn::VarBuilder;
 use coca_worker::eval::caption::caption_files;
 use coca_worker::eval::generate::{DecodePrecision, GenerateOptions, GenerationType};
-use coca_worker::model::{CoCa, CocaConfig};
 use std::path::PathBuf;
 
 #[test]
@@ -31,13 +28,7 @@ fn caption_prints_what_the_library_generates() {
     // The library's captions match open_clip token for token on the reference's preprocessed
     // pixels (tests/generate.rs); here the pixels come from our own eval transform, which may
     // differ by rounding, so the binary is compared with the library on the same files.
-    let config = CocaConfig::from_file(&dir.join("config.json")).unwrap();
-    let weights = common::load(&dir.join("weights.safetensors"));
-    let lib_model = CoCa::new(
-        &config,
-        VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu),
-    )
-    .unwrap();
+    let lib_model = common::fixture_model(&dir);
     let files: Vec<PathBuf> = paths.iter().map(PathBuf::from).collect();
     let model = dir.display().to_string();
     for (generation_type, kind, precision, decode_precision) in [
@@ -105,13 +96,7 @@ fn long_runs_on_huge_pages_caption_as_short_ones() {
     let Some(dir) = common::fixture("coca-tiny") else {
         return;
     };
-    let config = CocaConfig::from_file(&dir.join("config.json")).unwrap();
-    let weights = common::load(&dir.join("weights.safetensors"));
-    let model = CoCa::new(
-        &config,
-        VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu),
-    )
-    .unwrap();
+    let model = common::fixture_model(&dir);
     let images: Vec<PathBuf> = ["astronaut.png", "chelsea.jpg", "camera_gray.png"]
         .iter()
         .map(|n| dir.join("images").join(n))

@@ -3,10 +3,7 @@
 
 mod common;
 
-use candle_core::{DType, Device};
-use candle_nn::VarBuilder;
 use coca_worker::eval::embed::{embed_images, embed_texts, read_npy};
-use coca_worker::model::{CoCa, CocaConfig};
 use std::path::PathBuf;
 
 #[test]
@@ -14,13 +11,7 @@ fn embeddings_round_trip_through_both_formats() {
     let Some(dir) = common::fixture("coca-tiny") else {
         return;
     };
-    let config = CocaConfig::from_file(&dir.join("config.json")).unwrap();
-    let weights = common::load(&dir.join("weights.safetensors"));
-    let model = CoCa::new(
-        &config,
-        VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu),
-    )
-    .unwrap();
+    let model = common::fixture_model(&dir);
     let tmp = tempfile::tempdir().unwrap();
     let model_arg = dir.display().to_string();
     let images: Vec<PathBuf> = ["astronaut.png", "chelsea.jpg", "tiny_10x7.png"]
@@ -65,7 +56,7 @@ fn embeddings_round_trip_through_both_formats() {
             } else {
                 common::load(&out)["embeddings"].clone()
             };
-            assert_eq!(got.dims(), &[3, config.embed_dim]);
+            assert_eq!(got.dims(), &[3, model.config.embed_dim]);
             assert!(common::max_abs_diff(&got, expected) < 1e-5, "{kind} {ext}");
             let norms = got.sqr().unwrap().sum(1).unwrap().to_vec1::<f32>().unwrap();
             assert!(norms.iter().all(|n| (n - 1.0).abs() < 1e-4), "{norms:?}");

@@ -2,24 +2,13 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
+use candle_core::{Device, Tensor};
 use coca_worker::data::image_folder::ImageFolder;
 use coca_worker::data::tokenizer::ClipTokenizer;
 use coca_worker::eval::zeroshot::{zero_shot_classifier, zero_shot_logits};
-use coca_worker::model::{CoCa, CocaConfig};
+use coca_worker::model::CoCa;
 use std::collections::HashMap;
 use std::path::Path;
-
-fn model_from(config: &Path, weights: &Path) -> CoCa {
-    let config = CocaConfig::from_file(config).unwrap();
-    let weights = common::load(&weights.to_path_buf());
-    CoCa::new(
-        &config,
-        VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu),
-    )
-    .unwrap()
-}
 
 /// Top-1 in percent computed directly: classifier, image features, logits.
 fn direct_top1(model: &CoCa, dir: &Path) -> f64 {
@@ -80,7 +69,7 @@ fn classification_matches_direct_logits_and_the_cache_follows_the_weights() {
     assert_eq!(first["images"], 12);
     assert_eq!(first["classes"], 4);
     assert!(first["top5"].is_null(), "top-5 is absent below 5 classes");
-    let model = model_from(
+    let model = common::model_from(
         &fixture.join("config.json"),
         &fixture.join("weights.safetensors"),
     );
@@ -102,7 +91,7 @@ fn classification_matches_direct_logits_and_the_cache_follows_the_weights() {
     changed_args.extend(["--pretrained", &changed_arg]);
     let third = eval_json(&changed_args);
     assert_eq!(third["classifier_cached"], false);
-    let model = model_from(&fixture.join("config.json"), &changed);
+    let model = common::model_from(&fixture.join("config.json"), &changed);
     let expected = direct_top1(&model, &data);
     assert!((third["top1"].as_f64().unwrap() - expected).abs() < 1e-9);
     let fourth = eval_json(&changed_args);
@@ -188,7 +177,7 @@ fn retrieval_recalls_match_the_library_on_a_tiny_split() {
     assert_eq!(out["images"], 3);
     assert_eq!(out["texts"], 12);
 
-    let model = model_from(
+    let model = common::model_from(
         &fixture.join("config.json"),
         &fixture.join("weights.safetensors"),
     );
@@ -262,7 +251,7 @@ fn captioning_writes_captions_and_scores_them() {
     assert_eq!(written.len(), 2);
     assert_eq!(written[0]["image"], names[0]);
 
-    let model = model_from(
+    let model = common::model_from(
         &fixture.join("config.json"),
         &fixture.join("weights.safetensors"),
     );

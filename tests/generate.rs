@@ -16,14 +16,8 @@ use std::collections::HashMap;
 fn fixture_model() -> Option<(CoCa, Tensor, HashMap<String, Tensor>)> {
     let dir = common::fixture("coca-tiny")?;
     common::fixture("coca-tiny/extras.safetensors")?;
-    let config = CocaConfig::from_file(&dir.join("config.json")).unwrap();
-    let weights = common::load(&dir.join("weights.safetensors"));
     let extras = common::load(&dir.join("extras.safetensors"));
-    let model = CoCa::new(
-        &config,
-        VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu),
-    )
-    .unwrap();
+    let model = common::fixture_model(&dir);
     let images = extras["preprocess.32"].clone();
     Some((model, images, extras))
 }

@@ -3,8 +3,7 @@
 mod common;
 
 use candle_core::{DType, Device};
-use candle_nn::VarBuilder;
-use coca_worker::model::{coca_loss, CoCa, CocaConfig, CocaLossConfig};
+use coca_worker::model::{coca_loss, CocaConfig, CocaLossConfig};
 
 #[test]
 fn forward_matches_open_clip() {
@@ -14,11 +13,8 @@ fn forward_matches_open_clip() {
     ) else {
         return;
     };
-    let config = CocaConfig::from_file(&dir.join("config.json")).unwrap();
-    let weights = common::load(&dir.join("weights.safetensors"));
     let io = common::load(&dir.join("io.safetensors"));
-    let vb = VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu);
-    let model = CoCa::new(&config, vb).unwrap();
+    let model = common::fixture_model(&dir);
     let out = model
         .forward(&io["input.image"], &io["input.text"])
         .unwrap();

@@ -7,7 +7,7 @@ pub mod jobs;
 
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// `../shared/fixtures/<rel>` beside the repository, or `None` (with a message) when absent, so
 /// that a checkout without the shared folder skips rather than fails.
@@ -27,6 +27,19 @@ pub fn fixture(rel: &str) -> Option<PathBuf> {
 pub fn load(path: &PathBuf) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(path, &Device::Cpu)
         .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+}
+
+/// The CoCa of `config` (a model-config JSON) with the float32 weights of a safetensors file.
+pub fn model_from(config: &Path, weights: &Path) -> coca_worker::model::CoCa {
+    let config = coca_worker::model::CocaConfig::from_file(config).unwrap();
+    let weights = load(&weights.to_path_buf());
+    let vb = candle_nn::VarBuilder::from_tensors(weights, candle_core::DType::F32, &Device::Cpu);
+    coca_worker::model::CoCa::new(&config, vb).unwrap()
+}
+
+/// The reference model of a fixture folder (`config.json`, `weights.safetensors`).
+pub fn fixture_model(dir: &Path) -> coca_worker::model::CoCa {
+    model_from(&dir.join("config.json"), &dir.join("weights.safetensors"))
 }
 
 /// Largest absolute difference between two tensors of the same shape.
