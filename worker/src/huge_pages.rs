@@ -100,11 +100,9 @@ mod tests {
         };
         let advised = advise(data);
         assert!(data.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8));
-        let thp_enabled = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
-            .is_ok_and(|mode| !mode.contains("[never]"));
         match advised {
+            // A collapse that succeeded left the whole range on huge pages.
             Ok(()) => {
-                assert!(thp_enabled);
                 let kb = anon_huge_kb(ptr as usize).expect("the buffer's mapping in smaps");
                 assert!(kb >= 3 * 2048, "{kb} kB on huge pages, 6144 expected");
             }
