@@ -90,15 +90,21 @@ impl SelfCache {
         }
     }
 
-    /// Row `r` becomes what row `sources[r]` was.
+    /// Row `r` becomes what row `sources[r]` was. Only the filled positions move (beam search
+    /// reorders every step; the buffers hold the whole context).
     fn reorder(&mut self, sources: &[usize]) {
         let block = self.capacity * self.width;
         let used = self.len * self.width;
+        if used == 0 {
+            return;
+        }
         for buffer in [&mut self.k, &mut self.v] {
-            let old = buffer.clone();
-            for (r, &s) in sources.iter().enumerate() {
-                buffer[r * block..r * block + used]
-                    .copy_from_slice(&old[s * block..s * block + used]);
+            let mut kept = Vec::with_capacity(sources.len() * used);
+            for &s in sources {
+                kept.extend_from_slice(&buffer[s * block..][..used]);
+            }
+            for (r, row) in kept.chunks_exact(used).enumerate() {
+                buffer[r * block..][..used].copy_from_slice(row);
             }
         }
     }
