@@ -42,4 +42,36 @@ fn bench_reports_every_figure() {
         Some(21.min(context) - 1),
         "{line}"
     );
+    // The CPU and the kernel families that ran are named, and a forced family is honoured.
+    assert!(
+        !line["cpu_model"].as_str().unwrap_or("").is_empty(),
+        "{line}"
+    );
+    for key in ["cpu_kernels", "gemm_kernels"] {
+        let family = line[key].as_str().unwrap_or("");
+        assert!(
+            ["avx512", "avx2", "portable"].contains(&family),
+            "{key} in {line}"
+        );
+    }
+    let args = [
+        "bench",
+        "--model",
+        &config,
+        "--batch",
+        "2",
+        "--steps",
+        "1",
+        "--captions",
+        "False",
+    ];
+    let (code, stdout, stderr) =
+        common::run_with_env("coca-worker", &args, &[("COCA_CPU_KERNELS", "portable")]);
+    assert_eq!(code, 0, "{stderr}");
+    let line: serde_json::Value =
+        serde_json::from_str(stdout.lines().last().expect("one JSON line")).unwrap();
+    assert_eq!(line["cpu_kernels"], "portable", "{line}");
+    assert!(line.get("greedy_caption_s").is_none(), "{line}");
+    let faults = line["train_page_faults_per_step"].as_array().map(Vec::len);
+    assert_eq!(faults, Some(1), "{line}");
 }

@@ -87,8 +87,14 @@ pub fn binary(name: &str) -> PathBuf {
 
 /// Runs a binary with arguments, bounded in time, and returns (exit code, stdout, stderr).
 pub fn run(bin: &str, args: &[&str]) -> (i32, String, String) {
+    run_with_env(bin, args, &[])
+}
+
+/// [`run`] with extra environment variables.
+pub fn run_with_env(bin: &str, args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     let child = std::process::Command::new(binary(bin))
         .args(args)
+        .envs(env.iter().copied())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()

@@ -13,5 +13,6 @@ pub mod model;
 pub mod pretrain;
 pub mod rng;
 pub mod runtime;
+pub mod simd;
 pub mod train;
 pub mod verify;

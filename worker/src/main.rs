@@ -58,6 +58,9 @@ enum Command {
         /// training step is measured then.
         #[arg(long, default_value_t = 1)]
         tensor_parallel_degree: usize,
+        /// Also measure caption latency (`False`: training and embedding only, for profiling).
+        #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "true", value_parser = coca_worker::pretrain::args::parse_bool)]
+        captions: bool,
     },
     /// Evaluate: zero-shot classification, image-text retrieval, captioning; prints one JSON line per evaluation.
     Eval(Box<coca_worker::eval::cli::EvalArgs>),
@@ -218,12 +221,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             batch,
             steps,
             tensor_parallel_degree,
+            captions,
         } => {
             let line = bench::run(&bench::BenchOptions {
                 model,
                 batch,
                 steps,
                 tensor_parallel_degree,
+                captions,
             })?;
             if let Some(line) = line {
                 println!("{line}");

@@ -1,6 +1,8 @@
 //! AdamW over flat buffers, with PyTorch's semantics.
 
 use super::flat::Segment;
+use crate::multiversion;
+use crate::simd::KernelFamily;
 use rayon::prelude::*;
 
 /// Elements handed to one rayon task.
@@ -60,6 +62,7 @@ impl FlatAdamW {
         let bias1 = 1.0 - c.beta1.powi(self.step as i32);
         let bias2_sqrt = (1.0 - c.beta2.powi(self.step as i32)).sqrt();
         let (b1, b2, eps) = (c.beta1 as f32, c.beta2 as f32, c.eps as f32);
+        let family = KernelFamily::active();
         for s in segments {
             let lr = s.lr * lr_factor;
             let decay = (1.0 - lr * s.weight_decay) as f32;
@@ -72,24 +75,54 @@ impl FlatAdamW {
                 .zip(self.exp_avg[range.clone()].par_chunks_mut(CHUNK))
                 .zip(self.exp_avg_sq[range].par_chunks_mut(CHUNK))
                 .for_each(|(((p, g), m), v)| {
-                    for i in 0..p.len() {
-                        p[i] *= decay;
-                        m[i] = b1 * m[i] + (1.0 - b1) * g[i];
-                        v[i] = b2 * v[i] + (1.0 - b2) * g[i] * g[i];
-                        let denom = v[i].sqrt() * inv_bias2_sqrt + eps;
-                        p[i] -= step_size * m[i] / denom;
-                    }
+                    let coefficients = [decay, b1, b2, step_size, inv_bias2_sqrt, eps];
+                    adamw_chunk(family, p, g, m, v, coefficients)
                 });
         }
     }
 }
 
+multiversion! {
+    /// One AdamW update of a chunk; `k` = `[decay, beta1, beta2, step_size, 1/√bias2, eps]`.
+    pub(super) fn adamw_chunk(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], k: [f32; 6]) {
+        let [decay, b1, b2, step_size, inv_bias2_sqrt, eps] = k;
+        for (((p, g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+            *p *= decay;
+            *m = b1 * *m + (1.0 - b1) * g;
+            *v = b2 * *v + (1.0 - b2) * g * g;
+            let denom = v.sqrt() * inv_bias2_sqrt + eps;
+            *p -= step_size * *m / denom;
+        }
+    }
+}
+
+/// Lanes of the float64 sum of squares in [`global_norm`] (one AVX-512 register).
+const NORM_LANES: usize = 8;
+
+multiversion! {
+    /// `Σ g²` of a chunk in float64, element `i` into lane `i mod 8`, lanes summed in order.
+    pub(super) fn sum_squares(grads: &[f32]) -> f64 {
+        let mut lanes = [0f64; NORM_LANES];
+        let mut chunks = grads.chunks_exact(NORM_LANES);
+        for c in &mut chunks {
+            for (lane, g) in lanes.iter_mut().zip(c) {
+                *lane += (*g as f64) * (*g as f64);
+            }
+        }
+        for (lane, g) in lanes.iter_mut().zip(chunks.remainder()) {
+            *lane += (*g as f64) * (*g as f64);
+        }
+        lanes.iter().sum()
+    }
+}
+
 /// The global L2 norm of a flat gradient buffer (accumulated in f64).
 pub fn global_norm(grads: &[f32]) -> f64 {
+    let family = KernelFamily::active();
     // Partial sums in chunk order, then summed sequentially: reproducible bit for bit.
     let partials: Vec<f64> = grads
         .par_chunks(CHUNK)
-        .map(|c| c.iter().map(|&g| (g as f64) * (g as f64)).sum::<f64>())
+        .map(|c| sum_squares(family, c))
         .collect();
     partials.iter().sum::<f64>().sqrt()
 }
@@ -103,5 +136,54 @@ pub fn clip_to_norm(grads: &mut [f32], norm: f64, max_norm: f64) {
         grads
             .par_chunks_mut(CHUNK)
             .for_each(|c| c.iter_mut().for_each(|g| *g *= coef));
+    }
+}
+
+#[cfg(test)]
+mod family_tests {
+    use super::*;
+
+    #[test]
+    fn every_cpu_kernel_family_updates_and_measures_the_same_bits() {
+        let n = 1000 + 13;
+        let values = |seed: u32| -> Vec<f32> {
+            (0..n as u32)
+                .map(|i| {
+                    ((i.wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8) as f32
+                        / (1 << 24) as f32)
+                        - 0.5
+                })
+                .collect()
+        };
+        let run = |family: KernelFamily| {
+            let (mut p, g, mut m) = (values(1), values(2), values(3));
+            let mut v: Vec<f32> = values(4).iter().map(|x| x * x).collect();
+            adamw_chunk(
+                family,
+                &mut p,
+                &g,
+                &mut m,
+                &mut v,
+                [0.999, 0.9, 0.999, 1e-3, 1.2, 1e-8],
+            );
+            (p, m, v, sum_squares(family, &g))
+        };
+        let reference = run(KernelFamily::Portable);
+        let exact: f64 = values(2).iter().map(|g| (*g as f64).powi(2)).sum();
+        assert!((reference.3 - exact).abs() < 1e-9 * exact);
+        for family in KernelFamily::available() {
+            let other = run(family);
+            for (a, b) in [
+                (&reference.0, &other.0),
+                (&reference.1, &other.1),
+                (&reference.2, &other.2),
+            ] {
+                assert!(
+                    a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{family:?}"
+                );
+            }
+            assert_eq!(reference.3.to_bits(), other.3.to_bits(), "{family:?}");
+        }
     }
 }

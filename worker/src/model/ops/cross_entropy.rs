@@ -31,10 +31,10 @@ struct CrossEntropy {
     ignore: Option<u32>,
 }
 
-/// Max and log-sum-exp of one row.
+/// Max and log-sum-exp of one row (in lanes: see [`crate::simd`]).
 fn log_sum_exp(row: &[f32]) -> (f32, f32) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f32 = row.iter().map(|x| (x - max).exp()).sum();
+    let max = crate::simd::lane_max(row);
+    let sum = crate::simd::lane_sum(row, |x| (x - max).exp());
     (max, max + sum.ln())
 }
 

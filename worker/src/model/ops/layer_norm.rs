@@ -1,6 +1,8 @@
 //! Layer normalisation over the last dimension with affine weight and bias.
 
 use super::{f32_data, ROWS_PER_TASK};
+use crate::multiversion;
+use crate::simd::{lane_sum, lane_sum2, lane_sum3, KernelFamily};
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
@@ -27,19 +29,65 @@ struct LayerNorm {
     eps: f32,
 }
 
-/// Mean and reciprocal standard deviation of one row.
+/// Mean and reciprocal standard deviation of one row (sums in lanes: see [`crate::simd`]).
+#[inline(always)]
 fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
     let n = x.len() as f32;
-    let mean = x.iter().sum::<f32>() / n;
-    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    let mean = lane_sum(x, |v| v) / n;
+    let var = lane_sum(x, |v| (v - mean) * (v - mean)) / n;
     (mean, 1.0 / (var + eps).sqrt())
+}
+
+multiversion! {
+    /// The forward of consecutive rows of width `w.len()` into `y`.
+    pub(super) fn layer_norm_rows(y: &mut [f32], x: &[f32], w: &[f32], b: &[f32], eps: f32) {
+        let d = w.len();
+        let b = &b[..d];
+        for (y, x) in y.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+            let (mean, rstd) = row_stats(x, eps);
+            for (((y, x), w), b) in y.iter_mut().zip(x).zip(w).zip(b) {
+                *y = (x - mean) * rstd * w + b;
+            }
+        }
+    }
 }
 
 /// The forward of one row into `y` (the op and the decoding kernels).
 pub(crate) fn layer_norm_row(y: &mut [f32], x: &[f32], w: &[f32], b: &[f32], eps: f32) {
-    let (mean, rstd) = row_stats(x, eps);
-    for i in 0..x.len() {
-        y[i] = (x[i] - mean) * rstd * w[i] + b[i];
+    layer_norm_rows(KernelFamily::active(), y, x, w, b, eps)
+}
+
+multiversion! {
+    /// The backward of consecutive rows: writes `dx` and adds each row's `g·x̂` and `g` to
+    /// `acc` (`[dweight | dbias]`, `2·d`); `xhat` is scratch of width `d`.
+    pub(super) fn layer_norm_backward_rows(
+        dx: &mut [f32],
+        x: &[f32],
+        g: &[f32],
+        w: &[f32],
+        eps: f32,
+        acc: &mut [f32],
+        xhat: &mut [f32],
+    ) {
+        let d = w.len();
+        let n = d as f32;
+        let (acc_w, acc_b) = acc.split_at_mut(d);
+        let xhat = &mut xhat[..d];
+        for (dx, (x, g)) in dx.chunks_exact_mut(d).zip(x.chunks_exact(d).zip(g.chunks_exact(d))) {
+            let (mean, rstd) = row_stats(x, eps);
+            for (xh, x) in xhat.iter_mut().zip(x) {
+                *xh = (x - mean) * rstd;
+            }
+            let sum_gw = lane_sum2(g, w, |g, w| g * w);
+            let sum_gw_xhat = lane_sum3(g, w, xhat, |g, w, xh| g * w * xh);
+            for (((aw, ab), g), xh) in acc_w.iter_mut().zip(acc_b.iter_mut()).zip(g).zip(xhat.iter()) {
+                *aw += g * xh;
+                *ab += g;
+            }
+            for (((dx, g), w), xh) in dx.iter_mut().zip(g).zip(w).zip(xhat.iter()) {
+                *dx = rstd * (g * w - sum_gw / n - xh * sum_gw_xhat / n);
+            }
+        }
     }
 }
 
@@ -62,13 +110,10 @@ impl CustomOp3 for LayerNorm {
         let b = f32_data(self.name(), s3, l3)?;
         let d = w.len();
         let mut y = vec![0f32; x.len()];
+        let family = KernelFamily::active();
         y.par_chunks_mut(d * ROWS_PER_TASK)
             .zip(x.par_chunks(d * ROWS_PER_TASK))
-            .for_each(|(y, x)| {
-                for (y, x) in y.chunks_mut(d).zip(x.chunks(d)) {
-                    layer_norm_row(y, x, w, b, self.eps);
-                }
-            });
+            .for_each(|(y, x)| layer_norm_rows(family, y, x, w, b, self.eps));
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -117,6 +162,7 @@ impl CustomOp3 for LayerNormBackward {
         let rows = x.len() / d;
         let mut out = vec![0f32; (rows + 2) * d];
         let (dx, _) = out.split_at_mut(rows * d);
+        let family = KernelFamily::active();
         let partials: Vec<f32> = dx
             .par_chunks_mut(d * ROWS_PER_TASK)
             .zip(
@@ -127,22 +173,7 @@ impl CustomOp3 for LayerNormBackward {
                 // Per-task partial sums of dweight and dbias, reduced below.
                 let mut acc = vec![0f32; 2 * d];
                 let mut xhat = vec![0f32; d];
-                for (dx, (x, g)) in dx.chunks_mut(d).zip(x.chunks(d).zip(g.chunks(d))) {
-                    let (mean, rstd) = row_stats(x, self.eps);
-                    let (mut sum_gw, mut sum_gw_xhat) = (0f32, 0f32);
-                    for i in 0..d {
-                        xhat[i] = (x[i] - mean) * rstd;
-                        let gw = g[i] * w[i];
-                        sum_gw += gw;
-                        sum_gw_xhat += gw * xhat[i];
-                        acc[i] += g[i] * xhat[i];
-                        acc[d + i] += g[i];
-                    }
-                    let n = d as f32;
-                    for i in 0..d {
-                        dx[i] = rstd * (g[i] * w[i] - sum_gw / n - xhat[i] * sum_gw_xhat / n);
-                    }
-                }
+                layer_norm_backward_rows(family, dx, x, g, w, self.eps, &mut acc, &mut xhat);
                 acc
             })
             .collect::<Vec<_>>()

@@ -2,6 +2,8 @@
 //! uses it: `softmax(scale · x + mask)`.
 
 use super::{f32_data, ROWS_PER_TASK};
+use crate::multiversion;
+use crate::simd::{lane_max, lane_sum, lane_sum2, KernelFamily};
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -41,27 +43,45 @@ pub fn masked_softmax(scores: &Tensor, mask: Option<&Tensor>, scale: f64) -> Res
 
 /// `softmax(scale · x + mask)` of one row into `y` (every op and the decoding kernels).
 pub(crate) fn softmax_row(y: &mut [f32], x: &[f32], mask: Option<&[f32]>, scale: f32) {
-    match mask {
-        Some(m) => y
-            .iter_mut()
-            .zip(x.iter().zip(m))
-            .for_each(|(y, (x, m))| *y = x * scale + m),
-        None => y.iter_mut().zip(x).for_each(|(y, x)| *y = x * scale),
+    softmax_rows(KernelFamily::active(), y, x, mask, scale, x.len())
+}
+
+multiversion! {
+    /// `softmax(scale · x + mask)` of consecutive rows of width `n` into `y` (`mask`, if any,
+    /// holds one row per row of `x`).
+    pub(super) fn softmax_rows(y: &mut [f32], x: &[f32], mask: Option<&[f32]>, scale: f32, n: usize) {
+        for (r, (y, x)) in y.chunks_exact_mut(n).zip(x.chunks_exact(n)).enumerate() {
+            match mask {
+                Some(m) => y
+                    .iter_mut()
+                    .zip(x.iter().zip(&m[r * n..(r + 1) * n]))
+                    .for_each(|(y, (x, m))| *y = x * scale + m),
+                None => y.iter_mut().zip(x).for_each(|(y, x)| *y = x * scale),
+            }
+            let max = lane_max(y);
+            if max == f32::NEG_INFINITY {
+                // Every position masked: PyTorch yields NaN here; zeros keep training finite and
+                // the row contributes nothing. Our models never build such rows.
+                y.iter_mut().for_each(|y| *y = 0.0);
+                continue;
+            }
+            y.iter_mut().for_each(|v| *v = (*v - max).exp());
+            let inv = 1.0 / lane_sum(y, |v| v);
+            y.iter_mut().for_each(|v| *v *= inv);
+        }
     }
-    let max = y.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    if max == f32::NEG_INFINITY {
-        // Every position masked: PyTorch yields NaN here; zeros keep training finite and the row
-        // contributes nothing. Our models never build such rows.
-        y.iter_mut().for_each(|y| *y = 0.0);
-        return;
+}
+
+multiversion! {
+    /// `dx = scale · y ⊙ (g − Σ g ⊙ y)` of consecutive rows of width `n`.
+    pub(super) fn softmax_backward_rows(dx: &mut [f32], y: &[f32], g: &[f32], scale: f32, n: usize) {
+        for (dx, (y, g)) in dx.chunks_exact_mut(n).zip(y.chunks_exact(n).zip(g.chunks_exact(n))) {
+            let dot = lane_sum2(y, g, |y, g| y * g);
+            for ((dx, y), g) in dx.iter_mut().zip(y).zip(g) {
+                *dx = scale * y * (g - dot);
+            }
+        }
     }
-    let mut sum = 0f32;
-    for v in y.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
-    let inv = 1.0 / sum;
-    y.iter_mut().for_each(|v| *v *= inv);
 }
 
 struct Softmax {
@@ -77,13 +97,10 @@ impl CustomOp1 for Softmax {
         let x = f32_data(self.name(), s, l)?;
         let n = l.shape().dims().last().copied().unwrap_or(1).max(1);
         let mut y = vec![0f32; x.len()];
+        let family = KernelFamily::active();
         y.par_chunks_mut(n * ROWS_PER_TASK)
             .zip(x.par_chunks(n * ROWS_PER_TASK))
-            .for_each(|(y, x)| {
-                for (y, x) in y.chunks_mut(n).zip(x.chunks(n)) {
-                    softmax_row(y, x, None, self.scale);
-                }
-            });
+            .for_each(|(y, x)| softmax_rows(family, y, x, None, self.scale, n));
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -115,6 +132,7 @@ impl CustomOp2 for MaskedSoftmax {
         let dims = l1.shape().dims();
         let (b, h, t, s) = (dims[0], dims[1], dims[2], dims[3]);
         let mut y = vec![0f32; x.len()];
+        let family = KernelFamily::active();
         // One task per (batch, head) pair: all its rows share one mask block.
         y.par_chunks_mut(t * s)
             .zip(x.par_chunks(t * s))
@@ -122,9 +140,7 @@ impl CustomOp2 for MaskedSoftmax {
             .for_each(|(bh, (y, x))| {
                 let mb = if self.mask_batch == 1 { 0 } else { bh / h };
                 let m = &mask[mb * t * s..(mb + 1) * t * s];
-                for ((y, x), m) in y.chunks_mut(s).zip(x.chunks(s)).zip(m.chunks(s)) {
-                    softmax_row(y, x, Some(m), self.scale);
-                }
+                softmax_rows(family, y, x, Some(m), self.scale, s);
             });
         debug_assert_eq!(y.len(), b * h * t * s);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
@@ -166,19 +182,13 @@ impl CustomOp2 for SoftmaxBackward {
         let g = f32_data(self.name(), s2, l2)?;
         let n = l1.shape().dims().last().copied().unwrap_or(1).max(1);
         let mut dx = vec![0f32; y.len()];
+        let family = KernelFamily::active();
         dx.par_chunks_mut(n * ROWS_PER_TASK)
             .zip(
                 y.par_chunks(n * ROWS_PER_TASK)
                     .zip(g.par_chunks(n * ROWS_PER_TASK)),
             )
-            .for_each(|(dx, (y, g))| {
-                for (dx, (y, g)) in dx.chunks_mut(n).zip(y.chunks(n).zip(g.chunks(n))) {
-                    let dot: f32 = y.iter().zip(g).map(|(y, g)| y * g).sum();
-                    for i in 0..n {
-                        dx[i] = self.scale * y[i] * (g[i] - dot);
-                    }
-                }
-            });
+            .for_each(|(dx, (y, g))| softmax_backward_rows(family, dx, y, g, self.scale, n));
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }

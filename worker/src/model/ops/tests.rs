@@ -166,3 +166,86 @@ fn ops_reject_other_dtypes() {
     let err = gelu_erf(&x).unwrap_err().to_string();
     assert!(err.contains("float32"), "{err}");
 }
+
+/// The raw data of a [`rand`] tensor.
+fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+    rand(&[n], seed).to_vec1().unwrap()
+}
+
+/// Asserts two kernels' outputs are the same bits.
+fn assert_bits(family: crate::simd::KernelFamily, what: &str, a: &[f32], b: &[f32]) {
+    assert_eq!(a.len(), b.len());
+    let differ = a
+        .iter()
+        .zip(b)
+        .filter(|(a, b)| a.to_bits() != b.to_bits())
+        .count();
+    assert_eq!(differ, 0, "{what}: {differ} values differ under {family:?}");
+}
+
+#[test]
+fn every_cpu_kernel_family_computes_the_same_bits() {
+    use crate::simd::KernelFamily;
+    // Widths with a tail after the 16 lanes, as real rows have (50 tokens, 77 positions).
+    let (rows, d) = (7, 77);
+    let x = rand_vec(rows * d, 1);
+    let (w, b, g) = (rand_vec(d, 2), rand_vec(d, 3), rand_vec(rows * d, 4));
+    let mask: Vec<f32> = (0..rows * d)
+        .map(|i| {
+            if i % d > (i / d) * 11 {
+                f32::NEG_INFINITY
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let run = |family: KernelFamily| {
+        let mut ln = vec![0f32; rows * d];
+        layer_norm::layer_norm_rows(family, &mut ln, &x, &w, &b, 1e-5);
+        let (mut ln_dx, mut acc, mut xhat) =
+            (vec![0f32; rows * d], vec![0f32; 2 * d], vec![0f32; d]);
+        layer_norm::layer_norm_backward_rows(
+            family, &mut ln_dx, &x, &g, &w, 1e-5, &mut acc, &mut xhat,
+        );
+        let mut sm = vec![0f32; rows * d];
+        softmax::softmax_rows(family, &mut sm, &x, Some(&mask), 0.125, d);
+        let mut sm_dx = vec![0f32; rows * d];
+        softmax::softmax_backward_rows(family, &mut sm_dx, &sm, &g, 0.125, d);
+        [ln, ln_dx, acc, sm, sm_dx]
+    };
+    let reference = run(KernelFamily::Portable);
+    // The lanes change the order of the sums, not their accuracy: the plain row code agrees.
+    let mut plain = vec![0f32; d];
+    let (mean, var) = {
+        let r = &x[..d];
+        let mean = r.iter().sum::<f32>() / d as f32;
+        (
+            mean,
+            r.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32,
+        )
+    };
+    for i in 0..d {
+        plain[i] = (x[i] - mean) / (var + 1e-5).sqrt() * w[i] + b[i];
+    }
+    let worst = plain
+        .iter()
+        .zip(&reference[0])
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        worst < 1e-5,
+        "layer norm rows differ from the plain formula by {worst}"
+    );
+    let names = [
+        "layer norm",
+        "layer norm dx",
+        "layer norm dweight/dbias",
+        "softmax",
+        "softmax dx",
+    ];
+    for family in KernelFamily::available() {
+        for ((name, a), b) in names.iter().zip(&reference).zip(&run(family)) {
+            assert_bits(family, name, a, b);
+        }
+    }
+}
