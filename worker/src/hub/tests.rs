@@ -435,6 +435,19 @@ fn a_missing_coco_karpathy_set_is_downloaded_extracted_and_opened() {
         "{err}"
     );
     assert_eq!(server.count("GET", "/coco.tar"), 1);
+    // Offline, a missing set is an error naming the archive and its folder; no request.
+    let offline = hub_at(&dir.path().join("fresh"), &server.url(""), true);
+    let fresh = offline.env.paddlemix_data_home().join("coco");
+    let err = format!(
+        "{:#}",
+        ensure_karpathy(&fresh, &offline, &archive).unwrap_err()
+    );
+    assert!(
+        err.contains("offline") && err.contains(&archive.url),
+        "{err}"
+    );
+    assert!(!fresh.exists());
+    assert_eq!(server.count("GET", "/coco.tar"), 1);
     // The seed's archive URL follows the mirror.
     assert_eq!(Archive::seed(&hub).url, server.url("/coco.tar"));
 }
