@@ -333,7 +333,6 @@ mod tests {
             .to_string();
         for needle in [
             "annotations/coco_karpathy_train.json",
-            "does not download data sets",
             "coco.tar",
             "--data_root",
             "images",

@@ -53,6 +53,14 @@ pub fn missing(root: &Path) -> Vec<PathBuf> {
 /// `coco` is filled (the archive unpacks to `coco/`); another is an error naming what is
 /// missing.
 pub fn ensure_karpathy(root: &Path, hub: &Hub, archive: &Archive) -> Result<()> {
+    // Every rank goes through the gate, complete or not, so that none waits for a word its
+    // node's downloader never sends.
+    hub.gate.once(&archive.url, |may_download| {
+        fetch_if_missing(root, hub, archive, may_download)
+    })
+}
+
+fn fetch_if_missing(root: &Path, hub: &Hub, archive: &Archive, may_download: bool) -> Result<()> {
     let absent = missing(root);
     if absent.is_empty() {
         return Ok(());
@@ -72,33 +80,28 @@ pub fn ensure_karpathy(root: &Path, hub: &Hub, archive: &Archive) -> Result<()> 
         ),
     };
     tracing::info!("coco_karpathy: {list} missing; fetching {}", archive.url);
-    hub.gate.once(&archive.url, |may_download| {
-        if missing(root).is_empty() {
-            return Ok(());
-        }
-        let tar = parent.join(SEED_ARCHIVE);
-        let expected = Expected {
-            size: None,
-            checksum: archive.md5.clone().map(Checksum::Md5),
-        };
-        hub.downloader(may_download)
-            .fetch(&archive.url, &tar, &expected)
-            .with_context(|| format!("--task_name coco_karpathy: {list} missing"))?;
-        extract_tar(&tar, &parent, TOP)?;
-        let still = missing(root);
-        if !still.is_empty() {
-            bail!(
-                "{} did not provide {}",
-                archive.url,
-                still
-                    .iter()
-                    .map(|p| p.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(" and ")
-            );
-        }
-        std::fs::remove_file(&tar).with_context(|| format!("cannot remove {}", tar.display()))?;
-        tracing::info!("coco_karpathy: extracted into {}", root.display());
-        Ok(())
-    })
+    let tar = parent.join(SEED_ARCHIVE);
+    let expected = Expected {
+        size: None,
+        checksum: archive.md5.clone().map(Checksum::Md5),
+    };
+    hub.downloader(may_download)
+        .fetch(&archive.url, &tar, &expected)
+        .with_context(|| format!("--task_name coco_karpathy: {list} missing"))?;
+    extract_tar(&tar, &parent, TOP)?;
+    let still = missing(root);
+    if !still.is_empty() {
+        bail!(
+            "{} did not provide {}",
+            archive.url,
+            still
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(" and ")
+        );
+    }
+    std::fs::remove_file(&tar).with_context(|| format!("cannot remove {}", tar.display()))?;
+    tracing::info!("coco_karpathy: extracted into {}", root.display());
+    Ok(())
 }

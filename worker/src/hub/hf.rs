@@ -82,9 +82,8 @@ pub fn cached(cache: &Path, repo: &str, revision: &str, file: &str) -> Option<Pa
 pub fn weights(hub: &Hub, repo: &str, revision: &str, files: &[&str]) -> Result<PathBuf> {
     let cache = &hub.env.hf_cache;
     let find = || files.iter().find_map(|f| cached(cache, repo, revision, f));
-    if let Some(path) = find() {
-        return Ok(path);
-    }
+    // Every rank goes through the gate, cached or not, so that none waits for a word its
+    // node's downloader never sends.
     let what = format!("hf:{repo}@{revision}");
     hub.gate.once(&what, |may_download| {
         if let Some(path) = find() {

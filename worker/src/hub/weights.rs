@@ -92,6 +92,9 @@ pub fn resolve(req: Request<'_>, hub: &Hub) -> Result<(CocaConfig, Weights)> {
         origin: format!("{what} ({})", path.display()),
         path,
     };
+    // Without --pretrained, weights are looked for only in a --model directory, never beside a
+    // config file.
+    let by_default = req.dir_weights_by_default && Path::new(model).is_dir();
     let weights =
         match (req.pretrained, flag) {
             (Some(_), Some(false)) => Weights::Random,
@@ -99,9 +102,7 @@ pub fn resolve(req: Request<'_>, hub: &Hub) -> Result<(CocaConfig, Weights)> {
                 if let Some(r) = &release {
                     let path = r.weights(hub)?;
                     file(path, format!("PaddleMIX release {model}"))
-                } else if let Some(dir) =
-                    dir.filter(|_| req.pretrained.is_some() || req.dir_weights_by_default)
-                {
+                } else if let Some(dir) = dir.filter(|_| req.pretrained.is_some() || by_default) {
                     let path = dir_weights(model, &dir)?;
                     file(path, format!("the --model directory {}", dir.display()))
                 } else if req.pretrained.is_some() {
