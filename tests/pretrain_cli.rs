@@ -146,9 +146,39 @@ fn flags_are_checked() {
     let (code, _, err) = pretrain(&["--bf16", "True"]);
     assert_eq!(code, 2);
     assert!(err.contains("--bf16"), "{err}");
-    let (code, _, err) = pretrain(&["--task_name", "coco_karpathy"]);
+    // A missing coco_karpathy under a root not named `coco`: an error, nothing downloaded.
+    let tmp = tempfile::tempdir().unwrap();
+    let elsewhere = tmp.path().join("elsewhere");
+    let (code, _, err) = pretrain(&[
+        "--task_name",
+        "coco_karpathy",
+        "--data_root",
+        elsewhere.to_str().unwrap(),
+    ]);
     assert_eq!(code, 2);
-    assert!(err.contains("coco_karpathy"), "{err}");
+    assert!(
+        err.contains("coco_karpathy_train.json") && err.contains("elsewhere"),
+        "{err}"
+    );
+    // Under PaddleMIX's data folder it would be downloaded; offline, the error says where the
+    // archive comes from and where it goes, and nothing is requested.
+    let out = std::process::Command::new(common::binary("coca-worker"))
+        .args(["pretrain", "--task_name", "coco_karpathy"])
+        .env("PPMIX_HOME", tmp.path())
+        .env("COCA_OFFLINE", "1")
+        .env("COCA_PADDLEMIX_DATA_URL", "http://127.0.0.1:9/datasets")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("offline") && err.contains("http://127.0.0.1:9/datasets/coco.tar"),
+        "{err}"
+    );
+    assert!(
+        err.contains(&tmp.path().join("datasets").display().to_string()),
+        "{err}"
+    );
     let (code, _, err) = pretrain(&["--do-train", "maybe"]);
     assert_eq!(code, 2);
     assert!(err.contains("True or False"), "{err}");

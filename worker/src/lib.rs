@@ -8,6 +8,7 @@ pub mod compare;
 pub mod data;
 pub mod distributed;
 pub mod eval;
+pub mod hub;
 pub mod huge_pages;
 pub mod model;
 pub mod pretrain;

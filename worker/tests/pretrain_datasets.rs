@@ -248,5 +248,8 @@ fn data_sets_that_yield_nothing_fail_at_start() {
         ],
     );
     assert_eq!(code, 2, "{text}");
-    assert!(text.contains("does not download data sets"), "{text}");
+    assert!(
+        text.contains("coco_karpathy_train.json") && text.contains("nothing is downloaded"),
+        "{text}"
+    );
 }

@@ -16,9 +16,9 @@
 //! are taken relative to `<root>` itself. A custom JSON file's images are relative to
 //! `--data_root` when it is given, else to the JSON file's folder.
 //!
-//! The seed downloads `coco.tar` when the annotation file is absent; this build never downloads
-//! (it has no HTTP client and is meant for machines without network access), so a missing
-//! annotation file is an error saying which files to put where.
+//! As the seed does, `pretrain` downloads and extracts `coco.tar` first when the annotations or
+//! the images are missing (see `hub::coco`); offline, or under a `--data_root` that is not
+//! named `coco`, a missing annotation file is an error saying which files to put where.
 //!
 //! Records that are not objects, lack a string `caption` or `image`, or have an empty caption
 //! are skipped when the file is opened and listed in [`CocoCaptions::skipped`]; a missing or
@@ -29,11 +29,10 @@
 use super::loader::{CaptionSource, Sample};
 use super::parts::{expand_home, summarize_skips};
 use super::preprocess::open_image;
+use crate::hub::HubEnv;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
-/// The seed's default data root (`~` is `$HOME`).
-pub const DEFAULT_DATA_ROOT: &str = "~/.paddlemix/datasets/coco";
 /// The training annotations, relative to the data root.
 pub const TRAIN_ANNOTATIONS: &str = "annotations/coco_karpathy_train.json";
 /// The image folder, relative to the data root, in the seed's layout.
@@ -58,26 +57,26 @@ struct Record {
     caption: String,
 }
 
-/// `--data_root`, or the seed's default, with `~` expanded.
+/// `--data_root`, or the seed's default (`coco` in PaddleMIX's `DATA_HOME`,
+/// `$PPMIX_HOME/datasets`), with `~` expanded.
 pub fn data_root(flag: Option<&Path>) -> PathBuf {
     match flag {
         Some(p) => expand_home(&p.to_string_lossy()),
-        None => expand_home(DEFAULT_DATA_ROOT),
+        None => HubEnv::from_env().paddlemix_data_home().join("coco"),
     }
 }
 
 impl CocoCaptions {
     /// `--task_name coco_karpathy`: `<root>/annotations/coco_karpathy_train.json` with images
     /// under `<root>/images` (or `<root>` when there is no `images` folder). A missing
-    /// annotation file is an error that says where the seed's files go, since this build cannot
-    /// download them.
+    /// annotation file is an error that says where the seed's files go (`hub::coco` downloads
+    /// them first where it can).
     pub fn karpathy_train(root: &Path, image_size: usize, seed: u64) -> Result<Self> {
         let annotations = root.join(TRAIN_ANNOTATIONS);
         if !annotations.is_file() {
             bail!(
-                "--task_name coco_karpathy: the annotation file {} is missing. The seed downloads \
-                 {SEED_ARCHIVE} and unpacks it there; this build cannot: it does not download \
-                 data sets. Put the data under --data_root (now {}): \
+                "--task_name coco_karpathy: the annotation file {} is missing (the seed's \
+                 {SEED_ARCHIVE} unpacks there). Put the data under --data_root (now {}): \
                  the annotations as {} and the images they name under {} (e.g. {}), or pass \
                  --data_root with the folder that holds them",
                 annotations.display(),
@@ -334,7 +333,6 @@ mod tests {
             .to_string();
         for needle in [
             "annotations/coco_karpathy_train.json",
-            "does not download data sets",
             "coco.tar",
             "--data_root",
             "images",

@@ -9,6 +9,7 @@ use super::{classification, retrieval};
 use crate::data::image_folder::ImageFolder;
 use crate::distributed::context::RankContext;
 use crate::distributed::share::{all_gather_strings, block};
+use crate::hub::{Hub, HubEnv, NodeGate};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use coca_common::collective::Collective;
@@ -57,19 +58,24 @@ pub struct EvalArgs {
 /// launched job share the work and return nothing).
 pub fn run(args: &EvalArgs) -> Result<Vec<serde_json::Value>> {
     let ctx = RankContext::from_env(1, 1)?;
-    let lines = evaluate(args, &ctx.world)?;
+    let hub = Hub::new(HubEnv::from_env(), NodeGate::for_rank(&ctx)?);
+    let lines = evaluate(args, &ctx.world, &hub)?;
     Ok(if ctx.is_main() { lines } else { Vec::new() })
 }
 
 /// The evaluations, each rank of `comm` taking one block of the images and texts.
-fn evaluate(args: &EvalArgs, comm: &Arc<dyn Collective>) -> Result<Vec<serde_json::Value>> {
+fn evaluate(
+    args: &EvalArgs,
+    comm: &Arc<dyn Collective>,
+    hub: &Hub,
+) -> Result<Vec<serde_json::Value>> {
     if args.classification_eval.is_none() && args.retrieval.is_none() && args.captioning.is_none() {
         bail!(
             "nothing to evaluate: pass --classification_eval DIR, --retrieval FILE.json or \
              --captioning FILE.json"
         );
     }
-    let loaded = args.model.load()?;
+    let loaded = args.model.load_with(hub)?;
     let mut lines = Vec::new();
     if let Some(dir) = &args.classification_eval {
         let folder = ImageFolder::open(dir)?;

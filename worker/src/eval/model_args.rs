@@ -2,7 +2,8 @@
 //! key identifying the weights (for caches built from them).
 
 use crate::checkpoint::load_for_model;
-use crate::model::source::{resolve_config, WEIGHT_FILES};
+use crate::hub::weights::{self, Request, Weights};
+use crate::hub::Hub;
 use crate::model::CoCa;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
@@ -14,14 +15,16 @@ use std::path::{Path, PathBuf};
 /// Which model to run.
 #[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
-    /// A built-in config (`coca_ViT-B-32`, `coca_ViT-L-14`, `coca_demo`), a config JSON file, or
-    /// a directory holding `config.json` (and weights such as `weights.safetensors`).
+    /// A built-in config (`coca_ViT-B-32`, `coca_ViT-L-14`, `coca_demo`), a PaddleMIX name
+    /// (`paddlemix/CoCa/<name>`: its released weights, fetched when not cached), a config JSON
+    /// file, or a directory holding `config.json` (and weights such as `weights.safetensors`).
     #[arg(long)]
     pub model: String,
-    /// The weights: a checkpoint (safetensors, torch .bin/.pt, paddle .pdparams). Default: the
-    /// weights in the `--model` directory.
+    /// The weights: a checkpoint (safetensors, torch .bin/.pt, paddle .pdparams) or an open_clip
+    /// tag of a built-in config (`laion2b_s13b_b90k`, `mscoco_finetuned_laion2b_s13b_b90k`).
+    /// Default: a PaddleMIX name's release, or the weights in the `--model` directory.
     #[arg(long)]
-    pub pretrained: Option<PathBuf>,
+    pub pretrained: Option<String>,
 }
 
 /// A model ready for inference, and where it came from.
@@ -43,38 +46,37 @@ impl LoadedModel {
 }
 
 impl ModelArgs {
-    /// Resolves the config and the weight file and loads them.
+    /// Resolves the config and the weight file (fetching released weights) and loads them.
     pub fn load(&self) -> Result<LoadedModel> {
-        let (config, dir) = resolve_config(&self.model)?;
-        // Weights are looked for only in a `--model` directory, never beside a config file.
-        let dir = dir.filter(|_| Path::new(&self.model).is_dir());
-        let weights_path = match (&self.pretrained, &dir) {
-            (Some(p), _) => p.clone(),
-            (None, Some(dir)) => WEIGHT_FILES
-                .iter()
-                .map(|f| dir.join(f))
-                .find(|p| p.is_file())
-                .with_context(|| {
-                    format!(
-                        "--model {}: none of {} there; pass --pretrained FILE",
-                        self.model,
-                        WEIGHT_FILES.join(", ")
-                    )
-                })?,
-            (None, None) => bail!(
-                "--model {} has no weights beside it: pass --pretrained FILE",
-                self.model
-            ),
+        self.load_with(&Hub::from_env())
+    }
+
+    /// [`load`](Self::load) with released weights fetched through `hub` (one rank per node).
+    pub fn load_with(&self, hub: &Hub) -> Result<LoadedModel> {
+        let request = Request {
+            model: &self.model,
+            pretrained: self.pretrained.as_deref(),
+            from_scratch: false,
+            dir_weights_by_default: true,
         };
-        let weights = load_for_model(&weights_path, &config, DType::F32, &Device::Cpu)?;
+        let (config, weights) = weights::resolve(request, hub)?;
+        let Weights::File { path, origin } = weights else {
+            bail!(
+                "--model {}: no weights to evaluate (random weights are for training); pass \
+                 --pretrained FILE or a released model",
+                self.model
+            );
+        };
+        tracing::info!("weights: {origin}");
+        let tensors = load_for_model(&path, &config, DType::F32, &Device::Cpu)?;
         let model = CoCa::new(
             &config,
-            VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu),
+            VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu),
         )
-        .with_context(|| format!("building the model from {}", weights_path.display()))?;
+        .with_context(|| format!("building the model from {}", path.display()))?;
         Ok(LoadedModel {
             model,
-            weights_path,
+            weights_path: path,
             config_json: serde_json::to_string(&config)?,
         })
     }

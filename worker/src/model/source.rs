@@ -2,6 +2,7 @@
 //! directory holding `config.json` and weights. Shared by training and the inference commands.
 
 use super::CocaConfig;
+use crate::hub::{paddlemix, HubEnv};
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 
@@ -14,20 +15,17 @@ pub const WEIGHT_FILES: &[&str] = &[
     "model_state.pdparams",
 ];
 
-/// PaddleMIX's released model names, mapped to the built-in configs.
-fn paddlemix_alias(name: &str) -> Option<&'static str> {
-    let base = name.rsplit('/').next().unwrap_or(name);
-    if base.starts_with("CoCa-ViT-B-32") {
-        Some("coca_ViT-B-32")
-    } else if base.starts_with("CoCa-ViT-L-14") {
-        Some("coca_ViT-L-14")
-    } else {
-        None
-    }
+/// Resolves `--model` to a config and a directory its weights may sit in, with the process's
+/// cache settings.
+pub fn resolve_config(model: &str) -> Result<(CocaConfig, Option<PathBuf>)> {
+    resolve_config_in(model, &HubEnv::from_env())
 }
 
-/// Resolves `--model` to a config and a directory its weights may sit in.
-pub fn resolve_config(model: &str) -> Result<(CocaConfig, Option<PathBuf>)> {
+/// [`resolve_config`] with the given cache settings. A PaddleMIX release name
+/// (`paddlemix/CoCa/<name>`) takes the `config.json` of its cache folder when one is there and
+/// reads as a CoCa config, else the built-in config of that release; its weights are found by
+/// [`crate::hub::weights`], not in a directory.
+pub fn resolve_config_in(model: &str, env: &HubEnv) -> Result<(CocaConfig, Option<PathBuf>)> {
     let path = Path::new(model);
     if path.is_dir() {
         let config = CocaConfig::from_file(&path.join("config.json"))
@@ -40,8 +38,12 @@ pub fn resolve_config(model: &str) -> Result<(CocaConfig, Option<PathBuf>)> {
             path.parent().map(Path::to_path_buf),
         ));
     }
-    if let Some(alias) = paddlemix_alias(model) {
-        return Ok((CocaConfig::named(alias)?, None));
+    if let Some(release) = paddlemix::release(model)? {
+        let cached = release.cache_dir_in(env).join("config.json");
+        if let Ok(config) = CocaConfig::from_file(&cached) {
+            return Ok((config, None));
+        }
+        return Ok((CocaConfig::named(release.config)?, None));
     }
     Ok((
         CocaConfig::named(model).with_context(|| format!("--model {model}"))?,

@@ -49,9 +49,16 @@ pub struct PretrainArgs {
     /// (and optionally weights). Default: the CPU-sized demo model.
     #[arg(long)]
     pub model: Option<String>,
-    /// Load weights: a checkpoint file, or `True` for the weights beside `--model`.
+    /// The starting weights: a checkpoint file, an open_clip tag of a built-in config
+    /// (`laion2b_s13b_b90k`, `mscoco_finetuned_laion2b_s13b_b90k`), `True` (a PaddleMIX name's
+    /// release, the weights in a `--model` directory) or `False` (random); see `hub::weights`.
+    /// Default: a PaddleMIX name's release, else random.
     #[arg(long)]
     pub pretrained: Option<String>,
+    /// Start from random (seeded) weights whatever `--model` names (as `--pretrained False`).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", value_parser = parse_bool)]
+    #[serde(default)]
+    pub from_scratch: bool,
     /// The data set: `synthetic` (the default: the built-in synthetic captioning set),
     /// `coco_karpathy`, a Karpathy-format `.json` file, a LAION file list, or webdataset shards
     /// (`shards-{000..009}.tar`, a folder of `.tar` files, or a list of them); see

@@ -1,13 +1,14 @@
-//! What `--model` and `--pretrained` name: a config, and optionally the weights to start from.
+//! What `--model`, `--pretrained` and `--from_scratch` name: a config, and optionally the
+//! weights to start from (released weights are fetched, one rank per node; see `hub::weights`).
 
-use super::args::{parse_bool, PretrainArgs};
+use super::args::PretrainArgs;
 use crate::checkpoint::load_for_model;
-use crate::model::source::{resolve_config, WEIGHT_FILES};
+use crate::hub::weights::{self, Request, Weights};
+use crate::hub::Hub;
 use crate::model::CocaConfig;
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 /// The built-in config used when `--model` is absent.
 pub const DEMO_MODEL: &str = "coca_demo";
@@ -16,41 +17,32 @@ pub const DEMO_MODEL: &str = "coca_demo";
 pub struct ResolvedModel {
     pub config: CocaConfig,
     pub weights: Option<HashMap<String, Tensor>>,
+    /// Which weights, from where (for the start-up log).
+    pub origin: String,
 }
 
-/// Resolves `--model` and `--pretrained`.
-pub fn resolve_model(args: &PretrainArgs) -> Result<ResolvedModel> {
+/// Resolves `--model`, `--pretrained` and `--from_scratch`, fetching released weights through
+/// `hub`, and says on stderr which weights it loads.
+pub fn resolve_model(args: &PretrainArgs, hub: &Hub) -> Result<ResolvedModel> {
     let model = args.model.as_deref().unwrap_or(DEMO_MODEL);
-    let (config, dir) = resolve_config(model)?;
-    let weights_path = match args.pretrained.as_deref() {
-        None => None,
-        Some(v) => match parse_bool(v) {
-            Ok(false) => None,
-            Ok(true) => {
-                let Some(dir) = &dir else {
-                    bail!(
-                        "--pretrained True: --model {model} names no local directory to load \
-                         weights from, and this build downloads nothing; pass --pretrained FILE"
-                    );
-                };
-                let found = WEIGHT_FILES
-                    .iter()
-                    .map(|f| dir.join(f))
-                    .find(|p| p.is_file());
-                Some(found.with_context(|| {
-                    format!(
-                        "--pretrained True: none of {} in {}",
-                        WEIGHT_FILES.join(", "),
-                        dir.display()
-                    )
-                })?)
-            }
-            Err(_) => Some(PathBuf::from(v)),
-        },
+    let request = Request {
+        model,
+        pretrained: args.pretrained.as_deref(),
+        from_scratch: args.from_scratch,
+        dir_weights_by_default: false,
     };
-    let weights = match weights_path {
-        Some(p) => Some(load_for_model(&p, &config, DType::F32, &Device::Cpu)?),
-        None => None,
+    let (config, chosen) = weights::resolve(request, hub)?;
+    let origin = chosen.describe();
+    eprintln!("model: {model}; weights: {origin}");
+    let weights = match chosen {
+        Weights::File { path, .. } => {
+            Some(load_for_model(&path, &config, DType::F32, &Device::Cpu)?)
+        }
+        Weights::Random => None,
     };
-    Ok(ResolvedModel { config, weights })
+    Ok(ResolvedModel {
+        config,
+        weights,
+        origin,
+    })
 }

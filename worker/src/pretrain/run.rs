@@ -15,11 +15,12 @@ use crate::data::sampler::DistributedSampler;
 use crate::data::synthetic::SyntheticCaptions;
 use crate::data::synthetic_source::SyntheticSource;
 use crate::data::tokenizer::ClipTokenizer;
-use crate::data::train_set::open_train_set;
+use crate::data::train_set::{classify, open_train_set, DataSpec};
 use crate::distributed::context::{PeerFailed, RankContext};
 use crate::distributed::loss::ContrastiveSpan;
 use crate::distributed::tensor_parallel::{gather_state_dict, shard_moments, TensorParallel};
 use crate::eval::classification::evaluate;
+use crate::hub::{coco, Hub, HubEnv, NodeGate};
 use crate::model::trainable::trainable_model_parallel;
 use crate::model::{CoCa, CocaLossConfig};
 use crate::train::adamw::AdamWConfig;
@@ -69,7 +70,12 @@ fn defaults(demo: bool) -> Defaults {
 
 /// The data set `--task_name` names (see [`crate::data::train_set`]), and whether it is the
 /// built-in synthetic set. Records skipped while indexing are logged as warnings.
-fn resolve_data(args: &PretrainArgs, image_size: usize, shard: ShardSpec) -> Result<TrainData> {
+fn resolve_data(
+    args: &PretrainArgs,
+    hub: &Hub,
+    image_size: usize,
+    shard: ShardSpec,
+) -> Result<TrainData> {
     match args.task_name.as_deref() {
         None | Some("synthetic") => {
             let set = SyntheticCaptions::new(args.seed, SYNTHETIC_TRAIN_LEN, image_size as u32);
@@ -80,6 +86,10 @@ fn resolve_data(args: &PretrainArgs, image_size: usize, shard: ShardSpec) -> Res
             })
         }
         Some(name) => {
+            // The seed's default set is downloaded when missing (one rank per node).
+            if let DataSpec::CocoKarpathy { root } = classify(name, args.data_root.as_deref())? {
+                coco::ensure_karpathy(&root, hub, &coco::Archive::seed(hub))?;
+            }
             let set = open_train_set(
                 name,
                 args.data_root.as_deref(),
@@ -154,13 +164,17 @@ fn train(args: &PretrainArgs, ctx: &RankContext) -> Result<()> {
     let device = Device::Cpu;
     let data_rank = ctx.topology.data_rank(ctx.rank)?;
     let data_world = ctx.topology.data_world();
-    let ResolvedModel { config, weights } = resolve_model(&args)?;
+    let hub = Hub::new(HubEnv::from_env(), NodeGate::for_rank(ctx)?);
+    let ResolvedModel {
+        config, weights, ..
+    } = resolve_model(&args, &hub)?;
     let TrainData {
         source,
         synthetic: is_synthetic,
         per_rank,
     } = resolve_data(
         &args,
+        &hub,
         config.vision_cfg.image_size,
         ShardSpec::new(data_rank, data_world)?,
     )?;
