@@ -62,7 +62,19 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        matmul_last(x, &self.weight.t()?, self.bias.as_ref())
+        matmul_last(x, &self.weight_t()?, self.bias.as_ref())
+    }
+
+    /// `Wᵀ` `[in, out]` for the product: a view when `in ≤ out`; a contiguous copy when the
+    /// input is wider than the output (`c_proj`), where the GEMM packs a transposed view at
+    /// about half speed (see [`ops::transpose_contiguous`]).
+    fn weight_t(&self) -> Result<Tensor> {
+        let (out_dim, in_dim) = self.weight.dims2()?;
+        if in_dim > out_dim && self.weight.device().is_cpu() {
+            ops::transpose_contiguous(&self.weight)
+        } else {
+            self.weight.t()
+        }
     }
 
     /// A row-parallel layer: this member's weight columns times its slice of the input, summed
@@ -72,7 +84,7 @@ impl Linear {
         if tp.is_single() {
             return self.forward(x);
         }
-        let y = tp.reduce_out(&matmul_last(x, &self.weight.t()?, None)?)?;
+        let y = tp.reduce_out(&matmul_last(x, &self.weight_t()?, None)?)?;
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),

@@ -10,6 +10,7 @@ mod cross_entropy;
 mod gelu;
 mod layer_norm;
 mod softmax;
+mod transpose;
 
 pub use cross_entropy::cross_entropy_rows;
 pub(crate) use cross_entropy::{CrossEntropyBackward, VocabShard};
@@ -19,6 +20,7 @@ pub use layer_norm::layer_norm;
 pub(crate) use layer_norm::layer_norm_row;
 pub(crate) use softmax::softmax_row;
 pub use softmax::{masked_softmax, softmax_last_dim};
+pub use transpose::transpose_contiguous;
 
 use candle_core::{backend::BackendStorage, bail, CpuStorage, Layout, Result};
 
