@@ -87,7 +87,16 @@ pub fn binary(name: &str) -> PathBuf {
 
 /// Runs a binary with arguments, bounded in time, and returns (exit code, stdout, stderr).
 pub fn run(bin: &str, args: &[&str]) -> (i32, String, String) {
-    let child = std::process::Command::new(binary(bin))
+    run_in(None, bin, args)
+}
+
+/// [`run`] in the folder `cwd` (the test's own when `None`).
+pub fn run_in(cwd: Option<&Path>, bin: &str, args: &[&str]) -> (i32, String, String) {
+    let mut command = std::process::Command::new(binary(bin));
+    if let Some(dir) = cwd {
+        command.current_dir(dir);
+    }
+    let child = command
         .args(args)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())

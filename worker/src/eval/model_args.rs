@@ -3,7 +3,7 @@
 
 use crate::checkpoint::load_for_model;
 use crate::model::source::{resolve_config, WEIGHT_FILES};
-use crate::model::CoCa;
+use crate::model::{CoCa, CocaConfig};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
@@ -45,6 +45,23 @@ impl LoadedModel {
 impl ModelArgs {
     /// Resolves the config and the weight file and loads them.
     pub fn load(&self) -> Result<LoadedModel> {
+        let (config, weights_path) = self.locate()?;
+        let weights = load_for_model(&weights_path, &config, DType::F32, &Device::Cpu)?;
+        let model = CoCa::new(
+            &config,
+            VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu),
+        )
+        .with_context(|| format!("building the model from {}", weights_path.display()))?;
+        Ok(LoadedModel {
+            model,
+            weights_path,
+            config_json: serde_json::to_string(&config)?,
+        })
+    }
+
+    /// The config and the weight file, checked to exist, without reading the weights: what can
+    /// be checked before the model is built.
+    pub fn locate(&self) -> Result<(CocaConfig, PathBuf)> {
         let (config, dir) = resolve_config(&self.model)?;
         // Weights are looked for only in a `--model` directory, never beside a config file.
         let dir = dir.filter(|_| Path::new(&self.model).is_dir());
@@ -66,17 +83,10 @@ impl ModelArgs {
                 self.model
             ),
         };
-        let weights = load_for_model(&weights_path, &config, DType::F32, &Device::Cpu)?;
-        let model = CoCa::new(
-            &config,
-            VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu),
-        )
-        .with_context(|| format!("building the model from {}", weights_path.display()))?;
-        Ok(LoadedModel {
-            model,
-            weights_path,
-            config_json: serde_json::to_string(&config)?,
-        })
+        if !weights_path.is_file() {
+            bail!("--pretrained {}: no such file", weights_path.display());
+        }
+        Ok((config, weights_path))
     }
 }
 
