@@ -74,13 +74,14 @@ pub fn check(args: &PretrainArgs, world: usize, rank: usize) -> Result<Checked> 
         ),
         None => None,
     };
-    writable_dir(&args.output_dir, "--output_dir")?;
     if let Some(v) = &args.resume_from_checkpoint {
         resolve_resume(v, &args.output_dir)
             .with_context(|| format!("--resume_from_checkpoint {v}"))?;
     }
     let shard = ShardSpec::new(topology.data_rank(rank)?, topology.data_world())?;
     let data = open_data(args, config.vision_cfg.image_size, shard)?;
+    // Last: it creates the folder, which a failed check should not leave behind.
+    writable_dir(&args.output_dir, "--output_dir")?;
     Ok(Checked {
         config,
         topology,
@@ -99,9 +100,7 @@ fn open_data(args: &PretrainArgs, image_size: usize, shard: ShardSpec) -> Result
                 source: Arc::new(SyntheticSource { set }),
                 synthetic: true,
                 per_rank: false,
-                description: format!(
-                    "the built-in synthetic captioning set ({SYNTHETIC_TRAIN_LEN} samples)"
-                ),
+                description: "the built-in synthetic captioning set".to_string(),
             })
         }
         Some(name) => {
