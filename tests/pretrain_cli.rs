@@ -244,7 +244,7 @@ fn startup_block_metric_lines_off_a_terminal_and_tensorboard_events() {
     for needle in [
         "tiny.json (3,227,105 parameters)",
         "random initialisation (seed 42)",
-        "the built-in synthetic captioning set: 20,000 samples",
+        "data        the built-in synthetic captioning set\n  samples     20,000\n",
         "world 1 = dp 1 x sharding 1 x tp 1",
         "global 4 = 4 per device x 1 data ranks x 1 accumulation",
         "steps       4",

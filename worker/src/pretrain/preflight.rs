@@ -37,7 +37,6 @@ pub struct TrainData {
 /// What the checks found, for the run to go on with.
 pub struct Checked {
     pub config: CocaConfig,
-    pub topology: Topology,
     pub data: TrainData,
     pub eval_folder: Option<ImageFolder>,
 }
@@ -84,7 +83,6 @@ pub fn check(args: &PretrainArgs, world: usize, rank: usize) -> Result<Checked> 
     writable_dir(&args.output_dir, "--output_dir")?;
     Ok(Checked {
         config,
-        topology,
         data,
         eval_folder,
     })

@@ -108,7 +108,6 @@ fn train(args: &PretrainArgs, ctx: &RankContext, checked: Checked) -> Result<()>
     let batch = checked.batch(&args);
     let Checked {
         config: _,
-        topology: _,
         data,
         eval_folder,
     } = checked;

@@ -72,12 +72,8 @@ impl fmt::Display for StartupSummary {
             thousands(self.parameters)
         )?;
         writeln!(f, "  weights     {}", self.weights)?;
-        writeln!(
-            f,
-            "  data        {}: {} samples{share}",
-            self.data,
-            thousands(self.samples)
-        )?;
+        writeln!(f, "  data        {}", self.data)?;
+        writeln!(f, "  samples     {}{share}", thousands(self.samples))?;
         writeln!(
             f,
             "  layout      world {} = dp {} x sharding {}{zero} x tp {}",
@@ -150,7 +146,7 @@ mod tests {
         for needle in [
             "coca_ViT-L-14 (638,450,177 parameters)",
             "random initialisation (seed 42)",
-            "COCO: 566,747 samples",
+            "data        COCO\n  samples     566,747\n",
             "world 8 = dp 1 x sharding 8 (stage2) x tp 1",
             "global 128 = 16 per device x 8 data ranks x 1 accumulation",
             "885600 (4428 per epoch)",
