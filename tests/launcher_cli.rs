@@ -41,3 +41,107 @@ fn runs_the_worker_beside_it_and_passes_its_exit_code() {
     assert_eq!(code, 2, "the worker's exit code comes back: {err}");
     assert!(err.contains("/nonexistent/x.bin"), "{err}");
 }
+
+/// Worker logs a launcher left in `dir` (none when no worker started).
+fn worker_logs(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("workerlog."))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_wrong_eval_folder_fails_once_in_under_two_seconds_before_any_worker_starts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let log_dir = tmp.path().join("log");
+    let out_dir = tmp.path().join("out");
+    let started = std::time::Instant::now();
+    let (code, out, err) = common::run(
+        "coca-launch",
+        &[
+            "--nproc-per-node",
+            "4",
+            "--log-dir",
+            log_dir.to_str().unwrap(),
+            "--",
+            "pretrain",
+            "--model",
+            "coca_ViT-L-14",
+            "--classification_eval",
+            "./in1k",
+            "--output_dir",
+            out_dir.to_str().unwrap(),
+        ],
+    );
+    let elapsed = started.elapsed();
+    assert_eq!(code, 2, "{out}\n{err}");
+    assert!(
+        elapsed < std::time::Duration::from_secs(2),
+        "took {elapsed:?}"
+    );
+    assert_eq!(
+        err.matches("--classification_eval ./in1k").count(),
+        1,
+        "one message: {err}"
+    );
+    assert!(err.contains("./in1k/images is not a folder"), "{err}");
+    assert!(worker_logs(&log_dir).is_empty(), "no worker started");
+    eprintln!("fail-fast under the launcher: {elapsed:?}");
+}
+
+#[test]
+fn a_layout_that_cannot_fit_in_memory_is_refused_with_the_numbers() {
+    // 8 × coca_ViT-L-14 on a 24 GiB node: the estimate is computed from the config's shapes,
+    // nothing is allocated.
+    let tmp = tempfile::tempdir().unwrap();
+    let log_dir = tmp.path().join("log");
+    let out_dir = tmp.path().join("out");
+    let base = [
+        "--nproc-per-node",
+        "8",
+        "--node-memory",
+        "24GiB",
+        "--log-dir",
+        log_dir.to_str().unwrap(),
+        "--",
+        "pretrain",
+        "--model",
+        "coca_ViT-L-14",
+        "--max_steps",
+        "1",
+        "--output_dir",
+        out_dir.to_str().unwrap(),
+    ];
+    let (code, out, err) = common::run("coca-launch", &base);
+    assert_eq!(code, 2, "{out}\n{err}");
+    for needle in [
+        "does not fit in this node's memory",
+        "8 worker(s) x",
+        "24.0 GiB available (--node-memory)",
+        "638450177 parameters",
+        "AdamW moments 4.8 GiB",
+        "activations at batch 8",
+    ] {
+        assert!(err.contains(needle), "{needle:?} missing: {err}");
+    }
+    assert!(worker_logs(&log_dir).is_empty(), "no worker started");
+    // The estimate follows the layout: ZeRO stage 2 over 8 ranks leaves 1/8 of the moments
+    // (4.8 → 0.6 GiB) and of the kept gradients (2.4 → 0.3 GiB) on each worker.
+    let per_worker = |err: &str| -> f64 {
+        let at = err.find("8 worker(s) x ").unwrap() + "8 worker(s) x ".len();
+        err[at..].split(' ').next().unwrap().parse().unwrap()
+    };
+    let unsharded = per_worker(&err);
+    let mut sharded = base.to_vec();
+    sharded.extend(["--sharding", "stage2", "--sharding_parallel_degree", "8"]);
+    sharded[3] = "8GiB";
+    let (code, _, err) = common::run("coca-launch", &sharded);
+    assert_eq!(code, 2, "{err}");
+    let saved = unsharded - per_worker(&err);
+    assert!((6.0..6.6).contains(&saved), "{unsharded} vs\n{err}");
+}

@@ -208,3 +208,115 @@ fn the_demo_learns() {
     assert!(out.contains("zero-shot on 500 held-out"), "{out}");
     assert!(out_dir.join("demo_results.json").is_file());
 }
+
+/// The TensorBoard event file under `dir/runs/`.
+fn event_file(dir: &Path) -> std::path::PathBuf {
+    let runs: Vec<_> = std::fs::read_dir(dir.join("runs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    let files: Vec<_> = std::fs::read_dir(&runs[0])
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("events.out.tfevents."))
+        })
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    files[0].clone()
+}
+
+/// With stderr a pipe and `--disable_tqdm False` there is no bar, but a metrics line every
+/// `--logging_steps`; the start-up block comes first; the TensorBoard events hold what
+/// `metrics.jsonl` holds.
+#[test]
+fn startup_block_metric_lines_off_a_terminal_and_tensorboard_events() {
+    use coca_worker::pretrain::tensorboard::read_scalars;
+    let tmp = tempfile::tempdir().unwrap();
+    let config = common::tiny_config(tmp.path());
+    let folder = tmp.path().join("colours");
+    common::images::write_folder(&folder);
+    let out_dir = tmp.path().join("run");
+    let (code, out, err) = common::run(
+        "coca-worker",
+        &[
+            "pretrain",
+            "--disable_tqdm",
+            "False",
+            "--model",
+            &config,
+            "--max_steps",
+            "4",
+            "--per_device_train_batch_size",
+            "4",
+            "--logging_steps",
+            "2",
+            "--classification_eval",
+            folder.to_str().unwrap(),
+            "--eval_steps",
+            "2",
+            "--output_dir",
+            out_dir.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(!err.contains('\u{1b}'), "{err}");
+    let block = err.find("pretrain:").expect("the start-up block");
+    let first_step = err.find("step 2 epoch").expect("a metrics line at step 2");
+    assert!(block < first_step, "{err}");
+    let parameters = coca_worker::model::manifest::parameter_count(
+        &coca_worker::model::CocaConfig::from_file(Path::new(&config)).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(parameters, 3_227_105);
+    for needle in [
+        "tiny.json (3,227,105 parameters)",
+        "random initialisation (seed 42)",
+        "data        the built-in synthetic captioning set\n  samples     20,000\n",
+        "world 1 = dp 1 x sharding 1 x tp 1",
+        "global 4 = 4 per device x 1 data ranks x 1 accumulation",
+        "steps       4",
+        "precision   fp32",
+    ] {
+        assert!(err.contains(needle), "{needle:?} missing:\n{err}");
+    }
+    assert!(err.contains("step 4 epoch"), "{err}");
+    assert!(
+        !err.contains("step 1 epoch"),
+        "only every --logging_steps: {err}"
+    );
+
+    let scalars = read_scalars(&event_file(&out_dir)).unwrap();
+    let lines = metrics(&out_dir);
+    let mut compared = 0;
+    for line in &lines {
+        let step = line["step"].as_i64().unwrap();
+        let pairs = [
+            ("train/loss", "loss"),
+            ("train/contrastive_loss", "contrastive_loss"),
+            ("train/caption_loss", "caption_loss"),
+            ("train/learning_rate", "learning_rate"),
+            ("train/grad_norm", "grad_norm"),
+            ("train/samples_per_s", "samples_per_s"),
+            ("eval/zeroshot_top1", "zeroshot_top1"),
+            ("eval/zeroshot_top5", "zeroshot_top5"),
+        ];
+        for (tag, key) in pairs {
+            let Some(expected) = line[key].as_f64() else {
+                continue;
+            };
+            let got = scalars
+                .iter()
+                .find(|(s, t, _)| *s == step && t == tag)
+                .unwrap_or_else(|| panic!("{tag} at step {step} missing: {scalars:?}"));
+            assert_eq!(got.2, expected as f32, "{tag} at step {step}");
+            compared += 1;
+        }
+    }
+    // Steps 2 and 4: six training scalars each, and two zero-shot evaluations (top-1 only:
+    // four classes have no top-5).
+    assert_eq!(compared, 2 * 6 + 2, "{lines:?}");
+    assert_eq!(scalars.len(), compared);
+}

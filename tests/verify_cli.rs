@@ -143,3 +143,80 @@ fn convert_names_every_mismatch() {
         "nothing may be written for a bad checkpoint"
     );
 }
+
+/// A reference folder built from the fixture whose `extras.safetensors` is rewritten by `edit`
+/// (`io.safetensors` left out: the model sections are not the point).
+fn edited_reference(
+    tmp: &std::path::Path,
+    fixture: &std::path::Path,
+    edit: impl FnOnce(&mut std::collections::HashMap<String, candle_core::Tensor>),
+) -> std::path::PathBuf {
+    let dir = tmp.join("reference");
+    std::fs::create_dir_all(dir.join("images")).unwrap();
+    for f in ["config.json", "weights.safetensors", "extras.json"] {
+        std::fs::copy(fixture.join(f), dir.join(f)).unwrap();
+    }
+    for image in std::fs::read_dir(fixture.join("images")).unwrap() {
+        let image = image.unwrap().path();
+        std::fs::copy(&image, dir.join("images").join(image.file_name().unwrap())).unwrap();
+    }
+    let mut extras = common::load(&fixture.join("extras.safetensors"));
+    edit(&mut extras);
+    candle_core::safetensors::save(&extras, dir.join("extras.safetensors")).unwrap();
+    dir
+}
+
+fn section<'a>(out: &'a str, name: &str) -> &'a str {
+    out.lines()
+        .find(|l| l.starts_with(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("no {name} line in\n{out}"))
+}
+
+#[test]
+fn verify_checks_every_preprocess_size_and_runs_the_model_at_its_own() {
+    let Some(fixture) = common::fixture("coca-tiny") else {
+        return;
+    };
+    // Exported without the 224 px images: only preprocess.32 (the model's size) is there.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = edited_reference(tmp.path(), &fixture, |t| {
+        t.remove("preprocess.224").unwrap();
+    });
+    let (code, out, err) = verify(&["--reference", dir.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    for name in ["preprocess", "zeroshot", "generate"] {
+        assert!(section(&out, name).contains(" pass "), "{name}:\n{out}");
+    }
+    // A size no transform produced: preprocess checks it (and fails, naming it); zeroshot and
+    // generate still run on preprocess.32.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = edited_reference(tmp.path(), &fixture, |t| {
+        let zeros = candle_core::Tensor::zeros(
+            (5, 3, 40, 40),
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        t.insert("preprocess.40".into(), zeros);
+    });
+    let (code, out, _) = verify(&["--reference", dir.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}");
+    let line = section(&out, "preprocess");
+    assert!(line.contains("FAIL") && line.contains("@40"), "{out}");
+    for name in ["zeroshot", "generate"] {
+        assert!(section(&out, name).contains(" pass "), "{name}:\n{out}");
+    }
+    // Without the model's size, zeroshot says which sizes there are.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = edited_reference(tmp.path(), &fixture, |t| {
+        let images = t.remove("preprocess.32").unwrap();
+        t.insert("preprocess.48".into(), images);
+    });
+    let (code, out, _) = verify(&["--reference", dir.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}");
+    let line = section(&out, "zeroshot");
+    assert!(
+        line.contains("FAIL") && line.contains("image size is 32") && line.contains("48"),
+        "{out}"
+    );
+}

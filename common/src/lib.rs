@@ -5,5 +5,6 @@
 
 pub mod collective;
 pub mod control;
+pub mod log_style;
 pub mod topology;
 pub mod worker_binary;

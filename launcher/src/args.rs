@@ -57,6 +57,11 @@ pub struct LauncherArgs {
     /// Seconds a stopped worker gets between SIGTERM and SIGKILL.
     #[arg(long, default_value_t = 3)]
     pub grace_period: u64,
+    /// Memory this node's workers may use (`24GiB`, `512M`, bytes), checked against a training
+    /// command's estimate before any worker starts. Default: MemAvailable, or the memory
+    /// cgroup's headroom when smaller.
+    #[arg(long, env = "COCA_NODE_MEMORY")]
+    pub node_memory: Option<String>,
     /// Seconds without a heartbeat after which a node or worker counts as lost.
     #[arg(long, default_value_t = 10)]
     pub heartbeat_timeout: u64,

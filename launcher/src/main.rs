@@ -7,6 +7,8 @@
 //! (rendezvous timeout, lost node 0).
 
 mod args;
+mod memory;
+mod preflight;
 mod process;
 mod summary;
 mod supervise;
@@ -21,11 +23,16 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,coca_common=warn")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(coca_common::log_style::stderr_colour())
         .with_target(false)
         .init();
     let code = match args::parse(std::env::args().skip(1).collect()) {
         Ok(command_line) => match supervise::run(command_line) {
             Ok(code) => code,
+            // The worker has printed why it refused its command: only its exit code remains.
+            Err(e) if e.downcast_ref::<preflight::Refused>().is_some() => {
+                e.downcast_ref::<preflight::Refused>().map_or(2, |r| r.0)
+            }
             Err(e) => {
                 eprintln!("coca-launch: error: {e:#}");
                 e.downcast_ref::<supervise::ControlPlaneError>()

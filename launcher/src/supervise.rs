@@ -3,6 +3,8 @@
 //! here, an abort or restart from the control plane, or a signal to the launcher.
 
 use crate::args::{node_layout, nproc_per_node, CommandLine, LauncherArgs, NodeLayout};
+use crate::memory::{self, OomCounters};
+use crate::preflight;
 use crate::process::{describe, WorkerProcess, WorkerSpec};
 use crate::summary;
 use crate::worker_flags::degree_flag;
@@ -101,6 +103,13 @@ pub fn run(command_line: CommandLine) -> Result<i32> {
         );
     }
     let worker_binary = coca_common::worker_binary::worker_beside_current_exe()?;
+    // The worker's checks, once for the whole node, before anything is started.
+    if let Some(answer) =
+        preflight::check_worker_command(&worker_binary, &worker_args, topology.world)?
+    {
+        let node = memory::available(args.node_memory.as_deref())?;
+        preflight::check_memory(&answer, nproc, &node)?;
+    }
     std::fs::create_dir_all(&args.log_dir)
         .with_context(|| format!("cannot create --log-dir {}", args.log_dir.display()))?;
     let token = job_token(&args, &layout)?;
@@ -202,8 +211,9 @@ fn generations(job: &Job, client: &ControlClient, signals: &Signals) -> Result<i
             plan.rank_offset(job.layout.node_rank) + job.nproc
         );
         signals.idle.store(false, Ordering::SeqCst);
+        let oom_before = OomCounters::read();
         let workers = start_workers(job, &plan)?;
-        let outcome = supervise(job, client, &plan, workers, &signals.received);
+        let outcome = supervise(job, client, &plan, workers, &signals.received, oom_before);
         signals.idle.store(true, Ordering::SeqCst);
         match outcome? {
             Outcome::Finished => return Ok(0),
@@ -284,6 +294,7 @@ fn supervise(
     plan: &Plan,
     mut workers: Vec<WorkerProcess>,
     signals: &AtomicUsize,
+    oom_before: OomCounters,
 ) -> Result<Outcome> {
     let node_rank = job.layout.node_rank;
     let mut reported: Option<(FailureReport, Instant)> = None;
@@ -323,7 +334,12 @@ fn supervise(
                 tracing::info!("rank {} finished", w.rank);
                 continue;
             }
-            let (words, _) = describe(status);
+            let (mut words, _) = describe(status);
+            if std::os::unix::process::ExitStatusExt::signal(&status) == Some(libc::SIGKILL)
+                && oom_before.oom_kill_since(&OomCounters::read())
+            {
+                words = format!("killed: out of memory (the kernel's OOM killer; {words})");
+            }
             tracing::error!("rank {} (pid {}) failed: {words}", w.rank, w.pid);
             if reported.is_none() {
                 let failure = FailureReport {

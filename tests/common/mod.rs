@@ -87,12 +87,26 @@ pub fn binary(name: &str) -> PathBuf {
 
 /// Runs a binary with arguments, bounded in time, and returns (exit code, stdout, stderr).
 pub fn run(bin: &str, args: &[&str]) -> (i32, String, String) {
-    run_with_env(bin, args, &[])
+    run_in(None, bin, args, &[])
 }
 
 /// [`run`] with extra environment variables.
 pub fn run_with_env(bin: &str, args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
-    let child = std::process::Command::new(binary(bin))
+    run_in(None, bin, args, env)
+}
+
+/// [`run`] in the folder `cwd` (the test's own when `None`), with extra environment variables.
+pub fn run_in(
+    cwd: Option<&Path>,
+    bin: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (i32, String, String) {
+    let mut command = std::process::Command::new(binary(bin));
+    if let Some(dir) = cwd {
+        command.current_dir(dir);
+    }
+    let child = command
         .args(args)
         .envs(env.iter().copied())
         .stdout(std::process::Stdio::piped())

@@ -91,6 +91,15 @@ enum Command {
         #[arg(long, value_delimiter = ',', default_value = "2,4")]
         tensor_parallel: Vec<usize>,
     },
+    /// Used by `coca-launch` before it starts any worker: parses a worker command and runs every
+    /// check it can make without the model (the job's size comes from WORLD_SIZE); prints one
+    /// JSON line with a training command's memory estimate per worker.
+    #[command(hide = true)]
+    CheckArgs {
+        /// The worker command, as `coca-launch` would pass it.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
     /// Tokenizer strings/s and loader images/s (JPEG decode + train transform, 1 and 2
     /// threads); prints one JSON line.
     BenchData {
@@ -107,8 +116,52 @@ enum Command {
 const EXIT_MISMATCH: u8 = 1;
 const EXIT_ERROR: u8 = 2;
 
+/// `check-args`: the checks of `command` that need no model, and the memory estimate of a
+/// training command.
+fn check_args(command: Vec<String>) -> Result<ExitCode> {
+    let argv = std::iter::once("coca-worker".to_string()).chain(normalize_flag_spelling(command));
+    let cli = match Cli::try_parse_from(argv) {
+        Ok(cli) => cli,
+        // `--help`, `--version`: the workers print them.
+        Err(e) if !e.use_stderr() => {
+            println!("{}", serde_json::json!({ "memory": null }));
+            return Ok(ExitCode::SUCCESS);
+        }
+        Err(e) => {
+            let _ = e.print();
+            return Ok(ExitCode::from(EXIT_ERROR));
+        }
+    };
+    let memory = match cli.command {
+        Command::Pretrain(args) => {
+            let (world, _) = coca_worker::distributed::context::env_world_rank()?;
+            let checked = pretrain::preflight::check(&args, world, 0)?;
+            let estimate = coca_worker::memory_estimate::estimate(
+                &checked.config,
+                args.tensor_parallel_degree,
+                args.sharding_parallel_degree,
+                args.zero_stage()?,
+                checked.batch(&args),
+            )?;
+            Some(serde_json::json!({
+                "estimate": estimate,
+                "per_device_train_batch_size": checked.batch(&args),
+                "model": args.model.as_deref().unwrap_or(pretrain::model_source::DEMO_MODEL),
+            }))
+        }
+        Command::Eval(args) => {
+            coca_worker::eval::cli::check(&args)?;
+            None
+        }
+        _ => None,
+    };
+    println!("{}", serde_json::json!({ "memory": memory }));
+    Ok(ExitCode::SUCCESS)
+}
+
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
+        Command::CheckArgs { command } => check_args(command),
         Command::Pretrain(args) => {
             pretrain::run::run(*args)?;
             Ok(ExitCode::SUCCESS)
@@ -246,6 +299,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(coca_common::log_style::stderr_colour())
         .init();
     let cli = Cli::parse_from(normalize_flag_spelling(std::env::args()));
     match run(cli) {

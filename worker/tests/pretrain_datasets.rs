@@ -120,7 +120,7 @@ fn coco_karpathy_under_data_root() {
         text.contains("coco_karpathy_train.json[7]") && text.contains("empty caption"),
         "{text}"
     );
-    assert!(text.contains("data: COCO Karpathy train"), "{text}");
+    assert!(text.contains("data        COCO Karpathy train"), "{text}");
 
     // The same records as a custom JSON beside the images: paths relative to its folder.
     let custom = root.join("images/custom.json");

@@ -64,6 +64,17 @@ fn env_required(name: &str) -> Result<String> {
     })
 }
 
+/// This process's world size and rank as the launcher's environment gives them (1 and 0
+/// alone), read without connecting to anything: for the checks that run before the model.
+pub fn env_world_rank() -> Result<(usize, usize)> {
+    let world = env_number("WORLD_SIZE")?.unwrap_or(1);
+    let rank = env_number("RANK")?.unwrap_or(0);
+    if rank >= world {
+        bail!("RANK={rank} is not below WORLD_SIZE={world}");
+    }
+    Ok((world, rank))
+}
+
 impl RankContext {
     /// A job of one process.
     pub fn single() -> Self {

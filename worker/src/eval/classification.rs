@@ -12,6 +12,7 @@ use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use coca_common::collective::{Collective, ReduceOp};
 use indicatif::{ProgressBar, ProgressStyle};
+use rayon::prelude::*;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -39,6 +40,17 @@ pub fn classifier_key(weights_key: &str, classnames: &[String], templates: &[Str
         templates.join("\u{2}")
     );
     format!("{weights_key}-{:016x}", hash_str(&text))
+}
+
+/// PaddleMIX's name for the classifier of `pretrained_text_model` on the folder `dir`:
+/// `{pretrained_text_model}_{basename(dir)}_classifier` (`.safetensors` here, not `.pdparams`).
+pub fn paddlemix_classifier_file(pretrained_text_model: &str, dir: &Path) -> String {
+    let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    let base = dir
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    format!("{pretrained_text_model}_{base}_classifier.safetensors")
 }
 
 /// The classifier stored at `path` when its key is `key`.
@@ -108,18 +120,34 @@ pub fn folder_classifier(
     Ok((classifier, false))
 }
 
-/// Zero-shot top-1/top-5 of `model` on `folder`, `batch_size` images per forward pass, with a
-/// progress bar on stderr (rank 0). Each rank of `comm` classifies one block of the images and
-/// the hits are summed, so the result is the same for any number of ranks.
+/// How the images of a zero-shot evaluation are read (the seed's `--per_device_eval_batch_size`,
+/// `--dataloader_num_workers`, `--disable_tqdm`).
+#[derive(Debug, Clone, Copy)]
+pub struct ImageBatches {
+    /// Images per forward pass.
+    pub batch_size: usize,
+    /// Threads decoding and transforming a batch's images (0: the calling thread).
+    pub decode_threads: usize,
+    /// A progress bar on stderr (rank 0, and only when stderr is a terminal).
+    pub progress: bool,
+}
+
+/// Zero-shot top-1/top-5 of `model` on `folder`, read as `batches` says. Each rank of `comm`
+/// classifies one block of the images and the hits are summed, so the result is the same for any
+/// number of ranks.
 pub fn evaluate(
     model: &CoCa,
     weights_key: &str,
     folder: &ImageFolder,
     cache: Option<&Path>,
-    batch_size: usize,
+    batches: ImageBatches,
     comm: &Arc<dyn Collective>,
 ) -> Result<ClassificationResult> {
-    ensure!(batch_size > 0, "--batch_size must be positive");
+    let batch_size = batches.batch_size;
+    ensure!(
+        batch_size > 0,
+        "--per_device_eval_batch_size must be positive"
+    );
     ensure!(
         !folder.is_empty(),
         "{} holds no images",
@@ -129,7 +157,7 @@ pub fn evaluate(
     let classes = folder.classnames().len();
     let size = model.config.vision_cfg.image_size;
     let mine = block(folder.len(), comm.rank(), comm.size());
-    let bar = if comm.rank() == 0 {
+    let bar = if comm.rank() == 0 && batches.progress {
         ProgressBar::new(mine.len() as u64)
     } else {
         ProgressBar::hidden()
@@ -141,12 +169,29 @@ pub fn evaluate(
     bar.set_message("zero-shot");
     let (mut top1, mut top5) = (0usize, 0usize);
     let indices: Vec<usize> = mine.collect();
+    let pool = match batches.decode_threads {
+        0 => None,
+        n => Some(
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .thread_name(|i| format!("eval-decode-{i}"))
+                .build()
+                .context("cannot start the --dataloader_num_workers threads")?,
+        ),
+    };
+    let decode = |i: &usize| -> Result<(Vec<f32>, usize)> {
+        let (image, label) = folder.get(*i)?;
+        Ok((image.eval_transform(size), label))
+    };
     for chunk in indices.chunks(batch_size) {
+        let decoded: Vec<(Vec<f32>, usize)> = match &pool {
+            Some(pool) => pool.install(|| chunk.par_iter().map(decode).collect::<Result<_>>())?,
+            None => chunk.iter().map(decode).collect::<Result<_>>()?,
+        };
         let mut pixels = Vec::with_capacity(chunk.len() * 3 * size * size);
         let mut labels = Vec::with_capacity(chunk.len());
-        for &i in chunk {
-            let (image, label) = folder.get(i)?;
-            pixels.extend(image.eval_transform(size));
+        for (image, label) in decoded {
+            pixels.extend(image);
             labels.push(label);
         }
         let images = Tensor::from_vec(pixels, (chunk.len(), 3, size, size), &Device::Cpu)?;

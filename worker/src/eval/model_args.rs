@@ -3,7 +3,8 @@
 
 use crate::checkpoint::load_for_model;
 use crate::hub::weights::{self, Request, Weights};
-use crate::hub::Hub;
+use crate::hub::{hf, paddlemix, Hub, HubEnv};
+use crate::model::source::resolve_config_in;
 use crate::model::CoCa;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
@@ -79,6 +80,27 @@ impl ModelArgs {
             weights_path: path,
             config_json: serde_json::to_string(&config)?,
         })
+    }
+
+    /// What can be checked before the model is built (and before anything is downloaded): the
+    /// config resolves, and `--pretrained` is a file, a flag or a released tag of the model.
+    pub fn check(&self) -> Result<()> {
+        resolve_config_in(&self.model, &HubEnv::from_env())?;
+        let Some(pretrained) = self.pretrained.as_deref() else {
+            return Ok(());
+        };
+        let is_flag = crate::pretrain::args::parse_bool(pretrained).is_ok();
+        let config = paddlemix::release(&self.model)?.map_or(self.model.as_str(), |r| r.config);
+        if !is_flag
+            && hf::tag_repo(config, pretrained).is_none()
+            && !Path::new(pretrained).is_file()
+        {
+            bail!(
+                "--pretrained {pretrained}: no such file, and not a released tag of --model {}",
+                self.model
+            );
+        }
+        Ok(())
     }
 }
 

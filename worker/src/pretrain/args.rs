@@ -40,6 +40,28 @@ pub fn normalize_flag_spelling(args: impl IntoIterator<Item = String>) -> Vec<St
         .collect()
 }
 
+/// The seed's precision flags (`run_pretrain_dist.py` and `run_zero_shot_eval.py` both take
+/// them). This build computes in float32: `False` is accepted, `True` is an error.
+#[derive(Debug, Clone, Copy, Args, serde::Serialize, serde::Deserialize)]
+pub struct PrecisionArgs {
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", value_parser = parse_bool)]
+    pub bf16: bool,
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", value_parser = parse_bool)]
+    pub fp16: bool,
+}
+
+impl PrecisionArgs {
+    /// Refuses mixed precision, naming the flag.
+    pub fn check(&self) -> Result<()> {
+        for (on, flag) in [(self.bf16, "--bf16"), (self.fp16, "--fp16")] {
+            if on {
+                bail!("{flag} True: mixed precision needs a GPU build; this build computes in float32 (pass {flag} False)");
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The training flags. Names and meanings follow the seed; defaults follow the seed where it has
 /// one and otherwise suit the built-in demo.
 #[derive(Debug, Clone, Args, serde::Serialize, serde::Deserialize)]
@@ -110,10 +132,10 @@ pub struct PretrainArgs {
     pub do_train: bool,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", value_parser = parse_bool)]
-    pub bf16: bool,
-    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", value_parser = parse_bool)]
-    pub fp16: bool,
+    /// `--bf16` / `--fp16`: only `False` (float32) in this build.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub precision: PrecisionArgs,
     #[arg(long, default_value_t = 1)]
     pub gradient_accumulation_steps: usize,
     #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", value_parser = parse_bool)]
@@ -138,6 +160,9 @@ pub struct PretrainArgs {
     pub classification_eval: Option<PathBuf>,
     #[arg(long)]
     pub eval_steps: Option<u64>,
+    /// As in PaddleMIX, names the zero-shot classifier file: each `--classification_eval`
+    /// writes the classifier it used to `output_dir/{NAME}_{basename(DIR)}_classifier.safetensors`
+    /// (never read back: the weights change every step).
     #[arg(long)]
     pub pretrained_text_model: Option<String>,
     #[arg(long, default_value_t = 1)]
@@ -180,17 +205,12 @@ impl PretrainArgs {
     /// Rejects what this build cannot honour, naming the flag.
     pub fn validate(&self) -> Result<()> {
         self.zero_stage()?;
-        if self.bf16 || self.fp16 {
-            bail!("--bf16/--fp16: mixed precision needs a GPU build; CPU training runs in float32");
-        }
+        self.precision.check()?;
         if self.eval_steps.is_some() && self.classification_eval.is_none() {
             bail!("--eval_steps needs --classification_eval DIR (the evaluation it schedules)");
         }
         if self.eval_steps == Some(0) {
             bail!("--eval_steps must be at least 1");
-        }
-        if self.pretrained_text_model.is_some() {
-            bail!("--pretrained_text_model is not available in this build");
         }
         if !self.do_train {
             bail!("--do_train False: pretrain only trains; use `coca-worker eval` for evaluation");

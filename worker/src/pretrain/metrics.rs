@@ -1,11 +1,13 @@
-//! What a person sees of a run: the progress bar, a metrics line every `--logging_steps` (also
-//! appended to `output_dir/metrics.jsonl`), and a loss-curve PNG at the end.
+//! What a person sees of a run: the progress bar (only when stderr is a terminal), a metrics line
+//! every `--logging_steps` (also appended to `output_dir/metrics.jsonl` and to TensorBoard event
+//! files under `output_dir/runs/`), and a loss-curve PNG at the end.
 
+use super::tensorboard::EventWriter;
 use anyhow::{Context, Result};
 use image::{Rgb, RgbImage};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
 /// One logged optimizer step.
@@ -25,16 +27,21 @@ pub struct StepMetrics {
 /// The progress bar and the metrics file.
 pub struct RunLog {
     bar: ProgressBar,
-    /// `--disable_tqdm`: lines go straight to stderr (a hidden bar drops them).
+    /// `--disable_tqdm`, or stderr is not a terminal: lines go straight to stderr (a hidden
+    /// bar drops them).
     hidden: bool,
     /// `None` on ranks other than 0: one rank writes the shared files.
     jsonl: Option<PathBuf>,
+    tensorboard: Option<EventWriter>,
     history: Vec<(u64, f64)>,
 }
 
 impl RunLog {
-    /// A bar over `total_steps` starting at `start_step` (hidden with `--disable_tqdm`).
+    /// A bar over `total_steps` starting at `start_step`, hidden with `--disable_tqdm` and when
+    /// stderr is not a terminal (a log file, a pipe, SLURM): then the metrics lines alone show
+    /// progress.
     pub fn new(output_dir: &Path, start_step: u64, total_steps: u64, hidden: bool) -> Result<Self> {
+        let hidden = hidden || !std::io::stderr().is_terminal();
         Self::create(output_dir, start_step, total_steps, hidden, true)
     }
 
@@ -71,6 +78,11 @@ impl RunLog {
             bar,
             hidden,
             jsonl: files.then(|| output_dir.join("metrics.jsonl")),
+            tensorboard: if files {
+                Some(EventWriter::create(output_dir)?)
+            } else {
+                None
+            },
             history: Vec::new(),
         })
     }
@@ -85,13 +97,26 @@ impl RunLog {
         ));
     }
 
-    /// Prints a metrics line and appends it to `metrics.jsonl`.
-    pub fn log(&self, m: &StepMetrics) -> Result<()> {
+    /// Prints a metrics line and appends it to `metrics.jsonl` and the TensorBoard events.
+    pub fn log(&mut self, m: &StepMetrics) -> Result<()> {
         let line = serde_json::to_string(m)?;
         self.println(format!(
             "step {} epoch {:.2}: loss {:.4} contrastive {:.4} caption {:.4} lr {:.3e} grad_norm {:.3} {:.1} samples/s",
             m.step, m.epoch, m.loss, m.contrastive_loss, m.caption_loss, m.learning_rate, m.grad_norm, m.samples_per_s
         ));
+        if let Some(tb) = &mut self.tensorboard {
+            tb.scalars(
+                m.step,
+                &[
+                    ("train/loss", m.loss),
+                    ("train/contrastive_loss", m.contrastive_loss),
+                    ("train/caption_loss", m.caption_loss),
+                    ("train/learning_rate", m.learning_rate),
+                    ("train/grad_norm", m.grad_norm),
+                    ("train/samples_per_s", m.samples_per_s),
+                ],
+            )?;
+        }
         self.append(&line)
     }
 
@@ -109,9 +134,10 @@ impl RunLog {
         Ok(())
     }
 
-    /// Prints a zero-shot evaluation and appends it to `metrics.jsonl`.
+    /// Prints a zero-shot evaluation and appends it to `metrics.jsonl` and the TensorBoard
+    /// events.
     pub fn log_eval(
-        &self,
+        &mut self,
         step: u64,
         result: &crate::eval::classification::ClassificationResult,
     ) -> Result<()> {
@@ -120,6 +146,11 @@ impl RunLog {
             "step {step}: zero-shot on {} images, {} classes: top-1 {:.2}% top-5 {top5}",
             result.images, result.classes, result.top1
         ));
+        if let Some(tb) = &mut self.tensorboard {
+            let mut scalars = vec![("eval/zeroshot_top1", result.top1)];
+            scalars.extend(result.top5.map(|v| ("eval/zeroshot_top5", v)));
+            tb.scalars(step, &scalars)?;
+        }
         let line = serde_json::json!({
             "step": step,
             "zeroshot_top1": result.top1,

@@ -6,5 +6,8 @@ pub mod demo;
 pub mod metrics;
 pub mod model_source;
 pub mod optimizer_shards;
+pub mod preflight;
 pub mod rank_checkpoint;
 pub mod run;
+pub mod summary;
+pub mod tensorboard;

@@ -33,7 +33,7 @@ pub fn resolve_model(args: &PretrainArgs, hub: &Hub) -> Result<ResolvedModel> {
     };
     let (config, chosen) = weights::resolve(request, hub)?;
     let origin = chosen.describe();
-    eprintln!("model: {model}; weights: {origin}");
+    tracing::info!("model: {model}; weights: {origin}");
     let weights = match chosen {
         Weights::File { path, .. } => {
             Some(load_for_model(&path, &config, DType::F32, &Device::Cpu)?)

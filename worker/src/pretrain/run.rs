@@ -6,21 +6,19 @@ use super::args::PretrainArgs;
 use super::checkpoint::{self, TrainerState};
 use super::demo;
 use super::metrics::{RunLog, StepMetrics};
-use super::model_source::{resolve_model, ResolvedModel};
+use super::model_source::{resolve_model, ResolvedModel, DEMO_MODEL};
+use super::preflight::{self, Checked, TrainData};
 use super::rank_checkpoint;
-use crate::data::image_folder::ImageFolder;
-use crate::data::loader::{CaptionSource, Loader, LoaderPosition};
-use crate::data::parts::ShardSpec;
+use super::summary::{StartupSummary, WeightsOrigin};
+use crate::data::loader::{Loader, LoaderPosition};
 use crate::data::sampler::DistributedSampler;
-use crate::data::synthetic::SyntheticCaptions;
-use crate::data::synthetic_source::SyntheticSource;
 use crate::data::tokenizer::ClipTokenizer;
-use crate::data::train_set::{classify, open_train_set, DataSpec};
-use crate::distributed::context::{PeerFailed, RankContext};
+use crate::distributed::context::{env_world_rank, PeerFailed, RankContext};
 use crate::distributed::loss::ContrastiveSpan;
 use crate::distributed::tensor_parallel::{gather_state_dict, shard_moments, TensorParallel};
-use crate::eval::classification::evaluate;
-use crate::hub::{coco, Hub, HubEnv, NodeGate};
+use crate::eval::classification::{evaluate, paddlemix_classifier_file, ImageBatches};
+use crate::hub::{Hub, HubEnv, NodeGate};
+use crate::model::manifest::parameter_count;
 use crate::model::trainable::trainable_model_parallel;
 use crate::model::{CoCa, CocaLossConfig};
 use crate::train::adamw::AdamWConfig;
@@ -39,9 +37,9 @@ pub const SYNTHETIC_TRAIN_LEN: usize = 20_000;
 /// Non-finite steps in a row after which training stops.
 const MAX_NONFINITE_IN_A_ROW: u32 = 10;
 
-/// Settings that differ between the built-in demo and a run on real data.
+/// Settings that differ between the built-in demo and a run on real data (the batch is
+/// [`Checked::batch`]).
 struct Defaults {
-    batch: usize,
     lr: f64,
     weight_decay: f64,
     warmup: u64,
@@ -51,7 +49,6 @@ struct Defaults {
 fn defaults(demo: bool) -> Defaults {
     if demo {
         Defaults {
-            batch: 32,
             lr: 1e-3,
             weight_decay: 0.1,
             warmup: 50,
@@ -59,7 +56,6 @@ fn defaults(demo: bool) -> Defaults {
         }
     } else {
         Defaults {
-            batch: 8,
             lr: 5e-5,
             weight_decay: 0.0,
             warmup: 0,
@@ -68,68 +64,12 @@ fn defaults(demo: bool) -> Defaults {
     }
 }
 
-/// The data set `--task_name` names (see [`crate::data::train_set`]), and whether it is the
-/// built-in synthetic set. Records skipped while indexing are logged as warnings.
-fn resolve_data(
-    args: &PretrainArgs,
-    hub: &Hub,
-    image_size: usize,
-    shard: ShardSpec,
-) -> Result<TrainData> {
-    match args.task_name.as_deref() {
-        None | Some("synthetic") => {
-            let set = SyntheticCaptions::new(args.seed, SYNTHETIC_TRAIN_LEN, image_size as u32);
-            Ok(TrainData {
-                source: Arc::new(SyntheticSource { set }),
-                synthetic: true,
-                per_rank: false,
-            })
-        }
-        Some(name) => {
-            // The seed's default set is downloaded when missing (one rank per node).
-            if let DataSpec::CocoKarpathy { root } = classify(name, args.data_root.as_deref())? {
-                coco::ensure_karpathy(&root, hub, &coco::Archive::seed(hub))?;
-            }
-            let set = open_train_set(
-                name,
-                args.data_root.as_deref(),
-                image_size,
-                args.seed,
-                shard,
-            )?;
-            for reason in &set.skipped {
-                tracing::warn!("skipped {reason}");
-            }
-            if !set.skipped.is_empty() {
-                eprintln!(
-                    "{} record(s) skipped while reading the data set (see the warnings)",
-                    set.skipped.len()
-                );
-            }
-            eprintln!("data: {}", set.description);
-            Ok(TrainData {
-                source: set.source,
-                synthetic: false,
-                per_rank: set.per_rank,
-            })
-        }
-    }
-}
-
-/// The training samples of this rank.
-struct TrainData {
-    source: Arc<dyn CaptionSource>,
-    /// The built-in synthetic set (demo defaults and report).
-    synthetic: bool,
-    /// `source` holds only this rank's share (see [`crate::data::train_set::TrainSet`]).
-    per_rank: bool,
-}
-
 /// Runs `pretrain` as the rank the launcher's environment describes (or alone).
 pub fn run(args: PretrainArgs) -> Result<()> {
-    args.validate()?;
+    let (world, rank) = env_world_rank()?;
+    let checked = preflight::check(&args, world, rank)?;
     let ctx = RankContext::from_env(args.tensor_parallel_degree, args.sharding_parallel_degree)?;
-    let result = train(&args, &ctx);
+    let result = train(&args, &ctx, checked);
     match result {
         Err(e) if ctx.peer_failed(PEER_VERDICT_WAIT) => Err(e.context(PeerFailed)),
         other => other,
@@ -159,27 +99,31 @@ fn resume_dir(args: &PretrainArgs, ctx: &RankContext) -> Result<Option<std::path
 }
 
 /// Trains as rank `ctx.rank`.
-fn train(args: &PretrainArgs, ctx: &RankContext) -> Result<()> {
+fn train(args: &PretrainArgs, ctx: &RankContext, checked: Checked) -> Result<()> {
     let args = args.clone();
     let device = Device::Cpu;
     let data_rank = ctx.topology.data_rank(ctx.rank)?;
     let data_world = ctx.topology.data_world();
+    let d = defaults(checked.is_demo(&args));
+    let batch = checked.batch(&args);
+    let Checked {
+        config: _,
+        data,
+        eval_folder,
+    } = checked;
     let hub = Hub::new(HubEnv::from_env(), NodeGate::for_rank(ctx)?);
     let ResolvedModel {
-        config, weights, ..
+        config,
+        weights,
+        origin,
     } = resolve_model(&args, &hub)?;
+    let weights_loaded = weights.is_some();
     let TrainData {
         source,
         synthetic: is_synthetic,
         per_rank,
-    } = resolve_data(
-        &args,
-        &hub,
-        config.vision_cfg.image_size,
-        ShardSpec::new(data_rank, data_world)?,
-    )?;
-    let d = defaults(is_synthetic && args.model.is_none());
-    let batch = args.per_device_train_batch_size.unwrap_or(d.batch);
+        description: data_description,
+    } = data;
     let accum = args.gradient_accumulation_steps;
     let tokenizer = Arc::new(ClipTokenizer::new()?);
     let text_len = config.text_cfg.context_length;
@@ -285,31 +229,36 @@ fn train(args: &PretrainArgs, ctx: &RankContext) -> Result<()> {
         "weight_decay": groups.weight_decay,
         "warmup_steps": trainer_config.schedule.warmup_steps,
     });
-    let eval_folder = match &args.classification_eval {
-        Some(dir) => Some(
-            ImageFolder::open(dir)
-                .with_context(|| format!("--classification_eval {}", dir.display()))?,
-        ),
-        None => None,
-    };
-    let zero_shot = |log: &RunLog, step: u64| -> Result<()> {
+    let zero_shot = |log: &mut RunLog, step: u64| -> Result<()> {
         let Some(folder) = &eval_folder else {
             return Ok(());
         };
-        // The current weights, detached: evaluation records no graph. No classifier cache: the
-        // weights change every step (the seed's frozen cache goes stale).
+        // The current weights, detached: evaluation records no graph. The classifier is rebuilt
+        // every time: the weights change every step (the seed's frozen cache goes stale).
         let weights: HashMap<String, Tensor> = vars.tensors().into_iter().collect();
         let model = CoCa::new_parallel(
             &config,
             VarBuilder::from_tensors(weights, DType::F32, &device),
             &tp,
         )?;
+        // With --pretrained_text_model the classifier is written where PaddleMIX keeps it,
+        // keyed by the step (so it is never taken for another step's).
+        let cache = match (&args.pretrained_text_model, &args.classification_eval) {
+            (Some(name), Some(dir)) => {
+                Some(args.output_dir.join(paddlemix_classifier_file(name, dir)))
+            }
+            _ => None,
+        };
         let result = evaluate(
             &model,
-            "training",
+            &format!("training-step-{step}"),
             folder,
-            None,
-            args.per_device_eval_batch_size,
+            cache.as_deref(),
+            ImageBatches {
+                batch_size: args.per_device_eval_batch_size,
+                decode_threads: args.dataloader_num_workers,
+                progress: !args.disable_tqdm,
+            },
             &ctx.data,
         )?;
         log.log_eval(step, &result)
@@ -324,6 +273,42 @@ fn train(args: &PretrainArgs, ctx: &RankContext) -> Result<()> {
     } else {
         RunLog::lines_only(&args.output_dir, trainer.step, total_steps)?
     };
+    if ctx.is_main() {
+        let weights = match (&resumed, weights_loaded) {
+            (Some(c), _) => WeightsOrigin::Resumed {
+                dir: c.dir.display().to_string(),
+                step: c.state.global_step,
+            },
+            (None, true) => WeightsOrigin::Loaded { from: origin },
+            (None, false) => WeightsOrigin::Random { seed: args.seed },
+        };
+        let t = &ctx.topology;
+        let summary = StartupSummary {
+            model: args.model.as_deref().unwrap_or(DEMO_MODEL).to_string(),
+            parameters: parameter_count(&config)?,
+            weights,
+            data: data_description,
+            samples: source.len(),
+            samples_per_rank: per_rank,
+            world: t.world,
+            dp: t.dp,
+            sharding: t.sharding,
+            zero_stage: match args.zero_stage()? {
+                Some(_) => args.sharding.trim().to_ascii_lowercase(),
+                None => String::new(),
+            },
+            tp: t.tp,
+            per_device_batch: batch,
+            accumulation: accum,
+            global_batch: batch * data_world * accum,
+            start_step: trainer.step,
+            total_steps,
+            steps_per_epoch,
+            precision: "fp32",
+            output_dir: args.output_dir.display().to_string(),
+        };
+        log.println(summary.to_string());
+    }
     let image_size = config.vision_cfg.image_size;
     let mut nonfinite_in_a_row = 0;
     let mut skipped_total = 0usize;
@@ -408,7 +393,7 @@ fn train(args: &PretrainArgs, ctx: &RankContext) -> Result<()> {
         }
         if let Some(every) = args.eval_steps {
             if trainer.step % every == 0 && trainer.step < total_steps {
-                zero_shot(&log, trainer.step)?;
+                zero_shot(&mut log, trainer.step)?;
             }
         }
         if args.save_steps > 0 && trainer.step % args.save_steps == 0 && trainer.step < total_steps
@@ -417,7 +402,7 @@ fn train(args: &PretrainArgs, ctx: &RankContext) -> Result<()> {
         }
     }
     skips.report(&log);
-    zero_shot(&log, trainer.step)?;
+    zero_shot(&mut log, trainer.step)?;
     save(&trainer, position)?;
     log.finish(&args.output_dir.join("loss_curve.png"))?;
     if skipped_total > 0 {

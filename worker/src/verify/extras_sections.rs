@@ -7,7 +7,7 @@ use crate::data::preprocess::open_image;
 use crate::data::tokenizer::{ClipTokenizer, PAD};
 use crate::eval::generate::{generate, greedy, GenerateOptions, GenerationType};
 use crate::eval::zeroshot::{zero_shot_classifier, zero_shot_logits};
-use crate::model::CoCa;
+use crate::model::{CoCa, CocaConfig};
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -69,6 +69,28 @@ impl Extras {
             .map(|v| v as usize)
             .with_context(|| format!("extras.json has no number at {pointer}"))
     }
+
+    /// The sizes `S` of every `preprocess.<S>` tensor, ascending.
+    fn preprocess_sizes(&self) -> Vec<usize> {
+        let mut sizes: Vec<usize> = self
+            .tensors
+            .keys()
+            .filter_map(|k| k.strip_prefix("preprocess.")?.parse().ok())
+            .collect();
+        sizes.sort_unstable();
+        sizes
+    }
+
+    /// The preprocessed images at the model's own size, the input of `zeroshot` and `generate`.
+    fn images_for(&self, config: &CocaConfig) -> Result<&Tensor> {
+        let size = config.vision_cfg.image_size;
+        self.tensor(&format!("preprocess.{size}")).with_context(|| {
+            format!(
+                "the model's image size is {size}; the reference has preprocess.<S> for S in {:?}",
+                self.preprocess_sizes()
+            )
+        })
+    }
 }
 
 /// Token ids of every string, at context 77 and at the model's context, exactly.
@@ -97,16 +119,23 @@ pub(crate) fn tokenizer_section(reference: &Reference, extras: &Extras) -> Secti
     finish("tokenizer", Tolerance::Exact.to_string(), outcome)
 }
 
-/// open_clip's eval transform of every image at 224 and 32.
+/// open_clip's eval transform of every image at each size `S` of a `preprocess.<S>` tensor.
 pub(crate) fn preprocess_section(reference: &Reference, extras: &Extras) -> SectionReport {
     let images_dir = reference.dir.join("images");
     if !images_dir.is_dir() {
         return not_checked("preprocess", "no images/ folder");
     }
+    let sizes = extras.preprocess_sizes();
+    if sizes.is_empty() {
+        return not_checked(
+            "preprocess",
+            "no preprocess.<S> tensor in extras.safetensors",
+        );
+    }
     let outcome = (|| -> Result<Comparison> {
         let names = extras.strings("/images")?;
         let mut comparison = Comparison::default();
-        for size in [224usize, 32] {
+        for size in sizes {
             let expected = extras.tensor(&format!("preprocess.{size}"))?;
             for (i, name) in names.iter().enumerate() {
                 let pixels = open_image(&images_dir.join(name))?.eval_transform(size);
@@ -131,7 +160,7 @@ fn reference_model(reference: &Reference) -> Result<CoCa> {
 }
 
 /// The zero-shot classifier from the class names and templates, and the logits of the
-/// reference's preprocessed 32×32 images.
+/// reference's images preprocessed at the model's image size.
 pub(crate) fn zeroshot_section(reference: &Reference, extras: &Extras) -> SectionReport {
     let outcome = (|| -> Result<Comparison> {
         let model = reference_model(reference)?;
@@ -147,7 +176,7 @@ pub(crate) fn zeroshot_section(reference: &Reference, extras: &Extras) -> Sectio
             extras.tensor("zeroshot.classifier")?,
             FORWARD_TOL,
         )?;
-        let (features, _) = model.encode_image(extras.tensor("preprocess.32")?)?;
+        let (features, _) = model.encode_image(extras.images_for(&reference.config)?)?;
         let logits = zero_shot_logits(&features, &classifier)?;
         comparison.check(
             "zeroshot.logits",
@@ -175,13 +204,13 @@ fn id_rows(seqs: &[Vec<u32>], width: usize) -> Result<Tensor> {
 }
 
 /// Greedy captions and diverse beam-search captions (6 beams in 3 groups) of the reference's
-/// preprocessed 32×32 images, token for token.
+/// images preprocessed at the model's image size, token for token.
 pub(crate) fn generate_section(reference: &Reference, extras: &Extras) -> SectionReport {
     let outcome = (|| -> Result<Comparison> {
         let model = reference_model(reference)?;
         let seq_len = extras.number("/generate/seq_len")?;
         let min_len = extras.number("/generate/min_seq_len")?;
-        let images = extras.tensor("preprocess.32")?;
+        let images = extras.images_for(&reference.config)?;
         let mut comparison = Comparison::default();
         let expected = extras.tensor("generate.greedy")?;
         let seqs = greedy(&model, images, seq_len, min_len)?;
