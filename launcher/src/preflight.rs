@@ -4,6 +4,7 @@
 
 use crate::memory::{gib, NodeMemory};
 use anyhow::{bail, Context, Result};
+use coca_common::memory_estimate::MemoryEstimate;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
@@ -16,21 +17,9 @@ pub struct Refused(pub i32);
 /// A training command's estimate, as `check-args` prints it.
 #[derive(Debug, Clone, serde::Deserialize)]
 pub struct MemoryAnswer {
-    pub estimate: Estimate,
+    pub estimate: MemoryEstimate,
     pub per_device_train_batch_size: usize,
     pub model: String,
-}
-
-/// Bytes per worker by part (`coca_worker::memory_estimate::MemoryEstimate`).
-#[derive(Debug, Clone, Copy, serde::Deserialize)]
-pub struct Estimate {
-    pub parameters: u64,
-    pub parameter_bytes: u64,
-    pub model_copy_bytes: u64,
-    pub gradient_bytes: u64,
-    pub optimizer_bytes: u64,
-    pub activation_bytes: u64,
-    pub total_bytes: u64,
 }
 
 #[derive(serde::Deserialize)]
