@@ -16,6 +16,7 @@ torch's CPU kernel family (`torch.backends.cpu.get_cpu_capability()`) and the CP
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -49,7 +50,11 @@ def caption_rows(batch, context, vocab, generator):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="coca_ViT-B-32")
+    parser.add_argument(
+        "--model",
+        default="coca_ViT-B-32",
+        help="an open_clip model name, or a model-config JSON file (e.g. the fixture's config.json)",
+    )
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -57,7 +62,12 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = open_clip.create_model(args.model, pretrained=None)
+    name = args.model
+    if name.endswith(".json"):
+        # open_clip names a config file's model after the file's stem.
+        open_clip.add_model_config(name)
+        name = os.path.splitext(os.path.basename(name))[0]
+    model = open_clip.create_model(name, pretrained=None)
     model.train()
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
