@@ -120,6 +120,7 @@ pub fn run(command_line: CommandLine) -> Result<i32> {
             rdzv_timeout: args.rdzv_timeout(),
             heartbeat_timeout: Duration::from_secs(args.heartbeat_timeout),
             max_restarts: args.max_restarts,
+            handshake: Default::default(),
         })
         .with_context(|| format!("cannot host the control plane on {bind}"))?;
         tracing::info!("control plane listening on {}", server.local_addr());
