@@ -4,7 +4,8 @@
 
 use super::*;
 use crate::collective::MemoryKeyValue;
-use std::net::Ipv4Addr;
+use std::io::Write;
+use std::net::{Ipv4Addr, Shutdown, SocketAddr};
 use std::thread;
 
 const TOKEN: &[u8] = b"job secret for stall tests";
@@ -13,17 +14,21 @@ const TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Forms a ring of `n` members of `group` with the collective timeout [`TIMEOUT`].
 fn form(group: &str, n: usize) -> Vec<RingCollective> {
-    let kv = MemoryKeyValue::new();
+    form_with(&MemoryKeyValue::new(), group, n, TIMEOUT)
+}
+
+/// Forms a ring of `n` members of `group` that find each other through `kv`.
+fn form_with(kv: &dyn KeyValue, group: &str, n: usize, timeout: Duration) -> Vec<RingCollective> {
     let members: Vec<usize> = (0..n).collect();
     thread::scope(|s| {
         let joins: Vec<_> = (0..n)
             .map(|m| {
-                let (kv, members) = (&kv, &members);
+                let members = &members;
                 s.spawn(move || {
                     let lo = Ipv4Addr::LOCALHOST.into();
                     let mut ring =
                         RingCollective::connect(group, members, m, lo, kv, TOKEN, SETUP)?;
-                    ring.set_stall_limits(StallLimits::with_timeout(TIMEOUT))?;
+                    ring.set_stall_limits(StallLimits::with_timeout(timeout))?;
                     anyhow::Ok(ring)
                 })
             })
@@ -146,4 +151,89 @@ fn waits_shorter_than_the_timeout_are_no_stall() {
     for (m, (result, _)) in results.into_iter().enumerate() {
         result.unwrap_or_else(|e| panic!("rank {m}: {e:#}"));
     }
+}
+
+/// A key-value store that sends whoever looks up member 1's address to `proxy` instead.
+struct Redirect<'a> {
+    kv: &'a MemoryKeyValue,
+    key: String,
+    proxy: SocketAddr,
+}
+
+impl KeyValue for Redirect<'_> {
+    fn set(&self, key: &str, value: &[u8]) -> Result<()> {
+        self.kv.set(key, value)
+    }
+
+    fn get(&self, key: &str, timeout: Duration) -> Result<Vec<u8>> {
+        if key == self.key {
+            return Ok(self.proxy.to_string().into_bytes());
+        }
+        self.kv.get(key, timeout)
+    }
+}
+
+/// Copies `from` to `to` in pieces of `piece` bytes with `pause` after each (a slow link),
+/// until either side closes; then closes both.
+fn pump(mut from: TcpStream, mut to: TcpStream, piece: usize, pause: Duration) {
+    let mut buf = vec![0u8; piece];
+    while let Ok(n) = from.read(&mut buf) {
+        if n == 0 || to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+        thread::sleep(pause);
+    }
+    for s in [&from, &to] {
+        let _ = s.shutdown(Shutdown::Both);
+    }
+}
+
+#[test]
+fn a_slow_link_that_keeps_moving_never_times_out() {
+    // 256 KiB over a link that moves 32 KiB every 400 ms: about 3 s in all, with each gap longer
+    // than a stall check's tick (125 ms) but shorter than the timeout.
+    const LEN: usize = 64 * 1024;
+    const SLOW_TIMEOUT: Duration = Duration::from_secs(1);
+    let group = "gen0/sharding/0";
+    let kv = MemoryKeyValue::new();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let redirect = Redirect {
+        kv: &kv,
+        key: address_key(group, 1),
+        proxy: listener.local_addr().unwrap(),
+    };
+    thread::scope(|s| {
+        // The proxy between member 0 and member 1: slow towards member 1, fast back.
+        s.spawn(|| {
+            let (client, _) = listener.accept().unwrap();
+            let real: SocketAddr =
+                String::from_utf8(kv.get(&address_key(group, 1), SETUP).unwrap())
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+            let server = TcpStream::connect(real).unwrap();
+            let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            let back = thread::spawn(move || pump(s2, c2, 64 * 1024, Duration::ZERO));
+            pump(client, server, 32 * 1024, Duration::from_millis(400));
+            back.join().unwrap();
+        });
+        let rings = form_with(&redirect, group, 2, SLOW_TIMEOUT);
+        let results = run_without(&rings, &[0, 1], |r| {
+            let mut buf = vec![r.rank() as f32; LEN];
+            r.broadcast(&mut buf, 0).map(|()| buf)
+        });
+        for (m, (result, _)) in results.iter().enumerate() {
+            let buf = result
+                .as_ref()
+                .unwrap_or_else(|e| panic!("member {m}: {e:#}"));
+            assert!(buf.iter().all(|&x| x == 0.0), "member {m} got other data");
+        }
+        // (The root is done once the socket buffers hold the rest; the receiver waits it out.)
+        let took = results[1].1;
+        assert!(
+            took > 2 * SLOW_TIMEOUT,
+            "member 1 finished in {took:?}: the link was not slow enough to prove anything"
+        );
+        drop(rings); // closes the proxy's connections, which ends its threads
+    });
 }
