@@ -55,7 +55,8 @@ use self::op::*;
 use self::sender::Sender;
 use self::stall::Progress;
 pub use self::stall::{
-    StallLimits, COLLECTIVE_TIMEOUT_ENV, DEFAULT_COLLECTIVE_TIMEOUT, MAX_STALL_WARNING,
+    CollectiveTimeout, StallLimits, COLLECTIVE_TIMEOUT_ENV, DEFAULT_COLLECTIVE_TIMEOUT,
+    MAX_STALL_WARNING,
 };
 use super::{Collective, KeyValue, ReduceOp};
 use anyhow::{anyhow, bail, ensure, Context, Result};

@@ -17,6 +17,10 @@ use std::time::Duration;
 /// after the real failure, so the summary names the rank that failed first).
 pub const EXIT_PEER_FAILED: i32 = 75;
 
+/// Exit code of a worker whose collective made no progress for `--collective-timeout` (as
+/// `timeout(1)` exits when its command timed out).
+pub const EXIT_COLLECTIVE_TIMEOUT: i32 = 124;
+
 /// Marks an error as the consequence of another rank's failure (exit code
 /// [`EXIT_PEER_FAILED`]).
 #[derive(Debug, thiserror::Error)]

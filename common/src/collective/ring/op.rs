@@ -3,7 +3,7 @@
 //! all-reduce, broadcast), pipelined segment by segment (see the parent module's docs).
 
 use super::sender::SenderGone;
-use super::stall::{Verdict, Waiting, Watch};
+use super::stall::{CollectiveTimeout, Verdict, Waiting, Watch};
 use super::*;
 use tracing::warn;
 
@@ -248,7 +248,7 @@ impl Op<'_> {
                 );
                 Ok(())
             }
-            Verdict::Fail(idle) => Err(anyhow!(
+            Verdict::Fail(idle) => Err(anyhow::Error::new(CollectiveTimeout(format!(
                 "ring {:?}: collective timeout: no progress for {:.1} s during {}, waiting for \
                  {} {doing} (it stopped participating, or the network between them dropped; \
                  raise --collective-timeout for longer pauses)",
@@ -256,7 +256,7 @@ impl Op<'_> {
                 idle.as_secs_f64(),
                 self.mine,
                 self.ring.who(peer)
-            )),
+            )))),
         }
     }
 

@@ -109,6 +109,20 @@ impl Progress {
     }
 }
 
+/// The error of a collective that made no progress for the collective timeout (the message
+/// names the group, the operation and the peer), so that a worker can exit with a code of its
+/// own for it.
+#[derive(Debug)]
+pub struct CollectiveTimeout(pub String);
+
+impl std::fmt::Display for CollectiveTimeout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for CollectiveTimeout {}
+
 /// What a stalled member is waiting for, for the messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Waiting {
