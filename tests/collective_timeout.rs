@@ -1,4 +1,5 @@
-//! `--collective-timeout` end to end: a worker frozen (SIGSTOP) in the middle of a run of
+//! `--collective-timeout` end to end: a value that cannot be honoured is a usage error; a worker
+//! frozen (SIGSTOP) in the middle of a run of
 //! all-reduces makes its peer's collective fail within the timeout, naming the group, the
 //! operation and the rank it waits on, and the launcher stops the job with that in its summary.
 
@@ -15,6 +16,17 @@ fn ring_formed(pid: u32) -> bool {
     tasks.flatten().any(|t| {
         std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == "ring-send")
     })
+}
+
+#[test]
+fn a_collective_timeout_that_cannot_be_honoured_is_a_usage_error() {
+    for bad in ["0", "-5", "ten"] {
+        let flag = format!("--collective-timeout={bad}");
+        let (code, _, err) = common::run("coca-launch", &[&flag, "--", "--version"]);
+        assert_eq!(code, 2, "{bad}: {err}");
+        assert!(err.contains("--collective-timeout"), "{bad}: {err}");
+        assert!(!err.contains("[rank 0]"), "{bad}: a worker started: {err}");
+    }
 }
 
 #[test]

@@ -41,14 +41,3 @@ fn runs_the_worker_beside_it_and_passes_its_exit_code() {
     assert_eq!(code, 2, "the worker's exit code comes back: {err}");
     assert!(err.contains("/nonexistent/x.bin"), "{err}");
 }
-
-#[test]
-fn a_collective_timeout_that_cannot_be_honoured_is_a_usage_error() {
-    for bad in ["0", "-5", "ten"] {
-        let flag = format!("--collective-timeout={bad}");
-        let (code, _, err) = common::run("coca-launch", &[&flag, "--", "--version"]);
-        assert_eq!(code, 2, "{bad}: {err}");
-        assert!(err.contains("--collective-timeout"), "{bad}: {err}");
-        assert!(!err.contains("[rank 0]"), "{bad}: a worker started: {err}");
-    }
-}
