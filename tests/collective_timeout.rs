@@ -1,7 +1,7 @@
-//! `--collective-timeout` end to end: a value that cannot be honoured is a usage error; a worker
-//! frozen (SIGSTOP) in the middle of a run of
-//! all-reduces makes its peer's collective fail within the timeout, naming the group, the
-//! operation and the rank it waits on, and the launcher stops the job with that in its summary.
+//! `--collective-timeout` end to end: a value that cannot be honoured is a usage error, and a
+//! worker frozen (SIGSTOP) in the middle of a run of all-reduces makes its peer's collective
+//! fail within the timeout, naming the group, the operation and the rank it waits on, so that
+//! the launcher stops the job with that in its summary.
 
 mod common;
 
