@@ -4,6 +4,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use coca_common::collective::ring::{StallLimits, COLLECTIVE_TIMEOUT_ENV};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -65,6 +66,15 @@ pub struct LauncherArgs {
     /// Seconds without a heartbeat after which a node or worker counts as lost.
     #[arg(long, default_value_t = 10)]
     pub heartbeat_timeout: u64,
+    /// Seconds a collective of the CPU ring may go without moving a byte before it fails,
+    /// naming the group, the operation and the peer it waits on (a warning comes after 60 s,
+    /// or half this). Also COCA_COLLECTIVE_TIMEOUT, which the workers receive.
+    #[arg(long, env = COLLECTIVE_TIMEOUT_ENV, default_value = "600", value_parser = collective_timeout)]
+    pub collective_timeout: StallLimits,
+}
+
+fn collective_timeout(v: &str) -> std::result::Result<StallLimits, String> {
+    StallLimits::parse(v, "--collective-timeout").map_err(|e| format!("{e:#}"))
 }
 
 /// The parsed command line: launcher flags and the worker command after `--`.
@@ -256,6 +266,19 @@ mod tests {
         assert_eq!(args(&["--nproc_per_node", "4"]).nproc_per_node, "4");
         assert_eq!(args(&["--nproc-per-node=3"]).nproc_per_node, "3");
         assert_eq!(args(&["--max_restarts=2"]).max_restarts, 2);
+    }
+
+    #[test]
+    fn collective_timeout_flag() {
+        let default = args(&[]).collective_timeout;
+        assert_eq!(default.timeout, Duration::from_secs(600));
+        let short = args(&["--collective_timeout", "2.5"]).collective_timeout;
+        assert_eq!(short.timeout, Duration::from_millis(2500));
+        let bad = ["--collective-timeout", "0", "--", "pretrain"].map(String::from);
+        let e = parse(bad.to_vec())
+            .err()
+            .expect("a timeout of 0 is refused");
+        assert!(format!("{e:#}").contains("--collective-timeout"), "{e:#}");
     }
 
     #[test]

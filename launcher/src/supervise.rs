@@ -9,6 +9,7 @@ use crate::process::{describe, WorkerProcess, WorkerSpec};
 use crate::summary;
 use crate::worker_flags::degree_flag;
 use anyhow::{bail, Context, Result};
+use coca_common::collective::ring::COLLECTIVE_TIMEOUT_ENV;
 use coca_common::control::{
     ClientConfig, ControlClient, ControlServer, Event, ExitKind, FailureReport, Identity, Plan,
     ServerConfig, Token,
@@ -128,6 +129,7 @@ pub fn run(command_line: CommandLine) -> Result<i32> {
             rdzv_timeout: args.rdzv_timeout(),
             heartbeat_timeout: Duration::from_secs(args.heartbeat_timeout),
             max_restarts: args.max_restarts,
+            handshake: Default::default(),
         })
         .with_context(|| format!("cannot host the control plane on {bind}"))?;
         tracing::info!("control plane listening on {}", server.local_addr());
@@ -251,6 +253,14 @@ fn start_workers(job: &Job, plan: &Plan) -> Result<Vec<WorkerProcess>> {
             ("COCA_TP_RANK", c.tp.to_string()),
             ("COCA_SHARDING_RANK", c.sharding.to_string()),
             ("COCA_DP_RANK", c.dp.to_string()),
+            (
+                COLLECTIVE_TIMEOUT_ENV,
+                job.args
+                    .collective_timeout
+                    .timeout
+                    .as_secs_f64()
+                    .to_string(),
+            ),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))

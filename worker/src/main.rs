@@ -310,6 +310,11 @@ fn main() -> ExitCode {
                 .is_some()
             {
                 ExitCode::from(coca_worker::distributed::context::EXIT_PEER_FAILED as u8)
+            } else if e
+                .downcast_ref::<coca_common::collective::ring::CollectiveTimeout>()
+                .is_some()
+            {
+                ExitCode::from(coca_worker::distributed::context::EXIT_COLLECTIVE_TIMEOUT as u8)
             } else {
                 ExitCode::from(EXIT_ERROR)
             }

@@ -35,18 +35,29 @@
 //! operation fail with an error naming the group and the peer. Any failure — a closed
 //! connection, a mismatch, a bad argument — leaves the group unusable: this member shuts its
 //! connections down, so its neighbours fail too and the failure travels around the ring instead
-//! of leaving anyone waiting; every later call fails at once. Data reads have no timeout (a slow
-//! peer is legitimate); a peer that hangs without closing is for the control plane to detect.
+//! of leaving anyone waiting; every later call fails at once. A peer that hangs without closing
+//! (a frozen process, a host off the network) is caught by stall detection (`ring/stall.rs`):
+//! no byte moving for [`StallLimits::warn_after`] logs a warning, for [`StallLimits::timeout`]
+//! fails the operation naming the group, the operation and the peer waited on; a slow link
+//! that still moves bytes never times out.
 
 mod handshake;
 mod op;
 mod sender;
+mod stall;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_stall;
 
 use self::handshake::{accept_prev, connect_next, Abandoned, Identity, MAX_GROUP};
 use self::op::*;
 use self::sender::Sender;
+use self::stall::Progress;
+pub use self::stall::{
+    CollectiveTimeout, StallLimits, COLLECTIVE_TIMEOUT_ENV, DEFAULT_COLLECTIVE_TIMEOUT,
+    MAX_STALL_WARNING,
+};
 use super::{Collective, KeyValue, ReduceOp};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use ring::hmac;
@@ -55,7 +66,7 @@ use std::io::{ErrorKind, Read};
 use std::net::{IpAddr, TcpListener, TcpStream};
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Elements per pipelined segment (256 KiB): the unit in which a member reduces what it
@@ -67,6 +78,8 @@ pub struct RingCollective {
     group: String,
     members: Vec<usize>,
     rank: usize,
+    /// When an operation without progress warns and fails.
+    limits: StallLimits,
     /// `None` for a group of one.
     links: Option<Mutex<Links>>,
 }
@@ -85,6 +98,8 @@ struct Links {
     segment: Vec<f32>,
     /// Reduce-scatter's partial sums on their way through this member (two blocks).
     partial: Vec<f32>,
+    /// When a byte last moved on either connection.
+    progress: Arc<Progress>,
 }
 
 impl fmt::Debug for RingCollective {
@@ -137,6 +152,7 @@ impl RingCollective {
             group: group.to_owned(),
             members: members.to_vec(),
             rank,
+            limits: StallLimits::default(),
             links: None,
         };
         if n == 1 {
@@ -209,10 +225,13 @@ impl RingCollective {
         };
         for s in [&send, &recv] {
             s.set_nodelay(true)?;
-            s.set_read_timeout(None)?;
             s.set_write_timeout(None)?;
         }
-        let sender = Sender::spawn(send, &recv, "ring-send".into())
+        send.set_read_timeout(None)?;
+        // Receives wake up at every tick to look for a stall (see `ring/stall.rs`).
+        recv.set_read_timeout(Some(ring.limits.tick()))?;
+        let progress = Arc::new(Progress::default());
+        let sender = Sender::spawn(send, &recv, "ring-send".into(), progress.clone())
             .with_context(|| format!("ring {group:?}: starting the sender thread"))?;
         ring.links = Some(Mutex::new(Links {
             recv,
@@ -221,8 +240,29 @@ impl RingCollective {
             broken: None,
             segment: vec![0.0; SEGMENT],
             partial: Vec::new(),
+            progress,
         }));
         Ok(ring)
+    }
+
+    /// Sets when an operation that makes no progress warns and fails (default
+    /// [`StallLimits::default`]: PyTorch's 10 minutes); workers take it from
+    /// [`COLLECTIVE_TIMEOUT_ENV`].
+    pub fn set_stall_limits(&mut self, limits: StallLimits) -> Result<()> {
+        self.limits = limits;
+        if let Some(links) = &self.links {
+            let links = links.lock().unwrap_or_else(|p| p.into_inner());
+            links
+                .recv
+                .set_read_timeout(Some(limits.tick()))
+                .with_context(|| format!("ring {:?}: setting the receive timeout", self.group))?;
+        }
+        Ok(())
+    }
+
+    /// When an operation that makes no progress warns and fails.
+    pub fn stall_limits(&self) -> StallLimits {
+        self.limits
     }
 
     /// The group's name.
@@ -267,6 +307,8 @@ impl RingCollective {
             );
         }
         links.seq += 1;
+        // The clock of stall detection starts with the operation: time between calls is no stall.
+        links.progress.touch();
         let mut op = Op {
             ring: self,
             mine: Header {
@@ -287,6 +329,12 @@ impl RingCollective {
             op.links.sender.shutdown();
         }
         let drained = op.wait(op.links.sender.queued());
+        if drained.is_err() {
+            // Stalled or gone: unblock the sender, and below wait (promptly, then) until it no
+            // longer reads the caller's buffers.
+            op.links.sender.shutdown();
+        }
+        let _ = op.links.sender.wait(op.links.sender.queued());
         if result.is_ok() {
             result = drained.and_then(|()| match op.links.sender.error() {
                 Some(e) => Err(op.send_error(&e)),

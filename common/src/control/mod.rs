@@ -24,11 +24,13 @@ mod token;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_hostile;
 
 pub use client::{ClientConfig, ControlClient};
 pub use protocol::{
     unix_time_s, Event, ExitKind, FailureReport, Identity, NodeInfo, Plan, ALPN, MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
 };
-pub use server::{ControlServer, ServerConfig};
+pub use server::{ControlServer, HandshakeLimits, ServerConfig};
 pub use token::{Token, MIN_TOKEN_BYTES};

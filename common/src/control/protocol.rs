@@ -280,14 +280,16 @@ pub(crate) mod close_code {
     pub const PROTOCOL: u32 = 0x14;
 }
 
-fn bincode_config() -> impl bincode::config::Config {
-    bincode::config::standard().with_limit::<MAX_FRAME_BYTES>()
+/// bincode's configuration with an allocation limit of `LIMIT` bytes: every length read from
+/// a payload (strings, byte vectors) is checked against it before anything is allocated.
+fn bincode_config<const LIMIT: usize>() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<LIMIT>()
 }
 
 /// Serializes `msg` into one frame: u32 little-endian payload length, then the payload.
 pub(crate) fn encode_frame<T: Serialize>(msg: &T) -> Result<Vec<u8>> {
-    let payload =
-        bincode::serde::encode_to_vec(msg, bincode_config()).context("cannot encode a message")?;
+    let payload = bincode::serde::encode_to_vec(msg, bincode_config::<MAX_FRAME_BYTES>())
+        .context("cannot encode a message")?;
     if payload.len() > MAX_FRAME_BYTES {
         bail!(
             "message of {} bytes exceeds the control plane's {} MiB frame limit",
@@ -301,9 +303,19 @@ pub(crate) fn encode_frame<T: Serialize>(msg: &T) -> Result<Vec<u8>> {
     Ok(frame)
 }
 
-/// Decodes one payload (without its length prefix).
+/// Decodes one payload (without its length prefix) of an authenticated peer: lengths inside
+/// may claim up to [`MAX_FRAME_BYTES`].
 pub(crate) fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T> {
-    let (msg, _) = bincode::serde::decode_from_slice(payload, bincode_config())
+    let (msg, _) = bincode::serde::decode_from_slice(payload, bincode_config::<MAX_FRAME_BYTES>())
+        .context("undecodable message")?;
+    Ok(msg)
+}
+
+/// Decodes a payload of a peer that may be a stranger (hellos, their replies, heartbeats):
+/// lengths inside may claim no more than [`MAX_HELLO_BYTES`], so a few bytes claiming a huge
+/// string allocate nothing.
+pub(crate) fn decode_small<T: DeserializeOwned>(payload: &[u8]) -> Result<T> {
+    let (msg, _) = bincode::serde::decode_from_slice(payload, bincode_config::<MAX_HELLO_BYTES>())
         .context("undecodable message")?;
     Ok(msg)
 }
@@ -355,6 +367,7 @@ where
     T: DeserializeOwned,
 {
     match read_frame(r, max).await? {
+        Some(payload) if max <= MAX_HELLO_BYTES => decode_small(&payload),
         Some(payload) => decode(&payload),
         None => bail!("the peer closed the stream"),
     }
@@ -424,6 +437,33 @@ mod tests {
             // Garbage payloads are errors, not panics.
             let e = decode::<Hello>(&[0xff; 40]).unwrap_err();
             assert!(e.to_string().contains("undecodable"), "{e}");
+
+            // A few bytes claiming a huge string are refused by the limit before allocating,
+            // not by running out of input after allocating.
+            let mut lying = encode_frame(&Hello {
+                version: PROTOCOL_VERSION,
+                identity: Identity::Node {
+                    node_rank: 0,
+                    nproc: 1,
+                    host: String::new(),
+                },
+                proof: Vec::new(),
+            })
+            .unwrap()[4..]
+                .to_vec();
+            // standard() varints: version, variant 0, node_rank 0, nproc 1, then the host's
+            // length: 0 → 0xFC (u32 follows) claiming MAX_HELLO_BYTES + 1.
+            assert_eq!(lying[4], 0, "the host's length sits at byte 4");
+            let claim = (MAX_HELLO_BYTES as u32 + 1).to_le_bytes();
+            lying.splice(4..5, [0xFC].into_iter().chain(claim));
+            let e = format!("{:#}", decode_small::<Hello>(&lying).unwrap_err());
+            assert!(e.contains("LimitExceeded"), "{e}");
+            // (An authenticated peer's frames may claim more: that fails on the missing bytes.)
+            let e = format!("{:#}", decode::<Hello>(&lying).unwrap_err());
+            assert!(
+                e.contains("undecodable") && !e.contains("LimitExceeded"),
+                "{e}"
+            );
 
             // Clean end of stream.
             drop(a);

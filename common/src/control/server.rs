@@ -7,10 +7,14 @@
 //! re-check the state, so a waiter never misses a change.
 //!
 //! Files: this one (configuration, start, shutdown), `state` (the job and every decision on
-//! it), `connection` (handshake, sessions, requests).
+//! it), `admission` (caps on unauthenticated connections), `connection` (handshake, sessions,
+//! requests).
 
+mod admission;
 mod connection;
 mod state;
+
+pub use admission::HandshakeLimits;
 
 use super::protocol::close_code;
 use connection::*;
@@ -27,8 +31,6 @@ use tokio::sync::watch;
 use tokio::time::timeout;
 use tracing::info;
 
-/// How long a connecting peer may take for the QUIC/TLS handshake, and then for its hello.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a client may take to send a request frame once it opened the stream.
 const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a refused peer gets to read the refusal before the connection is closed.
@@ -53,6 +55,8 @@ pub struct ServerConfig {
     pub heartbeat_timeout: Duration,
     /// How many failures may restart the job before one aborts it.
     pub max_restarts: u32,
+    /// Caps on connections that have not proved the token yet.
+    pub handshake: HandshakeLimits,
 }
 
 /// The running control-plane service. Dropping it shuts it down like [`ControlServer::shutdown`].
@@ -94,6 +98,7 @@ impl ControlServer {
             next_id: AtomicU64::new(1),
             closing: AtomicBool::new(false),
             writers: Mutex::new(Vec::new()),
+            admission: admission::Admission::new(config.handshake),
             local_addr,
             config,
         });
@@ -121,6 +126,14 @@ impl ControlServer {
     /// stops the runtime's threads, in bounded time (a few seconds at worst).
     pub fn shutdown(mut self) {
         self.stop();
+    }
+
+    /// Tests: unauthenticated connections in their handshake (and their source addresses), and
+    /// clients connected.
+    #[cfg(test)]
+    pub(crate) fn tracked(&self) -> (usize, usize, usize) {
+        let (pending, sources) = self.shared.admission.pending();
+        (pending, sources, self.shared.lock().clients.len())
     }
 
     /// Tests: die without closing anything, as a killed process would.

@@ -12,7 +12,7 @@ const LONG: Duration = Duration::from_secs(20);
 /// Events caused by a lost peer arrive within the heartbeat timeout plus this.
 const SLACK: Duration = Duration::from_secs(3);
 
-fn token() -> Token {
+pub(super) fn token() -> Token {
     Token::from_secret("coca-test-token-0123456789").unwrap()
 }
 
@@ -24,6 +24,7 @@ fn server_with(nnodes: usize, max_restarts: u32, rdzv_timeout: Duration) -> Cont
         rdzv_timeout,
         heartbeat_timeout: HEARTBEAT_TIMEOUT,
         max_restarts,
+        handshake: Default::default(),
     })
     .unwrap()
 }
@@ -32,7 +33,7 @@ fn server(nnodes: usize, max_restarts: u32) -> ControlServer {
     server_with(nnodes, max_restarts, LONG)
 }
 
-fn client_config(addr: SocketAddr, token: Token) -> ClientConfig {
+pub(super) fn client_config(addr: SocketAddr, token: Token) -> ClientConfig {
     ClientConfig {
         server: addr,
         token,
@@ -41,7 +42,7 @@ fn client_config(addr: SocketAddr, token: Token) -> ClientConfig {
     }
 }
 
-fn node_identity(node_rank: usize, nproc: usize) -> Identity {
+pub(super) fn node_identity(node_rank: usize, nproc: usize) -> Identity {
     Identity::Node {
         node_rank,
         nproc,
@@ -554,6 +555,7 @@ fn a_client_waits_for_a_server_that_starts_late() {
             rdzv_timeout: LONG,
             heartbeat_timeout: HEARTBEAT_TIMEOUT,
             max_restarts: 0,
+            handshake: Default::default(),
         })
         .unwrap()
     });

@@ -5,7 +5,7 @@
 //! every group is [`SingleProcess`] and nothing is contacted, so local debugging needs nothing.
 
 use anyhow::{bail, Context, Result};
-use coca_common::collective::ring::RingCollective;
+use coca_common::collective::ring::{RingCollective, StallLimits};
 use coca_common::collective::{Collective, SingleProcess};
 use coca_common::control::{ClientConfig, ControlClient, Event, Identity, Token};
 use coca_common::topology::{GroupKind, Topology};
@@ -16,6 +16,10 @@ use std::time::Duration;
 /// Exit code of a worker that stopped because another rank failed (the launcher reports these
 /// after the real failure, so the summary names the rank that failed first).
 pub const EXIT_PEER_FAILED: i32 = 75;
+
+/// Exit code of a worker whose collective made no progress for `--collective-timeout` (as
+/// `timeout(1)` exits when its command timed out).
+pub const EXIT_COLLECTIVE_TIMEOUT: i32 = 124;
 
 /// Marks an error as the consequence of another rank's failure (exit code
 /// [`EXIT_PEER_FAILED`]).
@@ -142,12 +146,13 @@ impl RankContext {
             )
             .with_context(|| format!("rank {rank}: connecting to the control plane"))?,
         );
+        let stall_limits = StallLimits::from_env().with_context(|| format!("rank {rank}"))?;
         let ring = |name: &str, members: Vec<usize>| -> Result<Arc<dyn Collective>> {
             if members.len() == 1 {
                 return Ok(Arc::new(SingleProcess));
             }
             let label = format!("gen{generation}/{name}/{}", members[0]);
-            let ring = RingCollective::connect(
+            let mut ring = RingCollective::connect(
                 &label,
                 &members,
                 rank,
@@ -157,6 +162,7 @@ impl RankContext {
                 GROUP_SETUP_TIMEOUT,
             )
             .with_context(|| format!("rank {rank}: setting up the {name} group {members:?}"))?;
+            ring.set_stall_limits(stall_limits)?;
             Ok(Arc::new(ring))
         };
         let group = |kind: GroupKind, name: &str| ring(name, topology.group(rank, kind)?);

@@ -293,6 +293,7 @@ fn control_plane(ranks: usize) -> (ControlServerGuard, Vec<std::sync::Arc<Contro
         rdzv_timeout: Duration::from_secs(20),
         heartbeat_timeout: Duration::from_secs(10),
         max_restarts: 0,
+        handshake: Default::default(),
     })
     .unwrap();
     let clients = (0..ranks)

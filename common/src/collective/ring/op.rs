@@ -2,7 +2,10 @@
 //! buffers shared with the sender thread, and the ring algorithms (reduce-scatter, all-gather,
 //! all-reduce, broadcast), pipelined segment by segment (see the parent module's docs).
 
+use super::sender::SenderGone;
+use super::stall::{CollectiveTimeout, Verdict, Waiting, Watch};
 use super::*;
+use tracing::warn;
 
 /// Operation codes in the header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -221,12 +224,68 @@ impl Op<'_> {
         }
     }
 
+    /// Called when a receive or a wait found nothing new: warns or fails once the operation
+    /// has made no progress for the limits' times (see `ring/stall.rs`).
+    pub(super) fn quiet(&self, watch: &mut Watch, waiting: Waiting) -> Result<()> {
+        let limits = &self.ring.limits;
+        let (peer, doing) = match waiting {
+            Waiting::Receive => (self.prev(), "to send"),
+            Waiting::Send => (self.next(), "to receive"),
+        };
+        match watch.check(&self.links.progress, limits) {
+            Verdict::Wait => Ok(()),
+            Verdict::Warn(idle) => {
+                warn!(
+                    group = %self.ring.group,
+                    peer = %self.ring.who(peer),
+                    "stalled collective: ring {:?}: no progress for {:.1} s during {}, waiting \
+                     for {} {doing} (the collective timeout of {:.1} s stops the job)",
+                    self.ring.group,
+                    idle.as_secs_f64(),
+                    self.mine,
+                    self.ring.who(peer),
+                    limits.timeout.as_secs_f64()
+                );
+                Ok(())
+            }
+            Verdict::Fail(idle) => Err(anyhow::Error::new(CollectiveTimeout(format!(
+                "ring {:?}: collective timeout: no progress for {:.1} s during {}, waiting for \
+                 {} {doing} (it stopped participating, or the network between them dropped; \
+                 raise --collective-timeout for longer pauses)",
+                self.ring.group,
+                idle.as_secs_f64(),
+                self.mine,
+                self.ring.who(peer)
+            )))),
+        }
+    }
+
+    /// `read_exact` from the previous member that watches for stalls between the socket's
+    /// timeouts and stamps the progress clock.
+    pub(super) fn read_full(&mut self, dst: &mut [u8]) -> Result<()> {
+        let mut got = 0;
+        let mut watch = Watch::new();
+        while got < dst.len() {
+            match self.links.recv.read(&mut dst[got..]) {
+                Ok(0) => return Err(self.recv_error(ErrorKind::UnexpectedEof.into())),
+                Ok(n) => {
+                    got += n;
+                    self.links.progress.touch();
+                }
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    self.quiet(&mut watch, Waiting::Receive)?
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(self.recv_error(e)),
+            }
+        }
+        Ok(())
+    }
+
     /// Reads the previous member's header and checks it matches this member's.
     pub(super) fn check_header(&mut self) -> Result<()> {
         let mut b = [0u8; HEADER];
-        if let Err(e) = self.links.recv.read_exact(&mut b) {
-            return Err(self.recv_error(e));
-        }
+        self.read_full(&mut b)?;
         let (group, prev) = (&self.ring.group, self.ring.who(self.prev()));
         let theirs = Header::decode(&b).ok_or_else(|| {
             anyhow!(
@@ -245,23 +304,24 @@ impl Op<'_> {
     }
 
     pub(super) fn recv_into(&mut self, dst: &mut [f32]) -> Result<()> {
-        match self.links.recv.read_exact(bytes_mut(dst)) {
-            Ok(()) => Ok(()),
-            Err(e) => Err(self.recv_error(e)),
-        }
+        self.read_full(bytes_mut(dst))
     }
 
     /// Receives `dst.len()` elements and adds them to `dst`.
     pub(super) fn recv_reduce(&mut self, dst: &mut [f32]) -> Result<()> {
+        // Borrowed out of the links for the reads, and always put back.
+        let mut segment = std::mem::take(&mut self.links.segment);
+        let mut result = Ok(());
         for piece in dst.chunks_mut(SEGMENT) {
-            let Links { recv, segment, .. } = &mut *self.links;
             let got = &mut segment[..piece.len()];
-            if let Err(e) = recv.read_exact(bytes_mut(got)) {
-                return Err(self.recv_error(e));
+            result = self.recv_into(got);
+            if result.is_err() {
+                break;
             }
             add_into(piece, got);
         }
-        Ok(())
+        self.links.segment = segment;
+        result
     }
 
     /// Queues `buf[r]` to the next member without copying; returns the ticket to wait for
@@ -278,14 +338,24 @@ impl Op<'_> {
         )
     }
 
+    /// Waits until the sender is done with `ticket`, watching for stalls.
     pub(super) fn wait(&self, ticket: u64) -> Result<()> {
-        self.links.sender.wait(ticket).map_err(|_| {
-            anyhow!(
-                "ring {:?}: the sender thread died during {}",
-                self.ring.group,
-                self.mine
-            )
-        })
+        let mut watch = Watch::new();
+        loop {
+            match self
+                .links
+                .sender
+                .wait_timeout(ticket, self.ring.limits.tick())
+            {
+                Ok(true) => return Ok(()),
+                Ok(false) => self.quiet(&mut watch, Waiting::Send)?,
+                Err(SenderGone) => bail!(
+                    "ring {:?}: the sender thread died during {}",
+                    self.ring.group,
+                    self.mine
+                ),
+            }
+        }
     }
 
     pub(super) fn all_reduce(&mut self, buf: Raw, op: ReduceOp) -> Result<()> {

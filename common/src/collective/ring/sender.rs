@@ -5,10 +5,16 @@
 //! promises (see [`Sender::lend`]) not to write to or free a range before [`Sender::wait`] has
 //! seen its ticket. Tickets count queued jobs; the thread counts finished ones.
 
-use std::io::Write;
+use super::stall::Progress;
+use std::io::{ErrorKind, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// Largest single write: the progress clock is stamped after each, so a slow link shows
+/// progress every few hundred KiB at most.
+const WRITE_PIECE: usize = 64 * 1024;
 
 enum Job {
     Owned(Vec<u8>),
@@ -60,8 +66,13 @@ pub(super) struct SenderGone;
 impl Sender {
     /// Starts the thread writing to `send`. `recv` (the socket from the previous member) is only
     /// shut down, together with `send`, when a write fails, so that a receive blocked on it
-    /// returns at once.
-    pub(super) fn spawn(send: TcpStream, recv: &TcpStream, name: String) -> std::io::Result<Self> {
+    /// returns at once. Every write stamps `progress`.
+    pub(super) fn spawn(
+        send: TcpStream,
+        recv: &TcpStream,
+        name: String,
+        progress: Arc<Progress>,
+    ) -> std::io::Result<Self> {
         let shared = Arc::new(Shared::default());
         let (tx, rx) = mpsc::channel();
         let thread = {
@@ -70,7 +81,7 @@ impl Sender {
             let recv = recv.try_clone()?;
             std::thread::Builder::new()
                 .name(name)
-                .spawn(move || run(stream, recv, rx, shared))?
+                .spawn(move || run(stream, recv, rx, shared, progress))?
         };
         Ok(Self {
             jobs: Some(tx),
@@ -117,18 +128,28 @@ impl Sender {
     /// Blocks until the job with `ticket` and every earlier one are finished (written, or
     /// skipped because an earlier write failed). Either way the thread no longer reads them.
     pub(super) fn wait(&self, ticket: u64) -> Result<(), SenderGone> {
+        while !self.wait_timeout(ticket, Duration::from_secs(3600))? {}
+        Ok(())
+    }
+
+    /// Like [`Sender::wait`] for at most about `limit`: whether the job is finished.
+    pub(super) fn wait_timeout(&self, ticket: u64, limit: Duration) -> Result<bool, SenderGone> {
         let mut state = self.shared.lock();
-        while state.done < ticket {
-            if state.exited {
-                return Err(SenderGone);
-            }
+        if state.done < ticket && !state.exited {
             state = self
                 .shared
                 .progress
-                .wait(state)
-                .unwrap_or_else(|p| p.into_inner());
+                .wait_timeout_while(state, limit, |s| s.done < ticket && !s.exited)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
-        Ok(())
+        if state.done >= ticket {
+            Ok(true)
+        } else if state.exited {
+            Err(SenderGone)
+        } else {
+            Ok(false)
+        }
     }
 
     /// The first write error, if a write failed.
@@ -154,7 +175,30 @@ impl Drop for Sender {
     }
 }
 
-fn run(mut stream: TcpStream, recv: TcpStream, jobs: mpsc::Receiver<Job>, shared: Arc<Shared>) {
+/// `write_all` in pieces of at most [`WRITE_PIECE`] bytes, stamping `progress` after each.
+fn write_all(stream: &mut TcpStream, mut bytes: &[u8], progress: &Progress) -> std::io::Result<()> {
+    while !bytes.is_empty() {
+        let piece = &bytes[..bytes.len().min(WRITE_PIECE)];
+        match stream.write(piece) {
+            Ok(0) => return Err(ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                bytes = &bytes[n..];
+                progress.touch();
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn run(
+    mut stream: TcpStream,
+    recv: TcpStream,
+    jobs: mpsc::Receiver<Job>,
+    shared: Arc<Shared>,
+    progress: Arc<Progress>,
+) {
     struct Exit(Arc<Shared>);
     impl Drop for Exit {
         fn drop(&mut self) {
@@ -168,11 +212,12 @@ fn run(mut stream: TcpStream, recv: TcpStream, jobs: mpsc::Receiver<Job>, shared
     while let Ok(job) = jobs.recv() {
         if !failed {
             let written = match &job {
-                Job::Owned(bytes) => stream.write_all(bytes),
+                Job::Owned(bytes) => write_all(&mut stream, bytes, &progress),
                 // SAFETY: the contract of `Sender::lend`: the range stays valid and unwritten
                 // until this job is acknowledged below.
                 Job::Lent { ptr, len } => {
-                    stream.write_all(unsafe { std::slice::from_raw_parts(*ptr, *len) })
+                    let bytes = unsafe { std::slice::from_raw_parts(*ptr, *len) };
+                    write_all(&mut stream, bytes, &progress)
                 }
             };
             if let Err(e) = written {

@@ -1,18 +1,20 @@
 //! The server's network side: accepting connections, the hello and token proofs, each
 //! client's session (heartbeats, goodbye, loss) and its requests.
 
+use super::admission::Ticket;
 use super::state::*;
 use super::*;
 use crate::control::protocol::{
-    close_code, decode, read_frame, read_msg, write_frame, Event, Hello, HelloReply, Identity,
-    Request, Response, SessionUp, ALPN, MAX_FRAME_BYTES, MAX_HELLO_BYTES, PROTOCOL_VERSION,
+    close_code, decode_small, read_frame, read_msg, write_frame, Event, Hello, HelloReply,
+    Identity, Request, Response, SessionUp, ALPN, MAX_FRAME_BYTES, MAX_HELLO_BYTES,
+    PROTOCOL_VERSION,
 };
 use crate::control::tls;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio::sync::mpsc;
-use tokio::time::timeout;
+use tokio::time::{timeout, timeout_at};
 use tracing::{debug, info, warn};
 
 pub(super) fn describe_connection_error(e: &quinn::ConnectionError) -> String {
@@ -36,7 +38,14 @@ pub(super) async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) 
             incoming.refuse();
             continue;
         }
-        tokio::spawn(handle_connection(shared.clone(), incoming));
+        // Over the caps (logged there), the attempt is refused before any state is kept for it;
+        // a client of the job retries.
+        match shared.admission.admit(incoming.remote_address().ip()) {
+            Some(ticket) => {
+                tokio::spawn(handle_connection(shared.clone(), incoming, ticket));
+            }
+            None => incoming.refuse(),
+        }
     }
 }
 
@@ -61,8 +70,15 @@ pub(super) async fn refuse(
     conn.close(close_code::REFUSED.into(), reason.as_bytes());
 }
 
-pub(super) async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
+/// Serves one connection: the handshake under `ticket` (one deadline for the QUIC/TLS handshake
+/// and the hello together), then the session.
+pub(super) async fn handle_connection(
+    shared: Arc<Shared>,
+    incoming: quinn::Incoming,
+    ticket: Ticket,
+) {
     let remote = incoming.remote_address();
+    let deadline = tokio::time::Instant::now() + shared.admission.timeout();
     let connecting = match incoming.accept() {
         Ok(c) => c,
         Err(e) => {
@@ -70,7 +86,7 @@ pub(super) async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Inco
             return;
         }
     };
-    let conn = match timeout(HANDSHAKE_TIMEOUT, connecting).await {
+    let conn = match timeout_at(deadline, connecting).await {
         Ok(Ok(conn)) => conn,
         Ok(Err(quinn::ConnectionError::ApplicationClosed(_))) => {
             // A client that gave up on this attempt (it retries with a fresh one).
@@ -100,7 +116,7 @@ pub(super) async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Inco
         .await;
         return;
     }
-    let (mut send, mut recv) = match timeout(HANDSHAKE_TIMEOUT, conn.accept_bi()).await {
+    let (mut send, mut recv) = match timeout_at(deadline, conn.accept_bi()).await {
         Ok(Ok(streams)) => streams,
         Ok(Err(e)) => {
             debug!(%remote, "connection ended before its hello: {}", describe_connection_error(&e));
@@ -111,7 +127,7 @@ pub(super) async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Inco
             return;
         }
     };
-    let payload = match timeout(HANDSHAKE_TIMEOUT, read_frame(&mut recv, MAX_HELLO_BYTES)).await {
+    let payload = match timeout_at(deadline, read_frame(&mut recv, MAX_HELLO_BYTES)).await {
         Ok(Ok(Some(p))) => p,
         Ok(Ok(None)) => return,
         Ok(Err(e)) => {
@@ -125,7 +141,7 @@ pub(super) async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Inco
         }
     };
     // The version first, alone: a peer of another version may not even decode as our Hello.
-    match decode::<u32>(&payload) {
+    match decode_small::<u32>(&payload) {
         Ok(PROTOCOL_VERSION) => {}
         Ok(v) => {
             let reason = format!(
@@ -140,7 +156,7 @@ pub(super) async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Inco
             return;
         }
     }
-    let hello: Hello = match decode(&payload) {
+    let hello: Hello = match decode_small(&payload) {
         Ok(h) => h,
         Err(e) => {
             refuse(&conn, Some(&mut send), remote, &format!("bad hello: {e}")).await;
@@ -160,6 +176,7 @@ pub(super) async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Inco
         return;
     }
     let identity = hello.identity;
+    drop(ticket); // authenticated: no longer counted against the handshake caps
 
     // Register, and answer the hello, under the lock so no event slips between the two.
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
@@ -230,7 +247,7 @@ pub(super) async fn session_reader(
     loop {
         match timeout(hb, read_frame(recv, MAX_HELLO_BYTES)).await {
             Err(_) => return SessionEnd::Silent,
-            Ok(Ok(Some(payload))) => match decode::<SessionUp>(&payload) {
+            Ok(Ok(Some(payload))) => match decode_small::<SessionUp>(&payload) {
                 Ok(SessionUp::Heartbeat { .. }) => {}
                 Err(e) => {
                     conn.close(close_code::PROTOCOL.into(), b"undecodable session frame");

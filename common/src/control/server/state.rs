@@ -10,7 +10,7 @@ use crate::control::protocol::{
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -29,6 +29,7 @@ pub(super) struct Shared {
     pub(super) closing: AtomicBool,
     /// The event writers, awaited (briefly) at shutdown so queued events get out.
     pub(super) writers: Mutex<Vec<JoinHandle<()>>>,
+    pub(super) admission: Arc<super::admission::Admission>,
 }
 
 /// The job as the server sees it.
