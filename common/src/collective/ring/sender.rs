@@ -12,9 +12,10 @@ use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-/// Largest single write: the progress clock is stamped after each, so a slow link shows
-/// progress every few hundred KiB at most.
-const WRITE_PIECE: usize = 64 * 1024;
+/// The longest one write blocks before it returns what it has sent (`SO_SNDTIMEO`): the progress
+/// clock is stamped after each write, so a slow link shows progress this often, while a fast
+/// one still writes each segment in one call.
+const WRITE_SLICE: Duration = Duration::from_millis(200);
 
 enum Job {
     Owned(Vec<u8>),
@@ -175,17 +176,22 @@ impl Drop for Sender {
     }
 }
 
-/// `write_all` in pieces of at most [`WRITE_PIECE`] bytes, stamping `progress` after each.
+/// `write_all`, stamping `progress` whenever bytes went out: the socket's send timeout
+/// ([`WRITE_SLICE`]) makes a blocked write return what it has sent, or nothing (then it is
+/// retried without a stamp).
 fn write_all(stream: &mut TcpStream, mut bytes: &[u8], progress: &Progress) -> std::io::Result<()> {
     while !bytes.is_empty() {
-        let piece = &bytes[..bytes.len().min(WRITE_PIECE)];
-        match stream.write(piece) {
+        match stream.write(bytes) {
             Ok(0) => return Err(ErrorKind::WriteZero.into()),
             Ok(n) => {
                 bytes = &bytes[n..];
                 progress.touch();
             }
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::Interrupted | ErrorKind::WouldBlock | ErrorKind::TimedOut
+                ) => {}
             Err(e) => return Err(e),
         }
     }
@@ -208,7 +214,12 @@ fn run(
     }
     let _exit = Exit(shared.clone());
 
+    // Without the timeout a slow link would stamp no progress until a whole segment is out.
     let mut failed = false;
+    if let Err(e) = stream.set_write_timeout(Some(WRITE_SLICE)) {
+        failed = true;
+        shared.lock().error = Some(format!("cannot set the send timeout: {e}"));
+    }
     while let Ok(job) = jobs.recv() {
         if !failed {
             let written = match &job {
