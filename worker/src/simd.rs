@@ -195,7 +195,8 @@ macro_rules! multiversion {
 /// vectorised in every family without reassociating anything, so all families agree bit for bit.
 pub const LANES: usize = 16;
 
-/// The lanes' sum as a fixed tree (halves, then quarters, ...).
+/// The lanes' sum as a fixed tree: `l[i] + l[i+8]`, then `(a0+a4, a1+a5, a2+a6, a3+a7)`, then
+/// `(s0+s2, s1+s3)`, then `t0+t1` (how two AVX2 registers are reduced in four steps).
 #[inline(always)]
 pub fn sum_lanes(l: [f32; LANES]) -> f32 {
     let a: [f32; 8] = std::array::from_fn(|i| l[i] + l[i + 8]);

@@ -13,6 +13,7 @@
 use super::{hf, paddlemix, Hub};
 use crate::model::source::{resolve_config_in, WEIGHT_FILES};
 use crate::model::CocaConfig;
+use crate::pretrain::args::parse_bool;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
@@ -54,14 +55,6 @@ pub struct Request<'a> {
     pub dir_weights_by_default: bool,
 }
 
-fn parse_flag(v: &str) -> Option<bool> {
-    match v.to_ascii_lowercase().as_str() {
-        "true" | "1" | "yes" | "on" => Some(true),
-        "false" | "0" | "no" | "off" => Some(false),
-        _ => None,
-    }
-}
-
 fn dir_weights(model: &str, dir: &Path) -> Result<PathBuf> {
     WEIGHT_FILES
         .iter()
@@ -81,7 +74,8 @@ pub fn resolve(req: Request<'_>, hub: &Hub) -> Result<(CocaConfig, Weights)> {
     let model = req.model;
     let (config, dir) = resolve_config_in(model, &hub.env)?;
     let release = paddlemix::release(model)?;
-    let flag = req.pretrained.and_then(parse_flag);
+    // The same spellings as every boolean flag.
+    let flag = req.pretrained.and_then(|v| parse_bool(v).ok());
     if req.from_scratch {
         if let (Some(v), None | Some(true)) = (req.pretrained, flag) {
             bail!("--from_scratch and --pretrained {v} contradict each other: pass one");

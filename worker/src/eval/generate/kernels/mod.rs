@@ -12,6 +12,11 @@
 //! machine's cores.
 
 use crate::model::ops::softmax_row;
+// Partial sums per dot product: `Σ w[i]·x[i]` sums lane `i mod LANES` in order, then the lanes
+// as `sum_lanes` does (the same lanes as every fused op's sums, see `crate::simd`); two AVX2
+// registers (two independent chains of adds), so it vectorises without reassociating anything.
+// Every product of a row with a weight row sums this way, whatever the rows or tiles around it.
+use crate::simd::{sum_lanes, LANES};
 use candle_core::Tensor;
 use rayon::prelude::*;
 
@@ -38,24 +43,8 @@ const PROJECT_TASKS_PER_THREAD: usize = 4;
 /// short self-attention cache is less work than forking it to another thread.
 const MIN_ATTENTION_TASK: usize = 16 * 1024;
 
-/// Partial sums per dot product: `Σ w[i]·x[i]` sums lane `i mod LANES` in order, then the
-/// lanes as [`sum_lanes`] does; two AVX2 registers (two independent chains of adds), so it
-/// vectorises without reassociating anything. Every product of a row with a weight row sums
-/// this way, whatever the rows or tiles around it.
-const LANES: usize = 16;
-
 /// Input rows per tile in [`linear_block`] (2 × 4 accumulators fit AVX2's registers).
 const TILE_ROWS: usize = 4;
-
-/// The lanes' sum as a fixed tree: `l[i] + l[i+8]`, then `(a0+a4, a1+a5, a2+a6, a3+a7)`, then
-/// `(s0+s2, s1+s3)`, then `t0+t1` (how two registers are reduced in four steps).
-#[inline(always)]
-fn sum_lanes(l: [f32; LANES]) -> f32 {
-    let a: [f32; 8] = std::array::from_fn(|i| l[i] + l[i + 8]);
-    let s = [a[0] + a[4], a[1] + a[5], a[2] + a[6], a[3] + a[7]];
-    let t = [s[0] + s[2], s[1] + s[3]];
-    t[0] + t[1]
-}
 
 /// The dot products `w·x[r]` of one weight row with `R` input rows, portable: each as
 /// described at [`LANES`]. Multiplies and adds separately, so the result is the same with or
