@@ -31,6 +31,8 @@ pub struct BenchOptions {
     pub tensor_parallel_degree: usize,
     /// Whether to measure caption latency too (it takes longer than the rest).
     pub captions: bool,
+    /// Where to compute (`--device`).
+    pub device: crate::device::DeviceArgs,
 }
 
 /// Random normalised images `[B, 3, S, S]` and token rows `[B, T]` shaped like real captions:
@@ -88,7 +90,7 @@ pub fn run(opts: &BenchOptions) -> Result<Option<serde_json::Value>> {
         "--batch and --steps must be positive"
     );
     let config = CocaConfig::resolve(&opts.model)?;
-    let device = Device::Cpu;
+    let device = opts.device.open()?;
     let ctx = RankContext::from_env(opts.tensor_parallel_degree, 1)?;
     ensure!(
         ctx.topology.dp == 1,
@@ -107,6 +109,7 @@ pub fn run(opts: &BenchOptions) -> Result<Option<serde_json::Value>> {
         },
         loss: CocaLossConfig::default(),
         span: Default::default(),
+        buffers: crate::comm::PlacementRule::from_env()?,
     };
     let mut trainer = Trainer::new(
         model,

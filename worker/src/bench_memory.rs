@@ -7,6 +7,7 @@
 //! 8-way sharding group is built here without the other seven: [`LayoutOnly`] answers rank and size
 //! and refuses every collective.
 
+use crate::comm::HostTransport;
 use crate::distributed::tensor_parallel::TensorParallel;
 use crate::model::trainable::{trainable_model_parallel, TrainableWeights};
 use crate::model::{CoCa, CocaConfig, CocaLossConfig};
@@ -69,6 +70,7 @@ pub fn run(
         },
         loss: CocaLossConfig::default(),
         span: Default::default(),
+        buffers: crate::comm::PlacementRule::from_env()?,
     };
     let rule = TowerGroups::uniform(1e-5, 0.1);
     let mut layouts = vec![Layout {
@@ -115,9 +117,9 @@ pub fn run(
             unreachable!("built above")
         };
         let groups = TrainerGroups {
-            data: stand_in(layout.sharding),
-            sharding: stand_in(layout.sharding),
-            replicas: Arc::new(SingleProcess),
+            data: HostTransport::shared(stand_in(layout.sharding)),
+            sharding: HostTransport::shared(stand_in(layout.sharding)),
+            replicas: HostTransport::single(),
             stage: layout.stage,
         };
         let trainer = Trainer::in_groups(coca.clone(), vars, &rule, trainer_config, groups)?;

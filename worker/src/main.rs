@@ -3,6 +3,7 @@
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use coca_worker::device::DeviceArgs;
 use coca_worker::pretrain::args::{normalize_flag_spelling, PretrainArgs};
 use coca_worker::{bench, bench_data, checkpoint, pretrain, runtime, verify};
 use std::path::PathBuf;
@@ -33,6 +34,8 @@ enum Command {
         /// reference weights and to run the model sections with.
         #[arg(long)]
         checkpoint: Option<PathBuf>,
+        #[command(flatten)]
+        device: DeviceArgs,
     },
     /// Convert a checkpoint (safetensors, torch .bin/.pt, paddle .pdparams) to open_clip-named
     /// safetensors.
@@ -61,6 +64,8 @@ enum Command {
         /// Also measure caption latency (`False`: training and embedding only, for profiling).
         #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "true", value_parser = coca_worker::pretrain::args::parse_bool)]
         captions: bool,
+        #[command(flatten)]
+        device: DeviceArgs,
     },
     /// Evaluate: zero-shot classification, image-text retrieval, captioning; prints one JSON line per evaluation.
     Eval(Box<coca_worker::eval::cli::EvalArgs>),
@@ -169,8 +174,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Verify {
             reference,
             checkpoint,
+            device,
         } => {
-            let reports = verify::verify(&reference, checkpoint.as_deref())?;
+            let reports = verify::verify(&reference, checkpoint.as_deref(), &device.open()?)?;
             let failed = reports
                 .iter()
                 .filter(|r| r.status == verify::Status::Fail)
@@ -275,6 +281,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             steps,
             tensor_parallel_degree,
             captions,
+            device,
         } => {
             let line = bench::run(&bench::BenchOptions {
                 model,
@@ -282,6 +289,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 steps,
                 tensor_parallel_degree,
                 captions,
+                device,
             })?;
             if let Some(line) = line {
                 println!("{line}");

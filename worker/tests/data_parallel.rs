@@ -4,8 +4,8 @@
 use candle_core::{DType, Device, Tensor};
 use coca_common::collective::memory_kv::MemoryKeyValue;
 use coca_common::collective::ring::RingCollective;
-use coca_common::collective::{Collective, SingleProcess};
 use coca_common::topology::{GroupKind, Topology};
+use coca_worker::comm::{Communicator, HostTransport, PlacementRule};
 use coca_worker::compare::{max_abs, max_abs_diff};
 use coca_worker::distributed::loss::ContrastiveSpan;
 use coca_worker::model::trainable::trainable_model;
@@ -51,12 +51,14 @@ fn global_batch(step: usize, cfg: &CocaConfig) -> (Vec<f32>, Vec<u32>) {
     (images, tokens)
 }
 
-/// Trains `STEPS` steps as one rank; returns the final weights.
+/// Trains `STEPS` steps as one rank with its flat buffers placed by `buffers`; returns the
+/// final weights.
 fn train(
     groups: TrainerGroups,
     span: ContrastiveSpan,
     data_rank: usize,
     data_world: usize,
+    buffers: PlacementRule,
 ) -> HashMap<String, Tensor> {
     let cfg = config();
     let (model, vars) = trainable_model(&cfg, None, 11, DType::F32, &Device::Cpu).unwrap();
@@ -72,6 +74,7 @@ fn train(
         },
         loss: CocaLossConfig::default(),
         span,
+        buffers,
     };
     let rule = TowerGroups::uniform(1e-3, 0.1);
     let mut trainer = Trainer::in_groups(model, &vars, &rule, trainer_config, groups).unwrap();
@@ -96,21 +99,22 @@ fn train_group(
     sharding: usize,
     stage: Option<ZeroStage>,
     span: ContrastiveSpan,
+    buffers: PlacementRule,
 ) -> Vec<HashMap<String, Tensor>> {
     let topology = Topology::new(world, 1, sharding).unwrap();
     let kv = Arc::new(MemoryKeyValue::new());
-    let name = format!("w{world}s{sharding}{stage:?}{span:?}");
+    let name = format!("w{world}s{sharding}{stage:?}{span:?}{buffers:?}");
     let handles: Vec<_> = (0..world)
         .map(|rank| {
             let kv = kv.clone();
             let name = name.clone();
             std::thread::spawn(move || {
-                let group = |kind: GroupKind, label: &str| -> Arc<dyn Collective> {
+                let group = |kind: GroupKind, label: &str| -> Arc<dyn Communicator> {
                     let members = topology.group(rank, kind).unwrap();
                     if members.len() == 1 {
-                        return Arc::new(SingleProcess);
+                        return HostTransport::single();
                     }
-                    Arc::new(
+                    HostTransport::shared(Arc::new(
                         RingCollective::connect(
                             &format!("{name}/{label}/{}", members[0]),
                             &members,
@@ -121,7 +125,7 @@ fn train_group(
                             Duration::from_secs(30),
                         )
                         .unwrap(),
-                    )
+                    ))
                 };
                 let groups = TrainerGroups {
                     data: group(GroupKind::DataAndSharding, "data"),
@@ -134,6 +138,7 @@ fn train_group(
                     span,
                     topology.data_rank(rank).unwrap(),
                     topology.data_world(),
+                    buffers,
                 )
             })
         })
@@ -156,7 +161,13 @@ fn assert_close(reference: &HashMap<String, Tensor>, got: &HashMap<String, Tenso
 
 #[test]
 fn data_parallel_layouts_equal_one_process() {
-    let reference = train(TrainerGroups::single(), ContrastiveSpan::default(), 0, 1);
+    let reference = train(
+        TrainerGroups::single(),
+        ContrastiveSpan::default(),
+        0,
+        1,
+        PlacementRule::Auto,
+    );
     let spans = [
         ContrastiveSpan::default(),
         ContrastiveSpan {
@@ -170,7 +181,7 @@ fn data_parallel_layouts_equal_one_process() {
     ];
     for world in [2, 4] {
         for span in spans {
-            let ranks = train_group(world, 1, None, span);
+            let ranks = train_group(world, 1, None, span, PlacementRule::Auto);
             for (rank, got) in ranks.iter().enumerate() {
                 assert_close(&reference, got, &format!("dp {world} {span:?} rank {rank}"));
             }
@@ -180,7 +191,13 @@ fn data_parallel_layouts_equal_one_process() {
 
 #[test]
 fn zero_stages_equal_one_process() {
-    let reference = train(TrainerGroups::single(), ContrastiveSpan::default(), 0, 1);
+    let reference = train(
+        TrainerGroups::single(),
+        ContrastiveSpan::default(),
+        0,
+        1,
+        PlacementRule::Auto,
+    );
     for (world, sharding, stage) in [
         (2, 2, ZeroStage::One),
         (2, 2, ZeroStage::Two),
@@ -188,12 +205,43 @@ fn zero_stages_equal_one_process() {
         (4, 2, ZeroStage::Two),
         (4, 4, ZeroStage::Two),
     ] {
-        let ranks = train_group(world, sharding, Some(stage), ContrastiveSpan::default());
+        let ranks = train_group(
+            world,
+            sharding,
+            Some(stage),
+            ContrastiveSpan::default(),
+            PlacementRule::Auto,
+        );
         for (rank, got) in ranks.iter().enumerate() {
             assert_close(
                 &reference,
                 got,
                 &format!("{stage:?} × {sharding} of {world}, rank {rank}"),
+            );
+        }
+    }
+}
+
+/// The device code path (flat buffers as tensors, AdamW, clipping and the norm as tensor ops,
+/// collectives through host copies), run on the CPU: the same parameters as the host path, one
+/// process and in every ZeRO layout.
+#[test]
+fn device_buffers_equal_host_buffers() {
+    let span = ContrastiveSpan::default();
+    let reference = train(TrainerGroups::single(), span, 0, 1, PlacementRule::Auto);
+    let single = train(TrainerGroups::single(), span, 0, 1, PlacementRule::Tensors);
+    assert_close(&reference, &single, "tensors, one process");
+    for (world, sharding, stage) in [
+        (2, 1, None),
+        (2, 2, Some(ZeroStage::One)),
+        (4, 2, Some(ZeroStage::Two)),
+    ] {
+        let ranks = train_group(world, sharding, stage, span, PlacementRule::Tensors);
+        for (rank, got) in ranks.iter().enumerate() {
+            assert_close(
+                &reference,
+                got,
+                &format!("tensors, {stage:?} × {sharding} of {world}, rank {rank}"),
             );
         }
     }

@@ -92,6 +92,7 @@ pub fn folder_classifier(
     let key = classifier_key(weights_key, folder.classnames(), folder.templates());
     let cached = cache
         .and_then(|p| read_cached(p, &key))
+        .and_then(|c| c.to_device(model.device()).ok())
         .filter(|c| c.dims2().ok() == Some((model.config.embed_dim, folder.classnames().len())));
     // Every rank must agree on whether to build it (building takes collectives).
     let mut found = [f32::from(u8::from(cached.is_some()))];
@@ -105,9 +106,9 @@ pub fn folder_classifier(
     let tokenizer = ClipTokenizer::new()?;
     let names = &folder.classnames()[block(folder.classnames().len(), comm.rank(), comm.size())];
     let mine = if names.is_empty() {
-        Tensor::zeros((0, model.config.embed_dim), DType::F32, &Device::Cpu)?
+        Tensor::zeros((0, model.config.embed_dim), DType::F32, model.device())?
     } else {
-        zero_shot_classifier(model, &tokenizer, names, folder.templates(), &Device::Cpu)?
+        zero_shot_classifier(model, &tokenizer, names, folder.templates(), model.device())?
             .t()?
             .contiguous()?
     };
@@ -194,7 +195,7 @@ pub fn evaluate(
             pixels.extend(image);
             labels.push(label);
         }
-        let images = Tensor::from_vec(pixels, (chunk.len(), 3, size, size), &Device::Cpu)?;
+        let images = Tensor::from_vec(pixels, (chunk.len(), 3, size, size), model.device())?;
         let (features, _) = model.encode_image(&images)?;
         let logits = zero_shot_logits(&features, &classifier)?
             .to_dtype(DType::F32)?

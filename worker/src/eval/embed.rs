@@ -38,13 +38,16 @@ pub fn embed_images(model: &CoCa, paths: &[PathBuf], batch_size: usize) -> Resul
         return Ok(Tensor::zeros(
             (0, model.config.embed_dim),
             DType::F32,
-            &Device::Cpu,
+            model.device(),
         )?);
     }
     let size = model.config.vision_cfg.image_size;
     let parts = paths
         .chunks(batch_size)
-        .map(|chunk| Ok(model.encode_image(&load_images(chunk, size)?)?.0))
+        .map(|chunk| {
+            let images = load_images(chunk, size)?.to_device(model.device())?;
+            Ok(model.encode_image(&images)?.0)
+        })
         .collect::<Result<Vec<_>>>()?;
     Ok(Tensor::cat(&parts, 0)?)
 }
@@ -56,7 +59,7 @@ pub fn embed_texts(model: &CoCa, texts: &[String], batch_size: usize) -> Result<
         return Ok(Tensor::zeros(
             (0, model.config.embed_dim),
             DType::F32,
-            &Device::Cpu,
+            model.device(),
         )?);
     }
     let tokenizer = ClipTokenizer::new()?;
@@ -68,7 +71,7 @@ pub fn embed_texts(model: &CoCa, texts: &[String], batch_size: usize) -> Result<
                 .iter()
                 .flat_map(|t| tokenizer.tokenize(t, ctx))
                 .collect();
-            let ids = Tensor::from_vec(ids, (chunk.len(), ctx), &Device::Cpu)?;
+            let ids = Tensor::from_vec(ids, (chunk.len(), ctx), model.device())?;
             Ok(model.encode_text(&ids)?.0)
         })
         .collect::<Result<Vec<_>>>()?;

@@ -2,6 +2,7 @@
 //! key identifying the weights (for caches built from them).
 
 use crate::checkpoint::load_for_model;
+use crate::device::DeviceArgs;
 use crate::hub::weights::{self, Request, Weights};
 use crate::hub::{hf, paddlemix, Hub, HubEnv};
 use crate::model::source::resolve_config_in;
@@ -26,12 +27,16 @@ pub struct ModelArgs {
     /// Default: a PaddleMIX name's release, or the weights in the `--model` directory.
     #[arg(long)]
     pub pretrained: Option<String>,
+    #[command(flatten)]
+    pub device: DeviceArgs,
 }
 
 /// A model ready for inference, and where it came from.
 pub struct LoadedModel {
-    /// The model, float32 on the CPU.
+    /// The model, float32 on `device`.
     pub model: CoCa,
+    /// Where the model computes (`--device`).
+    pub device: Device,
     /// The weight file loaded.
     pub weights_path: PathBuf,
     /// The config as JSON (part of the weights key).
@@ -60,6 +65,7 @@ impl ModelArgs {
             from_scratch: false,
             dir_weights_by_default: true,
         };
+        let device = self.device.open()?;
         let (config, weights) = weights::resolve(request, hub)?;
         let Weights::File { path, origin } = weights else {
             bail!(
@@ -69,14 +75,15 @@ impl ModelArgs {
             );
         };
         tracing::info!("weights: {origin}");
-        let tensors = load_for_model(&path, &config, DType::F32, &Device::Cpu)?;
+        let tensors = load_for_model(&path, &config, DType::F32, &device)?;
         let model = CoCa::new(
             &config,
-            VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu),
+            VarBuilder::from_tensors(tensors, DType::F32, &device),
         )
         .with_context(|| format!("building the model from {}", path.display()))?;
         Ok(LoadedModel {
             model,
+            device,
             weights_path: path,
             config_json: serde_json::to_string(&config)?,
         })
@@ -85,6 +92,7 @@ impl ModelArgs {
     /// What can be checked before the model is built (and before anything is downloaded): the
     /// config resolves, and `--pretrained` is a file, a flag or a released tag of the model.
     pub fn check(&self) -> Result<()> {
+        self.device.check()?;
         resolve_config_in(&self.model, &HubEnv::from_env())?;
         let Some(pretrained) = self.pretrained.as_deref() else {
             return Ok(());

@@ -71,6 +71,11 @@ impl CoCa {
         })
     }
 
+    /// The device the weights live on (inputs must be moved there).
+    pub fn device(&self) -> &candle_core::Device {
+        self.logit_scale.device()
+    }
+
     /// Normalised image embedding `[B, E]` and decoder tokens `[B, Q-1, E]`.
     pub fn encode_image(&self, images: &Tensor) -> Result<(Tensor, Tensor)> {
         let out = self.visual.forward(images)?;

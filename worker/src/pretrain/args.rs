@@ -136,6 +136,9 @@ pub struct PretrainArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub precision: PrecisionArgs,
+    #[command(flatten)]
+    #[serde(default)]
+    pub device: crate::device::DeviceArgs,
     #[arg(long, default_value_t = 1)]
     pub gradient_accumulation_steps: usize,
     #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", value_parser = parse_bool)]

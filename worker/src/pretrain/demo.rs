@@ -8,7 +8,7 @@ use crate::eval::generate::greedy;
 use crate::eval::zeroshot::{top_k_accuracy, zero_shot_classifier, zero_shot_logits};
 use crate::model::{CoCa, CocaConfig};
 use anyhow::{Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use std::path::Path;
 
 /// Held-out images evaluated.
@@ -42,7 +42,7 @@ pub fn report(
     config: &CocaConfig,
     output_dir: &Path,
 ) -> Result<DemoResults> {
-    let device = Device::Cpu;
+    let device = model.device().clone();
     let size = config.vision_cfg.image_size;
     let held_out = SyntheticCaptions::new(seed, HELD_OUT, size as u32).held_out(HELD_OUT);
     let classnames = SyntheticCaptions::class_names();

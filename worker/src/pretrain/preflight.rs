@@ -58,6 +58,7 @@ impl Checked {
 /// Runs the checks as rank `rank` of a job of `world` processes.
 pub fn check(args: &PretrainArgs, world: usize, rank: usize) -> Result<Checked> {
     args.validate()?;
+    args.device.check()?;
     let topology = Topology::new(
         world,
         args.tensor_parallel_degree,

@@ -10,6 +10,7 @@ use super::model_source::{resolve_model, ResolvedModel, DEMO_MODEL};
 use super::preflight::{self, Checked, TrainData};
 use super::rank_checkpoint;
 use super::summary::{StartupSummary, WeightsOrigin};
+use crate::comm::{HostTransport, PlacementRule};
 use crate::data::loader::{Loader, LoaderPosition};
 use crate::data::sampler::DistributedSampler;
 use crate::data::tokenizer::ClipTokenizer;
@@ -26,7 +27,7 @@ use crate::train::groups::TowerGroups;
 use crate::train::schedule::CosineSchedule;
 use crate::train::trainer::{Trainer, TrainerConfig, TrainerGroups};
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -101,7 +102,7 @@ fn resume_dir(args: &PretrainArgs, ctx: &RankContext) -> Result<Option<std::path
 /// Trains as rank `ctx.rank`.
 fn train(args: &PretrainArgs, ctx: &RankContext, checked: Checked) -> Result<()> {
     let args = args.clone();
-    let device = Device::Cpu;
+    let device = args.device.open()?;
     let data_rank = ctx.topology.data_rank(ctx.rank)?;
     let data_world = ctx.topology.data_world();
     let d = defaults(checked.is_demo(&args));
@@ -194,11 +195,12 @@ fn train(args: &PretrainArgs, ctx: &RankContext, checked: Checked) -> Result<()>
             local_loss: args.local_loss,
             gather_with_grad: args.gather_with_grad,
         },
+        buffers: PlacementRule::from_env()?,
     };
     let trainer_groups = TrainerGroups {
-        data: ctx.data.clone(),
-        sharding: ctx.sharding.clone(),
-        replicas: ctx.replicas.clone(),
+        data: HostTransport::shared(ctx.data.clone()),
+        sharding: HostTransport::shared(ctx.sharding.clone()),
+        replicas: HostTransport::shared(ctx.replicas.clone()),
         stage: args.zero_stage()?,
     };
     let mut trainer = Trainer::in_groups(model, &vars, &groups, trainer_config, trainer_groups)?;
@@ -359,7 +361,7 @@ fn train(args: &PretrainArgs, ctx: &RankContext, checked: Checked) -> Result<()>
         let report = if finite {
             trainer.update()?
         } else {
-            trainer.skip_update()
+            trainer.skip_update()?
         };
         if !report.applied {
             nonfinite_in_a_row += 1;

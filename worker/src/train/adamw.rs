@@ -1,8 +1,11 @@
 //! AdamW over flat buffers, with PyTorch's semantics.
 
 use super::flat::Segment;
+use crate::comm::{FlatBuffer, Placement};
 use crate::multiversion;
 use crate::simd::KernelFamily;
+use anyhow::Result;
+use candle_core::Tensor;
 use rayon::prelude::*;
 
 /// Elements handed to one rayon task.
@@ -33,52 +36,155 @@ pub struct FlatAdamW {
     pub config: AdamWConfig,
     /// Number of updates applied so far.
     pub step: u64,
-    pub exp_avg: Vec<f32>,
-    pub exp_avg_sq: Vec<f32>,
+    pub exp_avg: FlatBuffer,
+    pub exp_avg_sq: FlatBuffer,
+}
+
+/// Where an update reads and writes: `params[params_offset..]` and `grads[grads_offset..]`
+/// line up with the moments, which cover exactly `segments` (offsets relative to them).
+pub struct UpdateSpan<'a> {
+    pub params_offset: usize,
+    pub grads_offset: usize,
+    pub segments: &'a [Segment],
 }
 
 impl FlatAdamW {
-    /// Zero moments for `len` parameters.
-    pub fn new(len: usize, config: AdamWConfig) -> Self {
-        Self {
+    /// Zero moments for `len` parameters, placed by `placement`.
+    pub fn new(len: usize, config: AdamWConfig, placement: &Placement) -> Result<Self> {
+        Ok(Self {
             config,
             step: 0,
-            exp_avg: vec![0.0; len],
-            exp_avg_sq: vec![0.0; len],
-        }
+            exp_avg: FlatBuffer::zeros(len, placement)?,
+            exp_avg_sq: FlatBuffer::zeros(len, placement)?,
+        })
     }
 
     /// One update: each segment's base learning rate times `lr_factor`, its weight decay, and
     /// `grads` (already clipped).
     pub fn update(
         &mut self,
-        params: &mut [f32],
-        grads: &[f32],
-        segments: &[Segment],
+        params: &mut FlatBuffer,
+        grads: &FlatBuffer,
+        span: UpdateSpan<'_>,
         lr_factor: f64,
-    ) {
+    ) -> Result<()> {
         self.step += 1;
         let c = self.config;
         let bias1 = 1.0 - c.beta1.powi(self.step as i32);
         let bias2_sqrt = (1.0 - c.beta2.powi(self.step as i32)).sqrt();
         let (b1, b2, eps) = (c.beta1 as f32, c.beta2 as f32, c.eps as f32);
-        let family = KernelFamily::active();
-        for s in segments {
+        let inv_bias2_sqrt = (1.0 / bias2_sqrt) as f32;
+        let coefficients = |s: &Segment| {
             let lr = s.lr * lr_factor;
             let decay = (1.0 - lr * s.weight_decay) as f32;
             let step_size = (lr / bias1) as f32;
-            let inv_bias2_sqrt = (1.0 / bias2_sqrt) as f32;
-            let range = s.offset..s.offset + s.len;
-            params[range.clone()]
-                .par_chunks_mut(CHUNK)
-                .zip(grads[range.clone()].par_chunks(CHUNK))
-                .zip(self.exp_avg[range.clone()].par_chunks_mut(CHUNK))
-                .zip(self.exp_avg_sq[range].par_chunks_mut(CHUNK))
-                .for_each(|(((p, g), m), v)| {
-                    let coefficients = [decay, b1, b2, step_size, inv_bias2_sqrt, eps];
-                    adamw_chunk(family, p, g, m, v, coefficients)
-                });
+            [decay, b1, b2, step_size, inv_bias2_sqrt, eps]
+        };
+        let UpdateSpan {
+            params_offset,
+            grads_offset,
+            segments,
+        } = span;
+        if let FlatBuffer::Device(_) = params {
+            let mut buffers =
+                DeviceBuffers::new([params, &mut self.exp_avg, &mut self.exp_avg_sq], grads)?;
+            for run in equal_runs(segments) {
+                let offsets = [run.offset + params_offset, run.offset, run.offset];
+                buffers.adamw(
+                    offsets,
+                    run.offset + grads_offset,
+                    run.len,
+                    coefficients(&run),
+                )?;
+            }
+            return Ok(());
         }
+        let (
+            FlatBuffer::Host(params),
+            FlatBuffer::Host(grads),
+            FlatBuffer::Host(exp_avg),
+            FlatBuffer::Host(exp_avg_sq),
+        ) = (params, grads, &mut self.exp_avg, &mut self.exp_avg_sq)
+        else {
+            anyhow::bail!("AdamW's buffers are placed differently");
+        };
+        let family = KernelFamily::active();
+        for s in segments {
+            let coefficients = coefficients(s);
+            let (p, g) = (s.offset + params_offset, s.offset + grads_offset);
+            let range = s.offset..s.offset + s.len;
+            params[p..p + s.len]
+                .par_chunks_mut(CHUNK)
+                .zip(grads[g..g + s.len].par_chunks(CHUNK))
+                .zip(exp_avg[range.clone()].par_chunks_mut(CHUNK))
+                .zip(exp_avg_sq[range].par_chunks_mut(CHUNK))
+                .for_each(|(((p, g), m), v)| adamw_chunk(family, p, g, m, v, coefficients));
+        }
+        Ok(())
+    }
+}
+
+/// Neighbouring segments with the same learning rate and weight decay merged: one pass of
+/// device ops each (a model has two or three groups, in a few hundred segments).
+fn equal_runs(segments: &[Segment]) -> Vec<Segment> {
+    let mut runs: Vec<Segment> = Vec::new();
+    for s in segments {
+        match runs.last_mut() {
+            Some(r)
+                if r.offset + r.len == s.offset
+                    && r.lr == s.lr
+                    && r.weight_decay == s.weight_decay =>
+            {
+                r.len += s.len;
+            }
+            _ => runs.push(s.clone()),
+        }
+    }
+    runs
+}
+
+/// The device tensors of an update: parameters and moments (written in place) and gradients.
+struct DeviceBuffers<'a> {
+    written: [&'a mut Tensor; 3],
+    grads: &'a Tensor,
+}
+
+impl<'a> DeviceBuffers<'a> {
+    fn new(written: [&'a mut FlatBuffer; 3], grads: &'a FlatBuffer) -> Result<Self> {
+        let placed_apart = || anyhow::anyhow!("AdamW's buffers are placed differently");
+        let FlatBuffer::Device(grads) = grads else {
+            return Err(placed_apart());
+        };
+        let [p, m, v] = written;
+        match (p, m, v) {
+            (FlatBuffer::Device(p), FlatBuffer::Device(m), FlatBuffer::Device(v)) => Ok(Self {
+                written: [p, m, v],
+                grads,
+            }),
+            _ => Err(placed_apart()),
+        }
+    }
+
+    /// [`adamw_chunk`] as device ops on `len` elements: parameters, `exp_avg` and `exp_avg_sq`
+    /// from `offsets`, gradients from `grad_offset`.
+    fn adamw(
+        &mut self,
+        offsets: [usize; 3],
+        grad_offset: usize,
+        len: usize,
+        k: [f32; 6],
+    ) -> Result<()> {
+        let [decay, b1, b2, step_size, inv_bias2_sqrt, eps] = k.map(f64::from);
+        let g = self.grads.narrow(0, grad_offset, len)?;
+        let [p, m, v] = [0, 1, 2].map(|i| self.written[i].narrow(0, offsets[i], len));
+        let m = ((m? * b1)? + (&g * (1.0 - b1))?)?;
+        let v = ((v? * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+        let denom = v.sqrt()?.affine(inv_bias2_sqrt, eps)?;
+        let p = ((p? * decay)? - ((&m / denom)? * step_size)?)?;
+        for (i, new) in [p, m, v].iter().enumerate() {
+            self.written[i].slice_set(new, 0, offsets[i])?;
+        }
+        Ok(())
     }
 }
 

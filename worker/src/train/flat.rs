@@ -4,6 +4,7 @@
 //! contiguous memory instead of a dozen tensor ops per parameter, and a partition of the buffer
 //! is a partition of the optimizer state.
 
+use crate::comm::{FlatBuffer, Placement};
 use anyhow::{bail, Context, Result};
 use candle_core::{backprop::GradStore, DType, Tensor, Var};
 use rayon::prelude::*;
@@ -86,26 +87,54 @@ impl FlatParams {
         &self.vars
     }
 
-    /// The current parameter values as one flat buffer.
-    pub fn gather_values(&self) -> Result<Vec<f32>> {
+    /// The current parameter values as one flat buffer placed by `placement`.
+    pub fn gather_values(&self, placement: &Placement) -> Result<FlatBuffer> {
+        if let Placement::Device(device) = placement {
+            let parts = self
+                .vars
+                .iter()
+                .map(|v| v.as_tensor().flatten_all()?.to_device(device))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            return Ok(FlatBuffer::Device(Tensor::cat(&parts, 0)?));
+        }
         let mut flat = vec![0f32; self.total];
         for (var, s) in self.vars.iter().zip(&self.segments) {
             let values = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
             flat[s.offset..s.offset + s.len].copy_from_slice(&values);
         }
-        Ok(flat)
+        Ok(FlatBuffer::Host(flat))
     }
 
-    /// Adds the gradients in `grads` into `flat` (for accumulation); parameters that received
-    /// no gradient add nothing.
-    pub fn accumulate_grads(&self, grads: &GradStore, flat: &mut [f32]) -> Result<()> {
-        if flat.len() != self.total {
+    /// Adds the gradients in `grads` into the first [`len`](Self::len) elements of `flat` (for
+    /// accumulation; a longer buffer keeps its tail); parameters that received no gradient add
+    /// nothing.
+    pub fn accumulate_grads(&self, grads: &GradStore, flat: &mut FlatBuffer) -> Result<()> {
+        if flat.len() < self.total {
             bail!(
-                "gradient buffer has {} scalars, expected {}",
+                "gradient buffer has {} scalars, expected at least {}",
                 flat.len(),
                 self.total
             );
         }
+        let rest = match flat {
+            FlatBuffer::Host(v) => &mut v[..self.total],
+            FlatBuffer::Device(t) => {
+                let mut parts = self
+                    .vars
+                    .iter()
+                    .map(|v| match grads.get(v.as_tensor()) {
+                        Some(g) => Ok(g.flatten_all()?.to_dtype(DType::F32)?),
+                        None => Tensor::zeros(v.elem_count(), DType::F32, t.device()),
+                    })
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                if t.elem_count() > self.total {
+                    let tail = t.elem_count() - self.total;
+                    parts.push(Tensor::zeros(tail, DType::F32, t.device())?);
+                }
+                *t = (&*t + Tensor::cat(&parts, 0)?)?;
+                return Ok(());
+            }
+        };
         let parts: Vec<Option<Vec<f32>>> = self
             .vars
             .iter()
@@ -116,7 +145,7 @@ impl FlatParams {
                     .transpose()
             })
             .collect::<candle_core::Result<_>>()?;
-        let mut rest = flat;
+        let mut rest = rest;
         let mut chunks = Vec::with_capacity(self.segments.len());
         for s in &self.segments {
             let (head, tail) = rest.split_at_mut(s.len);
@@ -135,7 +164,7 @@ impl FlatParams {
     }
 
     /// Writes a flat buffer of values back into the variables.
-    pub fn scatter_values(&self, flat: &[f32]) -> Result<()> {
+    pub fn scatter_values(&self, flat: &FlatBuffer) -> Result<()> {
         if flat.len() != self.total {
             bail!(
                 "parameter buffer has {} scalars, expected {}",
@@ -144,11 +173,7 @@ impl FlatParams {
             );
         }
         for (var, s) in self.vars.iter().zip(&self.segments) {
-            let t = Tensor::from_slice(
-                &flat[s.offset..s.offset + s.len],
-                s.shape.as_slice(),
-                var.device(),
-            )?;
+            let t = flat.tensor(s.offset..s.offset + s.len, &s.shape, var.device())?;
             var.set(&t)
                 .with_context(|| format!("cannot update {}", s.name))?;
         }

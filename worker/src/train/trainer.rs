@@ -10,26 +10,24 @@
 //! its block. The clipping norm is always the norm of the whole reduced gradient (partial
 //! squared norms summed over the sharding group), never a rank's partial view.
 
-use super::adamw::{clip_to_norm, global_norm, AdamWConfig, FlatAdamW};
+use super::adamw::{global_norm, AdamWConfig, FlatAdamW, UpdateSpan};
 use super::flat::{FlatParams, GroupRule, Segment};
+use super::norm::{clip_range, segment_squares};
 use super::partition::Partition;
 use super::schedule::CosineSchedule;
+use crate::comm::{Communicator, FlatBuffer, HostTransport, PlacementRule};
 use crate::distributed::loss::{coca_group_loss, ContrastiveSpan, LossValues};
-use crate::distributed::tensor_parallel::{global_grad_norm, squared_grad_norm};
+use crate::distributed::tensor_parallel::combine_squares;
 use crate::model::trainable::TrainableWeights;
 use crate::model::{CoCa, CocaLossConfig};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
-use coca_common::collective::{Collective, ReduceOp, SingleProcess};
+use coca_common::collective::ReduceOp;
 use std::collections::HashMap;
 use std::sync::Arc;
 
 /// `logit_scale` is clamped to `[0, ln 100]` after every update, as open_clip does.
 pub const LOGIT_SCALE_MAX: f32 = 4.605_170_2;
-
-/// Gradients are all-reduced in buckets of this many elements (64 MiB of f32), which bounds
-/// the transport's buffers without costing bandwidth.
-const GRAD_BUCKET: usize = 16 << 20;
 
 /// Everything that decides an update besides the data.
 #[derive(Debug, Clone, Copy)]
@@ -40,6 +38,8 @@ pub struct TrainerConfig {
     pub schedule: CosineSchedule,
     pub loss: CocaLossConfig,
     pub span: ContrastiveSpan,
+    /// Where the flat buffers live ([`PlacementRule::Auto`]: host memory for a CPU model).
+    pub buffers: PlacementRule,
 }
 
 /// ZeRO's stages (`--sharding stage1|stage2`).
@@ -56,11 +56,11 @@ pub enum ZeroStage {
 pub struct TrainerGroups {
     /// Ranks that read different samples (dp × sharding): the loss spans them and their
     /// gradients are summed.
-    pub data: Arc<dyn Collective>,
+    pub data: Arc<dyn Communicator>,
     /// Ranks partitioning the optimizer state (a group of one: no sharding).
-    pub sharding: Arc<dyn Collective>,
+    pub sharding: Arc<dyn Communicator>,
     /// The ranks holding the same partition in the other data-parallel replicas.
-    pub replicas: Arc<dyn Collective>,
+    pub replicas: Arc<dyn Communicator>,
     /// `None`: no sharding (the sharding group must then be a group of one).
     pub stage: Option<ZeroStage>,
 }
@@ -68,15 +68,15 @@ pub struct TrainerGroups {
 impl TrainerGroups {
     /// One process.
     pub fn single() -> Self {
-        Self::data_parallel(Arc::new(SingleProcess))
+        Self::data_parallel(HostTransport::single())
     }
 
     /// Plain data parallelism over `data`.
-    pub fn data_parallel(data: Arc<dyn Collective>) -> Self {
+    pub fn data_parallel(data: Arc<dyn Communicator>) -> Self {
         Self {
             data,
-            sharding: Arc::new(SingleProcess),
-            replicas: Arc::new(SingleProcess),
+            sharding: HostTransport::single(),
+            replicas: HostTransport::single(),
             stage: None,
         }
     }
@@ -108,9 +108,9 @@ pub struct TrainerMemory {
 pub struct Trainer {
     pub model: CoCa,
     params: FlatParams,
-    values: Vec<f32>,
+    values: FlatBuffer,
     /// Accumulated gradient: the whole buffer, or (stage 2) this rank's reduced block.
-    grads: Vec<f32>,
+    grads: FlatBuffer,
     pub optimizer: FlatAdamW,
     config: TrainerConfig,
     /// Offset of `logit_scale` in the flat buffers.
@@ -146,7 +146,8 @@ impl Trainer {
     ) -> Result<Self> {
         let vars = weights.iter().cloned().collect();
         let params = FlatParams::new(vars, rule)?;
-        let values = params.gather_values()?;
+        let placement = config.buffers.placement(model.device());
+        let values = params.gather_values(&placement)?;
         let logit_scale_offset = params
             .segments()
             .iter()
@@ -168,8 +169,8 @@ impl Trainer {
         };
         Ok(Self {
             model,
-            grads: vec![0.0; grad_len],
-            optimizer: FlatAdamW::new(partition.len(), config.adamw),
+            grads: FlatBuffer::zeros(grad_len, &placement)?,
+            optimizer: FlatAdamW::new(partition.len(), config.adamw, &placement)?,
             values,
             owned: partition.segments(params.segments()),
             partition,
@@ -212,7 +213,8 @@ impl Trainer {
         loss_scale: f64,
     ) -> Result<LossValues> {
         let out = self.model.forward(images, text)?;
-        let loss = coca_group_loss(&out, &self.config.loss, self.config.span, &self.groups.data)?;
+        let data = self.groups.data.transport();
+        let loss = coca_group_loss(&out, &self.config.loss, self.config.span, data)?;
         let values = loss.values;
         if !values.total.is_finite() {
             return Ok(values);
@@ -226,27 +228,28 @@ impl Trainer {
         }
         // Stage 2: reduce this micro-batch's gradient at once and keep only this rank's block.
         let p = self.partition;
-        let mut full = vec![0f32; p.padded_total()];
+        let mut full = FlatBuffer::zeros(p.padded_total(), &self.values.placement())?;
         self.params
-            .accumulate_grads(&grads, &mut full[..self.params.len()])
+            .accumulate_grads(&grads, &mut full)
             .context("accumulating gradients")?;
-        let mut block = vec![0f32; p.block];
-        self.groups
+        let mut block = self
+            .groups
             .sharding
-            .reduce_scatter(&full, &mut block, ReduceOp::Sum)
+            .reduce_scatter(&full, ReduceOp::Sum)
             .context("reduce-scattering gradients over the sharding group")?;
         drop(full);
         self.groups
             .replicas
             .all_reduce(&mut block, ReduceOp::Sum)
             .context("all-reducing gradient blocks over the data-parallel replicas")?;
-        self.grads.iter_mut().zip(&block).for_each(|(g, b)| *g += b);
+        // The last block may be padding past the end of the buffer.
+        self.grads.add_assign(&block.truncated(p.len())?)?;
         Ok(values)
     }
 
     /// Discards the accumulated gradients without updating (a micro-batch's loss was not
     /// finite); the schedule still advances.
-    pub fn skip_update(&mut self) -> UpdateReport {
+    pub fn skip_update(&mut self) -> Result<UpdateReport> {
         let report = UpdateReport {
             step: self.step,
             lr_factor: self.config.schedule.factor(self.step),
@@ -254,8 +257,8 @@ impl Trainer {
             applied: false,
         };
         self.step += 1;
-        self.grads.iter_mut().for_each(|g| *g = 0.0);
-        report
+        self.grads.fill_zero()?;
+        Ok(report)
     }
 
     /// Reduces the accumulated gradients, clips, updates this rank's partition, gathers the
@@ -263,39 +266,18 @@ impl Trainer {
     /// on every rank alike (the schedule still advances).
     pub fn update(&mut self) -> Result<UpdateReport> {
         let p = self.partition;
-        let owned: &mut [f32] = match self.groups.stage {
-            Some(ZeroStage::Two) => &mut self.grads,
+        // Where this rank's block starts in the gradient buffer.
+        let grads_offset = match self.groups.stage {
+            Some(ZeroStage::Two) => 0,
             _ => {
-                for bucket in self.grads.chunks_mut(GRAD_BUCKET) {
-                    self.groups
-                        .data
-                        .all_reduce(bucket, ReduceOp::Sum)
-                        .context("all-reducing gradients over the data-parallel group")?;
-                }
-                &mut self.grads[p.start..p.end]
+                self.groups
+                    .data
+                    .all_reduce(&mut self.grads, ReduceOp::Sum)
+                    .context("all-reducing gradients over the data-parallel group")?;
+                p.start
             }
         };
-        // Under tensor parallelism a rank holds only its shards' gradients: the split
-        // parameters' squares are also summed over the TP group (plain `global_norm` at
-        // degree 1, bit for bit).
-        let tp = &self.model.tp;
-        let grad_norm = if self.groups.sharding.size() == 1 {
-            global_grad_norm(owned, &self.owned, tp)?
-        } else {
-            // The true norm: every block's squared norm, summed over the sharding group.
-            let partial = if tp.is_single() {
-                let norm = global_norm(owned);
-                norm * norm
-            } else {
-                squared_grad_norm(owned, &self.owned, tp)?
-            };
-            let mut squares = [partial as f32];
-            self.groups
-                .sharding
-                .all_reduce(&mut squares, ReduceOp::Sum)
-                .context("summing squared gradient norms over the sharding group")?;
-            (squares[0] as f64).sqrt()
-        };
+        let grad_norm = self.grad_norm(grads_offset)?;
         let lr_factor = self.config.schedule.factor(self.step);
         let report = UpdateReport {
             step: self.step,
@@ -306,26 +288,73 @@ impl Trainer {
         self.step += 1;
         if report.applied {
             if let Some(max) = self.config.max_grad_norm {
-                clip_to_norm(owned, grad_norm, max);
+                let range = grads_offset..grads_offset + p.len();
+                clip_range(&mut self.grads, range, grad_norm, max)?;
             }
-            self.optimizer.update(
-                &mut self.values[p.start..p.end],
-                owned,
-                &self.owned,
-                lr_factor,
-            );
+            let span = UpdateSpan {
+                params_offset: p.start,
+                grads_offset,
+                segments: &self.owned,
+            };
+            self.optimizer
+                .update(&mut self.values, &self.grads, span, lr_factor)?;
             if self.groups.sharding.size() > 1 {
+                let block = self.values.range(p.start..p.end)?;
                 self.values = self
-                    .gather_blocks(&self.values[p.start..p.end])
+                    .gather_blocks(block)
                     .context("all-gathering parameters")?;
             }
             if let Some(i) = self.logit_scale_offset {
-                self.values[i] = self.values[i].clamp(0.0, LOGIT_SCALE_MAX);
+                self.clamp_logit_scale(i)?;
             }
             self.params.scatter_values(&self.values)?;
         }
-        self.grads.iter_mut().for_each(|g| *g = 0.0);
+        self.grads.fill_zero()?;
         Ok(report)
+    }
+
+    /// The norm of the whole reduced gradient, from this rank's block at `offset` in the
+    /// gradient buffer. Under tensor parallelism a rank holds only its shards' gradients: the
+    /// split parameters' squares are also summed over the TP group (plain `global_norm` at
+    /// degree 1, bit for bit). Sharded, every block's squared norm is summed over the sharding
+    /// group (the true norm, never a rank's partial view).
+    fn grad_norm(&self, offset: usize) -> Result<f64> {
+        let tp = &self.model.tp;
+        let block = offset..offset + self.partition.len();
+        let squared = match &self.grads {
+            FlatBuffer::Host(g) if tp.is_single() => {
+                let norm = global_norm(&g[block]);
+                if self.groups.sharding.size() == 1 {
+                    return Ok(norm);
+                }
+                norm * norm
+            }
+            grads => {
+                let squares = segment_squares(grads, offset, &self.owned)?;
+                combine_squares(&self.owned, &squares, tp)?
+            }
+        };
+        if self.groups.sharding.size() == 1 {
+            return Ok(squared.sqrt());
+        }
+        let mut squares = FlatBuffer::Host(vec![squared as f32]);
+        self.groups
+            .sharding
+            .all_reduce(&mut squares, ReduceOp::Sum)
+            .context("summing squared gradient norms over the sharding group")?;
+        Ok((squares.to_vec()?[0] as f64).sqrt())
+    }
+
+    /// Clamps `logit_scale` (at flat offset `i`) to `[0, ln 100]`, as open_clip does.
+    fn clamp_logit_scale(&mut self, i: usize) -> Result<()> {
+        match &mut self.values {
+            FlatBuffer::Host(v) => v[i] = v[i].clamp(0.0, LOGIT_SCALE_MAX),
+            FlatBuffer::Device(t) => {
+                let clamped = t.narrow(0, i, 1)?.clamp(0f32, LOGIT_SCALE_MAX)?;
+                t.slice_set(&clamped, 0, i)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -353,40 +382,38 @@ impl Trainer {
         }
         let mut out = self.named(
             MOMENT_NAMES[0],
-            &self.gather_blocks(&self.optimizer.exp_avg)?,
+            &self.gather_blocks(self.optimizer.exp_avg.clone())?,
         )?;
         out.extend(self.named(
             MOMENT_NAMES[1],
-            &self.gather_blocks(&self.optimizer.exp_avg_sq)?,
+            &self.gather_blocks(self.optimizer.exp_avg_sq.clone())?,
         )?);
         Ok(out)
     }
 
-    /// `flat` (a whole flat buffer) as one tensor per parameter, named `<prefix>.<param>`.
-    fn named(&self, prefix: &str, flat: &[f32]) -> Result<Vec<(String, Tensor)>> {
+    /// `flat` (a whole flat buffer) as one CPU tensor per parameter (for checkpoints), named
+    /// `<prefix>.<param>`.
+    fn named(&self, prefix: &str, flat: &FlatBuffer) -> Result<Vec<(String, Tensor)>> {
         self.params
             .segments()
             .iter()
             .map(|s| {
-                let values = &flat[s.offset..s.offset + s.len];
-                let t = Tensor::from_slice(values, s.shape.as_slice(), &Device::Cpu)?;
-                Ok((format!("{prefix}.{}", s.name), t))
+                let range = s.offset..s.offset + s.len;
+                let t = flat.tensor(range, &s.shape, &Device::Cpu)?;
+                Ok((format!("{prefix}.{}", s.name), t.to_device(&Device::Cpu)?))
             })
             .collect()
     }
 
     /// Every sharding rank's block (this rank's is `owned`) put together: the whole flat buffer.
-    fn gather_blocks(&self, owned: &[f32]) -> Result<Vec<f32>> {
+    fn gather_blocks(&self, owned: FlatBuffer) -> Result<FlatBuffer> {
         let p = self.partition;
-        let mut block = vec![0f32; p.block];
-        block[..p.len()].copy_from_slice(owned);
-        let mut all = vec![0f32; p.padded_total()];
-        self.groups
+        let all = self
+            .groups
             .sharding
-            .all_gather(&block, &mut all)
+            .all_gather(&owned.padded(p.block)?)
             .context("all-gathering blocks over the sharding group")?;
-        all.truncate(self.params.len());
-        Ok(all)
+        all.truncated(self.params.len())
     }
 
     /// This rank's block of the moments as 1-D tensors named `exp_avg` and `exp_avg_sq`
@@ -396,10 +423,8 @@ impl Trainer {
             .iter()
             .zip([&self.optimizer.exp_avg, &self.optimizer.exp_avg_sq])
             .map(|(name, buffer)| {
-                Ok((
-                    name.to_string(),
-                    Tensor::from_slice(buffer, buffer.len(), &Device::Cpu)?,
-                ))
+                let t = buffer.tensor(0..buffer.len(), &[buffer.len()], &Device::Cpu)?;
+                Ok((name.to_string(), t.to_device(&Device::Cpu)?))
             })
             .collect()
     }
@@ -438,7 +463,8 @@ impl Trainer {
                     .flatten_all()?
                     .narrow(0, from - s.offset, to - from)?
                     .to_vec1::<f32>()?;
-                buffer[from - p.start..to - p.start].copy_from_slice(&values);
+                let values = FlatBuffer::from_host(values, &buffer.placement())?;
+                buffer.write_at(from - p.start, &values)?;
             }
         }
         self.optimizer.step = adam_step;

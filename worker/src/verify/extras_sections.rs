@@ -25,7 +25,7 @@ pub(crate) struct Extras {
 
 impl Extras {
     /// `None` when the folder has no extras.
-    pub(crate) fn open(dir: &Path) -> Result<Option<Self>> {
+    pub(crate) fn open(dir: &Path, device: &Device) -> Result<Option<Self>> {
         let (json_path, st_path) = (dir.join("extras.json"), dir.join("extras.safetensors"));
         if !json_path.exists() || !st_path.exists() {
             return Ok(None);
@@ -35,7 +35,7 @@ impl Extras {
                 .with_context(|| format!("cannot read {}", json_path.display()))?,
         )
         .with_context(|| format!("{} is not JSON", json_path.display()))?;
-        let tensors = candle_core::safetensors::load(&st_path, &Device::Cpu)
+        let tensors = candle_core::safetensors::load(&st_path, device)
             .with_context(|| format!("cannot read {}", st_path.display()))?;
         Ok(Some(Self { json, tensors }))
     }
@@ -155,7 +155,7 @@ pub(crate) fn preprocess_section(reference: &Reference, extras: &Extras) -> Sect
 
 /// The model on the reference weights, for inference.
 fn reference_model(reference: &Reference) -> Result<CoCa> {
-    let vb = VarBuilder::from_tensors(reference.weights.clone(), DType::F32, &Device::Cpu);
+    let vb = VarBuilder::from_tensors(reference.weights.clone(), DType::F32, &reference.device);
     Ok(CoCa::new(&reference.config, vb)?)
 }
 
@@ -168,7 +168,7 @@ pub(crate) fn zeroshot_section(reference: &Reference, extras: &Extras) -> Sectio
         let classnames = extras.strings("/zeroshot/classnames")?;
         let templates = extras.strings("/zeroshot/templates")?;
         let classifier =
-            zero_shot_classifier(&model, &tokenizer, &classnames, &templates, &Device::Cpu)?;
+            zero_shot_classifier(&model, &tokenizer, &classnames, &templates, model.device())?;
         let mut comparison = Comparison::default();
         comparison.check(
             "zeroshot.classifier",

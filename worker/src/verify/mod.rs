@@ -69,21 +69,23 @@ pub(crate) const GRAD_TOL: Tolerance = Tolerance::OfTensorMax { rel: 1e-3 };
 /// The reference folder's contents.
 pub(crate) struct Reference {
     dir: PathBuf,
+    /// Where the model sections compute (`--device`); the reference tensors are loaded there.
+    device: Device,
     config: CocaConfig,
     weights: HashMap<String, Tensor>,
     io: Option<HashMap<String, Tensor>>,
 }
 
 impl Reference {
-    fn open(dir: &Path) -> Result<Self> {
+    fn open(dir: &Path, device: &Device) -> Result<Self> {
         let config = CocaConfig::from_file(&dir.join("config.json"))?;
         let weights_path = dir.join("weights.safetensors");
-        let weights = candle_core::safetensors::load(&weights_path, &Device::Cpu)
+        let weights = candle_core::safetensors::load(&weights_path, device)
             .with_context(|| format!("cannot read {}", weights_path.display()))?;
         let io_path = dir.join("io.safetensors");
         let io = if io_path.exists() {
             Some(
-                candle_core::safetensors::load(&io_path, &Device::Cpu)
+                candle_core::safetensors::load(&io_path, device)
                     .with_context(|| format!("cannot read {}", io_path.display()))?,
             )
         } else {
@@ -91,6 +93,7 @@ impl Reference {
         };
         Ok(Self {
             dir: dir.to_path_buf(),
+            device: device.clone(),
             config,
             weights,
             io,
@@ -108,9 +111,13 @@ impl Reference {
 }
 
 /// Runs every section; the reference folder itself must at least hold `config.json` and
-/// `weights.safetensors`.
-pub fn verify(reference_dir: &Path, checkpoint: Option<&Path>) -> Result<Vec<SectionReport>> {
-    let reference = Reference::open(reference_dir)?;
+/// `weights.safetensors`. The model, training and generation sections run on `device`.
+pub fn verify(
+    reference_dir: &Path,
+    checkpoint: Option<&Path>,
+    device: &Device,
+) -> Result<Vec<SectionReport>> {
+    let reference = Reference::open(reference_dir, device)?;
     let mut reports = Vec::new();
     let mut model_note = String::new();
     let weights = match checkpoint {
@@ -164,7 +171,7 @@ pub fn verify(reference_dir: &Path, checkpoint: Option<&Path>) -> Result<Vec<Sec
         }
     }
     reports.push(train_section(&reference));
-    match Extras::open(&reference.dir) {
+    match Extras::open(&reference.dir, device) {
         Ok(Some(extras)) => {
             reports.push(tokenizer_section(&reference, &extras));
             reports.push(preprocess_section(&reference, &extras));

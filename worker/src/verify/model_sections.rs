@@ -8,7 +8,7 @@ use crate::compare::{Comparison, Tolerance};
 use crate::model::trainable::trainable_model;
 use crate::model::{coca_loss, CocaLossConfig};
 use anyhow::{Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -76,7 +76,7 @@ pub(crate) fn model_sections(
             Some(weights),
             0,
             DType::F32,
-            &Device::Cpu,
+            &reference.device,
         )?;
         let image = reference.io("input.image")?;
         let text = reference.io("input.text")?;

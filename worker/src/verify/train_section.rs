@@ -9,7 +9,7 @@ use crate::train::groups::TowerGroups;
 use crate::train::schedule::CosineSchedule;
 use crate::train::trainer::{Trainer, TrainerConfig};
 use anyhow::{Context, Result};
-use candle_core::{DType, Device};
+use candle_core::DType;
 
 /// The training trajectory's settings, from `extras.json` under `train`.
 #[derive(Debug, serde::Deserialize)]
@@ -40,7 +40,7 @@ pub(crate) fn train_section(reference: &Reference) -> SectionReport {
             .with_context(|| format!("{} is not JSON", extras_json.display()))?;
         let settings: TrainSettings = serde_json::from_value(json["train"].clone())
             .with_context(|| format!("{}: bad `train` settings", extras_json.display()))?;
-        let extras = candle_core::safetensors::load(&extras_st, &Device::Cpu)
+        let extras = candle_core::safetensors::load(&extras_st, &reference.device)
             .with_context(|| format!("cannot read {}", extras_st.display()))?;
         let get = |name: &str| {
             extras
@@ -52,7 +52,7 @@ pub(crate) fn train_section(reference: &Reference) -> SectionReport {
             Some(reference.weights.clone()),
             0,
             DType::F32,
-            &Device::Cpu,
+            &reference.device,
         )?;
         let config = TrainerConfig {
             adamw: AdamWConfig {
@@ -67,6 +67,7 @@ pub(crate) fn train_section(reference: &Reference) -> SectionReport {
             },
             loss: CocaLossConfig::default(),
             span: Default::default(),
+            buffers: crate::comm::PlacementRule::from_env()?,
         };
         let groups = TowerGroups::uniform(settings.lr, settings.weight_decay);
         let mut trainer = Trainer::new(model, &vars, &groups, config)?;

@@ -172,6 +172,7 @@ fn over_the_ring_forward_and_gradients_match_unsplit() {
 /// parameters equal the unsplit ones; replicated parameters stay bit-identical across members.
 #[test]
 fn trainer_steps_under_tensor_parallelism_match_unsplit() {
+    use coca_worker::comm::PlacementRule;
     use coca_worker::model::trainable::TrainableWeights;
     use coca_worker::train::adamw::AdamWConfig;
     use coca_worker::train::groups::TowerGroups;
@@ -193,10 +194,15 @@ fn trainer_steps_under_tensor_parallelism_match_unsplit() {
         },
         loss: CocaLossConfig::default(),
         span: ContrastiveSpan::default(),
+        buffers: PlacementRule::Auto,
     };
     let steps = 3;
-    let train = |model: CoCa, vars: &TrainableWeights| -> (Vec<(f64, f64)>, Grads) {
+    let train = |model: CoCa, vars: &TrainableWeights, buffers| -> (Vec<(f64, f64)>, Grads) {
         let groups = TowerGroups::uniform(1e-3, 0.1);
+        let settings = TrainerConfig {
+            buffers,
+            ..settings
+        };
         let mut trainer = Trainer::new(model, vars, &groups, settings).unwrap();
         let trajectory = (0..steps)
             .map(|_| {
@@ -209,21 +215,37 @@ fn trainer_steps_under_tensor_parallelism_match_unsplit() {
         (trajectory, vars.tensors().into_iter().collect())
     };
     let (model, vars) = trainable_model(&config, None, 17, DType::F32, &Device::Cpu).unwrap();
-    let (want_trajectory, want) = train(model, &vars);
-    let members = run_members(2, |tp| {
-        let (model, vars) =
-            trainable_model_parallel(&config, None, 17, DType::F32, &Device::Cpu, &tp).unwrap();
-        let (trajectory, local) = train(model, &vars);
-        let gathered = gather_state_dict(&local, &config, tp.group().as_ref()).unwrap();
-        (trajectory, (gathered, local))
-    });
-    for (trajectory, _) in &members {
+    let (want_trajectory, want) = train(model, &vars, PlacementRule::Auto);
+    // Host buffers, and the device code path (tensors) run on the CPU.
+    for buffers in [PlacementRule::Auto, PlacementRule::Tensors] {
+        let members = run_members(2, |tp| {
+            let (model, vars) =
+                trainable_model_parallel(&config, None, 17, DType::F32, &Device::Cpu, &tp).unwrap();
+            let (trajectory, local) = train(model, &vars, buffers);
+            let gathered = gather_state_dict(&local, &config, tp.group().as_ref()).unwrap();
+            (trajectory, (gathered, local))
+        });
+        check_members(&members, &want_trajectory, &want, steps);
+    }
+}
+
+type Trajectory = Vec<(f64, f64)>;
+
+/// Every TP member's losses and norms equal each other's and the unsplit trainer's, its gathered
+/// parameters the unsplit ones, and replicated parameters stay bit-identical across members.
+fn check_members(
+    members: &[(Trajectory, (Grads, Grads))],
+    want_trajectory: &Trajectory,
+    want: &Grads,
+    steps: usize,
+) {
+    for (trajectory, _) in members {
         assert_eq!(
             trajectory, &members[0].0,
             "members disagree on losses or norms"
         );
         for (step, ((loss, norm), (want_loss, want_norm))) in
-            trajectory.iter().zip(&want_trajectory).enumerate()
+            trajectory.iter().zip(want_trajectory).enumerate()
         {
             eprintln!("step {step}: loss {loss} vs {want_loss}, norm {norm} vs {want_norm}");
             assert!(((loss - want_loss) / want_loss).abs() < 1e-5);
@@ -231,7 +253,7 @@ fn trainer_steps_under_tensor_parallelism_match_unsplit() {
         }
     }
     let mut worst = 0f32;
-    for (name, want) in &want {
+    for (name, want) in want {
         let got = &members[0].1 .0[name];
         // AdamW's first steps are close to sign(g)·lr, so compare as verify's train section
         // does: 1e-4 absolute or relative.

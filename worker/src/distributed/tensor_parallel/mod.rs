@@ -216,17 +216,35 @@ pub fn global_grad_norm(grads: &[f32], segments: &[Segment], tp: &TensorParallel
 /// The square of [`global_grad_norm`] (to be summed further, e.g. over a sharding group whose
 /// members each hold a block of the flat buffer: pass the block and its segments).
 pub fn squared_grad_norm(grads: &[f32], segments: &[Segment], tp: &TensorParallel) -> Result<f64> {
+    let squares = segments
+        .iter()
+        .map(|s| {
+            ensure!(
+                s.offset + s.len <= grads.len(),
+                "segment {} lies outside the gradient buffer",
+                s.name
+            );
+            Ok(grads[s.offset..s.offset + s.len]
+                .iter()
+                .map(|&g| (g as f64) * (g as f64))
+                .sum())
+        })
+        .collect::<Result<Vec<f64>>>()?;
+    combine_squares(segments, &squares, tp)
+}
+
+/// The whole model's squared gradient norm from `squares`, each segment's `Σ g²` on this member:
+/// the split parameters' squares summed over the group, the replicated ones counted once (see
+/// [`squared_grad_norm`]).
+pub fn combine_squares(segments: &[Segment], squares: &[f64], tp: &TensorParallel) -> Result<f64> {
+    ensure!(
+        segments.len() == squares.len(),
+        "{} squares for {} segments",
+        squares.len(),
+        segments.len()
+    );
     let (mut split, mut replicated) = (0f64, 0f64);
-    for s in segments {
-        ensure!(
-            s.offset + s.len <= grads.len(),
-            "segment {} lies outside the gradient buffer",
-            s.name
-        );
-        let sq: f64 = grads[s.offset..s.offset + s.len]
-            .iter()
-            .map(|&g| (g as f64) * (g as f64))
-            .sum();
+    for (s, sq) in segments.iter().zip(squares) {
         if split_of(&s.name).is_replicated() {
             replicated += sq;
         } else {

@@ -1,0 +1,43 @@
+//! The CUDA settings a training process needs, applied once when its device is opened:
+//! no per-allocation event tracking (every kernel runs on the device's one stream) and a memory
+//! pool that keeps what it has reserved (the driver's default returns it at every
+//! synchronisation, so each step would allocate from the OS again). A CPU build has nothing to
+//! configure.
+
+use anyhow::Result;
+use candle_core::Device;
+
+/// Applies the settings to a device just opened (before any tensor exists on it).
+#[cfg(feature = "cuda")]
+pub fn configure(device: &Device) -> Result<()> {
+    use anyhow::Context;
+    use candle_core::cuda_backend::cudarc::driver::{result, sys};
+    let Device::Cuda(cuda) = device else {
+        return Ok(());
+    };
+    // SAFETY: called right after the device is created, before any tensor exists on it; every
+    // kernel and collective of this process is issued on the device's single stream
+    // (`Device::new_cuda_with_stream`), so no cross-stream synchronisation is needed.
+    unsafe { cuda.disable_event_tracking() };
+    let stream = cuda.cuda_stream();
+    let mut threshold = u64::MAX;
+    // SAFETY: the pool is the device's default pool, alive as long as the context; the value
+    // is a u64 as CU_MEMPOOL_ATTR_RELEASE_THRESHOLD requires.
+    unsafe {
+        let pool = result::device::get_default_mem_pool(stream.context().cu_device())
+            .context("querying the device's default memory pool")?;
+        result::mem_pool::set_attribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+        .context("keeping the memory pool's reservations between steps")?;
+    }
+    Ok(())
+}
+
+/// A CPU build has no CUDA device to configure.
+#[cfg(not(feature = "cuda"))]
+pub fn configure(_device: &Device) -> Result<()> {
+    Ok(())
+}
