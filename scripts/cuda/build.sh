@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Builds the CUDA binaries, target/cuda/release/coca-worker and coca-launch, without a GPU:
+# installs (or reuses) the toolchain of scripts/cuda/toolchain.sh, builds with the worker's `cuda`
+# feature into target/cuda (beside the CPU build's target/release, never over it) and checks that
+# the worker links the CUDA libraries by SONAME only (no path to the link stubs baked in).
+#
+#   scripts/cuda/build.sh             # build and check
+#   scripts/cuda/build.sh --pack      # also target/cuda/dist/{coca-worker,coca-launch}.xz: stripped,
+#                                     # `xz -9`, to carry to a GPU machine (+ SHA256SUMS)
+#   scripts/cuda/build.sh --compute-cap 80 [-- <more cargo build arguments>]
+#
+# The binaries need an NVIDIA driver (libcuda.so.1) and the CUDA 13 libraries (libcublas.so.13,
+# libcublasLt.so.13, libcurand.so.10, libcudart.so.13, ...) to start; see the README's "GPU".
+set -euo pipefail
+
+die() { echo "build.sh: error: $*" >&2; exit 1; }
+say() { echo "build.sh: $*" >&2; }
+
+PACK=0
+TOOLCHAIN_ARGS=(--env)
+CARGO_EXTRA=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --pack) PACK=1 ;;
+    --compute-cap) [ $# -ge 2 ] || die "--compute-cap needs a value (e.g. 90)"; TOOLCHAIN_ARGS+=(--compute-cap "$2"); shift ;;
+    --compute-cap=*) TOOLCHAIN_ARGS+=(--compute-cap "${1#*=}") ;;
+    --) shift; CARGO_EXTRA=("$@"); break ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    *) die "unknown argument '$1' (see --help)" ;;
+  esac
+  shift
+done
+
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+export PATH="$HOME/.cargo/bin:$PATH"
+command -v cargo >/dev/null || die "cargo is required (rustup toolchain)"
+command -v readelf >/dev/null || die "readelf is required (apt-get install binutils)"
+
+ENV_LINES="$(scripts/cuda/toolchain.sh "${TOOLCHAIN_ARGS[@]}")" || die "the CUDA toolchain could not be installed (scripts/cuda/toolchain.sh)"
+eval "$ENV_LINES"
+
+TARGET_DIR=target/cuda
+# Features of the CUDA build. The launcher has no device code and does not depend on the worker;
+# it is built here only so that it sits beside the worker it starts (it runs the coca-worker in
+# its own folder).
+FEATURES=(coca-worker/cuda)
+# NCCL goes here once the worker has an `nccl` feature: FEATURES+=(coca-worker/nccl), and the
+# toolchain must then provide libnccl.so.2 for linking (a stub or the nvidia-nccl-cu13 wheel).
+PACKAGES=(-p coca-worker -p coca-launch)
+
+say "cargo build --release --target-dir $TARGET_DIR ${PACKAGES[*]} --features ${FEATURES[*]} (CUDA_COMPUTE_CAP=$CUDA_COMPUTE_CAP)"
+start=$SECONDS
+cargo build --release --target-dir "$TARGET_DIR" "${PACKAGES[@]}" \
+  --features "$(IFS=,; echo "${FEATURES[*]}")" ${CARGO_EXTRA[@]+"${CARGO_EXTRA[@]}"}
+say "built in $((SECONDS - start)) s"
+
+BIN="$TARGET_DIR/release"
+for b in coca-worker coca-launch; do
+  [ -x "$BIN/$b" ] || die "$BIN/$b was not produced"
+done
+
+# The check: the worker needs the driver and the CUDA libraries by SONAME, and no RPATH/RUNPATH
+# or path (to the stubs or the toolchain cache) is recorded in its dynamic section.
+DYN="$(readelf -d "$BIN/coca-worker")"
+NEEDED="$(sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p' <<<"$DYN")"
+for lib in libcuda.so.1 libcublas.so.13 libcurand.so.10 libcudart.so.13; do
+  grep -qx "$lib" <<<"$NEEDED" || die "$BIN/coca-worker does not link $lib (NEEDED: $(echo $NEEDED)): is the cuda feature on?"
+done
+if grep -qE '\((RPATH|RUNPATH)\)' <<<"$DYN"; then
+  die "$BIN/coca-worker has an RPATH/RUNPATH: $(grep -E 'RPATH|RUNPATH' <<<"$DYN")"
+fi
+if grep -q / <<<"$NEEDED"; then
+  die "$BIN/coca-worker records a library by path: $(grep / <<<"$NEEDED")"
+fi
+say "coca-worker NEEDED: $(echo $NEEDED)"
+
+if [ "$PACK" = 1 ]; then
+  command -v xz >/dev/null || die "xz is required for --pack (apt-get install xz-utils)"
+  command -v strip >/dev/null || die "strip is required for --pack (apt-get install binutils)"
+  DIST="$TARGET_DIR/dist"
+  mkdir -p "$DIST"
+  for b in coca-worker coca-launch; do
+    strip -o "$DIST/$b" "$BIN/$b"
+    xz -9 -f -T1 "$DIST/$b" # replaces $DIST/$b by $DIST/$b.xz
+  done
+  (cd "$DIST" && sha256sum coca-worker.xz coca-launch.xz >SHA256SUMS)
+  say "packed: $(cd "$DIST" && ls -l coca-worker.xz coca-launch.xz | awk '{ printf "%s %.1f MB  ", $NF, $5 / 1e6 }')"
+  say "on the GPU machine: xz -d coca-worker.xz coca-launch.xz && chmod +x coca-worker coca-launch"
+fi
+echo "$BIN/coca-worker"
+echo "$BIN/coca-launch"
