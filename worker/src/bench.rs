@@ -78,6 +78,15 @@ fn median(mut xs: Vec<f64>) -> f64 {
     xs[xs.len() / 2]
 }
 
+/// `cpu` or `cuda:N`, for the report.
+fn device_name(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
 /// New tokens generated for the caption-latency figure.
 pub const CAPTION_TOKENS: usize = 20;
 
@@ -123,6 +132,7 @@ pub fn run(opts: &BenchOptions) -> Result<Option<serde_json::Value>> {
         let (start, faults) = (Instant::now(), minor_page_faults());
         trainer.backward(&images, &text, 1.0)?;
         trainer.update()?;
+        device.synchronize()?;
         if step > 0 {
             step_times.push(start.elapsed().as_secs_f64());
             step_faults.push(minor_page_faults() - faults);
@@ -152,14 +162,18 @@ pub fn run(opts: &BenchOptions) -> Result<Option<serde_json::Value>> {
     for step in 0..=opts.steps {
         let start = Instant::now();
         frozen.encode_image(&images)?;
+        device.synchronize()?;
         if step > 0 {
             embed_times.push(start.elapsed().as_secs_f64());
         }
     }
+    let flops = crate::model::flops::train_per_sample(&config) * opts.batch as f64;
     let mut report = serde_json::json!({
         "model": opts.model,
         "batch": opts.batch,
         "steps": opts.steps,
+        "device": device_name(&device),
+        "tf32": opts.device.tf32,
         "threads": rayon::current_num_threads(),
         "cpu_model": crate::simd::cpu_model(),
         "cpu_kernels": crate::simd::KernelFamily::active().name(),
@@ -168,8 +182,15 @@ pub fn run(opts: &BenchOptions) -> Result<Option<serde_json::Value>> {
         "train_step_times_s": step_times,
         "train_page_faults_per_step": step_faults,
         "train_samples_per_s": opts.batch as f64 / step,
+        "train_model_flops_per_step": flops,
+        "train_tflops": flops / step / 1e12,
+        "device_memory_in_use_bytes": crate::cuda_setup::memory_in_use(&device)?,
         "embed_images_per_s": opts.batch as f64 / median(embed_times),
     });
+    if !device.is_cpu() {
+        // The decoding row kernels are the CPU's; the GPU's caption figures come from `caption`.
+        return Ok(Some(report));
+    }
     if !opts.captions {
         return Ok(Some(report));
     }

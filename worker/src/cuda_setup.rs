@@ -36,6 +36,26 @@ pub fn configure(device: &Device) -> Result<()> {
     Ok(())
 }
 
+/// Bytes of device memory in use (the whole card's total minus free: with the pool keeping its
+/// reservations, about the peak this process reached); `None` on the CPU.
+#[cfg(feature = "cuda")]
+pub fn memory_in_use(device: &Device) -> Result<Option<u64>> {
+    use anyhow::Context;
+    use candle_core::cuda_backend::cudarc::driver::result;
+    if !device.is_cuda() {
+        return Ok(None);
+    }
+    device.synchronize()?;
+    let (free, total) = result::mem_get_info().context("querying the device's free memory")?;
+    Ok(Some((total - free) as u64))
+}
+
+/// A CPU build has no device memory to report.
+#[cfg(not(feature = "cuda"))]
+pub fn memory_in_use(_device: &Device) -> Result<Option<u64>> {
+    Ok(None)
+}
+
 /// A CPU build has no CUDA device to configure.
 #[cfg(not(feature = "cuda"))]
 pub fn configure(_device: &Device) -> Result<()> {

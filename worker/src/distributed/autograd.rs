@@ -10,8 +10,9 @@
 //! Every member must apply the same operations in the same order, forward and backward; candle's
 //! backward visits the graph in a deterministic order, so identical graphs keep members in step.
 
+use super::host_staged::via_host;
 use crate::model::ops::f32_data;
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CudaStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use coca_common::collective::{Collective, ReduceOp};
 use std::sync::Arc;
 
@@ -95,6 +96,10 @@ impl CustomOp1 for AllGatherRows {
         Ok((CpuStorage::F32(out), Shape::from(shape)))
     }
 
+    fn cuda_fwd(&self, storage: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
+        via_host([(storage, layout)], Box::new(|[(s, l)]| self.cpu_fwd(s, l)))
+    }
+
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let grad = grad.contiguous()?;
         let grad = grad.flatten_all()?.to_vec1::<f32>()?;
@@ -154,6 +159,10 @@ impl CustomOp1 for GroupPair {
                 .map_err(|e| comm_err(self.name(), e))?;
         }
         Ok((CpuStorage::F32(data), layout.shape().clone()))
+    }
+
+    fn cuda_fwd(&self, storage: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
+        via_host([(storage, layout)], Box::new(|[(s, l)]| self.cpu_fwd(s, l)))
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {

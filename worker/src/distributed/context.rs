@@ -99,11 +99,12 @@ impl RankContext {
     /// Reads the launcher's environment and connects; `tp` and `sharding` are the degrees the
     /// worker's own flags ask for (they must match the launcher's).
     pub fn from_env(tp: usize, sharding: usize) -> Result<Self> {
-        if std::env::var("COCA_DEVICE_KIND").as_deref() == Ok("gpu") {
+        if std::env::var("COCA_DEVICE_KIND").as_deref() == Ok("gpu") && !crate::device::cuda_built()
+        {
             bail!(
-                "the launcher started one worker per GPU (--nproc-per-node gpu/auto), but this \
-                 build computes on the CPU only (the CUDA/NCCL backend is not implemented yet); \
-                 start CPU workers with --nproc-per-node N"
+                "the launcher started one worker per GPU (--nproc-per-node gpu/auto), but {}; \
+                 or start CPU workers with --nproc-per-node N",
+                crate::device::CUDA_BUILD_HINT
             );
         }
         let world = env_number("WORLD_SIZE")?.unwrap_or(1);

@@ -2,8 +2,9 @@
 //! the cross-entropy over logits whose vocabulary is split across the group.
 
 use super::TensorParallel;
+use crate::distributed::host_staged::via_host;
 use crate::model::ops::{cross_entropy_rows, f32_data, u32_data, CrossEntropyBackward, VocabShard};
-use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CudaStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use coca_common::collective::Collective;
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
@@ -217,6 +218,18 @@ impl CustomOp2 for ParallelCrossEntropy {
             .map_err(|_| candle_core::Error::Msg("cross-entropy state lock poisoned".into()))? =
             Some(Arc::new(global));
         Ok((CpuStorage::F32(loss), Shape::from(n)))
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let forward =
+            |[(s1, l1), (s2, l2)]: [(&CpuStorage, &Layout); 2]| self.cpu_fwd(s1, l1, s2, l2);
+        via_host([(s1, l1), (s2, l2)], Box::new(forward))
     }
 
     fn bwd(
