@@ -36,6 +36,7 @@
 
 mod split;
 mod vocab;
+mod vocab_portable;
 
 pub use split::{
     full_shape, gather_moments, gather_state_dict, gather_tensor, local_parameter_shapes,
@@ -45,6 +46,7 @@ pub use vocab::{
     caption_loss_parallel, caption_token_loss, vocab_parallel_cross_entropy,
     vocab_parallel_embedding,
 };
+pub use vocab_portable::vocab_parallel_cross_entropy_portable;
 
 use super::autograd::{copy_to_group, reduce_from_group};
 use crate::model::config::{mlp_width, CocaConfig};
