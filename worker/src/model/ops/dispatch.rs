@@ -30,14 +30,18 @@ pub fn force_portable() {
 pub fn portable_forced() -> bool {
     match MODE.load(Ordering::Relaxed) {
         0 => {
-            let on = std::env::var(PORTABLE_OPS_ENV)
-                .is_ok_and(|v| matches!(v.trim(), "1" | "true" | "True" | "TRUE"));
+            let on = switch_on(std::env::var(PORTABLE_OPS_ENV).ok().as_deref());
             // A concurrent force_portable wins over the environment.
             let _ = MODE.compare_exchange(0, 1 + on as u8, Ordering::Relaxed, Ordering::Relaxed);
             MODE.load(Ordering::Relaxed) == 2
         }
         mode => mode == 2,
     }
+}
+
+/// Whether a value of [`PORTABLE_OPS_ENV`] turns the switch on: `1` or `true` (any case).
+pub(super) fn switch_on(value: Option<&str>) -> bool {
+    value.is_some_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true"))
 }
 
 /// How many ops of this process ran their fused kernel: tests under [`force_portable`] check

@@ -186,7 +186,9 @@ impl TargetColumns {
 
     /// `x[n, target[n]]` where the slice holds the target, else 0 (`x` in the compute dtype).
     pub fn picked(&self, x: &Tensor) -> Result<Tensor> {
-        x.gather(&self.index.unsqueeze(1)?, 1)?
+        // candle's gather reads contiguous tensors only (the contrastive loss passes a transpose).
+        x.contiguous()?
+            .gather(&self.index.unsqueeze(1)?, 1)?
             .squeeze(1)?
             .mul(&self.owned)
     }

@@ -188,6 +188,14 @@ fn cross_entropy_portable_matches_fused() {
             }
         }
     }
+    // The contrastive loss passes a transpose: strided logits.
+    let transposed = logits.t().unwrap().contiguous().unwrap();
+    assert_portable_matches(
+        "cross-entropy of a transpose",
+        &[transposed],
+        |x| cross_entropy_rows(&x[0].t().unwrap(), &targets, Some(0)).unwrap(),
+        |x| portable::cross_entropy_rows(&x[0].t().unwrap(), &targets, Some(0)).unwrap(),
+    );
     let bad = Tensor::from_vec(vec![v as u32; n], n, &Device::Cpu).unwrap();
     let err = portable::cross_entropy_rows(&logits, &bad, Some(0))
         .unwrap_err()
@@ -325,4 +333,19 @@ fn dispatch_takes_the_fused_kernel_for_float32_on_the_cpu_only() {
     assert_eq!(dispatch::fused(&[&x]), !portable_forced());
     assert!(!dispatch::fused(&[&h]));
     assert!(!dispatch::fused(&[&x, &h]));
+}
+
+#[test]
+fn the_environment_switch_reads_one_and_true() {
+    for (value, on) in [
+        (Some("1"), true),
+        (Some("true"), true),
+        (Some(" TRUE\n"), true),
+        (Some("0"), false),
+        (Some("false"), false),
+        (Some(""), false),
+        (None, false),
+    ] {
+        assert_eq!(dispatch::switch_on(value), on, "{value:?}");
+    }
 }
