@@ -22,7 +22,8 @@
 //! [`reduce_from_group`]) and the backward one (`f`, [`copy_to_group`] at the input of the
 //! column-parallel layer). The vocabulary-parallel embedding adds one forward all-reduce, the
 //! decoder's projection one backward all-reduce, and the cross-entropy one all-gather of two
-//! floats per token.
+//! floats per token (its portable composition, on other devices and dtypes: one all-reduce of
+//! `2·T` floats per token).
 //!
 //! Gradients: when every member of a TP group feeds the model the same inputs, the gradients of
 //! the replicated parameters come out bit-identical on every member (they only see activations

@@ -113,7 +113,7 @@ fn softmaxes_portable_match_fused() {
     let scores = rand(&[b, h, t, s], 12);
     let [ours, _] = assert_portable_matches(
         "padding masked softmax",
-        &[scores.clone()],
+        std::slice::from_ref(&scores),
         |x| masked_softmax(&x[0], Some(&per_sample), 0.35).unwrap(),
         |x| portable::masked_softmax(&x[0], Some(&per_sample), 0.35).unwrap(),
     );
