@@ -112,7 +112,8 @@ pub fn load_images(paths: &[PathBuf], size: usize) -> Result<Tensor> {
 }
 
 /// Batches from which captioning first moves the decoding weights onto huge pages: the move
-/// costs about what 15 batches of decoding save (see [`super::generate::DecodeWeights::move_to_huge_pages`]).
+/// costs about what 15 batches of decoding save (see
+/// [`super::generate::DecodeWeights::move_to_huge_pages`]).
 const HUGE_PAGES_FROM_BATCHES: usize = 16;
 
 /// Captions `model` writes for `paths`, in order.

@@ -20,9 +20,9 @@
 //! | op | computes in | returns |
 //! |---|---|---|
 //! | [`layer_norm`] | float32 statistics and affine | float32 (autocast's float32 list) |
-//! | [`softmax_last_dim`], [`masked_softmax`] | float32 (upcast, subtract the row max, exp, normalise) | float32 (autocast's float32 list) |
+//! | [`softmax_last_dim`], [`masked_softmax`] | float32: − row max, exp, normalise | float32 (same) |
 //! | [`gelu_erf`] | float32 erf and products | the input's dtype (not an autocast op) |
-//! | [`cross_entropy_rows`] | float32 log-sum-exp | float32 (autocast's float32 list) |
+//! | [`cross_entropy_rows`] | float32 log-sum-exp | float32 (same) |
 //! | [`transpose_contiguous`] | no arithmetic | the input's dtype |
 //!
 //! A bfloat16 model therefore gets float32 activations out of its layer norms and softmaxes;
