@@ -20,7 +20,7 @@
 //! | op | computes in | returns |
 //! |---|---|---|
 //! | [`layer_norm`] | float32 statistics and affine | float32 (autocast's float32 list) |
-//! | [`softmax_last_dim`], [`masked_softmax`] | float32: − row max, exp, normalise | float32 (same) |
+//! | [`softmax_last_dim`], [`masked_softmax`] | float32: − row max, exp, normalise | float32 |
 //! | [`gelu_erf`] | float32 erf and products | the input's dtype (not an autocast op) |
 //! | [`cross_entropy_rows`] | float32 log-sum-exp | float32 (same) |
 //! | [`transpose_contiguous`] | no arithmetic | the input's dtype |
