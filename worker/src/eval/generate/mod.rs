@@ -204,6 +204,8 @@ pub(super) fn repeat_rows(x: &Tensor, n: usize) -> Result<Tensor> {
     Ok(x.contiguous()?.index_select(&idx, 0)?)
 }
 
+/// The ids of `seqs` (all of one length) from position `from` on, as `[rows, len − from]` on
+/// `device`: what a decoder with `from` positions cached has not seen yet.
 pub(super) fn prefix_tensor(seqs: &[Vec<u32>], from: usize, device: &Device) -> Result<Tensor> {
     let t = seqs.first().map_or(0, Vec::len);
     ensure!(

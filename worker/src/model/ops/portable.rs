@@ -51,7 +51,7 @@ pub fn log_sum_exp(x: &Tensor, dim: usize) -> Result<Tensor> {
 
 /// Softmax over the last dimension of `z` (already in its compute dtype). A row that is
 /// entirely −∞ gives zeros, as the fused kernels do (PyTorch gives NaN).
-fn softmax_in_place_dtype(z: &Tensor) -> Result<Tensor> {
+fn stable_softmax(z: &Tensor) -> Result<Tensor> {
     let last = z.rank() - 1;
     let e = z.broadcast_sub(&stable_shift(z, last)?)?.exp()?;
     // At least 1 where the row has a finite entry (its maximum contributes exp(0)); 0 on a row
@@ -80,7 +80,7 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
 
 /// [`super::softmax_last_dim`] composed, in the compute dtype (which it returns).
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    softmax_in_place_dtype(&upcast(x)?)
+    stable_softmax(&upcast(x)?)
 }
 
 /// [`super::masked_softmax`] composed: `softmax(scale · scores + mask)` in the compute dtype
@@ -99,7 +99,7 @@ pub fn masked_softmax(scores: &Tensor, mask: Option<&Tensor>, scale: f64) -> Res
             z.broadcast_add(&mask)?
         }
     };
-    softmax_in_place_dtype(&z)
+    stable_softmax(&z)
 }
 
 /// [`super::gelu_erf`] composed: the erf and the products in the compute dtype; returns the
