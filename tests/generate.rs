@@ -1,5 +1,6 @@
-//! Caption generation: open_clip's beam search on the `coca-tiny` fixture, and the key/value
-//! cache against recomputing the prefix (fixture and random model).
+//! Caption generation: open_clip's greedy and beam-search captions on the `coca-tiny` fixture,
+//! and both key/value caches (row kernels, tensors) against recomputing the prefix (fixture and
+//! random model).
 
 mod common;
 
@@ -7,20 +8,11 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use coca_worker::eval::generate::{
     generate_with, CachedDecoder, DecodePrecision, DecodeWeights, GenerateOptions, GenerationType,
-    RecomputeDecoder, StepDecoder,
+    RecomputeDecoder, StepDecoder, TensorCacheDecoder,
 };
 use coca_worker::model::trainable::trainable_model;
 use coca_worker::model::{CoCa, CocaConfig};
 use std::collections::HashMap;
-
-fn fixture_model() -> Option<(CoCa, Tensor, HashMap<String, Tensor>)> {
-    let dir = common::fixture("coca-tiny")?;
-    common::fixture("coca-tiny/extras.safetensors")?;
-    let extras = common::load(&dir.join("extras.safetensors"));
-    let model = common::fixture_model(&dir);
-    let images = extras["preprocess.32"].clone();
-    Some((model, images, extras))
-}
 
 fn random_model() -> (CoCa, Tensor) {
     let config = CocaConfig::resolve("coca_demo").unwrap();
@@ -43,15 +35,36 @@ fn random_model() -> (CoCa, Tensor) {
     (model, images)
 }
 
-/// Feeds the same token rows to both decoders one position at a time and compares every step's
-/// logits. Each image appears `copies` times (rows `i`, `i + b`, …); midway the copies rotate
-/// histories, as beam search reorders beams of one image.
-fn assert_cache_matches_recompute(model: &CoCa, images: &Tensor, steps: usize, copies: usize) {
+/// Which key/value cache a check runs.
+#[derive(Debug, Clone, Copy)]
+enum Cache {
+    /// The CPU row kernels ([`CachedDecoder`]).
+    Kernels,
+    /// The model's layers on tensors ([`TensorCacheDecoder`]).
+    Tensors,
+}
+
+/// Feeds the same token rows to `cache` and to the recompute decoder one position at a time and
+/// compares every step's logits. Each image appears `copies` times (rows `i`, `i + b`, …);
+/// midway the copies rotate histories, as beam search reorders beams of one image.
+fn assert_cache_matches_recompute(
+    model: &CoCa,
+    images: &Tensor,
+    steps: usize,
+    copies: usize,
+    cache: Cache,
+) {
     let images = Tensor::cat(&vec![images; copies], 0).unwrap();
     let (_, image_embs) = model.encode_image(&images).unwrap();
     let rows = images.dim(0).unwrap();
     let weights = DecodeWeights::new(model, DecodePrecision::F32).unwrap();
-    let mut cached = CachedDecoder::new(&weights, &image_embs, 1).unwrap();
+    let fresh = || -> Box<dyn StepDecoder + '_> {
+        match cache {
+            Cache::Kernels => Box::new(CachedDecoder::new(&weights, &image_embs, 1).unwrap()),
+            Cache::Tensors => Box::new(TensorCacheDecoder::new(model, &image_embs, 1).unwrap()),
+        }
+    };
+    let mut cached = fresh();
     let mut recompute = RecomputeDecoder::new(model, image_embs.clone());
     let mut seqs: Vec<Vec<u32>> = vec![vec![49406]; rows];
     let mut worst = 0f32;
@@ -75,15 +88,14 @@ fn assert_cache_matches_recompute(model: &CoCa, images: &Tensor, steps: usize, c
     // A whole prefix in one call runs its positions in turn (the last step's, which fits the
     // context).
     let prefix: Vec<Vec<u32>> = seqs.iter().map(|s| s[..s.len() - 1].to_vec()).collect();
-    let mut fresh = CachedDecoder::new(&weights, &image_embs, 1).unwrap();
-    let a = fresh.next_logits(&prefix).unwrap();
+    let a = fresh().next_logits(&prefix).unwrap();
     let r = recompute.next_logits(&prefix).unwrap();
     for (x, y) in a.iter().zip(&r) {
         for (p, q) in x.iter().zip(y) {
             worst = worst.max((p - q).abs());
         }
     }
-    eprintln!("cache vs recompute: max abs logit difference {worst:e}");
+    eprintln!("{cache:?} cache vs recompute: max abs logit difference {worst:e}");
     assert!(worst < 1e-4, "cached logits differ by {worst}");
 }
 
@@ -94,36 +106,20 @@ fn assert_same_tokens(model: &CoCa, images: &Tensor, opts: &GenerateOptions) {
 }
 
 #[test]
-fn beam_search_matches_open_clip() {
-    let Some((model, images, extras)) = fixture_model() else {
+fn captions_match_open_clip() {
+    let Some((model, images, extras)) = common::model_checks::caption_fixture() else {
         return;
     };
-    let opts = GenerateOptions {
-        generation_type: GenerationType::BeamSearch,
-        seq_len: 15,
-        min_seq_len: 5,
-        ..GenerateOptions::default()
-    };
-    let ours = generate_with(&model, &images, &opts, true).unwrap();
-    let expected = extras["generate.beam"].to_vec2::<i64>().unwrap();
-    for (o, e) in ours.iter().zip(&expected) {
-        let mut o: Vec<i64> = o.iter().map(|&t| t as i64).collect();
-        o.resize(e.len(), 0);
-        assert_eq!(&o, e);
-    }
-    let greedy = extras["generate.greedy"].to_vec2::<i64>().unwrap();
-    assert_ne!(
-        greedy, expected,
-        "the fixture's beam and greedy captions should differ"
-    );
+    common::model_checks::assert_captions_match(&model, &images, &extras);
 }
 
 #[test]
 fn cache_equals_recompute_on_the_fixture() {
-    let Some((model, images, _)) = fixture_model() else {
+    let Some((model, images, _)) = common::model_checks::caption_fixture() else {
         return;
     };
-    assert_cache_matches_recompute(&model, &images, 15, 2);
+    assert_cache_matches_recompute(&model, &images, 15, 2, Cache::Kernels);
+    assert_cache_matches_recompute(&model, &images, 15, 2, Cache::Tensors);
     for generation_type in [GenerationType::Greedy, GenerationType::BeamSearch] {
         let opts = GenerateOptions {
             generation_type,
@@ -167,7 +163,7 @@ fn step_bytes_from_the_weight_file() -> usize {
 /// float32's (each logit is a long sum of weights × activations; 2⁻⁸ relative per weight).
 #[test]
 fn bf16_decoding_weights_stay_close_to_float32() {
-    let Some((model, images, _)) = fixture_model() else {
+    let Some((model, images, _)) = common::model_checks::caption_fixture() else {
         return;
     };
     let (_, image_embs) = model.encode_image(&images).unwrap();
@@ -208,9 +204,11 @@ fn bf16_decoding_weights_stay_close_to_float32() {
 #[test]
 fn cache_equals_recompute_on_a_random_model() {
     let (model, images) = random_model();
-    assert_cache_matches_recompute(&model, &images, 16, 2);
+    assert_cache_matches_recompute(&model, &images, 16, 2, Cache::Kernels);
+    assert_cache_matches_recompute(&model, &images, 16, 2, Cache::Tensors);
     // 9 rows: more than the decoding kernels stream, so products go through candle's GEMM.
-    assert_cache_matches_recompute(&model, &images, 6, 3);
+    assert_cache_matches_recompute(&model, &images, 6, 3, Cache::Kernels);
+    assert_cache_matches_recompute(&model, &images, 6, 3, Cache::Tensors);
     for (generation_type, penalty) in [
         (GenerationType::Greedy, 1.0),
         (GenerationType::TopK, 1.3),

@@ -8,22 +8,39 @@ fn verify(args: &[&str]) -> (i32, String, String) {
     common::run("coca-worker", &all)
 }
 
-#[test]
-fn verify_passes_on_the_reference_itself() {
+/// `verify` of the fixture against itself, under the environment `env`: every section passes.
+fn assert_verify_passes_on_the_reference(env: &[(&str, &str)]) {
     let Some(dir) = common::fixture("coca-tiny") else {
         return;
     };
-    let (code, out, err) = verify(&["--reference", dir.to_str().unwrap()]);
-    assert_eq!(code, 0, "{out}\n{err}");
-    for section in ["forward", "loss", "grads"] {
+    let args = ["verify", "--reference", dir.to_str().unwrap()];
+    let (code, out, err) = common::run_with_env("coca-worker", &args, env);
+    assert_eq!(code, 0, "{env:?}\n{out}\n{err}");
+    for section in ["forward", "loss", "grads", "train", "zeroshot", "generate"] {
         assert!(
             out.lines()
                 .any(|l| l.starts_with(&format!("{section} pass "))),
-            "{section} did not pass:\n{out}"
+            "{env:?}: {section} did not pass:\n{out}"
         );
     }
     assert!(out.contains("weights not-checked"), "{out}");
-    assert!(out.lines().last().unwrap().starts_with("verify: "), "{out}");
+    let last = out.lines().last().unwrap();
+    assert!(
+        last.starts_with("verify: ") && last.ends_with(" 0 failed"),
+        "{out}"
+    );
+}
+
+#[test]
+fn verify_passes_on_the_reference_itself() {
+    assert_verify_passes_on_the_reference(&[]);
+}
+
+/// The whole verification (forward, gradients, a training trajectory, zero-shot, captions) on
+/// the portable ops: the math the GPU runs.
+#[test]
+fn verify_passes_on_the_portable_ops() {
+    assert_verify_passes_on_the_reference(&[("COCA_PORTABLE_OPS", "1")]);
 }
 
 #[test]

@@ -9,16 +9,31 @@
 //!
 //! Every member must apply the same operations in the same order, forward and backward; candle's
 //! backward visits the graph in a deterministic order, so identical graphs keep members in step.
+//!
+//! The collectives exchange host float32 buffers: a tensor on another device or in another
+//! dtype is staged through the host as float32 and back (see `on_host`), gradients included.
 
-use super::host_staged::via_host;
 use crate::model::ops::f32_data;
-use candle_core::{CpuStorage, CudaStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
 use coca_common::collective::{Collective, ReduceOp};
 use std::sync::Arc;
 
 /// A collective error as a candle error (the collective's message names group and peer).
 fn comm_err(op: &str, e: anyhow::Error) -> candle_core::Error {
     candle_core::Error::Msg(format!("{op}: {e:#}"))
+}
+
+/// `op` of `x` as a host float32 tensor: `x` itself when it is one, else a copy (moved to the
+/// CPU, cast to float32) whose result goes back to `x`'s device and dtype. Both moves carry
+/// gradients, so the collectives' autograd works on every device until device collectives
+/// (NCCL) replace the host ring.
+fn on_host(x: &Tensor, op: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        return op(x);
+    }
+    op(&x.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)?
+        .to_dtype(x.dtype())?
+        .to_device(x.device())
 }
 
 /// Row counts of every member for a local tensor of `rows` rows.
@@ -36,9 +51,11 @@ pub fn all_gather_rows(x: &Tensor, comm: &Arc<dyn Collective>) -> Result<Tensor>
         return Ok(x.clone());
     }
     let counts = member_rows(comm.as_ref(), x.dim(0)?)?;
-    x.contiguous()?.apply_op1(AllGatherRows {
-        comm: comm.clone(),
-        counts,
+    on_host(x, |x| {
+        x.contiguous()?.apply_op1(AllGatherRows {
+            comm: comm.clone(),
+            counts,
+        })
     })
 }
 
@@ -50,9 +67,11 @@ pub fn gather_rows_detached(x: &Tensor, comm: &Arc<dyn Collective>) -> Result<(T
     }
     let counts = member_rows(comm.as_ref(), x.dim(0)?)?;
     let offset = counts[..comm.rank()].iter().sum();
-    let all = x.detach().contiguous()?.apply_op1_no_bwd(&AllGatherRows {
-        comm: comm.clone(),
-        counts,
+    let all = on_host(&x.detach(), |x| {
+        x.contiguous()?.apply_op1_no_bwd(&AllGatherRows {
+            comm: comm.clone(),
+            counts,
+        })
     })?;
     Ok((all, offset))
 }
@@ -94,10 +113,6 @@ impl CustomOp1 for AllGatherRows {
         let mut shape = dims.to_vec();
         shape[0] = self.counts.iter().sum();
         Ok((CpuStorage::F32(out), Shape::from(shape)))
-    }
-
-    fn cuda_fwd(&self, storage: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
-        via_host([(storage, layout)], Box::new(|[(s, l)]| self.cpu_fwd(s, l)))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -161,10 +176,6 @@ impl CustomOp1 for GroupPair {
         Ok((CpuStorage::F32(data), layout.shape().clone()))
     }
 
-    fn cuda_fwd(&self, storage: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
-        via_host([(storage, layout)], Box::new(|[(s, l)]| self.cpu_fwd(s, l)))
-    }
-
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(match self.direction {
             PairDirection::Copy => all_reduce_tensor(self.comm.as_ref(), grad)?,
@@ -179,9 +190,11 @@ pub fn copy_to_group(x: &Tensor, comm: &Arc<dyn Collective>) -> Result<Tensor> {
     if comm.size() == 1 {
         return Ok(x.clone());
     }
-    x.contiguous()?.apply_op1(GroupPair {
-        comm: comm.clone(),
-        direction: PairDirection::Copy,
+    on_host(x, |x| {
+        x.contiguous()?.apply_op1(GroupPair {
+            comm: comm.clone(),
+            direction: PairDirection::Copy,
+        })
     })
 }
 
@@ -191,8 +204,10 @@ pub fn reduce_from_group(x: &Tensor, comm: &Arc<dyn Collective>) -> Result<Tenso
     if comm.size() == 1 {
         return Ok(x.clone());
     }
-    x.contiguous()?.apply_op1(GroupPair {
-        comm: comm.clone(),
-        direction: PairDirection::Reduce,
+    on_host(x, |x| {
+        x.contiguous()?.apply_op1(GroupPair {
+            comm: comm.clone(),
+            direction: PairDirection::Reduce,
+        })
     })
 }

@@ -4,7 +4,6 @@
 
 pub mod autograd;
 pub mod context;
-mod host_staged;
 pub mod loss;
 pub mod share;
 pub mod tensor_parallel;

@@ -1,8 +1,6 @@
 //! `coca-worker caption`: captions for image files.
 
-use super::generate::{
-    generate_using, DecodePrecision, DecodeWeights, GenerateOptions, GenerationType,
-};
+use super::generate::{generate_using, DecodePrecision, Decoding, GenerateOptions, GenerationType};
 use super::model_args::ModelArgs;
 use crate::data::preprocess::open_image;
 use crate::data::tokenizer::ClipTokenizer;
@@ -114,7 +112,8 @@ pub fn load_images(paths: &[PathBuf], size: usize) -> Result<Tensor> {
 }
 
 /// Batches from which captioning first moves the decoding weights onto huge pages: the move
-/// costs about what 15 batches of decoding save (see [`DecodeWeights::move_to_huge_pages`]).
+/// costs about what 15 batches of decoding save (see
+/// [`super::generate::DecodeWeights::move_to_huge_pages`]).
 const HUGE_PAGES_FROM_BATCHES: usize = 16;
 
 /// Captions `model` writes for `paths`, in order.
@@ -128,14 +127,14 @@ pub fn caption_files(
     opts.validate(model)?;
     let tokenizer = ClipTokenizer::new()?;
     let size = model.config.vision_cfg.image_size;
-    let weights = DecodeWeights::new(model, opts.decode_precision)?;
+    let decoding = Decoding::new(model, opts.decode_precision)?;
     if paths.len().div_ceil(batch_size) >= HUGE_PAGES_FROM_BATCHES {
-        weights.move_to_huge_pages();
+        decoding.move_to_huge_pages();
     }
     let mut captions = Vec::with_capacity(paths.len());
     for chunk in paths.chunks(batch_size) {
         let images = load_images(chunk, size)?;
-        for ids in generate_using(&weights, &images, opts)? {
+        for ids in generate_using(&decoding, &images, opts)? {
             captions.push(tokenizer.decode(&ids).trim().to_string());
         }
     }

@@ -73,18 +73,29 @@ impl MultiheadAttention {
 
     /// Self-attention of `x` `[B, T, d]`; `mask` is additive, `[T, T]` or `[B, T, T]`.
     pub fn forward_self(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let (q, k, v) = self.self_qkv(x)?;
+        self.attend(&q, &k, &v, mask)
+    }
+
+    /// Queries, keys and values `[B, H, T, hd]` of `x` `[B, T, d]` for self-attention (and for
+    /// decoding, which appends the keys and values to its cache).
+    pub(crate) fn self_qkv(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let x = self.tp.copy_in(x)?;
         let Some(in_proj) = &self.in_proj else {
-            return self.forward_cross(x, x, mask);
+            return Ok((
+                self.split_heads(&self.q_proj.forward(&x)?)?,
+                self.split_heads(&self.k_proj.forward(&x)?)?,
+                self.split_heads(&self.v_proj.forward(&x)?)?,
+            ));
         };
         let (b, t, _) = x.dims3()?;
-        let x = self.tp.copy_in(x)?;
         // One product for q, k and v, then one copy into [3, B, H, T, hd].
         let qkv = in_proj
             .forward(&x)?
             .reshape((b, t, 3, self.heads, self.head_dim))?
             .permute((2, 0, 3, 1, 4))?
             .contiguous()?;
-        self.attend(&qkv.get(0)?, &qkv.get(1)?, &qkv.get(2)?, mask)
+        Ok((qkv.get(0)?, qkv.get(1)?, qkv.get(2)?))
     }
 
     /// Attention of queries `q_x` `[B, T, d]` over keys/values `kv_x` `[B, S, kdim]`.
@@ -122,7 +133,7 @@ impl MultiheadAttention {
     }
 
     /// `[B, T, d]` → `[B, H, T, hd]`, contiguous.
-    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         x.reshape((b, t, self.heads, self.head_dim))?
             .transpose(1, 2)?
@@ -130,8 +141,14 @@ impl MultiheadAttention {
     }
 
     /// `softmax(q kᵀ / √hd + mask) v`, heads merged, then the output projection (summed over
-    /// the tensor-parallel group).
-    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    /// the tensor-parallel group). `q` `[B, H, T, hd]`, `k` and `v` `[B, H, S, hd]`.
+    pub(crate) fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let (b, h, t, hd) = q.dims4()?;
         let scores = q.matmul(&k.t()?)?;
         let probs = ops::masked_softmax(&scores, mask, 1.0 / (hd as f64).sqrt())?;

@@ -66,8 +66,7 @@ impl ResidualAttentionBlock {
 
     /// Self-attention block.
     pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let x = (x + self.attn.forward_self(&self.ln_1.forward(x)?, mask)?)?;
-        &x + self.mlp.forward(&self.ln_2.forward(&x)?)?
+        self.forward_with(x, |h| self.attn.forward_self(h, mask))
     }
 
     /// Cross-attention block: queries from `x`, keys and values from `kv`.
@@ -76,7 +75,18 @@ impl ResidualAttentionBlock {
             Some(ln) => ln.forward(kv)?,
             None => kv.clone(),
         };
-        let x = (x + self.attn.forward_cross(&self.ln_1.forward(x)?, &kv, None)?)?;
+        self.forward_with(x, |h| self.attn.forward_cross(h, &kv, None))
+    }
+
+    /// `x + attend(ln_1(x))`, then `x + mlp(ln_2(x))`: the block around its attention, which
+    /// is the model's ([`Self::forward`], [`Self::forward_cross`]) or decoding's over a
+    /// key/value cache.
+    pub(crate) fn forward_with(
+        &self,
+        x: &Tensor,
+        attend: impl FnOnce(&Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let x = (x + attend(&self.ln_1.forward(x)?)?)?;
         &x + self.mlp.forward(&self.ln_2.forward(&x)?)?
     }
 }

@@ -74,6 +74,64 @@ fn parallel_cross_entropy_equals_cross_entropy_rows() {
     assert_eq!(results, [true, true]);
 }
 
+/// The portable composition (what other devices and dtypes run) against the fused op, losses
+/// and gradients, at every degree; bfloat16 logits take it through the dispatch and stay close.
+#[test]
+fn parallel_cross_entropy_portable_equals_fused() {
+    let (n, v) = (9, 24);
+    let logits = (pseudo_random(&[n, v], 4, 6.0) + 5.0).unwrap();
+    let targets = vec![3u32, 0, 23, 12, 7, 0, 18, 1, 11];
+    let targets = Tensor::from_vec(targets, n, &Device::Cpu).unwrap();
+    let weights = pseudo_random(&[n], 5, 2.0);
+    for size in [1, 2, 3, 4] {
+        let members = run_members(size, |tp| {
+            let width = v / tp.size();
+            let mine = logits.narrow(1, tp.rank() * width, width).unwrap();
+            let run = |portable: bool, dtype: DType| {
+                let var = Var::from_tensor(&mine.to_dtype(dtype).unwrap()).unwrap();
+                let loss = match portable {
+                    true => vocab_parallel_cross_entropy_portable,
+                    false => vocab_parallel_cross_entropy,
+                }(var.as_tensor(), &targets, Some(0), &tp)
+                .unwrap();
+                let grads = loss.mul(&weights).unwrap().sum_all().unwrap().backward();
+                let grad = grads.unwrap().get(var.as_tensor()).unwrap().clone();
+                (loss, grad.to_dtype(DType::F32).unwrap())
+            };
+            [
+                run(false, DType::F32),
+                run(true, DType::F32),
+                run(false, DType::BF16),
+            ]
+        });
+        let mut worst = [0f32; 2];
+        for [fused, portable, half] in &members {
+            assert_eq!(
+                max_abs_diff(&portable.0, &members[0][1].0),
+                0.0,
+                "members disagree"
+            );
+            assert_eq!(
+                half.0.dtype(),
+                DType::F32,
+                "the loss of bf16 logits is float32"
+            );
+            for (k, (ours, tol)) in [(portable, 1e-5), (half, 2e-2)].into_iter().enumerate() {
+                let (dl, dg) = (rel_diff(&ours.0, &fused.0), rel_diff(&ours.1, &fused.1));
+                assert!(
+                    dl <= tol && dg <= tol,
+                    "tp={size}: loss {dl}, gradient {dg}"
+                );
+                worst[k] = worst[k].max(dl).max(dg);
+            }
+        }
+        eprintln!(
+            "tp={size}: portable vs fused {:e}, bf16 {:e}",
+            worst[0], worst[1]
+        );
+    }
+}
+
 // One all-reduce per attention and per MLP each way, plus the vocabulary-parallel pieces.
 
 #[test]

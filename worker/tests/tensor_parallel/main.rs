@@ -16,7 +16,7 @@ use coca_common::collective::{Collective, ReduceOp};
 use coca_worker::distributed::loss::{coca_group_loss, ContrastiveSpan};
 use coca_worker::distributed::tensor_parallel::{
     check_degree, gather_state_dict, local_parameter_shapes, shard_state_dict, split_of,
-    vocab_parallel_cross_entropy, TensorParallel,
+    vocab_parallel_cross_entropy, vocab_parallel_cross_entropy_portable, TensorParallel,
 };
 use coca_worker::model::manifest::parameter_shapes;
 use coca_worker::model::ops::cross_entropy_rows;

@@ -22,7 +22,8 @@
 //! [`reduce_from_group`]) and the backward one (`f`, [`copy_to_group`] at the input of the
 //! column-parallel layer). The vocabulary-parallel embedding adds one forward all-reduce, the
 //! decoder's projection one backward all-reduce, and the cross-entropy one all-gather of two
-//! floats per token.
+//! floats per token (its portable composition, on other devices and dtypes: one all-reduce of
+//! `2·T` floats per token).
 //!
 //! Gradients: when every member of a TP group feeds the model the same inputs, the gradients of
 //! the replicated parameters come out bit-identical on every member (they only see activations
@@ -36,6 +37,7 @@
 
 mod split;
 mod vocab;
+mod vocab_portable;
 
 pub use split::{
     full_shape, gather_moments, gather_state_dict, gather_tensor, local_parameter_shapes,
@@ -45,6 +47,7 @@ pub use vocab::{
     caption_loss_parallel, caption_token_loss, vocab_parallel_cross_entropy,
     vocab_parallel_embedding,
 };
+pub use vocab_portable::vocab_parallel_cross_entropy_portable;
 
 use super::autograd::{copy_to_group, reduce_from_group};
 use crate::model::config::{mlp_width, CocaConfig};

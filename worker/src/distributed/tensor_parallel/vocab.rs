@@ -1,10 +1,12 @@
 //! The vocabulary-parallel pieces: the token-embedding lookup over a slice of the vocabulary and
 //! the cross-entropy over logits whose vocabulary is split across the group.
 
+use super::vocab_portable::vocab_parallel_cross_entropy_portable;
 use super::TensorParallel;
-use crate::distributed::host_staged::via_host;
-use crate::model::ops::{cross_entropy_rows, f32_data, u32_data, CrossEntropyBackward, VocabShard};
-use candle_core::{bail, CpuStorage, CudaStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use crate::model::ops::{
+    check_targets, cross_entropy_rows, f32_data, fused, u32_data, CrossEntropyBackward, VocabShard,
+};
+use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use coca_common::collective::Collective;
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
@@ -53,7 +55,8 @@ pub fn vocab_parallel_embedding(
 ///
 /// The forward all-gathers two floats per row (each member's log-sum-exp over its slice and
 /// its target logit, zero where it does not own the target) and combines them stably; the full
-/// logits are never gathered.
+/// logits are never gathered. Float32 logits on the CPU run the fused op; anything else runs
+/// [`vocab_parallel_cross_entropy_portable`].
 pub fn vocab_parallel_cross_entropy(
     logits: &Tensor,
     targets: &Tensor,
@@ -64,11 +67,9 @@ pub fn vocab_parallel_cross_entropy(
         return cross_entropy_rows(logits, targets, ignore);
     }
     let (n, v) = logits.dims2()?;
-    if targets.dims() != [n] {
-        bail!(
-            "vocab_parallel_cross_entropy: targets {:?} do not fit logits [{n}, {v}]",
-            targets.dims()
-        );
+    check_targets("vocab_parallel_cross_entropy", targets, n, v)?;
+    if !fused(&[logits]) {
+        return vocab_parallel_cross_entropy_portable(logits, targets, ignore, tp);
     }
     let targets = targets.to_dtype(DType::U32)?.contiguous()?;
     logits.contiguous()?.apply_op2(
@@ -218,18 +219,6 @@ impl CustomOp2 for ParallelCrossEntropy {
             .map_err(|_| candle_core::Error::Msg("cross-entropy state lock poisoned".into()))? =
             Some(Arc::new(global));
         Ok((CpuStorage::F32(loss), Shape::from(n)))
-    }
-
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let forward =
-            |[(s1, l1), (s2, l2)]: [(&CpuStorage, &Layout); 2]| self.cpu_fwd(s1, l1, s2, l2);
-        via_host([(s1, l1), (s2, l2)], Box::new(forward))
     }
 
     fn bwd(

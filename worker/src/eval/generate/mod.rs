@@ -2,19 +2,26 @@
 //! `top_k` / `top_p` sampling (greedy is top-k 1) and diverse group beam search with Hugging Face
 //! transformers' `BeamSearchScorer`.
 //!
-//! Decoding runs on a key/value cache ([`CachedDecoder`]): each step feeds only the new token
-//! through the text tower and the decoder, whose weights ([`DecodeWeights`], float32 in place
-//! or a bfloat16 copy) the row kernels in `kernels/` stream once per step for all sequences.
-//! [`RecomputeDecoder`] recomputes the whole prefix each step with the model's forward pass, as
-//! open_clip does; the two give the same logits (see the tests).
+//! Decoding runs on a key/value cache: each step feeds only the new token through the text
+//! tower and the decoder ([`Decoding`] chooses how). A float32 model on the CPU runs
+//! [`CachedDecoder`], whose weights ([`DecodeWeights`], float32 in place or a bfloat16 copy) the
+//! row kernels in `kernels/` stream once per step for all sequences; any other device or dtype
+//! (and the CPU under [`crate::model::ops::force_portable`]) runs [`TensorCacheDecoder`], the
+//! model's own layers over a cache of tensors. [`RecomputeDecoder`] recomputes the whole prefix
+//! each step with the model's forward pass, as open_clip does; all three give the same logits
+//! (see the tests).
 
 pub mod beam;
 mod cached;
+mod decoding;
 pub(crate) mod kernels;
 pub mod processors;
+mod tensor_cache;
 mod weights;
 
 pub use cached::CachedDecoder;
+pub use decoding::Decoding;
+pub use tensor_cache::TensorCacheDecoder;
 pub use weights::{DecodePrecision, DecodeWeights};
 
 use crate::data::tokenizer::{EOT, PAD, SOT};
@@ -186,7 +193,20 @@ impl<'a> RecomputeDecoder<'a> {
     }
 }
 
-fn prefix_tensor(seqs: &[Vec<u32>], from: usize, device: &Device) -> Result<Tensor> {
+/// Each row of `x` repeated `n` times in place (PyTorch's `repeat_interleave` on dim 0): one
+/// row of image tokens per sequence.
+pub(super) fn repeat_rows(x: &Tensor, n: usize) -> Result<Tensor> {
+    let b = x.dim(0)?;
+    let idx: Vec<u32> = (0..b as u32)
+        .flat_map(|i| std::iter::repeat_n(i, n))
+        .collect();
+    let idx = Tensor::from_vec(idx, b * n, x.device())?;
+    Ok(x.contiguous()?.index_select(&idx, 0)?)
+}
+
+/// The ids of `seqs` (all of one length) from position `from` on, as `[rows, len − from]` on
+/// `device`: what a decoder with `from` positions cached has not seen yet.
+pub(super) fn prefix_tensor(seqs: &[Vec<u32>], from: usize, device: &Device) -> Result<Tensor> {
     let t = seqs.first().map_or(0, Vec::len);
     ensure!(
         t > from && seqs.iter().all(|s| s.len() == t),
@@ -212,20 +232,20 @@ impl StepDecoder for RecomputeDecoder<'_> {
 }
 
 /// Captions for preprocessed images `[B, 3, S, S]`: rows of token ids from sot, ending with eos
-/// and padded with `pad` to a common width (at most `seq_len`). Uses the key/value cache.
+/// and padded with `pad` to a common width (at most `seq_len`). Uses the key/value cache
+/// [`Decoding::new`] chooses.
 pub fn generate(model: &CoCa, images: &Tensor, opts: &GenerateOptions) -> Result<Vec<Vec<u32>>> {
-    let weights = DecodeWeights::new(model, opts.decode_precision)?;
-    search(model, images, opts, Some(&weights))
+    search(&Decoding::new(model, opts.decode_precision)?, images, opts)
 }
 
-/// [`generate`] on decoding weights built once for many batches (`opts.decode_precision` is
-/// the one they were built with).
+/// [`generate`] with a decoding built once for many batches (`opts.decode_precision` is the
+/// one it was built with).
 pub fn generate_using(
-    weights: &DecodeWeights,
+    decoding: &Decoding,
     images: &Tensor,
     opts: &GenerateOptions,
 ) -> Result<Vec<Vec<u32>>> {
-    search(weights.model(), images, opts, Some(weights))
+    search(decoding, images, opts)
 }
 
 /// [`generate`] with the cache (`cached`) or recomputing the prefix every step.
@@ -237,18 +257,13 @@ pub fn generate_with(
 ) -> Result<Vec<Vec<u32>>> {
     match cached {
         true => generate(model, images, opts),
-        false => search(model, images, opts, None),
+        false => search(&Decoding::Recompute(model), images, opts),
     }
 }
 
-/// Encodes the images, then runs the search of `opts` on the key/value cache over `weights`, or
-/// recomputing the prefix without them.
-fn search(
-    model: &CoCa,
-    images: &Tensor,
-    opts: &GenerateOptions,
-    weights: Option<&DecodeWeights>,
-) -> Result<Vec<Vec<u32>>> {
+/// Encodes the images, then runs the search of `opts` with `decoding`.
+fn search(decoding: &Decoding, images: &Tensor, opts: &GenerateOptions) -> Result<Vec<Vec<u32>>> {
+    let model = decoding.model();
     opts.validate(model)?;
     let (_, image_embs) = model.encode_image(images)?;
     let b = images.dim(0)?;
@@ -260,18 +275,7 @@ fn search(
     // work stealing instead of waking the pool from outside it (and parking this thread) for
     // each of the ~120 products of a step.
     let search = || -> Result<Vec<Vec<u32>>> {
-        let mut decoder: Box<dyn StepDecoder> = match weights {
-            Some(weights) => Box::new(CachedDecoder::new(weights, &image_embs, rows_per_image)?),
-            None => {
-                // repeat_interleave: one row of image tokens per sequence.
-                let idx: Vec<u32> = (0..b as u32)
-                    .flat_map(|i| std::iter::repeat_n(i, rows_per_image))
-                    .collect();
-                let idx = Tensor::from_vec(idx, b * rows_per_image, images.device())?;
-                let image_embs = image_embs.contiguous()?.index_select(&idx, 0)?;
-                Box::new(RecomputeDecoder::new(model, image_embs))
-            }
-        };
+        let mut decoder = decoding.decoder(&image_embs, rows_per_image)?;
         match opts.generation_type {
             GenerationType::BeamSearch => beam_search(decoder.as_mut(), b, opts),
             _ => sample_search(decoder.as_mut(), b, opts),

@@ -1,30 +1,42 @@
 //! Per-row cross-entropy from logits and integer targets, fused with its backward.
 
-use super::{f32_data, u32_data, ROWS_PER_TASK};
+use super::{f32_data, fused, portable, u32_data, ROWS_PER_TASK};
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-/// `logsumexp(logits[n]) - logits[n, target[n]]` for each row `n` of `[N, V]` logits.
+/// `logsumexp(logits[n]) - logits[n, target[n]]` for each row `n` of `[N, V]` logits: the
+/// contrastive and the caption losses.
 ///
 /// Rows whose target equals `ignore` get loss 0 and no gradient (PyTorch's `ignore_index`); the
-/// caller divides by the number of counted rows. The log-softmax over a 49,408-word vocabulary
-/// is never materialised: the backward recomputes it row by row.
+/// caller divides by the number of counted rows. Float32 on the CPU runs the fused kernel, whose
+/// backward recomputes the log-softmax row by row (over a 49,408-word vocabulary it is never
+/// materialised); anything else runs [`super::portable::cross_entropy_rows`], which returns
+/// float32 for half-precision logits.
 pub fn cross_entropy_rows(
     logits: &Tensor,
     targets: &Tensor,
     ignore: Option<u32>,
 ) -> Result<Tensor> {
     let (n, v) = logits.dims2()?;
-    if targets.dims() != [n] {
-        bail!(
-            "cross_entropy_rows: targets {:?} do not fit logits [{n}, {v}]",
-            targets.dims()
-        );
+    check_targets("cross_entropy_rows", targets, n, v)?;
+    if !fused(&[logits]) {
+        return portable::cross_entropy_rows(logits, targets, ignore);
     }
     let targets = targets.to_dtype(DType::U32)?.contiguous()?;
     logits
         .contiguous()?
         .apply_op2(&targets, CrossEntropy { ignore })
+}
+
+/// Checks that `targets` is `[n]` for logits `[n, v]`.
+pub(crate) fn check_targets(op: &str, targets: &Tensor, n: usize, v: usize) -> Result<()> {
+    if targets.dims() != [n] {
+        bail!(
+            "{op}: targets {:?} do not fit logits [{n}, {v}]",
+            targets.dims()
+        );
+    }
+    Ok(())
 }
 
 struct CrossEntropy {

@@ -1,6 +1,6 @@
 //! Exact (erf) GELU, as PyTorch's `nn.GELU()` default and open_clip use.
 
-use super::f32_data;
+use super::{f32_data, fused, portable};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -9,8 +9,13 @@ const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
 /// 1 / sqrt(2π)
 const INV_SQRT_2PI: f32 = 0.398_942_3;
 
-/// `0.5 · x · (1 + erf(x / √2))` with a fused backward.
+/// `0.5 · x · (1 + erf(x / √2))`, the MLP's activation. Float32 on the CPU runs the fused
+/// kernel (with a fused backward); anything else runs [`super::portable::gelu_erf`], which
+/// keeps the input's dtype.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    if !fused(&[x]) {
+        return portable::gelu_erf(x);
+    }
     x.contiguous()?.apply_op1(GeluErf)
 }
 

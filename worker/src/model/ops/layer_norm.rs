@@ -1,14 +1,29 @@
 //! Layer normalisation over the last dimension with affine weight and bias.
 
-use super::{f32_data, ROWS_PER_TASK};
+use super::{f32_data, fused, portable, ROWS_PER_TASK};
 use crate::multiversion;
 use crate::simd::{lane_sum, lane_sum2, lane_sum3, KernelFamily};
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
 /// `(x - mean) / sqrt(var + eps) · weight + bias` over the last dimension (biased variance, as
-/// PyTorch), with a fused backward for `x`, `weight` and `bias`.
+/// PyTorch): every transformer block normalises twice. Float32 on the CPU runs the fused kernel
+/// (with a fused backward for `x`, `weight` and `bias`); anything else runs
+/// [`super::portable::layer_norm`], which returns float32 for half-precision inputs.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    check_affine(x, weight, bias)?;
+    if !fused(&[x, weight, bias]) {
+        return portable::layer_norm(x, weight, bias, eps);
+    }
+    x.contiguous()?.apply_op3(
+        &weight.contiguous()?,
+        &bias.contiguous()?,
+        LayerNorm { eps: eps as f32 },
+    )
+}
+
+/// Checks that `weight` and `bias` are both `[d]` for an input `[.., d]`.
+pub(super) fn check_affine(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<()> {
     let d = x.dim(D::Minus1)?;
     if weight.dims() != [d] || bias.dims() != [d] {
         bail!(
@@ -18,11 +33,7 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
             x.dims()
         );
     }
-    x.contiguous()?.apply_op3(
-        &weight.contiguous()?,
-        &bias.contiguous()?,
-        LayerNorm { eps: eps as f32 },
-    )
+    Ok(())
 }
 
 struct LayerNorm {

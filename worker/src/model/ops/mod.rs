@@ -1,19 +1,47 @@
-//! Fused CPU kernels with hand-written backward passes.
+//! The ops the model spends its time in, each in two implementations chosen per call:
 //!
-//! candle 0.11's fused `LayerNorm`, `ops::layer_norm`, `ops::softmax_last_dim` and `ops::sdpa`
-//! record no backward (gradients silently vanish), and its primitive compositions allocate many
-//! temporaries. Each op here is a `CustomOp` whose backward is itself a fused op, so gradients are
-//! exact and cheap. They run on contiguous float32 CPU tensors; any other dtype or device is an
-//! error naming the op (GPU kernels come with the CUDA feature).
+//! - **Fused CPU kernels** with hand-written backward passes, for contiguous float32 CPU tensors
+//!   (made contiguous where they are not). candle 0.11's fused `LayerNorm`,
+//!   `ops::layer_norm`, `ops::softmax_last_dim` and `ops::sdpa` record no backward (gradients
+//!   silently vanish), and its primitive compositions allocate many temporaries. Each op here
+//!   is a `CustomOp` whose backward is itself a fused op, so gradients are exact and cheap.
+//!   This is what runs by default on the CPU.
+//! - **Portable compositions** ([`portable`]) of candle primitives that have kernels and
+//!   backward passes on every device (CUDA included): what runs on any other device or dtype,
+//!   and everywhere when [`force_portable`] or `COCA_PORTABLE_OPS=1` asks for it (so the
+//!   GPU's math is tested on the CPU). Their gradients are candle's autograd through the
+//!   composition: exact, not approximated.
+//!
+//! ## Dtypes (PyTorch autocast's rules)
+//!
+//! The dtype is a value: half-precision inputs compute internally in float32 (float64 stays
+//! float64), and each op returns what PyTorch autocast returns for it:
+//!
+//! | op | computes in | returns |
+//! |---|---|---|
+//! | [`layer_norm`] | float32 statistics and affine | float32 (autocast's float32 list) |
+//! | [`softmax_last_dim`], [`masked_softmax`] | float32: − row max, exp, normalise | float32 |
+//! | [`gelu_erf`] | float32 erf and products | the input's dtype (not an autocast op) |
+//! | [`cross_entropy_rows`] | float32 log-sum-exp | float32 (same) |
+//! | [`transpose_contiguous`] | no arithmetic | the input's dtype |
+//!
+//! A bfloat16 model therefore gets float32 activations out of its layer norms and softmaxes;
+//! the mixed-precision model casts them back to bfloat16 where the next matrix product reads
+//! them, as autocast does.
 
 mod cross_entropy;
+mod dispatch;
 mod gelu;
 mod layer_norm;
+pub mod portable;
 mod softmax;
 mod transpose;
 
+pub(crate) use cross_entropy::check_targets;
 pub use cross_entropy::cross_entropy_rows;
 pub(crate) use cross_entropy::{CrossEntropyBackward, VocabShard};
+pub(crate) use dispatch::fused;
+pub use dispatch::{force_portable, fused_dispatches, portable_forced, PORTABLE_OPS_ENV};
 pub use gelu::gelu_erf;
 pub(crate) use gelu::gelu_erf_value;
 pub use layer_norm::layer_norm;
@@ -62,5 +90,7 @@ pub(crate) fn u32_data<'a>(
     }
 }
 
+#[cfg(test)]
+mod portable_tests;
 #[cfg(test)]
 mod tests;

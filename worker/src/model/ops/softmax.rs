@@ -1,44 +1,64 @@
 //! Softmax over the last dimension, optionally scaled and with an additive mask, as attention
 //! uses it: `softmax(scale · x + mask)`.
 
-use super::{f32_data, ROWS_PER_TASK};
+use super::{f32_data, fused, portable, ROWS_PER_TASK};
 use crate::multiversion;
 use crate::simd::{lane_max, lane_sum, lane_sum2, KernelFamily};
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-/// `softmax(x)` over the last dimension, with a fused backward.
+/// `softmax(x)` over the last dimension. Float32 on the CPU runs the fused kernel (with a fused
+/// backward); anything else runs [`super::portable::softmax_last_dim`], which returns float32
+/// for half-precision inputs.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if !fused(&[x]) {
+        return portable::softmax_last_dim(x);
+    }
     x.contiguous()?.apply_op1(Softmax { scale: 1.0 })
 }
 
-/// `softmax(scale · scores + mask)` over the last dimension, with a fused backward for `scores`.
+/// `softmax(scale · scores + mask)` over the last dimension: attention's probabilities, in one
+/// pass instead of three. Float32 on the CPU runs the fused kernel (with a fused backward for
+/// `scores`); anything else runs [`super::portable::masked_softmax`], which returns float32 for
+/// half-precision inputs.
 ///
 /// `scores` is `[B, H, T, S]`; `mask` is `[T, S]` (shared by the batch, e.g. causal) or
-/// `[B, T, S]` (per sample, e.g. padding), broadcast over heads. The mask gets no gradient.
+/// `[B, T, S]` (per sample, e.g. padding), broadcast over heads. The mask gets no gradient. A
+/// row that is −∞ everywhere gives zeros (PyTorch gives NaN).
 pub fn masked_softmax(scores: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
-    let scores = scores.contiguous()?;
     let Some(mask) = mask else {
-        return scores.apply_op1(Softmax {
+        if !fused(&[scores]) {
+            return portable::masked_softmax(scores, None, scale);
+        }
+        return scores.contiguous()?.apply_op1(Softmax {
             scale: scale as f32,
         });
     };
-    let (b, _h, t, s) = scores.dims4()?;
-    let mask_batch = match mask.dims() {
-        [mt, ms] if (*mt, *ms) == (t, s) => 1,
-        [mb, mt, ms] if (*mb, *mt, *ms) == (b, t, s) => b,
-        other => bail!(
-            "masked_softmax: mask {other:?} does not fit scores {:?}",
-            scores.dims()
-        ),
-    };
-    scores.apply_op2(
+    let mask_batch = mask_batch(scores, mask)?;
+    if !fused(&[scores, mask]) {
+        return portable::masked_softmax(scores, Some(mask), scale);
+    }
+    scores.contiguous()?.apply_op2(
         &mask.contiguous()?,
         MaskedSoftmax {
             scale: scale as f32,
             mask_batch,
         },
     )
+}
+
+/// How many batch entries `mask` has for `scores` `[B, H, T, S]`: 1 for a shared `[T, S]`
+/// mask, `B` for a `[B, T, S]` one; any other shape is an error.
+pub(super) fn mask_batch(scores: &Tensor, mask: &Tensor) -> Result<usize> {
+    let (b, _h, t, s) = scores.dims4()?;
+    match mask.dims() {
+        [mt, ms] if (*mt, *ms) == (t, s) => Ok(1),
+        [mb, mt, ms] if (*mb, *mt, *ms) == (b, t, s) => Ok(b),
+        other => bail!(
+            "masked_softmax: mask {other:?} does not fit scores {:?}",
+            scores.dims()
+        ),
+    }
 }
 
 /// `softmax(scale · x + mask)` of one row into `y` (every op and the decoding kernels).

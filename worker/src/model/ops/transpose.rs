@@ -6,7 +6,7 @@
 //! on an AVX-512 CPU), and candle's strided copy moves one element at a time. Copying the
 //! weight once per product in tiles costs far less than the difference.
 
-use super::f32_data;
+use super::{f32_data, fused, portable};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -14,9 +14,13 @@ use rayon::prelude::*;
 const TILE: usize = 32;
 
 /// `xᵀ` of a 2-D tensor as a new contiguous tensor, with a backward that transposes the
-/// gradient back.
+/// gradient back. Float32 on the CPU runs the tiled kernel; anything else runs
+/// [`super::portable::transpose_contiguous`] (same dtype).
 pub fn transpose_contiguous(x: &Tensor) -> Result<Tensor> {
     x.dims2()?;
+    if !fused(&[x]) {
+        return portable::transpose_contiguous(x);
+    }
     x.contiguous()?.apply_op1(Transpose)
 }
 

@@ -1,0 +1,64 @@
+//! Which implementation an op runs: the fused CPU kernel or the portable composition.
+//!
+//! The fused kernels exist only for float32 on the CPU; every other device or dtype takes the
+//! portable path. `COCA_PORTABLE_OPS=1` (read once per process) or [`force_portable`] sends
+//! every op down the portable path on the CPU too, so the math the GPU runs is tested here.
+
+use candle_core::{DType, Tensor};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+
+/// The environment variable that forces the portable path (`1` or `true`).
+pub const PORTABLE_OPS_ENV: &str = "COCA_PORTABLE_OPS";
+
+/// 0: not read yet; 1: fused where possible; 2: portable everywhere.
+static MODE: AtomicU8 = AtomicU8::new(0);
+
+/// How many times an op chose its fused kernel in this process.
+static FUSED: AtomicUsize = AtomicUsize::new(0);
+
+/// Sends every op of this process down the portable path from now on (irreversible).
+///
+/// Exists for test binaries and tools that prove the device math on the CPU. It is
+/// process-global: call it only where every test of the process wants it (a test binary of
+/// its own), never from tests that share a process with fused-path tests.
+pub fn force_portable() {
+    MODE.store(2, Ordering::Relaxed);
+}
+
+/// Whether the portable path is forced ([`PORTABLE_OPS_ENV`] or [`force_portable`]): the ops,
+/// and generation's choice of decoder, key off it.
+pub fn portable_forced() -> bool {
+    match MODE.load(Ordering::Relaxed) {
+        0 => {
+            let on = switch_on(std::env::var(PORTABLE_OPS_ENV).ok().as_deref());
+            // A concurrent force_portable wins over the environment.
+            let _ = MODE.compare_exchange(0, 1 + on as u8, Ordering::Relaxed, Ordering::Relaxed);
+            MODE.load(Ordering::Relaxed) == 2
+        }
+        mode => mode == 2,
+    }
+}
+
+/// Whether a value of [`PORTABLE_OPS_ENV`] turns the switch on: `1` or `true` (any case).
+pub(super) fn switch_on(value: Option<&str>) -> bool {
+    value.is_some_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true"))
+}
+
+/// How many ops of this process ran their fused kernel: tests under [`force_portable`] check
+/// that it stays 0.
+pub fn fused_dispatches() -> usize {
+    FUSED.load(Ordering::Relaxed)
+}
+
+/// Whether an op over `tensors` runs its fused kernel: every tensor float32 on the CPU, and
+/// the portable path not forced. (The fused ops make their inputs contiguous themselves.)
+pub(crate) fn fused(tensors: &[&Tensor]) -> bool {
+    let fused = tensors
+        .iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+        && !portable_forced();
+    if fused {
+        FUSED.fetch_add(1, Ordering::Relaxed);
+    }
+    fused
+}
