@@ -58,24 +58,47 @@ def main():
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N], as coca-worker's --device")
+    parser.add_argument(
+        "--tf32", action="store_true", help="TF32 for float32 matmuls (coca-worker's --tf32 True)"
+    )
+    parser.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "amp_bf16"],
+        help="open_clip's --precision: float32, or torch.autocast(bfloat16) (coca's --bf16 True)",
+    )
+    parser.add_argument(
+        "--captions", action="store_true", help="also time a greedy 20-token caption of one image"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    torch.backends.cudnn.allow_tf32 = args.tf32
     torch.manual_seed(0)
     name = args.model
     if name.endswith(".json"):
         # open_clip names a config file's model after the file's stem.
         open_clip.add_model_config(name)
         name = os.path.splitext(os.path.basename(name))[0]
-    model = open_clip.create_model(name, pretrained=None)
+    model = open_clip.create_model(name, pretrained=None).to(device)
     model.train()
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
     context = model.text.context_length
     vocab = model.text.vocab_size
     generator = torch.Generator().manual_seed(0)
-    images = torch.randn(args.batch, 3, size, size, generator=generator)
-    text = caption_rows(args.batch, context, vocab, generator)
+    images = torch.randn(args.batch, 3, size, size, generator=generator).to(device)
+    text = caption_rows(args.batch, context, vocab, generator).to(device)
+    autocast = torch.autocast(
+        device_type=device.type, dtype=torch.bfloat16, enabled=args.precision == "amp_bf16"
+    )
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
     loss_fn = CoCaLoss(caption_loss_weight=2.0, clip_loss_weight=1.0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1)
 
@@ -83,33 +106,64 @@ def main():
     for step in range(args.steps + 1):
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        out = model(images, text)
-        losses = loss_fn(
-            out["image_features"],
-            out["text_features"],
-            out["logits"],
-            out["labels"],
-            out["logit_scale"],
-        )
+        with autocast:
+            out = model(images, text)
+            losses = loss_fn(
+                out["image_features"],
+                out["text_features"],
+                out["logits"],
+                out["labels"],
+                out["logit_scale"],
+            )
         sum(losses).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        sync()
         if step > 0:
             step_times.append(time.perf_counter() - start)
 
     model.eval()
     embed_times = []
-    with torch.no_grad():
+    with torch.no_grad(), autocast:
         for step in range(args.steps + 1):
             start = time.perf_counter()
             model.encode_image(images)
+            sync()
             if step > 0:
                 embed_times.append(time.perf_counter() - start)
+    caption_times = []
+    # 20 new tokens where the context allows (open_clip's decoder also holds the start token).
+    caption_len = min(21, context - 2)
+    if args.captions:
+        with torch.no_grad(), autocast:
+            for step in range(args.steps + 1):
+                start = time.perf_counter()
+                # End-of-text forbidden until the last token (as coca-worker bench does).
+                model.generate(
+                    images[:1],
+                    generation_type="top_k",
+                    top_k=1,
+                    seq_len=caption_len,
+                    min_seq_len=caption_len - 1,
+                )
+                sync()
+                if step > 0:
+                    caption_times.append(time.perf_counter() - start)
 
     step = statistics.median(step_times)
+    extra = {}
+    if device.type == "cuda":
+        extra["device_name"] = torch.cuda.get_device_name(device)
+        extra["device_memory_peak_bytes"] = torch.cuda.max_memory_allocated(device)
+    if caption_times:
+        extra["greedy_caption_s"] = statistics.median(caption_times)
     print(
         json.dumps(
             {
+                **extra,
+                "device": str(device),
+                "precision": args.precision,
+                "tf32": args.tf32,
                 "reference": f"open_clip {open_clip.__version__} / torch {torch.__version__}",
                 "model": args.model,
                 "batch": args.batch,

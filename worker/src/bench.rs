@@ -79,6 +79,29 @@ fn median(mut xs: Vec<f64>) -> f64 {
     xs[xs.len() / 2]
 }
 
+/// Median seconds of a greedy caption of `image` on the device's tensor cache,
+/// [`CAPTION_TOKENS`] new tokens.
+fn device_caption_latency(model: &CoCa, image: &Tensor, steps: usize) -> Result<f64> {
+    let caption_len = (CAPTION_TOKENS + 1).min(model.config.text_cfg.context_length);
+    let greedy = GenerateOptions {
+        generation_type: GenerationType::Greedy,
+        seq_len: caption_len,
+        min_seq_len: caption_len - 1,
+        ..GenerateOptions::default()
+    };
+    let decoding = Decoding::new(model, DecodePrecision::F32)?;
+    let mut times = Vec::new();
+    for step in 0..=steps {
+        let start = Instant::now();
+        generate_using(&decoding, image, &greedy)?;
+        model.device().synchronize()?;
+        if step > 0 {
+            times.push(start.elapsed().as_secs_f64());
+        }
+    }
+    Ok(median(times))
+}
+
 /// `cpu` or `cuda:N`, for the report.
 fn device_name(device: &Device) -> String {
     match device.location() {
@@ -188,8 +211,15 @@ pub fn run(opts: &BenchOptions) -> Result<Option<serde_json::Value>> {
         "device_memory_in_use_bytes": crate::cuda_setup::memory_in_use(&device)?,
         "embed_images_per_s": opts.batch as f64 / median(embed_times),
     });
-    if !device.is_cpu() {
-        // The decoding row kernels are the CPU's; the GPU's caption figures come from `caption`.
+    if !device.is_cpu() && opts.captions {
+        // The decoding row kernels are the CPU's: on a device, greedy captioning on the
+        // key/value cache as tensors.
+        if let Some(report) = report.as_object_mut() {
+            report.insert(
+                "greedy_caption_s".into(),
+                device_caption_latency(&frozen, &images.narrow(0, 0, 1)?, opts.steps)?.into(),
+            );
+        }
         return Ok(Some(report));
     }
     if !opts.captions {

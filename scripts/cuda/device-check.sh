@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# The GPU checks of issues #15-#17, for a machine with one NVIDIA GPU, a driver, and PyTorch but
+# no cargo and no network. Run from the repository root with target/device-kit (made here by
+# scripts/cuda/device-kit.sh) beside it:
+#
+#   scripts/cuda/device-check.sh [--quick]
+#
+# Prints one JSON line per check: {"check", "ok", "seconds", "result" (the command's JSON line,
+# when it prints one), "tail" (its last output lines when it failed)}. Every check has its own
+# time limit, and a failed check does not stop the others. --quick runs only the start-up,
+# `verify` and the B-32 pair. Results also go to $OUT/device-check.jsonl when $OUT is set.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+KIT=${COCA_DEVICE_KIT:-target/device-kit}
+QUICK=0
+[ "${1:-}" = "--quick" ] && QUICK=1
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+RESULTS=${OUT:+$OUT/device-check.jsonl}
+
+# PyTorch's environment carries the CUDA 13 libraries the binaries link (cuBLAS, cuRAND, ...).
+PY=${PYTHON:-}
+for candidate in /opt/torch/.venv/bin/python python3; do
+  [ -n "$PY" ] && break
+  command -v "$candidate" >/dev/null && "$candidate" -c 'import torch' 2>/dev/null && PY=$candidate
+done
+PY=${PY:-python3}
+SITE=$("$PY" -c 'import site; print(site.getsitepackages()[0])' 2>/dev/null || true)
+if [ -n "$SITE" ] && [ -d "$SITE/nvidia" ]; then
+  LIBS=$(find "$SITE/nvidia" -maxdepth 3 -type d -name lib | paste -sd:)
+  export LD_LIBRARY_PATH="$LIBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
+
+# The binaries, unpacked once.
+BIN="$WORK/bin"
+mkdir -p "$BIN"
+for b in coca-worker coca-launch; do
+  xz -dc "$KIT/bin/$b.xz" >"$BIN/$b" && chmod +x "$BIN/$b"
+done
+# open_clip for the reference figures, installed from the kit's wheels into a private folder.
+if ls "$KIT"/wheels/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install --quiet --no-index --no-deps --target "$WORK/pylib" "$KIT"/wheels/*.whl \
+    >/dev/null 2>&1 && export PYTHONPATH="$WORK/pylib${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+# check NAME SECONDS COMMAND...: runs it, prints one JSON line.
+check() {
+  local name=$1 limit=$2
+  shift 2
+  local start end rc
+  start=$(date +%s.%N)
+  timeout --kill-after=10 "$limit" "$@" >"$WORK/out" 2>"$WORK/err"
+  rc=$?
+  end=$(date +%s.%N)
+  local line
+  line=$("$PY" - "$name" "$rc" "$start" "$end" "$WORK/out" "$WORK/err" <<'PYEOF'
+import json, sys
+name, rc, start, end, out, err = sys.argv[1:]
+rc = int(rc)
+text = open(out, errors="replace").read().splitlines()
+result = None
+for line in reversed(text):
+    line = line.strip()
+    if line.startswith("{"):
+        try:
+            result = json.loads(line)
+            break
+        except ValueError:
+            pass
+if result is None and text:
+    result = text[-1]
+report = {"check": name, "ok": rc == 0, "rc": rc, "seconds": round(float(end) - float(start), 2),
+          "result": result}
+if rc != 0:
+    tail = (text + open(err, errors="replace").read().splitlines())[-15:]
+    report["tail"] = tail
+    if rc in (124, 137):
+        report["timed_out"] = True
+print(json.dumps(report))
+PYEOF
+)
+  echo "$line"
+  [ -n "$RESULTS" ] && echo "$line" >>"$RESULTS"
+}
+
+W="$BIN/coca-worker"
+check gpu 30 nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader
+check worker-starts 30 "$W" --version
+# 1. Float32 parity with open_clip (TF32 off): forward, loss, gradients, the 6-step training
+#    trajectory, zero-shot and generation, on the GPU.
+check verify 300 "$W" verify --device cuda --reference "$KIT/fixture"
+# 3-5. B-32 at batch 256 beside open_clip (TF32 on for float32 matmuls in both).
+check bench-b32 300 "$W" bench --device cuda --tf32 True --model coca_ViT-B-32 --batch 256 --steps 3
+check torch-b32 300 "$PY" scripts/open_clip_train_bench.py --device cuda --tf32 --captions \
+  --model coca_ViT-B-32 --batch 256 --steps 3
+[ "$QUICK" = 1 ] && exit 0
+# One GPU worker under the launcher trains 4 steps of the demo and checkpoints.
+check launch-train 300 "$BIN/coca-launch" --nproc-per-node gpu --log-dir "$WORK/log" -- \
+  pretrain --max_steps 4 --save_steps 4 --output_dir "$WORK/run"
+check checkpoint-written 10 test -d "$WORK/run/checkpoint-4"
+check bench-l14 400 "$W" bench --device cuda --tf32 True --model coca_ViT-L-14 --batch 64 \
+  --steps 2 --captions False
+check torch-l14 400 "$PY" scripts/open_clip_train_bench.py --device cuda --tf32 \
+  --model coca_ViT-L-14 --batch 64 --steps 2
