@@ -56,6 +56,60 @@ pub fn memory_in_use(_device: &Device) -> Result<Option<u64>> {
     Ok(None)
 }
 
+/// Refuses, before training, a layout whose estimated bytes per rank exceed the device's free
+/// memory, naming the figures (the CPU is checked by the launcher against host memory).
+pub fn check_fits(
+    device: &Device,
+    estimate: &crate::memory_estimate::MemoryEstimate,
+) -> Result<()> {
+    let Some(free) = free_memory(device)? else {
+        return Ok(());
+    };
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    tracing::info!(
+        "device memory: this rank needs about {:.1} GiB (weights {:.1}, gradients {:.1}, AdamW \
+         moments {:.1}, activations {:.1}); {:.1} GiB free",
+        gib(estimate.total_bytes),
+        gib(estimate.parameter_bytes),
+        gib(estimate.gradient_bytes),
+        gib(estimate.optimizer_bytes),
+        gib(estimate.activation_bytes),
+        gib(free)
+    );
+    anyhow::ensure!(
+        estimate.total_bytes <= free,
+        "this rank needs about {:.1} GiB on the GPU (weights {:.1}, gradients {:.1}, AdamW \
+         moments {:.1}, activations {:.1} GiB) but only {:.1} GiB is free: lower \
+         --per_device_train_batch_size, or raise --sharding_parallel_degree or \
+         --tensor_parallel_degree",
+        gib(estimate.total_bytes),
+        gib(estimate.parameter_bytes),
+        gib(estimate.gradient_bytes),
+        gib(estimate.optimizer_bytes),
+        gib(estimate.activation_bytes),
+        gib(free)
+    );
+    Ok(())
+}
+
+/// Free bytes on a CUDA device; `None` on the CPU.
+#[cfg(feature = "cuda")]
+fn free_memory(device: &Device) -> Result<Option<u64>> {
+    use anyhow::Context;
+    use candle_core::cuda_backend::cudarc::driver::result;
+    if !device.is_cuda() {
+        return Ok(None);
+    }
+    let (free, _) = result::mem_get_info().context("querying the device's free memory")?;
+    Ok(Some(free as u64))
+}
+
+/// A CPU build has no device memory.
+#[cfg(not(feature = "cuda"))]
+fn free_memory(_device: &Device) -> Result<Option<u64>> {
+    Ok(None)
+}
+
 /// A CPU build has no CUDA device to configure.
 #[cfg(not(feature = "cuda"))]
 pub fn configure(_device: &Device) -> Result<()> {

@@ -119,6 +119,16 @@ fn train(args: &PretrainArgs, ctx: &RankContext, checked: Checked) -> Result<()>
         origin,
     } = resolve_model(&args, &hub)?;
     let weights_loaded = weights.is_some();
+    crate::cuda_setup::check_fits(
+        &device,
+        &crate::memory_estimate::estimate(
+            &config,
+            args.tensor_parallel_degree,
+            args.sharding_parallel_degree,
+            args.zero_stage()?,
+            batch,
+        )?,
+    )?;
     let TrainData {
         source,
         synthetic: is_synthetic,
