@@ -2,9 +2,11 @@
 
 #![allow(dead_code)]
 
+pub mod host_jobs;
 pub mod hosts;
 pub mod images;
 pub mod jobs;
+pub mod training;
 
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
