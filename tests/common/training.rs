@@ -79,11 +79,24 @@ pub fn assert_same_weights(a: &Path, b: &Path, tol: f32, what: &str) {
 
 /// The losses rank 0 logged.
 pub fn losses(out: &Path) -> Vec<f64> {
+    metric(out, "loss")
+}
+
+/// Every value of `name` rank 0 logged, in step order.
+pub fn metric(out: &Path, name: &str) -> Vec<f64> {
     std::fs::read_to_string(out.join("metrics.jsonl"))
         .unwrap()
         .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["loss"].as_f64())
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?[name].as_f64())
         .collect()
+}
+
+/// The median training speed after the first step (which warms up), in samples/s.
+pub fn median_samples_per_s(out: &Path) -> f64 {
+    let mut speeds = metric(out, "samples_per_s");
+    speeds.remove(0);
+    speeds.sort_by(f64::total_cmp);
+    speeds[speeds.len() / 2]
 }
 
 /// Runs `coca-worker` with `flags` as a job of one; it must succeed.
@@ -97,4 +110,13 @@ pub fn run_alone(flags: &[String]) {
 pub fn with(mut flags: Vec<String>, extra: &[&str]) -> Vec<String> {
     flags.extend(extra.iter().map(|s| s.to_string()));
     flags
+}
+
+/// The losses rank 0 logged in `got` are `reference`'s, step for step (1e-5 relative).
+pub fn assert_same_losses(reference: &Path, got: &Path, what: &str) {
+    let (a, b) = (losses(reference), losses(got));
+    assert_eq!(a.len(), b.len(), "{what}: {b:?} vs {a:?}");
+    for (a, b) in a.iter().zip(&b) {
+        assert!((a - b).abs() <= 1e-5 * a.abs(), "{what}: loss {b} vs {a}");
+    }
 }
