@@ -68,6 +68,8 @@ down() {
   local name pid
   for name in $(ip netns list | awk '{print $1}' | grep "^cocam-$ID-h" || true); do
     for pid in $(ip netns pids "$name"); do kill -9 "$pid" 2>/dev/null || true; done
+    # The veth pair goes at once; a namespace's own cleanup is asynchronous in the kernel.
+    ip link del "$(veth "${name##*-h}")" 2>/dev/null || true
     ip netns del "$name"
     rm -rf "/etc/netns/$name"
   done

@@ -10,9 +10,7 @@ mod common;
 use common::host_jobs::{assert_no_process_left, finish_all, start_launchers};
 use common::hosts::{skip_without, Hosts};
 use common::jobs::{wait_for_path, Job};
-use common::training::{
-    assert_same_losses, assert_same_weights, median_samples_per_s, pretrain_flags, run_alone,
-};
+use common::training::{median_samples_per_s, pretrain_flags, Reference};
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -169,24 +167,20 @@ fn with_5_percent_packet_loss_each_way_a_job_ends_with_the_same_parameters() {
     }
     let Some(hosts) = Hosts::new(2) else { return };
     let tmp = tempfile::tempdir().unwrap();
-    let config = common::tiny_config(tmp.path());
     let (steps, batch) = (8, 8);
-    let single = tmp.path().join("single");
-    run_alone(&pretrain_flags(&config, &single, batch, steps));
-    let final_of = |dir: &Path| dir.join(format!("checkpoint-{steps}/model.safetensors"));
+    let reference = Reference::train(tmp.path(), batch, steps);
     let mut speed = Vec::new();
     for loss in [0, 5] {
         if loss > 0 {
             hosts.drop_packets(1, loss);
         }
         let out_dir = tmp.path().join(format!("loss{loss}"));
-        let worker = pretrain_flags(&config, &out_dir, batch / 2, steps);
+        let worker = pretrain_flags(&reference.config, &out_dir, batch / 2, steps);
         let mut jobs = start_launchers(&hosts, 1, &tmp.path().join("logs"), &[], &worker);
         let what = format!("{loss} % loss");
         finish_all(&mut jobs, JOB_LIMIT, &what);
         speed.push(median_samples_per_s(&out_dir));
-        assert_same_weights(&final_of(&single), &final_of(&out_dir), 1e-5, &what);
-        assert_same_losses(&single, &out_dir, &what);
+        reference.assert_same_run(&out_dir, &what);
     }
     eprintln!(
         "2 hosts × 1 worker, batch {batch}: {:.1} samples/s without loss, {:.1} samples/s with \

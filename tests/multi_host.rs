@@ -7,10 +7,7 @@ mod common;
 
 use common::host_jobs::{assert_no_process_left, finish_all, start_launchers};
 use common::hosts::Hosts;
-use common::training::{
-    assert_same_losses, assert_same_weights, losses, pretrain_flags, run_alone, with,
-};
-use std::path::Path;
+use common::training::{pretrain_flags, with, Reference};
 use std::time::Duration;
 
 const JOB_LIMIT: Duration = Duration::from_secs(240);
@@ -43,11 +40,8 @@ fn each_node_advertises_the_address_that_reaches_the_master_never_loopback() {
 fn two_hosts_train_the_one_process_parameters_data_parallel_and_tp2_by_sharding2() {
     let Some(hosts) = Hosts::new(2) else { return };
     let tmp = tempfile::tempdir().unwrap();
-    let config = common::tiny_config(tmp.path());
     let (steps, global_batch) = (4, 8);
-    let single = tmp.path().join("single");
-    run_alone(&pretrain_flags(&config, &single, global_batch, steps));
-    let final_of = |dir: &Path| dir.join(format!("checkpoint-{steps}/model.safetensors"));
+    let reference = Reference::train(tmp.path(), global_batch, steps);
 
     // (what, per-device batch, extra worker flags): 2 hosts × 2 workers each.
     let layouts: [(&str, usize, &[&str]); 2] = [
@@ -71,13 +65,14 @@ fn two_hosts_train_the_one_process_parameters_data_parallel_and_tp2_by_sharding2
     ];
     for (i, (what, batch, extra)) in layouts.into_iter().enumerate() {
         let out_dir = tmp.path().join(format!("layout{i}"));
-        let worker = with(pretrain_flags(&config, &out_dir, batch, steps), extra);
+        let worker = with(
+            pretrain_flags(&reference.config, &out_dir, batch, steps),
+            extra,
+        );
         let mut jobs = start_launchers(&hosts, 2, &tmp.path().join("logs"), &[], &worker);
         let (_, took) = finish_all(&mut jobs, JOB_LIMIT, what);
         eprintln!("{what}: {steps} steps in {:.1} s", took.as_secs_f64());
-        assert_same_weights(&final_of(&single), &final_of(&out_dir), 1e-5, what);
-        assert_eq!(losses(&out_dir).len(), steps, "{what}");
-        assert_same_losses(&single, &out_dir, what);
+        reference.assert_same_run(&out_dir, what);
         assert_no_process_left(&hosts);
     }
 }

@@ -2,6 +2,7 @@
 //! resolved with bounded retries, then `--local-addr`, `COCA_SOCKET_IFNAME`, or the address of
 //! the interface that reaches the master — never loopback when a peer may be on another host.
 
+use crate::args::{LauncherArgs, NodeLayout, DEFAULT_MASTER_PORT};
 use crate::interfaces::{self, InterfaceAddr};
 use anyhow::{bail, Context, Result};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs, UdpSocket};
@@ -145,6 +146,34 @@ pub fn advertise(input: &AdvertiseInput) -> Result<Advertised> {
             })
         }
     }
+}
+
+/// Resolves `--master-addr` (multi-node jobs) and chooses the address this node advertises;
+/// logs both.
+pub fn for_node(args: &LauncherArgs, layout: &NodeLayout) -> Result<(Option<SocketAddr>, IpAddr)> {
+    let master = if layout.standalone {
+        None
+    } else {
+        let port = layout.master_port.unwrap_or(DEFAULT_MASTER_PORT);
+        let addr = resolve_master(&layout.master_addr, port, args.resolve_limit())?;
+        Some(addr)
+    };
+    let advertised = advertise(&AdvertiseInput {
+        local_addr: args.local_addr.as_deref(),
+        socket_ifname: args.socket_ifname.as_deref(),
+        master: master.map(|m| (layout.master_addr.as_str(), m)),
+    })?;
+    match master {
+        Some(m) => tracing::info!(
+            "master {:?} is {m}; node {} advertises {} ({})",
+            layout.master_addr,
+            layout.node_rank,
+            advertised.ip,
+            advertised.how
+        ),
+        None => tracing::debug!("advertising {} ({})", advertised.ip, advertised.how),
+    }
+    Ok((master, advertised.ip))
 }
 
 /// `127.x.y.z`, `::1`, `localhost`: the user says every node is on this machine.

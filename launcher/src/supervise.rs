@@ -3,9 +3,7 @@
 //! here, an abort or restart from the control plane, or a signal to the launcher.
 
 use crate::address;
-use crate::args::{
-    node_layout, nproc_per_node, CommandLine, LauncherArgs, NodeLayout, DEFAULT_MASTER_PORT,
-};
+use crate::args::{node_layout, nproc_per_node, CommandLine, LauncherArgs, NodeLayout};
 use crate::memory::{self, OomCounters};
 use crate::preflight;
 use crate::process::{describe, WorkerProcess, WorkerSpec};
@@ -108,7 +106,7 @@ pub fn run(command_line: CommandLine) -> Result<i32> {
     }
     // Addresses before anything is started: a master that does not resolve or a --local-addr
     // on no interface is a usage error (exit 2), not a worker's.
-    let (master, advertise) = addresses(&args, &layout)?;
+    let (master, advertise) = address::for_node(&args, &layout)?;
     let worker_binary = coca_common::worker_binary::worker_beside_current_exe()?;
     // The worker's checks, once for the whole node, before anything is started.
     if let Some(answer) =
@@ -518,34 +516,6 @@ fn job_token(args: &LauncherArgs, layout: &NodeLayout) -> Result<Token> {
         "a multi-node job needs its secret: --rdzv-token, COCA_RDZV_TOKEN or --rdzv-token-file \
          (the same on every node; for example `openssl rand -hex 32`)"
     )
-}
-
-/// Resolves `--master-addr` (multi-node jobs) and chooses the address this node advertises;
-/// logs both.
-fn addresses(args: &LauncherArgs, layout: &NodeLayout) -> Result<(Option<SocketAddr>, IpAddr)> {
-    let master = if layout.standalone {
-        None
-    } else {
-        let port = layout.master_port.unwrap_or(DEFAULT_MASTER_PORT);
-        let addr = address::resolve_master(&layout.master_addr, port, args.resolve_limit())?;
-        Some(addr)
-    };
-    let advertised = address::advertise(&address::AdvertiseInput {
-        local_addr: args.local_addr.as_deref(),
-        socket_ifname: args.socket_ifname.as_deref(),
-        master: master.map(|m| (layout.master_addr.as_str(), m)),
-    })?;
-    match master {
-        Some(m) => tracing::info!(
-            "master {:?} is {m}; node {} advertises {} ({})",
-            layout.master_addr,
-            layout.node_rank,
-            advertised.ip,
-            advertised.how
-        ),
-        None => tracing::debug!("advertising {} ({})", advertised.ip, advertised.how),
-    }
-    Ok((master, advertised.ip))
 }
 
 /// GPU ids this launcher may hand out: `CUDA_VISIBLE_DEVICES`, else the NVIDIA driver's list.

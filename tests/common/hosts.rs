@@ -76,7 +76,7 @@ fn must(program: &str, args: &[&str]) {
     }
 }
 
-/// Whether `tool` can be run (`tool --version` or `tool -V` starts).
+/// Whether `tool` can be run (`tool -V` starts).
 pub fn have_tool(tool: &str) -> bool {
     Command::new(tool)
         .arg("-V")
@@ -173,7 +173,7 @@ fn free_subnet(seed: u32) -> [u8; 3] {
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default();
     let mut x = seed.wrapping_mul(2_654_435_761);
-    loop {
+    for _ in 0..50 * 256 {
         let subnet = [10, 200 + (x % 50) as u8, (x / 50 % 256) as u8];
         let prefix = format!("{}.{}.{}.", subnet[0], subnet[1], subnet[2]);
         if !routes.contains(&prefix) {
@@ -181,6 +181,7 @@ fn free_subnet(seed: u32) -> [u8; 3] {
         }
         x = x.wrapping_add(7919);
     }
+    panic!("every /24 of 10.200.0.0/16–10.249.0.0/16 is routed on this machine");
 }
 
 impl Hosts {
@@ -430,6 +431,8 @@ impl Hosts {
 impl Drop for Hosts {
     fn drop(&mut self) {
         for host in &self.hosts {
+            // The veth pair goes at once; the namespace's own cleanup is asynchronous.
+            let _ = checked("ip", &["link", "del", &host.veth]);
             remove_netns(&host.netns);
         }
         let _ = checked("ip", &["link", "del", &self.bridge]);

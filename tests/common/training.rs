@@ -120,3 +120,36 @@ pub fn assert_same_losses(reference: &Path, got: &Path, what: &str) {
         assert!((a - b).abs() <= 1e-5 * a.abs(), "{what}: loss {b} vs {a}");
     }
 }
+
+/// A one-process run of the tiny model that other layouts must end like.
+pub struct Reference {
+    /// The tiny model config, written beside the run.
+    pub config: String,
+    /// The run's `--output_dir`.
+    pub dir: std::path::PathBuf,
+    /// Its steps.
+    pub steps: usize,
+}
+
+impl Reference {
+    /// Trains `steps` steps of `global_batch` as one process in `tmp/single`.
+    pub fn train(tmp: &Path, global_batch: usize, steps: usize) -> Reference {
+        let config = super::tiny_config(tmp);
+        let dir = tmp.join("single");
+        run_alone(&pretrain_flags(&config, &dir, global_batch, steps));
+        Reference { config, dir, steps }
+    }
+
+    /// The last checkpoint's weights of the run in `dir`.
+    pub fn final_weights(&self, dir: &Path) -> std::path::PathBuf {
+        dir.join(format!("checkpoint-{}/model.safetensors", self.steps))
+    }
+
+    /// The run in `out_dir` logged every step and ended with this run's parameters and losses.
+    pub fn assert_same_run(&self, out_dir: &Path, what: &str) {
+        let (ours, theirs) = (self.final_weights(&self.dir), self.final_weights(out_dir));
+        assert_same_weights(&ours, &theirs, 1e-5, what);
+        assert_eq!(losses(out_dir).len(), self.steps, "{what}");
+        assert_same_losses(&self.dir, out_dir, what);
+    }
+}
