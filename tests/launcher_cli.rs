@@ -145,3 +145,64 @@ fn a_layout_that_cannot_fit_in_memory_is_refused_with_the_numbers() {
     let saved = unsharded - per_worker(&err);
     assert!((6.0..6.6).contains(&saved), "{unsharded} vs\n{err}");
 }
+
+/// Launcher flags, environment, and the error they must cause.
+type BadAddress<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+
+#[test]
+fn a_master_that_never_resolves_or_a_local_addr_on_no_interface_is_a_one_line_usage_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let log_dir = tmp.path().join("log");
+    let base = [
+        "--nnodes",
+        "2",
+        "--node-rank",
+        "1",
+        "--rdzv-token",
+        "a-test-secret-of-enough-length",
+        "--rdzv-timeout",
+        "2",
+        "--log-dir",
+        log_dir.to_str().unwrap(),
+    ];
+    let cases: [BadAddress; 4] = [
+        (
+            &["--master-addr", "no-such-host.invalid"],
+            &[],
+            "--master-addr \"no-such-host.invalid\" does not resolve",
+        ),
+        (
+            &["--master-addr", "127.0.0.1", "--local-addr", "192.0.2.77"],
+            &[],
+            "--local-addr 192.0.2.77 is not an address of any interface of this host",
+        ),
+        (
+            &["--master-addr", "127.0.0.1", "--local-addr", "eth0"],
+            &[],
+            "--local-addr \"eth0\" is not an IP address",
+        ),
+        (
+            &["--master-addr", "127.0.0.1"],
+            &[("COCA_SOCKET_IFNAME", "nosuchif9")],
+            "COCA_SOCKET_IFNAME=\"nosuchif9\" matches no up interface",
+        ),
+    ];
+    for (flags, env, needle) in cases {
+        let args: Vec<&str> = [&base[..], flags, &["--", "--version"]].concat();
+        let started = std::time::Instant::now();
+        let (code, out, err) = common::run_with_env("coca-launch", &args, env);
+        let elapsed = started.elapsed();
+        assert_eq!(code, 2, "{flags:?}\n{out}\n{err}");
+        let errors: Vec<&str> = err
+            .lines()
+            .filter(|l| l.starts_with("coca-launch: error:"))
+            .collect();
+        assert_eq!(errors.len(), 1, "one error line: {err}");
+        assert!(errors[0].contains(needle), "{needle:?} missing: {err}");
+        assert!(
+            elapsed < std::time::Duration::from_secs(15),
+            "{flags:?} took {elapsed:?}"
+        );
+        assert!(worker_logs(&log_dir).is_empty(), "no worker started");
+    }
+}

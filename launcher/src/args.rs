@@ -34,6 +34,14 @@ pub struct LauncherArgs {
     /// SLURM_JOB_NODELIST, else 127.0.0.1).
     #[arg(long, env = "PET_MASTER_ADDR")]
     pub master_addr: Option<String>,
+    /// The address this node's peers connect to (its ring endpoints), one of this host's own.
+    /// Default: the address of the interface that reaches --master-addr.
+    #[arg(long, env = "COCA_LOCAL_ADDR")]
+    pub local_addr: Option<String>,
+    /// The interface whose address this node's peers connect to, in NCCL_SOCKET_IFNAME's
+    /// syntax: name prefixes `eth,ib`, an exact name `=eth0`, exclusions `^docker,lo`.
+    #[arg(long, env = "COCA_SOCKET_IFNAME")]
+    pub socket_ifname: Option<String>,
     /// UDP port of the control plane on node 0 (default 29500; a free port when standalone).
     #[arg(long, env = "PET_MASTER_PORT")]
     pub master_port: Option<u16>,
@@ -248,6 +256,11 @@ impl LauncherArgs {
     /// The rendezvous timeout as a duration.
     pub fn rdzv_timeout(&self) -> Duration {
         Duration::from_secs(self.rdzv_timeout)
+    }
+
+    /// How long a `--master-addr` that does not resolve is retried.
+    pub fn resolve_limit(&self) -> Duration {
+        self.rdzv_timeout().min(crate::address::RESOLVE_LIMIT)
     }
 }
 

@@ -6,7 +6,9 @@
 //! when it was killed); 2 for a usage or configuration error; 3 when the control plane failed
 //! (rendezvous timeout, lost node 0).
 
+mod address;
 mod args;
+mod interfaces;
 mod memory;
 mod preflight;
 mod process;

@@ -2,6 +2,7 @@
 //! start this node's workers, and react to the first of: every worker done, a worker failing
 //! here, an abort or restart from the control plane, or a signal to the launcher.
 
+use crate::address;
 use crate::args::{node_layout, nproc_per_node, CommandLine, LauncherArgs, NodeLayout};
 use crate::memory::{self, OomCounters};
 use crate::preflight;
@@ -15,7 +16,7 @@ use coca_common::control::{
     ServerConfig, Token,
 };
 use coca_common::topology::Topology;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -103,6 +104,9 @@ pub fn run(command_line: CommandLine) -> Result<i32> {
              groups will span nodes"
         );
     }
+    // Addresses before anything is started: a master that does not resolve or a --local-addr
+    // on no interface is a usage error (exit 2), not a worker's.
+    let (master, advertise) = address::for_node(&args, &layout)?;
     let worker_binary = coca_common::worker_binary::worker_beside_current_exe()?;
     // The worker's checks, once for the whole node, before anything is started.
     if let Some(answer) =
@@ -137,17 +141,10 @@ pub fn run(command_line: CommandLine) -> Result<i32> {
     } else {
         None
     };
-    let control_addr = match &server {
-        Some(s) => SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), s.local_addr().port()),
-        None => resolve(&layout.master_addr, layout.master_port.unwrap_or_default())?,
-    };
-    let advertise = if layout.standalone {
-        IpAddr::V4(Ipv4Addr::LOCALHOST)
-    } else {
-        local_ip_towards(resolve(
-            &layout.master_addr,
-            layout.master_port.unwrap_or(1),
-        )?)?
+    let control_addr = match (&server, master) {
+        (Some(s), _) => SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), s.local_addr().port()),
+        (None, Some(master)) => master,
+        (None, None) => bail!("node {} has no master address", layout.node_rank),
     };
     let client = ControlClient::connect(
         ClientConfig {
@@ -425,15 +422,17 @@ fn supervise(
                         tracing::warn!("{reason} after this node's workers finished");
                         Outcome::Finished
                     }
-                    None => {
-                        bail!(ControlPlaneError(format!("the job was aborted: {reason}")))
-                    }
+                    None => bail!(ControlPlaneError(lost_or_aborted(job, client, &reason))),
                 });
             }
             Err(e) if e.is_empty() => {}
             Err(_) => {
                 stop_all(&mut workers, job.args.grace_period);
-                bail!(ControlPlaneError("lost the control plane".to_string()));
+                bail!(ControlPlaneError(lost_or_aborted(
+                    job,
+                    client,
+                    "lost the control plane"
+                )));
             }
         }
         if let Some((failure, at)) = &reported {
@@ -445,6 +444,20 @@ fn supervise(
             }
         }
         std::thread::sleep(POLL);
+    }
+}
+
+/// Why the job stopped without a failure report: "lost node 0 (ADDR): …" when the connection to
+/// its control plane is gone (its host is unreachable or its launcher died), else the abort's
+/// reason.
+fn lost_or_aborted(job: &Job, client: &ControlClient, reason: &str) -> String {
+    if job.layout.node_rank != 0 && client.connection_lost() {
+        format!(
+            "lost node 0 ({}, which hosts the control plane): {reason}",
+            job.layout.master_addr
+        )
+    } else {
+        format!("the job was aborted: {reason}")
     }
 }
 
@@ -503,34 +516,6 @@ fn job_token(args: &LauncherArgs, layout: &NodeLayout) -> Result<Token> {
         "a multi-node job needs its secret: --rdzv-token, COCA_RDZV_TOKEN or --rdzv-token-file \
          (the same on every node; for example `openssl rand -hex 32`)"
     )
-}
-
-/// `host:port` as a socket address (the first IPv4 one when there are several).
-fn resolve(host: &str, port: u16) -> Result<SocketAddr> {
-    let addrs: Vec<SocketAddr> = (host, port)
-        .to_socket_addrs()
-        .with_context(|| format!("cannot resolve --master-addr {host:?}"))?
-        .collect();
-    addrs
-        .iter()
-        .find(|a| a.is_ipv4())
-        .or(addrs.first())
-        .copied()
-        .with_context(|| format!("--master-addr {host:?} resolves to no address"))
-}
-
-/// The local address the kernel would use to reach `target` (no packet is sent).
-fn local_ip_towards(target: SocketAddr) -> Result<IpAddr> {
-    let bind: SocketAddr = if target.is_ipv4() {
-        (Ipv4Addr::UNSPECIFIED, 0).into()
-    } else {
-        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-    };
-    let socket = UdpSocket::bind(bind).context("cannot open a UDP socket")?;
-    socket
-        .connect(target)
-        .with_context(|| format!("no route to the master address {target}"))?;
-    Ok(socket.local_addr()?.ip())
 }
 
 /// GPU ids this launcher may hand out: `CUDA_VISIBLE_DEVICES`, else the NVIDIA driver's list.

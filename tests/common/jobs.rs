@@ -39,9 +39,14 @@ impl Job {
 
     /// Like [`Self::start`], with extra environment variables.
     pub fn start_with_env(bin: &str, args: &[String], env: &[(&str, &str)]) -> Job {
-        let mut child = Command::new(super::binary(bin))
-            .args(args)
-            .envs(env.iter().copied())
+        let mut command = Command::new(super::binary(bin));
+        command.args(args).envs(env.iter().copied());
+        Self::spawn(command)
+    }
+
+    /// Starts `command` (stdin closed, output captured).
+    pub fn spawn(mut command: Command) -> Job {
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -2,9 +2,12 @@
 
 #![allow(dead_code)]
 
+pub mod host_jobs;
+pub mod hosts;
 pub mod images;
 pub mod jobs;
 pub mod model_checks;
+pub mod training;
 
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;

@@ -264,6 +264,12 @@ impl ControlClient {
         &self.events
     }
 
+    /// Whether the connection to the server ended without our closing it (the server's host
+    /// is unreachable, or the server went away).
+    pub fn connection_lost(&self) -> bool {
+        !self.inner.closing.load(Ordering::SeqCst) && self.inner.conn.close_reason().is_some()
+    }
+
     /// Says goodbye (so the server does not take our departure for a failure) and stops the
     /// client's thread, in bounded time.
     pub fn close(mut self) {

@@ -8,10 +8,11 @@
 //!
 //! Files: this one (configuration, start, shutdown), `state` (the job and every decision on
 //! it), `admission` (caps on unauthenticated connections), `connection` (handshake, sessions,
-//! requests).
+//! requests), `loss` (what a session's end means for the job).
 
 mod admission;
 mod connection;
+mod loss;
 mod state;
 
 pub use admission::HandshakeLimits;

@@ -454,12 +454,38 @@ fn node_vanishing_without_goodbye_aborts_the_others() {
                 failure: Some(f), ..
             } => {
                 assert_eq!((f.node_rank, f.rank, f.exit), (2, None, ExitKind::Lost));
-                assert!(f.cause.contains("lost node 2"), "{}", f.cause);
+                assert!(f.cause.contains("node 2 unreachable"), "{}", f.cause);
             }
             other => panic!("expected an Abort, got {other:?}"),
         }
     }
     assert!(started.elapsed() < HEARTBEAT_TIMEOUT + SLACK);
+}
+
+#[test]
+fn a_node_silent_with_its_workers_is_unreachable_not_a_lost_worker() {
+    let srv = server(2, 0);
+    let addr = srv.local_addr();
+    let nodes = vec![node(addr, 0, 1), node(addr, 1, 1)];
+    rendezvous_all(&nodes);
+    let w1 = worker(addr, 1, 0);
+    // The host of node 1 drops off the network: its worker's silence is noticed first.
+    w1.pause_heartbeats();
+    thread::sleep(Duration::from_millis(300));
+    nodes[1].pause_heartbeats();
+    match next_event(&nodes[0], HEARTBEAT_TIMEOUT + SLACK) {
+        Event::Abort {
+            failure: Some(f), ..
+        } => {
+            assert_eq!((f.node_rank, f.rank, f.exit), (1, None, ExitKind::Lost));
+            assert!(
+                f.cause.starts_with("node 1 unreachable (10.0.0.1)"),
+                "{}",
+                f.cause
+            );
+        }
+        other => panic!("expected an Abort, got {other:?}"),
+    }
 }
 
 #[test]

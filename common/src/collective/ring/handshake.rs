@@ -38,6 +38,12 @@ pub(super) const MAX_GROUP: usize = 256;
 const MAX_HELLO: usize = 8 + 2 + 1 + 2 + MAX_GROUP + 8 + NONCE + TAG;
 /// How long an unauthenticated peer may take over its part of the handshake.
 pub(super) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long the connector waits for the acceptor's part (the address it dialled was published
+/// by the member itself). Longer than [`HANDSHAKE_TIMEOUT`]: once the acceptor has sent its
+/// proof it is done with this connection and accepts no other, so a connector that gave up
+/// while TCP was still retransmitting that proof over a lossy link (15 % loss each way) could
+/// never join; TCP delivers it if given the time.
+const CONNECTOR_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Handshakes in progress at once on one listener; connections beyond are closed at once.
 const MAX_PENDING: usize = 16;
 const CONNECT_LABEL: &[u8] = b"coca ring v1\0connect\0";
@@ -370,7 +376,7 @@ pub(super) fn connect_next(
         }
         match TcpStream::connect_timeout(&addr, left.min(Duration::from_secs(1))) {
             Ok(mut stream) => {
-                let hs_deadline = deadline.min(Instant::now() + HANDSHAKE_TIMEOUT);
+                let hs_deadline = deadline.min(Instant::now() + CONNECTOR_HANDSHAKE_TIMEOUT);
                 match connect_handshake(&mut stream, id, me, next, hs_deadline) {
                     Ok(()) => return Ok(stream),
                     Err(ConnectError::Retry(why)) => last = why,

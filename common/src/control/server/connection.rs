@@ -200,6 +200,7 @@ pub(super) async fn handle_connection(
                         remote,
                         events: (!shared.closing.load(Ordering::SeqCst)).then_some(events_tx),
                         registered: false,
+                        last_heard: tokio::time::Instant::now(),
                     },
                 );
                 Ok(HelloReply::Welcome {
@@ -232,7 +233,7 @@ pub(super) async fn handle_connection(
         .unwrap_or_else(|e| e.into_inner())
         .push(writer);
     let requests = tokio::spawn(request_loop(shared.clone(), conn.clone(), id));
-    let end = session_reader(&shared, &conn, &mut recv).await;
+    let end = session_reader(&shared, id, &conn, &mut recv).await;
     requests.abort();
     shared.session_ended(id, end, &conn);
 }
@@ -240,6 +241,7 @@ pub(super) async fn handle_connection(
 /// Reads heartbeats until the session ends, and says how it ended.
 pub(super) async fn session_reader(
     shared: &Shared,
+    id: u64,
     conn: &quinn::Connection,
     recv: &mut quinn::RecvStream,
 ) -> SessionEnd {
@@ -248,7 +250,11 @@ pub(super) async fn session_reader(
         match timeout(hb, read_frame(recv, MAX_HELLO_BYTES)).await {
             Err(_) => return SessionEnd::Silent,
             Ok(Ok(Some(payload))) => match decode_small::<SessionUp>(&payload) {
-                Ok(SessionUp::Heartbeat { .. }) => {}
+                Ok(SessionUp::Heartbeat { .. }) => {
+                    if let Some(c) = shared.lock().clients.get_mut(&id) {
+                        c.last_heard = tokio::time::Instant::now();
+                    }
+                }
                 Err(e) => {
                     conn.close(close_code::PROTOCOL.into(), b"undecodable session frame");
                     return SessionEnd::Lost {

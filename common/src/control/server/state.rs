@@ -4,12 +4,11 @@
 
 use super::*;
 use crate::control::protocol::{
-    close_code, fmt_secs, unix_time_s, Event, ExitKind, FailureReport, Identity, NodeInfo, Plan,
-    Request, Response,
+    fmt_secs, Event, ExitKind, FailureReport, Identity, NodeInfo, Plan, Request, Response,
 };
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
@@ -74,6 +73,8 @@ pub(super) struct Client {
     pub(super) events: Option<mpsc::UnboundedSender<Event>>,
     /// A node that joined a rendezvous: losing it is a failure of the job.
     pub(super) registered: bool,
+    /// When its last heartbeat (or its hello) arrived.
+    pub(super) last_heard: Instant,
 }
 
 /// How a client's session ended.
@@ -568,107 +569,6 @@ impl Shared {
             "barrier '{name}' timed out after {}: {arrived} of {participants} participants arrived",
             fmt_secs(wait)
         ))
-    }
-
-    /// A session ended: forget the client, and treat a lost node or a silent worker as a
-    /// failure.
-    pub(super) fn session_ended(&self, id: u64, end: SessionEnd, conn: &quinn::Connection) {
-        let hb = fmt_secs(self.config.heartbeat_timeout);
-        let mut st = self.lock();
-        let Some(client) = st.clients.remove(&id) else {
-            return;
-        };
-        let remote = client.remote;
-        if st.plan.is_none() {
-            st.joined.retain(|_, j| j.client != id);
-            if st.joined.is_empty() {
-                st.rdzv_deadline = None;
-            }
-        }
-        let closing = self.closing.load(Ordering::SeqCst);
-        let who = &client.identity;
-        let cause = match end {
-            SessionEnd::Goodbye => {
-                info!(%remote, "{who} said goodbye");
-                None
-            }
-            SessionEnd::Local => None,
-            _ if closing => None,
-            SessionEnd::Silent => {
-                conn.close(
-                    close_code::DEAD.into(),
-                    format!("declared dead: no heartbeat for {hb}").as_bytes(),
-                );
-                Some((
-                    format!("no heartbeat for {hb} (stopped, hung or cut off)"),
-                    true,
-                ))
-            }
-            SessionEnd::Lost { cause, timed_out } => Some((cause, timed_out)),
-        };
-        let Some((cause, silent)) = cause else {
-            drop(st);
-            self.bump();
-            return;
-        };
-        let report = match who {
-            Identity::Node {
-                node_rank, host, ..
-            } => {
-                if !client.registered {
-                    info!(%remote, "{who} left before joining a rendezvous: {cause}");
-                    None
-                } else {
-                    Some(FailureReport {
-                        generation: st.generation,
-                        node_rank: *node_rank,
-                        rank: None,
-                        pid: None,
-                        exit: ExitKind::Lost,
-                        cause: format!("lost node {node_rank} ({host}, control connection from {remote}): {cause}"),
-                        last_lines: Vec::new(),
-                        unix_time_s: unix_time_s(),
-                    })
-                }
-            }
-            Identity::Worker { rank, generation } => {
-                let node_rank = st
-                    .plan
-                    .as_ref()
-                    .filter(|p| p.generation == *generation)
-                    .and_then(|p| p.node_of_rank(*rank));
-                let node_done = node_rank.is_some_and(|n| st.done.contains_key(&n));
-                if !silent || node_done {
-                    // A closed connection: its launcher reports how the process ended. Silence
-                    // after its node is done: a worker that exited 0 without a goodbye.
-                    info!(%remote, "{who} disconnected: {cause}");
-                    None
-                } else {
-                    let whereabouts = match node_rank {
-                        Some(n) => format!("on node {n}"),
-                        None => "on an unknown node".to_string(),
-                    };
-                    Some(FailureReport {
-                        generation: *generation,
-                        node_rank: node_rank.unwrap_or(0),
-                        rank: Some(*rank),
-                        pid: None,
-                        exit: ExitKind::Lost,
-                        cause: format!("lost worker rank {rank} {whereabouts} (control connection from {remote}): {cause}"),
-                        last_lines: Vec::new(),
-                        unix_time_s: unix_time_s(),
-                    })
-                }
-            }
-        };
-        if let Some(report) = report {
-            warn!(%remote, "{}", report.cause);
-            if let Err(e) = self.on_failure(&mut st, report) {
-                warn!("{e}");
-            }
-        }
-        drop(st);
-        self.bump();
     }
 }
 

@@ -1,0 +1,155 @@
+//! Training jobs in tests: a short `pretrain` on the synthetic set with the tiny model, its
+//! one-process reference, and the comparison of the parameters and losses two runs ended with.
+
+use std::path::Path;
+
+/// `pretrain` flags of a short run on the synthetic set with the tiny model.
+pub fn pretrain_flags(
+    config: &str,
+    out: &Path,
+    per_device_batch: usize,
+    steps: usize,
+) -> Vec<String> {
+    [
+        "pretrain",
+        "--model",
+        config,
+        "--max_steps",
+        &steps.to_string(),
+        "--per_device_train_batch_size",
+        &per_device_batch.to_string(),
+        "--learning_rate",
+        "1e-3",
+        // open_clip's epsilon for ViT CoCa; with 1e-8, parameters whose true gradient is zero
+        // (the key bias: softmax ignores it) move by Adam-normalised rounding noise.
+        "--adam_epsilon",
+        "1e-6",
+        "--warmup_steps",
+        "2",
+        "--logging_steps",
+        "1",
+        "--seed",
+        "5",
+        "--disable_tqdm",
+        "True",
+        "--output_dir",
+        out.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// `list` (the launcher's flags), `--`, then the worker command.
+pub fn launcher_flags<S: AsRef<str>>(list: &[S], worker: &[String]) -> Vec<String> {
+    let mut v: Vec<String> = list.iter().map(|s| s.as_ref().to_string()).collect();
+    v.push("--".into());
+    v.extend_from_slice(worker);
+    v
+}
+
+/// The secret of the simulated multi-node jobs.
+pub const TOKEN: &str = "a-test-secret-of-enough-length";
+
+/// Every tensor of `b` within `tol` of `a`, absolute or relative to the tensor's largest
+/// magnitude (parameters that start at zero stay small for the first steps).
+pub fn assert_same_weights(a: &Path, b: &Path, tol: f32, what: &str) {
+    let (a, b) = (super::load(&a.to_path_buf()), super::load(&b.to_path_buf()));
+    assert_eq!(a.len(), b.len(), "{what}: different tensor sets");
+    let mut worst = (0f32, 0f32, String::new());
+    for (name, ta) in &a {
+        let tb = b
+            .get(name)
+            .unwrap_or_else(|| panic!("{what}: {name} is missing"));
+        let diff = super::max_abs_diff(ta, tb);
+        let rel = diff / super::max_abs(ta).max(1e-12);
+        assert!(
+            diff <= tol || rel <= tol,
+            "{what}: {name} differs by {diff:.3e} ({rel:.3e} relative; tolerance {tol:.0e})"
+        );
+        if diff > worst.0 {
+            worst = (diff, rel, name.clone());
+        }
+    }
+    eprintln!(
+        "{what}: largest difference {:.3e} ({:.3e} relative) in {}",
+        worst.0, worst.1, worst.2
+    );
+}
+
+/// The losses rank 0 logged.
+pub fn losses(out: &Path) -> Vec<f64> {
+    metric(out, "loss")
+}
+
+/// Every value of `name` rank 0 logged, in step order.
+pub fn metric(out: &Path, name: &str) -> Vec<f64> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?[name].as_f64())
+        .collect()
+}
+
+/// The median training speed after the first step (which warms up), in samples/s.
+pub fn median_samples_per_s(out: &Path) -> f64 {
+    let mut speeds = metric(out, "samples_per_s");
+    speeds.remove(0);
+    speeds.sort_by(f64::total_cmp);
+    speeds[speeds.len() / 2]
+}
+
+/// Runs `coca-worker` with `flags` as a job of one; it must succeed.
+pub fn run_alone(flags: &[String]) {
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let (code, out, err) = super::run("coca-worker", &flags);
+    assert_eq!(code, 0, "{out}\n{err}");
+}
+
+/// `flags` followed by `extra`.
+pub fn with(mut flags: Vec<String>, extra: &[&str]) -> Vec<String> {
+    flags.extend(extra.iter().map(|s| s.to_string()));
+    flags
+}
+
+/// The losses rank 0 logged in `got` are `reference`'s, step for step (1e-5 relative).
+pub fn assert_same_losses(reference: &Path, got: &Path, what: &str) {
+    let (a, b) = (losses(reference), losses(got));
+    assert_eq!(a.len(), b.len(), "{what}: {b:?} vs {a:?}");
+    for (a, b) in a.iter().zip(&b) {
+        assert!((a - b).abs() <= 1e-5 * a.abs(), "{what}: loss {b} vs {a}");
+    }
+}
+
+/// A one-process run of the tiny model that other layouts must end like.
+pub struct Reference {
+    /// The tiny model config, written beside the run.
+    pub config: String,
+    /// The run's `--output_dir`.
+    pub dir: std::path::PathBuf,
+    /// Its steps.
+    pub steps: usize,
+}
+
+impl Reference {
+    /// Trains `steps` steps of `global_batch` as one process in `tmp/single`.
+    pub fn train(tmp: &Path, global_batch: usize, steps: usize) -> Reference {
+        let config = super::tiny_config(tmp);
+        let dir = tmp.join("single");
+        run_alone(&pretrain_flags(&config, &dir, global_batch, steps));
+        Reference { config, dir, steps }
+    }
+
+    /// The last checkpoint's weights of the run in `dir`.
+    pub fn final_weights(&self, dir: &Path) -> std::path::PathBuf {
+        dir.join(format!("checkpoint-{}/model.safetensors", self.steps))
+    }
+
+    /// The run in `out_dir` logged every step and ended with this run's parameters and losses.
+    pub fn assert_same_run(&self, out_dir: &Path, what: &str) {
+        let (ours, theirs) = (self.final_weights(&self.dir), self.final_weights(out_dir));
+        assert_same_weights(&ours, &theirs, 1e-5, what);
+        assert_eq!(losses(out_dir).len(), self.steps, "{what}");
+        assert_same_losses(&self.dir, out_dir, what);
+    }
+}
