@@ -567,7 +567,10 @@ fn gpu_workers_in_a_cpu_build_stop_with_an_error_that_says_so() {
     let mut job = Job::start_with_env("coca-launch", &flags, &[("CUDA_VISIBLE_DEVICES", "0,1")]);
     let (code, out, err) = job.finish(JOB_LIMIT);
     assert_eq!(code, 2, "{out}\n{err}");
-    assert!(format!("{out}{err}").contains("CPU only"), "{out}\n{err}");
+    assert!(
+        format!("{out}{err}").contains("built without CUDA"),
+        "{out}\n{err}"
+    );
 }
 
 /// The zero-shot lines rank 0 logged: (step, top-1).
