@@ -66,9 +66,9 @@ pub fn check_fits(
         return Ok(());
     };
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-    tracing::info!(
-        "device memory: this rank needs about {:.1} GiB (weights {:.1}, gradients {:.1}, AdamW \
-         moments {:.1}, activations {:.1}); {:.1} GiB free",
+    let needs = format!(
+        "this rank needs about {:.1} GiB on the GPU (weights {:.1}, gradients {:.1}, AdamW \
+         moments {:.1}, activations {:.1} GiB); {:.1} GiB is free",
         gib(estimate.total_bytes),
         gib(estimate.parameter_bytes),
         gib(estimate.gradient_bytes),
@@ -76,18 +76,11 @@ pub fn check_fits(
         gib(estimate.activation_bytes),
         gib(free)
     );
+    tracing::info!("device memory: {needs}");
     anyhow::ensure!(
         estimate.total_bytes <= free,
-        "this rank needs about {:.1} GiB on the GPU (weights {:.1}, gradients {:.1}, AdamW \
-         moments {:.1}, activations {:.1} GiB) but only {:.1} GiB is free: lower \
-         --per_device_train_batch_size, or raise --sharding_parallel_degree or \
-         --tensor_parallel_degree",
-        gib(estimate.total_bytes),
-        gib(estimate.parameter_bytes),
-        gib(estimate.gradient_bytes),
-        gib(estimate.optimizer_bytes),
-        gib(estimate.activation_bytes),
-        gib(free)
+        "{needs}: lower --per_device_train_batch_size, or raise --sharding_parallel_degree or \
+         --tensor_parallel_degree"
     );
     Ok(())
 }
