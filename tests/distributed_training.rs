@@ -5,49 +5,12 @@
 mod common;
 
 use common::jobs::{alive, descendants, free_udp_port, kill, wait_for_path, worker_pid, Job};
+use common::training::{
+    assert_same_weights, launch_local, launcher_flags, losses, pretrain_flags, run_alone,
+    run_launcher, with, JOB_LIMIT,
+};
 use std::path::Path;
 use std::time::{Duration, Instant};
-
-const JOB_LIMIT: Duration = Duration::from_secs(240);
-
-/// `pretrain` flags of a short run on the synthetic set with the tiny model.
-fn pretrain_flags(config: &str, out: &Path, per_device_batch: usize, steps: usize) -> Vec<String> {
-    [
-        "pretrain",
-        "--model",
-        config,
-        "--max_steps",
-        &steps.to_string(),
-        "--per_device_train_batch_size",
-        &per_device_batch.to_string(),
-        "--learning_rate",
-        "1e-3",
-        // open_clip's epsilon for ViT CoCa; with 1e-8, parameters whose true gradient is zero
-        // (the key bias: softmax ignores it) move by Adam-normalised rounding noise.
-        "--adam_epsilon",
-        "1e-6",
-        "--warmup_steps",
-        "2",
-        "--logging_steps",
-        "1",
-        "--seed",
-        "5",
-        "--disable_tqdm",
-        "True",
-        "--output_dir",
-        out.to_str().unwrap(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
-}
-
-fn launcher_flags<S: AsRef<str>>(list: &[S], worker: &[String]) -> Vec<String> {
-    let mut v: Vec<String> = list.iter().map(|s| s.as_ref().to_string()).collect();
-    v.push("--".into());
-    v.extend_from_slice(worker);
-    v
-}
 
 /// Launcher flags of `node` of a simulated two-node job on loopback, plus `extra`.
 fn node_flags(node: usize, port: &str, token: &str, log_dir: &Path, extra: &[&str]) -> Vec<String> {
@@ -72,51 +35,6 @@ fn node_flags(node: usize, port: &str, token: &str, log_dir: &Path, extra: &[&st
 
 /// The secret of the simulated multi-node jobs.
 const TOKEN: &str = "a-test-secret-of-enough-length";
-
-/// Every tensor of `b` within `tol` of `a`, absolute or relative to the tensor's largest
-/// magnitude (parameters that start at zero stay small for the first steps).
-fn assert_same_weights(a: &Path, b: &Path, tol: f32, what: &str) {
-    let (a, b) = (
-        common::load(&a.to_path_buf()),
-        common::load(&b.to_path_buf()),
-    );
-    assert_eq!(a.len(), b.len(), "{what}: different tensor sets");
-    let mut worst = (0f32, 0f32, String::new());
-    for (name, ta) in &a {
-        let tb = b
-            .get(name)
-            .unwrap_or_else(|| panic!("{what}: {name} is missing"));
-        let diff = common::max_abs_diff(ta, tb);
-        let rel = diff / common::max_abs(ta).max(1e-12);
-        assert!(
-            diff <= tol || rel <= tol,
-            "{what}: {name} differs by {diff:.3e} ({rel:.3e} relative; tolerance {tol:.0e})"
-        );
-        if diff > worst.0 {
-            worst = (diff, rel, name.clone());
-        }
-    }
-    eprintln!(
-        "{what}: largest difference {:.3e} ({:.3e} relative) in {}",
-        worst.0, worst.1, worst.2
-    );
-}
-
-/// The losses rank 0 logged.
-fn losses(out: &Path) -> Vec<f64> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["loss"].as_f64())
-        .collect()
-}
-
-fn run_launcher(flags: Vec<String>) -> String {
-    let mut job = Job::start("coca-launch", &flags);
-    let (code, out, err) = job.finish(JOB_LIMIT);
-    assert_eq!(code, 0, "coca-launch {flags:?}\n{out}\n{err}");
-    out
-}
 
 #[test]
 fn one_two_four_processes_and_two_nodes_train_the_same_parameters() {
@@ -356,31 +274,6 @@ fn a_node_without_the_token_cannot_join() {
     let (code, _, err) = node0.finish(Duration::from_secs(30));
     assert_eq!(code, 3, "{err}");
     assert!(err.contains("node 1"), "the missing node is named: {err}");
-}
-
-/// Runs `pretrain` with `flags` under a one-node launcher of `nproc` workers.
-fn launch_local(nproc: usize, worker: &[String], log_dir: &Path) {
-    run_launcher(launcher_flags(
-        &[
-            "--nproc-per-node",
-            &nproc.to_string(),
-            "--log-dir",
-            log_dir.to_str().unwrap(),
-        ],
-        worker,
-    ));
-}
-
-/// Runs `coca-worker` with `flags` as a job of one; it must succeed.
-fn run_alone(flags: &[String]) {
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let (code, out, err) = common::run("coca-worker", &flags);
-    assert_eq!(code, 0, "{out}\n{err}");
-}
-
-fn with(mut flags: Vec<String>, extra: &[&str]) -> Vec<String> {
-    flags.extend(extra.iter().map(|s| s.to_string()));
-    flags
 }
 
 #[test]

@@ -4,6 +4,7 @@
 
 pub mod images;
 pub mod jobs;
+pub mod training;
 
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;

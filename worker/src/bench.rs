@@ -31,6 +31,8 @@ pub struct BenchOptions {
     pub tensor_parallel_degree: usize,
     /// Whether to measure caption latency too (it takes longer than the rest).
     pub captions: bool,
+    /// Activation checkpointing in the training step.
+    pub grad_checkpointing: bool,
 }
 
 /// Random normalised images `[B, 3, S, S]` and token rows `[B, T]` shaped like real captions:
@@ -96,7 +98,8 @@ pub fn run(opts: &BenchOptions) -> Result<Option<serde_json::Value>> {
          workers"
     );
     let tp = TensorParallel::new(ctx.tensor.clone());
-    let (model, vars) = trainable_model_parallel(&config, None, 0, DType::F32, &device, &tp)?;
+    let (mut model, vars) = trainable_model_parallel(&config, None, 0, DType::F32, &device, &tp)?;
+    model.set_grad_checkpointing(opts.grad_checkpointing);
     let (images, text) = random_batch(&config, opts.batch, &device)?;
     let trainer_config = TrainerConfig {
         adamw: AdamWConfig::default(),
@@ -133,6 +136,7 @@ pub fn run(opts: &BenchOptions) -> Result<Option<serde_json::Value>> {
                 "batch": opts.batch,
                 "steps": opts.steps,
                 "tensor_parallel_degree": tp.size(),
+                "grad_checkpointing": opts.grad_checkpointing,
                 "threads_per_rank": rayon::current_num_threads(),
                 "train_step_s": step,
                 "train_samples_per_s": opts.batch as f64 / step,
@@ -158,6 +162,7 @@ pub fn run(opts: &BenchOptions) -> Result<Option<serde_json::Value>> {
         "batch": opts.batch,
         "steps": opts.steps,
         "threads": rayon::current_num_threads(),
+        "grad_checkpointing": opts.grad_checkpointing,
         "cpu_model": crate::simd::cpu_model(),
         "cpu_kernels": crate::simd::KernelFamily::active().name(),
         "gemm_kernels": crate::simd::gemm_family(),

@@ -4,6 +4,7 @@ pub mod attention;
 pub mod coca;
 pub mod config;
 pub mod decoder;
+pub mod grad_checkpoint;
 pub mod layers;
 pub mod loss;
 pub mod manifest;

@@ -1,0 +1,125 @@
+//! Short training runs as the equivalence tests make them: `pretrain` flags, launching one
+//! process or a local job, and comparing the final parameters and the logged losses.
+
+use super::jobs::Job;
+use std::path::Path;
+use std::time::Duration;
+
+/// How long a training job of these tests may take.
+pub const JOB_LIMIT: Duration = Duration::from_secs(240);
+
+/// `pretrain` flags of a short run on the synthetic set with the tiny model.
+pub fn pretrain_flags(
+    config: &str,
+    out: &Path,
+    per_device_batch: usize,
+    steps: usize,
+) -> Vec<String> {
+    [
+        "pretrain",
+        "--model",
+        config,
+        "--max_steps",
+        &steps.to_string(),
+        "--per_device_train_batch_size",
+        &per_device_batch.to_string(),
+        "--learning_rate",
+        "1e-3",
+        // open_clip's epsilon for ViT CoCa; with 1e-8, parameters whose true gradient is zero
+        // (the key bias: softmax ignores it) move by Adam-normalised rounding noise.
+        "--adam_epsilon",
+        "1e-6",
+        "--warmup_steps",
+        "2",
+        "--logging_steps",
+        "1",
+        "--seed",
+        "5",
+        "--disable_tqdm",
+        "True",
+        "--output_dir",
+        out.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// A launcher command line: its own flags, `--`, then the worker's.
+pub fn launcher_flags<S: AsRef<str>>(list: &[S], worker: &[String]) -> Vec<String> {
+    let mut v: Vec<String> = list.iter().map(|s| s.as_ref().to_string()).collect();
+    v.push("--".into());
+    v.extend_from_slice(worker);
+    v
+}
+
+/// Every tensor of `b` within `tol` of `a`, absolute or relative to the tensor's largest
+/// magnitude (parameters that start at zero stay small for the first steps).
+pub fn assert_same_weights(a: &Path, b: &Path, tol: f32, what: &str) {
+    let (a, b) = (super::load(&a.to_path_buf()), super::load(&b.to_path_buf()));
+    assert_eq!(a.len(), b.len(), "{what}: different tensor sets");
+    let mut worst = (0f32, 0f32, String::new());
+    for (name, ta) in &a {
+        let tb = b
+            .get(name)
+            .unwrap_or_else(|| panic!("{what}: {name} is missing"));
+        let diff = super::max_abs_diff(ta, tb);
+        let rel = diff / super::max_abs(ta).max(1e-12);
+        assert!(
+            diff <= tol || rel <= tol,
+            "{what}: {name} differs by {diff:.3e} ({rel:.3e} relative; tolerance {tol:.0e})"
+        );
+        if diff > worst.0 {
+            worst = (diff, rel, name.clone());
+        }
+    }
+    eprintln!(
+        "{what}: largest difference {:.3e} ({:.3e} relative) in {}",
+        worst.0, worst.1, worst.2
+    );
+}
+
+/// The losses rank 0 logged.
+pub fn losses(out: &Path) -> Vec<f64> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["loss"].as_f64())
+        .collect()
+}
+
+/// Runs `coca-launch` with `flags`; it must succeed. Returns its standard output.
+pub fn run_launcher(flags: Vec<String>) -> String {
+    let mut job = Job::start("coca-launch", &flags);
+    let (code, out, err) = job.finish(JOB_LIMIT);
+    assert_eq!(code, 0, "coca-launch {flags:?}\n{out}\n{err}");
+    out
+}
+
+/// Runs `pretrain` with `flags` under a one-node launcher of `nproc` workers.
+pub fn launch_local(nproc: usize, worker: &[String], log_dir: &Path) {
+    run_launcher(launcher_flags(
+        &[
+            "--nproc-per-node",
+            &nproc.to_string(),
+            "--log-dir",
+            log_dir.to_str().unwrap(),
+        ],
+        worker,
+    ));
+}
+
+/// Runs `coca-worker` with `flags` as a job of one; it must succeed. Returns what it printed
+/// (standard output, then standard error).
+pub fn run_alone(flags: &[String]) -> String {
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let (code, out, err) = super::run("coca-worker", &flags);
+    assert_eq!(code, 0, "{out}\n{err}");
+    out + &err
+}
+
+/// `flags` followed by `extra`.
+pub fn with(mut flags: Vec<String>, extra: &[&str]) -> Vec<String> {
+    flags.extend(extra.iter().map(|s| s.to_string()));
+    flags
+}
