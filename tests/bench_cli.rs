@@ -75,3 +75,52 @@ fn bench_reports_every_figure() {
     let faults = line["train_page_faults_per_step"].as_array().map(Vec::len);
     assert_eq!(faults, Some(1), "{line}");
 }
+
+#[test]
+fn bench_memory_measures_a_step_beside_the_estimate_with_and_without_checkpointing() {
+    let Some(config) = common::fixture("coca-tiny/config.json") else {
+        return;
+    };
+    let config = config.display().to_string();
+    let mut activations = Vec::new();
+    for checkpointing in ["False", "True"] {
+        let args = [
+            "bench-memory",
+            "--model",
+            &config,
+            "--batch",
+            "4",
+            "--sharding",
+            "2",
+            "--tensor_parallel",
+            "2",
+            "--grad_checkpointing",
+            checkpointing,
+        ];
+        let (code, stdout, stderr) = common::run("coca-worker", &args);
+        assert_eq!(code, 0, "{stderr}");
+        let lines: Vec<serde_json::Value> = stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        // unsharded, stage1 x2, stage2 x2, tp 2, tp 2 with stage2 x2.
+        assert_eq!(lines.len(), 5, "{stdout}");
+        for line in &lines {
+            assert_eq!(
+                line["grad_checkpointing"],
+                checkpointing == "True",
+                "{line}"
+            );
+            assert!(line["estimate"]["total_bytes"].as_u64() > Some(0), "{line}");
+        }
+        // Only the one-process layout runs a step.
+        let step = &lines[0]["measured_step"];
+        for key in ["peak_bytes", "persistent_bytes", "transient_bytes"] {
+            assert!(step[key].as_u64() > Some(0), "{key} in {step}");
+        }
+        assert!(step["estimate_peak_error"].as_f64().is_some(), "{step}");
+        assert!(lines[1..].iter().all(|l| l.get("measured_step").is_none()));
+        activations.push(lines[0]["estimate"]["activation_bytes"].as_u64().unwrap());
+    }
+    assert!(activations[1] < activations[0], "{activations:?}");
+}

@@ -6,12 +6,11 @@ mod common;
 
 use common::jobs::{alive, descendants, free_udp_port, kill, wait_for_path, worker_pid, Job};
 use common::training::{
-    assert_same_weights, launcher_flags, losses, pretrain_flags, run_alone, with, TOKEN,
+    assert_same_weights, launch_local, launcher_flags, losses, pretrain_flags, run_alone,
+    run_launcher, with, JOB_LIMIT, TOKEN,
 };
 use std::path::Path;
 use std::time::{Duration, Instant};
-
-const JOB_LIMIT: Duration = Duration::from_secs(240);
 
 /// Launcher flags of `node` of a simulated two-node job on loopback, plus `extra`.
 fn node_flags(node: usize, port: &str, token: &str, log_dir: &Path, extra: &[&str]) -> Vec<String> {
@@ -32,13 +31,6 @@ fn node_flags(node: usize, port: &str, token: &str, log_dir: &Path, extra: &[&st
     ];
     flags.extend_from_slice(extra);
     flags.iter().map(|s| s.to_string()).collect()
-}
-
-fn run_launcher(flags: Vec<String>) -> String {
-    let mut job = Job::start("coca-launch", &flags);
-    let (code, out, err) = job.finish(JOB_LIMIT);
-    assert_eq!(code, 0, "coca-launch {flags:?}\n{out}\n{err}");
-    out
 }
 
 #[test]
@@ -279,19 +271,6 @@ fn a_node_without_the_token_cannot_join() {
     let (code, _, err) = node0.finish(Duration::from_secs(30));
     assert_eq!(code, 3, "{err}");
     assert!(err.contains("node 1"), "the missing node is named: {err}");
-}
-
-/// Runs `pretrain` with `flags` under a one-node launcher of `nproc` workers.
-fn launch_local(nproc: usize, worker: &[String], log_dir: &Path) {
-    run_launcher(launcher_flags(
-        &[
-            "--nproc-per-node",
-            &nproc.to_string(),
-            "--log-dir",
-            log_dir.to_str().unwrap(),
-        ],
-        worker,
-    ));
 }
 
 #[test]

@@ -1,7 +1,12 @@
 //! Training jobs in tests: a short `pretrain` on the synthetic set with the tiny model, its
 //! one-process reference, and the comparison of the parameters and losses two runs ended with.
 
+use super::jobs::Job;
 use std::path::Path;
+use std::time::Duration;
+
+/// How long a training job of these tests may take.
+pub const JOB_LIMIT: Duration = Duration::from_secs(240);
 
 /// `pretrain` flags of a short run on the synthetic set with the tiny model.
 pub fn pretrain_flags(
@@ -99,11 +104,34 @@ pub fn median_samples_per_s(out: &Path) -> f64 {
     speeds[speeds.len() / 2]
 }
 
-/// Runs `coca-worker` with `flags` as a job of one; it must succeed.
-pub fn run_alone(flags: &[String]) {
+/// Runs `coca-launch` with `flags`; it must succeed. Returns its standard output.
+pub fn run_launcher(flags: Vec<String>) -> String {
+    let mut job = Job::start("coca-launch", &flags);
+    let (code, out, err) = job.finish(JOB_LIMIT);
+    assert_eq!(code, 0, "coca-launch {flags:?}\n{out}\n{err}");
+    out
+}
+
+/// Runs `pretrain` with `flags` under a one-node launcher of `nproc` workers.
+pub fn launch_local(nproc: usize, worker: &[String], log_dir: &Path) {
+    run_launcher(launcher_flags(
+        &[
+            "--nproc-per-node",
+            &nproc.to_string(),
+            "--log-dir",
+            log_dir.to_str().unwrap(),
+        ],
+        worker,
+    ));
+}
+
+/// Runs `coca-worker` with `flags` as a job of one; it must succeed. Returns what it printed
+/// (standard output, then standard error).
+pub fn run_alone(flags: &[String]) -> String {
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let (code, out, err) = super::run("coca-worker", &flags);
     assert_eq!(code, 0, "{out}\n{err}");
+    out + &err
 }
 
 /// `flags` followed by `extra`.

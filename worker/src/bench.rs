@@ -34,6 +34,8 @@ pub struct BenchOptions {
     pub captions: bool,
     /// Where to compute (`--device`).
     pub device: crate::device::DeviceArgs,
+    /// Activation checkpointing in the training step.
+    pub grad_checkpointing: bool,
 }
 
 /// Random normalised images `[B, 3, S, S]` and token rows `[B, T]` shaped like real captions:
@@ -131,7 +133,8 @@ pub fn run(opts: &BenchOptions) -> Result<Option<serde_json::Value>> {
          workers"
     );
     let tp = TensorParallel::new(ctx.tensor.clone());
-    let (model, vars) = trainable_model_parallel(&config, None, 0, DType::F32, &device, &tp)?;
+    let (mut model, vars) = trainable_model_parallel(&config, None, 0, DType::F32, &device, &tp)?;
+    model.set_grad_checkpointing(opts.grad_checkpointing);
     let (images, text) = random_batch(&config, opts.batch, &device)?;
     let trainer_config = TrainerConfig {
         adamw: AdamWConfig::default(),
@@ -170,6 +173,7 @@ pub fn run(opts: &BenchOptions) -> Result<Option<serde_json::Value>> {
                 "batch": opts.batch,
                 "steps": opts.steps,
                 "tensor_parallel_degree": tp.size(),
+                "grad_checkpointing": opts.grad_checkpointing,
                 "threads_per_rank": rayon::current_num_threads(),
                 "train_step_s": step,
                 "train_samples_per_s": opts.batch as f64 / step,
@@ -199,6 +203,7 @@ pub fn run(opts: &BenchOptions) -> Result<Option<serde_json::Value>> {
         "device": device_name(&device),
         "tf32": opts.device.tf32,
         "threads": rayon::current_num_threads(),
+        "grad_checkpointing": opts.grad_checkpointing,
         "cpu_model": crate::simd::cpu_model(),
         "cpu_kernels": crate::simd::KernelFamily::active().name(),
         "gemm_kernels": crate::simd::gemm_family(),

@@ -1,21 +1,29 @@
 //! `coca-worker bench-memory`: bytes of parameters, kept gradients and optimizer state one rank
 //! holds under each ZeRO and tensor-parallel layout, read from the buffers of a real
 //! [`Trainer`] built for that layout, next to the ideal (the one-process figure ÷ the degrees
-//! that split it).
+//! that split it) and to [`crate::memory_estimate`]'s estimate at the given batch and
+//! activation checkpointing.
+//!
+//! With a batch, a one-process training step is also measured: the peak resident bytes of a
+//! step (after a warm-up step, with the allocator's free memory handed back and the kernel's
+//! peak reset) beside the estimate of the same figures.
 //!
 //! Building a model or a trainer only asks its groups for their rank and size, so a rank of an
 //! 8-way sharding group is built here without the other seven: [`LayoutOnly`] answers rank and size
 //! and refuses every collective.
 
+use crate::bench::random_batch;
 use crate::comm::HostTransport;
 use crate::distributed::tensor_parallel::TensorParallel;
+use crate::memory_estimate::{estimate, MemoryEstimate};
 use crate::model::trainable::{trainable_model_parallel, TrainableWeights};
 use crate::model::{CoCa, CocaConfig, CocaLossConfig};
+use crate::resident_memory::{peak_resident_bytes, reset_peak, resident_bytes};
 use crate::train::adamw::AdamWConfig;
 use crate::train::groups::TowerGroups;
 use crate::train::schedule::CosineSchedule;
 use crate::train::trainer::{Trainer, TrainerConfig, TrainerGroups, TrainerMemory, ZeroStage};
-use anyhow::Result;
+use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use coca_common::collective::{Collective, LayoutOnly, SingleProcess};
 use std::sync::Arc;
@@ -51,26 +59,47 @@ fn stand_in(size: usize) -> Arc<dyn Collective> {
     }
 }
 
-/// The report, one JSON line per layout (rank 0 of each; the others differ by < 1 block): every
-/// ZeRO stage at each of `sharding` degrees, each of `tensor_parallel` degrees unsharded and
-/// with stage 2 at the largest sharding degree. The ideal is the one-process figure ÷ the
-/// degrees that split it.
-pub fn run(
-    model: &str,
-    sharding: &[usize],
-    tensor_parallel: &[usize],
-) -> Result<Vec<serde_json::Value>> {
-    let config = CocaConfig::resolve(model)?;
-    let trainer_config = TrainerConfig {
+/// What `bench-memory` reports on.
+#[derive(Debug, Clone)]
+pub struct MemoryBenchOptions {
+    /// A built-in config name or a config JSON file.
+    pub model: String,
+    /// Sharding degrees to report.
+    pub sharding: Vec<usize>,
+    /// Tensor-parallel degrees to report.
+    pub tensor_parallel: Vec<usize>,
+    /// Samples per micro-batch: the estimate's activations, and (above 0) a measured step.
+    pub batch: usize,
+    /// Activation checkpointing (`--grad_checkpointing`), for the estimate and the step.
+    pub grad_checkpointing: bool,
+}
+
+/// The optimizer settings of the report's trainers (they do not change any buffer's size).
+fn trainer_config() -> TrainerConfig {
+    TrainerConfig {
         adamw: AdamWConfig::default(),
         max_grad_norm: Some(1.0),
         schedule: CosineSchedule {
             warmup_steps: 0,
-            total_steps: 1,
+            total_steps: 2,
         },
         loss: CocaLossConfig::default(),
         span: Default::default(),
-        buffers: crate::comm::PlacementRule::from_env()?,
+        buffers: crate::comm::PlacementRule::Auto,
+    }
+}
+
+/// The report, one JSON line per layout (rank 0 of each; the others differ by < 1 block): every
+/// ZeRO stage at each of `sharding` degrees, each of `tensor_parallel` degrees unsharded and
+/// with stage 2 at the largest sharding degree. The ideal is the one-process figure ÷ the
+/// degrees that split it; the estimate is [`estimate`]'s at the batch. With a batch, the
+/// one-process line also has the measured step (see [`measure_step`]).
+pub fn run(opts: &MemoryBenchOptions) -> Result<Vec<serde_json::Value>> {
+    let config = CocaConfig::resolve(&opts.model)?;
+    // First, while the heap holds nothing else.
+    let measured = match opts.batch {
+        0 => None,
+        batch => Some(measure_step(&config, batch, opts.grad_checkpointing)?),
     };
     let rule = TowerGroups::uniform(1e-5, 0.1);
     let mut layouts = vec![Layout {
@@ -78,7 +107,7 @@ pub fn run(
         sharding: 1,
         stage: None,
     }];
-    for &d in sharding.iter().filter(|&&d| d > 1) {
+    for &d in opts.sharding.iter().filter(|&&d| d > 1) {
         for stage in [ZeroStage::One, ZeroStage::Two] {
             layouts.push(Layout {
                 tp: 1,
@@ -87,8 +116,8 @@ pub fn run(
             });
         }
     }
-    let widest = sharding.iter().copied().max().unwrap_or(1);
-    for &tp in tensor_parallel.iter().filter(|&&t| t > 1) {
+    let widest = opts.sharding.iter().copied().max().unwrap_or(1);
+    for &tp in opts.tensor_parallel.iter().filter(|&&t| t > 1) {
         layouts.push(Layout {
             tp,
             sharding: 1,
@@ -122,14 +151,24 @@ pub fn run(
             replicas: HostTransport::single(),
             stage: layout.stage,
         };
-        let trainer = Trainer::in_groups(coca.clone(), vars, &rule, trainer_config, groups)?;
+        let trainer = Trainer::in_groups(coca.clone(), vars, &rule, trainer_config(), groups)?;
         let m = trainer.memory();
         drop(trainer);
         let base: TrainerMemory = *unsharded.get_or_insert(m);
         let split = layout.tp * layout.sharding;
-        lines.push(serde_json::json!({
-            "model": model,
+        let estimated = estimate(
+            &config,
+            layout.tp,
+            layout.sharding,
+            layout.stage,
+            opts.batch,
+            opts.grad_checkpointing,
+        )?;
+        let mut line = serde_json::json!({
+            "model": opts.model,
             "layout": layout.name(),
+            "batch": opts.batch,
+            "grad_checkpointing": opts.grad_checkpointing,
             "parameters_bytes": m.parameters,
             "gradients_bytes": m.gradients,
             "optimizer_bytes": m.optimizer_state,
@@ -139,7 +178,89 @@ pub fn run(
                 _ => base.gradients / layout.tp,
             },
             "ideal_optimizer_bytes": base.optimizer_state / split,
-        }));
+            "estimate": estimated,
+        });
+        if let (Some(step), 1, None) = (&measured, layout.tp, layout.stage) {
+            line["measured_step"] = step.report(&estimated, m.gradients as u64);
+        }
+        lines.push(line);
     }
     Ok(lines)
+}
+
+/// Resident bytes of a one-process training step, measured.
+#[derive(Debug, Clone, Copy)]
+pub struct StepMemory {
+    /// Resident before the model was built (the program itself).
+    pub baseline: u64,
+    /// Resident between steps, above the baseline: weights, flat buffers, optimizer state.
+    pub persistent: u64,
+    /// The step's peak above the persistent bytes: activations, the backward pass's gradients
+    /// and every temporary.
+    pub transient: u64,
+}
+
+impl StepMemory {
+    /// The peak of a step above the baseline.
+    pub fn peak(&self) -> u64 {
+        self.persistent + self.transient
+    }
+
+    /// The figures beside the estimate's: the whole peak against the estimate's total, and the
+    /// step's own bytes against the activations plus the gradients a backward pass holds
+    /// (the estimate's gradients less the `kept` ones); the activations measured are the
+    /// step's bytes less those gradients.
+    fn report(&self, e: &MemoryEstimate, kept_gradients: u64) -> serde_json::Value {
+        let backward_gradients = e.gradient_bytes.saturating_sub(kept_gradients);
+        let error = |estimated: u64, measured: u64| estimated as f64 / measured.max(1) as f64 - 1.0;
+        let step_estimate = e.activation_bytes + backward_gradients;
+        serde_json::json!({
+            "baseline_bytes": self.baseline,
+            "persistent_bytes": self.persistent,
+            "transient_bytes": self.transient,
+            "peak_bytes": self.peak(),
+            "activation_bytes": self.transient.saturating_sub(backward_gradients),
+            "estimate_peak_error": error(e.total_bytes, self.peak()),
+            "estimate_transient_error": error(step_estimate, self.transient),
+        })
+    }
+}
+
+/// Builds a one-process trainer for `config` and measures a training step (forward, backward,
+/// update) on a random batch: a warm-up step touches every buffer; then freed memory goes back
+/// to the kernel, the kernel's peak is reset, and a second step is measured.
+pub fn measure_step(
+    config: &CocaConfig,
+    batch: usize,
+    grad_checkpointing: bool,
+) -> Result<StepMemory> {
+    let baseline = resident_bytes()?;
+    let (mut model, vars) = trainable_model_parallel(
+        config,
+        None,
+        0,
+        DType::F32,
+        &Device::Cpu,
+        &TensorParallel::single(),
+    )?;
+    model.set_grad_checkpointing(grad_checkpointing);
+    let rule = TowerGroups::uniform(1e-5, 0.1);
+    let mut trainer = Trainer::new(model, &vars, &rule, trainer_config())?;
+    drop(vars);
+    let (images, text) = random_batch(config, batch, &Device::Cpu)?;
+    let mut step = || -> Result<()> {
+        trainer.backward(&images, &text, 1.0)?;
+        trainer.update()?;
+        Ok(())
+    };
+    step().context("warm-up step")?;
+    reset_peak()?;
+    let before = resident_bytes()?;
+    step().context("measured step")?;
+    let peak = peak_resident_bytes()?.max(resident_bytes()?);
+    Ok(StepMemory {
+        baseline,
+        persistent: before.saturating_sub(baseline),
+        transient: peak.saturating_sub(before),
+    })
 }

@@ -17,6 +17,7 @@ pub mod memory_estimate;
 pub mod model;
 pub mod preflight;
 pub mod pretrain;
+pub mod resident_memory;
 pub mod rng;
 pub mod runtime;
 pub mod simd;

@@ -66,6 +66,9 @@ enum Command {
         captions: bool,
         #[command(flatten)]
         device: DeviceArgs,
+        /// Activation checkpointing in the training step (as `pretrain --grad_checkpointing`).
+        #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", value_parser = coca_worker::pretrain::args::parse_bool)]
+        grad_checkpointing: bool,
     },
     /// Evaluate: zero-shot classification, image-text retrieval, captioning; prints one JSON line per evaluation.
     Eval(Box<coca_worker::eval::cli::EvalArgs>),
@@ -95,6 +98,13 @@ enum Command {
         /// Tensor-parallel degrees to report (comma-separated).
         #[arg(long, value_delimiter = ',', default_value = "2,4")]
         tensor_parallel: Vec<usize>,
+        /// Samples per micro-batch for the activation estimate; above 0, one training step of
+        /// one process is also run and its peak resident memory measured.
+        #[arg(long, default_value_t = 0)]
+        batch: usize,
+        /// Activation checkpointing (as `pretrain --grad_checkpointing`).
+        #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", value_parser = coca_worker::pretrain::args::parse_bool)]
+        grad_checkpointing: bool,
     },
     /// Used by `coca-launch` before it starts any worker: parses a worker command and runs every
     /// check it can make without the model (the job's size comes from WORLD_SIZE); prints one
@@ -147,6 +157,7 @@ fn check_args(command: Vec<String>) -> Result<ExitCode> {
                 args.sharding_parallel_degree,
                 args.zero_stage()?,
                 checked.batch(&args),
+                args.grad_checkpointing,
             )?;
             Some(serde_json::json!({
                 "estimate": estimate,
@@ -242,8 +253,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
             model,
             sharding,
             tensor_parallel,
+            batch,
+            grad_checkpointing,
         } => {
-            for line in coca_worker::bench_memory::run(&model, &sharding, &tensor_parallel)? {
+            let opts = coca_worker::bench_memory::MemoryBenchOptions {
+                model,
+                sharding,
+                tensor_parallel,
+                batch,
+                grad_checkpointing,
+            };
+            for line in coca_worker::bench_memory::run(&opts)? {
                 println!("{line}");
             }
             Ok(ExitCode::SUCCESS)
@@ -282,6 +302,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             tensor_parallel_degree,
             captions,
             device,
+            grad_checkpointing,
         } => {
             let line = bench::run(&bench::BenchOptions {
                 model,
@@ -290,6 +311,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 tensor_parallel_degree,
                 captions,
                 device,
+                grad_checkpointing,
             })?;
             if let Some(line) = line {
                 println!("{line}");

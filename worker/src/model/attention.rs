@@ -71,6 +71,21 @@ impl MultiheadAttention {
         })
     }
 
+    /// The same attention over its weights mapped by `f` (the packed weight and its q/k/v
+    /// views each mapped).
+    pub fn map_weights(&self, f: &mut dyn FnMut(&Tensor) -> Tensor) -> Self {
+        Self {
+            in_proj: self.in_proj.as_ref().map(|l| l.map_weights(f)),
+            q_proj: self.q_proj.map_weights(f),
+            k_proj: self.k_proj.map_weights(f),
+            v_proj: self.v_proj.map_weights(f),
+            out_proj: self.out_proj.map_weights(f),
+            heads: self.heads,
+            head_dim: self.head_dim,
+            tp: self.tp.clone(),
+        }
+    }
+
     /// Self-attention of `x` `[B, T, d]`; `mask` is additive, `[T, T]` or `[B, T, T]`.
     pub fn forward_self(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let (q, k, v) = self.self_qkv(x)?;

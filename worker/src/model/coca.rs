@@ -76,6 +76,15 @@ impl CoCa {
         self.logit_scale.device()
     }
 
+    /// open_clip's `set_grad_checkpointing`: the image tower, the text tower and the decoder
+    /// recompute each transformer block's activations in the backward pass instead of keeping
+    /// them (less memory, one more forward per block; the same gradients).
+    pub fn set_grad_checkpointing(&mut self, on: bool) {
+        self.visual.set_grad_checkpointing(on);
+        self.text.transformer.grad_checkpointing = on;
+        self.text_decoder.grad_checkpointing = on;
+    }
+
     /// Normalised image embedding `[B, E]` and decoder tokens `[B, Q-1, E]`.
     pub fn encode_image(&self, images: &Tensor) -> Result<(Tensor, Tensor)> {
         let out = self.visual.forward(images)?;

@@ -23,6 +23,8 @@ pub struct MultimodalDecoder {
     pub(crate) text_projection: Tensor,
     pub(crate) context_length: usize,
     pub(crate) tp: TensorParallel,
+    /// Recompute each block's activations in the backward pass instead of keeping them.
+    pub(crate) grad_checkpointing: bool,
 }
 
 impl MultimodalDecoder {
@@ -52,6 +54,7 @@ impl MultimodalDecoder {
             )?,
             context_length: m.context_length,
             tp: tp.clone(),
+            grad_checkpointing: false,
         })
     }
 
@@ -81,8 +84,8 @@ impl MultimodalDecoder {
         let mask = causal_mask(t, text_embs.device())?;
         let mut x = text_embs.clone();
         for (block, cross) in self.resblocks.iter().zip(&self.cross_attn) {
-            x = block.forward(&x, Some(&mask))?;
-            x = cross.forward_cross(&x, image_embs)?;
+            x = block.forward_checkpointed(&x, Some(&mask), self.grad_checkpointing)?;
+            x = cross.forward_cross_checkpointed(&x, image_embs, self.grad_checkpointing)?;
         }
         self.ln_final.forward(&x)
     }

@@ -27,6 +27,14 @@ impl LayerNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         ops::layer_norm(x, &self.weight, &self.bias, LAYER_NORM_EPS)
     }
+
+    /// The same norm over `f(weight)` and `f(bias)`.
+    pub fn map_weights(&self, f: &mut dyn FnMut(&Tensor) -> Tensor) -> Self {
+        Self {
+            weight: f(&self.weight),
+            bias: f(&self.bias),
+        }
+    }
 }
 
 /// Normal initialisation with the given standard deviation.
@@ -63,6 +71,14 @@ impl Linear {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         matmul_last(x, &self.weight_t()?, self.bias.as_ref())
+    }
+
+    /// The same map over `f(weight)` and `f(bias)`.
+    pub fn map_weights(&self, f: &mut dyn FnMut(&Tensor) -> Tensor) -> Self {
+        Self {
+            weight: f(&self.weight),
+            bias: self.bias.as_ref().map(&mut *f),
+        }
     }
 
     /// `Wᵀ` `[in, out]` for the product: a view when `in ≤ out`; a contiguous copy when the
@@ -137,6 +153,15 @@ impl Mlp {
             c_proj: Linear::new(local, width, proj_std, vb.pp("c_proj"))?,
             tp: tp.clone(),
         })
+    }
+
+    /// The same MLP over its weights mapped by `f`.
+    pub fn map_weights(&self, f: &mut dyn FnMut(&Tensor) -> Tensor) -> Self {
+        Self {
+            c_fc: self.c_fc.map_weights(f),
+            c_proj: self.c_proj.map_weights(f),
+            tp: self.tp.clone(),
+        }
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {

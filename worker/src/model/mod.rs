@@ -5,6 +5,7 @@ pub mod coca;
 pub mod config;
 pub mod decoder;
 pub mod flops;
+pub mod grad_checkpoint;
 pub mod layers;
 pub mod loss;
 pub mod manifest;

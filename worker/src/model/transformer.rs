@@ -3,9 +3,10 @@
 
 use super::attention::MultiheadAttention;
 use super::config::mlp_width;
+use super::grad_checkpoint::{checkpoint, Recomputable};
 use super::layers::{LayerNorm, Mlp};
 use crate::distributed::tensor_parallel::TensorParallel;
-use candle_core::{Result, Tensor};
+use candle_core::{bail, Result, Tensor};
 use candle_nn::VarBuilder;
 
 /// `x + attn(ln_1(x))`, then `x + mlp(ln_2(x))`; a cross-attention block also normalises its
@@ -91,7 +92,52 @@ impl ResidualAttentionBlock {
     }
 }
 
+impl Recomputable for ResidualAttentionBlock {
+    fn map_weights(&self, f: &mut dyn FnMut(&Tensor) -> Tensor) -> Self {
+        Self {
+            ln_1: self.ln_1.map_weights(f),
+            attn: self.attn.map_weights(f),
+            ln_1_kv: self.ln_1_kv.as_ref().map(|ln| ln.map_weights(f)),
+            ln_2: self.ln_2.map_weights(f),
+            mlp: self.mlp.map_weights(f),
+        }
+    }
+}
+
 impl ResidualAttentionBlock {
+    /// [`Self::forward`]; with `recompute` its activations are not kept but recomputed in the
+    /// backward pass (activation checkpointing, same gradients).
+    pub fn forward_checkpointed(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        recompute: bool,
+    ) -> Result<Tensor> {
+        if !recompute {
+            return self.forward(x, mask);
+        }
+        let mask = mask.cloned();
+        checkpoint(self, x, None, move |block, x, _| {
+            block.forward(x, mask.as_ref())
+        })
+    }
+
+    /// [`Self::forward_cross`], recomputed in the backward pass with `recompute`.
+    pub fn forward_cross_checkpointed(
+        &self,
+        x: &Tensor,
+        kv: &Tensor,
+        recompute: bool,
+    ) -> Result<Tensor> {
+        if !recompute {
+            return self.forward_cross(x, kv);
+        }
+        checkpoint(self, x, Some(kv), |block, x, kv| match kv {
+            Some(kv) => block.forward_cross(x, kv),
+            None => bail!("a cross-attention block needs its keys and values"),
+        })
+    }
+
     /// The cross-attention keys and values `[B, S, width]` of `kv` (after `ln_1_kv`), computed
     /// once per image for decoding.
     pub fn cross_kv(&self, kv: &Tensor) -> Result<(Tensor, Tensor)> {
@@ -106,6 +152,8 @@ impl ResidualAttentionBlock {
 #[derive(Debug, Clone)]
 pub struct Transformer {
     pub(crate) resblocks: Vec<ResidualAttentionBlock>,
+    /// Recompute each block's activations in the backward pass instead of keeping them.
+    pub(crate) grad_checkpointing: bool,
 }
 
 impl Transformer {
@@ -115,13 +163,16 @@ impl Transformer {
         let resblocks = (0..shape.layers)
             .map(|i| ResidualAttentionBlock::new(shape, false, vb.pp(i.to_string()), tp))
             .collect::<Result<_>>()?;
-        Ok(Self { resblocks })
+        Ok(Self {
+            resblocks,
+            grad_checkpointing: false,
+        })
     }
 
     pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let mut x = x.clone();
         for block in &self.resblocks {
-            x = block.forward(&x, mask)?;
+            x = block.forward_checkpointed(&x, mask, self.grad_checkpointing)?;
         }
         Ok(x)
     }

@@ -76,6 +76,11 @@ impl VisionTower {
         })
     }
 
+    /// Recompute the transformer's activations in the backward pass instead of keeping them.
+    pub fn set_grad_checkpointing(&mut self, on: bool) {
+        self.transformer.grad_checkpointing = on;
+    }
+
     /// `[B, 3, S, S]` normalised pixels → pooled embedding and decoder tokens.
     pub fn forward(&self, images: &Tensor) -> Result<VisionOutput> {
         let (b, c, h, w) = images.dims4()?;

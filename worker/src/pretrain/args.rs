@@ -141,6 +141,11 @@ pub struct PretrainArgs {
     pub device: crate::device::DeviceArgs,
     #[arg(long, default_value_t = 1)]
     pub gradient_accumulation_steps: usize,
+    /// open_clip's `--grad-checkpointing`: recompute each transformer block's activations in
+    /// the backward pass instead of keeping them (less memory, about one more forward pass).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", value_parser = parse_bool)]
+    #[serde(default)]
+    pub grad_checkpointing: bool,
     #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", value_parser = parse_bool)]
     pub local_loss: bool,
     #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", value_parser = parse_bool)]

@@ -127,6 +127,7 @@ fn train(args: &PretrainArgs, ctx: &RankContext, checked: Checked) -> Result<()>
             args.sharding_parallel_degree,
             args.zero_stage()?,
             batch,
+            args.grad_checkpointing,
         )?,
     )?;
     let TrainData {
@@ -152,8 +153,9 @@ fn train(args: &PretrainArgs, ctx: &RankContext, checked: Checked) -> Result<()>
     tp.check(&config)
         .context("--tensor_parallel_degree does not fit the model")?;
     // Full weights (pretrained or resumed) are sliced to this rank's shards.
-    let (model, vars) =
+    let (mut model, vars) =
         trainable_model_parallel(&config, initial, args.seed, DType::F32, &device, &tp)?;
+    model.set_grad_checkpointing(args.grad_checkpointing);
     let groups = TowerGroups {
         lr: args.learning_rate.unwrap_or(d.lr),
         weight_decay: args.weight_decay.unwrap_or(d.weight_decay),
@@ -317,6 +319,7 @@ fn train(args: &PretrainArgs, ctx: &RankContext, checked: Checked) -> Result<()>
             total_steps,
             steps_per_epoch,
             precision: "fp32",
+            grad_checkpointing: args.grad_checkpointing,
             output_dir: args.output_dir.display().to_string(),
         };
         log.println(summary.to_string());

@@ -49,6 +49,8 @@ pub struct StartupSummary {
     pub total_steps: u64,
     pub steps_per_epoch: usize,
     pub precision: &'static str,
+    /// Activation checkpointing (`--grad_checkpointing`).
+    pub grad_checkpointing: bool,
     pub output_dir: String,
 }
 
@@ -98,6 +100,11 @@ impl fmt::Display for StartupSummary {
             self.total_steps, self.steps_per_epoch
         )?;
         writeln!(f, "  precision   {}", self.precision)?;
+        let activations = match self.grad_checkpointing {
+            true => "recomputed in the backward pass (--grad_checkpointing True)",
+            false => "kept for the backward pass",
+        };
+        writeln!(f, "  activations {activations}")?;
         write!(f, "  output      {}", self.output_dir)
     }
 }
@@ -140,6 +147,7 @@ mod tests {
             total_steps: 885_600,
             steps_per_epoch: 4_428,
             precision: "fp32",
+            grad_checkpointing: true,
             output_dir: "./output".into(),
         };
         let text = s.to_string();
@@ -151,6 +159,7 @@ mod tests {
             "global 128 = 16 per device x 8 data ranks x 1 accumulation",
             "885600 (4428 per epoch)",
             "fp32",
+            "activations recomputed in the backward pass",
             "./output",
         ] {
             assert!(text.contains(needle), "{needle:?} missing from\n{text}");

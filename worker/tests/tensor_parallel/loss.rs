@@ -134,20 +134,13 @@ fn parallel_cross_entropy_portable_equals_fused() {
 
 // One all-reduce per attention and per MLP each way, plus the vocabulary-parallel pieces.
 
-#[test]
-fn collectives_per_step_are_megatrons() {
-    let Some(fx) = coca_tiny() else { return };
+/// The collectives (`[all-reduces, all-gathers, others]`) member 0 of 2 runs in the forward
+/// pass, the loss and the backward pass of the fixture model (recomputing the blocks'
+/// activations when `recompute`).
+pub(super) fn step_collectives(fx: &Fixture, recompute: bool) -> [[usize; 3]; 3] {
     let (group, calls) = counted_thread_group(2);
     let counts = run_group(group, |tp| {
-        let (model, vars) = trainable_model_parallel(
-            &fx.config,
-            Some(fx.weights.clone()),
-            0,
-            DType::F32,
-            &Device::Cpu,
-            &tp,
-        )
-        .unwrap();
+        let (model, vars) = fixture_model(fx, &tp, recompute);
         let read = || *calls.lock().unwrap();
         let start = read();
         let out = model.forward(&fx.images, &fx.text).unwrap();
@@ -160,14 +153,20 @@ fn collectives_per_step_are_megatrons() {
             .get(vars.iter().next().unwrap().1.as_tensor())
             .is_some());
         let diff = |a: [usize; 3], b: [usize; 3]| [b[0] - a[0], b[1] - a[1], b[2] - a[2]];
-        (
+        [
             diff(start, forward),
             diff(forward, with_loss),
             diff(with_loss, backward),
-        )
+        ]
     });
+    counts[0]
+}
+
+#[test]
+fn collectives_per_step_are_megatrons() {
+    let Some(fx) = coca_tiny() else { return };
     // Member 0's counts, read on member 0.
-    let (forward, loss, backward) = counts[0];
+    let [forward, loss, backward] = step_collectives(&fx, false);
     let (v, t, m) = (
         fx.config.vision_cfg.layers,
         fx.config.text_cfg.layers,

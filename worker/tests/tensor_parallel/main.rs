@@ -2,6 +2,7 @@
 //! process over loopback rings, on the `coca-tiny` fixture weights (degrees 1 and 2:
 //! its towers have 2 heads) and on a small seeded config with 4 heads everywhere (degree 4).
 
+mod checkpointing;
 mod layout;
 mod loss;
 mod model;
@@ -20,7 +21,7 @@ use coca_worker::distributed::tensor_parallel::{
 };
 use coca_worker::model::manifest::parameter_shapes;
 use coca_worker::model::ops::cross_entropy_rows;
-use coca_worker::model::trainable::{trainable_model, trainable_model_parallel};
+use coca_worker::model::trainable::{trainable_model, trainable_model_parallel, TrainableWeights};
 use coca_worker::model::{coca_loss, CoCa, CocaConfig, CocaLossConfig, CocaOutput};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -177,6 +178,22 @@ struct Fixture {
     weights: HashMap<String, Tensor>,
     images: Tensor,
     text: Tensor,
+}
+
+/// This member's trainable model of the fixture weights, recomputing its blocks' activations
+/// in the backward pass when `recompute` (activation checkpointing).
+fn fixture_model(fx: &Fixture, tp: &TensorParallel, recompute: bool) -> (CoCa, TrainableWeights) {
+    let (mut model, vars) = trainable_model_parallel(
+        &fx.config,
+        Some(fx.weights.clone()),
+        0,
+        DType::F32,
+        &Device::Cpu,
+        tp,
+    )
+    .unwrap();
+    model.set_grad_checkpointing(recompute);
+    (model, vars)
 }
 
 fn coca_tiny() -> Option<Fixture> {

@@ -48,6 +48,12 @@ fn forward_on_fixture_matches_unsplit() {
 #[test]
 fn gradients_on_fixture_match_unsplit() {
     let Some(fx) = coca_tiny() else { return };
+    fixture_gradients_match_unsplit(&fx, false);
+}
+
+/// The fixture model's gradients split over 1 and 2 members (recomputing the blocks'
+/// activations when `recompute`) are the plain unsplit model's: bit for bit in one member.
+pub(super) fn fixture_gradients_match_unsplit(fx: &Fixture, recompute: bool) {
     let (model, vars) = trainable_model(
         &fx.config,
         Some(fx.weights.clone()),
@@ -59,22 +65,15 @@ fn gradients_on_fixture_match_unsplit() {
     let (reference, loss) = gradients(&model, &vars, &fx.images, &fx.text);
     for size in [1, 2] {
         let members = run_members(size, |tp| {
-            let (model, vars) = trainable_model_parallel(
-                &fx.config,
-                Some(fx.weights.clone()),
-                0,
-                DType::F32,
-                &Device::Cpu,
-                &tp,
-            )
-            .unwrap();
+            let (model, vars) = fixture_model(fx, &tp, recompute);
             let (local, member_loss) = gradients(&model, &vars, &fx.images, &fx.text);
             assert!(((member_loss - loss) / loss).abs() < 1e-5);
             let gathered = gather_state_dict(&local, &fx.config, tp.group().as_ref()).unwrap();
             (gathered, local)
         });
         let tol = if size == 1 { 0.0 } else { 1e-5 };
-        compare_gradients(&format!("tp={size}"), &members, &reference, tol);
+        let what = format!("tp={size} recompute={recompute}");
+        compare_gradients(&what, &members, &reference, tol);
     }
 }
 
