@@ -121,7 +121,8 @@ impl FlatBuffer {
         );
         Ok(match self {
             Self::Host(v) => Self::Host(v[range].to_vec()),
-            Self::Device(t) => Self::Device(t.narrow(0, range.start, range.len())?.contiguous()?),
+            // A copy, not a view: later writes into this buffer must not reach it.
+            Self::Device(t) => Self::Device(t.narrow(0, range.start, range.len())?.copy()?),
         })
     }
 
