@@ -9,7 +9,8 @@
 #   <id>/venv/        a venv holding the pinned wheels below; nvcc lives in
 #                     venv/lib/python3.*/site-packages/nvidia/cu13/bin (that cu13 folder is CUDA_HOME)
 #   <id>/link/        link-time-only libraries: stubs with the real SONAMEs (libcuda.so.1,
-#                     libcublas.so.13, libcublasLt.so.13, libcurand.so.10, libnvrtc.so.13), each
+#                     libcublas.so.13, libcublasLt.so.13, libcurand.so.10, libnvrtc.so.13,
+#                     libnccl.so.2), each
 #                     exporting every function cudarc declares for it, and libcudart.so -> the
 #                     wheel's real libcudart.so.13. `CUDA_HOME/lib/stubs` points here, a folder
 #                     cudarc's build script already adds to the link search path, so no RUSTFLAGS
@@ -38,13 +39,15 @@ PINS=(
 CUDARC_VERSION_CODE=13000
 # Stub libraries: "SONAME:cudarc sys module:symbol prefix". SONAMEs are the file names the CUDA 13
 # wheels ship (nvidia-cublas 13.0.x, nvidia-curand 10.4.x, nvidia-cuda-nvrtc 13.0.x) and the
-# driver's libcuda.so.1.
+# driver's libcuda.so.1; libnccl.so.2 is the SONAME of the nvidia-nccl-cu13 wheel's library (NCCL
+# keeps .so.2 across 2.x), linked by the worker's `nccl` feature.
 STUBS=(
   "libcuda.so.1:driver:cu"
   "libcublas.so.13:cublas:cublas"
   "libcublasLt.so.13:cublaslt:cublasLt"
   "libcurand.so.10:curand:curand"
   "libnvrtc.so.13:nvrtc:nvrtc"
+  "libnccl.so.2:nccl:nccl"
 )
 # Bump when what this script lays out changes, so existing caches are rebuilt.
 LAYOUT=1
@@ -112,7 +115,8 @@ CU13="$(cu13_dir)"
 # ---- 2. link-time stubs from cudarc's declarations --------------------------------------------
 CUDARC_VER="$(awk '/^name = "cudarc"$/ { getline; gsub(/"/, "", $3); print $3; exit }' "$REPO/Cargo.lock")"
 [ -n "$CUDARC_VER" ] || die "no cudarc in $REPO/Cargo.lock (candle's cuda feature pulls it in)"
-STAMP="$LINK/.cudarc-$CUDARC_VER"
+# The stamp names the stub list too, so adding a stub regenerates the folder (not the wheels).
+STAMP="$LINK/.cudarc-$CUDARC_VER-$(printf '%s\n' "${STUBS[@]}" | sha256sum | cut -c1-12)"
 if [ ! -f "$STAMP" ]; then
   CARGO_HOME_DIR="${CARGO_HOME:-$HOME/.cargo}"
   find_cudarc() { compgen -G "$CARGO_HOME_DIR/registry/src/*/cudarc-$CUDARC_VER/src" | head -n1 || true; }

@@ -27,6 +27,22 @@ pub const EXIT_COLLECTIVE_TIMEOUT: i32 = 124;
 #[error("stopped because another rank failed first (see the launcher's summary)")]
 pub struct PeerFailed;
 
+/// The exit code an error asks for: [`EXIT_PEER_FAILED`] when another rank failed first,
+/// [`EXIT_COLLECTIVE_TIMEOUT`] for a collective that outlasted `--collective-timeout`; `None`
+/// for any other error.
+pub fn exit_code(e: &anyhow::Error) -> Option<i32> {
+    if e.downcast_ref::<PeerFailed>().is_some() {
+        Some(EXIT_PEER_FAILED)
+    } else if e
+        .downcast_ref::<coca_common::collective::ring::CollectiveTimeout>()
+        .is_some()
+    {
+        Some(EXIT_COLLECTIVE_TIMEOUT)
+    } else {
+        None
+    }
+}
+
 /// How long setting up the process groups may take.
 const GROUP_SETUP_TIMEOUT: Duration = Duration::from_secs(120);
 
