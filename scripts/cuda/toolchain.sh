@@ -115,9 +115,17 @@ CU13="$(cu13_dir)"
 # ---- 2. link-time stubs from cudarc's declarations --------------------------------------------
 CUDARC_VER="$(awk '/^name = "cudarc"$/ { getline; gsub(/"/, "", $3); print $3; exit }' "$REPO/Cargo.lock")"
 [ -n "$CUDARC_VER" ] || die "no cudarc in $REPO/Cargo.lock (candle's cuda feature pulls it in)"
-# The stamp names the stub list too, so adding a stub regenerates the folder (not the wheels).
-STAMP="$LINK/.cudarc-$CUDARC_VER-$(printf '%s\n' "${STUBS[@]}" | sha256sum | cut -c1-12)"
-if [ ! -f "$STAMP" ]; then
+# Stubs are added one by one when missing (never the folder wiped while it is complete): the
+# cache is shared between checkouts whose scripts may list fewer stubs, and one of them wiping
+# another's stub would break that build's link. A new cudarc version starts the folder over.
+STAMP="$LINK/.cudarc-$CUDARC_VER"
+[ -f "$STAMP" ] || rm -rf "$LINK"
+NEED=()
+for spec in "${STUBS[@]}"; do
+  IFS=: read -r soname _ _ <<<"$spec"
+  [ -f "$LINK/$soname" ] || NEED+=("$spec")
+done
+if [ "${#NEED[@]}" -gt 0 ]; then
   CARGO_HOME_DIR="${CARGO_HOME:-$HOME/.cargo}"
   find_cudarc() { compgen -G "$CARGO_HOME_DIR/registry/src/*/cudarc-$CUDARC_VER/src" | head -n1 || true; }
   SRC="$(find_cudarc)"
@@ -130,9 +138,8 @@ if [ ! -f "$STAMP" ]; then
   fi
   [ -n "$SRC" ] || die "cudarc-$CUDARC_VER sources not found under $CARGO_HOME_DIR/registry/src"
   say "generating link stubs from $SRC"
-  rm -rf "$LINK"
   mkdir -p "$LINK/src"
-  for spec in "${STUBS[@]}"; do
+  for spec in "${NEED[@]}"; do
     IFS=: read -r soname module prefix <<<"$spec"
     sys="$SRC/$module/sys/mod.rs"
     [ -f "$sys" ] || die "$sys not found"
@@ -141,7 +148,8 @@ if [ ! -f "$STAMP" ]; then
       awk '{ printf "int %s(void) { return 999; }\n", $1 }' >"$c"
     n="$(wc -l <"$c")"
     [ "$n" -gt 10 ] || die "only $n '$prefix' functions found in $sys: cudarc's layout changed?"
-    gcc -shared -fPIC -nostdlib -Wl,-soname,"$soname" -o "$LINK/$soname" "$c"
+    gcc -shared -fPIC -nostdlib -Wl,-soname,"$soname" -o "$LINK/$soname.tmp.$$" "$c"
+    mv -f "$LINK/$soname.tmp.$$" "$LINK/$soname" # a linker reading the folder never sees half a file
     ln -sf "$soname" "$LINK/${soname%%.so*}.so" # the unversioned name the linker's -l looks for
   done
   ln -sf "$CU13/lib/libcudart.so.13" "$LINK/libcudart.so"

@@ -123,6 +123,12 @@ impl RankContext {
                 crate::device::CUDA_BUILD_HINT
             );
         }
+        // A GPU worker of an NCCL build refuses an NCCL library older than it supports before
+        // anything trains (the message names the version and where a newer one comes from).
+        #[cfg(feature = "nccl")]
+        if std::env::var("COCA_DEVICE_KIND").as_deref() == Ok("gpu") {
+            crate::comm::nccl::library_version()?;
+        }
         let world = env_number("WORLD_SIZE")?.unwrap_or(1);
         let control_addr = std::env::var("COCA_CONTROL_ADDR").ok();
         if world == 1 && control_addr.is_none() {
