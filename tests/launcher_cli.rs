@@ -206,3 +206,53 @@ fn a_master_that_never_resolves_or_a_local_addr_on_no_interface_is_a_one_line_us
         assert!(worker_logs(&log_dir).is_empty(), "no worker started");
     }
 }
+
+#[test]
+fn gpu_workers_without_enough_gpus_are_a_one_line_error_naming_the_node() {
+    let tmp = tempfile::tempdir().unwrap();
+    let log_dir = tmp.path().join("log");
+    let log = log_dir.to_str().unwrap();
+    let cases: [(&[&str], &str, &str); 2] = [
+        (
+            &[
+                "--nproc-per-node",
+                "gpu",
+                "--log-dir",
+                log,
+                "--",
+                "--version",
+            ],
+            "",
+            "--nproc-per-node gpu: no GPU is visible on this node",
+        ),
+        (
+            &[
+                "--nproc-per-node",
+                "3",
+                "--log-dir",
+                log,
+                "--",
+                "pretrain",
+                "--device",
+                "cuda",
+            ],
+            "0,1",
+            "CUDA_VISIBLE_DEVICES=\"0,1\" names 2 GPU(s)",
+        ),
+    ];
+    for (args, visible, needle) in cases {
+        let (code, out, err) =
+            common::run_with_env("coca-launch", args, &[("CUDA_VISIBLE_DEVICES", visible)]);
+        assert_eq!(code, 2, "{args:?}\n{out}\n{err}");
+        let errors: Vec<&str> = err
+            .lines()
+            .filter(|l| l.starts_with("coca-launch: error:"))
+            .collect();
+        assert_eq!(errors.len(), 1, "one error line: {err}");
+        assert!(
+            errors[0].contains("node 0") && errors[0].contains(needle),
+            "{err}"
+        );
+        assert!(worker_logs(&log_dir).is_empty(), "no worker started");
+    }
+}
