@@ -42,6 +42,16 @@ fn runs_the_worker_beside_it_and_passes_its_exit_code() {
     assert!(err.contains("/nonexistent/x.bin"), "{err}");
 }
 
+/// The launcher's error lines in `err`; exactly one is expected.
+fn error_lines(err: &str) -> Vec<&str> {
+    let errors: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("coca-launch: error:"))
+        .collect();
+    assert_eq!(errors.len(), 1, "one error line: {err}");
+    errors
+}
+
 /// Worker logs a launcher left in `dir` (none when no worker started).
 fn worker_logs(dir: &std::path::Path) -> Vec<String> {
     std::fs::read_dir(dir)
@@ -193,15 +203,57 @@ fn a_master_that_never_resolves_or_a_local_addr_on_no_interface_is_a_one_line_us
         let (code, out, err) = common::run_with_env("coca-launch", &args, env);
         let elapsed = started.elapsed();
         assert_eq!(code, 2, "{flags:?}\n{out}\n{err}");
-        let errors: Vec<&str> = err
-            .lines()
-            .filter(|l| l.starts_with("coca-launch: error:"))
-            .collect();
-        assert_eq!(errors.len(), 1, "one error line: {err}");
+        let errors = error_lines(&err);
         assert!(errors[0].contains(needle), "{needle:?} missing: {err}");
         assert!(
             elapsed < std::time::Duration::from_secs(15),
             "{flags:?} took {elapsed:?}"
+        );
+        assert!(worker_logs(&log_dir).is_empty(), "no worker started");
+    }
+}
+
+#[test]
+fn gpu_workers_without_enough_gpus_are_a_one_line_error_naming_the_node() {
+    let tmp = tempfile::tempdir().unwrap();
+    let log_dir = tmp.path().join("log");
+    let log = log_dir.to_str().unwrap();
+    let cases: [(&[&str], &str, &str); 2] = [
+        (
+            &[
+                "--nproc-per-node",
+                "gpu",
+                "--log-dir",
+                log,
+                "--",
+                "--version",
+            ],
+            "",
+            "--nproc-per-node gpu: no GPU is visible on this node",
+        ),
+        (
+            &[
+                "--nproc-per-node",
+                "3",
+                "--log-dir",
+                log,
+                "--",
+                "pretrain",
+                "--device",
+                "cuda",
+            ],
+            "0,1",
+            "CUDA_VISIBLE_DEVICES=\"0,1\" names 2 GPU(s)",
+        ),
+    ];
+    for (args, visible, needle) in cases {
+        let (code, out, err) =
+            common::run_with_env("coca-launch", args, &[("CUDA_VISIBLE_DEVICES", visible)]);
+        assert_eq!(code, 2, "{args:?}\n{out}\n{err}");
+        let errors = error_lines(&err);
+        assert!(
+            errors[0].contains("node 0") && errors[0].contains(needle),
+            "{err}"
         );
         assert!(worker_logs(&log_dir).is_empty(), "no worker started");
     }

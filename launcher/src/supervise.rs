@@ -4,6 +4,7 @@
 
 use crate::address;
 use crate::args::{node_layout, nproc_per_node, CommandLine, LauncherArgs, NodeLayout};
+use crate::gpus;
 use crate::memory::{self, OomCounters};
 use crate::preflight;
 use crate::process::{describe, WorkerProcess, WorkerSpec};
@@ -92,8 +93,17 @@ pub fn run(command_line: CommandLine) -> Result<i32> {
         worker: worker_args,
     } = command_line;
     let layout = node_layout(&args, |k| std::env::var(k).ok())?;
-    let visible_gpus = visible_gpus();
-    let nproc = nproc_per_node(&args.nproc_per_node, visible_gpus.len())?;
+    let visible_gpus = gpus::visible_gpus();
+    let node = gpus::node_name(layout.node_rank);
+    let nproc =
+        nproc_per_node(&args.nproc_per_node, visible_gpus.len()).with_context(|| node.clone())?;
+    gpus::check_gpu_count(
+        &args.nproc_per_node,
+        nproc,
+        &visible_gpus,
+        gpus::worker_wants_cuda(&worker_args),
+        &node,
+    )?;
     let tp = degree_flag(&worker_args, "tensor_parallel_degree")?;
     let sharding = degree_flag(&worker_args, "sharding_parallel_degree")?;
     // Checked before anything starts, so a bad layout fails here with the arithmetic.
@@ -516,20 +526,4 @@ fn job_token(args: &LauncherArgs, layout: &NodeLayout) -> Result<Token> {
         "a multi-node job needs its secret: --rdzv-token, COCA_RDZV_TOKEN or --rdzv-token-file \
          (the same on every node; for example `openssl rand -hex 32`)"
     )
-}
-
-/// GPU ids this launcher may hand out: `CUDA_VISIBLE_DEVICES`, else the NVIDIA driver's list.
-fn visible_gpus() -> Vec<String> {
-    if let Ok(list) = std::env::var("CUDA_VISIBLE_DEVICES") {
-        return list
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty() && *s != "-1")
-            .map(str::to_string)
-            .collect();
-    }
-    match std::fs::read_dir("/proc/driver/nvidia/gpus") {
-        Ok(entries) => (0..entries.count()).map(|i| i.to_string()).collect(),
-        Err(_) => Vec::new(),
-    }
 }

@@ -43,9 +43,9 @@ TARGET_DIR=target/cuda
 # Features of the CUDA build. The launcher has no device code and does not depend on the worker;
 # it is built here only so that it sits beside the worker it starts (it runs the coca-worker in
 # its own folder).
-FEATURES=(coca-worker/cuda)
-# NCCL goes here once the worker has an `nccl` feature: FEATURES+=(coca-worker/nccl), and the
-# toolchain must then provide libnccl.so.2 for linking (a stub or the nvidia-nccl-cu13 wheel).
+# `nccl` (= cuda + NCCL) links libnccl.so.2 through the toolchain's link stub; at run time the
+# nvidia-nccl-cu13 wheel's lib folder provides it (LD_LIBRARY_PATH).
+FEATURES=(coca-worker/cuda coca-worker/nccl)
 PACKAGES=(-p coca-worker -p coca-launch)
 
 say "cargo build --release --target-dir $TARGET_DIR ${PACKAGES[*]} --features ${FEATURES[*]} (CUDA_COMPUTE_CAP=$CUDA_COMPUTE_CAP)"
@@ -63,8 +63,8 @@ done
 # or path (to the stubs or the toolchain cache) is recorded in its dynamic section.
 DYN="$(readelf -d "$BIN/coca-worker")"
 NEEDED="$(sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p' <<<"$DYN")"
-for lib in libcuda.so.1 libcublas.so.13 libcurand.so.10 libcudart.so.13; do
-  grep -qx "$lib" <<<"$NEEDED" || die "$BIN/coca-worker does not link $lib (NEEDED: $(echo $NEEDED)): is the cuda feature on?"
+for lib in libcuda.so.1 libcublas.so.13 libcurand.so.10 libcudart.so.13 libnccl.so.2; do
+  grep -qx "$lib" <<<"$NEEDED" || die "$BIN/coca-worker does not link $lib (NEEDED: $(echo $NEEDED)): are the cuda and nccl features on?"
 done
 if grep -qE '\((RPATH|RUNPATH)\)' <<<"$DYN"; then
   die "$BIN/coca-worker has an RPATH/RUNPATH: $(grep -E 'RPATH|RUNPATH' <<<"$DYN")"

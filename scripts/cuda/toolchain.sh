@@ -9,7 +9,8 @@
 #   <id>/venv/        a venv holding the pinned wheels below; nvcc lives in
 #                     venv/lib/python3.*/site-packages/nvidia/cu13/bin (that cu13 folder is CUDA_HOME)
 #   <id>/link/        link-time-only libraries: stubs with the real SONAMEs (libcuda.so.1,
-#                     libcublas.so.13, libcublasLt.so.13, libcurand.so.10, libnvrtc.so.13), each
+#                     libcublas.so.13, libcublasLt.so.13, libcurand.so.10, libnvrtc.so.13,
+#                     libnccl.so.2), each
 #                     exporting every function cudarc declares for it, and libcudart.so -> the
 #                     wheel's real libcudart.so.13. `CUDA_HOME/lib/stubs` points here, a folder
 #                     cudarc's build script already adds to the link search path, so no RUSTFLAGS
@@ -38,13 +39,15 @@ PINS=(
 CUDARC_VERSION_CODE=13000
 # Stub libraries: "SONAME:cudarc sys module:symbol prefix". SONAMEs are the file names the CUDA 13
 # wheels ship (nvidia-cublas 13.0.x, nvidia-curand 10.4.x, nvidia-cuda-nvrtc 13.0.x) and the
-# driver's libcuda.so.1.
+# driver's libcuda.so.1; libnccl.so.2 is the SONAME of the nvidia-nccl-cu13 wheel's library (NCCL
+# keeps .so.2 across 2.x), linked by the worker's `nccl` feature.
 STUBS=(
   "libcuda.so.1:driver:cu"
   "libcublas.so.13:cublas:cublas"
   "libcublasLt.so.13:cublaslt:cublasLt"
   "libcurand.so.10:curand:curand"
   "libnvrtc.so.13:nvrtc:nvrtc"
+  "libnccl.so.2:nccl:nccl"
 )
 # Bump when what this script lays out changes, so existing caches are rebuilt.
 LAYOUT=1
@@ -112,8 +115,17 @@ CU13="$(cu13_dir)"
 # ---- 2. link-time stubs from cudarc's declarations --------------------------------------------
 CUDARC_VER="$(awk '/^name = "cudarc"$/ { getline; gsub(/"/, "", $3); print $3; exit }' "$REPO/Cargo.lock")"
 [ -n "$CUDARC_VER" ] || die "no cudarc in $REPO/Cargo.lock (candle's cuda feature pulls it in)"
+# Stubs are added one by one when missing (never the folder wiped while it is complete): the
+# cache is shared between checkouts whose scripts may list fewer stubs, and one of them wiping
+# another's stub would break that build's link. A new cudarc version starts the folder over.
 STAMP="$LINK/.cudarc-$CUDARC_VER"
-if [ ! -f "$STAMP" ]; then
+[ -f "$STAMP" ] || rm -rf "$LINK"
+NEED=()
+for spec in "${STUBS[@]}"; do
+  IFS=: read -r soname _ _ <<<"$spec"
+  [ -f "$LINK/$soname" ] || NEED+=("$spec")
+done
+if [ "${#NEED[@]}" -gt 0 ]; then
   CARGO_HOME_DIR="${CARGO_HOME:-$HOME/.cargo}"
   find_cudarc() { compgen -G "$CARGO_HOME_DIR/registry/src/*/cudarc-$CUDARC_VER/src" | head -n1 || true; }
   SRC="$(find_cudarc)"
@@ -126,9 +138,8 @@ if [ ! -f "$STAMP" ]; then
   fi
   [ -n "$SRC" ] || die "cudarc-$CUDARC_VER sources not found under $CARGO_HOME_DIR/registry/src"
   say "generating link stubs from $SRC"
-  rm -rf "$LINK"
   mkdir -p "$LINK/src"
-  for spec in "${STUBS[@]}"; do
+  for spec in "${NEED[@]}"; do
     IFS=: read -r soname module prefix <<<"$spec"
     sys="$SRC/$module/sys/mod.rs"
     [ -f "$sys" ] || die "$sys not found"
@@ -137,7 +148,8 @@ if [ ! -f "$STAMP" ]; then
       awk '{ printf "int %s(void) { return 999; }\n", $1 }' >"$c"
     n="$(wc -l <"$c")"
     [ "$n" -gt 10 ] || die "only $n '$prefix' functions found in $sys: cudarc's layout changed?"
-    gcc -shared -fPIC -nostdlib -Wl,-soname,"$soname" -o "$LINK/$soname" "$c"
+    gcc -shared -fPIC -nostdlib -Wl,-soname,"$soname" -o "$LINK/$soname.tmp.$$" "$c"
+    mv -f "$LINK/$soname.tmp.$$" "$LINK/$soname" # a linker reading the folder never sees half a file
     ln -sf "$soname" "$LINK/${soname%%.so*}.so" # the unversioned name the linker's -l looks for
   done
   ln -sf "$CU13/lib/libcudart.so.13" "$LINK/libcudart.so"

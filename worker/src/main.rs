@@ -336,17 +336,9 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("coca-worker: error: {e:#}");
-            if e.downcast_ref::<coca_worker::distributed::context::PeerFailed>()
-                .is_some()
-            {
-                ExitCode::from(coca_worker::distributed::context::EXIT_PEER_FAILED as u8)
-            } else if e
-                .downcast_ref::<coca_common::collective::ring::CollectiveTimeout>()
-                .is_some()
-            {
-                ExitCode::from(coca_worker::distributed::context::EXIT_COLLECTIVE_TIMEOUT as u8)
-            } else {
-                ExitCode::from(EXIT_ERROR)
+            match coca_worker::distributed::context::exit_code(&e) {
+                Some(code) => ExitCode::from(code as u8),
+                None => ExitCode::from(EXIT_ERROR),
             }
         }
     }

@@ -8,6 +8,11 @@
 //! [`Communicator`] on device buffers in place.
 
 mod buffer;
+pub mod failure_signal;
+#[cfg(feature = "nccl")]
+pub mod nccl;
+pub mod unique_id;
+pub mod watchdog;
 
 pub use buffer::{FlatBuffer, Placement, PlacementRule};
 

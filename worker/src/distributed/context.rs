@@ -27,6 +27,22 @@ pub const EXIT_COLLECTIVE_TIMEOUT: i32 = 124;
 #[error("stopped because another rank failed first (see the launcher's summary)")]
 pub struct PeerFailed;
 
+/// The exit code an error asks for: [`EXIT_PEER_FAILED`] when another rank failed first,
+/// [`EXIT_COLLECTIVE_TIMEOUT`] for a collective that outlasted `--collective-timeout`; `None`
+/// for any other error.
+pub fn exit_code(e: &anyhow::Error) -> Option<i32> {
+    if e.downcast_ref::<PeerFailed>().is_some() {
+        Some(EXIT_PEER_FAILED)
+    } else if e
+        .downcast_ref::<coca_common::collective::ring::CollectiveTimeout>()
+        .is_some()
+    {
+        Some(EXIT_COLLECTIVE_TIMEOUT)
+    } else {
+        None
+    }
+}
+
 /// How long setting up the process groups may take.
 const GROUP_SETUP_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -106,6 +122,12 @@ impl RankContext {
                  or start CPU workers with --nproc-per-node N",
                 crate::device::CUDA_BUILD_HINT
             );
+        }
+        // A GPU worker of an NCCL build refuses an NCCL library older than it supports before
+        // anything trains (the message names the version and where a newer one comes from).
+        #[cfg(feature = "nccl")]
+        if std::env::var("COCA_DEVICE_KIND").as_deref() == Ok("gpu") {
+            crate::comm::nccl::library_version()?;
         }
         let world = env_number("WORLD_SIZE")?.unwrap_or(1);
         let control_addr = std::env::var("COCA_CONTROL_ADDR").ok();
