@@ -64,6 +64,9 @@ enum Command {
         /// Also measure caption latency (`False`: training and embedding only, for profiling).
         #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "true", value_parser = coca_worker::pretrain::args::parse_bool)]
         captions: bool,
+        /// The training step's matrix products in bfloat16 (autocast, as `pretrain --bf16`).
+        #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", value_parser = coca_worker::pretrain::args::parse_bool)]
+        bf16: bool,
         #[command(flatten)]
         device: DeviceArgs,
     },
@@ -281,6 +284,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             steps,
             tensor_parallel_degree,
             captions,
+            bf16,
             device,
         } => {
             let line = bench::run(&bench::BenchOptions {
@@ -289,6 +293,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 steps,
                 tensor_parallel_degree,
                 captions,
+                bf16,
                 device,
             })?;
             if let Some(line) = line {

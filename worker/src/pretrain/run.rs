@@ -396,7 +396,8 @@ fn train(args: &PretrainArgs, ctx: &RankContext, checked: Checked) -> Result<()>
             }
         }
         // A float16 overflow (finite loss, non-finite gradients) is the loss scaler's business.
-        if !report.applied && !(finite && scaler.is_some()) {
+        let overflow = finite && scaler.is_some();
+        if !report.applied && !overflow {
             nonfinite_in_a_row += 1;
             log.println(format!(
                 "warning: step {}: non-finite loss or gradient, update skipped ({nonfinite_in_a_row} in a row)",
