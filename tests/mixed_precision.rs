@@ -5,18 +5,64 @@
 
 mod common;
 
+use candle_core::Tensor;
 use common::jobs::Job;
-use common::training::{
-    assert_same_weights, launcher_flags, losses, metric, pretrain_flags, run_alone, with,
-};
-use std::path::Path;
+use common::training::{launcher_flags, losses, metric, pretrain_flags, run_alone, with};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 const STEPS: usize = 6;
 const BATCH: usize = 8;
 
-fn weights(dir: &Path, step: usize) -> std::path::PathBuf {
+fn weights(dir: &Path, step: usize) -> PathBuf {
     dir.join(format!("checkpoint-{step}/model.safetensors"))
+}
+
+/// The learning rate and steps of [`pretrain_flags`]: Adam moves a parameter by about the rate
+/// per step, so `LR · STEPS` is how far a tensor that started at zero can have gone.
+const MOVE: f32 = 1e-3 * STEPS as f32;
+
+/// Every tensor of `b` within `tol` of `a` relative to the tensor's scale, `rms(a − b) ≤ tol ·
+/// max(rms(a), MOVE)`: its root mean square, or [`MOVE`] for tensors that started at zero
+/// (biases) or small and are only about as large as their movement. The key third of a packed
+/// `in_proj_bias` is left out: its true gradient is zero (softmax ignores it), so Adam moves it
+/// by normalised rounding noise in any precision.
+fn assert_close_to_scale(a: &Path, b: &Path, tol: f32, what: &str) {
+    let (a, b) = (
+        common::load(&a.to_path_buf()),
+        common::load(&b.to_path_buf()),
+    );
+    assert_eq!(a.len(), b.len(), "{what}: different tensor sets");
+    let rms = |t: &Tensor| -> f32 {
+        let mean = t.sqr().unwrap().mean_all().unwrap();
+        mean.sqrt().unwrap().to_scalar::<f32>().unwrap()
+    };
+    let without_keys = |t: &Tensor| -> Tensor {
+        let third = t.dim(0).unwrap() / 3;
+        let (q, v) = (t.narrow(0, 0, third), t.narrow(0, 2 * third, third));
+        Tensor::cat(&[q.unwrap(), v.unwrap()], 0).unwrap()
+    };
+    let mut worst = (0f32, String::new());
+    for (name, ta) in &a {
+        let tb = b
+            .get(name)
+            .unwrap_or_else(|| panic!("{what}: {name} is missing"));
+        let (ta, tb) = if name.ends_with("attn.in_proj_bias") {
+            (without_keys(ta), without_keys(tb))
+        } else {
+            (ta.clone(), tb.clone())
+        };
+        let ratio = rms(&(&ta - &tb).unwrap()) / rms(&ta).max(MOVE);
+        if ratio > worst.0 {
+            worst = (ratio, name.clone());
+        }
+    }
+    let (ratio, name) = worst;
+    eprintln!("{what}: worst {ratio:.3e} of the scale, in {name}");
+    assert!(
+        ratio <= tol,
+        "{what}: {name} differs by {ratio:.3e} of its scale (tolerance {tol:.0e})"
+    );
 }
 
 fn state(dir: &Path, step: usize) -> serde_json::Value {
@@ -26,7 +72,7 @@ fn state(dir: &Path, step: usize) -> serde_json::Value {
 }
 
 /// A 6-step run of the tiny model with `extra` flags in `tmp/name`.
-fn train(tmp: &Path, config: &str, name: &str, extra: &[&str]) -> std::path::PathBuf {
+fn train(tmp: &Path, config: &str, name: &str, extra: &[&str]) -> PathBuf {
     let dir = tmp.join(name);
     let flags = with(pretrain_flags(config, &dir, BATCH, STEPS), extra);
     run_alone(&with(flags, &["--save_steps", "3"]));
@@ -41,14 +87,30 @@ fn bf16_and_fp16_track_float32_and_data_parallel_equals_one_process() {
     let reference = losses(&f32_dir);
     assert_eq!(reference.len(), STEPS);
     // fp16 starts from a scale that does not overflow at once, so every step is applied.
-    let runs: [(&str, &[&str]); 2] = [
-        ("bf16", &["--bf16", "True"]),
-        ("fp16", &["--fp16", "True", "--fp16_init_scale", "1024"]),
+    // Parameter tolerance: fp16 keeps 11 significant bits, bf16 8; Adam turns the rounding of
+    // a weak gradient into an update of about the learning rate, so small or zero-started
+    // tensors (`text.cls_emb`, `text.ln_final.bias`) drift by up to a few percent of their
+    // movement in bf16. Weights with a scale of their own agree to ~1e-3 in both.
+    let runs: [(&str, &[&str], f32); 2] = [
+        ("bf16", &["--bf16", "True"], 5e-2),
+        (
+            "fp16",
+            &["--fp16", "True", "--fp16_init_scale", "1024"],
+            1e-2,
+        ),
     ];
-    for (name, flags) in runs {
+    for (name, flags, tol) in runs {
         let dir = train(tmp.path(), &config, name, flags);
         let got = losses(&dir);
         assert_eq!(got.len(), STEPS, "{name}: every step applied and logged");
+        let worst = reference
+            .iter()
+            .zip(&got)
+            .map(|(a, b)| (a - b).abs() / a.abs());
+        eprintln!(
+            "{name}: losses within {:.3e} of float32",
+            worst.fold(0f64, f64::max)
+        );
         for (step, (a, b)) in reference.iter().zip(&got).enumerate() {
             let rel = (a - b).abs() / a.abs();
             assert!(
@@ -65,35 +127,67 @@ fn bf16_and_fp16_track_float32_and_data_parallel_equals_one_process() {
                 );
             }
         }
-        assert_same_weights(&weights(&f32_dir, STEPS), &weights(&dir, STEPS), 1e-2, name);
+        assert_close_to_scale(&weights(&f32_dir, STEPS), &weights(&dir, STEPS), tol, name);
 
-        // Two data-parallel processes end like the one-process run in the same precision.
-        let dp = tmp.path().join(format!("{name}-dp2"));
-        let worker = with(pretrain_flags(&config, &dp, BATCH / 2, STEPS), flags);
-        let logs = dp.join("logs");
-        let mut job = Job::start(
-            "coca-launch",
-            &launcher_flags(
-                &["--nproc-per-node", "2", "--log-dir", logs.to_str().unwrap()],
-                &worker,
+        // Two data-parallel processes, and tp 2 × sharding 2, end like the one-process run in
+        // the same precision.
+        let layouts: [(&str, &[&str]); 2] = [
+            ("dp 2", &[]),
+            (
+                "tp 2 × sharding 2",
+                &[
+                    "--tensor_parallel_degree",
+                    "2",
+                    "--sharding_parallel_degree",
+                    "2",
+                    "--sharding",
+                    "stage2",
+                ],
             ),
-        );
-        let (code, out, err) = job.finish(Duration::from_secs(240));
-        assert_eq!(code, 0, "{name} dp 2\n{out}\n{err}");
-        // Not bit for bit: a rank's half-precision weight gradient rounds its half of the
-        // batch's sum, the one process rounds the whole sum (as DDP under autocast does).
-        let single = losses(&dir);
-        let two = losses(&dp);
-        assert_eq!(single.len(), two.len(), "{name} dp 2");
-        for (a, b) in single.iter().zip(&two) {
-            assert!(
-                (a - b).abs() <= 5e-4 * a.abs(),
-                "{name} dp 2: loss {b} vs {a}"
+        ];
+        for (i, (layout, layout_flags)) in layouts.into_iter().enumerate() {
+            let what = format!("{name} {layout}");
+            let got = launch(
+                tmp.path(),
+                &config,
+                &format!("{name}-{i}"),
+                2 + 2 * i,
+                &[flags, layout_flags].concat(),
             );
+            // Not bit for bit: a rank's half-precision weight gradient rounds its part of
+            // the sum, the one process rounds the whole sum (as DDP under autocast does).
+            let (single, parallel) = (losses(&dir), losses(&got));
+            assert_eq!(single.len(), parallel.len(), "{what}");
+            for (a, b) in single.iter().zip(&parallel) {
+                assert!((a - b).abs() <= 5e-4 * a.abs(), "{what}: loss {b} vs {a}");
+            }
+            assert_close_to_scale(&weights(&dir, STEPS), &weights(&got, STEPS), tol, &what);
         }
-        let what = format!("{name} dp 2");
-        assert_same_weights(&weights(&dir, STEPS), &weights(&dp, STEPS), 5e-3, &what);
     }
+}
+
+/// A 6-step run of `nproc` workers under `coca-launch` (global batch [`BATCH`] over the two
+/// data-parallel replicas) in `tmp/name`.
+fn launch(tmp: &Path, config: &str, name: &str, nproc: usize, extra: &[&str]) -> PathBuf {
+    let dir = tmp.join(name);
+    let worker = with(pretrain_flags(config, &dir, BATCH / 2, STEPS), extra);
+    let logs = dir.join("logs");
+    let nproc = nproc.to_string();
+    let mut job = Job::start(
+        "coca-launch",
+        &launcher_flags(
+            &[
+                "--nproc-per-node",
+                &nproc,
+                "--log-dir",
+                logs.to_str().unwrap(),
+            ],
+            &worker,
+        ),
+    );
+    let (code, out, err) = job.finish(Duration::from_secs(240));
+    assert_eq!(code, 0, "{name}\n{out}\n{err}");
+    dir
 }
 
 #[test]
