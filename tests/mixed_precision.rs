@@ -260,3 +260,61 @@ fn precision_flags_that_contradict_are_refused_before_the_model_is_built() {
         );
     }
 }
+
+#[test]
+fn evaluation_and_generation_run_under_bf16_and_record_it() {
+    let Some(fixture) = common::fixture("coca-tiny") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let folder = tmp.path().join("colours");
+    common::images::write_folder(&folder);
+    let images = fixture.join("images");
+    let names = ["astronaut.png", "chelsea.jpg", "coffee_rgba.png"];
+    let records: Vec<_> = names
+        .iter()
+        .map(|n| serde_json::json!({"image": n, "caption": ["a photo", "a thing"]}))
+        .collect();
+    let split = tmp.path().join("split.json");
+    std::fs::write(&split, serde_json::to_string(&records).unwrap()).unwrap();
+    let out = tmp.path().join("out");
+    let (model, folder, split, images, out_s) = (
+        fixture.display().to_string(),
+        folder.display().to_string(),
+        split.display().to_string(),
+        images.display().to_string(),
+        out.display().to_string(),
+    );
+    let eval = [
+        "eval",
+        "--model",
+        &model,
+        "--classification_eval",
+        &folder,
+        "--no_classifier_cache",
+        "--retrieval",
+        &split,
+        "--captioning",
+        &split,
+        "--data_root",
+        &images,
+        "--seq_len",
+        "6",
+        "--batch_size",
+        "2",
+        "--output_dir",
+        &out_s,
+        "--bf16",
+        "True",
+    ];
+    let (code, stdout, err) = common::run("coca-worker", &eval);
+    assert_eq!(code, 0, "{stdout}\n{err}");
+    let lines = stdout
+        .lines()
+        .filter(|l| serde_json::from_str::<serde_json::Value>(l).is_ok())
+        .count();
+    assert_eq!(lines, 3, "three evaluations: {stdout}");
+    let record = std::fs::read_to_string(out.join("eval_results.json")).unwrap();
+    let record: serde_json::Value = serde_json::from_str(&record).unwrap();
+    assert_eq!(record["settings"]["precision"], "bf16 (autocast)");
+}

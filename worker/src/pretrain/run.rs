@@ -321,7 +321,7 @@ fn train(args: &PretrainArgs, ctx: &RankContext, checked: Checked) -> Result<()>
             start_step: trainer.step,
             total_steps,
             steps_per_epoch,
-            precision: "fp32",
+            precision: args.precision.describe(),
             output_dir: args.output_dir.display().to_string(),
         };
         log.println(summary.to_string());
