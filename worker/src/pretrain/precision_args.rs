@@ -105,12 +105,12 @@ impl PrecisionArgs {
             .then(|| LossScaler::new(self.fp16_init_scale, self.fp16_growth_interval))
     }
 
-    /// A name for logs and summaries: `float32`, `bf16` or `fp16 O1|O2`.
+    /// A name for logs, summaries and results files: `fp32`, `bf16 (autocast)` or `fp16 O1|O2 (...)`.
     pub fn describe(&self) -> String {
         match (self.bf16, self.fp16) {
             (true, _) => "bf16 (autocast)".into(),
             (_, true) => format!("fp16 {} (autocast, loss scaling)", self.fp16_opt_level),
-            _ => "float32".into(),
+            _ => "fp32".into(),
         }
     }
 }

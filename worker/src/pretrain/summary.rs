@@ -48,7 +48,7 @@ pub struct StartupSummary {
     pub start_step: u64,
     pub total_steps: u64,
     pub steps_per_epoch: usize,
-    /// `float32`, `bf16 (autocast)` or `fp16 O1 (autocast, loss scaling)`.
+    /// `fp32`, `bf16 (autocast)` or `fp16 O1 (autocast, loss scaling)`.
     pub precision: String,
     pub output_dir: String,
 }
