@@ -7,7 +7,9 @@ mod common;
 
 use candle_core::Tensor;
 use common::jobs::Job;
-use common::training::{launcher_flags, losses, metric, pretrain_flags, run_alone, with};
+use common::training::{
+    launcher_flags, losses, metric, pretrain_flags, run_alone, with, TP2_SHARDING2,
+};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -131,20 +133,7 @@ fn bf16_and_fp16_track_float32_and_data_parallel_equals_one_process() {
 
         // Two data-parallel processes, and tp 2 × sharding 2, end like the one-process run in
         // the same precision.
-        let layouts: [(&str, &[&str]); 2] = [
-            ("dp 2", &[]),
-            (
-                "tp 2 × sharding 2",
-                &[
-                    "--tensor_parallel_degree",
-                    "2",
-                    "--sharding_parallel_degree",
-                    "2",
-                    "--sharding",
-                    "stage2",
-                ],
-            ),
-        ];
+        let layouts: [(&str, &[&str]); 2] = [("dp 2", &[]), ("tp 2 × sharding 2", &TP2_SHARDING2)];
         for (i, (layout, layout_flags)) in layouts.into_iter().enumerate() {
             let what = format!("{name} {layout}");
             let got = launch(
@@ -267,46 +256,10 @@ fn evaluation_and_generation_run_under_bf16_and_record_it() {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
-    let folder = tmp.path().join("colours");
-    common::images::write_folder(&folder);
-    let images = fixture.join("images");
-    let names = ["astronaut.png", "chelsea.jpg", "coffee_rgba.png"];
-    let records: Vec<_> = names
-        .iter()
-        .map(|n| serde_json::json!({"image": n, "caption": ["a photo", "a thing"]}))
-        .collect();
-    let split = tmp.path().join("split.json");
-    std::fs::write(&split, serde_json::to_string(&records).unwrap()).unwrap();
+    let inputs = common::eval_inputs::write(tmp.path(), &fixture);
     let out = tmp.path().join("out");
-    let (model, folder, split, images, out_s) = (
-        fixture.display().to_string(),
-        folder.display().to_string(),
-        split.display().to_string(),
-        images.display().to_string(),
-        out.display().to_string(),
-    );
-    let eval = [
-        "eval",
-        "--model",
-        &model,
-        "--classification_eval",
-        &folder,
-        "--no_classifier_cache",
-        "--retrieval",
-        &split,
-        "--captioning",
-        &split,
-        "--data_root",
-        &images,
-        "--seq_len",
-        "6",
-        "--batch_size",
-        "2",
-        "--output_dir",
-        &out_s,
-        "--bf16",
-        "True",
-    ];
+    let mut eval = inputs.eval_all();
+    eval.extend(["--output_dir", out.to_str().unwrap(), "--bf16", "True"]);
     let (code, stdout, err) = common::run("coca-worker", &eval);
     assert_eq!(code, 0, "{stdout}\n{err}");
     let lines = stdout
