@@ -2,6 +2,7 @@
 
 #![allow(dead_code)]
 
+pub mod eval_inputs;
 pub mod host_jobs;
 pub mod hosts;
 pub mod images;

@@ -64,6 +64,9 @@ enum Command {
         /// Also measure caption latency (`False`: training and embedding only, for profiling).
         #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "true", value_parser = coca_worker::pretrain::args::parse_bool)]
         captions: bool,
+        /// The training step's matrix products in bfloat16 (autocast, as `pretrain --bf16`).
+        #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", value_parser = coca_worker::pretrain::args::parse_bool)]
+        bf16: bool,
         #[command(flatten)]
         device: DeviceArgs,
         /// Activation checkpointing in the training step (as `pretrain --grad_checkpointing`).
@@ -301,6 +304,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             steps,
             tensor_parallel_degree,
             captions,
+            bf16,
             device,
             grad_checkpointing,
         } => {
@@ -310,6 +314,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 steps,
                 tensor_parallel_degree,
                 captions,
+                bf16,
                 device,
                 grad_checkpointing,
             })?;

@@ -48,7 +48,8 @@ pub struct StartupSummary {
     pub start_step: u64,
     pub total_steps: u64,
     pub steps_per_epoch: usize,
-    pub precision: &'static str,
+    /// `fp32`, `bf16 (autocast)` or `fp16 O1 (autocast, loss scaling)`.
+    pub precision: String,
     /// Activation checkpointing (`--grad_checkpointing`).
     pub grad_checkpointing: bool,
     pub output_dir: String,
@@ -146,7 +147,7 @@ mod tests {
             start_step: 0,
             total_steps: 885_600,
             steps_per_epoch: 4_428,
-            precision: "fp32",
+            precision: "fp32".into(),
             grad_checkpointing: true,
             output_dir: "./output".into(),
         };
