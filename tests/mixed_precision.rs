@@ -92,7 +92,9 @@ fn bf16_and_fp16_track_float32_and_data_parallel_equals_one_process() {
     // Parameter tolerance: fp16 keeps 11 significant bits, bf16 8; Adam turns the rounding of
     // a weak gradient into an update of about the learning rate, so small or zero-started
     // tensors (`text.cls_emb`, `text.ln_final.bias`) drift by up to a few percent of their
-    // movement in bf16. Weights with a scale of their own agree to ~1e-3 in both.
+    // movement in bf16. Weights with a scale of their own agree to ~1e-3 in both. On the
+    // fixture's pretrained weights the 1e-2 holds, as it does for open_clip
+    // (`tests/precision_drift.rs`: 8.5e-3 here, 8.6e-3 in PyTorch).
     let runs: [(&str, &[&str], f32); 2] = [
         ("bf16", &["--bf16", "True"], 5e-2),
         (
