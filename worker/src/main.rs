@@ -108,6 +108,10 @@ enum Command {
         /// Activation checkpointing (as `pretrain --grad_checkpointing`).
         #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", value_parser = coca_worker::pretrain::args::parse_bool)]
         grad_checkpointing: bool,
+        /// `--bf16 True` / `--fp16 True` (as `pretrain`'s): the measured step and the estimate
+        /// under autocast.
+        #[command(flatten)]
+        precision: coca_worker::pretrain::precision_args::PrecisionArgs,
     },
     /// Used by `coca-launch` before it starts any worker: parses a worker command and runs every
     /// check it can make without the model (the job's size comes from WORLD_SIZE); prints one
@@ -161,6 +165,7 @@ fn check_args(command: Vec<String>) -> Result<ExitCode> {
                 args.zero_stage()?,
                 checked.batch(&args),
                 args.grad_checkpointing,
+                args.precision.compute_dtype(),
             )?;
             Some(serde_json::json!({
                 "estimate": estimate,
@@ -258,13 +263,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
             tensor_parallel,
             batch,
             grad_checkpointing,
+            precision,
         } => {
+            precision.check()?;
             let opts = coca_worker::bench_memory::MemoryBenchOptions {
                 model,
                 sharding,
                 tensor_parallel,
                 batch,
                 grad_checkpointing,
+                compute: precision.compute_dtype(),
             };
             for line in coca_worker::bench_memory::run(&opts)? {
                 println!("{line}");

@@ -69,6 +69,7 @@ impl ModelArgs {
             dir_weights_by_default: true,
         };
         let device = self.device.open()?;
+        crate::cuda_setup::check_precision(&device, autocast.compute_dtype())?;
         let (config, weights) = weights::resolve(request, hub)?;
         let Weights::File { path, origin } = weights else {
             bail!(

@@ -10,7 +10,8 @@ use super::model_source::{resolve_model, ResolvedModel, DEMO_MODEL};
 use super::preflight::{self, Checked, TrainData};
 use super::rank_checkpoint;
 use super::summary::{StartupSummary, WeightsOrigin};
-use crate::comm::{HostTransport, PlacementRule};
+use crate::comm::job_groups::JobGroups;
+use crate::comm::PlacementRule;
 use crate::data::loader::{Loader, LoaderPosition};
 use crate::data::sampler::DistributedSampler;
 use crate::data::tokenizer::ClipTokenizer;
@@ -26,7 +27,7 @@ use crate::train::adamw::AdamWConfig;
 use crate::train::groups::TowerGroups;
 use crate::train::loss_scaler::LossScaler;
 use crate::train::schedule::CosineSchedule;
-use crate::train::trainer::{Trainer, TrainerConfig, TrainerGroups};
+use crate::train::trainer::{Trainer, TrainerConfig};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
@@ -120,17 +121,17 @@ fn train(args: &PretrainArgs, ctx: &RankContext, checked: Checked) -> Result<()>
         origin,
     } = resolve_model(&args, &hub)?;
     let weights_loaded = weights.is_some();
-    crate::cuda_setup::check_fits(
-        &device,
-        &crate::memory_estimate::estimate(
-            &config,
-            args.tensor_parallel_degree,
-            args.sharding_parallel_degree,
-            args.zero_stage()?,
-            batch,
-            args.grad_checkpointing,
-        )?,
+    let memory = crate::memory_estimate::estimate(
+        &config,
+        args.tensor_parallel_degree,
+        args.sharding_parallel_degree,
+        args.zero_stage()?,
+        batch,
+        args.grad_checkpointing,
+        args.precision.compute_dtype(),
     )?;
+    crate::cuda_setup::check_fits(&device, &memory)?;
+    crate::cuda_setup::check_precision(&device, args.precision.compute_dtype())?;
     let TrainData {
         source,
         synthetic: is_synthetic,
@@ -210,12 +211,10 @@ fn train(args: &PretrainArgs, ctx: &RankContext, checked: Checked) -> Result<()>
         },
         buffers: PlacementRule::from_env()?,
     };
-    let trainer_groups = TrainerGroups {
-        data: HostTransport::shared(ctx.data.clone()),
-        sharding: HostTransport::shared(ctx.sharding.clone()),
-        replicas: HostTransport::shared(ctx.replicas.clone()),
-        stage: args.zero_stage()?,
-    };
+    // Kept alive as long as the trainer: its watchdog releases blocked NCCL collectives.
+    let job_groups = JobGroups::for_device(ctx, &device)?;
+    tracing::info!(backend = job_groups.backend, "gradient collectives");
+    let trainer_groups = job_groups.trainer_groups(args.zero_stage()?);
     let mut trainer = Trainer::in_groups(model, &vars, &groups, trainer_config, trainer_groups)?;
     let mut position = LoaderPosition::default();
     let mut scaler = args.precision.loss_scaler();
@@ -325,6 +324,7 @@ fn train(args: &PretrainArgs, ctx: &RankContext, checked: Checked) -> Result<()>
             steps_per_epoch,
             precision: args.precision.describe(),
             grad_checkpointing: args.grad_checkpointing,
+            memory,
             output_dir: args.output_dir.display().to_string(),
         };
         log.println(summary.to_string());
