@@ -56,7 +56,8 @@ const SCRIPT_FLAGS: [(&str, &str); 13] = [
 ];
 
 /// The script's environment that makes it run the `pretrain` command `worker` (every flag with
-/// a value) on `NPROC` workers per node, with this build's binaries and logs in `log_dir`.
+/// a value) on `NPROC` workers per node, ZeRO stage 2 (the script's) over all `WORLD` of them,
+/// with this build's binaries and logs in `log_dir`.
 fn script_env(worker: &[String], log_dir: &Path) -> Vec<(String, String)> {
     assert_eq!(worker[0], "pretrain", "{worker:?}");
     let bin = common::binary("coca-launch");
@@ -67,6 +68,7 @@ fn script_env(worker: &[String], log_dir: &Path) -> Vec<(String, String)> {
         ),
         ("COCA_NPROC_PER_NODE".into(), NPROC.to_string()),
         ("COCA_LOG_DIR".into(), log_dir.display().to_string()),
+        ("COCA_SHARDING_DEGREE".into(), WORLD.to_string()),
     ];
     let mut extra = Vec::new();
     for pair in worker[1..].chunks(2) {
@@ -159,8 +161,7 @@ fn sbatch_wait_of_the_script_trains_across_both_hosts_to_the_one_process_paramet
         pretrain_flags(&reference.config, &out_dir, global_batch / WORLD, steps),
         &CPU_JOB,
     );
-    let mut env = script_env(&worker, &tmp.path().join("logs"));
-    env.push(("COCA_SHARDING_DEGREE".into(), WORLD.to_string())); // ZeRO stage 2, as the script
+    let env = script_env(&worker, &tmp.path().join("logs"));
     let started = Instant::now();
     let (code, out, err) = sbatch(&slurm, tmp.path(), "--wait", &env).finish(JOB_LIMIT);
     let took = started.elapsed();
@@ -201,8 +202,7 @@ fn scancel_of_a_running_job_leaves_no_process_on_either_host_within_15_s() {
     let out_dir = tmp.path().join("run");
     let log_dir = tmp.path().join("logs");
     let worker = with(pretrain_flags(&config, &out_dir, 2, 100_000), &CPU_JOB);
-    let mut env = script_env(&worker, &log_dir);
-    env.push(("COCA_SHARDING_DEGREE".into(), WORLD.to_string()));
+    let env = script_env(&worker, &log_dir);
     let (code, out, err) = sbatch(&slurm, tmp.path(), "--parsable", &env).finish(JOB_LIMIT);
     assert_eq!(code, 0, "sbatch: {out}\n{err}");
     let id = job_id(&out);
@@ -255,9 +255,12 @@ fn scancel_of_a_running_job_leaves_no_process_on_either_host_within_15_s() {
         "scancel: no coca-launch or coca-worker left on either host after {:.1} s",
         cleared.as_secs_f64()
     );
-    // SLURM's SIGTERM reached the launchers, which stopped their workers themselves (its
+    // SLURM's SIGTERM reached every launcher, which stopped its workers itself (SLURM's
     // SIGKILL comes only after KillWait, 30 s).
-    assert!(log.contains("received SIGTERM"), "{log}");
+    let stopping = log
+        .matches("received SIGTERM: stopping this node's workers")
+        .count();
+    assert_eq!(stopping, NODES, "{log}");
     assert_ne!(slurm.job_state(&id).as_deref(), Some("RUNNING"));
 }
 

@@ -152,10 +152,27 @@ MinJobAge=5
 const CGROUP_CONF: &str =
     "CgroupPlugin=cgroup/v1\nCgroupMountpoint=/sys/fs/cgroup\nCgroupAutomount=no\n";
 
+/// A SLURM client command (`sbatch`, `sinfo`, …) of the cluster of `conf`: run on this machine
+/// with `SLURM_CONF` naming it (a job inherits it) and without the variables of a SLURM job the
+/// tests may themselves run in.
+fn client(conf: &Path, program: &str) -> Command {
+    let mut c = Command::new(program);
+    for (name, _) in std::env::vars_os() {
+        let prefixes = ["SLURM_", "SBATCH_", "SALLOC_", "SRUN_"];
+        if prefixes
+            .iter()
+            .any(|p| name.to_string_lossy().starts_with(p))
+        {
+            c.env_remove(&name);
+        }
+    }
+    c.env("SLURM_CONF", conf);
+    c
+}
+
 /// `sinfo`'s node states of the cluster of `conf`, e.g. `idle 2`.
 fn node_states(conf: &Path) -> Result<String> {
-    let out = Command::new("sinfo")
-        .env("SLURM_CONF", conf)
+    let out = client(conf, "sinfo")
         .args(["-h", "-o", "%T %D"])
         .output()
         .context("cannot run sinfo")?;
@@ -290,12 +307,10 @@ impl Slurm {
         self.dir.as_ref().expect("folder lives until drop").path()
     }
 
-    /// A SLURM client command (`sbatch`, `squeue`, `scancel`, …) of this cluster: run on this
-    /// machine with `SLURM_CONF` naming the cluster's configuration (a job inherits it).
+    /// A SLURM client command (`sbatch`, `squeue`, `scancel`, …) of this cluster (see
+    /// [`client`]).
     pub fn command(&self, program: &str) -> Command {
-        let mut c = Command::new(program);
-        c.env("SLURM_CONF", &self.conf);
-        c
+        client(&self.conf, program)
     }
 
     /// The state of job `id` (`RUNNING`, `COMPLETING`, …), or `None` once the controller has
