@@ -8,6 +8,7 @@ pub mod hosts;
 pub mod images;
 pub mod jobs;
 pub mod model_checks;
+pub mod slurm;
 pub mod training;
 
 use candle_core::{Device, Tensor};

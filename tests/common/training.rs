@@ -172,9 +172,17 @@ pub struct Reference {
 impl Reference {
     /// Trains `steps` steps of `global_batch` as one process in `tmp/single`.
     pub fn train(tmp: &Path, global_batch: usize, steps: usize) -> Reference {
+        Self::train_with(tmp, global_batch, steps, &[])
+    }
+
+    /// [`Self::train`] with `extra` worker flags (which the runs compared with it pass too).
+    pub fn train_with(tmp: &Path, global_batch: usize, steps: usize, extra: &[&str]) -> Reference {
         let config = super::tiny_config(tmp);
         let dir = tmp.join("single");
-        run_alone(&pretrain_flags(&config, &dir, global_batch, steps));
+        run_alone(&with(
+            pretrain_flags(&config, &dir, global_batch, steps),
+            extra,
+        ));
         Reference { config, dir, steps }
     }
 
