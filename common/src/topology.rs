@@ -8,6 +8,11 @@
 
 use anyhow::{bail, Result};
 
+/// The gradient accumulation of an elastic job's generation, set by `coca-launch` for every
+/// worker when the job may run on fewer nodes than it started with (`--nnodes MIN:MAX`): the
+/// command's accumulation scaled so that the global batch stays the same on fewer nodes.
+pub const GRADIENT_ACCUMULATION_ENV: &str = "COCA_GRADIENT_ACCUMULATION_STEPS";
+
 /// Degrees of a job and the mapping between ranks and coordinates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Topology {

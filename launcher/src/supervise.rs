@@ -4,6 +4,7 @@
 
 use crate::address;
 use crate::args::{node_layout, nproc_per_node, CommandLine, LauncherArgs, NodeLayout};
+use crate::elastic::{Elastic, GenerationLayout, NodeRange};
 use crate::gpus;
 use crate::memory::{self, OomCounters};
 use crate::preflight;
@@ -46,7 +47,8 @@ struct Job {
     worker_binary: PathBuf,
     layout: NodeLayout,
     nproc: usize,
-    topology: Topology,
+    /// The node counts the job may run on and the batch it keeps.
+    elastic: Elastic,
     token: Token,
     control_addr: SocketAddr,
     advertise: IpAddr,
@@ -108,6 +110,23 @@ pub fn run(command_line: CommandLine) -> Result<i32> {
     let sharding = degree_flag(&worker_args, "sharding_parallel_degree")?;
     // Checked before anything starts, so a bad layout fails here with the arithmetic.
     let topology = Topology::new(layout.nnodes * nproc, tp, sharding)?;
+    let mut elastic = Elastic {
+        range: NodeRange {
+            min: layout.min_nnodes,
+            max: layout.nnodes,
+        },
+        nproc,
+        tp,
+        sharding,
+        // Only training has a global batch to keep.
+        accumulation: match worker_args.first().map(String::as_str) {
+            Some("pretrain") => Some(degree_flag(&worker_args, "gradient_accumulation_steps")?),
+            _ => None,
+        },
+        per_device_batch: None,
+    };
+    // Every node count MIN..=MAX must keep the global batch (elastic jobs).
+    elastic.check()?;
     if !nproc.is_multiple_of(tp) {
         tracing::warn!(
             "--tensor_parallel_degree {tp} does not divide --nproc-per-node {nproc}: tensor-parallel \
@@ -124,6 +143,7 @@ pub fn run(command_line: CommandLine) -> Result<i32> {
     {
         let node = memory::available(args.node_memory.as_deref())?;
         preflight::check_memory(&answer, nproc, &node)?;
+        elastic.per_device_batch = Some(answer.per_device_train_batch_size);
     }
     std::fs::create_dir_all(&args.log_dir)
         .with_context(|| format!("cannot create --log-dir {}", args.log_dir.display()))?;
@@ -140,6 +160,7 @@ pub fn run(command_line: CommandLine) -> Result<i32> {
             bind,
             token: token.clone(),
             nnodes: layout.nnodes,
+            min_nnodes: layout.min_nnodes,
             rdzv_timeout: args.rdzv_timeout(),
             heartbeat_timeout: Duration::from_secs(args.heartbeat_timeout),
             max_restarts: args.max_restarts,
@@ -178,7 +199,7 @@ pub fn run(command_line: CommandLine) -> Result<i32> {
         worker_binary,
         layout,
         nproc,
-        topology,
+        elastic,
         token,
         control_addr,
         advertise,
@@ -204,11 +225,16 @@ fn generations(job: &Job, client: &ControlClient, signals: &Signals) -> Result<i
         let plan = client
             .rendezvous(job.args.rdzv_timeout())
             .map_err(|e| ControlPlaneError(format!("{e:#}")))?;
-        if plan.world != job.topology.world {
+        // Checked for every node count at start-up; an error here means the nodes disagree.
+        let layout = job
+            .elastic
+            .layout(plan.nodes.len())
+            .map_err(|e| ControlPlaneError(format!("generation {}: {e:#}", plan.generation)))?;
+        if plan.world != layout.topology.world {
             bail!(ControlPlaneError(format!(
                 "the nodes disagree on the world size: the control plane counts {} workers, this \
                  node expects {}",
-                plan.world, job.topology.world
+                plan.world, layout.topology.world
             )));
         }
         tracing::info!(
@@ -219,9 +245,12 @@ fn generations(job: &Job, client: &ControlClient, signals: &Signals) -> Result<i
             plan.rank_offset(job.layout.node_rank),
             plan.rank_offset(job.layout.node_rank) + job.nproc
         );
+        if job.elastic.range.is_elastic() {
+            tracing::info!("{}", job.elastic.describe(plan.generation, &layout));
+        }
         signals.idle.store(false, Ordering::SeqCst);
         let oom_before = OomCounters::read();
-        let workers = start_workers(job, &plan)?;
+        let workers = start_workers(job, &plan, &layout)?;
         let outcome = supervise(job, client, &plan, workers, &signals.received, oom_before);
         signals.idle.store(true, Ordering::SeqCst);
         match outcome? {
@@ -233,9 +262,20 @@ fn generations(job: &Job, client: &ControlClient, signals: &Signals) -> Result<i
 }
 
 /// Starts this node's workers with the torchrun environment plus the control plane's.
-fn start_workers(job: &Job, plan: &Plan) -> Result<Vec<WorkerProcess>> {
+fn start_workers(job: &Job, plan: &Plan, layout: &GenerationLayout) -> Result<Vec<WorkerProcess>> {
     let offset = plan.rank_offset(job.layout.node_rank);
-    let t = &job.topology;
+    let t = &layout.topology;
+    // Node ranks are dense within a generation (an elastic one may lack a node).
+    let group_rank = plan
+        .nodes
+        .iter()
+        .position(|n| n.node_rank == job.layout.node_rank)
+        .with_context(|| {
+            format!(
+                "node {} is not part of generation {}",
+                job.layout.node_rank, plan.generation
+            )
+        })?;
     let mut workers = Vec::with_capacity(job.nproc);
     for local_rank in 0..job.nproc {
         let rank = offset + local_rank;
@@ -245,8 +285,8 @@ fn start_workers(job: &Job, plan: &Plan) -> Result<Vec<WorkerProcess>> {
             ("LOCAL_RANK", local_rank.to_string()),
             ("WORLD_SIZE", t.world.to_string()),
             ("LOCAL_WORLD_SIZE", job.nproc.to_string()),
-            ("GROUP_RANK", job.layout.node_rank.to_string()),
-            ("NODE_RANK", job.layout.node_rank.to_string()),
+            ("GROUP_RANK", group_rank.to_string()),
+            ("NODE_RANK", group_rank.to_string()),
             ("MASTER_ADDR", job.control_addr.ip().to_string()),
             ("MASTER_PORT", job.control_addr.port().to_string()),
             ("TORCHELASTIC_RESTART_COUNT", plan.generation.to_string()),
@@ -278,6 +318,12 @@ fn start_workers(job: &Job, plan: &Plan) -> Result<Vec<WorkerProcess>> {
             env.push((
                 "RAYON_NUM_THREADS".to_string(),
                 job.threads_per_worker.to_string(),
+            ));
+        }
+        if let (true, Some(accumulation)) = (job.elastic.range.is_elastic(), layout.accumulation) {
+            env.push((
+                coca_common::topology::GRADIENT_ACCUMULATION_ENV.to_string(),
+                accumulation.to_string(),
             ));
         }
         if job.gpu_workers {

@@ -5,6 +5,7 @@
 use super::args::PretrainArgs;
 use super::checkpoint::{self, TrainerState};
 use super::demo;
+use super::elastic::{self, LoaderLayout};
 use super::metrics::{RunLog, StepMetrics};
 use super::model_source::{resolve_model, ResolvedModel, DEMO_MODEL};
 use super::preflight::{self, Checked, TrainData};
@@ -66,7 +67,8 @@ fn defaults(demo: bool) -> Defaults {
 }
 
 /// Runs `pretrain` as the rank the launcher's environment describes (or alone).
-pub fn run(args: PretrainArgs) -> Result<()> {
+pub fn run(mut args: PretrainArgs) -> Result<()> {
+    elastic::apply_launcher_accumulation(&mut args, |k| std::env::var(k).ok())?;
     let (world, rank) = env_world_rank()?;
     let checked = preflight::check(&args, world, rank)?;
     let ctx = RankContext::from_env(args.tensor_parallel_degree, args.sharding_parallel_degree)?;
@@ -170,6 +172,12 @@ fn train(args: &PretrainArgs, ctx: &RankContext, checked: Checked) -> Result<()>
         DistributedSampler::new(source.len(), args.seed, batch, 0, 1)?
     } else {
         DistributedSampler::new(source.len(), args.seed, batch, data_rank, data_world)?
+    }
+    .in_steps_of(accum);
+    let loader_layout = LoaderLayout {
+        samples_per_batch: sampler.global_batch,
+        data_world,
+        per_rank_source: per_rank,
     };
     let batches_per_epoch = sampler.batches_per_epoch();
     // Ranks holding different shares agree on the shortest epoch, so they take the same steps.
@@ -220,7 +228,7 @@ fn train(args: &PretrainArgs, ctx: &RankContext, checked: Checked) -> Result<()>
     if let Some(c) = &resumed {
         let moments = shard_moments(&c.optimizer, &tp)?;
         trainer.restore_optimizer(&moments, c.state.adam_step, c.state.global_step)?;
-        position = c.state.loader_position;
+        position = elastic::resume_position(&c.state, &loader_layout)?;
         eprintln!(
             "resuming from {} at step {}",
             c.dir.display(),
@@ -334,6 +342,7 @@ fn train(args: &PretrainArgs, ctx: &RankContext, checked: Checked) -> Result<()>
             global_step: trainer.step,
             adam_step: trainer.optimizer.step,
             loader_position: position,
+            loader_layout: Some(loader_layout),
             model_config: config.clone(),
             run: run_record.clone(),
         };

@@ -1,0 +1,259 @@
+//! Elastic jobs: `--nnodes MIN:MAX`. When a node is lost and restarts remain, the job restarts
+//! on the nodes that are left (at least MIN) with the data-parallel degree recomputed and the
+//! gradient accumulation raised so that the global batch — and with it the trajectory — stays
+//! what it is on MAX nodes (torchrun's elastic keeps the per-rank batch instead, so there the
+//! experiment changes with the node count).
+//!
+//! The global batch is `per-device batch × dp × accumulation`; on `n` nodes
+//! `dp(n) = n × nproc ÷ (tp × sharding)` and `accumulation(n) = accumulation × dp(MAX) ÷ dp(n)`.
+//! Every node count MIN..=MAX is checked before any worker starts, so a layout that could not
+//! keep the global batch on some count is refused at once, naming the counts, rather than
+//! failing at a restart hours later.
+
+use anyhow::{bail, Context, Result};
+use coca_common::topology::Topology;
+
+/// The node counts a job may run on, from `--nnodes N` or `--nnodes MIN:MAX`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeRange {
+    /// Fewest nodes the job may continue on.
+    pub min: usize,
+    /// Nodes the job starts with (and the layout the worker command describes).
+    pub max: usize,
+}
+
+impl NodeRange {
+    /// A fixed-size job of `n` nodes.
+    pub fn fixed(n: usize) -> Self {
+        Self { min: n, max: n }
+    }
+
+    /// Whether the job may run on fewer nodes than it starts with.
+    pub fn is_elastic(&self) -> bool {
+        self.min < self.max
+    }
+}
+
+/// Parses `--nnodes`: `N` or `MIN:MAX` (torchrun's syntax), each at least 1, MIN ≤ MAX.
+pub fn parse_nnodes(spec: &str) -> Result<NodeRange> {
+    let number = |s: &str, what: &str| -> Result<usize> {
+        let n: usize = s.trim().parse().with_context(|| {
+            format!("--nnodes {spec}: {what} {s:?} is not a number (give N or MIN:MAX)")
+        })?;
+        if n == 0 {
+            bail!("--nnodes {spec}: {what} must be at least 1");
+        }
+        Ok(n)
+    };
+    let range = match spec.split_once(':') {
+        None => NodeRange::fixed(number(spec, "the node count")?),
+        Some((min, max)) => NodeRange {
+            min: number(min, "MIN")?,
+            max: number(max, "MAX")?,
+        },
+    };
+    if range.min > range.max {
+        bail!(
+            "--nnodes {spec}: MIN {} is above MAX {} (MIN:MAX is the fewest and the most nodes)",
+            range.min,
+            range.max
+        );
+    }
+    Ok(range)
+}
+
+/// What the launcher reads from the worker command to keep the global batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Elastic {
+    /// The node counts allowed.
+    pub range: NodeRange,
+    /// Workers per node.
+    pub nproc: usize,
+    /// `--tensor_parallel_degree`.
+    pub tp: usize,
+    /// `--sharding_parallel_degree`.
+    pub sharding: usize,
+    /// `--gradient_accumulation_steps` of a training command: the accumulation on MAX nodes.
+    /// `None` for other commands (evaluation, benchmarks), which have no batch to keep.
+    pub accumulation: Option<usize>,
+    /// The per-device batch, when the worker's check reported it (training commands).
+    pub per_device_batch: Option<usize>,
+}
+
+/// One generation's layout on `nodes` nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GenerationLayout {
+    /// Nodes in the generation.
+    pub nodes: usize,
+    /// World, degrees and rank coordinates.
+    pub topology: Topology,
+    /// Gradient accumulation that keeps the global batch (`None`: not a training command).
+    pub accumulation: Option<usize>,
+}
+
+impl Elastic {
+    /// The layout on `nodes` nodes; an error says why that count cannot keep the global batch.
+    pub fn layout(&self, nodes: usize) -> Result<GenerationLayout> {
+        let topology = Topology::new(nodes * self.nproc, self.tp, self.sharding)
+            .with_context(|| format!("{nodes} node(s) × {} worker(s)", self.nproc))?;
+        let full = Topology::new(self.range.max * self.nproc, self.tp, self.sharding)
+            .with_context(|| format!("{} node(s) × {} worker(s)", self.range.max, self.nproc))?;
+        // Sharding ranks read different samples too: the data-parallel world is dp × sharding.
+        let (data, full_data) = (data_world(&topology), data_world(&full));
+        let accumulation = match self.accumulation {
+            None => None,
+            Some(a) if (a * full_data).is_multiple_of(data) => Some(a * full_data / data),
+            Some(a) => bail!(
+                "{nodes} node(s) give dp {data}, and gradient accumulation {a} × dp {full_data} ÷ \
+                 {data} is not a whole number"
+            ),
+        };
+        Ok(GenerationLayout {
+            nodes,
+            topology,
+            accumulation,
+        })
+    }
+
+    /// Every node count MIN..=MAX must keep the global batch: otherwise a one-line error naming
+    /// each count that cannot and why (checked before any worker starts).
+    pub fn check(&self) -> Result<()> {
+        let refused: Vec<String> = (self.range.min..=self.range.max)
+            .filter_map(|n| self.layout(n).err().map(|e| format!("{e:#}")))
+            .collect();
+        if refused.is_empty() {
+            return Ok(());
+        }
+        let NodeRange { min, max } = self.range;
+        let (nproc, tp, sharding) = (self.nproc, self.tp, self.sharding);
+        let what = format!(
+            "--nnodes {min}:{max} with {nproc} worker(s) per node, tp {tp} × sharding {sharding}"
+        );
+        match self.accumulation {
+            Some(a) => bail!(
+                "{what} and gradient accumulation {a}: the global batch cannot stay the same on \
+                 every node count: {}. Raise MIN, or choose --gradient_accumulation_steps so that \
+                 each count divides it",
+                refused.join("; ")
+            ),
+            None => bail!(
+                "{what}: not every node count can be laid out: {}. Raise MIN",
+                refused.join("; ")
+            ),
+        }
+    }
+
+    /// The line the launcher logs for a generation:
+    /// `generation 1: 2 nodes, dp 2, gradient accumulation 3 (global batch 24 unchanged)`.
+    pub fn describe(&self, generation: u64, layout: &GenerationLayout) -> String {
+        let dp = data_world(&layout.topology);
+        let head = format!("generation {generation}: {} nodes, dp {dp}", layout.nodes);
+        let Some(accumulation) = layout.accumulation else {
+            return head;
+        };
+        let batch = match self.per_device_batch {
+            Some(b) => (b * dp * accumulation).to_string(),
+            None => format!("per-device batch × {}", dp * accumulation),
+        };
+        let change = if layout.nodes == self.range.max {
+            String::new()
+        } else {
+            format!(" unchanged; {} of {} nodes", layout.nodes, self.range.max)
+        };
+        format!("{head}, gradient accumulation {accumulation} (global batch {batch}{change})")
+    }
+}
+
+/// Ranks that read different samples: dp × sharding.
+fn data_world(t: &Topology) -> usize {
+    t.dp * t.sharding
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn elastic(min: usize, max: usize, nproc: usize, tp: usize, accumulation: usize) -> Elastic {
+        Elastic {
+            range: NodeRange { min, max },
+            nproc,
+            tp,
+            sharding: 1,
+            accumulation: Some(accumulation),
+            per_device_batch: Some(2),
+        }
+    }
+
+    #[test]
+    fn nnodes_is_n_or_min_max() {
+        assert_eq!(parse_nnodes("3").unwrap(), NodeRange::fixed(3));
+        assert_eq!(parse_nnodes("2:3").unwrap(), NodeRange { min: 2, max: 3 });
+        assert!(!parse_nnodes("3:3").unwrap().is_elastic());
+        for (bad, says) in [
+            ("3:2", "--nnodes 3:2: MIN 3 is above MAX 2"),
+            ("0:2", "MIN must be at least 1"),
+            ("0", "at least 1"),
+            ("a:2", "MIN \"a\" is not a number"),
+            ("2:", "MAX \"\" is not a number"),
+            ("two", "not a number"),
+        ] {
+            let e = format!("{:#}", parse_nnodes(bad).unwrap_err());
+            assert!(e.contains(says), "{bad}: {e}");
+            assert!(!e.contains('\n'), "{bad}: one line: {e}");
+        }
+    }
+
+    #[test]
+    fn fewer_nodes_raise_the_accumulation_to_keep_the_global_batch() {
+        // 3 hosts × 1 worker, batch 2, accumulation 2: global batch 12 on 3 and on 2 nodes.
+        let e = elastic(2, 3, 1, 1, 2);
+        e.check().unwrap();
+        let three = e.layout(3).unwrap();
+        let two = e.layout(2).unwrap();
+        assert_eq!((three.topology.dp, three.accumulation), (3, Some(2)));
+        assert_eq!((two.topology.dp, two.accumulation), (2, Some(3)));
+        assert_eq!(
+            e.describe(1, &two),
+            "generation 1: 2 nodes, dp 2, gradient accumulation 3 (global batch 12 unchanged; \
+             2 of 3 nodes)"
+        );
+        assert_eq!(
+            e.describe(0, &three),
+            "generation 0: 3 nodes, dp 3, gradient accumulation 2 (global batch 12)"
+        );
+        // tp 2 over 2 workers per node: 4 nodes are dp 4, 2 nodes dp 2 (accumulation × 2).
+        // 3 nodes (dp 3) cannot keep accumulation 1 × dp 4, so 2:4 is refused.
+        let e = elastic(2, 4, 2, 2, 1);
+        assert_eq!(e.layout(2).unwrap().accumulation, Some(2));
+        let refused = format!("{:#}", e.check().unwrap_err());
+        assert!(refused.contains("3 node(s) give dp 3"), "{refused}");
+        elastic(2, 4, 2, 2, 3).check().unwrap();
+        // A command without a batch (evaluation) only needs every count to be laid out.
+        let e = Elastic {
+            accumulation: None,
+            ..elastic(2, 3, 1, 1, 1)
+        };
+        e.check().unwrap();
+        assert_eq!(
+            e.describe(1, &e.layout(2).unwrap()),
+            "generation 1: 2 nodes, dp 2"
+        );
+    }
+
+    #[test]
+    fn counts_that_cannot_keep_the_global_batch_are_refused_at_start_naming_them() {
+        // 3 → 2 nodes with accumulation 1: 1 × 3 ÷ 2 is no whole number.
+        let e = format!("{:#}", elastic(1, 3, 1, 1, 1).check().unwrap_err());
+        assert!(e.contains("--nnodes 1:3"), "{e}");
+        assert!(e.contains("2 node(s) give dp 2"), "{e}");
+        assert!(!e.contains("1 node(s) give"), "1 node keeps it: {e}");
+        assert!(!e.contains('\n'), "{e}");
+        // MIN below what tp × sharding needs: 1 node of 2 workers cannot hold tp 4.
+        let e = format!("{:#}", elastic(1, 2, 2, 4, 1).check().unwrap_err());
+        assert!(
+            e.contains("1 node(s) × 2 worker(s): the world of 2 processes cannot be split"),
+            "{e}"
+        );
+        assert!(!e.contains('\n'), "{e}");
+    }
+}
