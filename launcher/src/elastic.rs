@@ -1,15 +1,21 @@
 //! Elastic jobs: `--nnodes MIN:MAX`. When a node is lost and restarts remain, the job restarts
-//! on the nodes that are left (at least MIN) with the data-parallel degree recomputed and the
-//! gradient accumulation raised so that the global batch — and with it the trajectory — stays
+//! on the nodes that are left (at least MIN) with the data-parallel degree recomputed and each
+//! rank's share of a batch raised so that the global batch — and with it the trajectory — stays
 //! what it is on MAX nodes (torchrun's elastic keeps the per-rank batch instead, so there the
 //! experiment changes with the node count).
 //!
-//! The global batch is `per-device batch × dp × accumulation`; on `n` nodes
-//! `dp(n) = n × nproc ÷ (tp × sharding)` and `accumulation(n) = accumulation × dp(MAX) ÷ dp(n)`.
+//! Why the per-device batch and not the gradient accumulation: CoCa's losses are not sums over
+//! samples. The contrastive loss of a micro-batch contrasts each image with the captions of that
+//! micro-batch (over the data-parallel world), and the caption loss is normalised by that
+//! micro-batch's token count, so batch 12 is not batch 6 accumulated twice (measured: contrastive
+//! loss 3.35 vs 2.65 at the first step of the tiny model). Every micro-batch must keep its
+//! samples, so on `n` nodes each of the `dp(n) = n × nproc ÷ tp` data-parallel ranks (dp ×
+//! sharding) takes `batch × dp(MAX) ÷ dp(n)` of them and the accumulation is unchanged. The
+//! ranks then need more memory per step: at MIN nodes `dp(MAX) ÷ dp(MIN)` times the activations.
+//!
 //! Every node count MIN..=MAX is checked before any worker starts, so a layout that could not
-//! keep the global batch on some count is refused at once, naming the counts, rather than
-//! failing at a restart hours later.
-
+//! keep the batches on some count is refused at once, naming the counts, rather than failing at
+//! a restart hours later.
 use anyhow::{bail, Context, Result};
 use coca_common::topology::Topology;
 
@@ -62,7 +68,7 @@ pub fn parse_nnodes(spec: &str) -> Result<NodeRange> {
     Ok(range)
 }
 
-/// What the launcher reads from the worker command to keep the global batch.
+/// The node counts a job may run on and what its batches need.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Elastic {
     /// The node counts allowed.
@@ -73,11 +79,11 @@ pub struct Elastic {
     pub tp: usize,
     /// `--sharding_parallel_degree`.
     pub sharding: usize,
-    /// `--gradient_accumulation_steps` of a training command: the accumulation on MAX nodes.
-    /// `None` for other commands (evaluation, benchmarks), which have no batch to keep.
-    pub accumulation: Option<usize>,
-    /// The per-device batch, when the worker's check reported it (training commands).
+    /// The per-device batch on MAX nodes, for a training command (as the worker's check
+    /// resolved it); `None` for other commands (evaluation, benchmarks): no batch to keep.
     pub per_device_batch: Option<usize>,
+    /// `--gradient_accumulation_steps`, for the record (it never changes).
+    pub accumulation: usize,
 }
 
 /// One generation's layout on `nodes` nodes.
@@ -87,12 +93,12 @@ pub struct GenerationLayout {
     pub nodes: usize,
     /// World, degrees and rank coordinates.
     pub topology: Topology,
-    /// Gradient accumulation that keeps the global batch (`None`: not a training command).
-    pub accumulation: Option<usize>,
+    /// Per-device batch that keeps every micro-batch's samples (`None`: not a training command).
+    pub per_device_batch: Option<usize>,
 }
 
 impl Elastic {
-    /// The layout on `nodes` nodes; an error says why that count cannot keep the global batch.
+    /// The layout on `nodes` nodes; an error says why that count cannot keep the batches.
     pub fn layout(&self, nodes: usize) -> Result<GenerationLayout> {
         let topology = Topology::new(nodes * self.nproc, self.tp, self.sharding)
             .with_context(|| format!("{nodes} node(s) × {} worker(s)", self.nproc))?;
@@ -100,23 +106,24 @@ impl Elastic {
             .with_context(|| format!("{} node(s) × {} worker(s)", self.range.max, self.nproc))?;
         // Sharding ranks read different samples too: the data-parallel world is dp × sharding.
         let (data, full_data) = (data_world(&topology), data_world(&full));
-        let accumulation = match self.accumulation {
+        let per_device_batch = match self.per_device_batch {
             None => None,
-            Some(a) if (a * full_data).is_multiple_of(data) => Some(a * full_data / data),
-            Some(a) => bail!(
-                "{nodes} node(s) give dp {data}, and gradient accumulation {a} × dp {full_data} ÷ \
-                 {data} is not a whole number"
+            Some(b) if (b * full_data).is_multiple_of(data) => Some(b * full_data / data),
+            Some(b) => bail!(
+                "{nodes} node(s) give dp {data}, and a micro-batch of {b} × dp {full_data} = {} \
+                 samples does not split into {data} equal shares",
+                b * full_data
             ),
         };
         Ok(GenerationLayout {
             nodes,
             topology,
-            accumulation,
+            per_device_batch,
         })
     }
 
-    /// Every node count MIN..=MAX must keep the global batch: otherwise a one-line error naming
-    /// each count that cannot and why (checked before any worker starts).
+    /// Every node count MIN..=MAX must keep the batches: otherwise a one-line error naming each
+    /// count that cannot and why (checked before any worker starts).
     pub fn check(&self) -> Result<()> {
         let refused: Vec<String> = (self.range.min..=self.range.max)
             .filter_map(|n| self.layout(n).err().map(|e| format!("{e:#}")))
@@ -129,11 +136,11 @@ impl Elastic {
         let what = format!(
             "--nnodes {min}:{max} with {nproc} worker(s) per node, tp {tp} × sharding {sharding}"
         );
-        match self.accumulation {
-            Some(a) => bail!(
-                "{what} and gradient accumulation {a}: the global batch cannot stay the same on \
-                 every node count: {}. Raise MIN, or choose --gradient_accumulation_steps so that \
-                 each count divides it",
+        match self.per_device_batch {
+            Some(b) => bail!(
+                "{what} and per-device batch {b}: the global batch cannot stay the same on every \
+                 node count: {}. Raise MIN, or choose --per_device_train_batch_size so that each \
+                 count's dp divides the micro-batch",
                 refused.join("; ")
             ),
             None => bail!(
@@ -143,24 +150,24 @@ impl Elastic {
         }
     }
 
-    /// The line the launcher logs for a generation:
-    /// `generation 1: 2 nodes, dp 2, gradient accumulation 3 (global batch 24 unchanged)`.
+    /// The line the launcher logs for a generation: `generation 1: 2 nodes, dp 2, per-device
+    /// batch 3 × gradient accumulation 2 (global batch 12 unchanged; 2 of 3 nodes)`.
     pub fn describe(&self, generation: u64, layout: &GenerationLayout) -> String {
         let dp = data_world(&layout.topology);
         let head = format!("generation {generation}: {} nodes, dp {dp}", layout.nodes);
-        let Some(accumulation) = layout.accumulation else {
+        let Some(batch) = layout.per_device_batch else {
             return head;
-        };
-        let batch = match self.per_device_batch {
-            Some(b) => (b * dp * accumulation).to_string(),
-            None => format!("per-device batch × {}", dp * accumulation),
         };
         let change = if layout.nodes == self.range.max {
             String::new()
         } else {
             format!(" unchanged; {} of {} nodes", layout.nodes, self.range.max)
         };
-        format!("{head}, gradient accumulation {accumulation} (global batch {batch}{change})")
+        format!(
+            "{head}, per-device batch {batch} × gradient accumulation {} (global batch {}{change})",
+            self.accumulation,
+            batch * dp * self.accumulation
+        )
     }
 }
 
@@ -173,14 +180,14 @@ fn data_world(t: &Topology) -> usize {
 mod tests {
     use super::*;
 
-    fn elastic(min: usize, max: usize, nproc: usize, tp: usize, accumulation: usize) -> Elastic {
+    fn elastic(min: usize, max: usize, nproc: usize, tp: usize, batch: usize) -> Elastic {
         Elastic {
             range: NodeRange { min, max },
             nproc,
             tp,
             sharding: 1,
-            accumulation: Some(accumulation),
-            per_device_batch: Some(2),
+            per_device_batch: Some(batch),
+            accumulation: 2,
         }
     }
 
@@ -204,33 +211,34 @@ mod tests {
     }
 
     #[test]
-    fn fewer_nodes_raise_the_accumulation_to_keep_the_global_batch() {
+    fn fewer_nodes_raise_the_per_device_batch_to_keep_every_micro_batch() {
         // 3 hosts × 1 worker, batch 2, accumulation 2: global batch 12 on 3 and on 2 nodes.
         let e = elastic(2, 3, 1, 1, 2);
         e.check().unwrap();
         let three = e.layout(3).unwrap();
         let two = e.layout(2).unwrap();
-        assert_eq!((three.topology.dp, three.accumulation), (3, Some(2)));
-        assert_eq!((two.topology.dp, two.accumulation), (2, Some(3)));
+        assert_eq!((three.topology.dp, three.per_device_batch), (3, Some(2)));
+        assert_eq!((two.topology.dp, two.per_device_batch), (2, Some(3)));
         assert_eq!(
             e.describe(1, &two),
-            "generation 1: 2 nodes, dp 2, gradient accumulation 3 (global batch 12 unchanged; \
-             2 of 3 nodes)"
+            "generation 1: 2 nodes, dp 2, per-device batch 3 × gradient accumulation 2 (global \
+             batch 12 unchanged; 2 of 3 nodes)"
         );
         assert_eq!(
             e.describe(0, &three),
-            "generation 0: 3 nodes, dp 3, gradient accumulation 2 (global batch 12)"
+            "generation 0: 3 nodes, dp 3, per-device batch 2 × gradient accumulation 2 (global \
+             batch 12)"
         );
-        // tp 2 over 2 workers per node: 4 nodes are dp 4, 2 nodes dp 2 (accumulation × 2).
-        // 3 nodes (dp 3) cannot keep accumulation 1 × dp 4, so 2:4 is refused.
+        // tp 2 over 2 workers per node: 4 nodes are dp 4, 2 nodes dp 2 (batch × 2); 3 nodes
+        // (dp 3) cannot split a micro-batch of 1 × 4, so 2:4 is refused at batch 1.
         let e = elastic(2, 4, 2, 2, 1);
-        assert_eq!(e.layout(2).unwrap().accumulation, Some(2));
+        assert_eq!(e.layout(2).unwrap().per_device_batch, Some(2));
         let refused = format!("{:#}", e.check().unwrap_err());
         assert!(refused.contains("3 node(s) give dp 3"), "{refused}");
         elastic(2, 4, 2, 2, 3).check().unwrap();
         // A command without a batch (evaluation) only needs every count to be laid out.
         let e = Elastic {
-            accumulation: None,
+            per_device_batch: None,
             ..elastic(2, 3, 1, 1, 1)
         };
         e.check().unwrap();
@@ -241,8 +249,8 @@ mod tests {
     }
 
     #[test]
-    fn counts_that_cannot_keep_the_global_batch_are_refused_at_start_naming_them() {
-        // 3 → 2 nodes with accumulation 1: 1 × 3 ÷ 2 is no whole number.
+    fn counts_that_cannot_keep_the_batches_are_refused_at_start_naming_them() {
+        // 3 → 2 nodes with batch 1: a micro-batch of 3 does not split in 2.
         let e = format!("{:#}", elastic(1, 3, 1, 1, 1).check().unwrap_err());
         assert!(e.contains("--nnodes 1:3"), "{e}");
         assert!(e.contains("2 node(s) give dp 2"), "{e}");

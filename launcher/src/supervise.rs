@@ -118,15 +118,10 @@ pub fn run(command_line: CommandLine) -> Result<i32> {
         nproc,
         tp,
         sharding,
-        // Only training has a global batch to keep.
-        accumulation: match worker_args.first().map(String::as_str) {
-            Some("pretrain") => Some(degree_flag(&worker_args, "gradient_accumulation_steps")?),
-            _ => None,
-        },
+        // Set from the worker's check below: only training has a batch to keep.
         per_device_batch: None,
+        accumulation: degree_flag(&worker_args, "gradient_accumulation_steps")?,
     };
-    // Every node count MIN..=MAX must keep the global batch (elastic jobs).
-    elastic.check()?;
     if !nproc.is_multiple_of(tp) {
         tracing::warn!(
             "--tensor_parallel_degree {tp} does not divide --nproc-per-node {nproc}: tensor-parallel \
@@ -145,6 +140,8 @@ pub fn run(command_line: CommandLine) -> Result<i32> {
         preflight::check_memory(&answer, nproc, &node)?;
         elastic.per_device_batch = Some(answer.per_device_train_batch_size);
     }
+    // Every node count MIN..=MAX must keep the global batch (elastic jobs).
+    elastic.check()?;
     std::fs::create_dir_all(&args.log_dir)
         .with_context(|| format!("cannot create --log-dir {}", args.log_dir.display()))?;
     let token = job_token(&args, &layout)?;
@@ -320,10 +317,10 @@ fn start_workers(job: &Job, plan: &Plan, layout: &GenerationLayout) -> Result<Ve
                 job.threads_per_worker.to_string(),
             ));
         }
-        if let (true, Some(accumulation)) = (job.elastic.range.is_elastic(), layout.accumulation) {
+        if let (true, Some(batch)) = (job.elastic.range.is_elastic(), layout.per_device_batch) {
             env.push((
-                coca_common::topology::GRADIENT_ACCUMULATION_ENV.to_string(),
-                accumulation.to_string(),
+                coca_common::topology::PER_DEVICE_BATCH_ENV.to_string(),
+                batch.to_string(),
             ));
         }
         if job.gpu_workers {

@@ -4,13 +4,6 @@
 //! `perm[b·G .. (b+1)·G]` with `G` the global batch size, and data-parallel rank `r` takes the
 //! `r`-th slice of it. The same seed therefore gives the same global batches whatever the world
 //! size (the seed's loader gives every rank the same samples; this one does not).
-//!
-//! With gradient accumulation an optimizer step takes `accumulation` consecutive global batches,
-//! and [`DistributedSampler::in_steps_of`] makes an epoch a whole number of steps (the samples
-//! left over are dropped, as open_clip drops an incomplete batch). Step `s` of an epoch then
-//! reads `perm[s·S .. (s+1)·S]` with `S` = per-rank batch × world × accumulation, whatever the
-//! split between world and accumulation: a job that loses nodes and raises its accumulation
-//! (`coca-launch --nnodes MIN:MAX`) trains on the same samples, step for step.
 
 use crate::rng::{mix_seed, SplitMix64};
 use anyhow::{bail, Result};
@@ -24,8 +17,6 @@ pub struct DistributedSampler {
     pub global_batch: usize,
     pub rank: usize,
     pub world: usize,
-    /// Global batches per optimizer step: epochs hold a whole number of steps.
-    pub batches_per_step: usize,
 }
 
 impl DistributedSampler {
@@ -52,28 +43,12 @@ impl DistributedSampler {
             global_batch,
             rank,
             world,
-            batches_per_step: 1,
         })
     }
 
-    /// Epochs of whole optimizer steps of `accumulation` global batches each.
-    pub fn in_steps_of(self, accumulation: usize) -> Self {
-        Self {
-            batches_per_step: accumulation.max(1),
-            ..self
-        }
-    }
-
-    /// Full batches per epoch, in whole steps (the incomplete last step is dropped, as open_clip
-    /// drops an incomplete batch): `⌊len ÷ (global batch × accumulation)⌋ × accumulation`, the
-    /// same samples for any split of the step between world and accumulation. A data set
-    /// smaller than one step keeps its whole batches (a step then spans epochs).
+    /// Full batches per epoch (the incomplete last batch is dropped, as open_clip does).
     pub fn batches_per_epoch(&self) -> usize {
-        let batches = self.len / self.global_batch;
-        match batches / self.batches_per_step * self.batches_per_step {
-            0 => batches,
-            whole => whole,
-        }
+        self.len / self.global_batch
     }
 
     /// The epoch's permutation of `0..len`.
@@ -117,34 +92,6 @@ mod tests {
                     one.rank_slice(&perm, batch),
                     "world {world} batch {batch}"
                 );
-            }
-        }
-    }
-
-    #[test]
-    fn a_step_reads_the_same_samples_for_any_split_between_world_and_accumulation() {
-        // 103 samples, 12 per step: dp 3 × batch 2 × accumulation 2, dp 2 × 2 × 3, dp 1 × 2 × 6.
-        let layouts = [(3, 2), (2, 3), (1, 6), (6, 1)];
-        let step_samples = |world: usize, accumulation: usize, step: usize| {
-            let mut all = Vec::new();
-            for rank in 0..world {
-                let s = DistributedSampler::new(103, 7, 2, rank, world)
-                    .unwrap()
-                    .in_steps_of(accumulation);
-                assert_eq!(s.batches_per_epoch(), 8 * accumulation, "whole steps");
-                let perm = s.permutation(0);
-                for micro in 0..accumulation {
-                    all.extend_from_slice(s.rank_slice(&perm, step * accumulation + micro));
-                }
-            }
-            all.sort_unstable();
-            all
-        };
-        for step in 0..8 {
-            let one = step_samples(1, 6, step);
-            assert_eq!(one.len(), 12);
-            for (world, accumulation) in layouts {
-                assert_eq!(step_samples(world, accumulation, step), one, "step {step}");
             }
         }
     }

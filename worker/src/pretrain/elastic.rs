@@ -1,45 +1,47 @@
 //! What an elastic restart (`coca-launch --nnodes MIN:MAX`) changes for a training rank, so
 //! that a job continuing on fewer nodes follows the trajectory it would have followed on all
 //! of them:
-//! - the gradient accumulation comes from the launcher
-//!   ([`coca_common::topology::GRADIENT_ACCUMULATION_ENV`]), raised as the data-parallel world
-//!   shrinks, so the global batch (per-device batch × dp × accumulation) stays the same;
-//! - the data loader's position, saved in loader batches of the old layout, is converted to
-//!   batches of the new one. The sampler deals each optimizer step the same samples whatever
-//!   dp × accumulation is (`data::sampler`: one permutation, sliced into global batches, epochs
-//!   of whole steps), so the position in samples is what carries over.
+//! - the per-device batch comes from the launcher
+//!   ([`coca_common::topology::PER_DEVICE_BATCH_ENV`]), raised as the data-parallel world
+//!   shrinks, so that every micro-batch (per-device batch × dp) keeps its samples: the sampler
+//!   slices one permutation into micro-batches whatever the world size (`data::sampler`), and
+//!   the losses span a micro-batch, so the same micro-batches give the same steps (raising the
+//!   accumulation instead would change them: see `coca-launch`'s `elastic` module);
+//! - the data loader's position is saved with the size of its batches, and a run whose batches
+//!   differ (resumed by hand in another layout) continues after the same number of samples, or
+//!   is refused when that falls inside one of its batches.
 
 use super::args::PretrainArgs;
 use super::checkpoint::TrainerState;
 use crate::data::loader::LoaderPosition;
 use anyhow::{bail, Context, Result};
-use coca_common::topology::GRADIENT_ACCUMULATION_ENV;
+use coca_common::topology::PER_DEVICE_BATCH_ENV;
 use serde::{Deserialize, Serialize};
 
-/// Sets `--gradient_accumulation_steps` to the launcher's value for this generation, when the
+/// Sets `--per_device_train_batch_size` to the launcher's value for this generation, when the
 /// launcher gave one (`env` looks the variable up).
-pub fn apply_launcher_accumulation(
+pub fn apply_launcher_batch(
     args: &mut PretrainArgs,
     env: impl Fn(&str) -> Option<String>,
 ) -> Result<()> {
-    let Some(value) = env(GRADIENT_ACCUMULATION_ENV) else {
+    let Some(value) = env(PER_DEVICE_BATCH_ENV) else {
         return Ok(());
     };
-    let accumulation: usize = value
+    let batch: usize = value
         .trim()
         .parse()
         .ok()
-        .filter(|&a| a > 0)
+        .filter(|&b| b > 0)
         .with_context(|| {
-            format!("{GRADIENT_ACCUMULATION_ENV}={value:?} is not a positive whole number")
+            format!("{PER_DEVICE_BATCH_ENV}={value:?} is not a positive whole number")
         })?;
-    if accumulation != args.gradient_accumulation_steps {
+    if Some(batch) != args.per_device_train_batch_size {
         tracing::info!(
-            "gradient accumulation {accumulation} (the launcher's, for this generation's \
-             data-parallel world; the command says {}): the global batch stays the same",
-            args.gradient_accumulation_steps
+            "per-device batch {batch} (the launcher's, for this generation's data-parallel \
+             world; the command says {:?}): the global batch stays the same",
+            args.per_device_train_batch_size
         );
-        args.gradient_accumulation_steps = accumulation;
+        args.per_device_train_batch_size = Some(batch);
     }
     Ok(())
 }
@@ -165,21 +167,21 @@ mod tests {
     }
 
     #[test]
-    fn the_launcher_sets_the_accumulation_of_a_generation() {
+    fn the_launcher_sets_the_batch_of_a_generation() {
         #[derive(Parser)]
         struct Cli {
             #[command(flatten)]
             args: PretrainArgs,
         }
-        let cli = Cli::try_parse_from(["pretrain", "--gradient-accumulation-steps", "2"]).unwrap();
+        let cli = Cli::try_parse_from(["pretrain", "--per-device-train-batch-size", "2"]).unwrap();
         let mut args = cli.args;
-        apply_launcher_accumulation(&mut args, |_| None).unwrap();
-        assert_eq!(args.gradient_accumulation_steps, 2);
-        apply_launcher_accumulation(&mut args, |_| Some("3".into())).unwrap();
-        assert_eq!(args.gradient_accumulation_steps, 3);
+        apply_launcher_batch(&mut args, |_| None).unwrap();
+        assert_eq!(args.per_device_train_batch_size, Some(2));
+        apply_launcher_batch(&mut args, |_| Some("3".into())).unwrap();
+        assert_eq!(args.per_device_train_batch_size, Some(3));
         for bad in ["0", "x"] {
-            let e = apply_launcher_accumulation(&mut args, |_| Some(bad.into())).unwrap_err();
-            assert!(e.to_string().contains(GRADIENT_ACCUMULATION_ENV), "{e}");
+            let e = apply_launcher_batch(&mut args, |_| Some(bad.into())).unwrap_err();
+            assert!(e.to_string().contains(PER_DEVICE_BATCH_ENV), "{e}");
         }
     }
 }

@@ -68,7 +68,7 @@ fn defaults(demo: bool) -> Defaults {
 
 /// Runs `pretrain` as the rank the launcher's environment describes (or alone).
 pub fn run(mut args: PretrainArgs) -> Result<()> {
-    elastic::apply_launcher_accumulation(&mut args, |k| std::env::var(k).ok())?;
+    elastic::apply_launcher_batch(&mut args, |k| std::env::var(k).ok())?;
     let (world, rank) = env_world_rank()?;
     let checked = preflight::check(&args, world, rank)?;
     let ctx = RankContext::from_env(args.tensor_parallel_degree, args.sharding_parallel_degree)?;
@@ -172,8 +172,7 @@ fn train(args: &PretrainArgs, ctx: &RankContext, checked: Checked) -> Result<()>
         DistributedSampler::new(source.len(), args.seed, batch, 0, 1)?
     } else {
         DistributedSampler::new(source.len(), args.seed, batch, data_rank, data_world)?
-    }
-    .in_steps_of(accum);
+    };
     let loader_layout = LoaderLayout {
         samples_per_batch: sampler.global_batch,
         data_world,
