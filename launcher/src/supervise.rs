@@ -122,6 +122,8 @@ pub fn run(command_line: CommandLine) -> Result<i32> {
         per_device_batch: None,
         accumulation: degree_flag(&worker_args, "gradient_accumulation_steps")?,
     };
+    // Every node count MIN..=MAX must be laid out (elastic jobs; the batch is checked below).
+    elastic.check()?;
     if !nproc.is_multiple_of(tp) {
         tracing::warn!(
             "--tensor_parallel_degree {tp} does not divide --nproc-per-node {nproc}: tensor-parallel \

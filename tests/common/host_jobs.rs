@@ -7,7 +7,8 @@ use super::training::{launcher_flags, TOKEN};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-/// The launchers of one job: node `i` on host `i`, `nproc` workers each, `extra` launcher flags.
+/// The launchers of one job: node `i` on host `i`, `nproc` workers each, `extra` launcher flags
+/// (an `--nnodes` there replaces the host count).
 pub fn start_launchers(
     hosts: &Hosts,
     nproc: usize,
@@ -22,8 +23,6 @@ pub fn start_launchers(
             let node_s = node.to_string();
             let log_dir = log_dir.join(format!("node{node}"));
             let mut flags = vec![
-                "--nnodes",
-                &nnodes,
                 "--node-rank",
                 &node_s,
                 "--nproc-per-node",
@@ -37,6 +36,9 @@ pub fn start_launchers(
                 "--log-dir",
                 log_dir.to_str().expect("utf-8 path"),
             ];
+            if !extra.contains(&"--nnodes") {
+                flags.extend(["--nnodes", &nnodes]);
+            }
             flags.extend_from_slice(extra);
             hosts.start(node, "coca-launch", &launcher_flags(&flags, worker), &[])
         })
@@ -74,4 +76,18 @@ pub fn assert_no_process_left(hosts: &Hosts) {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Polls `job` until its stderr contains `needle` or it ends; when it appeared.
+pub fn wait_for_stderr(job: &mut Job, needle: &str, limit: Duration) -> Option<Instant> {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if job.output().1.contains(needle) {
+            return Some(Instant::now());
+        }
+        if job.wait(Duration::from_millis(50)).is_some() {
+            return job.output().1.contains(needle).then(Instant::now);
+        }
+    }
+    None
 }

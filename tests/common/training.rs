@@ -96,6 +96,16 @@ pub fn metric(out: &Path, name: &str) -> Vec<f64> {
         .collect()
 }
 
+/// The loss rank 0 logged for each step, the last one where a restart logged a step again.
+pub fn losses_by_step(out: &Path) -> std::collections::BTreeMap<u64, f64> {
+    let steps = metric(out, "step");
+    steps
+        .iter()
+        .zip(losses(out))
+        .map(|(&step, loss)| (step as u64, loss))
+        .collect()
+}
+
 /// The median training speed after the first step (which warms up), in samples/s.
 pub fn median_samples_per_s(out: &Path) -> f64 {
     let mut speeds = metric(out, "samples_per_s");
@@ -162,9 +172,15 @@ pub struct Reference {
 impl Reference {
     /// Trains `steps` steps of `global_batch` as one process in `tmp/single`.
     pub fn train(tmp: &Path, global_batch: usize, steps: usize) -> Reference {
+        Self::train_with(tmp, global_batch, steps, &[])
+    }
+
+    /// [`Self::train`] of micro-batches of `batch` with `extra` worker flags (for example
+    /// `--gradient_accumulation_steps`).
+    pub fn train_with(tmp: &Path, batch: usize, steps: usize, extra: &[&str]) -> Reference {
         let config = super::tiny_config(tmp);
         let dir = tmp.join("single");
-        run_alone(&pretrain_flags(&config, &dir, global_batch, steps));
+        run_alone(&with(pretrain_flags(&config, &dir, batch, steps), extra));
         Reference { config, dir, steps }
     }
 

@@ -1,0 +1,104 @@
+//! Elastic restart across hosts (`coca-launch --nnodes MIN:MAX`, `common::hosts`): 3 hosts ×
+//! 1 worker train data-parallel, host 2 is unplugged after step 3, and the job restarts on the
+//! 2 hosts left, each rank taking a larger share of every micro-batch so that the global batch
+//! is unchanged, and ends with the uninterrupted one-process run's parameters and losses. The
+//! time from the unplug to the job training again on 2 hosts is printed (README, restarts).
+
+mod common;
+
+use common::host_jobs::{assert_no_process_left, start_launchers, wait_for_stderr};
+use common::hosts::Hosts;
+use common::jobs::wait_for_path;
+use common::training::{
+    assert_same_weights, losses_by_step, pretrain_flags, with, Reference, JOB_LIMIT,
+};
+use std::time::{Duration, Instant};
+
+const HEARTBEAT_TIMEOUT_S: u64 = 4;
+const GRACE_PERIOD_S: u64 = 2;
+
+#[test]
+fn a_job_that_loses_a_host_continues_on_the_others_with_the_same_trajectory() {
+    let Some(hosts) = Hosts::new(3) else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    // dp 3 × batch 2 × accumulation 2 = 12 per step; on 2 hosts dp 2 × batch 3 × 2. The
+    // reference takes each micro-batch of 6 whole, as one process.
+    let (steps, accumulation) = (8, ["--gradient_accumulation_steps", "2"]);
+    let reference = Reference::train_with(tmp.path(), 6, steps, &accumulation);
+    let out_dir = tmp.path().join("elastic");
+    let worker = with(
+        pretrain_flags(&reference.config, &out_dir, 2, steps),
+        &[&accumulation[..], &["--save_steps", "1"]].concat(),
+    );
+    let (hb, grace) = (HEARTBEAT_TIMEOUT_S.to_string(), GRACE_PERIOD_S.to_string());
+    let extra = [
+        "--nnodes",
+        "2:3",
+        "--max-restarts",
+        "1",
+        "--heartbeat-timeout",
+        &hb,
+        "--grace-period",
+        &grace,
+    ];
+    let mut jobs = start_launchers(&hosts, 1, &tmp.path().join("logs"), &extra, &worker);
+    wait_for_path(&out_dir.join("checkpoint-3"), JOB_LIMIT);
+    hosts.unplug(2);
+    let unplugged = Instant::now();
+
+    let new_layout = "generation 1: 2 nodes, dp 2, per-device batch 3 × gradient accumulation \
+                      2 (global batch 12 unchanged; 2 of 3 nodes)";
+    let limit = Duration::from_secs(HEARTBEAT_TIMEOUT_S + GRACE_PERIOD_S + 30);
+    let restarted = wait_for_stderr(&mut jobs[0], new_layout, limit);
+    let resumed = {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline && !jobs[0].output().0.contains("resuming from") {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Instant::now()
+    };
+    let mut stderr = Vec::new();
+    for (node, job) in jobs.iter_mut().enumerate() {
+        let (code, out, err) = job.finish(JOB_LIMIT);
+        let expected = if node == 2 { 3 } else { 0 };
+        assert_eq!(code, expected, "node {node}\n{out}\n{err}");
+        stderr.push(err);
+    }
+    let restarted = restarted
+        .unwrap_or_else(|| panic!("no {new_layout:?} from node 0: {}", stderr[0]))
+        .duration_since(unplugged);
+    assert!(
+        stderr[0].contains("node 2 unreachable") && stderr[0].contains("restarting every worker"),
+        "node 0's summary names the lost node: {}",
+        stderr[0]
+    );
+    assert!(stderr[2].contains("lost node 0"), "node 2: {}", stderr[2]);
+    assert!(
+        stderr[0].contains("generation 0: 3 nodes, dp 3, per-device batch 2"),
+        "{}",
+        stderr[0]
+    );
+    assert_same_weights(
+        &reference.final_weights(&reference.dir),
+        &reference.final_weights(&out_dir),
+        1e-5,
+        "3 hosts, then 2",
+    );
+    let (ours, theirs) = (losses_by_step(&out_dir), losses_by_step(&reference.dir));
+    assert_eq!(ours.len(), steps, "{ours:?}");
+    for (step, loss) in &theirs {
+        let got = ours[step];
+        assert!(
+            (got - loss).abs() <= 1e-5 * loss.abs(),
+            "step {step}: {got} vs {loss}"
+        );
+    }
+    eprintln!(
+        "host 2 unplugged after step 3 (heartbeat timeout {HEARTBEAT_TIMEOUT_S} s, grace \
+         {GRACE_PERIOD_S} s): generation 1 on 2 hosts after {:.1} s, resumed from its \
+         checkpoint after {:.1} s",
+        restarted.as_secs_f64(),
+        resumed.duration_since(unplugged).as_secs_f64()
+    );
+    assert_no_process_left(&hosts);
+}
