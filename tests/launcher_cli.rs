@@ -272,7 +272,7 @@ fn bad_nnodes_ranges_are_one_line_usage_errors_before_any_worker_starts() {
         "--log-dir",
         log,
     ];
-    let cases: [(&[&str], &str); 3] = [
+    let cases: [(&[&str], &str); 4] = [
         (
             &["--nnodes", "3:2", "--", "--version"],
             "--nnodes 3:2: MIN 3 is above MAX 2",
@@ -304,6 +304,23 @@ fn bad_nnodes_ranges_are_one_line_usage_errors_before_any_worker_starts() {
                 "1",
             ],
             "2 node(s) give dp 2, and a micro-batch of 1 × dp 3 = 3 samples does not split",
+        ),
+        // Batch 4 fits (~453 MiB per worker), but on 1 node the worker takes batch 8 (~504 MiB).
+        (
+            &[
+                "--nnodes",
+                "1:2",
+                "--node-memory",
+                "480MiB",
+                "--",
+                "pretrain",
+                "--per_device_train_batch_size",
+                "4",
+                "--max_steps",
+                "1",
+            ],
+            "--nnodes 1:2: on 1 node(s) each worker takes per-device batch 8 (the global batch \
+             stays the same): this layout does not fit in this node's memory",
         ),
     ];
     for (flags, needle) in cases {

@@ -16,8 +16,11 @@
 //! Every node count MIN..=MAX is checked before any worker starts, so a layout that could not
 //! keep the batches on some count is refused at once, naming the counts, rather than failing at
 //! a restart hours later.
+use crate::memory::NodeMemory;
+use crate::preflight;
 use anyhow::{bail, Context, Result};
-use coca_common::topology::Topology;
+use coca_common::topology::{Topology, PER_DEVICE_BATCH_ENV};
+use std::path::Path;
 
 /// The node counts a job may run on, from `--nnodes N` or `--nnodes MIN:MAX`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -169,6 +172,37 @@ impl Elastic {
             batch * dp * self.accumulation
         )
     }
+}
+
+/// Before any worker starts: the workers of the smallest generation (MIN nodes), which take the
+/// largest per-device batch, must fit in this node's memory too (the worker's estimate at that
+/// batch, from its own check).
+pub fn check_memory_at_min(
+    elastic: &Elastic,
+    worker: &Path,
+    worker_args: &[String],
+    node: &NodeMemory,
+) -> Result<()> {
+    let smallest = elastic.layout(elastic.range.min)?;
+    let (Some(batch), Some(full)) = (smallest.per_device_batch, elastic.per_device_batch) else {
+        return Ok(());
+    };
+    if batch == full {
+        return Ok(());
+    }
+    let env = [(PER_DEVICE_BATCH_ENV, batch.to_string())];
+    let answer =
+        preflight::check_worker_command_with(worker, worker_args, smallest.topology.world, &env)?;
+    if let Some(answer) = answer {
+        let NodeRange { min, max } = elastic.range;
+        preflight::check_memory(&answer, elastic.nproc, node).with_context(|| {
+            format!(
+                "--nnodes {min}:{max}: on {min} node(s) each worker takes per-device batch {batch} \
+                 (the global batch stays the same)"
+            )
+        })?;
+    }
+    Ok(())
 }
 
 /// Ranks that read different samples: dp × sharding.

@@ -4,7 +4,7 @@
 
 use crate::address;
 use crate::args::{node_layout, nproc_per_node, CommandLine, LauncherArgs, NodeLayout};
-use crate::elastic::{Elastic, GenerationLayout, NodeRange};
+use crate::elastic::{self, Elastic, GenerationLayout, NodeRange};
 use crate::gpus;
 use crate::memory::{self, OomCounters};
 use crate::preflight;
@@ -141,9 +141,10 @@ pub fn run(command_line: CommandLine) -> Result<i32> {
         let node = memory::available(args.node_memory.as_deref())?;
         preflight::check_memory(&answer, nproc, &node)?;
         elastic.per_device_batch = Some(answer.per_device_train_batch_size);
+        // Every node count MIN..=MAX must keep the global batch (elastic jobs) and fit.
+        elastic.check()?;
+        elastic::check_memory_at_min(&elastic, &worker_binary, &worker_args, &node)?;
     }
-    // Every node count MIN..=MAX must keep the global batch (elastic jobs).
-    elastic.check()?;
     std::fs::create_dir_all(&args.log_dir)
         .with_context(|| format!("cannot create --log-dir {}", args.log_dir.display()))?;
     let token = job_token(&args, &layout)?;
