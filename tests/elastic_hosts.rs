@@ -50,9 +50,14 @@ fn a_job_that_loses_a_host_continues_on_the_others_with_the_same_trajectory() {
                       2 (global batch 12 unchanged; 2 of 3 nodes)";
     let limit = Duration::from_secs(HEARTBEAT_TIMEOUT_S + GRACE_PERIOD_S + 30);
     let restarted = wait_for_stderr(&mut jobs[0], new_layout, limit);
-    let resumed = {
+    // Training again: rank 0 (echoed by node 0) logs a step after resuming from its checkpoint.
+    let stepping = {
         let deadline = Instant::now() + limit;
-        while Instant::now() < deadline && !jobs[0].output().0.contains("resuming from") {
+        let stepped = |out: &str| {
+            out.find("resuming from")
+                .is_some_and(|at| out[at..].contains("] step "))
+        };
+        while Instant::now() < deadline && !stepped(&jobs[0].output().0) {
             std::thread::sleep(Duration::from_millis(20));
         }
         Instant::now()
@@ -95,10 +100,10 @@ fn a_job_that_loses_a_host_continues_on_the_others_with_the_same_trajectory() {
     }
     eprintln!(
         "host 2 unplugged after step 3 (heartbeat timeout {HEARTBEAT_TIMEOUT_S} s, grace \
-         {GRACE_PERIOD_S} s): generation 1 on 2 hosts after {:.1} s, resumed from its \
-         checkpoint after {:.1} s",
+         {GRACE_PERIOD_S} s): generation 1 on 2 hosts after {:.1} s, its first step done after \
+         {:.1} s",
         restarted.as_secs_f64(),
-        resumed.duration_since(unplugged).as_secs_f64()
+        stepping.duration_since(unplugged).as_secs_f64()
     );
     assert_no_process_left(&hosts);
 }
