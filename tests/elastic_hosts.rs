@@ -1,14 +1,16 @@
 //! Elastic restart across hosts (`coca-launch --nnodes MIN:MAX`, `common::hosts`): 3 hosts ×
 //! 1 worker train data-parallel, host 2 is unplugged after step 3, and the job restarts on the
 //! 2 hosts left, each rank taking a larger share of every micro-batch so that the global batch
-//! is unchanged, and ends with the uninterrupted one-process run's parameters and losses. The
-//! time from the unplug to the job training again on 2 hosts is printed (README, restarts).
+//! is unchanged. Host 2 comes back and its launcher is started again: it waits, and joins at the
+//! next restart (a worker killed on host 1), so the job ends on 3 hosts again — with the
+//! uninterrupted one-process run's parameters and losses. The time from the unplug to the job
+//! training again on 2 hosts is printed (README, restarts).
 
 mod common;
 
-use common::host_jobs::{assert_no_process_left, start_launchers, wait_for_stderr};
+use common::host_jobs::{assert_no_process_left, start_launcher, start_launchers, wait_for_stderr};
 use common::hosts::Hosts;
-use common::jobs::wait_for_path;
+use common::jobs::{kill, wait_for_path, worker_pid};
 use common::training::{
     assert_same_weights, losses_by_step, pretrain_flags, with, Reference, JOB_LIMIT,
 };
@@ -18,12 +20,12 @@ const HEARTBEAT_TIMEOUT_S: u64 = 4;
 const GRACE_PERIOD_S: u64 = 2;
 
 #[test]
-fn a_job_that_loses_a_host_continues_on_the_others_with_the_same_trajectory() {
+fn a_job_that_loses_a_host_continues_on_the_others_and_takes_it_back_with_the_same_trajectory() {
     let Some(hosts) = Hosts::new(3) else { return };
     let tmp = tempfile::tempdir().unwrap();
     // dp 3 × batch 2 × accumulation 2 = 12 per step; on 2 hosts dp 2 × batch 3 × 2. The
     // reference takes each micro-batch of 6 whole, as one process.
-    let (steps, accumulation) = (8, ["--gradient_accumulation_steps", "2"]);
+    let (steps, accumulation) = (20, ["--gradient_accumulation_steps", "2"]);
     let reference = Reference::train_with(tmp.path(), 6, steps, &accumulation);
     let out_dir = tmp.path().join("elastic");
     let worker = with(
@@ -35,7 +37,7 @@ fn a_job_that_loses_a_host_continues_on_the_others_with_the_same_trajectory() {
         "--nnodes",
         "2:3",
         "--max-restarts",
-        "1",
+        "2",
         "--heartbeat-timeout",
         &hb,
         "--grace-period",
@@ -62,9 +64,33 @@ fn a_job_that_loses_a_host_continues_on_the_others_with_the_same_trajectory() {
         }
         Instant::now()
     };
+    // Host 2's launcher gave up on node 0 (exit 3); the host comes back and its launcher is
+    // started again: it waits while generation 1 runs, and joins at the next restart.
+    let code = jobs[2].wait(limit);
+    assert_eq!(code, Some(3), "node 2: {:?}", jobs[2].output());
+    hosts.replug(2);
+    let logs = tmp.path().join("logs-back");
+    let mut back = start_launcher(&hosts, 2, 1, &logs, &extra, &worker);
+    let joining = "node 2: joining the job's rendezvous";
+    assert!(
+        wait_for_stderr(&mut back, joining, limit).is_some(),
+        "{:?}",
+        back.output()
+    );
+    let at_step = losses_by_step(&out_dir).len();
+    eprintln!("host 2's launcher is waiting at step {at_step} of {steps}: killing rank 1");
+    kill(worker_pid(jobs[1].pid(), 1, limit), "-9");
+    let full_layout = "generation 2: 3 nodes, dp 3, per-device batch 2 × gradient accumulation 2 \
+                       (global batch 12)";
+    let grown = wait_for_stderr(&mut jobs[0], full_layout, limit);
+    assert!(grown.is_some(), "{:?}", jobs[0].output());
+    let (code, out, err) = back.finish(JOB_LIMIT);
+    assert_eq!(code, 0, "node 2, back\n{out}\n{err}");
+    assert!(err.contains(full_layout), "{err}");
     let mut stderr = Vec::new();
     for (node, job) in jobs.iter_mut().enumerate() {
         let (code, out, err) = job.finish(JOB_LIMIT);
+        let err = format!("{err}{out}");
         let expected = if node == 2 { 3 } else { 0 };
         assert_eq!(code, expected, "node {node}\n{out}\n{err}");
         stderr.push(err);

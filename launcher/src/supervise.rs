@@ -222,6 +222,12 @@ pub fn run(command_line: CommandLine) -> Result<i32> {
 /// Rendezvous, run, and again after each restart.
 fn generations(job: &Job, client: &ControlClient, signals: &Signals) -> Result<i32> {
     loop {
+        // Connected: the control plane waits for this node (an elastic job's returning node
+        // waits here for the next restart).
+        tracing::info!(
+            "node {}: joining the job's rendezvous",
+            job.layout.node_rank
+        );
         let plan = client
             .rendezvous(job.args.rdzv_timeout())
             .map_err(|e| ControlPlaneError(format!("{e:#}")))?;

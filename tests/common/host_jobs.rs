@@ -16,33 +16,42 @@ pub fn start_launchers(
     extra: &[&str],
     worker: &[String],
 ) -> Vec<Job> {
-    let nnodes = hosts.len().to_string();
-    let nproc = nproc.to_string();
     (0..hosts.len())
-        .map(|node| {
-            let node_s = node.to_string();
-            let log_dir = log_dir.join(format!("node{node}"));
-            let mut flags = vec![
-                "--node-rank",
-                &node_s,
-                "--nproc-per-node",
-                &nproc,
-                "--master-addr",
-                "host0",
-                "--rdzv-token",
-                TOKEN,
-                "--rdzv-timeout",
-                "60",
-                "--log-dir",
-                log_dir.to_str().expect("utf-8 path"),
-            ];
-            if !extra.contains(&"--nnodes") {
-                flags.extend(["--nnodes", &nnodes]);
-            }
-            flags.extend_from_slice(extra);
-            hosts.start(node, "coca-launch", &launcher_flags(&flags, worker), &[])
-        })
+        .map(|node| start_launcher(hosts, node, nproc, log_dir, extra, worker))
         .collect()
+}
+
+/// The launcher of node `node` on host `node` (logs in `log_dir/node<node>`), as
+/// [`start_launchers`] starts each.
+pub fn start_launcher(
+    hosts: &Hosts,
+    node: usize,
+    nproc: usize,
+    log_dir: &Path,
+    extra: &[&str],
+    worker: &[String],
+) -> Job {
+    let (nnodes, nproc, node_s) = (hosts.len().to_string(), nproc.to_string(), node.to_string());
+    let log_dir = log_dir.join(format!("node{node}"));
+    let mut flags = vec![
+        "--node-rank",
+        &node_s,
+        "--nproc-per-node",
+        &nproc,
+        "--master-addr",
+        "host0",
+        "--rdzv-token",
+        TOKEN,
+        "--rdzv-timeout",
+        "60",
+        "--log-dir",
+        log_dir.to_str().expect("utf-8 path"),
+    ];
+    if !extra.contains(&"--nnodes") {
+        flags.extend(["--nnodes", &nnodes]);
+    }
+    flags.extend_from_slice(extra);
+    hosts.start(node, "coca-launch", &launcher_flags(&flags, worker), &[])
 }
 
 /// Waits for every launcher (bounded by `limit` in all) and asserts that each exits 0; returns
