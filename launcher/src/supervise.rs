@@ -461,6 +461,11 @@ fn supervise(
                 tracing::info!("every worker on every node finished");
                 return Ok(Outcome::Finished);
             }
+            // The restart this generation came from (heard while a returning node of an
+            // elastic job waited for it): nothing to do.
+            Ok(Event::Restart { generation, .. }) if generation <= plan.generation => {
+                tracing::debug!("ignoring the restart as generation {generation}: running it");
+            }
             Ok(Event::Restart {
                 generation,
                 failure,
