@@ -111,6 +111,12 @@ fn a_job_that_loses_a_host_continues_on_the_others_and_takes_it_back_with_the_sa
         "{}",
         stderr[0]
     );
+    // Rank 0's start-up block of generation 1 (echoed by node 0) shows the same layout.
+    assert!(
+        stderr[0].contains("global 12 = 3 per device x 2 data ranks x 2 accumulation"),
+        "{}",
+        stderr[0]
+    );
     assert_same_weights(
         &reference.final_weights(&reference.dir),
         &reference.final_weights(&out_dir),
