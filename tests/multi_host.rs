@@ -53,14 +53,7 @@ fn two_hosts_train_the_one_process_parameters_data_parallel_and_tp2_by_sharding2
         (
             "tp 2 × sharding 2 (stage 2) over 2 hosts",
             global_batch / 2,
-            &[
-                "--tensor_parallel_degree",
-                "2",
-                "--sharding_parallel_degree",
-                "2",
-                "--sharding",
-                "stage2",
-            ],
+            &common::training::TP2_SHARDING2,
         ),
     ];
     for (i, (what, batch, extra)) in layouts.into_iter().enumerate() {

@@ -53,6 +53,16 @@ pub fn launcher_flags<S: AsRef<str>>(list: &[S], worker: &[String]) -> Vec<Strin
     v
 }
 
+/// `pretrain` flags of tensor parallelism 2 × ZeRO stage-2 sharding 2 (4 workers).
+pub const TP2_SHARDING2: [&str; 6] = [
+    "--tensor_parallel_degree",
+    "2",
+    "--sharding_parallel_degree",
+    "2",
+    "--sharding",
+    "stage2",
+];
+
 /// The secret of the simulated multi-node jobs.
 pub const TOKEN: &str = "a-test-secret-of-enough-length";
 
@@ -175,12 +185,14 @@ impl Reference {
         Self::train_with(tmp, global_batch, steps, &[])
     }
 
-    /// [`Self::train`] of micro-batches of `batch` with `extra` worker flags (for example
-    /// `--gradient_accumulation_steps`).
-    pub fn train_with(tmp: &Path, batch: usize, steps: usize, extra: &[&str]) -> Reference {
+    /// [`Self::train`] with `extra` worker flags (which the runs compared with it pass too).
+    pub fn train_with(tmp: &Path, global_batch: usize, steps: usize, extra: &[&str]) -> Reference {
         let config = super::tiny_config(tmp);
         let dir = tmp.join("single");
-        run_alone(&with(pretrain_flags(&config, &dir, batch, steps), extra));
+        run_alone(&with(
+            pretrain_flags(&config, &dir, global_batch, steps),
+            extra,
+        ));
         Reference { config, dir, steps }
     }
 

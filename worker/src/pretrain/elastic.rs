@@ -123,6 +123,7 @@ mod tests {
             adam_step: 3,
             loader_position: position,
             loader_layout: layout,
+            loss_scaler: None,
             model_config: crate::model::CocaConfig::named("coca_demo").unwrap(),
             run: serde_json::Value::Null,
         }

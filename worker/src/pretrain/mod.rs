@@ -7,6 +7,7 @@ pub mod elastic;
 pub mod metrics;
 pub mod model_source;
 pub mod optimizer_shards;
+pub mod precision_args;
 pub mod preflight;
 pub mod rank_checkpoint;
 pub mod run;
