@@ -11,9 +11,7 @@ mod common;
 use common::host_jobs::{assert_no_process_left, start_launcher, start_launchers, wait_for_stderr};
 use common::hosts::Hosts;
 use common::jobs::{kill, wait_for_path, worker_pid};
-use common::training::{
-    assert_same_weights, losses_by_step, pretrain_flags, with, Reference, JOB_LIMIT,
-};
+use common::training::{losses_by_step, pretrain_flags, with, Reference, JOB_LIMIT};
 use std::time::{Duration, Instant};
 
 const HEARTBEAT_TIMEOUT_S: u64 = 4;
@@ -111,21 +109,7 @@ fn a_job_that_loses_a_host_continues_on_the_others_and_takes_it_back_with_the_sa
     ] {
         assert!(stderr[0].contains(needle), "{needle:?}: {}", stderr[0]);
     }
-    assert_same_weights(
-        &reference.final_weights(&reference.dir),
-        &reference.final_weights(&out_dir),
-        1e-5,
-        "3 hosts, then 2",
-    );
-    let (ours, theirs) = (losses_by_step(&out_dir), losses_by_step(&reference.dir));
-    assert_eq!(ours.len(), steps, "{ours:?}");
-    for (step, loss) in &theirs {
-        let got = ours[step];
-        assert!(
-            (got - loss).abs() <= 1e-5 * loss.abs(),
-            "step {step}: {got} vs {loss}"
-        );
-    }
+    reference.assert_same_restarted_run(&out_dir, "3 hosts, then 2");
     eprintln!(
         "host 2 unplugged after step 3 (heartbeat timeout {HEARTBEAT_TIMEOUT_S} s, grace \
          {GRACE_PERIOD_S} s): generation 1 on 2 hosts after {:.1} s, its first step done after \

@@ -19,6 +19,7 @@
 use crate::memory::NodeMemory;
 use crate::preflight;
 use anyhow::{bail, Context, Result};
+use coca_common::control::{ControlClient, Event};
 use coca_common::topology::{Topology, PER_DEVICE_BATCH_ENV};
 use std::path::Path;
 
@@ -203,6 +204,12 @@ pub fn check_memory_at_min(
         })?;
     }
     Ok(())
+}
+
+/// Whether the job finished while this node waited outside it (a returning node of an elastic
+/// job is told so by the `Finished` event): then its launcher exits 0.
+pub fn finished_without_us(client: &ControlClient) -> bool {
+    client.events().try_iter().any(|e| e == Event::Finished)
 }
 
 /// Ranks that read different samples: dp × sharding.

@@ -228,9 +228,18 @@ fn generations(job: &Job, client: &ControlClient, signals: &Signals) -> Result<i
             "node {}: joining the job's rendezvous",
             job.layout.node_rank
         );
-        let plan = client
-            .rendezvous(job.args.rdzv_timeout())
-            .map_err(|e| ControlPlaneError(format!("{e:#}")))?;
+        let plan = match client.rendezvous(job.args.rdzv_timeout()) {
+            Ok(plan) => plan,
+            // A returning node of an elastic job, waiting for a restart that never came.
+            Err(_) if elastic::finished_without_us(client) => {
+                tracing::info!(
+                    "the job finished without node {} (it was waiting to join at a restart)",
+                    job.layout.node_rank
+                );
+                return Ok(0);
+            }
+            Err(e) => bail!(ControlPlaneError(format!("{e:#}"))),
+        };
         // Checked for every node count at start-up; an error here means the nodes disagree.
         let layout = job
             .elastic

@@ -201,6 +201,22 @@ impl Reference {
         dir.join(format!("checkpoint-{}/model.safetensors", self.steps))
     }
 
+    /// The run in `out_dir`, restarted along the way (steps after its checkpoint logged again),
+    /// ended with this run's parameters, and its last loss of every step is this run's.
+    pub fn assert_same_restarted_run(&self, out_dir: &Path, what: &str) {
+        let (ours, theirs) = (self.final_weights(&self.dir), self.final_weights(out_dir));
+        assert_same_weights(&ours, &theirs, 1e-5, what);
+        let (got, expected) = (losses_by_step(out_dir), losses_by_step(&self.dir));
+        assert_eq!(got.len(), self.steps, "{what}: {got:?}");
+        for (step, loss) in &expected {
+            let g = got[step];
+            assert!(
+                (g - loss).abs() <= 1e-5 * loss.abs(),
+                "{what}: step {step}: {g} vs {loss}"
+            );
+        }
+    }
+
     /// The run in `out_dir` logged every step and ended with this run's parameters and losses.
     pub fn assert_same_run(&self, out_dir: &Path, what: &str) {
         let (ours, theirs) = (self.final_weights(&self.dir), self.final_weights(out_dir));
