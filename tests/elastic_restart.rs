@@ -39,7 +39,7 @@ fn a_job_that_loses_node_1_ends_on_node_0_and_node_1_back_too_late_exits_0() {
     let node1 = start(1, "logs");
     wait_for_path(&out_dir.join("checkpoint-2"), JOB_LIMIT);
     kill(node1.pid(), "-9"); // its worker follows (parent-death signal)
-    let alone = "generation 1: 1 nodes, dp 1, per-device batch 4 × gradient accumulation 1 \
+    let alone = "generation 1: 1 node, dp 1, per-device batch 4 × gradient accumulation 1 \
                  (global batch 4 unchanged; 1 of 2 nodes)";
     let limit = Duration::from_secs(30);
     assert!(

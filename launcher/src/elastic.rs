@@ -158,7 +158,11 @@ impl Elastic {
     /// batch 3 × gradient accumulation 2 (global batch 12 unchanged; 2 of 3 nodes)`.
     pub fn describe(&self, generation: u64, layout: &GenerationLayout) -> String {
         let dp = data_world(&layout.topology);
-        let head = format!("generation {generation}: {} nodes, dp {dp}", layout.nodes);
+        let nodes = match layout.nodes {
+            1 => "1 node".to_string(),
+            n => format!("{n} nodes"),
+        };
+        let head = format!("generation {generation}: {nodes}, dp {dp}");
         let Some(batch) = layout.per_device_batch else {
             return head;
         };
