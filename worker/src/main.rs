@@ -159,7 +159,9 @@ fn check_args(command: Vec<String>) -> Result<ExitCode> {
         }
     };
     let memory = match cli.command {
-        Command::Pretrain(args) => {
+        Command::Pretrain(mut args) => {
+            // An elastic job's launcher checks the per-device batch of its smallest layout too.
+            pretrain::elastic::apply_launcher_batch(&mut args, |k| std::env::var(k).ok())?;
             let (world, _) = coca_worker::distributed::context::env_world_rank()?;
             let checked = pretrain::preflight::check(&args, world, 0)?;
             let estimate = coca_worker::memory_estimate::estimate(
