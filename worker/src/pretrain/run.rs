@@ -7,6 +7,7 @@ use super::checkpoint::{self, TrainerState};
 use super::demo;
 use super::metrics::{RunLog, StepMetrics};
 use super::model_source::{resolve_model, ResolvedModel, DEMO_MODEL};
+use super::preemption::Preemption;
 use super::preflight::{self, Checked, TrainData};
 use super::rank_checkpoint;
 use super::summary::{StartupSummary, WeightsOrigin};
@@ -65,12 +66,24 @@ fn defaults(demo: bool) -> Defaults {
     }
 }
 
+/// How a `pretrain` run ended without an error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ended {
+    /// Every step was taken.
+    Completed,
+    /// The job was asked to stop (the checkpoint signal, SIGTERM): every rank saved its part of
+    /// this checkpoint and stopped (exit code [`coca_common::preempt::EXIT_PREEMPTED`]).
+    Preempted(coca_common::preempt::Decision),
+}
+
 /// Runs `pretrain` as the rank the launcher's environment describes (or alone).
-pub fn run(args: PretrainArgs) -> Result<()> {
+pub fn run(args: PretrainArgs) -> Result<Ended> {
+    // First: a checkpoint signal during the slow start must not kill the worker.
+    let preemption = Preemption::listen()?;
     let (world, rank) = env_world_rank()?;
     let checked = preflight::check(&args, world, rank)?;
     let ctx = RankContext::from_env(args.tensor_parallel_degree, args.sharding_parallel_degree)?;
-    let result = train(&args, &ctx, checked);
+    let result = train(&args, &ctx, checked, &preemption);
     match result {
         Err(e) if ctx.peer_failed(PEER_VERDICT_WAIT) => Err(e.context(PeerFailed)),
         other => other,
@@ -100,7 +113,12 @@ fn resume_dir(args: &PretrainArgs, ctx: &RankContext) -> Result<Option<std::path
 }
 
 /// Trains as rank `ctx.rank`.
-fn train(args: &PretrainArgs, ctx: &RankContext, checked: Checked) -> Result<()> {
+fn train(
+    args: &PretrainArgs,
+    ctx: &RankContext,
+    checked: Checked,
+    preemption: &Preemption,
+) -> Result<Ended> {
     let args = args.clone();
     let device = args.device.open()?;
     let data_rank = ctx.topology.data_rank(ctx.rank)?;
@@ -347,6 +365,7 @@ fn train(args: &PretrainArgs, ctx: &RankContext, checked: Checked) -> Result<()>
             args.save_total_limit,
         )
     };
+    preemption.attach(ctx, &args.output_dir, trainer.step)?;
     while trainer.step < total_steps {
         let started = Instant::now();
         let (mut sums, mut samples, mut finite) = ([0f64; 3], 0usize, true);
@@ -406,6 +425,17 @@ fn train(args: &PretrainArgs, ctx: &RankContext, checked: Checked) -> Result<()>
         if trainer.step % args.logging_steps.max(1) == 0 || trainer.step == total_steps {
             log.log(&metrics)?;
         }
+        if trainer.step < total_steps {
+            if let Some(decision) = preemption.at_boundary(trainer.step)? {
+                skips.report(&log);
+                save(&trainer, position)?;
+                log.println(format!(
+                    "rank {}: preempted at step {}, checkpoint {}",
+                    ctx.rank, decision.step, decision.checkpoint
+                ));
+                return Ok(Ended::Preempted(decision));
+            }
+        }
         if let Some(every) = args.eval_steps {
             if trainer.step % every == 0 && trainer.step < total_steps {
                 zero_shot(&mut log, trainer.step)?;
@@ -437,7 +467,7 @@ fn train(args: &PretrainArgs, ctx: &RankContext, checked: Checked) -> Result<()>
             )?)
         };
         if !ctx.is_main() {
-            return Ok(());
+            return Ok(Ended::Completed);
         }
         demo::report(
             full.as_ref().unwrap_or(&trainer.model),
@@ -447,7 +477,7 @@ fn train(args: &PretrainArgs, ctx: &RankContext, checked: Checked) -> Result<()>
             &args.output_dir,
         )?;
     }
-    Ok(())
+    Ok(Ended::Completed)
 }
 
 /// The position after `p`.
