@@ -74,7 +74,7 @@ pub fn signal_name(signal: libc::c_int) -> String {
 pub fn checkpoint_signal_from_env() -> Result<Option<libc::c_int>> {
     match std::env::var(CHECKPOINT_SIGNAL_ENV) {
         Ok(v) if v.trim() == "0" => Ok(None),
-        Ok(v) => parse_checkpoint_signal(&v).with_context(|| format!("{CHECKPOINT_SIGNAL_ENV}")),
+        Ok(v) => parse_checkpoint_signal(&v).context(CHECKPOINT_SIGNAL_ENV),
         Err(_) => parse_checkpoint_signal(DEFAULT_CHECKPOINT_SIGNAL),
     }
 }

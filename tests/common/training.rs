@@ -53,6 +53,16 @@ pub fn launcher_flags<S: AsRef<str>>(list: &[S], worker: &[String]) -> Vec<Strin
     v
 }
 
+/// Worker flags of tensor parallelism 2 × ZeRO stage 2 over 2 sharding ranks.
+pub const TP2_SHARDING2_STAGE2: &[&str] = &[
+    "--tensor_parallel_degree",
+    "2",
+    "--sharding_parallel_degree",
+    "2",
+    "--sharding",
+    "stage2",
+];
+
 /// The secret of the simulated multi-node jobs.
 pub const TOKEN: &str = "a-test-secret-of-enough-length";
 
