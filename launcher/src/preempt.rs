@@ -21,8 +21,8 @@ pub struct Preemption {
     generation: u64,
     node_rank: usize,
     term_timeout: Duration,
-    /// Asked already (once is enough: the request is the job's).
-    requested: bool,
+    /// When this launcher asked (once is enough: the request is the job's).
+    requested: Option<Instant>,
     /// When a SIGTERM's checkpoint is overdue.
     term_deadline: Option<Instant>,
     /// Workers of this node that stopped with [`EXIT_PREEMPTED`].
@@ -38,7 +38,7 @@ impl Preemption {
             generation,
             node_rank,
             term_timeout,
-            requested: false,
+            requested: None,
             term_deadline: None,
             preempted_ranks: 0,
             decision: None,
@@ -52,9 +52,10 @@ impl Preemption {
             "received {name}: every rank saves one checkpoint at the next step boundary, then \
              the job stops (exit code {EXIT_PREEMPTED})"
         );
-        if std::mem::replace(&mut self.requested, true) {
+        if self.requested.is_some() {
             return;
         }
+        self.requested = Some(Instant::now());
         let reason = format!("{name} to the launcher of node {}", self.node_rank);
         if let Err(e) = client.set(&request_key(self.generation), reason.as_bytes()) {
             tracing::error!("cannot ask the job for a checkpoint: {e:#}");
@@ -122,15 +123,18 @@ impl Preemption {
 
     /// The launcher's last line once every node's workers stopped for the checkpoint.
     pub fn summary(&self) -> String {
+        let after = self.requested.map_or_else(String::new, |t| {
+            format!(", {:.1} s after the signal", t.elapsed().as_secs_f64())
+        });
         match &self.decision {
             Some(d) => format!(
-                "coca-launch: preempted at step {}, checkpoint {} (exit code {EXIT_PREEMPTED}; \
+                "coca-launch: preempted at step {}, checkpoint {} (exit code {EXIT_PREEMPTED}{after}; \
                  the next run resumes from it with --resume_from_checkpoint True)",
                 d.step, d.checkpoint
             ),
             None => format!(
                 "coca-launch: preempted: every rank saved its part of the checkpoint (exit code \
-                 {EXIT_PREEMPTED})"
+                 {EXIT_PREEMPTED}{after})"
             ),
         }
     }

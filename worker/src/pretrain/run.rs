@@ -428,10 +428,14 @@ fn train(
         if trainer.step < total_steps {
             if let Some(decision) = preemption.at_boundary(trainer.step)? {
                 skips.report(&log);
+                let saving = Instant::now();
                 save(&trainer, position)?;
                 log.println(format!(
-                    "rank {}: preempted at step {}, checkpoint {}",
-                    ctx.rank, decision.step, decision.checkpoint
+                    "rank {}: preempted at step {}, checkpoint {} (its part saved in {:.2} s)",
+                    ctx.rank,
+                    decision.step,
+                    decision.checkpoint,
+                    saving.elapsed().as_secs_f64()
                 ));
                 return Ok(Ended::Preempted(decision));
             }
