@@ -30,15 +30,22 @@ struct Run {
 
 impl Run {
     /// Starts `nproc` workers of 4 samples each on `steps` steps of the tiny model, with
-    /// `extra` worker flags, and waits for step 3.
-    fn start(tmp: &Path, name: &str, nproc: usize, steps: usize, extra: &[&str]) -> Run {
+    /// `extra` worker flags and `launcher_extra` launcher flags, and waits for step 3.
+    fn start(
+        tmp: &Path,
+        name: &str,
+        nproc: usize,
+        steps: usize,
+        extra: &[&str],
+        launcher_extra: &[&str],
+    ) -> Run {
         let config = common::tiny_config(tmp);
         let out = tmp.join(name);
         let logs = tmp.join(format!("{name}-logs"));
         let worker = with(pretrain_flags(&config, &out, 4, steps), extra);
         let job = Job::start(
             "coca-launch",
-            &launcher_flags(&launcher(nproc, &logs), &worker),
+            &launcher_flags(&with(launcher(nproc, &logs), launcher_extra), &worker),
         );
         wait_for_steps(&out, 3, JOB_LIMIT);
         let workers = descendants(job.pid());
@@ -71,12 +78,11 @@ impl Run {
                 "rank {rank} did not stop at step {step}:\n{log}"
             );
         }
-        let dirs: Vec<String> = std::fs::read_dir(&self.out)
-            .unwrap()
-            .filter_map(|e| e.ok()?.file_name().into_string().ok())
-            .filter(|n| n.contains("checkpoint"))
-            .collect();
-        assert_eq!(dirs, [format!("checkpoint-{step}")], "one whole checkpoint");
+        assert_eq!(
+            checkpoint_entries(&self.out),
+            [format!("checkpoint-{step}")],
+            "one whole checkpoint"
+        );
         let state = self
             .out
             .join(format!("checkpoint-{step}/trainer_state.json"));
@@ -119,6 +125,15 @@ fn launcher(nproc: usize, logs: &Path) -> Vec<String> {
     .to_vec()
 }
 
+/// Names in `out` that are checkpoints or their staging directories.
+fn checkpoint_entries(out: &Path) -> Vec<String> {
+    std::fs::read_dir(out)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.contains("checkpoint"))
+        .collect()
+}
+
 /// N of `<prefix>N, checkpoint DIR` in `text`.
 fn preempted_step(text: &str, prefix: &str) -> Option<u64> {
     let rest = text.split(prefix).nth(1)?;
@@ -138,7 +153,7 @@ fn preempt_and_resume(name: &str, nproc: usize, extra: &[&str], send: impl FnOnc
         8,
         steps,
     ));
-    let mut run = Run::start(tmp.path(), name, nproc, steps, extra);
+    let mut run = Run::start(tmp.path(), name, nproc, steps, extra, &[]);
     let signalled = Instant::now();
     send(&run);
     run.assert_preempted(signalled, steps);
@@ -170,7 +185,7 @@ fn usr1_to_every_worker_under_tensor_parallelism_and_zero_makes_one_checkpoint()
 fn sigterm_checkpoints_like_usr1_and_alone_too() {
     let tmp = tempfile::tempdir().unwrap();
     let steps = 100_000;
-    let mut run = Run::start(tmp.path(), "term", 2, steps, &[]);
+    let mut run = Run::start(tmp.path(), "term", 2, steps, &[], &[]);
     let signalled = Instant::now();
     run.job.signal("-TERM");
     run.assert_preempted(signalled, steps);
@@ -189,6 +204,32 @@ fn sigterm_checkpoints_like_usr1_and_alone_too() {
         .join(format!("checkpoint-{step}/model.safetensors"))
         .is_file());
 }
+#[test]
+fn a_sigterm_whose_checkpoint_cannot_be_taken_in_time_stops_the_job_after_term_timeout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let launcher_extra = ["--term-timeout", "2", "--grace-period", "1"];
+    let mut run = Run::start(tmp.path(), "stuck", 2, 100_000, &[], &launcher_extra);
+    // A frozen rank never announces its step, so no step can be agreed.
+    kill(run.workers[1], "-STOP");
+    let signalled = Instant::now();
+    run.job.signal("-TERM");
+    let (code, out, err) = run.job.finish(STOP_LIMIT);
+    let took = signalled.elapsed();
+    assert_eq!(code, 128 + 15, "{out}\n{err}");
+    assert!(
+        err.contains("took no checkpoint within --term-timeout 2 s"),
+        "{err}"
+    );
+    // The timeout, the grace period, and the launcher's own shutdown.
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    assert!(run.workers.iter().all(|&p| !alive(p)), "workers left");
+    let left = checkpoint_entries(&run.out);
+    assert!(
+        !left.iter().any(|n| n.starts_with("checkpoint-")),
+        "no checkpoint was written: {left:?}"
+    );
+}
+
 #[test]
 fn an_unknown_checkpoint_signal_is_a_one_line_usage_error_before_any_worker_starts() {
     let tmp = tempfile::tempdir().unwrap();
