@@ -112,25 +112,50 @@ impl Preemption {
         handled.extend(checkpoint_signal);
         let signals = SignalsInfo::<WithOrigin>::new(&handled)
             .context("cannot install the checkpoint signal's handler")?;
-        let shared = Arc::new(Shared {
-            state: Mutex::new(State::default()),
-            changed: Condvar::new(),
-            rank,
-        });
-        let listener = shared.clone();
+        let preemption = Self::new(rank);
+        let listener = preemption.shared.clone();
         std::thread::Builder::new()
             .name("preemption-signals".into())
             .spawn(move || listen(listener, signals, launcher))
             .context("cannot start the preemption signal thread")?;
-        Ok(Preemption { shared })
+        Ok(preemption)
+    }
+
+    /// No signal handled: [`Preemption::ask`] alone makes requests (tests of the agreement).
+    fn new(rank: usize) -> Preemption {
+        Preemption {
+            shared: Arc::new(Shared {
+                state: Mutex::new(State::default()),
+                changed: Condvar::new(),
+                rank,
+            }),
+        }
     }
 
     /// Joins the job once the run is ready to take steps (`completed` of them done): from now on
     /// a request is acted on. Starts the agreement thread in a launched job.
     pub fn attach(&self, ctx: &RankContext, output_dir: &Path, completed: u64) -> Result<()> {
+        self.join(
+            ctx.control.clone(),
+            ctx.generation,
+            ctx.topology.world,
+            output_dir,
+            completed,
+        )
+    }
+
+    /// [`Preemption::attach`] from its parts: `control` is `None` for a job of one.
+    fn join(
+        &self,
+        control: Option<Arc<ControlClient>>,
+        generation: u64,
+        world: usize,
+        output_dir: &Path,
+        completed: u64,
+    ) -> Result<()> {
         let job = Job {
-            control: ctx.control.clone(),
-            generation: ctx.generation,
+            control,
+            generation,
             output_dir: output_dir.to_path_buf(),
         };
         let pending = {
@@ -144,13 +169,18 @@ impl Preemption {
         }
         if let Some(control) = job.control.clone() {
             let shared = self.shared.clone();
-            let world = ctx.topology.world;
             std::thread::Builder::new()
                 .name("preemption-agreement".into())
                 .spawn(move || agree(&shared, &control, &job, world))
                 .context("cannot start the preemption agreement thread")?;
         }
         Ok(())
+    }
+
+    /// Asks the job for a checkpoint, as a signal does.
+    #[cfg(test)]
+    fn ask(&self, reason: String) {
+        request(&self.shared, reason);
     }
 
     /// After every step (`completed` steps done, fewer than the run's total): the decision when
@@ -297,3 +327,7 @@ fn agree(shared: &Shared, control: &ControlClient, job: &Job, world: usize) {
     }
     shared.changed.notify_all();
 }
+
+#[cfg(test)]
+#[path = "preemption_tests.rs"]
+mod tests;
