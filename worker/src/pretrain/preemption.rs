@@ -177,6 +177,22 @@ impl Preemption {
         Ok(())
     }
 
+    /// At the end of the run: says goodbye to the control plane for the agreement thread, which
+    /// holds the client in its `get` for as long as the job lasts (the client's own drop would
+    /// say it, but the thread's hold keeps it from being dropped). Without a goodbye, a worker
+    /// that exits while others still run would count as lost.
+    pub fn detach(&self) {
+        let control = self
+            .shared
+            .lock()
+            .job
+            .as_ref()
+            .and_then(|j| j.control.clone());
+        if let Some(control) = control {
+            control.goodbye();
+        }
+    }
+
     /// Asks the job for a checkpoint, as a signal does.
     #[cfg(test)]
     fn ask(&self, reason: String) {

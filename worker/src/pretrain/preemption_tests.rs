@@ -138,3 +138,27 @@ fn alone_a_request_stops_at_the_next_boundary_also_before_the_run_is_ready() {
     early.join(None, 0, 1, &out, 10).unwrap();
     assert_eq!(early.at_boundary(11).unwrap().map(|d| d.step), Some(11));
 }
+
+#[test]
+fn detach_says_goodbye_and_releases_the_agreement_threads_client() {
+    let server = server();
+    let client = worker(&server, 0);
+    let p = Preemption::new(0);
+    let out = PathBuf::from("/tmp/coca-preemption-test");
+    p.join(Some(client.clone()), 0, 1, &out, 0).unwrap();
+    // Ours, the run state's, and the agreement thread's (blocked in its get).
+    let held = Arc::strong_count(&client);
+    p.detach();
+    let deadline = Instant::now() + LIMIT;
+    while Arc::strong_count(&client) >= held {
+        assert!(
+            Instant::now() < deadline,
+            "the agreement thread still holds the client after the goodbye"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        !client.connection_lost(),
+        "a goodbye, not a lost connection"
+    );
+}

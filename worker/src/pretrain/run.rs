@@ -83,11 +83,12 @@ pub fn run(args: PretrainArgs) -> Result<Ended> {
     let (world, rank) = env_world_rank()?;
     let checked = preflight::check(&args, world, rank)?;
     let ctx = RankContext::from_env(args.tensor_parallel_degree, args.sharding_parallel_degree)?;
-    let result = train(&args, &ctx, checked, &preemption);
-    match result {
+    let result = match train(&args, &ctx, checked, &preemption) {
         Err(e) if ctx.peer_failed(PEER_VERDICT_WAIT) => Err(e.context(PeerFailed)),
         other => other,
-    }
+    };
+    preemption.detach();
+    result
 }
 
 /// How long a rank whose collective failed waits to learn whether another rank failed first.
