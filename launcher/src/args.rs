@@ -84,7 +84,7 @@ pub struct LauncherArgs {
     /// PWR, WINCH (with or without SIG, or the number), or none.
     #[arg(long, default_value = coca_common::preempt::DEFAULT_CHECKPOINT_SIGNAL)]
     pub checkpoint_signal: String,
-    /// Seconds a first SIGTERM leaves the job to save that checkpoint before the workers are
+    /// Seconds a SIGTERM leaves the job to save that checkpoint before the workers are
     /// stopped (under SLURM's default KillWait of 30 s); 0: SIGTERM stops the workers at once.
     #[arg(long, env = "COCA_TERM_TIMEOUT", default_value_t = 25)]
     pub term_timeout: u64,
