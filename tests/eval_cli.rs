@@ -283,50 +283,13 @@ fn evaluations_under_the_launcher_give_the_numbers_of_one_process() {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
-    let folder = tmp.path().join("colours");
-    common::images::write_folder(&folder);
-    let images = tmp.path().join("images");
-    std::fs::create_dir_all(&images).unwrap();
-    let names = ["astronaut.png", "chelsea.jpg", "coffee_rgba.png"];
-    for n in names {
-        std::fs::copy(fixture.join("images").join(n), images.join(n)).unwrap();
-    }
-    let records: Vec<_> = names
-        .iter()
-        .enumerate()
-        .map(|(i, n)| serde_json::json!({"image": n, "caption": [format!("photo {i}"), "a thing"]}))
-        .collect();
-    let split = tmp.path().join("split.json");
-    std::fs::write(&split, serde_json::to_string(&records).unwrap()).unwrap();
-    let (model, folder, split, images) = (
-        fixture.display().to_string(),
-        folder.display().to_string(),
-        split.display().to_string(),
-        images.display().to_string(),
-    );
-    let eval = [
-        "eval",
-        "--model",
-        &model,
-        "--classification_eval",
-        &folder,
-        "--no_classifier_cache",
-        "--retrieval",
-        &split,
-        "--captioning",
-        &split,
-        "--data_root",
-        &images,
-        "--seq_len",
-        "8",
-        "--batch_size",
-        "2",
-    ];
+    let inputs = common::eval_inputs::write(tmp.path(), &fixture);
+    let eval = inputs.eval_all();
     let (code, alone, err) = common::run("coca-worker", &eval);
     assert_eq!(code, 0, "{err}");
     let log_dir = tmp.path().join("logs").display().to_string();
     let mut launched = vec!["--nproc-per-node", "3", "--log-dir", &log_dir, "--"];
-    launched.extend(eval);
+    launched.extend(eval.iter().copied());
     let (code, out, err) = common::run("coca-launch", &launched);
     assert_eq!(code, 0, "{out}\n{err}");
     let parse = |text: &str| -> Vec<serde_json::Value> {

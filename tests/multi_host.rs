@@ -7,7 +7,7 @@ mod common;
 
 use common::host_jobs::{assert_no_process_left, finish_all, start_launchers};
 use common::hosts::Hosts;
-use common::training::{pretrain_flags, with, Reference, TP2_SHARDING2_STAGE2};
+use common::training::{pretrain_flags, with, Reference};
 use std::time::Duration;
 
 const JOB_LIMIT: Duration = Duration::from_secs(240);
@@ -53,7 +53,7 @@ fn two_hosts_train_the_one_process_parameters_data_parallel_and_tp2_by_sharding2
         (
             "tp 2 × sharding 2 (stage 2) over 2 hosts",
             global_batch / 2,
-            TP2_SHARDING2_STAGE2,
+            &common::training::TP2_SHARDING2,
         ),
     ];
     for (i, (what, batch, extra)) in layouts.into_iter().enumerate() {

@@ -7,7 +7,7 @@ mod common;
 use common::jobs::{alive, descendants, kill, Job};
 use common::training::{
     assert_same_losses, assert_same_weights, launcher_flags, pretrain_flags, run_alone,
-    run_launcher, wait_for_steps, with, JOB_LIMIT, TP2_SHARDING2_STAGE2,
+    run_launcher, wait_for_steps, with, JOB_LIMIT, TP2_SHARDING2,
 };
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -172,7 +172,7 @@ fn usr1_to_the_launcher_checkpoints_every_rank_at_one_step_and_the_requeued_run_
 fn usr1_to_every_worker_under_tensor_parallelism_and_zero_makes_one_checkpoint() {
     // As SLURM delivers it: to every process of the job, the workers one after another (each
     // runs in a process group of its own), a few milliseconds apart, then the launcher.
-    preempt_and_resume("tp2-zero2", 4, TP2_SHARDING2_STAGE2, |run| {
+    preempt_and_resume("tp2-zero2", 4, &TP2_SHARDING2, |run| {
         for &pid in &run.workers {
             kill(pid, "-USR1");
             std::thread::sleep(Duration::from_millis(30));

@@ -143,9 +143,14 @@ fn flags_are_checked() {
     let (code, _, err) = pretrain(&["--sharding", "stage3", "--sharding_parallel_degree", "2"]);
     assert_eq!(code, 2);
     assert!(err.contains("stage3"), "{err}");
-    let (code, _, err) = pretrain(&["--bf16", "True"]);
+    let (code, _, err) = pretrain(&["--bf16", "True", "--fp16", "True"]);
     assert_eq!(code, 2);
-    assert!(err.contains("--bf16"), "{err}");
+    assert!(err.contains("--bf16") && err.contains("--fp16"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    let (code, _, err) = pretrain(&["--fp16", "True", "--fp16_opt_level", "O3"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--fp16_opt_level \"O3\""), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
     // A missing coco_karpathy under a root not named `coco`: an error, nothing downloaded.
     let tmp = tempfile::tempdir().unwrap();
     let elsewhere = tmp.path().join("elsewhere");

@@ -238,10 +238,11 @@ fn the_readme_evaluation_command_runs_alone_and_launched() {
     assert_eq!(written["settings"]["world_size"], 2);
     assert!(!has_escape(&out) && !has_escape(&err), "{out}\n{err}");
 
-    // --fp16 True is refused, naming the flag, before any model is built.
+    // --fp16 True with --bf16 True is refused, naming the flags, before any model is built.
     let mut fp16 = args[3..].to_vec();
     let at = fp16.iter().position(|a| *a == "False").unwrap();
     fp16[at] = "True";
+    fp16.extend(["--bf16", "True"]);
     let (code, _, err) = common::run_in(Some(tmp.path()), "coca-worker", &fp16, &[]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("--fp16 True"), "{err}");

@@ -15,8 +15,62 @@ pub struct MemoryEstimate {
     pub gradient_bytes: u64,
     /// AdamW's two moments after sharding.
     pub optimizer_bytes: u64,
-    /// Activations kept for the backward pass at the per-device batch.
+    /// Under mixed precision, the half-precision copies of the weights the step's matrix
+    /// products use (autocast casts each float32 master when it runs; the graph keeps them
+    /// until the backward pass) and their gradients in that dtype; 0 in float32.
+    #[serde(default)]
+    pub compute_copy_bytes: u64,
+    /// Activations kept for the backward pass at the per-device batch, in the dtypes they are
+    /// kept in (products in the compute dtype, norms, softmax and the residual stream float32).
     pub activation_bytes: u64,
     /// The sum.
     pub total_bytes: u64,
+}
+
+impl MemoryEstimate {
+    /// The parts in GiB on one line (`weights 1.0 + master 1.0 + … = 9.5 GiB`), for the start-up
+    /// summary and messages.
+    pub fn by_part(&self) -> String {
+        let gib = |n: u64| format!("{:.2}", n as f64 / (1u64 << 30) as f64);
+        let copies = match self.compute_copy_bytes {
+            0 => String::new(),
+            n => format!(" + half-precision copies {}", gib(n)),
+        };
+        format!(
+            "weights {} + master {} + gradients {} + moments {}{copies} + activations {} = {} GiB",
+            gib(self.model_copy_bytes),
+            gib(self.parameter_bytes),
+            gib(self.gradient_bytes),
+            gib(self.optimizer_bytes),
+            gib(self.activation_bytes),
+            gib(self.total_bytes),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn by_part_names_every_part_and_the_copies_only_when_there_are_some() {
+        let mut e = MemoryEstimate {
+            parameters: 1,
+            parameter_bytes: 1 << 30,
+            model_copy_bytes: 1 << 30,
+            gradient_bytes: 3 << 30,
+            optimizer_bytes: 2 << 30,
+            compute_copy_bytes: 0,
+            activation_bytes: 1 << 29,
+            total_bytes: (15 << 29),
+        };
+        let line = e.by_part();
+        assert_eq!(
+            line,
+            "weights 1.00 + master 1.00 + gradients 3.00 + moments 2.00 + activations 0.50 \
+             = 7.50 GiB"
+        );
+        e.compute_copy_bytes = 1 << 29;
+        assert!(e.by_part().contains("+ half-precision copies 0.50 +"));
+    }
 }

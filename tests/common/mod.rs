@@ -2,11 +2,13 @@
 
 #![allow(dead_code)]
 
+pub mod eval_inputs;
 pub mod host_jobs;
 pub mod hosts;
 pub mod images;
 pub mod jobs;
 pub mod model_checks;
+pub mod slurm;
 pub mod training;
 
 use candle_core::{Device, Tensor};

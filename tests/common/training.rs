@@ -53,8 +53,8 @@ pub fn launcher_flags<S: AsRef<str>>(list: &[S], worker: &[String]) -> Vec<Strin
     v
 }
 
-/// Worker flags of tensor parallelism 2 × ZeRO stage 2 over 2 sharding ranks.
-pub const TP2_SHARDING2_STAGE2: &[&str] = &[
+/// `pretrain` flags of tensor parallelism 2 × ZeRO stage-2 sharding 2 (4 workers).
+pub const TP2_SHARDING2: [&str; 6] = [
     "--tensor_parallel_degree",
     "2",
     "--sharding_parallel_degree",
@@ -190,9 +190,17 @@ pub struct Reference {
 impl Reference {
     /// Trains `steps` steps of `global_batch` as one process in `tmp/single`.
     pub fn train(tmp: &Path, global_batch: usize, steps: usize) -> Reference {
+        Self::train_with(tmp, global_batch, steps, &[])
+    }
+
+    /// [`Self::train`] with `extra` worker flags (which the runs compared with it pass too).
+    pub fn train_with(tmp: &Path, global_batch: usize, steps: usize, extra: &[&str]) -> Reference {
         let config = super::tiny_config(tmp);
         let dir = tmp.join("single");
-        run_alone(&pretrain_flags(&config, &dir, global_batch, steps));
+        run_alone(&with(
+            pretrain_flags(&config, &dir, global_batch, steps),
+            extra,
+        ));
         Reference { config, dir, steps }
     }
 

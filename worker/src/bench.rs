@@ -9,6 +9,7 @@ use crate::eval::generate::{
     generate_using, generate_with, DecodePrecision, DecodeWeights, Decoding, GenerateOptions,
     GenerationType,
 };
+use crate::model::autocast::Autocast;
 use crate::model::trainable::trainable_model_parallel;
 use crate::model::{CoCa, CocaConfig, CocaLossConfig};
 use crate::train::adamw::AdamWConfig;
@@ -32,6 +33,8 @@ pub struct BenchOptions {
     pub tensor_parallel_degree: usize,
     /// Whether to measure caption latency too (it takes longer than the rest).
     pub captions: bool,
+    /// Whether the model computes its matrix products in bfloat16 (autocast).
+    pub bf16: bool,
     /// Where to compute (`--device`).
     pub device: crate::device::DeviceArgs,
     /// Activation checkpointing in the training step.
@@ -132,7 +135,8 @@ pub fn run(opts: &BenchOptions) -> Result<Option<serde_json::Value>> {
         "bench measures one model: run it with --tensor_parallel_degree equal to the number of \
          workers"
     );
-    let tp = TensorParallel::new(ctx.tensor.clone());
+    let autocast = Autocast::new(if opts.bf16 { DType::BF16 } else { DType::F32 });
+    let tp = TensorParallel::new(ctx.tensor.clone()).with_autocast(autocast);
     let (mut model, vars) = trainable_model_parallel(&config, None, 0, DType::F32, &device, &tp)?;
     model.set_grad_checkpointing(opts.grad_checkpointing);
     let (images, text) = random_batch(&config, opts.batch, &device)?;
@@ -202,6 +206,7 @@ pub fn run(opts: &BenchOptions) -> Result<Option<serde_json::Value>> {
         "steps": opts.steps,
         "device": device_name(&device),
         "tf32": opts.device.tf32,
+        "bf16": opts.bf16,
         "threads": rayon::current_num_threads(),
         "grad_checkpointing": opts.grad_checkpointing,
         "cpu_model": crate::simd::cpu_model(),

@@ -16,6 +16,7 @@ use crate::bench::random_batch;
 use crate::comm::HostTransport;
 use crate::distributed::tensor_parallel::TensorParallel;
 use crate::memory_estimate::{estimate, MemoryEstimate};
+use crate::model::autocast::Autocast;
 use crate::model::trainable::{trainable_model_parallel, TrainableWeights};
 use crate::model::{CoCa, CocaConfig, CocaLossConfig};
 use crate::resident_memory::{peak_resident_bytes, reset_peak, resident_bytes};
@@ -72,6 +73,8 @@ pub struct MemoryBenchOptions {
     pub batch: usize,
     /// Activation checkpointing (`--grad_checkpointing`), for the estimate and the step.
     pub grad_checkpointing: bool,
+    /// The matrix products' dtype (`--bf16`/`--fp16`: autocast), for the estimate and the step.
+    pub compute: DType,
 }
 
 /// The optimizer settings of the report's trainers (they do not change any buffer's size).
@@ -99,7 +102,12 @@ pub fn run(opts: &MemoryBenchOptions) -> Result<Vec<serde_json::Value>> {
     // First, while the heap holds nothing else.
     let measured = match opts.batch {
         0 => None,
-        batch => Some(measure_step(&config, batch, opts.grad_checkpointing)?),
+        batch => Some(measure_step(
+            &config,
+            batch,
+            opts.grad_checkpointing,
+            opts.compute,
+        )?),
     };
     let rule = TowerGroups::uniform(1e-5, 0.1);
     let mut layouts = vec![Layout {
@@ -163,12 +171,14 @@ pub fn run(opts: &MemoryBenchOptions) -> Result<Vec<serde_json::Value>> {
             layout.stage,
             opts.batch,
             opts.grad_checkpointing,
+            opts.compute,
         )?;
         let mut line = serde_json::json!({
             "model": opts.model,
             "layout": layout.name(),
             "batch": opts.batch,
             "grad_checkpointing": opts.grad_checkpointing,
+            "compute_dtype": format!("{:?}", opts.compute).to_lowercase(),
             "parameters_bytes": m.parameters,
             "gradients_bytes": m.gradients,
             "optimizer_bytes": m.optimizer_state,
@@ -233,6 +243,7 @@ pub fn measure_step(
     config: &CocaConfig,
     batch: usize,
     grad_checkpointing: bool,
+    compute: DType,
 ) -> Result<StepMemory> {
     let baseline = resident_bytes()?;
     let (mut model, vars) = trainable_model_parallel(
@@ -241,7 +252,7 @@ pub fn measure_step(
         0,
         DType::F32,
         &Device::Cpu,
-        &TensorParallel::single(),
+        &TensorParallel::single().with_autocast(Autocast::new(compute)),
     )?;
     model.set_grad_checkpointing(grad_checkpointing);
     let rule = TowerGroups::uniform(1e-5, 0.1);

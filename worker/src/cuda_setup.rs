@@ -5,7 +5,7 @@
 //! configure.
 
 use anyhow::Result;
-use candle_core::Device;
+use candle_core::{DType, Device};
 
 /// Applies the settings to a device just opened (before any tensor exists on it).
 #[cfg(feature = "cuda")]
@@ -67,20 +67,16 @@ pub fn check_fits(
     };
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     let needs = format!(
-        "this rank needs about {:.1} GiB on the GPU (weights {:.1}, gradients {:.1}, AdamW \
-         moments {:.1}, activations {:.1} GiB); {:.1} GiB is free",
+        "this rank needs about {:.1} GiB on the GPU ({}); {:.1} GiB is free",
         gib(estimate.total_bytes),
-        gib(estimate.parameter_bytes),
-        gib(estimate.gradient_bytes),
-        gib(estimate.optimizer_bytes),
-        gib(estimate.activation_bytes),
+        estimate.by_part(),
         gib(free)
     );
     tracing::info!("device memory: {needs}");
     anyhow::ensure!(
         estimate.total_bytes <= free,
-        "{needs}: lower --per_device_train_batch_size, or raise --sharding_parallel_degree or \
-         --tensor_parallel_degree"
+        "{needs}: lower --per_device_train_batch_size, add --grad_checkpointing True or --bf16 \
+         True, or raise --sharding_parallel_degree or --tensor_parallel_degree"
     );
     Ok(())
 }
@@ -107,4 +103,69 @@ fn free_memory(_device: &Device) -> Result<Option<u64>> {
 #[cfg(not(feature = "cuda"))]
 pub fn configure(_device: &Device) -> Result<()> {
     Ok(())
+}
+
+/// Refuses `--bf16 True` on a GPU without bfloat16 arithmetic (compute capability below 8.0,
+/// before Ampere), naming the card's capability and the alternative; anything else passes.
+pub fn check_precision(device: &Device, compute: DType) -> Result<()> {
+    if compute != DType::BF16 {
+        return Ok(());
+    }
+    match compute_capability(device)? {
+        Some(capability) => bf16_supported(capability),
+        None => Ok(()),
+    }
+}
+
+/// Whether a GPU of compute capability `(major, minor)` computes in bfloat16.
+fn bf16_supported((major, minor): (i32, i32)) -> Result<()> {
+    anyhow::ensure!(
+        major >= 8,
+        "--bf16 True: this GPU (compute capability {major}.{minor}) has no bfloat16 arithmetic, \
+         which needs 8.0 (Ampere) or newer; train with --fp16 True (loss scaling) or in float32"
+    );
+    Ok(())
+}
+
+/// The `(major, minor)` compute capability of a CUDA device; `None` on the CPU.
+#[cfg(feature = "cuda")]
+fn compute_capability(device: &Device) -> Result<Option<(i32, i32)>> {
+    use anyhow::Context;
+    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute as A;
+    let Device::Cuda(cuda) = device else {
+        return Ok(None);
+    };
+    let context = cuda.cuda_stream().context().clone();
+    let get = |a| {
+        context
+            .attribute(a)
+            .context("querying the GPU's compute capability")
+    };
+    Ok(Some((
+        get(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
+        get(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
+    )))
+}
+
+/// A CPU build has no GPU.
+#[cfg(not(feature = "cuda"))]
+fn compute_capability(_device: &Device) -> Result<Option<(i32, i32)>> {
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_needs_ampere_and_names_the_alternative() {
+        for ok in [(8, 0), (8, 6), (9, 0), (10, 0)] {
+            assert!(bf16_supported(ok).is_ok(), "{ok:?}");
+        }
+        let e = format!("{:#}", bf16_supported((7, 5)).unwrap_err());
+        assert!(e.contains("7.5") && e.contains("--fp16 True"), "{e}");
+        // Float32, float16 and the CPU pass.
+        assert!(check_precision(&Device::Cpu, DType::BF16).is_ok());
+        assert!(check_precision(&Device::Cpu, DType::F16).is_ok());
+    }
 }

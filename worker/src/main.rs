@@ -64,6 +64,9 @@ enum Command {
         /// Also measure caption latency (`False`: training and embedding only, for profiling).
         #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "true", value_parser = coca_worker::pretrain::args::parse_bool)]
         captions: bool,
+        /// The training step's matrix products in bfloat16 (autocast, as `pretrain --bf16`).
+        #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", value_parser = coca_worker::pretrain::args::parse_bool)]
+        bf16: bool,
         #[command(flatten)]
         device: DeviceArgs,
         /// Activation checkpointing in the training step (as `pretrain --grad_checkpointing`).
@@ -105,6 +108,10 @@ enum Command {
         /// Activation checkpointing (as `pretrain --grad_checkpointing`).
         #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", value_parser = coca_worker::pretrain::args::parse_bool)]
         grad_checkpointing: bool,
+        /// `--bf16 True` / `--fp16 True` (as `pretrain`'s): the measured step and the estimate
+        /// under autocast.
+        #[command(flatten)]
+        precision: coca_worker::pretrain::precision_args::PrecisionArgs,
     },
     /// Used by `coca-launch` before it starts any worker: parses a worker command and runs every
     /// check it can make without the model (the job's size comes from WORLD_SIZE); prints one
@@ -158,6 +165,7 @@ fn check_args(command: Vec<String>) -> Result<ExitCode> {
                 args.zero_stage()?,
                 checked.batch(&args),
                 args.grad_checkpointing,
+                args.precision.compute_dtype(),
             )?;
             Some(serde_json::json!({
                 "estimate": estimate,
@@ -257,13 +265,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
             tensor_parallel,
             batch,
             grad_checkpointing,
+            precision,
         } => {
+            precision.check()?;
             let opts = coca_worker::bench_memory::MemoryBenchOptions {
                 model,
                 sharding,
                 tensor_parallel,
                 batch,
                 grad_checkpointing,
+                compute: precision.compute_dtype(),
             };
             for line in coca_worker::bench_memory::run(&opts)? {
                 println!("{line}");
@@ -303,6 +314,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             steps,
             tensor_parallel_degree,
             captions,
+            bf16,
             device,
             grad_checkpointing,
         } => {
@@ -312,6 +324,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 steps,
                 tensor_parallel_degree,
                 captions,
+                bf16,
                 device,
                 grad_checkpointing,
             })?;

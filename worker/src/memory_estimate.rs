@@ -18,13 +18,15 @@ use crate::model::manifest::parameter_shapes_for;
 use crate::model::CocaConfig;
 use crate::train::trainer::ZeroStage;
 use anyhow::Result;
+use candle_core::DType;
 
 const F32: u64 = 4;
 
 pub use coca_common::memory_estimate::MemoryEstimate;
 
 /// The estimate for one worker of a layout: `tp`-way tensor parallel, ZeRO `stage` over
-/// `sharding` ranks, `batch` samples per micro-batch, with or without activation checkpointing.
+/// `sharding` ranks, `batch` samples per micro-batch, with or without activation checkpointing,
+/// matrix products in `compute` (float32, or bf16/f16 under autocast).
 pub fn estimate(
     config: &CocaConfig,
     tp: usize,
@@ -32,6 +34,7 @@ pub fn estimate(
     stage: Option<ZeroStage>,
     batch: usize,
     grad_checkpointing: bool,
+    compute: DType,
 ) -> Result<MemoryEstimate> {
     let shapes = parameter_shapes_for(config, &TensorParallel::layout_only(0, tp.max(1)))?;
     let p: u64 = shapes
@@ -52,18 +55,32 @@ pub fn estimate(
     // Kept, the backward pass's full gradient, and its float32 copy while it is accumulated.
     let gradient_bytes = F32 * (kept_gradients + 2 * p);
     let optimizer_bytes = F32 * moments;
-    let activation_bytes = activation_bytes(config, tp, batch, grad_checkpointing);
+    let activation_bytes = activation_bytes(config, tp, batch, grad_checkpointing, compute);
+    // Every weight but the token embeddings (looked up, not multiplied) is cast once per step;
+    // the backward pass holds each copy's gradient in the compute dtype too.
+    let embeddings: u64 = shapes
+        .iter()
+        .filter(|(name, _)| name.ends_with("token_embedding.weight"))
+        .map(|(_, s)| s.iter().product::<usize>() as u64)
+        .sum();
+    let compute_copy_bytes = if compute == DType::F32 {
+        0
+    } else {
+        2 * compute.size_in_bytes() as u64 * p.saturating_sub(embeddings)
+    };
     Ok(MemoryEstimate {
         parameters: p,
         parameter_bytes,
         model_copy_bytes,
         gradient_bytes,
         optimizer_bytes,
+        compute_copy_bytes,
         activation_bytes,
         total_bytes: parameter_bytes
             + model_copy_bytes
             + gradient_bytes
             + optimizer_bytes
+            + compute_copy_bytes
             + activation_bytes,
     })
 }
@@ -95,27 +112,45 @@ impl Block {
         }
     }
 
-    /// Floats the plain graph keeps for the block's backward, per sample, counted op by op as
+    /// Elements the plain graph keeps for the block's backward, per sample, counted op by op as
     /// the model builds them: the two norms, the projections (each a product and its bias
     /// sum), the head split copies, the scores and their softmax, the heads merged, the output
     /// projection, both residual sums, the MLP's hidden layer before and after GELU; under
     /// tensor parallelism the group's copies and sums. A cross-attention block also keeps the
     /// normalised keys/values input and its key and value projections.
-    fn floats(&self, tp: u64) -> u64 {
+    ///
+    /// Under autocast (`mixed`) the products, their bias sums, head copies and the GELU are in
+    /// the compute dtype; the norms, softmax, residual stream and group sums stay float32; and
+    /// three kinds of tensors exist only then: each normalised input's cast copy, the float32
+    /// copy of a row-parallel product joining the residual stream, and the softmax's cast copy
+    /// feeding `probs · v`.
+    fn kept(&self, tp: u64, mixed: bool) -> Kept {
         let (t, s, w) = (self.tokens, self.keys, self.width);
         let parallel = u64::from(tp > 1);
-        // ln_1, the output projection and its sum, residual, ln_2, c_proj and its sum,
-        // residual, and the group copies and sums under tensor parallelism.
-        let shared = t * w * (8 + 4 * parallel);
-        let attention = if self.cross {
-            // q (product, bias, heads), merged heads (product, copy); ln_1_kv, k and v.
-            5 * t * w / tp + s * w * (1 + parallel) + 6 * s * w / tp
+        let extra = u64::from(mixed);
+        let heads = self.heads.div_ceil(tp);
+        // ln_1, residual, ln_2, residual (float32); the output projection and c_proj, each a
+        // product and its bias sum (compute dtype) and, under autocast, its float32 copy; the
+        // group copies and sums under tensor parallelism (float32).
+        let mut kept = Kept {
+            single: t * w * (4 + 4 * parallel + 2 * extra),
+            half: t * w * (4 + 2 * extra),
+        };
+        if self.cross {
+            // q (product, bias, heads), merged heads (product, copy); ln_1_kv (float32) and
+            // its cast copy, k and v (product, bias, heads).
+            kept.half += 5 * t * w / tp + 6 * s * w / tp + extra * s * w;
+            kept.single += s * w * (1 + parallel);
         } else {
             // q/k/v packed (product, bias, heads), merged heads (product, copy).
-            11 * t * w / tp
-        };
-        let scores = 2 * self.heads.div_ceil(tp) * t * s;
-        shared + attention + scores + 3 * t * self.hidden / tp
+            kept.half += 11 * t * w / tp;
+        }
+        // The scores (a product) and their softmax (float32), its cast copy under autocast.
+        kept.half += heads * t * s * (1 + extra);
+        kept.single += heads * t * s;
+        // The MLP's hidden layer: c_fc's product and bias sum, and the GELU.
+        kept.half += 3 * t * self.hidden / tp;
+        kept
     }
 
     /// What a checkpointed block keeps per sample: its input.
@@ -123,11 +158,12 @@ impl Block {
         self.tokens * self.width
     }
 
-    /// The output projection's weight transposed into a contiguous copy (`c_proj`, whose
-    /// input is wider than its output), kept with the graph: floats per block, not per sample.
-    fn weight_copy_floats(&self, tp: u64) -> u64 {
+    /// The output projection's weight transposed into a contiguous float32 copy (`c_proj`,
+    /// whose input is wider than its output), kept with the graph: floats per block, not per
+    /// sample. Under autocast the cast copy is that contiguous copy (in the compute copies).
+    fn weight_copy_floats(&self, tp: u64, mixed: bool) -> u64 {
         let local = self.hidden / tp;
-        if local > self.width {
+        if local > self.width && !mixed {
             local * self.width
         } else {
             0
@@ -137,7 +173,7 @@ impl Block {
 
 /// Every transformer block of the model (with how many of it), and the floats per sample of
 /// everything else the graph keeps.
-fn model_blocks(config: &CocaConfig, tp: u64) -> (Vec<(Block, u64)>, u64) {
+fn model_blocks(config: &CocaConfig, tp: u64, mixed: bool) -> (Vec<(Block, u64)>, Kept) {
     let v = &config.vision_cfg;
     let t = &config.text_cfg;
     let m = &config.multimodal_cfg;
@@ -173,21 +209,41 @@ fn model_blocks(config: &CocaConfig, tp: u64) -> (Vec<(Block, u64)>, u64) {
         + 2 * (v.attn_pooler_heads as u64).div_ceil(tp) * queries * image_tokens;
     // The text stem: embedding rows, cls, positions, the mask.
     let text_rest = 3 * text_tokens * t.width as u64 + text_tokens * text_tokens;
-    // The caption logits, kept for the loss, and their gradient.
-    let logits = 2 * decoder_tokens * (m.vocab_size as u64).div_ceil(tp)
-        + decoder_tokens * m.width as u64 * (1 + parallel);
+    // The caption logits, kept for the loss, and their gradient (under autocast the product
+    // is in the compute dtype and the loss reads its float32 copy).
+    let logits = decoder_tokens * (m.vocab_size as u64).div_ceil(tp);
+    let decoder_out = decoder_tokens * m.width as u64 * (1 + parallel);
     let blocks = vec![
         (vision, v.layers as u64),
         (text, t.layers as u64),
         (decoder, m.layers as u64),
         (cross, m.layers as u64),
     ];
-    (blocks, image_rest + text_rest + logits)
+    let rest = Kept {
+        single: image_rest + text_rest + decoder_out + logits * (1 + u64::from(mixed)),
+        half: logits,
+    };
+    (blocks, rest)
+}
+
+/// Elements kept in float32 and in the compute dtype (both float32 without autocast).
+#[derive(Debug, Clone, Copy, Default)]
+struct Kept {
+    single: u64,
+    half: u64,
+}
+
+impl Kept {
+    /// Bytes with the products in `compute`.
+    fn bytes(&self, compute: DType) -> u64 {
+        F32 * self.single + compute.size_in_bytes() as u64 * self.half
+    }
 }
 
 /// Bytes of activations for `batch` samples: what the autograd graph keeps for the backward
 /// pass (every block of the image tower, the text tower and the decoder, the stems, the
-/// attentional pooler, the caption logits and their gradient; see [`Block::floats`]).
+/// attentional pooler, the caption logits and their gradient; see [`Block::kept`]), with the
+/// matrix products in `compute`.
 ///
 /// With activation checkpointing a block keeps only its input, and the backward pass holds one
 /// recomputed block at a time (the largest is counted). Transient buffers of single
@@ -197,24 +253,29 @@ pub fn activation_bytes(
     tp: usize,
     batch: usize,
     grad_checkpointing: bool,
+    compute: DType,
 ) -> u64 {
     let tp = tp.max(1) as u64;
     let batch = batch as u64;
     if batch == 0 {
         return 0;
     }
-    let (blocks, rest) = model_blocks(config, tp);
-    let whole = |b: &Block| batch * b.floats(tp) + b.weight_copy_floats(tp);
-    let blocks_floats: u64 = if grad_checkpointing {
+    let mixed = compute != DType::F32;
+    let (blocks, rest) = model_blocks(config, tp, mixed);
+    let whole = |b: &Block| {
+        batch * b.kept(tp, mixed).bytes(compute) + F32 * b.weight_copy_floats(tp, mixed)
+    };
+    let blocks_bytes: u64 = if grad_checkpointing {
+        // A checkpointed block's input is the float32 residual stream.
         let inputs: u64 = blocks
             .iter()
-            .map(|(b, n)| n * batch * b.checkpointed_floats())
+            .map(|(b, n)| F32 * n * batch * b.checkpointed_floats())
             .sum();
         inputs + blocks.iter().map(|(b, _)| whole(b)).max().unwrap_or(0)
     } else {
         blocks.iter().map(|(b, n)| n * whole(b)).sum()
     };
-    F32 * (blocks_floats + batch * rest)
+    blocks_bytes + batch * rest.bytes(compute)
 }
 
 #[cfg(test)]
@@ -226,26 +287,26 @@ mod tests {
         // The README's bench-memory figures for coca_ViT-L-14 (638,450,177 parameters).
         let config = CocaConfig::resolve("coca_ViT-L-14").unwrap();
         let p = 638_450_177u64;
-        let e = estimate(&config, 1, 1, None, 0, false).unwrap();
+        let e = estimate(&config, 1, 1, None, 0, false, DType::F32).unwrap();
         assert_eq!(e.parameters, p);
         assert_eq!(e.parameter_bytes, 4 * p);
         assert_eq!(e.optimizer_bytes, 8 * p);
         assert_eq!(e.gradient_bytes, 12 * p);
         assert_eq!(e.activation_bytes, 0);
-        let s2 = estimate(&config, 1, 8, Some(ZeroStage::Two), 0, false).unwrap();
+        let s2 = estimate(&config, 1, 8, Some(ZeroStage::Two), 0, false, DType::F32).unwrap();
         assert_eq!(s2.optimizer_bytes, 8 * p.div_ceil(8));
         assert_eq!(s2.gradient_bytes, 4 * (p.div_ceil(8) + 2 * p));
-        let s1 = estimate(&config, 1, 8, Some(ZeroStage::One), 0, false).unwrap();
+        let s1 = estimate(&config, 1, 8, Some(ZeroStage::One), 0, false, DType::F32).unwrap();
         assert_eq!(s1.gradient_bytes, 12 * p);
         // tp 2 holds 1.282 GB of parameters per rank (bench-memory).
-        let tp2 = estimate(&config, 2, 1, None, 0, false).unwrap();
+        let tp2 = estimate(&config, 2, 1, None, 0, false, DType::F32).unwrap();
         assert!((1_280_000_000..1_285_000_000).contains(&tp2.parameter_bytes));
         // Activations grow with the batch, and tensor parallelism splits them.
-        let b8 = estimate(&config, 1, 1, None, 8, false).unwrap();
-        let b16 = estimate(&config, 1, 1, None, 16, false).unwrap();
+        let b8 = estimate(&config, 1, 1, None, 8, false, DType::F32).unwrap();
+        let b16 = estimate(&config, 1, 1, None, 16, false, DType::F32).unwrap();
         assert!(b16.activation_bytes > 19 * b8.activation_bytes / 10);
         assert!(b8.activation_bytes > 1 << 30, "{}", b8.activation_bytes);
-        let tp2 = estimate(&config, 2, 1, None, 8, false).unwrap();
+        let tp2 = estimate(&config, 2, 1, None, 8, false, DType::F32).unwrap();
         assert!(tp2.activation_bytes < b8.activation_bytes);
         assert_eq!(
             b8.total_bytes,
@@ -264,16 +325,21 @@ mod tests {
         // --tensor_parallel 1 --grad_checkpointing False|True`; the README's figures).
         let config = CocaConfig::resolve("coca_ViT-B-32").unwrap();
         for (checkpointing, measured) in [(false, 10_315_661_312u64), (true, 7_750_594_560)] {
-            let e = estimate(&config, 1, 1, None, 8, checkpointing).unwrap();
+            let e = estimate(&config, 1, 1, None, 8, checkpointing, DType::F32).unwrap();
             let error = e.total_bytes as f64 / measured as f64 - 1.0;
             assert!(
                 error.abs() < 0.15,
                 "checkpointing {checkpointing}: {error:+.3}"
             );
         }
+        // bf16 autocast (`--bf16 True`): the measured peak is above float32's on the CPU.
+        let e = estimate(&config, 1, 1, None, 8, false, DType::BF16).unwrap();
+        let error = e.total_bytes as f64 / 11_290_841_088f64 - 1.0;
+        assert!(error.abs() < 0.15, "bf16: {error:+.3}");
+        assert!(e.compute_copy_bytes > 0 && e.activation_bytes < 3 << 30);
         // Checkpointing keeps a fraction of the activations; nothing else changes.
-        let plain = estimate(&config, 1, 1, None, 8, false).unwrap();
-        let checkpointed = estimate(&config, 1, 1, None, 8, true).unwrap();
+        let plain = estimate(&config, 1, 1, None, 8, false, DType::F32).unwrap();
+        let checkpointed = estimate(&config, 1, 1, None, 8, true, DType::F32).unwrap();
         assert!(checkpointed.activation_bytes * 4 < plain.activation_bytes);
         assert_eq!(
             plain.total_bytes - plain.activation_bytes,

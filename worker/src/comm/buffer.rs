@@ -143,6 +143,31 @@ impl FlatBuffer {
         Ok(())
     }
 
+    /// Multiplies every element by `factor` (e.g. unscaling loss-scaled gradients).
+    pub fn scale(&mut self, factor: f64) -> Result<()> {
+        match self {
+            Self::Host(v) => {
+                let f = factor as f32;
+                v.iter_mut().for_each(|x| *x *= f);
+            }
+            Self::Device(t) => *t = t.affine(factor, 0.0)?,
+        }
+        Ok(())
+    }
+
+    /// Sets element `i` to `value` (a test's injected overflow).
+    pub fn set(&mut self, i: usize, value: f32) -> Result<()> {
+        ensure!(i < self.len(), "element {i} of a buffer of {}", self.len());
+        match self {
+            Self::Host(v) => v[i] = value,
+            Self::Device(t) => {
+                let one = Tensor::new(&[value], t.device())?;
+                *t = t.slice_scatter0(&one, i)?;
+            }
+        }
+        Ok(())
+    }
+
     /// `self += other` (the same length and placement).
     pub fn add_assign(&mut self, other: &Self) -> Result<()> {
         ensure!(

@@ -9,6 +9,7 @@
 
 mod buffer;
 pub mod failure_signal;
+pub mod job_groups;
 #[cfg(feature = "nccl")]
 pub mod nccl;
 pub mod unique_id;

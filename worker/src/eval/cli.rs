@@ -68,7 +68,8 @@ pub struct EvalArgs {
     /// No progress bar (there is none anyway when stderr is not a terminal).
     #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", value_parser = parse_bool)]
     pub disable_tqdm: bool,
-    /// The seed's precision flags: `False` is float32, as this build computes.
+    /// The seed's precision flags: `--bf16 True`/`--fp16 True` compute the matrix products in
+    /// half precision (autocast), everything else in float32.
     #[command(flatten)]
     pub precision: PrecisionArgs,
 }
@@ -184,7 +185,7 @@ fn settings(args: &EvalArgs, world: usize) -> serde_json::Value {
             .as_ref()
             .and_then(|d| classifier_cache_path(args, d))
             .map(|p| p.display().to_string()),
-        "precision": "fp32",
+        "precision": args.precision.describe(),
         "world_size": world,
     })
 }
@@ -196,7 +197,7 @@ fn evaluate(
     comm: &Arc<dyn Collective>,
     hub: &Hub,
 ) -> Result<Vec<serde_json::Value>> {
-    let loaded = args.model.load_with(hub)?;
+    let loaded = args.model.load_with(hub, args.precision.autocast())?;
     let mut lines = Vec::new();
     if let (Some(dir), Some(folder)) = (&args.classification_eval, &inputs.folder) {
         let cache = classifier_cache_path(args, dir);

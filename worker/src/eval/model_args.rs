@@ -3,8 +3,10 @@
 
 use crate::checkpoint::load_for_model;
 use crate::device::DeviceArgs;
+use crate::distributed::tensor_parallel::TensorParallel;
 use crate::hub::weights::{self, Request, Weights};
 use crate::hub::{hf, paddlemix, Hub, HubEnv};
+use crate::model::autocast::Autocast;
 use crate::model::source::resolve_config_in;
 use crate::model::CoCa;
 use anyhow::{bail, Context, Result};
@@ -54,11 +56,12 @@ impl LoadedModel {
 impl ModelArgs {
     /// Resolves the config and the weight file (fetching released weights) and loads them.
     pub fn load(&self) -> Result<LoadedModel> {
-        self.load_with(&Hub::from_env())
+        self.load_with(&Hub::from_env(), Autocast::off())
     }
 
-    /// [`load`](Self::load) with released weights fetched through `hub` (one rank per node).
-    pub fn load_with(&self, hub: &Hub) -> Result<LoadedModel> {
+    /// [`load`](Self::load) with released weights fetched through `hub` (one rank per node),
+    /// the model computing its matrix products as `autocast` says (`--bf16`/`--fp16`).
+    pub fn load_with(&self, hub: &Hub, autocast: Autocast) -> Result<LoadedModel> {
         let request = Request {
             model: &self.model,
             pretrained: self.pretrained.as_deref(),
@@ -66,6 +69,7 @@ impl ModelArgs {
             dir_weights_by_default: true,
         };
         let device = self.device.open()?;
+        crate::cuda_setup::check_precision(&device, autocast.compute_dtype())?;
         let (config, weights) = weights::resolve(request, hub)?;
         let Weights::File { path, origin } = weights else {
             bail!(
@@ -76,9 +80,10 @@ impl ModelArgs {
         };
         tracing::info!("weights: {origin}");
         let tensors = load_for_model(&path, &config, DType::F32, &device)?;
-        let model = CoCa::new(
+        let model = CoCa::new_parallel(
             &config,
             VarBuilder::from_tensors(tensors, DType::F32, &device),
+            &TensorParallel::single().with_autocast(autocast),
         )
         .with_context(|| format!("building the model from {}", path.display()))?;
         Ok(LoadedModel {

@@ -95,7 +95,7 @@ impl MultiheadAttention {
     /// Queries, keys and values `[B, H, T, hd]` of `x` `[B, T, d]` for self-attention (and for
     /// decoding, which appends the keys and values to its cache).
     pub(crate) fn self_qkv(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-        let x = self.tp.copy_in(x)?;
+        let x = self.tp.autocast().cast(&self.tp.copy_in(x)?)?;
         let Some(in_proj) = &self.in_proj else {
             return Ok((
                 self.split_heads(&self.q_proj.forward(&x)?)?,
@@ -120,7 +120,9 @@ impl MultiheadAttention {
         kv_x: &Tensor,
         mask: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let (q_x, kv_x) = (self.tp.copy_in(q_x)?, self.tp.copy_in(kv_x)?);
+        let ac = self.tp.autocast();
+        let q_x = ac.cast(&self.tp.copy_in(q_x)?)?;
+        let kv_x = ac.cast(&self.tp.copy_in(kv_x)?)?;
         let q = self.split_heads(&self.q_proj.forward(&q_x)?)?;
         let k = self.split_heads(&self.k_proj.forward(&kv_x)?)?;
         let v = self.split_heads(&self.v_proj.forward(&kv_x)?)?;
@@ -130,6 +132,7 @@ impl MultiheadAttention {
     /// The keys and values `[B, S, d]` of `kv_x` `[B, S, kdim]` (heads interleaved), for
     /// repeated cross-attention over it while decoding.
     pub fn cross_kv(&self, kv_x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let kv_x = &self.tp.autocast().cast(kv_x)?;
         let Some(in_proj) = &self.in_proj else {
             return Ok((self.k_proj.forward(kv_x)?, self.v_proj.forward(kv_x)?));
         };
@@ -165,10 +168,13 @@ impl MultiheadAttention {
         mask: Option<&Tensor>,
     ) -> Result<Tensor> {
         let (b, h, t, hd) = q.dims4()?;
-        let scores = q.matmul(&k.t()?)?;
+        let ac = self.tp.autocast();
+        let scores = ac.matmul(q, &k.t()?)?;
+        // The softmax computes (and returns) float32; its product with v is back in the
+        // compute dtype.
         let probs = ops::masked_softmax(&scores, mask, 1.0 / (hd as f64).sqrt())?;
-        let out = probs
-            .matmul(v)?
+        let out = ac
+            .matmul(&probs, v)?
             .transpose(1, 2)?
             .contiguous()?
             .reshape((b, t, h * hd))?;

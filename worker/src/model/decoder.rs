@@ -1,5 +1,6 @@
 //! The multimodal text decoder: open_clip's `MultimodalTransformer`.
 
+use super::autocast::widen;
 use super::config::CocaConfig;
 use super::layers::{matmul_last, normal, LayerNorm};
 use super::transformer::{causal_mask, BlockShape, ResidualAttentionBlock};
@@ -95,7 +96,12 @@ impl MultimodalDecoder {
     /// parallelism.
     pub fn forward(&self, image_embs: &Tensor, text_embs: &Tensor) -> Result<Tensor> {
         let hidden = self.tp.copy_in(&self.hidden(image_embs, text_embs)?)?;
-        matmul_last(&hidden, &self.text_projection, None)
+        // In the compute dtype, as autocast returns them; the losses compute in float32.
+        matmul_last(
+            &self.tp.autocast().cast(&hidden)?,
+            &self.text_projection,
+            None,
+        )
     }
 
     /// Vocabulary logits `[B, vocab]` for the last position only (generation; degree 1 only).
@@ -103,9 +109,7 @@ impl MultimodalDecoder {
         self.single_only("generation")?;
         let hidden = self.hidden(image_embs, text_embs)?;
         let t = hidden.dim(1)?;
-        hidden
-            .narrow(1, t - 1, 1)?
-            .squeeze(1)?
-            .matmul(&self.text_projection)
+        let last = hidden.narrow(1, t - 1, 1)?.squeeze(1)?;
+        widen(&self.tp.autocast().matmul(&last, &self.text_projection)?)
     }
 }

@@ -1,5 +1,6 @@
 //! The small building blocks: layer norm, linear maps and the transformer MLP.
 
+use super::autocast::widen;
 use super::ops;
 use crate::distributed::tensor_parallel::TensorParallel;
 use candle_core::{Result, Tensor};
@@ -24,6 +25,7 @@ impl LayerNorm {
         })
     }
 
+    /// Normalises `x` (any float dtype); the output is float32.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         ops::layer_norm(x, &self.weight, &self.bias, LAYER_NORM_EPS)
     }
@@ -69,6 +71,8 @@ impl Linear {
         Self { weight, bias }
     }
 
+    /// `x · Wᵀ + b` in `x`'s dtype (the weight and bias are cast to it: autocast's product
+    /// when `x` is half precision).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         matmul_last(x, &self.weight_t()?, self.bias.as_ref())
     }
@@ -95,12 +99,13 @@ impl Linear {
 
     /// A row-parallel layer: this member's weight columns times its slice of the input, summed
     /// over the tensor-parallel group, then the (replicated) bias once. [`Self::forward`] at
-    /// degree 1.
+    /// degree 1. The output is float32 (it joins the residual stream; under mixed precision
+    /// the sum over the group is taken in float32).
     pub fn forward_reduced(&self, x: &Tensor, tp: &TensorParallel) -> Result<Tensor> {
         if tp.is_single() {
-            return self.forward(x);
+            return widen(&self.forward(x)?);
         }
-        let y = tp.reduce_out(&matmul_last(x, &self.weight_t()?, None)?)?;
+        let y = tp.reduce_out(&widen(&matmul_last(x, &self.weight_t()?, None)?)?)?;
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
@@ -108,14 +113,16 @@ impl Linear {
     }
 }
 
-/// `x · w (+ b)` over the last dimension of `x`, for a `[in, out]` matrix `w`.
+/// `x · w (+ b)` over the last dimension of `x`, for a `[in, out]` matrix `w`, in `x`'s dtype
+/// (`w` and `b` are cast to it).
 pub fn matmul_last(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let dims = x.dims();
     let in_dim = *dims.last().unwrap_or(&1);
     let rows = x.elem_count() / in_dim.max(1);
-    let mut y = x.contiguous()?.reshape((rows, in_dim))?.matmul(w)?;
+    let w = w.to_dtype(x.dtype())?;
+    let mut y = x.contiguous()?.reshape((rows, in_dim))?.matmul(&w)?;
     if let Some(b) = bias {
-        y = y.broadcast_add(b)?;
+        y = y.broadcast_add(&b.to_dtype(x.dtype())?)?;
     }
     let mut out_dims = dims.to_vec();
     if let Some(last) = out_dims.last_mut() {
@@ -164,8 +171,9 @@ impl Mlp {
         }
     }
 
+    /// `c_proj(gelu(c_fc(x)))`: the products in the compute dtype, the output float32.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = self.tp.copy_in(x)?;
+        let x = self.tp.autocast().cast(&self.tp.copy_in(x)?)?;
         self.c_proj
             .forward_reduced(&ops::gelu_erf(&self.c_fc.forward(&x)?)?, &self.tp)
     }

@@ -1,6 +1,7 @@
 //! The CoCa model (arXiv 2205.01917) as open_clip defines it, one concern per file.
 
 pub mod attention;
+pub mod autocast;
 pub mod coca;
 pub mod config;
 pub mod decoder;

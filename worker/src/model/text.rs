@@ -1,5 +1,6 @@
 //! The text tower: open_clip's `TextTransformer` with CoCa's appended cls token.
 
+use super::autocast::widen;
 use super::config::CocaConfig;
 use super::layers::{normal, LayerNorm};
 use super::transformer::{BlockShape, Transformer};
@@ -102,7 +103,7 @@ impl TextTower {
         let mask = self.attention_mask(&ids)?;
         let x = self.transformer.forward(&x, Some(&mask))?;
         let pooled = self.ln_final.forward(&x.narrow(1, t, 1)?.squeeze(1)?)?;
-        let pooled = pooled.matmul(&self.text_projection)?;
+        let pooled = widen(&self.tp.autocast().matmul(&pooled, &self.text_projection)?)?;
         Ok(TextOutput {
             pooled,
             tokens: x.narrow(1, 0, t)?,

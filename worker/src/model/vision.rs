@@ -1,5 +1,6 @@
 //! The image tower: open_clip's `VisionTransformer` with an attentional pooler, as CoCa uses it.
 
+use super::autocast::{widen, Autocast};
 use super::config::CocaConfig;
 use super::layers::{matmul_last, normal, LayerNorm};
 use super::pooler::AttentionalPooler;
@@ -22,6 +23,7 @@ pub struct VisionTower {
     proj: Tensor,
     patch_size: usize,
     image_size: usize,
+    autocast: Autocast,
 }
 
 /// What the image tower produces.
@@ -73,6 +75,7 @@ impl VisionTower {
             proj: vb.get_with_hints((e, e), "proj", normal(scale))?,
             patch_size: v.patch_size,
             image_size: v.image_size,
+            autocast: tp.autocast(),
         })
     }
 
@@ -101,7 +104,7 @@ impl VisionTower {
             .contiguous()?
             .reshape((b, gh * gw, c * p * p))?;
         let kernel = self.conv1.reshape((width, c * p * p))?.t()?;
-        let x = matmul_last(&patches, &kernel, None)?;
+        let x = widen(&matmul_last(&self.autocast.cast(&patches)?, &kernel, None)?)?;
         let cls = self
             .class_embedding
             .reshape((1, 1, width))?
@@ -111,7 +114,8 @@ impl VisionTower {
         let x = self.transformer.forward(&x, None)?;
         let x = self.ln_post.forward(&self.attn_pool.forward(&x)?)?;
         let n = x.dim(1)?;
-        let pooled = x.narrow(1, 0, 1)?.squeeze(1)?.matmul(&self.proj)?;
+        let pooled = x.narrow(1, 0, 1)?.squeeze(1)?;
+        let pooled = widen(&self.autocast.matmul(&pooled, &self.proj)?)?;
         let tokens = x.narrow(1, 1, n - 1)?;
         Ok(VisionOutput { pooled, tokens })
     }

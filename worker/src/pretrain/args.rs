@@ -6,6 +6,7 @@
 //! with a suggestion (clap's). A flag this build cannot honour is an error from
 //! [`PretrainArgs::validate`], never silently ignored.
 
+pub use super::precision_args::{Fp16OptLevel, PrecisionArgs};
 use crate::train::trainer::ZeroStage;
 use anyhow::{bail, Result};
 use clap::Args;
@@ -38,28 +39,6 @@ pub fn normalize_flag_spelling(args: impl IntoIterator<Item = String>) -> Vec<St
             _ => a,
         })
         .collect()
-}
-
-/// The seed's precision flags (`run_pretrain_dist.py` and `run_zero_shot_eval.py` both take
-/// them). This build computes in float32: `False` is accepted, `True` is an error.
-#[derive(Debug, Clone, Copy, Args, serde::Serialize, serde::Deserialize)]
-pub struct PrecisionArgs {
-    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", value_parser = parse_bool)]
-    pub bf16: bool,
-    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", value_parser = parse_bool)]
-    pub fp16: bool,
-}
-
-impl PrecisionArgs {
-    /// Refuses mixed precision, naming the flag.
-    pub fn check(&self) -> Result<()> {
-        for (on, flag) in [(self.bf16, "--bf16"), (self.fp16, "--fp16")] {
-            if on {
-                bail!("{flag} True: mixed precision needs a GPU build; this build computes in float32 (pass {flag} False)");
-            }
-        }
-        Ok(())
-    }
 }
 
 /// The training flags. Names and meanings follow the seed; defaults follow the seed where it has

@@ -13,6 +13,7 @@ use super::optimizer_shards::{self, ShardIndex};
 use crate::checkpoint::{read_safetensors, write_safetensors_atomic};
 use crate::data::loader::LoaderPosition;
 use crate::model::CocaConfig;
+use crate::train::loss_scaler::LossScaler;
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
@@ -39,6 +40,9 @@ pub struct TrainerState {
     pub model_config: CocaConfig,
     /// The run's resolved settings, for the record.
     pub run: serde_json::Value,
+    /// The float16 loss scaler (`--fp16 True`), restored on resume; absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scaler: Option<LossScaler>,
 }
 
 /// A checkpoint read back.

@@ -11,7 +11,8 @@ use super::preemption::Preemption;
 use super::preflight::{self, Checked, TrainData};
 use super::rank_checkpoint;
 use super::summary::{StartupSummary, WeightsOrigin};
-use crate::comm::{HostTransport, PlacementRule};
+use crate::comm::job_groups::JobGroups;
+use crate::comm::PlacementRule;
 use crate::data::loader::{Loader, LoaderPosition};
 use crate::data::sampler::DistributedSampler;
 use crate::data::tokenizer::ClipTokenizer;
@@ -25,8 +26,9 @@ use crate::model::trainable::trainable_model_parallel;
 use crate::model::{CoCa, CocaLossConfig};
 use crate::train::adamw::AdamWConfig;
 use crate::train::groups::TowerGroups;
+use crate::train::loss_scaler::LossScaler;
 use crate::train::schedule::CosineSchedule;
-use crate::train::trainer::{Trainer, TrainerConfig, TrainerGroups};
+use crate::train::trainer::{Trainer, TrainerConfig};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
@@ -138,17 +140,17 @@ fn train(
         origin,
     } = resolve_model(&args, &hub)?;
     let weights_loaded = weights.is_some();
-    crate::cuda_setup::check_fits(
-        &device,
-        &crate::memory_estimate::estimate(
-            &config,
-            args.tensor_parallel_degree,
-            args.sharding_parallel_degree,
-            args.zero_stage()?,
-            batch,
-            args.grad_checkpointing,
-        )?,
+    let memory = crate::memory_estimate::estimate(
+        &config,
+        args.tensor_parallel_degree,
+        args.sharding_parallel_degree,
+        args.zero_stage()?,
+        batch,
+        args.grad_checkpointing,
+        args.precision.compute_dtype(),
     )?;
+    crate::cuda_setup::check_fits(&device, &memory)?;
+    crate::cuda_setup::check_precision(&device, args.precision.compute_dtype())?;
     let TrainData {
         source,
         synthetic: is_synthetic,
@@ -168,7 +170,7 @@ fn train(
         Some(c) => Some(c.weights.clone()),
         None => weights,
     };
-    let tp = TensorParallel::new(ctx.tensor.clone());
+    let tp = TensorParallel::new(ctx.tensor.clone()).with_autocast(args.precision.autocast());
     tp.check(&config)
         .context("--tensor_parallel_degree does not fit the model")?;
     // Full weights (pretrained or resumed) are sliced to this rank's shards.
@@ -228,18 +230,20 @@ fn train(
         },
         buffers: PlacementRule::from_env()?,
     };
-    let trainer_groups = TrainerGroups {
-        data: HostTransport::shared(ctx.data.clone()),
-        sharding: HostTransport::shared(ctx.sharding.clone()),
-        replicas: HostTransport::shared(ctx.replicas.clone()),
-        stage: args.zero_stage()?,
-    };
+    // Kept alive as long as the trainer: its watchdog releases blocked NCCL collectives.
+    let job_groups = JobGroups::for_device(ctx, &device)?;
+    tracing::info!(backend = job_groups.backend, "gradient collectives");
+    let trainer_groups = job_groups.trainer_groups(args.zero_stage()?);
     let mut trainer = Trainer::in_groups(model, &vars, &groups, trainer_config, trainer_groups)?;
     let mut position = LoaderPosition::default();
+    let mut scaler = args.precision.loss_scaler();
     if let Some(c) = &resumed {
         let moments = shard_moments(&c.optimizer, &tp)?;
         trainer.restore_optimizer(&moments, c.state.adam_step, c.state.global_step)?;
         position = c.state.loader_position;
+        if let Some(s) = c.state.loss_scaler {
+            scaler = Some(s);
+        }
         eprintln!(
             "resuming from {} at step {}",
             c.dir.display(),
@@ -337,8 +341,9 @@ fn train(
             start_step: trainer.step,
             total_steps,
             steps_per_epoch,
-            precision: "fp32",
+            precision: args.precision.describe(),
             grad_checkpointing: args.grad_checkpointing,
+            memory,
             output_dir: args.output_dir.display().to_string(),
         };
         log.println(summary.to_string());
@@ -347,8 +352,12 @@ fn train(
     let mut nonfinite_in_a_row = 0;
     let mut skipped_total = 0usize;
     let mut skips = EpochSkips::new(position.epoch);
-    let save = |trainer: &Trainer, position: LoaderPosition| -> Result<()> {
+    let save = |trainer: &Trainer,
+                position: LoaderPosition,
+                loss_scaler: Option<LossScaler>|
+     -> Result<()> {
         let state = TrainerState {
+            loss_scaler,
             format_version: 1,
             global_step: trainer.step,
             adam_step: trainer.optimizer.step,
@@ -384,7 +393,8 @@ fn train(
             }
             let images = Tensor::from_vec(b.images, (b.len, 3, image_size, image_size), &device)?;
             let text = Tensor::from_vec(b.tokens, (b.len, text_len), &device)?;
-            let loss = trainer.backward(&images, &text, 1.0 / accum as f64)?;
+            let loss_scale = scaler.map_or(1.0, |s| s.scale);
+            let loss = trainer.backward(&images, &text, loss_scale / accum as f64)?;
             finite &= loss.total.is_finite();
             sums[0] += loss.total / accum as f64;
             sums[1] += loss.contrastive / accum as f64;
@@ -392,11 +402,25 @@ fn train(
             samples += b.len;
         }
         let report = if finite {
-            trainer.update()?
+            let inject = args.precision.fp16_inject_overflow_step == Some(trainer.step);
+            trainer.update_scaled(scaler.map_or(1.0, |s| s.scale), inject)?
         } else {
             trainer.skip_update()?
         };
-        if !report.applied {
+        if let Some(s) = scaler.as_mut() {
+            let before = s.scale;
+            s.update(report.applied);
+            if s.scale != before {
+                log.println(format!(
+                    "step {}: loss scale {before} -> {}",
+                    report.step + 1,
+                    s.scale
+                ));
+            }
+        }
+        // A float16 overflow (finite loss, non-finite gradients) is the loss scaler's business.
+        let overflow = finite && scaler.is_some();
+        if !report.applied && !overflow {
             nonfinite_in_a_row += 1;
             log.println(format!(
                 "warning: step {}: non-finite loss or gradient, update skipped ({nonfinite_in_a_row} in a row)",
@@ -408,7 +432,7 @@ fn train(
                     report.step + 1
                 );
             }
-        } else {
+        } else if report.applied {
             nonfinite_in_a_row = 0;
         }
         let metrics = StepMetrics {
@@ -430,7 +454,7 @@ fn train(
             if let Some(decision) = preemption.at_boundary(trainer.step)? {
                 skips.report(&log);
                 let saving = Instant::now();
-                save(&trainer, position)?;
+                save(&trainer, position, scaler)?;
                 log.println(format!(
                     "rank {}: preempted at step {}, checkpoint {} (its part saved in {:.2} s)",
                     ctx.rank,
@@ -448,12 +472,12 @@ fn train(
         }
         if args.save_steps > 0 && trainer.step % args.save_steps == 0 && trainer.step < total_steps
         {
-            save(&trainer, position)?;
+            save(&trainer, position, scaler)?;
         }
     }
     skips.report(&log);
     zero_shot(&mut log, trainer.step)?;
-    save(&trainer, position)?;
+    save(&trainer, position, scaler)?;
     log.finish(&args.output_dir.join("loss_curve.png"))?;
     if skipped_total > 0 {
         eprintln!("{skipped_total} samples were skipped in all (see the epoch reports above)");

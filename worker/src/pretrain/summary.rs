@@ -1,6 +1,7 @@
 //! The block rank 0 prints before step 1: what is about to be trained, on what, how, and where
 //! the results go, so that a wrong model, data set or layout shows before the first step.
 
+use coca_common::memory_estimate::MemoryEstimate;
 use std::fmt;
 
 /// Where the starting weights come from.
@@ -48,9 +49,12 @@ pub struct StartupSummary {
     pub start_step: u64,
     pub total_steps: u64,
     pub steps_per_epoch: usize,
-    pub precision: &'static str,
+    /// `fp32`, `bf16 (autocast)` or `fp16 O1 (autocast, loss scaling)`.
+    pub precision: String,
     /// Activation checkpointing (`--grad_checkpointing`).
     pub grad_checkpointing: bool,
+    /// This rank's memory estimate for the precision, checkpointing, batch and layout.
+    pub memory: MemoryEstimate,
     pub output_dir: String,
 }
 
@@ -105,6 +109,11 @@ impl fmt::Display for StartupSummary {
             false => "kept for the backward pass",
         };
         writeln!(f, "  activations {activations}")?;
+        writeln!(
+            f,
+            "  memory      per rank (estimate): {}",
+            self.memory.by_part()
+        )?;
         write!(f, "  output      {}", self.output_dir)
     }
 }
@@ -146,8 +155,18 @@ mod tests {
             start_step: 0,
             total_steps: 885_600,
             steps_per_epoch: 4_428,
-            precision: "fp32",
+            precision: "fp32".into(),
             grad_checkpointing: true,
+            memory: crate::memory_estimate::estimate(
+                &crate::model::CocaConfig::resolve("coca_ViT-L-14").unwrap(),
+                1,
+                8,
+                Some(crate::train::trainer::ZeroStage::Two),
+                16,
+                true,
+                candle_core::DType::F32,
+            )
+            .unwrap(),
             output_dir: "./output".into(),
         };
         let text = s.to_string();
@@ -160,6 +179,7 @@ mod tests {
             "885600 (4428 per epoch)",
             "fp32",
             "activations recomputed in the backward pass",
+            "memory      per rank (estimate): weights 2.38 + master 2.38 + gradients",
             "./output",
         ] {
             assert!(text.contains(needle), "{needle:?} missing from\n{text}");

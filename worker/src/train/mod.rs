@@ -3,6 +3,7 @@
 pub mod adamw;
 pub mod flat;
 pub mod groups;
+pub mod loss_scaler;
 pub mod norm;
 pub mod partition;
 pub mod schedule;

@@ -265,6 +265,21 @@ impl Trainer {
     /// parameters and clamps, then clears the gradients. Non-finite gradients skip the update
     /// on every rank alike (the schedule still advances).
     pub fn update(&mut self) -> Result<UpdateReport> {
+        self.update_scaled(1.0, false)
+    }
+
+    /// [`Self::update`] for gradients of a loss multiplied by `loss_scale` (float16 loss
+    /// scaling): they are divided by it after the reduction, before the norm, the clipping and
+    /// the update. `inject_overflow` (a test hook) makes this rank's gradient non-finite first,
+    /// as an overflow would; the global norm then skips the step on every rank.
+    pub fn update_scaled(
+        &mut self,
+        loss_scale: f64,
+        inject_overflow: bool,
+    ) -> Result<UpdateReport> {
+        if inject_overflow {
+            self.grads.set(0, f32::INFINITY)?;
+        }
         let p = self.partition;
         // Where this rank's block starts in the gradient buffer.
         let grads_offset = match self.groups.stage {
@@ -277,6 +292,9 @@ impl Trainer {
                 p.start
             }
         };
+        if loss_scale != 1.0 {
+            self.grads.scale(1.0 / loss_scale)?;
+        }
         let grad_norm = self.grad_norm(grads_offset)?;
         let lr_factor = self.config.schedule.factor(self.step);
         let report = UpdateReport {

@@ -50,6 +50,7 @@ pub use vocab::{
 pub use vocab_portable::vocab_parallel_cross_entropy_portable;
 
 use super::autograd::{copy_to_group, reduce_from_group};
+use crate::model::autocast::Autocast;
 use crate::model::config::{mlp_width, CocaConfig};
 use crate::train::adamw::global_norm;
 use crate::train::flat::Segment;
@@ -64,15 +65,18 @@ use std::sync::Arc;
 #[derive(Clone)]
 pub struct TensorParallel {
     group: Arc<dyn Collective>,
+    /// The compute dtype of the matrix products, carried to every layer with the group.
+    autocast: Autocast,
 }
 
 impl fmt::Debug for TensorParallel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "TensorParallel {{ rank: {}, size: {} }}",
+            "TensorParallel {{ rank: {}, size: {}, autocast: {:?} }}",
             self.rank(),
-            self.size()
+            self.size(),
+            self.autocast
         )
     }
 }
@@ -86,7 +90,22 @@ impl Default for TensorParallel {
 impl TensorParallel {
     /// Tensor parallelism over `group` (its size is the TP degree, its rank this member's).
     pub fn new(group: Arc<dyn Collective>) -> Self {
-        Self { group }
+        Self {
+            group,
+            autocast: Autocast::off(),
+        }
+    }
+
+    /// The same group, the layers built with it computing their matrix products as `autocast`
+    /// says (mixed precision reaches every layer through this context).
+    pub fn with_autocast(mut self, autocast: Autocast) -> Self {
+        self.autocast = autocast;
+        self
+    }
+
+    /// The compute dtype of the matrix products (see [`crate::model::autocast`]).
+    pub fn autocast(&self) -> Autocast {
+        self.autocast
     }
 
     /// Degree 1: the plain model.

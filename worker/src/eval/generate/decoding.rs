@@ -29,7 +29,12 @@ impl<'m> Decoding<'m> {
     /// on the CPU unless the portable ops are forced, else [`Self::Tensors`] (in the model's
     /// own dtype: `precision` is the row kernels' choice, and other than float32 it is ignored
     /// there with a warning).
+    /// A model computing in mixed precision (`--bf16`/`--fp16`) decodes by [`Self::Recompute`],
+    /// whose forward pass honours its autocast.
     pub fn new(model: &'m CoCa, precision: DecodePrecision) -> Result<Self> {
+        if model.tp.autocast().dtype().is_some() {
+            return Ok(Self::Recompute(model));
+        }
         let weights = &model.text_decoder.text_projection;
         if weights.device().is_cpu() && weights.dtype() == DType::F32 && !portable_forced() {
             return Ok(Self::Kernels(Box::new(DecodeWeights::new(
