@@ -294,3 +294,125 @@ fn dropping_the_cluster_stops_its_daemons_and_deletes_its_hosts_and_folder_even_
         assert!(!Path::new("/run/netns").join(&ns).exists(), "{ns} is left");
     }
 }
+
+/// Waits (bounded by `limit`) until job `id` has left the states in `from`; its state then
+/// (`None`: the controller forgot it).
+fn wait_job_leaves(slurm: &Slurm, id: &str, from: &[&str], limit: Duration) -> Option<String> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let state = slurm.job_state(id);
+        if !state.as_deref().is_some_and(|s| from.contains(&s)) {
+            return state;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "job {id} still {state:?} after {limit:?}\n{}",
+            slurm.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn usr1_to_the_batch_shell_checkpoints_the_job_and_the_requeued_job_ends_like_one_process() {
+    let _turn = serial();
+    let Some(slurm) = Slurm::start(NODES) else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let (steps, global_batch) = (40, 8);
+    let reference = Reference::train_with(tmp.path(), global_batch, steps, &CPU_JOB);
+    let out_dir = tmp.path().join("run");
+    let worker = with(
+        pretrain_flags(&reference.config, &out_dir, global_batch / WORLD, steps),
+        &CPU_JOB,
+    );
+    let env = script_env(&worker, &tmp.path().join("logs"));
+    let (code, out, err) = sbatch(&slurm, tmp.path(), "--parsable", &env).finish(JOB_LIMIT);
+    assert_eq!(code, 0, "sbatch: {out}\n{err}");
+    let id = job_id(&out);
+    common::training::wait_for_steps(&out_dir, 3, JOB_LIMIT);
+
+    // As `--signal=B:USR1@120` delivers it: to the batch shell alone, which forwards it.
+    let signalled = Instant::now();
+    let status = slurm
+        .command("scancel")
+        .args(["--signal=USR1", "--batch", &id])
+        .status();
+    assert!(
+        matches!(status, Ok(s) if s.success()),
+        "scancel: {status:?}"
+    );
+    let state = wait_job_leaves(
+        &slurm,
+        &id,
+        &["PENDING", "RUNNING", "COMPLETING"],
+        Duration::from_secs(60),
+    );
+    let took = signalled.elapsed();
+    let log = job_output(tmp.path(), &id);
+    assert_eq!(
+        log.matches("coca-launch: preempted at step ").count(),
+        NODES,
+        "every launcher checkpointed ({state:?}):\n{log}"
+    );
+    let checkpoints: Vec<String> = std::fs::read_dir(&out_dir)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.contains("checkpoint"))
+        .collect();
+    assert_eq!(checkpoints.len(), 1, "one checkpoint: {checkpoints:?}");
+    eprintln!(
+        "scancel --signal=USR1 --batch: {} after {:.1} s",
+        checkpoints[0],
+        took.as_secs_f64()
+    );
+
+    // The job resumes from it when requeued, and ends like one uninterrupted process.
+    let status = slurm.command("scontrol").args(["requeue", &id]).status();
+    assert!(
+        matches!(status, Ok(s) if s.success()),
+        "requeue: {status:?}"
+    );
+    let pending = slurm
+        .command("squeue")
+        .args(["-h", "-j", &id, "-o", "%T %r %S"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+    eprintln!("requeued: {pending:?}");
+    // SLURM delays a requeued job's start (its begin time); a test has no time to wait.
+    let status = slurm
+        .command("scontrol")
+        .args(["update", &format!("JobId={id}"), "StartTime=now"])
+        .status();
+    assert!(matches!(status, Ok(s) if s.success()), "update: {status:?}");
+    let requeued = Instant::now();
+    // Its output shows the resume once it runs (squeue may not list it for a moment).
+    let deadline = Instant::now() + JOB_LIMIT;
+    while !job_output(tmp.path(), &id).contains("resuming from") {
+        assert!(
+            Instant::now() < deadline,
+            "the requeued job {id} never resumed ({:?})\n{}\n{}",
+            slurm.job_state(&id),
+            job_output(tmp.path(), &id),
+            slurm.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let state = wait_job_leaves(
+        &slurm,
+        &id,
+        &["PENDING", "RUNNING", "COMPLETING"],
+        JOB_LIMIT,
+    );
+    assert!(
+        matches!(state.as_deref(), Some("COMPLETED") | None),
+        "requeued job {id} ended {state:?}\n{}",
+        job_output(tmp.path(), &id)
+    );
+    eprintln!(
+        "the requeued job ended {:.1} s after the requeue",
+        requeued.elapsed().as_secs_f64()
+    );
+    reference.assert_same_run(&out_dir, "pretrain.sbatch preempted with USR1 and requeued");
+}
