@@ -2,8 +2,10 @@
 //! SLURM cluster of two nodes, one per test host (`common::slurm`): with CPU settings through
 //! its environment variables, `sbatch --wait` trains the tiny model across both hosts and ends
 //! with the one-process parameters and losses; `scancel` of a running job leaves no
-//! `coca-launch` or `coca-worker` on either host within 15 s. The measured times are printed
-//! (README, "SLURM"). The tests take turns: each runs its own cluster.
+//! `coca-launch` or `coca-worker` on either host within 15 s; `scancel --signal=USR1 --batch`
+//! checkpoints the job and `scontrol requeue` resumes it to the one-process parameters. The
+//! measured times are printed (README, "SLURM"). The tests take turns: each runs its own
+//! cluster.
 
 mod common;
 
