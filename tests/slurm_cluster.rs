@@ -148,6 +148,21 @@ fn job_output(dir: &Path, id: &str) -> String {
     std::fs::read_to_string(dir.join(format!("slurm-{id}.out"))).unwrap_or_default()
 }
 
+/// A job of `steps` steps of the tiny model at a global batch of 8 over the `WORLD` workers,
+/// its one-process reference trained first: (the reference, the job's output folder, the
+/// script's environment, logs in `tmp/logs`).
+fn compared_job(tmp: &Path, steps: usize) -> (Reference, PathBuf, Vec<(String, String)>) {
+    let global_batch = 8;
+    let reference = Reference::train_with(tmp, global_batch, steps, &CPU_JOB);
+    let out_dir = tmp.join("run");
+    let worker = with(
+        pretrain_flags(&reference.config, &out_dir, global_batch / WORLD, steps),
+        &CPU_JOB,
+    );
+    let env = script_env(&worker, &tmp.join("logs"));
+    (reference, out_dir, env)
+}
+
 #[test]
 fn sbatch_wait_of_the_script_trains_across_both_hosts_to_the_one_process_parameters() {
     let _turn = serial();
@@ -155,15 +170,8 @@ fn sbatch_wait_of_the_script_trains_across_both_hosts_to_the_one_process_paramet
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
-    let (steps, global_batch) = (4, 8);
-    let reference = Reference::train_with(tmp.path(), global_batch, steps, &CPU_JOB);
-
-    let out_dir = tmp.path().join("run");
-    let worker = with(
-        pretrain_flags(&reference.config, &out_dir, global_batch / WORLD, steps),
-        &CPU_JOB,
-    );
-    let env = script_env(&worker, &tmp.path().join("logs"));
+    let steps = 4;
+    let (reference, out_dir, env) = compared_job(tmp.path(), steps);
     let started = Instant::now();
     let (code, out, err) = sbatch(&slurm, tmp.path(), "--wait", &env).finish(JOB_LIMIT);
     let took = started.elapsed();
@@ -322,14 +330,7 @@ fn usr1_to_the_batch_shell_checkpoints_the_job_and_the_requeued_job_ends_like_on
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
-    let (steps, global_batch) = (40, 8);
-    let reference = Reference::train_with(tmp.path(), global_batch, steps, &CPU_JOB);
-    let out_dir = tmp.path().join("run");
-    let worker = with(
-        pretrain_flags(&reference.config, &out_dir, global_batch / WORLD, steps),
-        &CPU_JOB,
-    );
-    let env = script_env(&worker, &tmp.path().join("logs"));
+    let (reference, out_dir, env) = compared_job(tmp.path(), 40);
     let (code, out, err) = sbatch(&slurm, tmp.path(), "--parsable", &env).finish(JOB_LIMIT);
     assert_eq!(code, 0, "sbatch: {out}\n{err}");
     let id = job_id(&out);
