@@ -4,7 +4,9 @@
 
 mod common;
 
-use common::jobs::{alive, descendants, free_udp_port, kill, wait_for_path, worker_pid, Job};
+use common::jobs::{
+    alive, descendants, free_udp_port, kill, loopback_node_flags, wait_for_path, worker_pid, Job,
+};
 use common::training::{
     assert_same_weights, launch_local, launcher_flags, losses, pretrain_flags, run_alone,
     run_launcher, with, JOB_LIMIT, TOKEN,
@@ -14,23 +16,7 @@ use std::time::{Duration, Instant};
 
 /// Launcher flags of `node` of a simulated two-node job on loopback, plus `extra`.
 fn node_flags(node: usize, port: &str, token: &str, log_dir: &Path, extra: &[&str]) -> Vec<String> {
-    let node = node.to_string();
-    let mut flags = vec![
-        "--nnodes",
-        "2",
-        "--node-rank",
-        &node,
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        port,
-        "--rdzv-token",
-        token,
-        "--log-dir",
-        log_dir.to_str().unwrap(),
-    ];
-    flags.extend_from_slice(extra);
-    flags.iter().map(|s| s.to_string()).collect()
+    loopback_node_flags("2", node, port, token, log_dir, extra)
 }
 
 #[test]

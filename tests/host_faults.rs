@@ -7,9 +7,9 @@
 
 mod common;
 
-use common::host_jobs::{assert_no_process_left, finish_all, start_launchers};
+use common::host_jobs::{assert_no_process_left, finish_all, start_launchers, wait_for_stderr};
 use common::hosts::{skip_without, Hosts};
-use common::jobs::{wait_for_path, Job};
+use common::jobs::wait_for_path;
 use common::training::{median_samples_per_s, pretrain_flags, Reference};
 use std::path::Path;
 use std::sync::Mutex;
@@ -26,20 +26,6 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Polls `job` until its stderr contains `needle` or it ends; when it appeared.
-fn wait_for_stderr(job: &mut Job, needle: &str, limit: Duration) -> Option<Instant> {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if job.output().1.contains(needle) {
-            return Some(Instant::now());
-        }
-        if job.wait(Duration::from_millis(50)).is_some() {
-            return job.output().1.contains(needle).then(Instant::now);
-        }
-    }
-    None
 }
 
 /// Starts a long 2-host × 2-worker run, waits until it is training, unplugs `victim`'s host and

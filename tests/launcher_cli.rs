@@ -258,3 +258,77 @@ fn gpu_workers_without_enough_gpus_are_a_one_line_error_naming_the_node() {
         assert!(worker_logs(&log_dir).is_empty(), "no worker started");
     }
 }
+
+#[test]
+fn bad_nnodes_ranges_are_one_line_usage_errors_before_any_worker_starts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let log_dir = tmp.path().join("log");
+    let log = log_dir.to_str().unwrap();
+    let node = [
+        "--node-rank",
+        "0",
+        "--master-addr",
+        "127.0.0.1",
+        "--log-dir",
+        log,
+    ];
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &["--nnodes", "3:2", "--", "--version"],
+            "--nnodes 3:2: MIN 3 is above MAX 2",
+        ),
+        // MIN below what tp × sharding needs.
+        (
+            &[
+                "--nnodes",
+                "1:2",
+                "--nproc-per-node",
+                "2",
+                "--",
+                "pretrain",
+                "--tensor_parallel_degree",
+                "4",
+            ],
+            "1 node(s) × 2 worker(s): the world of 2 processes cannot be split",
+        ),
+        // 2 nodes cannot share the micro-batch of 1 × dp 3.
+        (
+            &[
+                "--nnodes",
+                "2:3",
+                "--",
+                "pretrain",
+                "--per_device_train_batch_size",
+                "1",
+                "--max_steps",
+                "1",
+            ],
+            "2 node(s) give dp 2, and a micro-batch of 1 × dp 3 = 3 samples does not split",
+        ),
+        // Batch 4 fits (~453 MiB per worker), but on 1 node the worker takes batch 8 (~504 MiB).
+        (
+            &[
+                "--nnodes",
+                "1:2",
+                "--node-memory",
+                "480MiB",
+                "--",
+                "pretrain",
+                "--per_device_train_batch_size",
+                "4",
+                "--max_steps",
+                "1",
+            ],
+            "--nnodes 1:2: on 1 node(s) each worker takes per-device batch 8 (the global batch \
+             stays the same): this layout does not fit in this node's memory",
+        ),
+    ];
+    for (flags, needle) in cases {
+        let args: Vec<&str> = [&node[..], flags].concat();
+        let (code, out, err) = common::run("coca-launch", &args);
+        assert_eq!(code, 2, "{flags:?}\n{out}\n{err}");
+        let errors = error_lines(&err);
+        assert!(errors[0].contains(needle), "{needle:?} missing: {err}");
+        assert!(worker_logs(&log_dir).is_empty(), "no worker started");
+    }
+}

@@ -8,6 +8,11 @@
 
 use anyhow::{bail, Result};
 
+/// The per-device batch of an elastic job's generation, set by `coca-launch` for every worker
+/// when the job may run on fewer nodes than it started with (`--nnodes MIN:MAX`): the command's
+/// batch scaled so that every micro-batch keeps its samples on fewer data-parallel ranks.
+pub const PER_DEVICE_BATCH_ENV: &str = "COCA_PER_DEVICE_TRAIN_BATCH_SIZE";
+
 /// Degrees of a job and the mapping between ranks and coordinates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Topology {

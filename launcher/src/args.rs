@@ -20,9 +20,10 @@ pub const DEFAULT_MASTER_PORT: u16 = 29500;
     override_usage = "coca-launch [OPTIONS] -- WORKER-COMMAND [ARGS]..."
 )]
 pub struct LauncherArgs {
-    /// Number of nodes (default: SLURM_NNODES, else 1).
+    /// Number of nodes, `N` or `MIN:MAX` (elastic: after a lost node the job restarts on the
+    /// nodes left, at least MIN, with the same global batch). Default: SLURM_NNODES, else 1.
     #[arg(long, env = "PET_NNODES")]
-    pub nnodes: Option<usize>,
+    pub nnodes: Option<String>,
     /// Workers on this node: a number, `gpu` (visible GPUs), `cpu` (CPU cores) or `auto`
     /// (GPUs when there are any, else CPU cores).
     #[arg(long, env = "PET_NPROC_PER_NODE", default_value = "1")]
@@ -141,7 +142,10 @@ fn dash_spelling(arg: &str) -> String {
 /// Where this node sits in the job, after SLURM fallbacks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeLayout {
+    /// Nodes the job starts with (MAX of `--nnodes MIN:MAX`).
     pub nnodes: usize,
+    /// Fewest nodes the job may continue on (`nnodes` unless elastic).
+    pub min_nnodes: usize,
     pub node_rank: usize,
     pub master_addr: String,
     /// `None`: pick a free port (standalone).
@@ -163,10 +167,11 @@ pub fn node_layout(
             })
             .transpose()
     };
-    let nnodes = match args.nnodes {
-        Some(n) => n,
-        None => slurm_number("SLURM_NNODES")?.unwrap_or(1),
+    let range = match &args.nnodes {
+        Some(spec) => crate::elastic::parse_nnodes(spec)?,
+        None => crate::elastic::NodeRange::fixed(slurm_number("SLURM_NNODES")?.unwrap_or(1)),
     };
+    let nnodes = range.max;
     if nnodes == 0 {
         bail!("--nnodes must be at least 1");
     }
@@ -201,6 +206,7 @@ pub fn node_layout(
     };
     Ok(NodeLayout {
         nnodes,
+        min_nnodes: range.min,
         node_rank,
         master_addr,
         master_port,
@@ -322,6 +328,7 @@ mod tests {
             l,
             NodeLayout {
                 nnodes: 4,
+                min_nnodes: 4,
                 node_rank: 2,
                 master_addr: "gpu07".into(),
                 master_port: Some(DEFAULT_MASTER_PORT),
@@ -350,6 +357,17 @@ mod tests {
             .contains("--node-rank"));
         assert!(node_layout(&args(&["--nnodes", "2", "--node-rank", "2"]), none).is_err());
         assert!(node_layout(&args(&["--nnodes", "0"]), none).is_err());
+        let e = node_layout(&args(&["--nnodes", "3:2", "--node-rank", "0"]), none).unwrap_err();
+        assert_eq!(
+            format!("{e:#}"),
+            "--nnodes 3:2: MIN 3 is above MAX 2 (MIN:MAX is the fewest and the most nodes)"
+        );
+        let l = node_layout(
+            &args(&["--nnodes", "2:3", "--node-rank", "2", "--master-addr", "h0"]),
+            none,
+        )
+        .unwrap();
+        assert_eq!((l.min_nnodes, l.nnodes, l.standalone), (2, 3, false));
         assert!(nproc_per_node("gpu", 0).is_err());
         assert_eq!(nproc_per_node("auto", 2).unwrap(), 2);
         assert!(nproc_per_node("0", 0).is_err());

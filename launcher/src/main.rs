@@ -9,6 +9,7 @@
 
 mod address;
 mod args;
+mod elastic;
 mod gpus;
 mod interfaces;
 mod memory;

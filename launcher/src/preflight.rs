@@ -34,10 +34,21 @@ pub fn check_worker_command(
     worker_args: &[String],
     world: usize,
 ) -> Result<Option<MemoryAnswer>> {
+    check_worker_command_with(worker, worker_args, world, &[])
+}
+
+/// [`check_worker_command`] with extra environment variables (as a generation's workers get).
+pub fn check_worker_command_with(
+    worker: &Path,
+    worker_args: &[String],
+    world: usize,
+    env: &[(&str, String)],
+) -> Result<Option<MemoryAnswer>> {
     let out = Command::new(worker)
         .arg("check-args")
         .arg("--")
         .args(worker_args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .env("WORLD_SIZE", world.to_string())
         .env("RANK", "0")
         .env_remove("COCA_CONTROL_ADDR")

@@ -4,6 +4,7 @@
 
 use crate::address;
 use crate::args::{node_layout, nproc_per_node, CommandLine, LauncherArgs, NodeLayout};
+use crate::elastic::{self, Elastic, GenerationLayout, NodeRange};
 use crate::gpus;
 use crate::memory::{self, OomCounters};
 use crate::preempt::Preemption;
@@ -48,7 +49,8 @@ struct Job {
     worker_binary: PathBuf,
     layout: NodeLayout,
     nproc: usize,
-    topology: Topology,
+    /// The node counts the job may run on and the batch it keeps.
+    elastic: Elastic,
     token: Token,
     control_addr: SocketAddr,
     advertise: IpAddr,
@@ -127,6 +129,20 @@ pub fn run(command_line: CommandLine) -> Result<i32> {
     let sharding = degree_flag(&worker_args, "sharding_parallel_degree")?;
     // Checked before anything starts, so a bad layout fails here with the arithmetic.
     let topology = Topology::new(layout.nnodes * nproc, tp, sharding)?;
+    let mut elastic = Elastic {
+        range: NodeRange {
+            min: layout.min_nnodes,
+            max: layout.nnodes,
+        },
+        nproc,
+        tp,
+        sharding,
+        // Set from the worker's check below: only training has a batch to keep.
+        per_device_batch: None,
+        accumulation: degree_flag(&worker_args, "gradient_accumulation_steps")?,
+    };
+    // Every node count MIN..=MAX must be laid out (elastic jobs; the batch is checked below).
+    elastic.check()?;
     if !nproc.is_multiple_of(tp) {
         tracing::warn!(
             "--tensor_parallel_degree {tp} does not divide --nproc-per-node {nproc}: tensor-parallel \
@@ -143,6 +159,10 @@ pub fn run(command_line: CommandLine) -> Result<i32> {
     {
         let node = memory::available(args.node_memory.as_deref())?;
         preflight::check_memory(&answer, nproc, &node)?;
+        elastic.per_device_batch = Some(answer.per_device_train_batch_size);
+        // Every node count MIN..=MAX must keep the global batch (elastic jobs) and fit.
+        elastic.check()?;
+        elastic::check_memory_at_min(&elastic, &worker_binary, &worker_args, &node)?;
     }
     std::fs::create_dir_all(&args.log_dir)
         .with_context(|| format!("cannot create --log-dir {}", args.log_dir.display()))?;
@@ -159,6 +179,7 @@ pub fn run(command_line: CommandLine) -> Result<i32> {
             bind,
             token: token.clone(),
             nnodes: layout.nnodes,
+            min_nnodes: layout.min_nnodes,
             rdzv_timeout: args.rdzv_timeout(),
             heartbeat_timeout: Duration::from_secs(args.heartbeat_timeout),
             max_restarts: args.max_restarts,
@@ -197,7 +218,7 @@ pub fn run(command_line: CommandLine) -> Result<i32> {
         worker_binary,
         layout,
         nproc,
-        topology,
+        elastic,
         token,
         control_addr,
         advertise,
@@ -221,14 +242,34 @@ pub fn run(command_line: CommandLine) -> Result<i32> {
 /// Rendezvous, run, and again after each restart.
 fn generations(job: &Job, client: &ControlClient, signals: &Signals) -> Result<i32> {
     loop {
-        let plan = client
-            .rendezvous(job.args.rdzv_timeout())
-            .map_err(|e| ControlPlaneError(format!("{e:#}")))?;
-        if plan.world != job.topology.world {
+        // Connected: the control plane waits for this node (an elastic job's returning node
+        // waits here for the next restart).
+        tracing::info!(
+            "node {}: joining the job's rendezvous",
+            job.layout.node_rank
+        );
+        let plan = match client.rendezvous(job.args.rdzv_timeout()) {
+            Ok(plan) => plan,
+            // A returning node of an elastic job, waiting for a restart that never came.
+            Err(_) if elastic::finished_without_us(client) => {
+                tracing::info!(
+                    "the job finished without node {} (it was waiting to join at a restart)",
+                    job.layout.node_rank
+                );
+                return Ok(0);
+            }
+            Err(e) => bail!(ControlPlaneError(format!("{e:#}"))),
+        };
+        // Checked for every node count at start-up; an error here means the nodes disagree.
+        let layout = job
+            .elastic
+            .layout(plan.nodes.len())
+            .map_err(|e| ControlPlaneError(format!("generation {}: {e:#}", plan.generation)))?;
+        if plan.world != layout.topology.world {
             bail!(ControlPlaneError(format!(
                 "the nodes disagree on the world size: the control plane counts {} workers, this \
                  node expects {}",
-                plan.world, job.topology.world
+                plan.world, layout.topology.world
             )));
         }
         tracing::info!(
@@ -239,9 +280,12 @@ fn generations(job: &Job, client: &ControlClient, signals: &Signals) -> Result<i
             plan.rank_offset(job.layout.node_rank),
             plan.rank_offset(job.layout.node_rank) + job.nproc
         );
+        if job.elastic.range.is_elastic() {
+            tracing::info!("{}", job.elastic.describe(plan.generation, &layout));
+        }
         signals.idle.store(false, Ordering::SeqCst);
         let oom_before = OomCounters::read();
-        let workers = start_workers(job, &plan)?;
+        let workers = start_workers(job, &plan, &layout)?;
         let outcome = supervise(job, client, &plan, workers, signals, oom_before);
         signals.idle.store(true, Ordering::SeqCst);
         match outcome? {
@@ -254,9 +298,20 @@ fn generations(job: &Job, client: &ControlClient, signals: &Signals) -> Result<i
 }
 
 /// Starts this node's workers with the torchrun environment plus the control plane's.
-fn start_workers(job: &Job, plan: &Plan) -> Result<Vec<WorkerProcess>> {
+fn start_workers(job: &Job, plan: &Plan, layout: &GenerationLayout) -> Result<Vec<WorkerProcess>> {
     let offset = plan.rank_offset(job.layout.node_rank);
-    let t = &job.topology;
+    let t = &layout.topology;
+    // Node ranks are dense within a generation (an elastic one may lack a node).
+    let group_rank = plan
+        .nodes
+        .iter()
+        .position(|n| n.node_rank == job.layout.node_rank)
+        .with_context(|| {
+            format!(
+                "node {} is not part of generation {}",
+                job.layout.node_rank, plan.generation
+            )
+        })?;
     let mut workers = Vec::with_capacity(job.nproc);
     for local_rank in 0..job.nproc {
         let rank = offset + local_rank;
@@ -266,8 +321,8 @@ fn start_workers(job: &Job, plan: &Plan) -> Result<Vec<WorkerProcess>> {
             ("LOCAL_RANK", local_rank.to_string()),
             ("WORLD_SIZE", t.world.to_string()),
             ("LOCAL_WORLD_SIZE", job.nproc.to_string()),
-            ("GROUP_RANK", job.layout.node_rank.to_string()),
-            ("NODE_RANK", job.layout.node_rank.to_string()),
+            ("GROUP_RANK", group_rank.to_string()),
+            ("NODE_RANK", group_rank.to_string()),
             ("MASTER_ADDR", job.control_addr.ip().to_string()),
             ("MASTER_PORT", job.control_addr.port().to_string()),
             ("TORCHELASTIC_RESTART_COUNT", plan.generation.to_string()),
@@ -303,6 +358,12 @@ fn start_workers(job: &Job, plan: &Plan) -> Result<Vec<WorkerProcess>> {
             env.push((
                 "RAYON_NUM_THREADS".to_string(),
                 job.threads_per_worker.to_string(),
+            ));
+        }
+        if let (true, Some(batch)) = (job.elastic.range.is_elastic(), layout.per_device_batch) {
+            env.push((
+                coca_common::topology::PER_DEVICE_BATCH_ENV.to_string(),
+                batch.to_string(),
             ));
         }
         if job.gpu_workers {
@@ -447,6 +508,11 @@ fn supervise(
             Ok(Event::Finished) => {
                 tracing::info!("every worker on every node finished");
                 return Ok(Outcome::Finished);
+            }
+            // The restart this generation came from (heard while a returning node of an
+            // elastic job waited for it): nothing to do.
+            Ok(Event::Restart { generation, .. }) if generation <= plan.generation => {
+                tracing::debug!("ignoring the restart as generation {generation}: running it");
             }
             Ok(Event::Restart {
                 generation,

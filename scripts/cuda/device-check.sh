@@ -87,12 +87,18 @@ W="$BIN/coca-worker"
 check gpu 30 nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader
 check worker-starts 30 "$W" --version
 # 1. Float32 parity with open_clip (TF32 off): forward, loss, gradients, the 6-step training
-#    trajectory, zero-shot and generation, on the GPU.
+#    trajectory, zero-shot and generation, on the GPU; and (`precision`) the bf16 and fp16
+#    trajectories against float32 on the GPU, within open_clip's drift.
 check verify 300 "$W" verify --device cuda --reference "$KIT/fixture"
 # 3-5. B-32 at batch 256 beside open_clip (TF32 on for float32 matmuls in both).
 check bench-b32 300 "$W" bench --device cuda --tf32 True --model coca_ViT-B-32 --batch 256 --steps 3
 check torch-b32 300 "$PY" scripts/open_clip_train_bench.py --device cuda --tf32 --captions \
   --model coca_ViT-B-32 --batch 256 --steps 3
+# bf16 autocast on both sides (issue #16's target: >= 1.0x open_clip, MFU >= 40 %).
+check bench-b32-bf16 300 "$W" bench --device cuda --bf16 True --model coca_ViT-B-32 --batch 256 \
+  --steps 3 --captions False
+check torch-b32-bf16 300 "$PY" scripts/open_clip_train_bench.py --device cuda \
+  --precision amp_bf16 --model coca_ViT-B-32 --batch 256 --steps 3
 [ "$QUICK" = 1 ] && exit 0
 # One GPU worker under the launcher trains 4 steps of the demo and checkpoints.
 check launch-train 300 "$BIN/coca-launch" --nproc-per-node gpu --log-dir "$WORK/log" -- \
@@ -102,3 +108,10 @@ check bench-l14 400 "$W" bench --device cuda --tf32 True --model coca_ViT-L-14 -
   --steps 2 --captions False
 check torch-l14 400 "$PY" scripts/open_clip_train_bench.py --device cuda --tf32 \
   --model coca_ViT-L-14 --batch 64 --steps 2
+check bench-l14-bf16 400 "$W" bench --device cuda --bf16 True --model coca_ViT-L-14 --batch 64 \
+  --steps 2 --captions False
+check torch-l14-bf16 400 "$PY" scripts/open_clip_train_bench.py --device cuda \
+  --precision amp_bf16 --model coca_ViT-L-14 --batch 64 --steps 2
+# L-14 at the seed's per-device batch (16) with checkpointing and bf16: device memory in use.
+check l14-seed-batch-memory 300 "$W" bench --device cuda --bf16 True --grad_checkpointing True \
+  --model coca_ViT-L-14 --batch 16 --steps 2 --captions False

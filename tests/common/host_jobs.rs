@@ -7,7 +7,8 @@ use super::training::{launcher_flags, TOKEN};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-/// The launchers of one job: node `i` on host `i`, `nproc` workers each, `extra` launcher flags.
+/// The launchers of one job: node `i` on host `i`, `nproc` workers each, `extra` launcher flags
+/// (an `--nnodes` there replaces the host count).
 pub fn start_launchers(
     hosts: &Hosts,
     nproc: usize,
@@ -15,32 +16,42 @@ pub fn start_launchers(
     extra: &[&str],
     worker: &[String],
 ) -> Vec<Job> {
-    let nnodes = hosts.len().to_string();
-    let nproc = nproc.to_string();
     (0..hosts.len())
-        .map(|node| {
-            let node_s = node.to_string();
-            let log_dir = log_dir.join(format!("node{node}"));
-            let mut flags = vec![
-                "--nnodes",
-                &nnodes,
-                "--node-rank",
-                &node_s,
-                "--nproc-per-node",
-                &nproc,
-                "--master-addr",
-                "host0",
-                "--rdzv-token",
-                TOKEN,
-                "--rdzv-timeout",
-                "60",
-                "--log-dir",
-                log_dir.to_str().expect("utf-8 path"),
-            ];
-            flags.extend_from_slice(extra);
-            hosts.start(node, "coca-launch", &launcher_flags(&flags, worker), &[])
-        })
+        .map(|node| start_launcher(hosts, node, nproc, log_dir, extra, worker))
         .collect()
+}
+
+/// The launcher of node `node` on host `node` (logs in `log_dir/node<node>`), as
+/// [`start_launchers`] starts each.
+pub fn start_launcher(
+    hosts: &Hosts,
+    node: usize,
+    nproc: usize,
+    log_dir: &Path,
+    extra: &[&str],
+    worker: &[String],
+) -> Job {
+    let (nnodes, nproc, node_s) = (hosts.len().to_string(), nproc.to_string(), node.to_string());
+    let log_dir = log_dir.join(format!("node{node}"));
+    let mut flags = vec![
+        "--node-rank",
+        &node_s,
+        "--nproc-per-node",
+        &nproc,
+        "--master-addr",
+        "host0",
+        "--rdzv-token",
+        TOKEN,
+        "--rdzv-timeout",
+        "60",
+        "--log-dir",
+        log_dir.to_str().expect("utf-8 path"),
+    ];
+    if !extra.contains(&"--nnodes") {
+        flags.extend(["--nnodes", &nnodes]);
+    }
+    flags.extend_from_slice(extra);
+    hosts.start(node, "coca-launch", &launcher_flags(&flags, worker), &[])
 }
 
 /// Waits for every launcher (bounded by `limit` in all) and asserts that each exits 0; returns
@@ -74,4 +85,18 @@ pub fn assert_no_process_left(hosts: &Hosts) {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Polls `job` until its stderr contains `needle` or it ends; when it appeared.
+pub fn wait_for_stderr(job: &mut Job, needle: &str, limit: Duration) -> Option<Instant> {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if job.output().1.contains(needle) {
+            return Some(Instant::now());
+        }
+        if job.wait(Duration::from_millis(50)).is_some() {
+            return job.output().1.contains(needle).then(Instant::now);
+        }
+    }
+    None
 }

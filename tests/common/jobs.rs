@@ -217,3 +217,32 @@ pub fn free_udp_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// Launcher flags of node `node` of a job of `nnodes` (`N` or `MIN:MAX`) whose nodes all run on
+/// this machine, with node 0's control plane on 127.0.0.1:`port`.
+pub fn loopback_node_flags(
+    nnodes: &str,
+    node: usize,
+    port: &str,
+    token: &str,
+    log_dir: &std::path::Path,
+    extra: &[&str],
+) -> Vec<String> {
+    let node = node.to_string();
+    let mut flags = vec![
+        "--nnodes",
+        nnodes,
+        "--node-rank",
+        &node,
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        port,
+        "--rdzv-token",
+        token,
+        "--log-dir",
+        log_dir.to_str().unwrap(),
+    ];
+    flags.extend_from_slice(extra);
+    flags.iter().map(|s| s.to_string()).collect()
+}

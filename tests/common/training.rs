@@ -124,6 +124,16 @@ pub fn wait_for_steps(out: &Path, steps: usize, limit: Duration) {
     }
 }
 
+/// The loss rank 0 logged for each step, the last one where a restart logged a step again.
+pub fn losses_by_step(out: &Path) -> std::collections::BTreeMap<u64, f64> {
+    let steps = metric(out, "step");
+    steps
+        .iter()
+        .zip(losses(out))
+        .map(|(&step, loss)| (step as u64, loss))
+        .collect()
+}
+
 /// The median training speed after the first step (which warms up), in samples/s.
 pub fn median_samples_per_s(out: &Path) -> f64 {
     let mut speeds = metric(out, "samples_per_s");
@@ -207,6 +217,22 @@ impl Reference {
     /// The last checkpoint's weights of the run in `dir`.
     pub fn final_weights(&self, dir: &Path) -> std::path::PathBuf {
         dir.join(format!("checkpoint-{}/model.safetensors", self.steps))
+    }
+
+    /// The run in `out_dir`, restarted along the way (steps after its checkpoint logged again),
+    /// ended with this run's parameters, and its last loss of every step is this run's.
+    pub fn assert_same_restarted_run(&self, out_dir: &Path, what: &str) {
+        let (ours, theirs) = (self.final_weights(&self.dir), self.final_weights(out_dir));
+        assert_same_weights(&ours, &theirs, 1e-5, what);
+        let (got, expected) = (losses_by_step(out_dir), losses_by_step(&self.dir));
+        assert_eq!(got.len(), self.steps, "{what}: {got:?}");
+        for (step, loss) in &expected {
+            let g = got[step];
+            assert!(
+                (g - loss).abs() <= 1e-5 * loss.abs(),
+                "{what}: step {step}: {g} vs {loss}"
+            );
+        }
     }
 
     /// The run in `out_dir` logged every step and ended with this run's parameters and losses.

@@ -108,14 +108,6 @@ fn device_caption_latency(model: &CoCa, image: &Tensor, steps: usize) -> Result<
 }
 
 /// `cpu` or `cuda:N`, for the report.
-fn device_name(device: &Device) -> String {
-    match device.location() {
-        candle_core::DeviceLocation::Cpu => "cpu".into(),
-        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
-        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
-    }
-}
-
 /// New tokens generated for the caption-latency figure.
 pub const CAPTION_TOKENS: usize = 20;
 
@@ -204,7 +196,7 @@ pub fn run(opts: &BenchOptions) -> Result<Option<serde_json::Value>> {
         "model": opts.model,
         "batch": opts.batch,
         "steps": opts.steps,
-        "device": device_name(&device),
+        "device": crate::device::device_name(&device),
         "tf32": opts.device.tf32,
         "bf16": opts.bf16,
         "threads": rayon::current_num_threads(),

@@ -152,6 +152,15 @@ fn open_cuda(ordinal: usize) -> Result<Device> {
     Ok(device)
 }
 
+/// A device as reports and logs name it: `cpu`, `cuda:N`.
+pub fn device_name(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

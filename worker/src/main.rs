@@ -82,9 +82,13 @@ enum Command {
     /// All-reduce bus bandwidth over the job's world (run under `coca-launch`); rank 0 prints
     /// one JSON line.
     BenchCollectives {
-        /// Bytes per all-reduce (f32 elements × 4).
-        #[arg(long, default_value_t = 64 << 20)]
-        bytes: usize,
+        /// Bytes per all-reduce (f32 elements × 4); several sizes comma-separated, one line
+        /// each (e.g. 1048576,16777216,268435456,1073741824 for 1 MiB–1 GiB).
+        #[arg(long, value_delimiter = ',', default_value = "67108864")]
+        bytes: Vec<usize>,
+        /// Where the buffers live: cpu (host rings), or cuda (NCCL in the NCCL build).
+        #[command(flatten)]
+        device: DeviceArgs,
         #[arg(long, default_value_t = 2)]
         warmup: usize,
         #[arg(long, default_value_t = 10)]
@@ -155,7 +159,9 @@ fn check_args(command: Vec<String>) -> Result<ExitCode> {
         }
     };
     let memory = match cli.command {
-        Command::Pretrain(args) => {
+        Command::Pretrain(mut args) => {
+            // An elastic job's launcher checks the per-device batch of its smallest layout too.
+            pretrain::elastic::apply_launcher_batch(&mut args, |k| std::env::var(k).ok())?;
             let (world, _) = coca_worker::distributed::context::env_world_rank()?;
             let checked = pretrain::preflight::check(&args, world, 0)?;
             let estimate = coca_worker::memory_estimate::estimate(
@@ -283,28 +289,37 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::BenchCollectives {
             bytes,
+            device,
             warmup,
             iters,
         } => {
             let ctx = coca_worker::distributed::context::RankContext::from_env(1, 1)?;
-            let report = coca_common::collective::bench::bench_all_reduce(
-                ctx.world.as_ref(),
-                bytes,
-                warmup,
-                iters,
-            )?;
-            if ctx.is_main() {
-                println!(
-                    "{}",
-                    serde_json::json!({
-                        "collective": "all_reduce",
-                        "ranks": report.size,
-                        "bytes": report.bytes,
-                        "seconds": report.seconds,
-                        "algbw_gb_s": report.algbw_gbps,
-                        "busbw_gb_s": report.busbw_gbps,
-                    })
-                );
+            let device = device.open()?;
+            let world = coca_worker::comm::job_groups::WorldGroup::for_device(&ctx, &device)?;
+            let placement = coca_worker::comm::PlacementRule::from_env()?.placement(&device);
+            for size in bytes {
+                let report = coca_worker::comm::bench::bench_all_reduce(
+                    world.comm.as_ref(),
+                    &placement,
+                    size,
+                    warmup,
+                    iters,
+                )?;
+                if ctx.is_main() {
+                    println!(
+                        "{}",
+                        serde_json::json!({
+                            "collective": "all_reduce",
+                            "backend": world.backend,
+                            "device": coca_worker::device::device_name(&device),
+                            "ranks": report.size,
+                            "bytes": report.bytes,
+                            "seconds": report.seconds,
+                            "algbw_gb_s": report.algbw_gbps,
+                            "busbw_gb_s": report.busbw_gbps,
+                        })
+                    );
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

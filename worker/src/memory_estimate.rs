@@ -332,11 +332,19 @@ mod tests {
                 "checkpointing {checkpointing}: {error:+.3}"
             );
         }
-        // bf16 autocast (`--bf16 True`): the measured peak is above float32's on the CPU.
-        let e = estimate(&config, 1, 1, None, 8, false, DType::BF16).unwrap();
-        let error = e.total_bytes as f64 / 11_290_841_088f64 - 1.0;
-        assert!(error.abs() < 0.15, "bf16: {error:+.3}");
-        assert!(e.compute_copy_bytes > 0 && e.activation_bytes < 3 << 30);
+        // Under autocast (`--bf16 True`, `--fp16 True`; the measured peak is above float32's on
+        // the CPU), with and without checkpointing.
+        for (dtype, checkpointing, measured) in [
+            (DType::BF16, false, 11_290_841_088u64),
+            (DType::BF16, true, 7_902_306_304),
+            (DType::F16, false, 11_239_014_400),
+            (DType::F16, true, 7_921_451_008),
+        ] {
+            let e = estimate(&config, 1, 1, None, 8, checkpointing, dtype).unwrap();
+            let error = e.total_bytes as f64 / measured as f64 - 1.0;
+            assert!(error.abs() < 0.15, "{dtype:?} {checkpointing}: {error:+.3}");
+            assert!(e.compute_copy_bytes > 0 && e.activation_bytes < 3 << 30);
+        }
         // Checkpointing keeps a fraction of the activations; nothing else changes.
         let plain = estimate(&config, 1, 1, None, 8, false, DType::F32).unwrap();
         let checkpointed = estimate(&config, 1, 1, None, 8, true, DType::F32).unwrap();

@@ -23,9 +23,8 @@ pub struct AllReduceBench {
 }
 
 /// Times `iters` all-reduces of `bytes` (rounded down to whole `f32`s) after `warmup` untimed
-/// ones; every member of `c` must call it with the same arguments. Each timed all-reduce
-/// starts after a barrier, so the figure excludes the members' skew. The buffer holds a fixed
-/// pattern and is averaged ([`ReduceOp::Avg`], as costly as a sum) so that it stays finite
+/// ones; every member of `c` must call it with the same arguments. The buffer holds
+/// [`pattern`] and is averaged ([`ReduceOp::Avg`], as costly as a sum) so that it stays finite
 /// however many iterations run.
 pub fn bench_all_reduce(
     c: &dyn Collective,
@@ -33,34 +32,57 @@ pub fn bench_all_reduce(
     warmup: usize,
     iters: usize,
 ) -> Result<AllReduceBench> {
-    ensure!(iters > 0, "bench_all_reduce: iters must be at least 1");
-    let len = bytes / 4;
-    let rank = c.rank();
-    let mut buf: Vec<f32> = (0..len)
+    let mut buf = pattern(bytes / 4, c.rank());
+    time_all_reduce(
+        c.size(),
+        buf.len() * 4,
+        warmup,
+        iters,
+        || c.barrier(),
+        || c.all_reduce(&mut buf, ReduceOp::Avg),
+    )
+}
+
+/// The values a member's benchmark buffer of `len` floats starts with (finite, rank-dependent).
+pub fn pattern(len: usize, rank: usize) -> Vec<f32> {
+    (0..len)
         .map(|i| ((i * 31 + rank * 17) % 1024) as f32 * 0.25)
-        .collect();
+        .collect()
+}
+
+/// The figures of a group of `size` members all-reducing `bytes` each: `all_reduce` runs
+/// `warmup` times untimed, then `iters` times, each after `barrier` so that the figure excludes
+/// the members' skew; the median and the fastest are reported. Any backend's benchmark (host
+/// rings, NCCL on device buffers) times itself through this.
+pub fn time_all_reduce(
+    size: usize,
+    bytes: usize,
+    warmup: usize,
+    iters: usize,
+    mut barrier: impl FnMut() -> Result<()>,
+    mut all_reduce: impl FnMut() -> Result<()>,
+) -> Result<AllReduceBench> {
+    ensure!(iters > 0, "bench_all_reduce: iters must be at least 1");
     for _ in 0..warmup {
-        c.all_reduce(&mut buf, ReduceOp::Avg)?;
+        all_reduce()?;
     }
     let mut times = Vec::with_capacity(iters);
     for _ in 0..iters {
-        c.barrier()?;
+        barrier()?;
         let t = Instant::now();
-        c.all_reduce(&mut buf, ReduceOp::Avg)?;
+        all_reduce()?;
         times.push(t.elapsed().as_secs_f64());
     }
     times.sort_by(f64::total_cmp);
     let seconds = times[times.len() / 2];
-    let n = c.size();
-    let bytes = len * 4;
     let algbw_gbps = bytes as f64 / seconds / 1e9;
     Ok(AllReduceBench {
         bytes,
-        size: n,
+        size,
         seconds,
         min_seconds: times[0],
         algbw_gbps,
-        busbw_gbps: algbw_gbps * 2.0 * (n - 1) as f64 / n as f64,
+        busbw_gbps: algbw_gbps * 2.0 * (size - 1) as f64 / size as f64,
     })
 }
 

@@ -25,6 +25,8 @@ mod token;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
+mod tests_elastic;
+#[cfg(test)]
 mod tests_hostile;
 
 pub use client::{ClientConfig, ControlClient};

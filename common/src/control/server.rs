@@ -12,6 +12,7 @@
 
 mod admission;
 mod connection;
+mod elastic;
 mod loss;
 mod state;
 
@@ -50,6 +51,10 @@ pub struct ServerConfig {
     pub token: Token,
     /// Number of nodes (launchers) a rendezvous waits for.
     pub nnodes: usize,
+    /// Fewest nodes the job may run on (`--nnodes MIN:MAX`; `nnodes` for a fixed-size job):
+    /// after a restart the rendezvous starts with the nodes that are left when at least this
+    /// many are, and a rendezvous whose time is up starts with at least this many.
+    pub min_nnodes: usize,
     /// How long a rendezvous waits for all nodes (each waiter, from its own join).
     pub rdzv_timeout: Duration,
     /// A client silent this long (no heartbeat, no packet) is declared dead.
@@ -74,6 +79,13 @@ impl ControlServer {
     pub fn start(config: ServerConfig) -> Result<ControlServer> {
         if config.nnodes == 0 {
             bail!("the control plane needs nnodes >= 1");
+        }
+        if !(1..=config.nnodes).contains(&config.min_nnodes) {
+            bail!(
+                "the control plane needs 1 <= min_nnodes <= nnodes, got {}:{}",
+                config.min_nnodes,
+                config.nnodes
+            );
         }
         if config.heartbeat_timeout.is_zero() || config.rdzv_timeout.is_zero() {
             bail!("the control plane's heartbeat and rendezvous timeouts must be positive");

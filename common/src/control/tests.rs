@@ -7,10 +7,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(200);
-const HEARTBEAT_TIMEOUT: Duration = Duration::from_millis(1500);
-const LONG: Duration = Duration::from_secs(20);
+pub(super) const HEARTBEAT_TIMEOUT: Duration = Duration::from_millis(1500);
+pub(super) const LONG: Duration = Duration::from_secs(20);
 /// Events caused by a lost peer arrive within the heartbeat timeout plus this.
-const SLACK: Duration = Duration::from_secs(3);
+pub(super) const SLACK: Duration = Duration::from_secs(3);
 
 pub(super) fn token() -> Token {
     Token::from_secret("coca-test-token-0123456789").unwrap()
@@ -21,6 +21,7 @@ fn server_with(nnodes: usize, max_restarts: u32, rdzv_timeout: Duration) -> Cont
         bind: "127.0.0.1:0".parse().unwrap(),
         token: token(),
         nnodes,
+        min_nnodes: nnodes,
         rdzv_timeout,
         heartbeat_timeout: HEARTBEAT_TIMEOUT,
         max_restarts,
@@ -50,7 +51,7 @@ pub(super) fn node_identity(node_rank: usize, nproc: usize) -> Identity {
     }
 }
 
-fn node(addr: SocketAddr, node_rank: usize, nproc: usize) -> ControlClient {
+pub(super) fn node(addr: SocketAddr, node_rank: usize, nproc: usize) -> ControlClient {
     ControlClient::connect(
         client_config(addr, token()),
         node_identity(node_rank, nproc),
@@ -58,7 +59,7 @@ fn node(addr: SocketAddr, node_rank: usize, nproc: usize) -> ControlClient {
     .unwrap()
 }
 
-fn worker(addr: SocketAddr, rank: usize, generation: u64) -> ControlClient {
+pub(super) fn worker(addr: SocketAddr, rank: usize, generation: u64) -> ControlClient {
     ControlClient::connect(
         client_config(addr, token()),
         Identity::Worker { rank, generation },
@@ -67,7 +68,7 @@ fn worker(addr: SocketAddr, rank: usize, generation: u64) -> ControlClient {
 }
 
 /// Rendezvous of all `nodes` at once (each blocks until all joined).
-fn rendezvous_all(nodes: &[ControlClient]) -> Vec<Plan> {
+pub(super) fn rendezvous_all(nodes: &[ControlClient]) -> Vec<Plan> {
     thread::scope(|s| {
         let handles: Vec<_> = nodes
             .iter()
@@ -80,14 +81,14 @@ fn rendezvous_all(nodes: &[ControlClient]) -> Vec<Plan> {
     })
 }
 
-fn next_event(client: &ControlClient, within: Duration) -> Event {
+pub(super) fn next_event(client: &ControlClient, within: Duration) -> Event {
     client
         .events()
         .recv_timeout(within)
         .unwrap_or_else(|e| panic!("no event within {within:?}: {e}"))
 }
 
-fn failure(generation: u64, node_rank: usize, rank: usize) -> FailureReport {
+pub(super) fn failure(generation: u64, node_rank: usize, rank: usize) -> FailureReport {
     FailureReport {
         generation,
         node_rank,
@@ -578,6 +579,7 @@ fn a_client_waits_for_a_server_that_starts_late() {
             bind: addr,
             token: token(),
             nnodes: 1,
+            min_nnodes: 1,
             rdzv_timeout: LONG,
             heartbeat_timeout: HEARTBEAT_TIMEOUT,
             max_restarts: 0,

@@ -176,6 +176,7 @@ fn hostile_input_leaves_the_job_working_and_the_server_bounded() {
         bind: "127.0.0.1:0".parse().unwrap(),
         token: token(),
         nnodes: 1,
+        min_nnodes: 1,
         rdzv_timeout: Duration::from_secs(20),
         heartbeat_timeout: Duration::from_secs(3),
         max_restarts: 0,

@@ -61,19 +61,74 @@ pub struct JobGroups {
     pub backend: &'static str,
 }
 
+/// The world group's communicator for `device` (as [`JobGroups::for_device`] chooses), and its
+/// watchdog: what `bench-collectives` measures.
+pub struct WorldGroup {
+    /// Every rank.
+    pub comm: Arc<dyn Communicator>,
+    #[cfg(feature = "nccl")]
+    _watchdog: Option<super::watchdog::Watchdog>,
+    /// `"nccl"` or `"host"`.
+    pub backend: &'static str,
+}
+
+impl WorldGroup {
+    /// The world of `ctx` for buffers on `device`.
+    pub fn for_device(ctx: &RankContext, device: &Device) -> Result<Self> {
+        #[cfg(feature = "nccl")]
+        if uses_nccl(device)? {
+            if let Some(mut connector) = nccl::Connector::new(ctx, device)? {
+                let comm = connector.connect("world", None, &ctx.world)?;
+                return Ok(Self {
+                    comm,
+                    _watchdog: Some(connector.into_watchdog()),
+                    backend: "nccl",
+                });
+            }
+        }
+        #[cfg(not(feature = "nccl"))]
+        uses_nccl(device)?;
+        Ok(Self {
+            comm: HostTransport::shared(ctx.world.clone()),
+            #[cfg(feature = "nccl")]
+            _watchdog: None,
+            backend: "host",
+        })
+    }
+}
+
+/// Whether a model on `device` reduces over NCCL (a CUDA device, the NCCL build, not
+/// [`GPU_COLLECTIVES_ENV`]`=host`); the variable is checked for every CUDA device.
+fn uses_nccl(device: &Device) -> Result<bool> {
+    Ok(device.is_cuda() && GpuCollectives::from_env()? == GpuCollectives::Nccl)
+}
+
 impl JobGroups {
     /// The groups of `ctx` for a model on `device`.
     pub fn for_device(ctx: &RankContext, device: &Device) -> Result<Self> {
         #[cfg(feature = "nccl")]
-        if device.is_cuda() && GpuCollectives::from_env()? == GpuCollectives::Nccl {
-            if let Some(groups) = nccl::groups(ctx, device)? {
-                return Ok(groups);
+        if uses_nccl(device)? {
+            if let Some(mut connector) = nccl::Connector::new(ctx, device)? {
+                use coca_common::topology::GroupKind;
+                // The data group is the world when every rank reads different samples.
+                let data_kind = (ctx.topology.data_world() != ctx.world.size())
+                    .then_some(GroupKind::DataAndSharding);
+                let data = connector.connect("data", data_kind, &ctx.data)?;
+                let sharding =
+                    connector.connect("sharding", Some(GroupKind::Sharding), &ctx.sharding)?;
+                let replicas =
+                    connector.connect("replicas", Some(GroupKind::Data), &ctx.replicas)?;
+                return Ok(Self {
+                    data,
+                    sharding,
+                    replicas,
+                    _watchdog: Some(connector.into_watchdog()),
+                    backend: "nccl",
+                });
             }
         }
         #[cfg(not(feature = "nccl"))]
-        if device.is_cuda() {
-            GpuCollectives::from_env()?;
-        }
+        uses_nccl(device)?;
         Ok(Self {
             data: HostTransport::shared(ctx.data.clone()),
             sharding: HostTransport::shared(ctx.sharding.clone()),
@@ -97,7 +152,6 @@ impl JobGroups {
 
 #[cfg(feature = "nccl")]
 mod nccl {
-    use super::JobGroups;
     use crate::comm::nccl::connect;
     use crate::comm::watchdog::Watchdog;
     use crate::comm::{failure_signal, Communicator, HostTransport};
@@ -106,6 +160,7 @@ mod nccl {
     use candle_core::Device;
     use coca_common::collective::ring::StallLimits;
     use coca_common::collective::Collective;
+    use coca_common::control::ControlClient;
     use coca_common::topology::GroupKind;
     use std::sync::Arc;
     use std::time::Duration;
@@ -115,48 +170,64 @@ mod nccl {
     /// How often the watchdog looks at the control plane and the operations in flight.
     const TICK: Duration = Duration::from_millis(500);
 
-    /// NCCL communicators for the groups of more than one member (`None` for a job without a
-    /// control plane: one process has nothing to reduce).
-    pub(super) fn groups(ctx: &RankContext, device: &Device) -> Result<Option<JobGroups>> {
-        let Some(control) = &ctx.control else {
-            return Ok(None);
-        };
-        let limits = StallLimits::from_env().with_context(|| format!("rank {}", ctx.rank))?;
-        let watchdog =
-            Watchdog::start(limits.timeout, TICK, failure_signal::from_control(control))?;
-        let world = ctx.world.size();
-        let group = |name: &str, kind: Option<GroupKind>, transport: &Arc<dyn Collective>| {
+    /// Creates a rank's NCCL communicators, all watched by one watchdog.
+    pub(super) struct Connector<'a> {
+        ctx: &'a RankContext,
+        control: &'a Arc<ControlClient>,
+        device: &'a Device,
+        watchdog: Watchdog,
+    }
+
+    impl<'a> Connector<'a> {
+        /// `None` for a job without a control plane (one process has nothing to reduce).
+        pub(super) fn new(ctx: &'a RankContext, device: &'a Device) -> Result<Option<Self>> {
+            let Some(control) = &ctx.control else {
+                return Ok(None);
+            };
+            let limits = StallLimits::from_env().with_context(|| format!("rank {}", ctx.rank))?;
+            let watchdog =
+                Watchdog::start(limits.timeout, TICK, failure_signal::from_control(control))?;
+            Ok(Some(Self {
+                ctx,
+                control,
+                device,
+                watchdog,
+            }))
+        }
+
+        /// The watched NCCL communicator of the group `name` whose host collective is
+        /// `transport` (members from `kind`; `None`: every rank); a group of one needs none.
+        pub(super) fn connect(
+            &mut self,
+            name: &str,
+            kind: Option<GroupKind>,
+            transport: &Arc<dyn Collective>,
+        ) -> Result<Arc<dyn Communicator>> {
             if transport.size() == 1 {
                 return Ok(HostTransport::single());
             }
+            let ctx = self.ctx;
             let members = match kind {
                 Some(kind) => ctx.topology.group(ctx.rank, kind)?,
-                None => (0..world).collect(),
+                None => (0..ctx.world.size()).collect(),
             };
             let label = format!("{name}/{}", members[0]);
             let comm = connect(
-                control.as_ref(),
+                self.control.as_ref(),
                 ctx.generation,
                 &label,
-                device,
+                self.device,
                 transport.clone(),
                 SETUP_TIMEOUT,
             )
             .with_context(|| format!("rank {}: the {name} group {members:?}", ctx.rank))?;
-            Ok::<Arc<dyn Communicator>, anyhow::Error>(watchdog.watch(&label, Arc::new(comm)))
-        };
-        // The data group is the world when every rank reads different samples.
-        let data_kind = (ctx.topology.data_world() != world).then_some(GroupKind::DataAndSharding);
-        let data = group("data", data_kind, &ctx.data)?;
-        let sharding = group("sharding", Some(GroupKind::Sharding), &ctx.sharding)?;
-        let replicas = group("replicas", Some(GroupKind::Data), &ctx.replicas)?;
-        Ok(Some(JobGroups {
-            data,
-            sharding,
-            replicas,
-            _watchdog: Some(watchdog),
-            backend: "nccl",
-        }))
+            Ok(self.watchdog.watch(&label, Arc::new(comm)))
+        }
+
+        /// The watchdog, to keep as long as the communicators.
+        pub(super) fn into_watchdog(self) -> Watchdog {
+            self.watchdog
+        }
     }
 }
 

@@ -7,6 +7,7 @@
 //! any device, and what a GPU job without NCCL uses. An NCCL backend implements
 //! [`Communicator`] on device buffers in place.
 
+pub mod bench;
 mod buffer;
 pub mod failure_signal;
 pub mod job_groups;

@@ -290,6 +290,7 @@ fn control_plane(ranks: usize) -> (ControlServerGuard, Vec<std::sync::Arc<Contro
         bind: "127.0.0.1:0".parse().unwrap(),
         token: token.clone(),
         nnodes: 1,
+        min_nnodes: 1,
         rdzv_timeout: Duration::from_secs(20),
         heartbeat_timeout: Duration::from_secs(10),
         max_restarts: 0,

@@ -9,6 +9,7 @@
 //! mid-write leaves the previous checkpoint whole; older ones beyond `--save_total_limit` are
 //! removed only after the new one is in place.
 
+use super::elastic::LoaderLayout;
 use super::optimizer_shards::{self, ShardIndex};
 use crate::checkpoint::{read_safetensors, write_safetensors_atomic};
 use crate::data::loader::LoaderPosition;
@@ -36,6 +37,10 @@ pub struct TrainerState {
     pub adam_step: u64,
     /// Where the data loader continues.
     pub loader_position: LoaderPosition,
+    /// What one loader batch of `loader_position` was (absent in older checkpoints): a run in
+    /// another layout converts the position (`super::elastic::resume_position`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loader_layout: Option<LoaderLayout>,
     /// The model this checkpoint belongs to.
     pub model_config: CocaConfig,
     /// The run's resolved settings, for the record.

@@ -3,6 +3,7 @@
 pub mod args;
 pub mod checkpoint;
 pub mod demo;
+pub mod elastic;
 pub mod metrics;
 pub mod model_source;
 pub mod optimizer_shards;

@@ -19,6 +19,7 @@ fn server() -> ControlServer {
         bind: "127.0.0.1:0".parse().unwrap(),
         token: token(),
         nnodes: 1,
+        min_nnodes: 1,
         rdzv_timeout: LIMIT,
         heartbeat_timeout: Duration::from_secs(10),
         max_restarts: 0,

@@ -5,6 +5,7 @@
 use super::args::PretrainArgs;
 use super::checkpoint::{self, TrainerState};
 use super::demo;
+use super::elastic::{self, LoaderLayout};
 use super::metrics::{RunLog, StepMetrics};
 use super::model_source::{resolve_model, ResolvedModel, DEMO_MODEL};
 use super::preemption::Preemption;
@@ -79,9 +80,10 @@ pub enum Ended {
 }
 
 /// Runs `pretrain` as the rank the launcher's environment describes (or alone).
-pub fn run(args: PretrainArgs) -> Result<Ended> {
+pub fn run(mut args: PretrainArgs) -> Result<Ended> {
     // First: a checkpoint signal during the slow start must not kill the worker.
     let preemption = Preemption::listen()?;
+    elastic::apply_launcher_batch(&mut args, |k| std::env::var(k).ok())?;
     let (world, rank) = env_world_rank()?;
     let checked = preflight::check(&args, world, rank)?;
     let ctx = RankContext::from_env(args.tensor_parallel_degree, args.sharding_parallel_degree)?;
@@ -192,6 +194,11 @@ fn train(
     } else {
         DistributedSampler::new(source.len(), args.seed, batch, data_rank, data_world)?
     };
+    let loader_layout = LoaderLayout {
+        samples_per_batch: sampler.global_batch,
+        data_world,
+        per_rank_source: per_rank,
+    };
     let batches_per_epoch = sampler.batches_per_epoch();
     // Ranks holding different shares agree on the shortest epoch, so they take the same steps.
     let steps_batches = if per_rank {
@@ -240,7 +247,7 @@ fn train(
     if let Some(c) = &resumed {
         let moments = shard_moments(&c.optimizer, &tp)?;
         trainer.restore_optimizer(&moments, c.state.adam_step, c.state.global_step)?;
-        position = c.state.loader_position;
+        position = elastic::resume_position(&c.state, &loader_layout)?;
         if let Some(s) = c.state.loss_scaler {
             scaler = Some(s);
         }
@@ -362,6 +369,7 @@ fn train(
             global_step: trainer.step,
             adam_step: trainer.optimizer.step,
             loader_position: position,
+            loader_layout: Some(loader_layout),
             model_config: config.clone(),
             run: run_record.clone(),
         };

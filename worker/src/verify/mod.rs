@@ -7,6 +7,7 @@
 
 mod extras_sections;
 mod model_sections;
+mod precision_section;
 mod train_section;
 
 use crate::compare::{Comparison, Tolerance};
@@ -17,6 +18,8 @@ use extras_sections::{
     generate_section, preprocess_section, tokenizer_section, zeroshot_section, Extras,
 };
 use model_sections::{model_sections, weights_section, Loaded};
+use precision_section::precision_section;
+pub use precision_section::{precision_drift, PrecisionDrift};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use train_section::train_section;
@@ -171,6 +174,7 @@ pub fn verify(
         }
     }
     reports.push(train_section(&reference));
+    reports.push(precision_section(&reference));
     match Extras::open(&reference.dir, device) {
         Ok(Some(extras)) => {
             reports.push(tokenizer_section(&reference, &extras));

@@ -59,6 +59,13 @@ impl Shared {
                 if !client.registered {
                     info!(%remote, "{who} left before joining a rendezvous: {cause}");
                     None
+                } else if self.departure_is_harmless(&st, *node_rank) {
+                    info!(
+                        %remote,
+                        "{who} left outside a running generation (elastic: the job goes on \
+                         without it): {cause}"
+                    );
+                    None
                 } else {
                     let what = if silent {
                         format!("node {node_rank} unreachable")

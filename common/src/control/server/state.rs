@@ -157,7 +157,11 @@ impl Shared {
         // A launcher stopped by a signal (no rank) was told to stop — by a person or the
         // scheduler: the job ends instead of restarting without that node.
         let stopped = report.rank.is_none() && matches!(report.exit, ExitKind::Signal(_));
-        if st.restarts < max && !stopped {
+        // Elastic: a restart needs at least --nnodes MIN nodes left.
+        let too_few = (st.restarts < max && !stopped)
+            .then(|| self.too_few_nodes(st, Self::lost_node(&report)))
+            .flatten();
+        if st.restarts < max && !stopped && too_few.is_none() {
             st.restarts += 1;
             let generation = st.generation + 1;
             warn!(
@@ -177,7 +181,9 @@ impl Shared {
             };
             Self::broadcast(st, &event);
         } else {
-            let reason = if max == 0 || stopped {
+            let reason = if let Some(few) = too_few {
+                format!("{report} ({few}: no restart)")
+            } else if max == 0 || stopped {
                 report.to_string()
             } else {
                 format!("{report} (all {max} restarts used)")
@@ -271,6 +277,11 @@ impl Shared {
         let rdzv_timeout = self.config.rdzv_timeout.min(MAX_WAIT);
         let wait = wait.min(rdzv_timeout);
         let own_deadline = deadline_after(wait);
+        if node_rank < nnodes && Self::outside_plan(&self.lock(), node_rank) {
+            // Elastic: the running generation started without this node; it joins the next.
+            self.wait_for_next_generation(node_rank, own_deadline)
+                .await?;
+        }
         let (generation, round, round_deadline) = {
             let mut st = self.lock();
             if let Some(e) = Self::aborted(&st) {
@@ -334,16 +345,7 @@ impl Shared {
                 "node {node_rank} joined the rendezvous of generation {generation} ({} of {nnodes})",
                 st.joined.len()
             );
-            if st.joined.len() == nnodes {
-                let nodes: Vec<NodeInfo> = st.joined.values().map(|j| j.info.clone()).collect();
-                let world = nodes.iter().map(|n| n.nproc).sum();
-                info!("rendezvous of generation {generation} complete: {nnodes} node(s), world {world}");
-                st.plan = Some(Plan {
-                    generation,
-                    nodes,
-                    world,
-                });
-                st.rdzv_deadline = None;
+            if self.try_complete(&mut st, false) {
                 let plan = st.plan.clone();
                 drop(st);
                 self.bump();
@@ -363,11 +365,22 @@ impl Shared {
                     st.generation
                 )));
             }
+            if st.rdzv_round != round {
+                return Some(Err(st.rdzv_failure.clone()));
+            }
+            // Elastic: a node that left may be what the round waited for.
+            if st.plan.is_none() && self.try_complete(st, false) {
+                self.bump();
+            }
             if let Some(plan) = &st.plan {
                 return Some(Ok(plan.clone()));
             }
-            if st.rdzv_round != round {
-                return Some(Err(st.rdzv_failure.clone()));
+            if generation > 0 {
+                if let Some(few) = self.too_few_nodes(st, None) {
+                    return Some(Err(format!(
+                        "the rendezvous of generation {generation} cannot start: {few}"
+                    )));
+                }
             }
             None
         };
@@ -391,6 +404,13 @@ impl Shared {
                 present.join(", ")
             )
         };
+        if Instant::now() >= round_deadline && self.try_complete(&mut st, true) {
+            // Elastic: the round's time is up with enough nodes: start with them.
+            let plan = st.plan.clone();
+            drop(st);
+            self.bump();
+            return plan.ok_or_else(|| "internal error: no plan".to_string());
+        }
         if Instant::now() >= round_deadline {
             // The round's time is up: abandon it for every waiter, with one message.
             let message = format!(
@@ -446,12 +466,12 @@ impl Shared {
             ));
         }
         st.done.insert(*node_rank, ());
-        info!(
-            "node {node_rank} done ({} of {})",
-            st.done.len(),
-            self.config.nnodes
-        );
-        if st.done.len() == self.config.nnodes {
+        let nodes = st
+            .plan
+            .as_ref()
+            .map_or(self.config.nnodes, |p| p.nodes.len());
+        info!("node {node_rank} done ({} of {nodes})", st.done.len());
+        if st.done.len() == nodes {
             info!("every node is done: the job finished");
             Self::broadcast(&mut st, &Event::Finished);
             st.terminal = Some(Event::Finished);
