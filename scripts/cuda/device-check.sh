@@ -115,3 +115,6 @@ check torch-l14-bf16 400 "$PY" scripts/open_clip_train_bench.py --device cuda \
 # L-14 at the seed's per-device batch (16) with checkpointing and bf16: device memory in use.
 check l14-seed-batch-memory 300 "$W" bench --device cuda --bf16 True --grad_checkpointing True \
   --model coca_ViT-L-14 --batch 16 --steps 2 --captions False
+# Device memory of a B-32 step at batch 64 (the memory pool's peak) beside the estimate.
+check bench-memory-b32 300 "$W" bench-memory --device cuda --model coca_ViT-B-32 --batch 64 \
+  --sharding 1 --tensor_parallel 1

@@ -75,6 +75,9 @@ pub struct MemoryBenchOptions {
     pub grad_checkpointing: bool,
     /// The matrix products' dtype (`--bf16`/`--fp16`: autocast), for the estimate and the step.
     pub compute: DType,
+    /// Where the measured step runs (`--device`): resident bytes on the CPU, the memory pool's
+    /// bytes on a GPU.
+    pub device: Device,
 }
 
 /// The optimizer settings of the report's trainers (they do not change any buffer's size).
@@ -107,6 +110,7 @@ pub fn run(opts: &MemoryBenchOptions) -> Result<Vec<serde_json::Value>> {
             batch,
             opts.grad_checkpointing,
             opts.compute,
+            &opts.device,
         )?),
     };
     let rule = TowerGroups::uniform(1e-5, 0.1);
@@ -179,6 +183,7 @@ pub fn run(opts: &MemoryBenchOptions) -> Result<Vec<serde_json::Value>> {
             "batch": opts.batch,
             "grad_checkpointing": opts.grad_checkpointing,
             "compute_dtype": format!("{:?}", opts.compute).to_lowercase(),
+            "device": crate::device::device_name(&opts.device),
             "parameters_bytes": m.parameters,
             "gradients_bytes": m.gradients,
             "optimizer_bytes": m.optimizer_state,
@@ -236,39 +241,70 @@ impl StepMemory {
     }
 }
 
-/// Builds a one-process trainer for `config` and measures a training step (forward, backward,
-/// update) on a random batch: a warm-up step touches every buffer; then freed memory goes back
-/// to the kernel, the kernel's peak is reset, and a second step is measured.
+/// Where a step's bytes are counted: the process's resident memory on the CPU, the device
+/// memory pool's handed-out bytes on a GPU.
+struct Probe<'a>(&'a Device);
+
+impl Probe<'_> {
+    fn current(&self) -> Result<u64> {
+        match crate::cuda_setup::pool_usage(self.0)? {
+            Some((current, _)) => Ok(current),
+            None => resident_bytes(),
+        }
+    }
+
+    fn peak(&self) -> Result<u64> {
+        match crate::cuda_setup::pool_usage(self.0)? {
+            Some((current, high)) => Ok(high.max(current)),
+            None => Ok(peak_resident_bytes()?.max(resident_bytes()?)),
+        }
+    }
+
+    /// Hands freed memory back (CPU) and restarts the peak from now.
+    fn reset(&self) -> Result<()> {
+        match self.0.is_cuda() {
+            true => crate::cuda_setup::reset_pool_peak(self.0),
+            false => reset_peak(),
+        }
+    }
+}
+
+/// Builds a one-process trainer for `config` on `device` and measures a training step
+/// (forward, backward, update) on a random batch: a warm-up step touches every buffer; then
+/// the peak is reset (on the CPU after freed memory went back to the kernel) and a second step
+/// is measured.
 pub fn measure_step(
     config: &CocaConfig,
     batch: usize,
     grad_checkpointing: bool,
     compute: DType,
+    device: &Device,
 ) -> Result<StepMemory> {
-    let baseline = resident_bytes()?;
+    let probe = Probe(device);
+    let baseline = probe.current()?;
     let (mut model, vars) = trainable_model_parallel(
         config,
         None,
         0,
         DType::F32,
-        &Device::Cpu,
+        device,
         &TensorParallel::single().with_autocast(Autocast::new(compute)),
     )?;
     model.set_grad_checkpointing(grad_checkpointing);
     let rule = TowerGroups::uniform(1e-5, 0.1);
     let mut trainer = Trainer::new(model, &vars, &rule, trainer_config())?;
     drop(vars);
-    let (images, text) = random_batch(config, batch, &Device::Cpu)?;
+    let (images, text) = random_batch(config, batch, device)?;
     let mut step = || -> Result<()> {
         trainer.backward(&images, &text, 1.0)?;
         trainer.update()?;
         Ok(())
     };
     step().context("warm-up step")?;
-    reset_peak()?;
-    let before = resident_bytes()?;
+    probe.reset()?;
+    let before = probe.current()?;
     step().context("measured step")?;
-    let peak = peak_resident_bytes()?.max(resident_bytes()?);
+    let peak = probe.peak()?;
     Ok(StepMemory {
         baseline,
         persistent: before.saturating_sub(baseline),

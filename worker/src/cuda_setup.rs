@@ -56,6 +56,82 @@ pub fn memory_in_use(_device: &Device) -> Result<Option<u64>> {
     Ok(None)
 }
 
+/// Bytes the device's memory pool hands out now and the most it handed out since
+/// [`reset_pool_peak`] (what the tensors use, not what the pool reserved); `None` on the CPU.
+#[cfg(feature = "cuda")]
+pub fn pool_usage(device: &Device) -> Result<Option<(u64, u64)>> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute as A;
+    if !device.is_cuda() {
+        return Ok(None);
+    }
+    device.synchronize()?;
+    let get = |attribute| -> Result<u64> {
+        let mut value = 0u64;
+        // SAFETY: the device's default pool lives as long as its context; both attributes are
+        // u64 values (cuuint64_t), as cuMemPoolGetAttribute requires.
+        unsafe { pool_attribute(device, attribute, &mut value, false)? };
+        Ok(value)
+    };
+    Ok(Some((
+        get(A::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?,
+        get(A::CU_MEMPOOL_ATTR_USED_MEM_HIGH)?,
+    )))
+}
+
+/// Restarts the pool's high watermark from what it hands out now (nothing on the CPU).
+#[cfg(feature = "cuda")]
+pub fn reset_pool_peak(device: &Device) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute as A;
+    if !device.is_cuda() {
+        return Ok(());
+    }
+    device.synchronize()?;
+    let mut zero = 0u64;
+    // SAFETY: as in `pool_usage`; setting USED_MEM_HIGH to 0 is its documented reset.
+    unsafe { pool_attribute(device, A::CU_MEMPOOL_ATTR_USED_MEM_HIGH, &mut zero, true) }
+}
+
+/// Reads (or with `set`, writes) a u64 attribute of the device's default memory pool.
+///
+/// # Safety
+/// `attribute` must be one whose value is a u64.
+#[cfg(feature = "cuda")]
+unsafe fn pool_attribute(
+    device: &Device,
+    attribute: candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute,
+    value: &mut u64,
+    set: bool,
+) -> Result<()> {
+    use anyhow::Context;
+    use candle_core::cuda_backend::cudarc::driver::result;
+    let Device::Cuda(cuda) = device else {
+        return Ok(());
+    };
+    let stream = cuda.cuda_stream();
+    let pool = result::device::get_default_mem_pool(stream.context().cu_device())
+        .context("querying the device's default memory pool")?;
+    let pointer = (value as *mut u64).cast();
+    if set {
+        result::mem_pool::set_attribute(pool, attribute, pointer)
+    } else {
+        result::mem_pool::get_attribute(pool, attribute, pointer)
+    }
+    .context("the device memory pool's usage")?;
+    Ok(())
+}
+
+/// A CPU build has no device memory pool.
+#[cfg(not(feature = "cuda"))]
+pub fn pool_usage(_device: &Device) -> Result<Option<(u64, u64)>> {
+    Ok(None)
+}
+
+/// A CPU build has no device memory pool.
+#[cfg(not(feature = "cuda"))]
+pub fn reset_pool_peak(_device: &Device) -> Result<()> {
+    Ok(())
+}
+
 /// Refuses, before training, a layout whose estimated bytes per rank exceed the device's free
 /// memory, naming the figures (the CPU is checked by the launcher against host memory).
 pub fn check_fits(

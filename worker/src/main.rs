@@ -116,6 +116,9 @@ enum Command {
         /// under autocast.
         #[command(flatten)]
         precision: coca_worker::pretrain::precision_args::PrecisionArgs,
+        /// Where the measured step runs (with `--batch`): cpu, or cuda (device memory).
+        #[command(flatten)]
+        device: DeviceArgs,
     },
     /// Used by `coca-launch` before it starts any worker: parses a worker command and runs every
     /// check it can make without the model (the job's size comes from WORLD_SIZE); prints one
@@ -272,8 +275,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             batch,
             grad_checkpointing,
             precision,
+            device,
         } => {
             precision.check()?;
+            let device = device.open()?;
+            coca_worker::cuda_setup::check_precision(&device, precision.compute_dtype())?;
             let opts = coca_worker::bench_memory::MemoryBenchOptions {
                 model,
                 sharding,
@@ -281,6 +287,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 batch,
                 grad_checkpointing,
                 compute: precision.compute_dtype(),
+                device,
             };
             for line in coca_worker::bench_memory::run(&opts)? {
                 println!("{line}");
