@@ -176,6 +176,8 @@ fn a_launcher_killed_with_sigkill_takes_its_workers_with_it() {
     }
 }
 
+/// SIGTERM is SLURM's notice: every rank on both nodes checkpoints at one step, and both
+/// launchers say so and exit with 76 ("preempted").
 #[test]
 fn sigterm_to_a_launcher_stops_the_job_on_every_node() {
     let tmp = tempfile::tempdir().unwrap();
@@ -183,14 +185,18 @@ fn sigterm_to_a_launcher_stops_the_job_on_every_node() {
     wait_for_path(&out_dir.join("metrics.jsonl"), JOB_LIMIT);
     let workers: Vec<u32> = jobs.iter().flat_map(|j| descendants(j.pid())).collect();
     jobs[0].signal("-TERM");
+    let mut summaries = Vec::new();
     for job in jobs.iter_mut() {
         let code = job.wait(Duration::from_secs(10));
-        assert!(
-            matches!(code, Some(c) if c != 0),
-            "{code:?} {:?}",
-            job.output()
-        );
+        let (_, err) = job.output();
+        assert_eq!(code, Some(76), "{err}");
+        let line = err
+            .lines()
+            .find(|l| l.starts_with("coca-launch: preempted at step "))
+            .unwrap_or_else(|| panic!("no summary: {err}"));
+        summaries.push(line.split(" (").next().unwrap_or(line).to_string());
     }
+    assert_eq!(summaries[0], summaries[1], "both nodes name one checkpoint");
     std::thread::sleep(Duration::from_millis(200));
     assert!(workers.iter().all(|&p| !alive(p)));
 }

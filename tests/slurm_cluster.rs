@@ -2,8 +2,10 @@
 //! SLURM cluster of two nodes, one per test host (`common::slurm`): with CPU settings through
 //! its environment variables, `sbatch --wait` trains the tiny model across both hosts and ends
 //! with the one-process parameters and losses; `scancel` of a running job leaves no
-//! `coca-launch` or `coca-worker` on either host within 15 s. The measured times are printed
-//! (README, "SLURM"). The tests take turns: each runs its own cluster.
+//! `coca-launch` or `coca-worker` on either host within 15 s; `scancel --signal=USR1 --batch`
+//! checkpoints the job and `scontrol requeue` resumes it to the one-process parameters. The
+//! measured times are printed (README, "SLURM"). The tests take turns: each runs its own
+//! cluster.
 
 mod common;
 
@@ -146,6 +148,21 @@ fn job_output(dir: &Path, id: &str) -> String {
     std::fs::read_to_string(dir.join(format!("slurm-{id}.out"))).unwrap_or_default()
 }
 
+/// A job of `steps` steps of the tiny model at a global batch of 8 over the `WORLD` workers,
+/// its one-process reference trained first: (the reference, the job's output folder, the
+/// script's environment, logs in `tmp/logs`).
+fn compared_job(tmp: &Path, steps: usize) -> (Reference, PathBuf, Vec<(String, String)>) {
+    let global_batch = 8;
+    let reference = Reference::train_with(tmp, global_batch, steps, &CPU_JOB);
+    let out_dir = tmp.join("run");
+    let worker = with(
+        pretrain_flags(&reference.config, &out_dir, global_batch / WORLD, steps),
+        &CPU_JOB,
+    );
+    let env = script_env(&worker, &tmp.join("logs"));
+    (reference, out_dir, env)
+}
+
 #[test]
 fn sbatch_wait_of_the_script_trains_across_both_hosts_to_the_one_process_parameters() {
     let _turn = serial();
@@ -153,15 +170,8 @@ fn sbatch_wait_of_the_script_trains_across_both_hosts_to_the_one_process_paramet
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
-    let (steps, global_batch) = (4, 8);
-    let reference = Reference::train_with(tmp.path(), global_batch, steps, &CPU_JOB);
-
-    let out_dir = tmp.path().join("run");
-    let worker = with(
-        pretrain_flags(&reference.config, &out_dir, global_batch / WORLD, steps),
-        &CPU_JOB,
-    );
-    let env = script_env(&worker, &tmp.path().join("logs"));
+    let steps = 4;
+    let (reference, out_dir, env) = compared_job(tmp.path(), steps);
     let started = Instant::now();
     let (code, out, err) = sbatch(&slurm, tmp.path(), "--wait", &env).finish(JOB_LIMIT);
     let took = started.elapsed();
@@ -255,12 +265,14 @@ fn scancel_of_a_running_job_leaves_no_process_on_either_host_within_15_s() {
         "scancel: no coca-launch or coca-worker left on either host after {:.1} s",
         cleared.as_secs_f64()
     );
-    // SLURM's SIGTERM reached every launcher, which stopped its workers itself (SLURM's
-    // SIGKILL comes only after KillWait, 30 s).
-    let stopping = log
-        .matches("received SIGTERM: stopping this node's workers")
-        .count();
-    assert_eq!(stopping, NODES, "{log}");
+    // SLURM's SIGTERM reached the launchers (SLURM's SIGKILL comes only after KillWait, 30 s):
+    // the job saved one checkpoint and every launcher said so and stopped.
+    assert!(
+        log.contains("received SIGTERM: every rank saves one checkpoint"),
+        "{log}"
+    );
+    let preempted = log.matches("coca-launch: preempted at step ").count();
+    assert_eq!(preempted, NODES, "{log}");
     assert_ne!(slurm.job_state(&id).as_deref(), Some("RUNNING"));
 }
 
@@ -291,4 +303,119 @@ fn dropping_the_cluster_stops_its_daemons_and_deletes_its_hosts_and_folder_even_
     for ns in netns {
         assert!(!Path::new("/run/netns").join(&ns).exists(), "{ns} is left");
     }
+}
+
+/// Waits (bounded by `limit`) until job `id` has left the states in `from`; its state then
+/// (`None`: the controller forgot it).
+fn wait_job_leaves(slurm: &Slurm, id: &str, from: &[&str], limit: Duration) -> Option<String> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let state = slurm.job_state(id);
+        if !state.as_deref().is_some_and(|s| from.contains(&s)) {
+            return state;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "job {id} still {state:?} after {limit:?}\n{}",
+            slurm.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn usr1_to_the_batch_shell_checkpoints_the_job_and_the_requeued_job_ends_like_one_process() {
+    let _turn = serial();
+    let Some(slurm) = Slurm::start(NODES) else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let (reference, out_dir, env) = compared_job(tmp.path(), 40);
+    let (code, out, err) = sbatch(&slurm, tmp.path(), "--parsable", &env).finish(JOB_LIMIT);
+    assert_eq!(code, 0, "sbatch: {out}\n{err}");
+    let id = job_id(&out);
+    common::training::wait_for_steps(&out_dir, 3, JOB_LIMIT);
+
+    // As `--signal=B:USR1@120` delivers it: to the batch shell alone, which forwards it.
+    let signalled = Instant::now();
+    let status = slurm
+        .command("scancel")
+        .args(["--signal=USR1", "--batch", &id])
+        .status();
+    assert!(
+        matches!(status, Ok(s) if s.success()),
+        "scancel: {status:?}"
+    );
+    let state = wait_job_leaves(
+        &slurm,
+        &id,
+        &["PENDING", "RUNNING", "COMPLETING"],
+        Duration::from_secs(60),
+    );
+    let took = signalled.elapsed();
+    let log = job_output(tmp.path(), &id);
+    assert_eq!(
+        log.matches("coca-launch: preempted at step ").count(),
+        NODES,
+        "every launcher checkpointed ({state:?}):\n{log}"
+    );
+    let checkpoints: Vec<String> = std::fs::read_dir(&out_dir)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.contains("checkpoint"))
+        .collect();
+    assert_eq!(checkpoints.len(), 1, "one checkpoint: {checkpoints:?}");
+    eprintln!(
+        "scancel --signal=USR1 --batch: {} after {:.1} s",
+        checkpoints[0],
+        took.as_secs_f64()
+    );
+
+    // The job resumes from it when requeued, and ends like one uninterrupted process.
+    let status = slurm.command("scontrol").args(["requeue", &id]).status();
+    assert!(
+        matches!(status, Ok(s) if s.success()),
+        "requeue: {status:?}"
+    );
+    let pending = slurm
+        .command("squeue")
+        .args(["-h", "-j", &id, "-o", "%T %r %S"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+    eprintln!("requeued: {pending:?}");
+    // SLURM delays a requeued job's start (its begin time); a test has no time to wait.
+    let status = slurm
+        .command("scontrol")
+        .args(["update", &format!("JobId={id}"), "StartTime=now"])
+        .status();
+    assert!(matches!(status, Ok(s) if s.success()), "update: {status:?}");
+    let requeued = Instant::now();
+    // Its output shows the resume once it runs (squeue may not list it for a moment).
+    let deadline = Instant::now() + JOB_LIMIT;
+    while !job_output(tmp.path(), &id).contains("resuming from") {
+        assert!(
+            Instant::now() < deadline,
+            "the requeued job {id} never resumed ({:?})\n{}\n{}",
+            slurm.job_state(&id),
+            job_output(tmp.path(), &id),
+            slurm.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let state = wait_job_leaves(
+        &slurm,
+        &id,
+        &["PENDING", "RUNNING", "COMPLETING"],
+        JOB_LIMIT,
+    );
+    assert!(
+        matches!(state.as_deref(), Some("COMPLETED") | None),
+        "requeued job {id} ended {state:?}\n{}",
+        job_output(tmp.path(), &id)
+    );
+    eprintln!(
+        "the requeued job ended {:.1} s after the requeue",
+        requeued.elapsed().as_secs_f64()
+    );
+    reference.assert_same_run(&out_dir, "pretrain.sbatch preempted with USR1 and requeued");
 }

@@ -7,5 +7,6 @@ pub mod collective;
 pub mod control;
 pub mod log_style;
 pub mod memory_estimate;
+pub mod preempt;
 pub mod topology;
 pub mod worker_binary;

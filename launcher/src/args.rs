@@ -80,6 +80,15 @@ pub struct LauncherArgs {
     /// or half this). Also COCA_COLLECTIVE_TIMEOUT, which the workers receive.
     #[arg(long, env = COLLECTIVE_TIMEOUT_ENV, default_value = "600", value_parser = collective_timeout)]
     pub collective_timeout: StallLimits,
+    /// The signal that makes every rank save one checkpoint at the next step boundary and stop
+    /// (exit code 76), as SLURM's `--signal=USR1@120` sends it: USR1, USR2, ALRM, URG, XCPU,
+    /// PWR, WINCH (with or without SIG, or the number), or none.
+    #[arg(long, default_value = coca_common::preempt::DEFAULT_CHECKPOINT_SIGNAL)]
+    pub checkpoint_signal: String,
+    /// Seconds a SIGTERM leaves the job to save that checkpoint before the workers are
+    /// stopped (under SLURM's default KillWait of 30 s); 0: SIGTERM stops the workers at once.
+    #[arg(long, env = "COCA_TERM_TIMEOUT", default_value_t = 25)]
+    pub term_timeout: u64,
 }
 
 fn collective_timeout(v: &str) -> std::result::Result<StallLimits, String> {
@@ -285,6 +294,12 @@ mod tests {
         assert_eq!(args(&["--nproc_per_node", "4"]).nproc_per_node, "4");
         assert_eq!(args(&["--nproc-per-node=3"]).nproc_per_node, "3");
         assert_eq!(args(&["--max_restarts=2"]).max_restarts, 2);
+        assert_eq!(args(&[]).checkpoint_signal, "USR1");
+        assert_eq!(
+            args(&["--checkpoint_signal", "USR2"]).checkpoint_signal,
+            "USR2"
+        );
+        assert_eq!(args(&["--term-timeout", "0"]).term_timeout, 0);
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //!
 //! Exit codes: 0 when every worker succeeded; the first failed worker's exit code (128 + signal
 //! when it was killed); 2 for a usage or configuration error; 3 when the control plane failed
-//! (rendezvous timeout, lost node 0).
+//! (rendezvous timeout, lost node 0); 76 when the job saved a checkpoint and stopped because it
+//! was asked to (`--checkpoint-signal`, SIGTERM; see `preempt`).
 
 mod address;
 mod args;
@@ -12,6 +13,7 @@ mod elastic;
 mod gpus;
 mod interfaces;
 mod memory;
+mod preempt;
 mod preflight;
 mod process;
 mod summary;

@@ -7,6 +7,7 @@ use crate::args::{node_layout, nproc_per_node, CommandLine, LauncherArgs, NodeLa
 use crate::elastic::{self, Elastic, GenerationLayout, NodeRange};
 use crate::gpus;
 use crate::memory::{self, OomCounters};
+use crate::preempt::Preemption;
 use crate::preflight;
 use crate::process::{describe, WorkerProcess, WorkerSpec};
 use crate::summary;
@@ -17,6 +18,7 @@ use coca_common::control::{
     ClientConfig, ControlClient, ControlServer, Event, ExitKind, FailureReport, Identity, Plan,
     ServerConfig, Token,
 };
+use coca_common::preempt::{parse_checkpoint_signal, CHECKPOINT_SIGNAL_ENV, EXIT_PREEMPTED};
 use coca_common::topology::Topology;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -57,18 +59,22 @@ struct Job {
     threads_per_worker: usize,
     /// One worker per GPU was asked for (`gpu`, or `auto` on a node with GPUs).
     gpu_workers: bool,
+    /// `--checkpoint-signal`'s number, `None` for none.
+    checkpoint_signal: Option<libc::c_int>,
 }
 
 /// SIGINT, SIGTERM and SIGHUP: while workers run, recorded for the supervision loop (which
-/// stops the workers in order); while none run (rendezvous), the default action — the
-/// launcher just ends.
+/// stops the workers in order, or takes a first SIGTERM as a checkpoint request); while none
+/// run (rendezvous), the default action — the launcher just ends. The checkpoint signal is
+/// recorded at any time and acted on while workers run.
 struct Signals {
     received: Arc<AtomicUsize>,
     idle: Arc<AtomicBool>,
+    checkpoint: Arc<AtomicBool>,
 }
 
 impl Signals {
-    fn install() -> Result<Self> {
+    fn install(checkpoint_signal: Option<libc::c_int>) -> Result<Self> {
         let received = Arc::new(AtomicUsize::new(0));
         let idle = Arc::new(AtomicBool::new(true));
         for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
@@ -77,13 +83,24 @@ impl Signals {
             signal_hook::flag::register_usize(sig, received.clone(), sig as usize)
                 .context("cannot install signal handlers")?;
         }
-        Ok(Self { received, idle })
+        let checkpoint = Arc::new(AtomicBool::new(false));
+        if let Some(sig) = checkpoint_signal {
+            signal_hook::flag::register(sig, checkpoint.clone())
+                .context("cannot install the --checkpoint-signal handler")?;
+        }
+        Ok(Self {
+            received,
+            idle,
+            checkpoint,
+        })
     }
 }
 
 /// How one generation of workers ended.
 enum Outcome {
     Finished,
+    /// Every worker saved its part of the checkpoint and stopped.
+    Preempted,
     Restart,
     Failed(i32),
 }
@@ -94,6 +111,8 @@ pub fn run(command_line: CommandLine) -> Result<i32> {
         launcher: args,
         worker: worker_args,
     } = command_line;
+    // A bad signal name is a usage error before anything is looked at or started.
+    let checkpoint_signal = parse_checkpoint_signal(&args.checkpoint_signal)?;
     let layout = node_layout(&args, |k| std::env::var(k).ok())?;
     let visible_gpus = gpus::visible_gpus();
     let node = gpus::node_name(layout.node_rank);
@@ -207,8 +226,9 @@ pub fn run(command_line: CommandLine) -> Result<i32> {
         threads_per_worker: (std::thread::available_parallelism().map_or(1, |n| n.get()) / nproc)
             .max(1),
         gpu_workers,
+        checkpoint_signal,
     };
-    let signals = Signals::install()?;
+    let signals = Signals::install(checkpoint_signal)?;
     let result = generations(&job, &client, &signals);
     if server.is_some() {
         // Give the other nodes a moment to receive the verdict before node 0's service goes.
@@ -266,10 +286,11 @@ fn generations(job: &Job, client: &ControlClient, signals: &Signals) -> Result<i
         signals.idle.store(false, Ordering::SeqCst);
         let oom_before = OomCounters::read();
         let workers = start_workers(job, &plan, &layout)?;
-        let outcome = supervise(job, client, &plan, workers, &signals.received, oom_before);
+        let outcome = supervise(job, client, &plan, workers, signals, oom_before);
         signals.idle.store(true, Ordering::SeqCst);
         match outcome? {
             Outcome::Finished => return Ok(0),
+            Outcome::Preempted => return Ok(EXIT_PREEMPTED),
             Outcome::Failed(code) => return Ok(code),
             Outcome::Restart => continue,
         }
@@ -315,6 +336,10 @@ fn start_workers(job: &Job, plan: &Plan, layout: &GenerationLayout) -> Result<Ve
             ("COCA_TP_RANK", c.tp.to_string()),
             ("COCA_SHARDING_RANK", c.sharding.to_string()),
             ("COCA_DP_RANK", c.dp.to_string()),
+            (
+                CHECKPOINT_SIGNAL_ENV,
+                job.checkpoint_signal.unwrap_or(0).to_string(),
+            ),
             (
                 COLLECTIVE_TIMEOUT_ENV,
                 job.args
@@ -371,36 +396,41 @@ fn supervise(
     client: &ControlClient,
     plan: &Plan,
     mut workers: Vec<WorkerProcess>,
-    signals: &AtomicUsize,
+    signals: &Signals,
     oom_before: OomCounters,
 ) -> Result<Outcome> {
     let node_rank = job.layout.node_rank;
     let mut reported: Option<(FailureReport, Instant)> = None;
     let mut collateral: Option<(FailureReport, Instant)> = None;
     let mut done_reported = false;
+    let mut preemption = Preemption::new(
+        plan.generation,
+        node_rank,
+        Duration::from_secs(job.args.term_timeout),
+    );
     loop {
-        let sig = signals.swap(0, Ordering::SeqCst);
-        if sig != 0 {
-            tracing::warn!(
-                "received {}: stopping this node's workers",
-                crate::process::signal_name(sig as i32)
-            );
-            let failure = FailureReport {
-                generation: plan.generation,
-                node_rank,
-                rank: None,
-                pid: Some(std::process::id()),
-                exit: ExitKind::Signal(sig as i32),
-                cause: format!(
-                    "the launcher of node {node_rank} received {}",
-                    crate::process::signal_name(sig as i32)
-                ),
-                last_lines: Vec::new(),
-                unix_time_s: now_unix(),
-            };
-            let _ = client.report_failure(failure);
-            stop_all(&mut workers, job.args.grace_period);
-            return Ok(Outcome::Failed(128 + sig as i32));
+        if signals.checkpoint.swap(false, Ordering::SeqCst) {
+            if let Some(sig) = job.checkpoint_signal {
+                preemption.request(client, sig);
+            }
+        }
+        let sig = signals.received.swap(0, Ordering::SeqCst) as i32;
+        let running = workers.iter().any(|w| w.status.is_none());
+        if sig != 0 && !(sig == libc::SIGTERM && preemption.on_sigterm(client)) {
+            let name = crate::process::signal_name(sig);
+            let cause = format!("the launcher of node {node_rank} received {name}");
+            return Ok(stop_on_signal(job, client, plan, &mut workers, sig, cause));
+        }
+        if preemption.term_overdue(running) {
+            let cause = preemption.overdue_cause();
+            return Ok(stop_on_signal(
+                job,
+                client,
+                plan,
+                &mut workers,
+                libc::SIGTERM,
+                cause,
+            ));
         }
         for w in workers.iter_mut() {
             let before = w.status.is_some();
@@ -410,6 +440,10 @@ fn supervise(
             }
             if status.success() {
                 tracing::info!("rank {} finished", w.rank);
+                continue;
+            }
+            if status.code() == Some(EXIT_PREEMPTED) {
+                preemption.rank_preempted(w.rank);
                 continue;
             }
             let (mut words, _) = describe(status);
@@ -460,12 +494,17 @@ fn supervise(
             && collateral.is_none()
             && workers.iter().all(|w| w.status.is_some())
         {
+            preemption.read_decision(client);
             client
                 .report_done()
                 .map_err(|e| ControlPlaneError(format!("{e:#}")))?;
             done_reported = true;
         }
         match client.events().try_recv() {
+            Ok(Event::Finished) if preemption.preempted() => {
+                eprintln!("{}", preemption.summary());
+                return Ok(Outcome::Preempted);
+            }
             Ok(Event::Finished) => {
                 tracing::info!("every worker on every node finished");
                 return Ok(Outcome::Finished);
@@ -496,7 +535,12 @@ fn supervise(
                     }
                     None if done_reported => {
                         tracing::warn!("{reason} after this node's workers finished");
-                        Outcome::Finished
+                        if preemption.preempted() {
+                            eprintln!("{}", preemption.summary());
+                            Outcome::Preempted
+                        } else {
+                            Outcome::Finished
+                        }
                     }
                     None => bail!(ControlPlaneError(lost_or_aborted(job, client, &reason))),
                 });
@@ -521,6 +565,32 @@ fn supervise(
         }
         std::thread::sleep(POLL);
     }
+}
+
+/// A signal stops the job: reported to the control plane as the launcher's failure (so no
+/// restart follows), this node's workers stopped, exit code 128 + `sig`.
+fn stop_on_signal(
+    job: &Job,
+    client: &ControlClient,
+    plan: &Plan,
+    workers: &mut [WorkerProcess],
+    sig: i32,
+    cause: String,
+) -> Outcome {
+    tracing::warn!("{cause}: stopping this node's workers");
+    let failure = FailureReport {
+        generation: plan.generation,
+        node_rank: job.layout.node_rank,
+        rank: None,
+        pid: Some(std::process::id()),
+        exit: ExitKind::Signal(sig),
+        cause,
+        last_lines: Vec::new(),
+        unix_time_s: now_unix(),
+    };
+    let _ = client.report_failure(failure);
+    stop_all(workers, job.args.grace_period);
+    Outcome::Failed(128 + sig)
 }
 
 /// Why the job stopped without a failure report: "lost node 0 (ADDR): …" when the connection to

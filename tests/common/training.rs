@@ -106,6 +106,24 @@ pub fn metric(out: &Path, name: &str) -> Vec<f64> {
         .collect()
 }
 
+/// Waits until rank 0 logged `steps` steps into `out/metrics.jsonl` (at `--logging_steps 1`).
+pub fn wait_for_steps(out: &Path, steps: usize, limit: Duration) {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let logged =
+            std::fs::read_to_string(out.join("metrics.jsonl")).map_or(0, |t| t.lines().count());
+        if logged >= steps {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} logged {logged} of {steps} steps within {limit:?}",
+            out.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The loss rank 0 logged for each step, the last one where a restart logged a step again.
 pub fn losses_by_step(out: &Path) -> std::collections::BTreeMap<u64, f64> {
     let steps = metric(out, "step");

@@ -195,10 +195,12 @@ fn check_args(command: Vec<String>) -> Result<ExitCode> {
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::CheckArgs { command } => check_args(command),
-        Command::Pretrain(args) => {
-            pretrain::run::run(*args)?;
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Pretrain(args) => match pretrain::run::run(*args)? {
+            pretrain::run::Ended::Completed => Ok(ExitCode::SUCCESS),
+            pretrain::run::Ended::Preempted(_) => {
+                Ok(ExitCode::from(coca_common::preempt::EXIT_PREEMPTED as u8))
+            }
+        },
         Command::Verify {
             reference,
             checkpoint,

@@ -276,6 +276,15 @@ impl ControlClient {
         self.stop(true);
     }
 
+    /// Says goodbye now, although other holders of this client may still use it (a thread
+    /// blocked in a `get` for the whole run): their requests then fail at once, and the
+    /// client's thread stops when the last holder drops it. Bounded like [`Self::close`].
+    pub fn goodbye(&self) {
+        if let Some(runtime) = &self.runtime {
+            self.send_goodbye(runtime);
+        }
+    }
+
     /// Tests: vanish without a goodbye, as a killed process would.
     #[cfg(test)]
     pub(crate) fn vanish(mut self) {
@@ -294,22 +303,29 @@ impl ControlClient {
         };
         self.inner.closing.store(true, Ordering::SeqCst);
         if goodbye {
-            self.inner
-                .conn
-                .close(close_code::GOODBYE.into(), b"goodbye");
-            let endpoint = self.inner.endpoint.clone();
-            let (tx, rx) = std::sync::mpsc::sync_channel(1);
-            runtime.spawn(async move {
-                let _ = timeout(CLOSE_TIMEOUT, endpoint.wait_idle()).await;
-                let _ = tx.send(());
-            });
-            let _ = rx.recv_timeout(CLOSE_TIMEOUT + Duration::from_millis(500));
+            self.send_goodbye(&runtime);
         }
         if !goodbye || tokio::runtime::Handle::try_current().is_ok() {
             runtime.shutdown_background();
         } else {
             runtime.shutdown_timeout(Duration::from_secs(1));
         }
+    }
+
+    /// Closes the connection with the goodbye code and waits (briefly) for it to leave; a
+    /// second call finds the connection closed and returns at once.
+    fn send_goodbye(&self, runtime: &tokio::runtime::Runtime) {
+        self.inner.closing.store(true, Ordering::SeqCst);
+        self.inner
+            .conn
+            .close(close_code::GOODBYE.into(), b"goodbye");
+        let endpoint = self.inner.endpoint.clone();
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        runtime.spawn(async move {
+            let _ = timeout(CLOSE_TIMEOUT, endpoint.wait_idle()).await;
+            let _ = tx.send(());
+        });
+        let _ = rx.recv_timeout(CLOSE_TIMEOUT + Duration::from_millis(500));
     }
 
     fn call_ok(&self, what: &str, request: Request) -> Result<()> {

@@ -8,6 +8,7 @@ use super::demo;
 use super::elastic::{self, LoaderLayout};
 use super::metrics::{RunLog, StepMetrics};
 use super::model_source::{resolve_model, ResolvedModel, DEMO_MODEL};
+use super::preemption::Preemption;
 use super::preflight::{self, Checked, TrainData};
 use super::rank_checkpoint;
 use super::summary::{StartupSummary, WeightsOrigin};
@@ -68,17 +69,30 @@ fn defaults(demo: bool) -> Defaults {
     }
 }
 
+/// How a `pretrain` run ended without an error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ended {
+    /// Every step was taken.
+    Completed,
+    /// The job was asked to stop (the checkpoint signal, SIGTERM): every rank saved its part of
+    /// this checkpoint and stopped (exit code [`coca_common::preempt::EXIT_PREEMPTED`]).
+    Preempted(coca_common::preempt::Decision),
+}
+
 /// Runs `pretrain` as the rank the launcher's environment describes (or alone).
-pub fn run(mut args: PretrainArgs) -> Result<()> {
+pub fn run(mut args: PretrainArgs) -> Result<Ended> {
+    // First: a checkpoint signal during the slow start must not kill the worker.
+    let preemption = Preemption::listen()?;
     elastic::apply_launcher_batch(&mut args, |k| std::env::var(k).ok())?;
     let (world, rank) = env_world_rank()?;
     let checked = preflight::check(&args, world, rank)?;
     let ctx = RankContext::from_env(args.tensor_parallel_degree, args.sharding_parallel_degree)?;
-    let result = train(&args, &ctx, checked);
-    match result {
+    let result = match train(&args, &ctx, checked, &preemption) {
         Err(e) if ctx.peer_failed(PEER_VERDICT_WAIT) => Err(e.context(PeerFailed)),
         other => other,
-    }
+    };
+    preemption.detach();
+    result
 }
 
 /// How long a rank whose collective failed waits to learn whether another rank failed first.
@@ -104,7 +118,12 @@ fn resume_dir(args: &PretrainArgs, ctx: &RankContext) -> Result<Option<std::path
 }
 
 /// Trains as rank `ctx.rank`.
-fn train(args: &PretrainArgs, ctx: &RankContext, checked: Checked) -> Result<()> {
+fn train(
+    args: &PretrainArgs,
+    ctx: &RankContext,
+    checked: Checked,
+    preemption: &Preemption,
+) -> Result<Ended> {
     let args = args.clone();
     let device = args.device.open()?;
     let data_rank = ctx.topology.data_rank(ctx.rank)?;
@@ -364,6 +383,7 @@ fn train(args: &PretrainArgs, ctx: &RankContext, checked: Checked) -> Result<()>
             args.save_total_limit,
         )
     };
+    preemption.attach(ctx, &args.output_dir, trainer.step)?;
     while trainer.step < total_steps {
         let started = Instant::now();
         let (mut sums, mut samples, mut finite) = ([0f64; 3], 0usize, true);
@@ -438,6 +458,21 @@ fn train(args: &PretrainArgs, ctx: &RankContext, checked: Checked) -> Result<()>
         if trainer.step % args.logging_steps.max(1) == 0 || trainer.step == total_steps {
             log.log(&metrics)?;
         }
+        if trainer.step < total_steps {
+            if let Some(decision) = preemption.at_boundary(trainer.step)? {
+                skips.report(&log);
+                let saving = Instant::now();
+                save(&trainer, position, scaler)?;
+                log.println(format!(
+                    "rank {}: preempted at step {}, checkpoint {} (its part saved in {:.2} s)",
+                    ctx.rank,
+                    decision.step,
+                    decision.checkpoint,
+                    saving.elapsed().as_secs_f64()
+                ));
+                return Ok(Ended::Preempted(decision));
+            }
+        }
         if let Some(every) = args.eval_steps {
             if trainer.step % every == 0 && trainer.step < total_steps {
                 zero_shot(&mut log, trainer.step)?;
@@ -469,7 +504,7 @@ fn train(args: &PretrainArgs, ctx: &RankContext, checked: Checked) -> Result<()>
             )?)
         };
         if !ctx.is_main() {
-            return Ok(());
+            return Ok(Ended::Completed);
         }
         demo::report(
             full.as_ref().unwrap_or(&trainer.model),
@@ -479,7 +514,7 @@ fn train(args: &PretrainArgs, ctx: &RankContext, checked: Checked) -> Result<()>
             &args.output_dir,
         )?;
     }
-    Ok(())
+    Ok(Ended::Completed)
 }
 
 /// The position after `p`.
