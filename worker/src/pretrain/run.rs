@@ -402,7 +402,9 @@ fn train(
             let images = Tensor::from_vec(b.images, (b.len, 3, image_size, image_size), &device)?;
             let text = Tensor::from_vec(b.tokens, (b.len, text_len), &device)?;
             let loss_scale = scaler.map_or(1.0, |s| s.scale);
-            let loss = trainer.backward(&images, &text, loss_scale / accum as f64)?;
+            let loss = trainer
+                .backward(&images, &text, loss_scale / accum as f64)
+                .map_err(|e| step_error(e, trainer.step, b.len, &memory))?;
             finite &= loss.total.is_finite();
             sums[0] += loss.total / accum as f64;
             sums[1] += loss.contrastive / accum as f64;
@@ -411,7 +413,10 @@ fn train(
         }
         let report = if finite {
             let inject = args.precision.fp16_inject_overflow_step == Some(trainer.step);
-            trainer.update_scaled(scaler.map_or(1.0, |s| s.scale), inject)?
+            let step = trainer.step;
+            trainer
+                .update_scaled(scaler.map_or(1.0, |s| s.scale), inject)
+                .map_err(|e| step_error(e, step, samples, &memory))?
         } else {
             trainer.skip_update()?
         };
@@ -574,5 +579,68 @@ impl EpochSkips {
                 self.reasons.len() - SKIPS_LISTED
             ));
         }
+    }
+}
+
+/// A training step's error with the step and the micro-batch named; an out-of-memory (the
+/// host's or a GPU's) also gets the per-rank estimate and what lowers it. The last checkpoint
+/// is untouched: checkpoints are written atomically between steps.
+fn step_error(
+    e: impl Into<anyhow::Error>,
+    step: u64,
+    samples: usize,
+    memory: &crate::memory_estimate::MemoryEstimate,
+) -> anyhow::Error {
+    let e = e.into();
+    let text = format!("{e:#}");
+    let out_of_memory = text.contains("OUT_OF_MEMORY")
+        || text.contains("out of memory")
+        || text.contains("memory allocation");
+    let what = format!(
+        "training step {} ({samples} samples on this rank)",
+        step + 1
+    );
+    if out_of_memory {
+        e.context(format!(
+            "{what} ran out of memory; this rank's estimate: {}. Lower \
+             --per_device_train_batch_size, add --grad_checkpointing True or --bf16 True, or \
+             raise --sharding_parallel_degree or --tensor_parallel_degree",
+            memory.by_part()
+        ))
+    } else {
+        e.context(what)
+    }
+}
+
+#[cfg(test)]
+mod step_error_tests {
+    use super::*;
+
+    #[test]
+    fn an_out_of_memory_names_the_step_the_estimate_and_the_remedies() {
+        let config = crate::model::CocaConfig::resolve("coca_ViT-B-32").unwrap();
+        let memory =
+            crate::memory_estimate::estimate(&config, 1, 1, None, 8, false, DType::F32).unwrap();
+        let oom = anyhow::anyhow!("DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")");
+        let text = format!("{:#}", step_error(oom, 2, 8, &memory));
+        for needle in [
+            "training step 3 (8 samples",
+            "ran out of memory",
+            "activations",
+            "--grad_checkpointing True",
+        ] {
+            assert!(text.contains(needle), "{needle:?} missing from {text}");
+        }
+        let other = format!(
+            "{:#}",
+            step_error(anyhow::anyhow!("shape mismatch"), 0, 4, &memory)
+        );
+        assert!(
+            other.starts_with("training step 1 (4 samples on this rank): shape mismatch"),
+            "{other}"
+        );
+        // The cause stays reachable for the exit code's classification.
+        let peer = step_error(anyhow::Error::new(PeerFailed), 0, 4, &memory);
+        assert!(peer.downcast_ref::<PeerFailed>().is_some());
     }
 }
