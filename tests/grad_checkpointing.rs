@@ -1,7 +1,7 @@
 //! `pretrain --grad_checkpointing True` (activation checkpointing) trains exactly as without:
 //! on the coca-tiny fixture, one process, two data-parallel processes (ZeRO stage 2) and two
 //! tensor-parallel processes with checkpointing end with the plain one-process run's parameters
-//! and losses.
+//! and losses; under `--bf16 True` a checkpointed run ends with the plain bf16 run's.
 
 mod common;
 
@@ -41,6 +41,33 @@ fn checkpointed_training_ends_with_the_parameters_of_plain_training() {
         "checkpointed, one process",
     );
     assert_eq!(losses(&single), reference_losses);
+
+    // Mixed precision: the recomputed blocks cast and multiply as the first forward did.
+    let bf16 = ["--bf16", "True"];
+    let (plain16, checkpointed16) = (tmp.path().join("bf16"), tmp.path().join("bf16-ckpt"));
+    run_alone(&with(
+        pretrain_flags(model, &plain16, global_batch, steps),
+        &bf16,
+    ));
+    run_alone(&with(
+        with(
+            pretrain_flags(model, &checkpointed16, global_batch, steps),
+            &bf16,
+        ),
+        &checkpointing,
+    ));
+    assert_same_weights(
+        &final_of(&plain16),
+        &final_of(&checkpointed16),
+        1e-6,
+        "checkpointed under --bf16, one process",
+    );
+    assert_eq!(losses(&checkpointed16), losses(&plain16));
+    assert_ne!(
+        losses(&plain16),
+        reference_losses,
+        "bf16 changes the losses"
+    );
 
     let logs = tmp.path().join("logs");
     for (what, per_device, extra) in [
