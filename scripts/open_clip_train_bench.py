@@ -103,6 +103,7 @@ def main():
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1)
 
     step_times = []
+    phase_times = {"forward_and_loss_s": [], "backward_s": [], "optimizer_s": []}
     for step in range(args.steps + 1):
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
@@ -115,12 +116,20 @@ def main():
                 out["labels"],
                 out["logit_scale"],
             )
+        sync()
+        forward_done = time.perf_counter()
         sum(losses).backward()
+        sync()
+        backward_done = time.perf_counter()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         sync()
         if step > 0:
-            step_times.append(time.perf_counter() - start)
+            end = time.perf_counter()
+            step_times.append(end - start)
+            phase_times["forward_and_loss_s"].append(forward_done - start)
+            phase_times["backward_s"].append(backward_done - forward_done)
+            phase_times["optimizer_s"].append(end - backward_done)
 
     model.eval()
     embed_times = []
@@ -173,6 +182,7 @@ def main():
                 "cpu_kernels": torch.backends.cpu.get_cpu_capability(),
                 "train_step_s": step,
                 "train_samples_per_s": args.batch / step,
+                "train_phases_s": {k: statistics.median(v) for k, v in phase_times.items()},
                 "embed_images_per_s": args.batch / statistics.median(embed_times),
             }
         )

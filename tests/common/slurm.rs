@@ -106,7 +106,9 @@ SlurmctldHost={hostname}({gateway})
 SlurmctldPort={port}
 SlurmdPort={SLURMD_PORT}
 AuthType=auth/munge
-AuthInfo=socket={d}/munge.socket
+# cred_expire is also how long SLURM holds a requeued job back (120 s by default); a requeue
+# sooner than that finds the nodes still refusing the job's revoked credential.
+AuthInfo=socket={d}/munge.socket,cred_expire=15
 CredType=cred/munge
 SlurmUser=root
 SlurmdUser=root

@@ -151,14 +151,22 @@ pub fn run(opts: &BenchOptions) -> Result<Option<serde_json::Value>> {
     )?;
     let mut step_times = Vec::new();
     let mut step_faults = Vec::new();
+    // The step's two calls, timed apart: forward + loss + backward (+ the flat gradient), then
+    // clipping + AdamW.
+    let (mut backward_times, mut update_times) = (Vec::new(), Vec::new());
     for step in 0..=opts.steps {
         let (start, faults) = (Instant::now(), minor_page_faults());
         trainer.backward(&images, &text, 1.0)?;
+        device.synchronize()?;
+        let backward_done = start.elapsed().as_secs_f64();
         trainer.update()?;
         device.synchronize()?;
         if step > 0 {
-            step_times.push(start.elapsed().as_secs_f64());
+            let total = start.elapsed().as_secs_f64();
+            step_times.push(total);
             step_faults.push(minor_page_faults() - faults);
+            backward_times.push(backward_done);
+            update_times.push(total - backward_done);
         }
     }
     let step = median(step_times.clone());
@@ -176,12 +184,32 @@ pub fn run(opts: &BenchOptions) -> Result<Option<serde_json::Value>> {
             })
         }));
     }
-    // Inference over detached weights records no graph.
+    // Inference over detached weights records no graph; under --bf16 it computes in bf16, as
+    // open_clip's embedding under torch.autocast does.
     let weights: HashMap<String, Tensor> = vars.tensors().into_iter().collect();
-    let frozen = CoCa::new(
+    let frozen = CoCa::new_parallel(
         &config,
         VarBuilder::from_tensors(weights, DType::F32, &device),
+        &tp,
     )?;
+    // The forward pass and the loss alone (the same arithmetic as the step's, without the
+    // graph's bookkeeping), so the step splits into forward, backward and optimizer.
+    let mut forward_times = Vec::new();
+    for step in 0..=opts.steps {
+        let start = Instant::now();
+        let out = frozen.forward(&images, &text)?;
+        crate::model::coca_loss(&out, &CocaLossConfig::default())?;
+        device.synchronize()?;
+        if step > 0 {
+            forward_times.push(start.elapsed().as_secs_f64());
+        }
+    }
+    let forward = median(forward_times);
+    let phases = serde_json::json!({
+        "forward_and_loss_s": forward,
+        "backward_s": (median(backward_times) - forward).max(0.0),
+        "optimizer_s": median(update_times),
+    });
     let mut embed_times = Vec::new();
     for step in 0..=opts.steps {
         let start = Instant::now();
@@ -207,6 +235,7 @@ pub fn run(opts: &BenchOptions) -> Result<Option<serde_json::Value>> {
         "train_step_s": step,
         "train_step_times_s": step_times,
         "train_page_faults_per_step": step_faults,
+        "train_phases_s": phases,
         "train_samples_per_s": opts.batch as f64 / step,
         "train_model_flops_per_step": flops,
         "train_tflops": flops / step / 1e12,

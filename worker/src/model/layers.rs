@@ -107,7 +107,7 @@ impl Linear {
         }
         let y = tp.reduce_out(&widen(&matmul_last(x, &self.weight_t()?, None)?)?)?;
         match &self.bias {
-            Some(b) => y.broadcast_add(b),
+            Some(b) => ops::add_bias(&y, b),
             None => Ok(y),
         }
     }
@@ -122,7 +122,7 @@ pub fn matmul_last(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tens
     let w = w.to_dtype(x.dtype())?;
     let mut y = x.contiguous()?.reshape((rows, in_dim))?.matmul(&w)?;
     if let Some(b) = bias {
-        y = y.broadcast_add(&b.to_dtype(x.dtype())?)?;
+        y = ops::add_bias(&y, &b.to_dtype(x.dtype())?)?;
     }
     let mut out_dims = dims.to_vec();
     if let Some(last) = out_dims.last_mut() {

@@ -29,6 +29,7 @@
 //! the mixed-precision model casts them back to bfloat16 where the next matrix product reads
 //! them, as autocast does.
 
+mod bias;
 mod cross_entropy;
 mod dispatch;
 mod gelu;
@@ -37,6 +38,7 @@ pub mod portable;
 mod softmax;
 mod transpose;
 
+pub use bias::add_bias;
 pub(crate) use cross_entropy::check_targets;
 pub use cross_entropy::cross_entropy_rows;
 pub(crate) use cross_entropy::{CrossEntropyBackward, VocabShard};

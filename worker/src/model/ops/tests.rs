@@ -92,6 +92,27 @@ fn gelu_matches_primitives() {
 }
 
 #[test]
+fn add_bias_matches_broadcast_add() {
+    // 300 columns: more than one task's block, with a tail; 3-D input as the layers pass.
+    let inputs = [rand(&[4, 70, 300], 5), rand(&[300], 6)];
+    let fused = value_and_grads(&inputs, |t| add_bias(&t[0], &t[1]).unwrap());
+    let reference = value_and_grads(&inputs, |t| t[0].broadcast_add(&t[1]).unwrap());
+    assert_same(&fused, &reference, 1e-4);
+    // The gradient columns sum in row order: the same bits as a plain loop.
+    let g = rand_vec(9 * 300, 7);
+    let plain: Vec<f32> = (0..300)
+        .map(|c| (0..9).fold(0f32, |s, r| s + g[r * 300 + c]))
+        .collect();
+    assert_bits(
+        crate::simd::KernelFamily::Portable,
+        "column sums",
+        &bias::column_sums(&g, 300),
+        &plain,
+    );
+    assert!(add_bias(&inputs[0], &rand(&[299], 8)).is_err());
+}
+
+#[test]
 fn masked_softmax_matches_primitives() {
     let scale = 0.35;
     let (b, h, t, s) = (2, 3, 4, 5);
@@ -207,7 +228,13 @@ fn every_cpu_kernel_family_computes_the_same_bits() {
         softmax::softmax_rows(family, &mut sm, &x, Some(&mask), 0.125, d);
         let mut sm_dx = vec![0f32; rows * d];
         softmax::softmax_backward_rows(family, &mut sm_dx, &sm, &g, 0.125, d);
-        [ln, ln_dx, acc, sm, sm_dx]
+        // GELU over a wide range: its erf and exp are polynomials in every family.
+        let wide: Vec<f32> = x.iter().map(|v| 12.0 * v).collect();
+        let mut gelu_y = vec![0f32; rows * d];
+        gelu::gelu_forward(family, &mut gelu_y, &wide);
+        let mut gelu_dx = vec![0f32; rows * d];
+        gelu::gelu_backward(family, &mut gelu_dx, &wide, &g);
+        [ln, ln_dx, acc, sm, sm_dx, gelu_y, gelu_dx]
     };
     let reference = run(KernelFamily::Portable);
     // The lanes change the order of the sums, not their accuracy: the plain row code agrees.
@@ -238,10 +265,50 @@ fn every_cpu_kernel_family_computes_the_same_bits() {
         "layer norm dweight/dbias",
         "softmax",
         "softmax dx",
+        "gelu",
+        "gelu dx",
     ];
     for family in KernelFamily::available() {
         for ((name, a), b) in names.iter().zip(&reference).zip(&run(family)) {
             assert_bits(family, name, a, b);
         }
+    }
+}
+
+#[test]
+fn polynomial_erf_and_exp_are_accurate_over_their_range() {
+    // Every 1/1024 from −10 to 10 (erf) and −87 to 88 (exp), against double precision.
+    let mut worst_erf = 0f64;
+    for i in -10 * 1024..=10 * 1024 {
+        let x = i as f32 / 1024.0;
+        let err = (gelu::erf(x) as f64 - libm::erf(x as f64)).abs();
+        worst_erf = worst_erf.max(err);
+    }
+    assert!(worst_erf < 4e-7, "erf is off by up to {worst_erf}");
+    assert_eq!(gelu::erf(-0.0).to_bits(), (-0f32).to_bits());
+    assert_eq!(gelu::erf(f32::INFINITY), 1.0);
+    assert_eq!(gelu::erf(f32::NEG_INFINITY), -1.0);
+    let mut worst_exp = 0f64;
+    for i in -87 * 256..=88 * 256 {
+        let x = i as f32 / 256.0;
+        let exact = (x as f64).exp();
+        worst_exp = worst_exp.max(((gelu::exp(x) as f64 - exact) / exact).abs());
+    }
+    assert!(
+        worst_exp < 3.0 * f32::EPSILON as f64,
+        "exp is off by up to {worst_exp} relative"
+    );
+    assert_eq!(gelu::exp(0.0), 1.0);
+    assert_eq!(gelu::exp(-1e4), gelu::exp(-87.3));
+    // GELU itself: erf's absolute error times |x| / 2, plus float32 rounding (as with libm's
+    // `erff`, `1 + erf(x)` cancels to 0 below x ≈ −5.5).
+    for i in -8 * 512..=8 * 512 {
+        let x = i as f32 / 512.0;
+        let exact = 0.5 * x as f64 * (1.0 + libm::erf(x as f64 / std::f64::consts::SQRT_2));
+        let got = gelu_erf_value(x) as f64;
+        assert!(
+            (got - exact).abs() <= 4e-7 * (x.abs() as f64).max(1e-6),
+            "gelu({x}) = {got}, exact {exact}"
+        );
     }
 }
