@@ -30,10 +30,7 @@ const MOVE: f32 = 1e-3 * STEPS as f32;
 /// `in_proj_bias` is left out: its true gradient is zero (softmax ignores it), so Adam moves it
 /// by normalised rounding noise in any precision.
 fn assert_close_to_scale(a: &Path, b: &Path, tol: f32, what: &str) {
-    let (a, b) = (
-        common::load(&a.to_path_buf()),
-        common::load(&b.to_path_buf()),
-    );
+    let (a, b) = (common::load(a), common::load(b));
     assert_eq!(a.len(), b.len(), "{what}: different tensor sets");
     let rms = |t: &Tensor| -> f32 {
         let mean = t.sqr().unwrap().mean_all().unwrap();

@@ -8,12 +8,21 @@ fn verify(args: &[&str]) -> (i32, String, String) {
     common::run("coca-worker", &all)
 }
 
-/// `verify` of the fixture against itself, under the environment `env`: every section passes.
+/// `verify` of the fixture against itself on the test device (`COCA_TEST_DEVICE`), under the
+/// environment `env`: every section passes.
 fn assert_verify_passes_on_the_reference(env: &[(&str, &str)]) {
-    let Some(dir) = common::fixture("coca-tiny") else {
+    let (Some(dir), Some((device, _))) = (common::fixture("coca-tiny"), common::test_device())
+    else {
         return;
     };
-    let args = ["verify", "--reference", dir.to_str().unwrap()];
+    let device = device.to_string();
+    let args = [
+        "verify",
+        "--reference",
+        dir.to_str().unwrap(),
+        "--device",
+        &device,
+    ];
     let (code, out, err) = common::run_with_env("coca-worker", &args, env);
     assert_eq!(code, 0, "{env:?}\n{out}\n{err}");
     for section in ["forward", "loss", "grads", "train", "zeroshot", "generate"] {

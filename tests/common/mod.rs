@@ -29,28 +29,69 @@ pub fn fixture(rel: &str) -> Option<PathBuf> {
     }
 }
 
+/// The environment variable that moves the fixture checks to another device: `cpu` (the
+/// default), `cuda`, `cuda:N` or `auto`, as `--device` spells them.
+pub const TEST_DEVICE_ENV: &str = "COCA_TEST_DEVICE";
+
+/// The device the fixture checks (model, gradients, captions, `verify`'s training trajectory
+/// and zero-shot) run on: [`TEST_DEVICE_ENV`], or `None` (with a message, so the test skips)
+/// when this build or machine cannot open it: a CPU build or no GPU under `cuda`.
+pub fn test_device() -> Option<(coca_worker::device::DeviceChoice, Device)> {
+    let spelled = std::env::var(TEST_DEVICE_ENV).unwrap_or_else(|_| "cpu".into());
+    let choice: coca_worker::device::DeviceChoice = spelled
+        .parse()
+        .unwrap_or_else(|e| panic!("{TEST_DEVICE_ENV}={spelled}: {e}"));
+    match choice.open() {
+        Ok(device) => Some((choice, device)),
+        Err(e) => {
+            eprintln!("skipping: {TEST_DEVICE_ENV}={spelled} cannot be opened here: {e:#}");
+            None
+        }
+    }
+}
+
 /// Every tensor of a safetensors file.
-pub fn load(path: &PathBuf) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(path, &Device::Cpu)
+pub fn load(path: &Path) -> HashMap<String, Tensor> {
+    load_on(path, &Device::Cpu)
+}
+
+/// Every tensor of a safetensors file, on `device`.
+pub fn load_on(path: &Path, device: &Device) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(path, device)
         .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
 }
 
 /// The CoCa of `config` (a model-config JSON) with the float32 weights of a safetensors file.
 pub fn model_from(config: &Path, weights: &Path) -> coca_worker::model::CoCa {
+    model_on(config, weights, &Device::Cpu)
+}
+
+/// [`model_from`] on `device`.
+pub fn model_on(config: &Path, weights: &Path, device: &Device) -> coca_worker::model::CoCa {
     let config = coca_worker::model::CocaConfig::from_file(config).unwrap();
-    let weights = load(&weights.to_path_buf());
-    let vb = candle_nn::VarBuilder::from_tensors(weights, candle_core::DType::F32, &Device::Cpu);
+    let weights = load_on(weights, device);
+    let vb = candle_nn::VarBuilder::from_tensors(weights, candle_core::DType::F32, device);
     coca_worker::model::CoCa::new(&config, vb).unwrap()
 }
 
 /// The reference model of a fixture folder (`config.json`, `weights.safetensors`).
 pub fn fixture_model(dir: &Path) -> coca_worker::model::CoCa {
-    model_from(&dir.join("config.json"), &dir.join("weights.safetensors"))
+    fixture_model_on(dir, &Device::Cpu)
 }
 
-/// Largest absolute difference between two tensors of the same shape.
+/// [`fixture_model`] on `device`.
+pub fn fixture_model_on(dir: &Path, device: &Device) -> coca_worker::model::CoCa {
+    model_on(
+        &dir.join("config.json"),
+        &dir.join("weights.safetensors"),
+        device,
+    )
+}
+
+/// Largest absolute difference between two tensors of the same shape, wherever each lives.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    coca_worker::compare::max_abs_diff(a, b).unwrap()
+    let on_cpu = |t: &Tensor| t.to_device(&Device::Cpu).unwrap();
+    coca_worker::compare::max_abs_diff(&on_cpu(a), &on_cpu(b)).unwrap()
 }
 
 /// Largest absolute element of a tensor.

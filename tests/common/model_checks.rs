@@ -7,17 +7,18 @@ use coca_worker::eval::generate::{generate, GenerateOptions, GenerationType};
 use coca_worker::model::{coca_loss, CoCa, CocaConfig, CocaLossConfig};
 use std::collections::HashMap;
 
-/// Every output of the forward pass within 1e-4 and the three losses within 1e-4 relative
-/// (skipped, with a message, when the fixture is absent).
+/// Every output of the forward pass within 1e-4 and the three losses within 1e-4 relative, on
+/// the test device (skipped, with a message, when the fixture or the device is absent).
 pub fn assert_forward_matches() {
-    let (Some(dir), Some(_)) = (
+    let (Some(dir), Some(_), Some((_, device))) = (
         super::fixture("coca-tiny"),
         super::fixture("coca-tiny/io.safetensors"),
+        super::test_device(),
     ) else {
         return;
     };
-    let io = super::load(&dir.join("io.safetensors"));
-    let model = super::fixture_model(&dir);
+    let io = super::load_on(&dir.join("io.safetensors"), &device);
+    let model = super::fixture_model_on(&dir, &device);
     let out = model
         .forward(&io["input.image"], &io["input.text"])
         .unwrap();
@@ -38,7 +39,11 @@ pub fn assert_forward_matches() {
         ("loss.caption", &loss.caption),
         ("loss.total", &loss.total),
     ] {
-        let ours = ours.to_scalar::<f32>().unwrap();
+        let ours = ours
+            .to_device(&Device::Cpu)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         let theirs = io[name].flatten_all().unwrap().to_vec1::<f32>().unwrap()[0];
         eprintln!("{name}: ours {ours} reference {theirs}");
         assert!(
@@ -48,22 +53,22 @@ pub fn assert_forward_matches() {
     }
 }
 
-/// The gradient of the total loss for every weight within 1e-3 of its largest element
-/// (skipped, with a message, when the fixture is absent).
+/// The gradient of the total loss for every weight within 1e-3 of its largest element, on the
+/// test device (skipped, with a message, when the fixture or the device is absent).
 pub fn assert_gradients_match() {
-    let Some(dir) = super::fixture("coca-tiny") else {
+    let (Some(dir), Some((_, device))) = (super::fixture("coca-tiny"), super::test_device()) else {
         return;
     };
     let config = CocaConfig::from_file(&dir.join("config.json")).unwrap();
-    let weights = super::load(&dir.join("weights.safetensors"));
-    let io = super::load(&dir.join("io.safetensors"));
+    let weights = super::load_on(&dir.join("weights.safetensors"), &device);
+    let io = super::load_on(&dir.join("io.safetensors"), &device);
     let names: Vec<String> = weights.keys().cloned().collect();
     let (model, vars) = coca_worker::model::trainable::trainable_model(
         &config,
         Some(weights),
         0,
         DType::F32,
-        &Device::Cpu,
+        &device,
     )
     .unwrap();
     let out = model
@@ -98,14 +103,16 @@ pub fn assert_gradients_match() {
     );
 }
 
-/// The fixture model, its images preprocessed at the model's size and the extras, or `None`
-/// (with a message) when the fixture is absent.
+/// The fixture model and its images preprocessed at the model's size on the test device
+/// ([`super::test_device`]), and the extras, or `None` (with a message) when the fixture or the
+/// device is absent.
 pub fn caption_fixture() -> Option<(CoCa, Tensor, HashMap<String, Tensor>)> {
     let dir = super::fixture("coca-tiny")?;
     super::fixture("coca-tiny/extras.safetensors")?;
+    let (_, device) = super::test_device()?;
     let extras = super::load(&dir.join("extras.safetensors"));
-    let model = super::fixture_model(&dir);
-    let images = extras["preprocess.32"].clone();
+    let model = super::fixture_model_on(&dir, &device);
+    let images = extras["preprocess.32"].to_device(&device).unwrap();
     Some((model, images, extras))
 }
 

@@ -69,7 +69,7 @@ pub const TOKEN: &str = "a-test-secret-of-enough-length";
 /// Every tensor of `b` within `tol` of `a`, absolute or relative to the tensor's largest
 /// magnitude (parameters that start at zero stay small for the first steps).
 pub fn assert_same_weights(a: &Path, b: &Path, tol: f32, what: &str) {
-    let (a, b) = (super::load(&a.to_path_buf()), super::load(&b.to_path_buf()));
+    let (a, b) = (super::load(a), super::load(b));
     assert_eq!(a.len(), b.len(), "{what}: different tensor sets");
     let mut worst = (0f32, 0f32, String::new());
     for (name, ta) in &a {
