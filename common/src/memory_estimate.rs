@@ -10,8 +10,7 @@ pub struct MemoryEstimate {
     pub parameter_bytes: u64,
     /// The model's variables: a second copy of the parameters.
     pub model_copy_bytes: u64,
-    /// Gradients kept between micro-batches plus the one a backward pass holds in full (and its
-    /// copy while it is accumulated).
+    /// Gradients kept between micro-batches plus the one a backward pass holds in full.
     pub gradient_bytes: u64,
     /// AdamW's two moments after sharding.
     pub optimizer_bytes: u64,

@@ -11,6 +11,7 @@ pub mod data;
 pub mod device;
 pub mod distributed;
 pub mod eval;
+pub mod f32_view;
 pub mod hub;
 pub mod huge_pages;
 pub mod memory_estimate;

@@ -5,7 +5,8 @@
 //! is a partition of the optimizer state.
 
 use crate::comm::{FlatBuffer, Placement};
-use anyhow::{bail, Context, Result};
+use crate::f32_view::F32View;
+use anyhow::{bail, ensure, Context, Result};
 use candle_core::{backprop::GradStore, DType, Tensor, Var};
 use rayon::prelude::*;
 
@@ -21,6 +22,19 @@ pub struct Segment {
     pub lr: f64,
     /// Decoupled weight decay.
     pub weight_decay: f64,
+}
+
+impl Segment {
+    /// A gradient of `len` elements fits this parameter, or an error naming it.
+    fn check_gradient_len(&self, len: usize) -> Result<()> {
+        ensure!(
+            len == self.len,
+            "the gradient of {} has {len} elements, the parameter {}",
+            self.name,
+            self.len
+        );
+        Ok(())
+    }
 }
 
 /// The trainable variables in a fixed order, and their segments in the flat buffers.
@@ -119,32 +133,43 @@ impl FlatParams {
         let rest = match flat {
             FlatBuffer::Host(v) => &mut v[..self.total],
             FlatBuffer::Device(t) => {
-                let mut parts = self
-                    .vars
-                    .iter()
-                    .map(|v| match grads.get(v.as_tensor()) {
-                        Some(g) => Ok(g.flatten_all()?.to_dtype(DType::F32)?),
-                        None => Tensor::zeros(v.elem_count(), DType::F32, t.device()),
-                    })
-                    .collect::<candle_core::Result<Vec<_>>>()?;
-                if t.elem_count() > self.total {
-                    let tail = t.elem_count() - self.total;
-                    parts.push(Tensor::zeros(tail, DType::F32, t.device())?);
+                // Segment by segment, in place: a concatenated gradient would be a second full
+                // copy for the length of the pass.
+                for (var, s) in self.vars.iter().zip(&self.segments) {
+                    if let Some(g) = grads.get(var.as_tensor()) {
+                        let g = g.flatten_all()?.to_dtype(DType::F32)?;
+                        s.check_gradient_len(g.elem_count())?;
+                        let sum = (t.narrow(0, s.offset, s.len)? + g)?;
+                        t.slice_set(&sum, 0, s.offset)?;
+                    }
                 }
-                *t = (&*t + Tensor::cat(&parts, 0)?)?;
                 return Ok(());
             }
         };
-        let parts: Vec<Option<Vec<f32>>> = self
+        // Each gradient is read in place (made contiguous first where it is not): copying them
+        // out would hold a second full gradient for the length of the pass.
+        let contiguous: Vec<Option<Tensor>> = self
             .vars
             .iter()
-            .map(|v| {
-                grads
-                    .get(v.as_tensor())
-                    .map(|g| g.flatten_all()?.to_vec1::<f32>())
+            .map(|v| grads.get(v.as_tensor()).map(|g| g.contiguous()).transpose())
+            .collect::<candle_core::Result<_>>()?;
+        let views: Vec<Option<F32View>> = contiguous
+            .iter()
+            .zip(&self.segments)
+            .map(|(g, s)| {
+                g.as_ref()
+                    .map(|g| {
+                        let view = F32View::new(g, &format!("the gradient of {}", s.name))?;
+                        s.check_gradient_len(view.as_slice().len())?;
+                        Ok(view)
+                    })
                     .transpose()
             })
-            .collect::<candle_core::Result<_>>()?;
+            .collect::<Result<_>>()?;
+        let parts: Vec<Option<&[f32]>> = views
+            .iter()
+            .map(|v| v.as_ref().map(F32View::as_slice))
+            .collect();
         let mut rest = rest;
         let mut chunks = Vec::with_capacity(self.segments.len());
         for s in &self.segments {
@@ -157,7 +182,7 @@ impl FlatParams {
             .zip(parts.par_iter())
             .for_each(|(dst, src)| {
                 if let Some(src) = src {
-                    dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+                    dst.iter_mut().zip(src.iter()).for_each(|(d, s)| *d += s);
                 }
             });
         Ok(())

@@ -4,7 +4,8 @@
 use super::vocab_portable::vocab_parallel_cross_entropy_portable;
 use super::TensorParallel;
 use crate::model::ops::{
-    check_targets, cross_entropy_rows, f32_data, fused, u32_data, CrossEntropyBackward, VocabShard,
+    check_targets, cross_entropy_rows, f32_data, fused, log_sum_exp, u32_data,
+    CrossEntropyBackward, VocabShard,
 };
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use coca_common::collective::Collective;
@@ -134,13 +135,6 @@ struct ParallelCrossEntropy {
     lse: Mutex<Option<Arc<Vec<f32>>>>,
 }
 
-/// Max-shifted log-sum-exp of one row.
-fn log_sum_exp(row: &[f32]) -> f32 {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f32 = row.iter().map(|x| (x - max).exp()).sum();
-    max + sum.ln()
-}
-
 impl ParallelCrossEntropy {
     /// The column of `target` in this member's slice of `width` columns, if it owns it.
     fn local_column(&self, target: u32, width: usize) -> Option<usize> {
@@ -189,7 +183,7 @@ impl CustomOp2 for ParallelCrossEntropy {
                 if Some(target) == self.ignore {
                     return;
                 }
-                *lse = log_sum_exp(row);
+                *lse = log_sum_exp(row).1;
                 if let Some(t) = self.local_column(target, v) {
                     *picked = row[t];
                 }

@@ -1,6 +1,9 @@
 //! Per-row cross-entropy from logits and integer targets, fused with its backward.
 
+use super::math::exp;
 use super::{f32_data, fused, portable, u32_data, ROWS_PER_TASK};
+use crate::multiversion;
+use crate::simd::{lane_max, lane_sum, KernelFamily};
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -43,11 +46,28 @@ struct CrossEntropy {
     ignore: Option<u32>,
 }
 
-/// Max and log-sum-exp of one row (in lanes: see [`crate::simd`]).
-fn log_sum_exp(row: &[f32]) -> (f32, f32) {
-    let max = crate::simd::lane_max(row);
-    let sum = crate::simd::lane_sum(row, |x| (x - max).exp());
-    (max, max + sum.ln())
+/// Max and log-sum-exp of one row (in lanes: see [`crate::simd`]), on the active kernel family
+/// (this op and the vocabulary-parallel one).
+pub(crate) fn log_sum_exp(row: &[f32]) -> (f32, f32) {
+    log_sum_exp_row(KernelFamily::active(), row)
+}
+
+multiversion! {
+    /// Max and log-sum-exp of one row.
+    pub(super) fn log_sum_exp_row(row: &[f32]) -> (f32, f32) {
+        let max = lane_max(row);
+        let sum = lane_sum(row, |x| exp(x - max));
+        (max, max + sum.ln())
+    }
+}
+
+multiversion! {
+    /// `d = exp(x − lse) · g` over one row: the softmax part of the row's gradient.
+    pub(super) fn softmax_times(d: &mut [f32], row: &[f32], lse: f32, g: f32) {
+        for (d, &x) in d.iter_mut().zip(row) {
+            *d = exp(x - lse) * g;
+        }
+    }
 }
 
 fn check_target(op: &str, target: u32, vocab: usize) -> Result<usize> {
@@ -139,6 +159,7 @@ impl CustomOp3 for CrossEntropyBackward {
         let targets = u32_data(self.name(), s2, l2)?;
         let g = f32_data(self.name(), s3, l3)?;
         let v = l1.shape().dims()[1];
+        let family = KernelFamily::active();
         let mut dx = vec![0f32; x.len()];
         dx.par_chunks_mut(v * ROWS_PER_TASK)
             .zip(x.par_chunks(v * ROWS_PER_TASK))
@@ -153,9 +174,7 @@ impl CustomOp3 for CrossEntropyBackward {
                         Some(shard) => shard.lse[n],
                         None => log_sum_exp(row).1,
                     };
-                    for (d, &x) in dx.iter_mut().zip(row) {
-                        *d = (x - lse).exp() * g[n];
-                    }
+                    softmax_times(family, dx, row, lse, g[n]);
                     match &self.shard {
                         None => dx[check_target(self.name(), targets[n], v)?] -= g[n],
                         Some(shard) => {

@@ -1,6 +1,7 @@
 //! Softmax over the last dimension, optionally scaled and with an additive mask, as attention
 //! uses it: `softmax(scale · x + mask)`.
 
+use super::math::exp;
 use super::{f32_data, fused, portable, ROWS_PER_TASK};
 use crate::multiversion;
 use crate::simd::{lane_max, lane_sum, lane_sum2, KernelFamily};
@@ -85,7 +86,7 @@ multiversion! {
                 y.iter_mut().for_each(|y| *y = 0.0);
                 continue;
             }
-            y.iter_mut().for_each(|v| *v = (*v - max).exp());
+            y.iter_mut().for_each(|v| *v = exp(*v - max));
             let inv = 1.0 / lane_sum(y, |v| v);
             y.iter_mut().for_each(|v| *v *= inv);
         }

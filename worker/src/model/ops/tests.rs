@@ -234,7 +234,21 @@ fn every_cpu_kernel_family_computes_the_same_bits() {
         gelu::gelu_forward(family, &mut gelu_y, &wide);
         let mut gelu_dx = vec![0f32; rows * d];
         gelu::gelu_backward(family, &mut gelu_dx, &wide, &g);
-        [ln, ln_dx, acc, sm, sm_dx, gelu_y, gelu_dx]
+        // Cross-entropy's row log-sum-exp and softmax gradient over the same wide values.
+        let (max, lse) = cross_entropy::log_sum_exp_row(family, &wide);
+        let mut ce_dx = vec![0f32; rows * d];
+        cross_entropy::softmax_times(family, &mut ce_dx, &wide, lse, 0.5);
+        [
+            ln,
+            ln_dx,
+            acc,
+            sm,
+            sm_dx,
+            gelu_y,
+            gelu_dx,
+            vec![max, lse],
+            ce_dx,
+        ]
     };
     let reference = run(KernelFamily::Portable);
     // The lanes change the order of the sums, not their accuracy: the plain row code agrees.
@@ -267,6 +281,8 @@ fn every_cpu_kernel_family_computes_the_same_bits() {
         "softmax dx",
         "gelu",
         "gelu dx",
+        "cross-entropy log-sum-exp",
+        "cross-entropy dx",
     ];
     for family in KernelFamily::available() {
         for ((name, a), b) in names.iter().zip(&reference).zip(&run(family)) {
@@ -281,25 +297,25 @@ fn polynomial_erf_and_exp_are_accurate_over_their_range() {
     let mut worst_erf = 0f64;
     for i in -10 * 1024..=10 * 1024 {
         let x = i as f32 / 1024.0;
-        let err = (gelu::erf(x) as f64 - libm::erf(x as f64)).abs();
+        let err = (math::erf(x) as f64 - libm::erf(x as f64)).abs();
         worst_erf = worst_erf.max(err);
     }
     assert!(worst_erf < 4e-7, "erf is off by up to {worst_erf}");
-    assert_eq!(gelu::erf(-0.0).to_bits(), (-0f32).to_bits());
-    assert_eq!(gelu::erf(f32::INFINITY), 1.0);
-    assert_eq!(gelu::erf(f32::NEG_INFINITY), -1.0);
+    assert_eq!(math::erf(-0.0).to_bits(), (-0f32).to_bits());
+    assert_eq!(math::erf(f32::INFINITY), 1.0);
+    assert_eq!(math::erf(f32::NEG_INFINITY), -1.0);
     let mut worst_exp = 0f64;
     for i in -87 * 256..=88 * 256 {
         let x = i as f32 / 256.0;
         let exact = (x as f64).exp();
-        worst_exp = worst_exp.max(((gelu::exp(x) as f64 - exact) / exact).abs());
+        worst_exp = worst_exp.max(((math::exp(x) as f64 - exact) / exact).abs());
     }
     assert!(
         worst_exp < 3.0 * f32::EPSILON as f64,
         "exp is off by up to {worst_exp} relative"
     );
-    assert_eq!(gelu::exp(0.0), 1.0);
-    assert_eq!(gelu::exp(-1e4), gelu::exp(-87.3));
+    assert_eq!(math::exp(0.0), 1.0);
+    assert_eq!(math::exp(-1e4), math::exp(-87.3));
     // GELU itself: erf's absolute error times |x| / 2, plus float32 rounding (as with libm's
     // `erff`, `1 + erf(x)` cancels to 0 below x ≈ −5.5).
     for i in -8 * 512..=8 * 512 {
