@@ -3,13 +3,13 @@
 //! A benchmark, not a test: it prints one JSON line that the README's tables are made from.
 
 use crate::distributed::context::RankContext;
-use crate::distributed::tensor_parallel::TensorParallel;
 use crate::eval::generate::kernels::{linear, F32View, Matrix};
 use crate::eval::generate::{
     generate_using, generate_with, DecodePrecision, DecodeWeights, Decoding, GenerateOptions,
     GenerationType,
 };
 use crate::model::autocast::Autocast;
+use crate::model::tensor_parallel::TensorParallel;
 use crate::model::trainable::trainable_model_parallel;
 use crate::model::{CoCa, CocaConfig, CocaLossConfig};
 use crate::train::adamw::AdamWConfig;

@@ -14,9 +14,9 @@
 
 use crate::bench::random_batch;
 use crate::comm::HostTransport;
-use crate::distributed::tensor_parallel::TensorParallel;
 use crate::memory_estimate::{estimate, MemoryEstimate};
 use crate::model::autocast::Autocast;
+use crate::model::tensor_parallel::TensorParallel;
 use crate::model::trainable::{trainable_model_parallel, TrainableWeights};
 use crate::model::{CoCa, CocaConfig, CocaLossConfig};
 use crate::resident_memory::{peak_resident_bytes, reset_peak, resident_bytes};

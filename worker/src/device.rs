@@ -94,7 +94,7 @@ pub struct DeviceArgs {
     /// TF32 tensor cores for float32 matmuls on the GPU (off by default, as in PyTorch, so
     /// float32 equals the CPU at float32 tolerances).
     #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false",
-          value_parser = crate::pretrain::args::parse_bool)]
+          value_parser = crate::cli::parse_bool)]
     pub tf32: bool,
 }
 

@@ -4,6 +4,7 @@ pub mod bench;
 pub mod bench_data;
 pub mod bench_memory;
 pub mod checkpoint;
+pub mod cli;
 pub mod comm;
 pub mod compare;
 pub mod cuda_setup;

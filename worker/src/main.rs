@@ -3,8 +3,9 @@
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use coca_worker::cli::normalize_flag_spelling;
 use coca_worker::device::DeviceArgs;
-use coca_worker::pretrain::args::{normalize_flag_spelling, PretrainArgs};
+use coca_worker::pretrain::args::PretrainArgs;
 use coca_worker::{bench, bench_data, checkpoint, pretrain, runtime, verify};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -62,15 +63,15 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         tensor_parallel_degree: usize,
         /// Also measure caption latency (`False`: training and embedding only, for profiling).
-        #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "true", value_parser = coca_worker::pretrain::args::parse_bool)]
+        #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "true", value_parser = coca_worker::cli::parse_bool)]
         captions: bool,
         /// The training step's matrix products in bfloat16 (autocast, as `pretrain --bf16`).
-        #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", value_parser = coca_worker::pretrain::args::parse_bool)]
+        #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", value_parser = coca_worker::cli::parse_bool)]
         bf16: bool,
         #[command(flatten)]
         device: DeviceArgs,
         /// Activation checkpointing in the training step (as `pretrain --grad_checkpointing`).
-        #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", value_parser = coca_worker::pretrain::args::parse_bool)]
+        #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", value_parser = coca_worker::cli::parse_bool)]
         grad_checkpointing: bool,
     },
     /// Evaluate: zero-shot classification, image-text retrieval, captioning; prints one JSON line per evaluation.
@@ -110,12 +111,12 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         batch: usize,
         /// Activation checkpointing (as `pretrain --grad_checkpointing`).
-        #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", value_parser = coca_worker::pretrain::args::parse_bool)]
+        #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", value_parser = coca_worker::cli::parse_bool)]
         grad_checkpointing: bool,
         /// `--bf16 True` / `--fp16 True` (as `pretrain`'s): the measured step and the estimate
         /// under autocast.
         #[command(flatten)]
-        precision: coca_worker::pretrain::precision_args::PrecisionArgs,
+        precision: coca_worker::cli::precision::PrecisionArgs,
         /// Where the measured step runs (with `--batch`): cpu, or cuda (device memory).
         #[command(flatten)]
         device: DeviceArgs,
@@ -302,7 +303,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             let ctx = coca_worker::distributed::context::RankContext::from_env(1, 1)?;
             let device = device.open()?;
-            let world = coca_worker::comm::job_groups::WorldGroup::for_device(&ctx, &device)?;
+            let world =
+                coca_worker::distributed::job_groups::WorldGroup::for_device(&ctx, &device)?;
             let placement = coca_worker::comm::PlacementRule::from_env()?.placement(&device);
             for size in bytes {
                 let report = coca_worker::comm::bench::bench_all_reduce(
@@ -373,7 +375,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("coca-worker: error: {e:#}");
-            match coca_worker::distributed::context::exit_code(&e) {
+            match coca_worker::comm::peer_failure::exit_code(&e) {
                 Some(code) => ExitCode::from(code as u8),
                 None => ExitCode::from(EXIT_ERROR),
             }

@@ -12,8 +12,8 @@
 //! `coca-worker bench-memory --batch N` measures a one-process step's peak resident bytes
 //! beside this estimate (the README has the figures).
 
-use crate::distributed::tensor_parallel::TensorParallel;
 use crate::model::manifest::parameter_shapes_for;
+use crate::model::tensor_parallel::TensorParallel;
 use crate::model::CocaConfig;
 use crate::train::trainer::ZeroStage;
 use anyhow::Result;

@@ -5,10 +5,10 @@
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use coca_worker::distributed::tensor_parallel::TensorParallel;
 use coca_worker::model::attention::MultiheadAttention;
 use coca_worker::model::autocast::Autocast;
 use coca_worker::model::layers::{LayerNorm, Linear, Mlp};
+use coca_worker::model::tensor_parallel::TensorParallel;
 use coca_worker::model::trainable::trainable_model_parallel;
 use coca_worker::model::{coca_loss, CocaConfig, CocaLossConfig};
 

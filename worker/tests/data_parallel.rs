@@ -7,7 +7,7 @@ use coca_common::collective::ring::RingCollective;
 use coca_common::topology::{GroupKind, Topology};
 use coca_worker::comm::{Communicator, HostTransport, PlacementRule};
 use coca_worker::compare::{max_abs, max_abs_diff};
-use coca_worker::distributed::loss::ContrastiveSpan;
+use coca_worker::model::group_loss::ContrastiveSpan;
 use coca_worker::model::trainable::trainable_model;
 use coca_worker::model::{CocaConfig, CocaLossConfig};
 use coca_worker::train::adamw::AdamWConfig;

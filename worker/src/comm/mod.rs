@@ -10,9 +10,9 @@
 pub mod bench;
 mod buffer;
 pub mod failure_signal;
-pub mod job_groups;
 #[cfg(feature = "nccl")]
 pub mod nccl;
+pub mod peer_failure;
 pub mod unique_id;
 pub mod watchdog;
 

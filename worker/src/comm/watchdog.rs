@@ -10,7 +10,7 @@
 //! the tests use a double that spins until aborted, as NCCL's kernels do.
 
 use super::{Communicator, FlatBuffer};
-use crate::distributed::context::PeerFailed;
+use crate::comm::peer_failure::PeerFailed;
 use anyhow::{Error, Result};
 use coca_common::collective::ring::CollectiveTimeout;
 use coca_common::collective::{Collective, ReduceOp};

@@ -1,7 +1,7 @@
 //! The abort path with a communicator that blocks like NCCL does: it spins until aborted.
 
 use super::*;
-use crate::distributed::context::{exit_code, EXIT_COLLECTIVE_TIMEOUT, EXIT_PEER_FAILED};
+use crate::comm::peer_failure::{exit_code, EXIT_COLLECTIVE_TIMEOUT, EXIT_PEER_FAILED};
 use coca_common::collective::SingleProcess;
 use std::sync::mpsc;
 

@@ -27,18 +27,13 @@
 //! Augmentation is keyed by `(seed, epoch, record number)`.
 
 use super::loader::{CaptionSource, Sample};
-use super::parts::{expand_home, summarize_skips};
+use super::parts::summarize_skips;
 use super::preprocess::open_image;
+use crate::hub::coco::{IMAGES_DIR, SEED_ARCHIVE, TRAIN_ANNOTATIONS};
+use crate::hub::env::expand_home;
 use crate::hub::HubEnv;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
-
-/// The training annotations, relative to the data root.
-pub const TRAIN_ANNOTATIONS: &str = "annotations/coco_karpathy_train.json";
-/// The image folder, relative to the data root, in the seed's layout.
-pub const IMAGES_DIR: &str = "images";
-/// The archive the seed downloads when the annotations are absent.
-pub const SEED_ARCHIVE: &str = "coco.tar";
 
 /// A captioning set read from a Karpathy-format annotation file.
 pub struct CocoCaptions {

@@ -22,6 +22,7 @@
 //! Ranks split by file can hold different numbers of samples; a multi-rank trainer must agree on
 //! a step count (e.g. `--max_steps`) rather than derive it from each rank's epoch length.
 
+use crate::hub::env::expand_home;
 use anyhow::{bail, Context, Result};
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -79,16 +80,6 @@ impl ShardSpec {
     /// [`Split::ByRecord`].
     pub fn keeps_record(&self, index: usize) -> bool {
         index % self.world == self.rank
-    }
-}
-
-/// `~` or `~/...` with `$HOME` put in; anything else unchanged.
-pub fn expand_home(path: &str) -> PathBuf {
-    let home = std::env::var_os("HOME");
-    match (path, home) {
-        ("~", Some(h)) => PathBuf::from(h),
-        (p, Some(h)) if p.starts_with("~/") => PathBuf::from(h).join(&p[2..]),
-        (p, _) => PathBuf::from(p),
     }
 }
 

@@ -17,10 +17,9 @@
 use super::coco_karpathy::{self, CocoCaptions};
 use super::laion::LaionParts;
 use super::loader::CaptionSource;
-use super::parts::{
-    expand_braces, expand_home, read_file_list, summarize_skips, tar_files_in, ShardSpec,
-};
+use super::parts::{expand_braces, read_file_list, summarize_skips, tar_files_in, ShardSpec};
 use super::webdataset::WebDataset;
+use crate::hub::env::expand_home;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

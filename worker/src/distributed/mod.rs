@@ -1,9 +1,9 @@
-//! Running as one rank of a job: collectives as autograd operations, the loss over a
-//! data-parallel group, tensor parallelism (`tensor_parallel`), and the rank's context read
-//! from the launcher's environment.
+//! Running as one rank of a job: the loss over a data-parallel group, sharing work out over
+//! ranks, and the rank's context read from the launcher's environment. The model's own
+//! parallelism (tensor-parallel layers, collectives as autograd operations) lives in
+//! [`crate::model::tensor_parallel`] and [`crate::model::ops::collective`], below both this
+//! module and the trainer.
 
-pub mod autograd;
 pub mod context;
-pub mod loss;
+pub mod job_groups;
 pub mod share;
-pub mod tensor_parallel;

@@ -4,8 +4,8 @@
 use super::zeroshot::{zero_shot_classifier, zero_shot_logits};
 use crate::data::image_folder::ImageFolder;
 use crate::data::tokenizer::ClipTokenizer;
-use crate::distributed::autograd::all_gather_rows;
 use crate::distributed::share::block;
+use crate::model::ops::collective::all_gather_rows;
 use crate::model::CoCa;
 use crate::rng::hash_str;
 use anyhow::{ensure, Context, Result};

@@ -3,11 +3,11 @@
 
 use crate::checkpoint::load_for_model;
 use crate::device::DeviceArgs;
-use crate::distributed::tensor_parallel::TensorParallel;
+use crate::hub::source::resolve_config_in;
 use crate::hub::weights::{self, Request, Weights};
 use crate::hub::{hf, paddlemix, Hub, HubEnv};
 use crate::model::autocast::Autocast;
-use crate::model::source::resolve_config_in;
+use crate::model::tensor_parallel::TensorParallel;
 use crate::model::CoCa;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
@@ -102,7 +102,7 @@ impl ModelArgs {
         let Some(pretrained) = self.pretrained.as_deref() else {
             return Ok(());
         };
-        let is_flag = crate::pretrain::args::parse_bool(pretrained).is_ok();
+        let is_flag = crate::cli::parse_bool(pretrained).is_ok();
         let config = paddlemix::release(&self.model)?.map_or(self.model.as_str(), |r| r.config);
         if !is_flag
             && hf::tag_repo(config, pretrained).is_none()

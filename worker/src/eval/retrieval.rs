@@ -4,8 +4,8 @@
 
 use super::embed::{embed_images, embed_texts};
 use super::karpathy::EvalImage;
-use crate::distributed::autograd::all_gather_rows;
 use crate::distributed::share::block;
+use crate::model::ops::collective::all_gather_rows;
 use crate::model::CoCa;
 use anyhow::Result;
 use coca_common::collective::Collective;

@@ -7,9 +7,15 @@
 use super::checksum::Checksum;
 use super::extract::extract_tar;
 use super::{Expected, Hub};
-use crate::data::coco_karpathy::{IMAGES_DIR, SEED_ARCHIVE, TRAIN_ANNOTATIONS};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
+
+/// The training annotations, relative to the data root.
+pub const TRAIN_ANNOTATIONS: &str = "annotations/coco_karpathy_train.json";
+/// The image folder, relative to the data root, in the seed's layout.
+pub const IMAGES_DIR: &str = "images";
+/// The archive the seed downloads when the annotations are absent.
+pub const SEED_ARCHIVE: &str = "coco.tar";
 
 /// The MD5 of `coco.tar` that PaddleMIX checks (its `coco_clip.py`).
 pub const SEED_ARCHIVE_MD5: &str = "e670ce82b14b3f45d08c9370808ee1e7";

@@ -2,8 +2,17 @@
 //! the base URLs (overridable for mirrors) and the offline switches, read from the environment
 //! once so that everything downstream takes them as a value (and tests can set their own).
 
-use crate::data::parts::expand_home;
 use std::path::PathBuf;
+
+/// `~` or `~/...` with `$HOME` put in; anything else unchanged.
+pub fn expand_home(path: &str) -> PathBuf {
+    let home = std::env::var_os("HOME");
+    match (path, home) {
+        ("~", Some(h)) => PathBuf::from(h),
+        (p, Some(h)) if p.starts_with("~/") => PathBuf::from(h).join(&p[2..]),
+        (p, _) => PathBuf::from(p),
+    }
+}
 
 /// PaddleMIX's model host (`https://bj.bcebos.com/v1/paddlenlp/models/community`, as its CoCa
 /// README links the weights); override with `COCA_PADDLEMIX_BASE_URL`.

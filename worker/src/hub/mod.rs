@@ -12,6 +12,7 @@ pub mod extract;
 pub mod hf;
 pub mod node_gate;
 pub mod paddlemix;
+pub mod source;
 pub mod weights;
 
 #[cfg(test)]

@@ -11,9 +11,9 @@
 //! | a built-in config | absent (training) | random initialisation |
 
 use super::{hf, paddlemix, Hub};
-use crate::model::source::{resolve_config_in, WEIGHT_FILES};
+use crate::cli::parse_bool;
+use crate::hub::source::{resolve_config_in, WEIGHT_FILES};
 use crate::model::CocaConfig;
-use crate::pretrain::args::parse_bool;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 

@@ -4,7 +4,7 @@ use super::config::CocaConfig;
 use super::decoder::MultimodalDecoder;
 use super::text::TextTower;
 use super::vision::VisionTower;
-use crate::distributed::tensor_parallel::TensorParallel;
+use crate::model::tensor_parallel::TensorParallel;
 use candle_core::{Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 
@@ -53,9 +53,9 @@ impl CoCa {
     }
 
     /// Builds member `tp.rank()`'s part of the model split over the tensor-parallel group `tp`
-    /// (see [`crate::distributed::tensor_parallel`]): `vb` supplies this member's shards under
+    /// (see [`crate::model::tensor_parallel`]): `vb` supplies this member's shards under
     /// the standard names with their local shapes (e.g. from
-    /// [`crate::distributed::tensor_parallel::shard_state_dict`]). A degree that does not divide
+    /// [`crate::model::tensor_parallel::shard_state_dict`]). A degree that does not divide
     /// every head count, MLP width and vocabulary is an error before anything is built. Degree 1
     /// is [`Self::new`].
     pub fn new_parallel(config: &CocaConfig, vb: VarBuilder, tp: &TensorParallel) -> Result<Self> {

@@ -4,7 +4,7 @@ use super::autocast::widen;
 use super::config::CocaConfig;
 use super::layers::{matmul_last, normal, LayerNorm};
 use super::transformer::{causal_mask, BlockShape, ResidualAttentionBlock};
-use crate::distributed::tensor_parallel::TensorParallel;
+use crate::model::tensor_parallel::TensorParallel;
 use candle_core::{bail, Result, Tensor};
 use candle_nn::VarBuilder;
 
@@ -14,7 +14,7 @@ use candle_nn::VarBuilder;
 /// Under tensor parallelism the blocks are split as in [`ResidualAttentionBlock`] and the
 /// vocabulary projection by columns: [`Self::forward`] returns this member's `[B, T, V/T]`
 /// slice of the logits (see
-/// [`crate::distributed::tensor_parallel::vocab_parallel_cross_entropy`]).
+/// [`crate::model::tensor_parallel::vocab_parallel_cross_entropy`]).
 #[derive(Debug, Clone)]
 pub struct MultimodalDecoder {
     pub(crate) resblocks: Vec<ResidualAttentionBlock>,

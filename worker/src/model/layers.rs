@@ -2,7 +2,7 @@
 
 use super::autocast::widen;
 use super::ops;
-use crate::distributed::tensor_parallel::TensorParallel;
+use crate::model::tensor_parallel::TensorParallel;
 use candle_core::{Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 

@@ -2,7 +2,7 @@
 
 use super::coca::CocaOutput;
 use super::ops::cross_entropy_rows;
-use crate::distributed::tensor_parallel::{caption_loss_parallel, TensorParallel};
+use crate::model::tensor_parallel::{caption_loss_parallel, TensorParallel};
 use candle_core::{Result, Tensor};
 
 /// Loss weights and the padding id (open_clip's `CoCaLoss` arguments).

@@ -2,7 +2,7 @@
 
 use super::coca::CoCa;
 use super::config::CocaConfig;
-use crate::distributed::tensor_parallel::TensorParallel;
+use crate::model::tensor_parallel::TensorParallel;
 use candle_core::{DType, Device, Result, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};

@@ -2,7 +2,7 @@
 
 use super::attention::MultiheadAttention;
 use super::layers::{normal, LayerNorm};
-use crate::distributed::tensor_parallel::TensorParallel;
+use crate::model::tensor_parallel::TensorParallel;
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 

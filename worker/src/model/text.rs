@@ -4,7 +4,7 @@ use super::autocast::widen;
 use super::config::CocaConfig;
 use super::layers::{normal, LayerNorm};
 use super::transformer::{BlockShape, Transformer};
-use crate::distributed::tensor_parallel::{vocab_parallel_embedding, TensorParallel};
+use crate::model::tensor_parallel::{vocab_parallel_embedding, TensorParallel};
 use candle_core::{bail, DType, Result, Tensor};
 use candle_nn::VarBuilder;
 

@@ -2,7 +2,7 @@
 
 use super::coca::CoCa;
 use super::config::CocaConfig;
-use crate::distributed::tensor_parallel::{full_shape, shard_tensor, split_of, TensorParallel};
+use crate::model::tensor_parallel::{full_shape, shard_tensor, split_of, TensorParallel};
 use crate::rng::{hash_str, mix_seed, SplitMix64};
 use candle_core::{DType, Device, Result, Shape, Tensor, Var};
 use candle_nn::var_builder::SimpleBackend;
@@ -66,7 +66,7 @@ pub fn trainable_model(
 
 /// [`trainable_model`] for member `tp.rank()` of a tensor-parallel group: the variables are
 /// this member's shards (standard names, local shapes, see
-/// [`crate::distributed::tensor_parallel`]).
+/// [`crate::model::tensor_parallel`]).
 ///
 /// A weight in `initial` may be given whole (the full shape: this member's shard is cut from
 /// it) or already as this member's shard. Every other weight is the slice of exactly the value

@@ -5,7 +5,7 @@ use super::attention::MultiheadAttention;
 use super::config::mlp_width;
 use super::grad_checkpoint::{checkpoint, Recomputable};
 use super::layers::{LayerNorm, Mlp};
-use crate::distributed::tensor_parallel::TensorParallel;
+use crate::model::tensor_parallel::TensorParallel;
 use candle_core::{bail, Result, Tensor};
 use candle_nn::VarBuilder;
 

@@ -5,7 +5,7 @@ use super::config::CocaConfig;
 use super::layers::{matmul_last, normal, LayerNorm};
 use super::pooler::AttentionalPooler;
 use super::transformer::{BlockShape, Transformer};
-use crate::distributed::tensor_parallel::TensorParallel;
+use crate::model::tensor_parallel::TensorParallel;
 use candle_core::{bail, Result, Tensor};
 use candle_nn::VarBuilder;
 

@@ -196,7 +196,7 @@ pub fn finish(
 /// Which checkpoint `--resume_from_checkpoint VALUE` names: a directory, or `true` for the
 /// newest in `output_dir`.
 pub fn resolve_resume(value: &str, output_dir: &Path) -> Result<Option<PathBuf>> {
-    match crate::pretrain::args::parse_bool(value) {
+    match crate::cli::parse_bool(value) {
         Ok(false) => Ok(None),
         Ok(true) => match list_checkpoints(output_dir)?.pop() {
             Some((_, dir)) => Ok(Some(dir)),

@@ -7,7 +7,6 @@ pub mod elastic;
 pub mod metrics;
 pub mod model_source;
 pub mod optimizer_shards;
-pub mod precision_args;
 pub mod preemption;
 pub mod preflight;
 pub mod rank_checkpoint;

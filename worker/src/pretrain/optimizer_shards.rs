@@ -7,8 +7,8 @@
 
 use crate::checkpoint::{read_safetensors, write_safetensors_atomic};
 use crate::train::flat::Segment;
+use crate::train::moments::MOMENT_NAMES;
 use crate::train::partition::Partition;
-use crate::train::trainer::MOMENT_NAMES;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};

@@ -11,8 +11,9 @@
 use super::checkpoint::{self, OptimizerState, TrainerState};
 use super::optimizer_shards::{self, ShardIndex};
 use crate::distributed::context::RankContext;
-use crate::distributed::tensor_parallel::{gather_moments, gather_state_dict, TensorParallel};
+use crate::model::tensor_parallel::{gather_state_dict, TensorParallel};
 use crate::model::trainable::TrainableWeights;
+use crate::train::moments::gather_moments;
 use crate::train::trainer::Trainer;
 use anyhow::{Context, Result};
 use candle_core::Tensor;

@@ -4,6 +4,7 @@ pub mod adamw;
 pub mod flat;
 pub mod groups;
 pub mod loss_scaler;
+pub mod moments;
 pub mod norm;
 pub mod partition;
 pub mod schedule;

@@ -12,12 +12,12 @@
 
 use super::adamw::{global_norm, AdamWConfig, FlatAdamW, UpdateSpan};
 use super::flat::{FlatParams, GroupRule, Segment};
-use super::norm::{clip_range, segment_squares};
+use super::moments::MOMENT_NAMES;
+use super::norm::{clip_range, combine_squares, segment_squares};
 use super::partition::Partition;
 use super::schedule::CosineSchedule;
 use crate::comm::{Communicator, FlatBuffer, HostTransport, PlacementRule};
-use crate::distributed::loss::{coca_group_loss, ContrastiveSpan, LossValues};
-use crate::distributed::tensor_parallel::combine_squares;
+use crate::model::group_loss::{coca_group_loss, ContrastiveSpan, LossValues};
 use crate::model::trainable::TrainableWeights;
 use crate::model::{CoCa, CocaLossConfig};
 use anyhow::{bail, Context, Result};
@@ -375,9 +375,6 @@ impl Trainer {
         Ok(())
     }
 }
-
-/// Names of the two AdamW moment buffers in saved optimizer state (`exp_avg.<param>`, ...).
-pub const MOMENT_NAMES: [&str; 2] = ["exp_avg", "exp_avg_sq"];
 
 impl Trainer {
     /// The optimizer's moments as named tensors (`exp_avg.<param>`, `exp_avg_sq.<param>`), so a

@@ -2,8 +2,8 @@
 
 use super::{finish, not_checked, Reference, SectionReport};
 use crate::compare::{Comparison, Tolerance};
-use crate::distributed::tensor_parallel::TensorParallel;
 use crate::model::autocast::Autocast;
+use crate::model::tensor_parallel::TensorParallel;
 use crate::model::trainable::{trainable_model_parallel, TrainableWeights};
 use crate::model::CocaLossConfig;
 use crate::train::adamw::AdamWConfig;

@@ -187,8 +187,8 @@ fn collectives_per_step_are_megatrons() {
 
 #[test]
 fn global_grad_norm_sums_the_split_parts_over_the_group() {
-    use coca_worker::distributed::tensor_parallel::global_grad_norm;
     use coca_worker::train::flat::Segment;
+    use coca_worker::train::norm::global_grad_norm;
     let config = four_head_config();
     let (images, text) = four_head_inputs();
     let flat = |grads: &HashMap<String, Tensor>| -> (Vec<f32>, Vec<Segment>) {

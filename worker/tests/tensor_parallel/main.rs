@@ -14,13 +14,13 @@ use coca_common::collective::memory_kv::MemoryKeyValue;
 use coca_common::collective::ring::RingCollective;
 use coca_common::collective::SingleProcess;
 use coca_common::collective::{Collective, ReduceOp};
-use coca_worker::distributed::loss::{coca_group_loss, ContrastiveSpan};
-use coca_worker::distributed::tensor_parallel::{
+use coca_worker::model::group_loss::{coca_group_loss, ContrastiveSpan};
+use coca_worker::model::manifest::parameter_shapes;
+use coca_worker::model::ops::cross_entropy_rows;
+use coca_worker::model::tensor_parallel::{
     check_degree, gather_state_dict, local_parameter_shapes, shard_state_dict, split_of,
     vocab_parallel_cross_entropy, vocab_parallel_cross_entropy_portable, TensorParallel,
 };
-use coca_worker::model::manifest::parameter_shapes;
-use coca_worker::model::ops::cross_entropy_rows;
 use coca_worker::model::trainable::{trainable_model, trainable_model_parallel, TrainableWeights};
 use coca_worker::model::{coca_loss, CoCa, CocaConfig, CocaLossConfig, CocaOutput};
 use std::collections::HashMap;

@@ -1,6 +1,6 @@
 //! Checkpointed blocks of ViT-B/32's shapes give the plain backward's gradients.
 
-use crate::distributed::tensor_parallel::TensorParallel;
+use crate::model::tensor_parallel::TensorParallel;
 use crate::model::transformer::{causal_mask, BlockShape, ResidualAttentionBlock};
 use anyhow::Result;
 use candle_core::{backprop::GradStore, DType, Device, Tensor, Var};

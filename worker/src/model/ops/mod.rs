@@ -30,6 +30,7 @@
 //! them, as autocast does.
 
 mod bias;
+pub mod collective;
 mod cross_entropy;
 mod dispatch;
 mod gelu;

@@ -1,7 +1,7 @@
 //! The seed's precision flags (`--bf16`, `--fp16`, `--fp16_opt_level`), shared by `pretrain`
 //! and `eval`, and the loss-scaling test hooks.
 
-use super::args::parse_bool;
+use super::parse_bool;
 use crate::model::autocast::Autocast;
 use crate::train::loss_scaler::{LossScaler, GROWTH_INTERVAL, INIT_SCALE};
 use anyhow::{bail, Result};

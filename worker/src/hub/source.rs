@@ -1,8 +1,8 @@
 //! What a `--model` value names: a built-in config, a PaddleMIX release name, a config file, or a
 //! directory holding `config.json` and weights. Shared by training and the inference commands.
 
-use super::CocaConfig;
-use crate::hub::{paddlemix, HubEnv};
+use super::{paddlemix, HubEnv};
+use crate::model::CocaConfig;
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 

@@ -17,10 +17,10 @@
 //! - `local_loss` without `gather_with_grad` loses the other members' terms of each gradient
 //!   (as in open_clip), so the result would depend on the world size: rejected.
 
-use super::autograd::{all_gather_rows, gather_rows_detached};
-use super::tensor_parallel::caption_token_loss;
 use crate::model::loss::contrastive_loss;
+use crate::model::ops::collective::{all_gather_rows, gather_rows_detached};
 use crate::model::ops::cross_entropy_rows;
+use crate::model::tensor_parallel::caption_token_loss;
 use crate::model::{CocaLossConfig, CocaOutput};
 use anyhow::{bail, Result};
 use candle_core::Tensor;

@@ -4,7 +4,6 @@
 use super::{check_degree, TensorParallel};
 use crate::model::config::CocaConfig;
 use crate::model::manifest::parameter_shapes_for;
-use crate::train::trainer::MOMENT_NAMES;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Tensor};
 use coca_common::collective::Collective;
@@ -235,45 +234,4 @@ pub fn local_parameter_shapes(
         config,
         &TensorParallel::layout_only(rank, size),
     )?)
-}
-
-/// The parameter an optimizer-state tensor belongs to: `exp_avg.visual.proj` → `visual.proj`.
-fn moment_parameter(name: &str) -> Result<&str> {
-    MOMENT_NAMES
-        .iter()
-        .find_map(|m| name.strip_prefix(m)?.strip_prefix('.'))
-        .with_context(|| format!("optimizer state {name:?} names no moment of a parameter"))
-}
-
-/// This rank's shards of optimizer moments saved under full parameter names
-/// (`exp_avg.<param>`), split like their parameters.
-pub fn shard_moments(
-    full: &HashMap<String, Tensor>,
-    tp: &TensorParallel,
-) -> Result<HashMap<String, Tensor>> {
-    full.iter()
-        .map(|(name, t)| {
-            let param = moment_parameter(name)?;
-            Ok((name.clone(), shard_tensor(param, t, tp.rank(), tp.size())?))
-        })
-        .collect()
-}
-
-/// Optimizer moments of every rank's shards put back under full shapes (on every member; all
-/// must call it with the same names).
-pub fn gather_moments(
-    local: &[(String, Tensor)],
-    group: &dyn Collective,
-) -> Result<Vec<(String, Tensor)>> {
-    let mut sorted: Vec<&(String, Tensor)> = local.iter().collect();
-    sorted.sort_by(|a, b| a.0.cmp(&b.0));
-    sorted
-        .into_iter()
-        .map(|(name, t)| {
-            Ok((
-                name.clone(),
-                gather_tensor(moment_parameter(name)?, t, group)?,
-            ))
-        })
-        .collect()
 }

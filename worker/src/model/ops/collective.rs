@@ -13,7 +13,7 @@
 //! The collectives exchange host float32 buffers: a tensor on another device or in another
 //! dtype is staged through the host as float32 and back (see `on_host`), gradients included.
 
-use crate::model::ops::f32_data;
+use super::f32_data;
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
 use coca_common::collective::{Collective, ReduceOp};
 use std::sync::Arc;

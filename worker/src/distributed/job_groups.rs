@@ -5,7 +5,7 @@
 //! `COCA_GPU_COLLECTIVES=host` keeps a GPU job on the host transport (device buffers through a
 //! host copy): slower, but the same results, for telling an NCCL problem from any other.
 
-use super::{Communicator, HostTransport};
+use crate::comm::{Communicator, HostTransport};
 use crate::distributed::context::RankContext;
 use crate::train::trainer::{TrainerGroups, ZeroStage};
 use anyhow::{bail, Result};
@@ -56,7 +56,7 @@ pub struct JobGroups {
     sharding: Arc<dyn Communicator>,
     replicas: Arc<dyn Communicator>,
     #[cfg(feature = "nccl")]
-    _watchdog: Option<super::watchdog::Watchdog>,
+    _watchdog: Option<crate::comm::watchdog::Watchdog>,
     /// `"nccl"` or `"host"`, for the start-up log.
     pub backend: &'static str,
 }
@@ -67,7 +67,7 @@ pub struct WorldGroup {
     /// Every rank.
     pub comm: Arc<dyn Communicator>,
     #[cfg(feature = "nccl")]
-    _watchdog: Option<super::watchdog::Watchdog>,
+    _watchdog: Option<crate::comm::watchdog::Watchdog>,
     /// `"nccl"` or `"host"`.
     pub backend: &'static str,
 }
