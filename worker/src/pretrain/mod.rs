@@ -11,5 +11,8 @@ pub mod preemption;
 pub mod preflight;
 pub mod rank_checkpoint;
 pub mod run;
+mod setup;
+mod skips;
+mod step;
 pub mod summary;
 pub mod tensorboard;
