@@ -33,6 +33,11 @@ pub fn assert_forward_matches() {
         eprintln!("{name}: max abs diff {d:e}");
         assert!(d < 1e-4, "{name} differs by {d}");
     }
+    // The embedding-only path (the pooler's first query alone) gives the same features.
+    let alone = model.image_features(&io["input.image"]).unwrap();
+    let d = super::max_abs_diff(&alone, &io["output.image_features"]);
+    eprintln!("image_features alone: max abs diff {d:e}");
+    assert!(d < 1e-4, "image_features alone differs by {d}");
     let loss = coca_loss(&out, &CocaLossConfig::default()).unwrap();
     for (name, ours) in [
         ("loss.contrastive", &loss.contrastive),

@@ -213,7 +213,7 @@ pub fn run(opts: &BenchOptions) -> Result<Option<serde_json::Value>> {
     let mut embed_times = Vec::new();
     for step in 0..=opts.steps {
         let start = Instant::now();
-        frozen.encode_image(&images)?;
+        frozen.image_features(&images)?;
         device.synchronize()?;
         if step > 0 {
             embed_times.push(start.elapsed().as_secs_f64());

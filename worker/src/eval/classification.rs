@@ -196,7 +196,7 @@ pub fn evaluate(
             labels.push(label);
         }
         let images = Tensor::from_vec(pixels, (chunk.len(), 3, size, size), model.device())?;
-        let (features, _) = model.encode_image(&images)?;
+        let features = model.image_features(&images)?;
         let logits = zero_shot_logits(&features, &classifier)?
             .to_dtype(DType::F32)?
             .to_vec2::<f32>()?;

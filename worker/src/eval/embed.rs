@@ -46,7 +46,7 @@ pub fn embed_images(model: &CoCa, paths: &[PathBuf], batch_size: usize) -> Resul
         .chunks(batch_size)
         .map(|chunk| {
             let images = load_images(chunk, size)?.to_device(model.device())?;
-            Ok(model.encode_image(&images)?.0)
+            Ok(model.image_features(&images)?)
         })
         .collect::<Result<Vec<_>>>()?;
     Ok(Tensor::cat(&parts, 0)?)

@@ -91,6 +91,12 @@ impl CoCa {
         Ok((l2_normalize(&out.pooled)?, out.tokens))
     }
 
+    /// The normalised image embedding `[B, E]` alone (what embedding, zero-shot and retrieval
+    /// need): [`Self::encode_image`]'s first output without the decoder's tokens.
+    pub fn image_features(&self, images: &Tensor) -> Result<Tensor> {
+        l2_normalize(&self.visual.forward_pooled(images)?)
+    }
+
     /// Normalised text embedding `[B, E]` and token outputs `[B, T, W]`.
     pub fn encode_text(&self, text: &Tensor) -> Result<(Tensor, Tensor)> {
         let out = self.text.forward(text)?;

@@ -46,9 +46,16 @@ impl AttentionalPooler {
 
     /// `[B, N, context_dim]` → `[B, n_queries, d_model]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_first(x, self.query.dim(0)?)
+    }
+
+    /// The outputs of the first `n` queries only, `[B, n, d_model]`: each query attends over
+    /// the tokens on its own (its layer norm, projections and softmax are per query), so these
+    /// equal the first `n` rows of [`Self::forward`] without computing the others.
+    pub fn forward_first(&self, x: &Tensor, n: usize) -> Result<Tensor> {
         let b = x.dim(0)?;
         let x = self.ln_k.forward(x)?;
-        let q = self.ln_q.forward(&self.query)?;
+        let q = self.ln_q.forward(&self.query.narrow(0, 0, n)?)?;
         let (n, d) = q.dims2()?;
         let q = q.unsqueeze(0)?.broadcast_as((b, n, d))?.contiguous()?;
         self.attn.forward_cross(&q, &x, None)

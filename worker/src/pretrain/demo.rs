@@ -65,7 +65,7 @@ pub fn report(
             .flat_map(|s| normalize_rgb(&s.image))
             .collect();
         let images = Tensor::from_vec(pixels, (samples.len(), 3, size, size), &device)?;
-        let (features, _) = model.encode_image(&images)?;
+        let features = model.image_features(&images)?;
         logits.push(zero_shot_logits(&features, &classifier)?);
         labels.extend(samples.iter().map(|s| s.class_index));
         if start < CAPTIONED {

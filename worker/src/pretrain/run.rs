@@ -76,7 +76,11 @@ fn train(
             run.save_preempted(&decision)?;
             return Ok(Ended::Preempted(decision));
         }
-        if run.args.eval_steps.is_some_and(|every| step.is_multiple_of(every)) {
+        if run
+            .args
+            .eval_steps
+            .is_some_and(|every| step.is_multiple_of(every))
+        {
             run.zero_shot()?;
         }
         if run.args.save_steps > 0 && step.is_multiple_of(run.args.save_steps) {

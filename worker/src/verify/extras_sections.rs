@@ -176,7 +176,7 @@ pub(crate) fn zeroshot_section(reference: &Reference, extras: &Extras) -> Sectio
             extras.tensor("zeroshot.classifier")?,
             FORWARD_TOL,
         )?;
-        let (features, _) = model.encode_image(extras.images_for(&reference.config)?)?;
+        let features = model.image_features(extras.images_for(&reference.config)?)?;
         let logits = zero_shot_logits(&features, &classifier)?;
         comparison.check(
             "zeroshot.logits",

@@ -216,7 +216,12 @@ fn every_cpu_kernel_family_computes_the_same_bits() {
             }
         })
         .collect();
+    // A transpose with full 8 × 8 blocks and both edges.
+    let (t_rows, t_cols) = (21, 77);
+    let t_src = rand_vec(t_rows * t_cols, 5);
     let run = |family: KernelFamily| {
+        let mut transposed = vec![0f32; t_rows * t_cols];
+        transpose::transpose_columns(family, &mut transposed, &t_src, t_rows, t_cols, 0);
         let mut ln = vec![0f32; rows * d];
         layer_norm::layer_norm_rows(family, &mut ln, &x, &w, &b, 1e-5);
         let (mut ln_dx, mut acc, mut xhat) =
@@ -248,9 +253,14 @@ fn every_cpu_kernel_family_computes_the_same_bits() {
             gelu_dx,
             vec![max, lse],
             ce_dx,
+            transposed,
         ]
     };
     let reference = run(KernelFamily::Portable);
+    for (i, &t) in reference[9].iter().enumerate() {
+        let (c, r) = (i / t_rows, i % t_rows);
+        assert_eq!(t, t_src[r * t_cols + c], "transpose at row {c}, column {r}");
+    }
     // The lanes change the order of the sums, not their accuracy: the plain row code agrees.
     let mut plain = vec![0f32; d];
     let (mean, var) = {
@@ -283,6 +293,7 @@ fn every_cpu_kernel_family_computes_the_same_bits() {
         "gelu dx",
         "cross-entropy log-sum-exp",
         "cross-entropy dx",
+        "transpose",
     ];
     for family in KernelFamily::available() {
         for ((name, a), b) in names.iter().zip(&reference).zip(&run(family)) {
