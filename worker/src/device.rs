@@ -140,6 +140,7 @@ impl DeviceChoice {
 
 /// Opens CUDA device `ordinal` with the allocator settings training needs.
 fn open_cuda(ordinal: usize) -> Result<Device> {
+    crate::cuda_driver::check(ordinal)?;
     let visible = std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_else(|_| "(unset)".into());
     let device = Device::new_cuda_with_stream(ordinal).with_context(|| {
         format!(

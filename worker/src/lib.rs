@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod comm;
 pub mod compare;
+pub mod cuda_driver;
 pub mod cuda_setup;
 pub mod data;
 pub mod device;
