@@ -115,6 +115,7 @@ pub fn run(opts: &DataBenchOptions) -> Result<serde_json::Value> {
                 Arc::new(move |c: &str| tok.tokenize(c, 77)),
                 threads,
                 LoaderPosition::default(),
+                &candle_core::Device::Cpu,
             )?;
             let start = Instant::now();
             let mut images = 0;

@@ -73,7 +73,10 @@ mod tests {
         assert!(check_values(13000, 1, 0, "0").is_ok());
         assert!(check_values(13020, 8, 7, "(unset)").is_ok());
         let old = check_values(12080, 1, 0, "0").unwrap_err().to_string();
-        assert!(old.contains("supports CUDA 12.8") && old.contains("needs 13.0"), "{old}");
+        assert!(
+            old.contains("supports CUDA 12.8") && old.contains("needs 13.0"),
+            "{old}"
+        );
         assert!(old.contains("--device cpu"), "{old}");
         let none = check_values(13000, 0, 0, "").unwrap_err().to_string();
         assert!(none.contains("no GPU is visible"), "{none}");

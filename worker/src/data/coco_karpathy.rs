@@ -281,6 +281,7 @@ mod tests {
             Arc::new(move |c: &str| tok.tokenize(c, 12)),
             2,
             LoaderPosition::default(),
+            &candle_core::Device::Cpu,
         )
         .unwrap();
         let batch = loader.next_batch().unwrap();
@@ -291,8 +292,9 @@ mod tests {
             reason.contains("coco_karpathy_train.json[2]") && reason.contains("missing.png"),
             "{reason}"
         );
-        assert_eq!(batch.images.len(), 4 * 3 * 16 * 16);
-        let mut got: Vec<Vec<u32>> = batch.tokens.chunks(12).map(|c| c.to_vec()).collect();
+        let inputs = batch.tensors.unwrap();
+        assert_eq!(inputs.images.dims(), &[4, 3 * 16 * 16]);
+        let mut got: Vec<Vec<u32>> = inputs.tokens.to_vec2::<u32>().unwrap();
         let mut want: Vec<Vec<u32>> = [
             "a red bus on a street",
             "two dogs playing",

@@ -479,6 +479,7 @@ mod tests {
             Arc::new(|c: &str| vec![c.len() as u32]),
             2,
             LoaderPosition::default(),
+            &candle_core::Device::Cpu,
         )
         .unwrap();
         let batch = loader.next_batch().unwrap();

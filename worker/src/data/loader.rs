@@ -1,8 +1,11 @@
 //! The per-rank loader: decodes and augments on background threads, in a deterministic order,
-//! with bounded prefetch, resumable from any (epoch, batch) position.
+//! with bounded prefetch, resumable from any (epoch, batch) position. The same threads put each
+//! batch on the training device, so on a GPU the copy overlaps the step in progress instead of
+//! starting it (on the CPU the tensors take the decoded vectors as they are, no copy).
 
 use super::sampler::DistributedSampler;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver};
@@ -46,16 +49,23 @@ pub struct LoaderPosition {
 /// A training batch for this rank.
 #[derive(Debug, Clone)]
 pub struct Batch {
-    /// `[n, 3, S, S]` pixels.
-    pub images: Vec<f32>,
-    /// `[n, context]` token ids.
-    pub tokens: Vec<u32>,
+    /// The inputs on the loader's device; `None` when every sample of the batch was skipped.
+    pub tensors: Option<BatchTensors>,
     /// Samples in the batch (fewer than asked when some were skipped).
     pub len: usize,
     /// The position of this batch.
     pub position: LoaderPosition,
     /// Samples that could not be used, with the reason.
     pub skipped: Vec<String>,
+}
+
+/// A batch's inputs, on the device the model trains on.
+#[derive(Debug, Clone)]
+pub struct BatchTensors {
+    /// `[n, 3·S·S]` normalised pixels, each row a channel-major `[3, S, S]` image (f32).
+    pub images: Tensor,
+    /// `[n, context]` token ids (u32).
+    pub tokens: Tensor,
 }
 
 /// Turns a caption into exactly `context` token ids.
@@ -71,14 +81,15 @@ pub struct Loader {
 }
 
 impl Loader {
-    /// Starts `threads` workers at `start`. Batch `n` of the stream is built by worker
-    /// `n % threads`, so the order never depends on timing.
+    /// Starts `threads` workers at `start`, delivering batches on `device`. Batch `n` of the
+    /// stream is built by worker `n % threads`, so the order never depends on timing.
     pub fn new(
         source: Arc<dyn CaptionSource>,
         sampler: DistributedSampler,
         tokenize: Tokenize,
         threads: usize,
         start: LoaderPosition,
+        device: &Device,
     ) -> Result<Self> {
         if source.is_empty() {
             bail!("the data set yields no samples");
@@ -97,11 +108,12 @@ impl Loader {
         for worker in 0..threads {
             let (tx, rx) = sync_channel(PREFETCH_PER_THREAD);
             receivers.push(rx);
-            let (source, sampler, tokenize, stop) = (
+            let (source, sampler, tokenize, stop, device) = (
                 source.clone(),
                 sampler.clone(),
                 tokenize.clone(),
                 stop.clone(),
+                device.clone(),
             );
             let handle = std::thread::Builder::new()
                 .name(format!("coca-loader-{worker}"))
@@ -120,7 +132,8 @@ impl Loader {
                             perm_epoch = position.epoch;
                         }
                         let indices = sampler.rank_slice(&perm, position.batch);
-                        let batch = build_batch(source.as_ref(), indices, position, &tokenize);
+                        let batch =
+                            build_batch(source.as_ref(), indices, position, &tokenize, &device);
                         if tx.send(batch).is_err() {
                             return;
                         }
@@ -170,6 +183,7 @@ fn build_batch(
     indices: &[u64],
     position: LoaderPosition,
     tokenize: &Tokenize,
+    device: &Device,
 ) -> Result<Batch> {
     let mut images = Vec::new();
     let mut tokens = Vec::new();
@@ -188,11 +202,107 @@ fn build_batch(
             Err(e) => skipped.push(format!("{}: {e:#}", source.describe(index))),
         }
     }
+    // No rows when every sample was skipped (zero-size device buffers are not made).
+    let tensors = match (images.len().checked_div(len), tokens.len().checked_div(len)) {
+        (Some(pixels), Some(context)) => {
+            let on_device = || -> candle_core::Result<BatchTensors> {
+                Ok(BatchTensors {
+                    images: Tensor::from_vec(images, (len, pixels), device)?,
+                    tokens: Tensor::from_vec(tokens, (len, context), device)?,
+                })
+            };
+            Some(on_device().with_context(|| {
+                format!(
+                    "putting batch {} of epoch {} on {}",
+                    position.batch,
+                    position.epoch,
+                    crate::device::device_name(device)
+                )
+            })?)
+        }
+        _ => None,
+    };
     Ok(Batch {
-        images,
-        tokens,
+        tensors,
         len,
         position,
         skipped,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Samples whose pixels are their index; those in `bad` fail to load.
+    struct Numbered {
+        len: usize,
+        bad: Vec<u64>,
+    }
+
+    impl CaptionSource for Numbered {
+        fn len(&self) -> usize {
+            self.len
+        }
+        fn load(&self, index: u64, _epoch: u64) -> Result<Sample> {
+            if self.bad.contains(&index) {
+                bail!("unreadable");
+            }
+            Ok(Sample {
+                pixels: vec![index as f32; 3 * 2 * 2],
+                caption: format!("sample {index}"),
+            })
+        }
+        fn describe(&self, index: u64) -> String {
+            format!("sample {index}")
+        }
+    }
+
+    #[test]
+    fn batches_arrive_as_tensors_in_order_and_a_fully_skipped_batch_has_none() {
+        let sampler = DistributedSampler::new(8, 3, 2, 0, 1).unwrap();
+        let order = sampler.permutation(0);
+        // The whole first batch and one sample of the third fail.
+        let bad = vec![order[0], order[1], order[4]];
+        let source = Arc::new(Numbered {
+            len: 8,
+            bad: bad.clone(),
+        });
+        let mut loader = Loader::new(
+            source,
+            sampler,
+            Arc::new(|c: &str| vec![c.len() as u32; 3]),
+            3,
+            LoaderPosition::default(),
+            &Device::Cpu,
+        )
+        .unwrap();
+        for b in 0..4 {
+            let batch = loader.next_batch().unwrap();
+            assert_eq!(batch.position.batch, b);
+            let want: Vec<u64> = order[2 * b..2 * b + 2]
+                .iter()
+                .copied()
+                .filter(|i| !bad.contains(i))
+                .collect();
+            assert_eq!(batch.len, want.len());
+            assert_eq!(batch.skipped.len(), 2 - want.len());
+            match batch.tensors {
+                None => assert!(want.is_empty(), "batch {b} lost its samples"),
+                Some(t) => {
+                    assert_eq!(t.images.dims(), &[want.len(), 12]);
+                    assert_eq!(t.tokens.dims(), &[want.len(), 3]);
+                    let firsts: Vec<f32> = t
+                        .images
+                        .to_vec2::<f32>()
+                        .unwrap()
+                        .iter()
+                        .map(|row| row[0])
+                        .collect();
+                    let want: Vec<f32> = want.iter().map(|&i| i as f32).collect();
+                    assert_eq!(firsts, want, "batch {b}");
+                }
+            }
+        }
+    }
 }

@@ -234,6 +234,7 @@ impl<'a> TrainingRun<'a> {
             Arc::new(move |caption: &str| tok.tokenize(caption, text_len)),
             args.dataloader_num_workers,
             position,
+            &device,
         )?;
         let run_record = serde_json::json!({
             "args": &args,

@@ -7,7 +7,6 @@ use super::setup::TrainingRun;
 use crate::data::loader::LoaderPosition;
 use crate::memory_estimate::MemoryEstimate;
 use anyhow::{bail, Result};
-use candle_core::Tensor;
 use std::time::Instant;
 
 /// Non-finite steps in a row after which training stops.
@@ -21,7 +20,6 @@ impl TrainingRun<'_> {
         let started = Instant::now();
         let accum = self.accum as f64;
         let image_size = self.config.vision_cfg.image_size;
-        let text_len = self.config.text_cfg.context_length;
         let (mut sums, mut samples, mut finite) = ([0f64; 3], 0usize, true);
         for _ in 0..self.accum {
             let b = self.loader.next_batch()?;
@@ -32,17 +30,16 @@ impl TrainingRun<'_> {
             self.skipped_total += b.skipped.len();
             self.skips.add(b.skipped);
             self.position = next_position(b.position, self.batches_per_epoch);
-            if b.len == 0 {
+            let Some(inputs) = b.tensors else {
                 continue;
-            }
-            let images =
-                Tensor::from_vec(b.images, (b.len, 3, image_size, image_size), &self.device)?;
-            let text = Tensor::from_vec(b.tokens, (b.len, text_len), &self.device)?;
+            };
+            let images = inputs.images.reshape((b.len, 3, image_size, image_size))?;
+            let text = &inputs.tokens;
             let loss_scale = self.scaler.map_or(1.0, |s| s.scale);
             let step = self.trainer.step;
             let loss = self
                 .trainer
-                .backward(&images, &text, loss_scale / accum)
+                .backward(&images, text, loss_scale / accum)
                 .map_err(|e| step_error(e, step, b.len, &self.memory))?;
             finite &= loss.total.is_finite();
             sums[0] += loss.total / accum;
