@@ -158,11 +158,12 @@ impl Block {
     }
 
     /// The output projection's weight transposed into a contiguous float32 copy (`c_proj`,
-    /// whose input is wider than its output), kept with the graph: floats per block, not per
-    /// sample. Under autocast the cast copy is that contiguous copy (in the compute copies).
-    fn weight_copy_floats(&self, tp: u64, mixed: bool) -> u64 {
+    /// whose input is wider than its output; on the CPU), kept with the graph: floats per
+    /// block, not per sample. Under autocast too: the product casts that copy (the cast copy
+    /// is in the compute copies), and the cast keeps its input alive until backward.
+    fn weight_copy_floats(&self, tp: u64) -> u64 {
         let local = self.hidden / tp;
-        if local > self.width && !mixed {
+        if local > self.width {
             local * self.width
         } else {
             0
@@ -261,9 +262,8 @@ pub fn activation_bytes(
     }
     let mixed = compute != DType::F32;
     let (blocks, rest) = model_blocks(config, tp, mixed);
-    let whole = |b: &Block| {
-        batch * b.kept(tp, mixed).bytes(compute) + F32 * b.weight_copy_floats(tp, mixed)
-    };
+    let whole =
+        |b: &Block| batch * b.kept(tp, mixed).bytes(compute) + F32 * b.weight_copy_floats(tp);
     let blocks_bytes: u64 = if grad_checkpointing {
         // A checkpointed block's input is the float32 residual stream.
         let inputs: u64 = blocks
