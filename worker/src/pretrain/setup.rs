@@ -194,28 +194,7 @@ impl<'a> TrainingRun<'a> {
             Some(s) if s > 0 => s as u64,
             _ => (args.num_train_epochs.unwrap_or(d.epochs) * steps_per_epoch as f64).ceil() as u64,
         };
-        let trainer_config = TrainerConfig {
-            adamw: AdamWConfig {
-                beta1: args.adam_beta1,
-                beta2: args.adam_beta2,
-                eps: args.adam_epsilon,
-            },
-            max_grad_norm: (args.max_grad_norm > 0.0).then_some(args.max_grad_norm),
-            schedule: CosineSchedule {
-                warmup_steps: args.warmup_steps.unwrap_or(d.warmup),
-                total_steps,
-            },
-            loss: CocaLossConfig {
-                contrastive_weight: args.coca_contrastive_loss_weight,
-                caption_weight: args.coca_caption_loss_weight,
-                pad_id: config.text_cfg.pad_id,
-            },
-            span: ContrastiveSpan {
-                local_loss: args.local_loss,
-                gather_with_grad: args.gather_with_grad,
-            },
-            buffers: PlacementRule::from_env()?,
-        };
+        let trainer_config = trainer_config(&args, &config, &d, total_steps)?;
         let job_groups = JobGroups::for_device(ctx, &device)?;
         tracing::info!(backend = job_groups.backend, "gradient collectives");
         let trainer_groups = job_groups.trainer_groups(args.zero_stage()?);
@@ -367,4 +346,36 @@ fn resume(
         c.state.global_step
     );
     Ok(position)
+}
+
+/// The trainer's settings from the flags (the demo's or the real data's defaults where a flag
+/// is absent).
+fn trainer_config(
+    args: &PretrainArgs,
+    config: &CocaConfig,
+    d: &Defaults,
+    total_steps: u64,
+) -> Result<TrainerConfig> {
+    Ok(TrainerConfig {
+        adamw: AdamWConfig {
+            beta1: args.adam_beta1,
+            beta2: args.adam_beta2,
+            eps: args.adam_epsilon,
+        },
+        max_grad_norm: (args.max_grad_norm > 0.0).then_some(args.max_grad_norm),
+        schedule: CosineSchedule {
+            warmup_steps: args.warmup_steps.unwrap_or(d.warmup),
+            total_steps,
+        },
+        loss: CocaLossConfig {
+            contrastive_weight: args.coca_contrastive_loss_weight,
+            caption_weight: args.coca_caption_loss_weight,
+            pad_id: config.text_cfg.pad_id,
+        },
+        span: ContrastiveSpan {
+            local_loss: args.local_loss,
+            gather_with_grad: args.gather_with_grad,
+        },
+        buffers: PlacementRule::from_env()?,
+    })
 }
