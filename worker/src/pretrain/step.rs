@@ -7,7 +7,11 @@ use super::setup::TrainingRun;
 use crate::data::loader::LoaderPosition;
 use crate::memory_estimate::MemoryEstimate;
 use anyhow::{bail, Result};
+use candle_core::Device;
 use std::time::Instant;
+
+/// Bytes in a GiB, for messages.
+const GIB: f64 = (1u64 << 30) as f64;
 
 /// Non-finite steps in a row after which training stops.
 const MAX_NONFINITE_IN_A_ROW: u32 = 10;
@@ -40,7 +44,7 @@ impl TrainingRun<'_> {
             let loss = self
                 .trainer
                 .backward(&images, text, loss_scale / accum)
-                .map_err(|e| step_error(e, step, b.len, &self.memory))?;
+                .map_err(|e| step_error(e, step, b.len, &self.memory, &self.device))?;
             finite &= loss.total.is_finite();
             sums[0] += loss.total / accum;
             sums[1] += loss.contrastive / accum;
@@ -52,7 +56,7 @@ impl TrainingRun<'_> {
             let inject = self.args.precision.fp16_inject_overflow_step == Some(step);
             self.trainer
                 .update_scaled(self.scaler.map_or(1.0, |s| s.scale), inject)
-                .map_err(|e| step_error(e, step, samples, &self.memory))?
+                .map_err(|e| step_error(e, step, samples, &self.memory, &self.device))?
         } else {
             self.trainer.skip_update()?
         };
@@ -116,13 +120,15 @@ fn next_position(p: LoaderPosition, batches_per_epoch: usize) -> LoaderPosition 
 }
 
 /// A training step's error with the step and the micro-batch named; an out-of-memory (the
-/// host's or a GPU's) also gets the per-rank estimate and what lowers it. The last checkpoint
-/// is untouched: checkpoints are written atomically between steps.
+/// host's or a GPU's) also gets the per-rank estimate, on a GPU what the device's memory pool
+/// held when it failed, and what lowers it. The last checkpoint is untouched: checkpoints are
+/// written atomically between steps.
 fn step_error(
     e: impl Into<anyhow::Error>,
     step: u64,
     samples: usize,
     memory: &MemoryEstimate,
+    device: &Device,
 ) -> anyhow::Error {
     let e = e.into();
     let text = format!("{e:#}");
@@ -134,8 +140,17 @@ fn step_error(
         step + 1
     );
     if out_of_memory {
+        // Best effort: the figures of the pool that could not serve the allocation.
+        let held = match crate::cuda_setup::pool_usage(device) {
+            Ok(Some((now, peak))) => format!(
+                "; the device's memory pool held {:.2} GiB (at most {:.2} GiB since the start)",
+                now as f64 / GIB,
+                peak as f64 / GIB
+            ),
+            _ => String::new(),
+        };
         e.context(format!(
-            "{what} ran out of memory; this rank's estimate: {}. Lower \
+            "{what} ran out of memory{held}; this rank's estimate: {}. Lower \
              --per_device_train_batch_size, add --grad_checkpointing True or --bf16 True, or \
              raise --sharding_parallel_degree or --tensor_parallel_degree",
             memory.by_part()
@@ -157,7 +172,7 @@ mod step_error_tests {
         let memory =
             crate::memory_estimate::estimate(&config, 1, 1, None, 8, false, DType::F32).unwrap();
         let oom = anyhow::anyhow!("DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")");
-        let text = format!("{:#}", step_error(oom, 2, 8, &memory));
+        let text = format!("{:#}", step_error(oom, 2, 8, &memory, &Device::Cpu));
         for needle in [
             "training step 3 (8 samples",
             "ran out of memory",
@@ -168,14 +183,20 @@ mod step_error_tests {
         }
         let other = format!(
             "{:#}",
-            step_error(anyhow::anyhow!("shape mismatch"), 0, 4, &memory)
+            step_error(
+                anyhow::anyhow!("shape mismatch"),
+                0,
+                4,
+                &memory,
+                &Device::Cpu
+            )
         );
         assert!(
             other.starts_with("training step 1 (4 samples on this rank): shape mismatch"),
             "{other}"
         );
         // The cause stays reachable for the exit code's classification.
-        let peer = step_error(anyhow::Error::new(PeerFailed), 0, 4, &memory);
+        let peer = step_error(anyhow::Error::new(PeerFailed), 0, 4, &memory, &Device::Cpu);
         assert!(peer.downcast_ref::<PeerFailed>().is_some());
     }
 }
