@@ -972,7 +972,55 @@ fn copy2d_<T: Copy>(
     }
 }
 
-fn copy_strided_src_<T: Copy>(src: &[T], dst: &mut [T], dst_offset: usize, src_l: &Layout) {
+/// Rows and columns of the blocks [`copy_transposed_`] moves (coca patch).
+const TRANSPOSE_BLOCK: usize = 8;
+
+/// `(rows, cols)` of a 2-D layout that is a contiguous `[cols, rows]` matrix seen transposed
+/// (strides `[1, rows]`), the layout of `w.t()` and of its gradient (coca patch).
+fn transposed_2d(l: &Layout) -> Option<(usize, usize)> {
+    match (l.dims(), l.stride()) {
+        (&[rows, cols], &[1, pitch]) if pitch == rows && rows > 1 && cols > 1 => Some((rows, cols)),
+        _ => None,
+    }
+}
+
+/// `dst[i·cols + j] = src[j·rows + i]` in 8 × 8 blocks, the row blocks of `dst` in parallel
+/// (coca patch: the element-by-element path below moved each weight gradient of a transposed
+/// view one computed index at a time, 2.3 % of a B-32 training step).
+fn copy_transposed_<T: Copy + Send + Sync>(src: &[T], dst: &mut [T], rows: usize, cols: usize) {
+    dst[..rows * cols]
+        .par_chunks_mut(TRANSPOSE_BLOCK * cols)
+        .enumerate()
+        .for_each(|(block, dst)| {
+            let i0 = block * TRANSPOSE_BLOCK;
+            let height = dst.len() / cols;
+            for j0 in (0..cols).step_by(TRANSPOSE_BLOCK) {
+                let j1 = (j0 + TRANSPOSE_BLOCK).min(cols);
+                for i in 0..height {
+                    let out = &mut dst[i * cols + j0..i * cols + j1];
+                    for (o, j) in out.iter_mut().zip(j0..j1) {
+                        *o = src[j * rows + i0 + i];
+                    }
+                }
+            }
+        });
+}
+
+fn copy_strided_src_<T: Copy + Send + Sync>(
+    src: &[T],
+    dst: &mut [T],
+    dst_offset: usize,
+    src_l: &Layout,
+) {
+    if let Some((rows, cols)) = transposed_2d(src_l) {
+        let start = src_l.start_offset();
+        return copy_transposed_(
+            &src[start..start + rows * cols],
+            &mut dst[dst_offset..],
+            rows,
+            cols,
+        );
+    }
     match src_l.strided_blocks() {
         crate::StridedBlocks::SingleBlock { start_offset, len } => dst
             [dst_offset..dst_offset + len]

@@ -339,3 +339,39 @@ fn polynomial_erf_and_exp_are_accurate_over_their_range() {
         );
     }
 }
+
+#[test]
+fn transposed_views_are_copied_exactly_by_the_patched_candle() {
+    // vendor/candle-core copies 2-D transposed views (`w.t()`, and the gradients of weights
+    // used through them) in blocks: odd shapes, an offset into the storage, other dtypes.
+    for (rows, cols) in [(1, 5), (5, 1), (7, 9), (8, 8), (17, 33), (64, 3)] {
+        // Values bfloat16 holds exactly.
+        let storage: Vec<f32> = (0..(rows * cols + 6)).map(|i| (i % 256) as f32).collect();
+        let full = Tensor::from_vec(storage, rows * cols + 6, &Device::Cpu).unwrap();
+        // A `[cols, rows]` matrix starting 6 elements into the storage, seen transposed.
+        let matrix = full
+            .narrow(0, 6, rows * cols)
+            .unwrap()
+            .reshape((cols, rows))
+            .unwrap();
+        let want: Vec<f32> = (0..rows)
+            .flat_map(|i| (0..cols).map(move |j| ((6 + j * rows + i) % 256) as f32))
+            .collect();
+        for dtype in [DType::F32, DType::BF16, DType::U32] {
+            let got = matrix
+                .to_dtype(dtype)
+                .unwrap()
+                .t()
+                .unwrap()
+                .contiguous()
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            assert_eq!(got, want, "{rows}x{cols} {dtype:?}");
+        }
+    }
+}
