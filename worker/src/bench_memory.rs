@@ -14,7 +14,7 @@
 
 use crate::bench::random_batch;
 use crate::comm::HostTransport;
-use crate::memory_estimate::{estimate, MemoryEstimate};
+use crate::memory_estimate::{estimate, MemoryEstimate, OpsPath};
 use crate::model::autocast::Autocast;
 use crate::model::tensor_parallel::TensorParallel;
 use crate::model::trainable::{trainable_model_parallel, TrainableWeights};
@@ -176,6 +176,7 @@ pub fn run(opts: &MemoryBenchOptions) -> Result<Vec<serde_json::Value>> {
             opts.batch,
             opts.grad_checkpointing,
             opts.compute,
+            OpsPath::for_device(&opts.device),
         )?;
         let mut line = serde_json::json!({
             "model": opts.model,

@@ -176,6 +176,8 @@ fn check_args(command: Vec<String>) -> Result<ExitCode> {
                 checked.batch(&args),
                 args.grad_checkpointing,
                 args.precision.compute_dtype(),
+                // The launcher checks host memory, for CPU workers.
+                coca_worker::memory_estimate::OpsPath::for_device(&candle_core::Device::Cpu),
             )?;
             Some(serde_json::json!({
                 "estimate": estimate,

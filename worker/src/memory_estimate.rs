@@ -13,19 +13,50 @@
 //! beside this estimate (the README has the figures).
 
 use crate::model::manifest::parameter_shapes_for;
+use crate::model::ops::portable_forced;
 use crate::model::tensor_parallel::TensorParallel;
 use crate::model::CocaConfig;
 use crate::train::trainer::ZeroStage;
 use anyhow::Result;
-use candle_core::DType;
+use candle_core::{DType, Device};
 
 const F32: u64 = 4;
 
 pub use coca_common::memory_estimate::MemoryEstimate;
 
+/// Which implementation of the model's ops a step runs, which changes what its graph keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpsPath {
+    /// The CPU's fused kernels for float32 inputs (half-precision inputs of the softmax and
+    /// the GELU take the compositions), and `c_proj`'s weight transposed into a float32 copy.
+    CpuFused,
+    /// candle compositions for every op ([`crate::model::ops::portable`]): a GPU, or
+    /// `COCA_PORTABLE_OPS=1` on the CPU (`cpu`: with the CPU's `c_proj` copy).
+    Portable { cpu: bool },
+}
+
+impl OpsPath {
+    /// The path a step on `device` takes in this process.
+    pub fn for_device(device: &Device) -> Self {
+        match (device.is_cpu(), portable_forced()) {
+            (true, false) => Self::CpuFused,
+            (cpu, _) => Self::Portable { cpu },
+        }
+    }
+
+    fn portable(self) -> bool {
+        matches!(self, Self::Portable { .. })
+    }
+
+    fn cpu(self) -> bool {
+        matches!(self, Self::CpuFused | Self::Portable { cpu: true })
+    }
+}
+
 /// The estimate for one worker of a layout: `tp`-way tensor parallel, ZeRO `stage` over
 /// `sharding` ranks, `batch` samples per micro-batch, with or without activation checkpointing,
-/// matrix products in `compute` (float32, or bf16/f16 under autocast).
+/// matrix products in `compute` (float32, or bf16/f16 under autocast), the ops run as `ops`.
+#[allow(clippy::too_many_arguments)]
 pub fn estimate(
     config: &CocaConfig,
     tp: usize,
@@ -34,6 +65,7 @@ pub fn estimate(
     batch: usize,
     grad_checkpointing: bool,
     compute: DType,
+    ops: OpsPath,
 ) -> Result<MemoryEstimate> {
     let shapes = parameter_shapes_for(config, &TensorParallel::layout_only(0, tp.max(1)))?;
     let p: u64 = shapes
@@ -54,7 +86,7 @@ pub fn estimate(
     // Kept, and the backward pass's full gradient (added to the kept ones in place).
     let gradient_bytes = F32 * (kept_gradients + p);
     let optimizer_bytes = F32 * moments;
-    let activation_bytes = activation_bytes(config, tp, batch, grad_checkpointing, compute);
+    let activation_bytes = activation_bytes(config, tp, batch, grad_checkpointing, compute, ops);
     // Every weight but the token embeddings (looked up, not multiplied) is cast once per step;
     // the backward pass holds each copy's gradient in the compute dtype too.
     let embeddings: u64 = shapes
@@ -96,11 +128,19 @@ struct Block {
     /// The MLP's hidden width.
     hidden: u64,
     cross: bool,
+    /// Whether its attention adds a mask (the causal text and decoder blocks).
+    masked: bool,
 }
 
 impl Block {
     /// A self-attention block over `tokens` positions.
-    fn self_attention(tokens: u64, width: usize, heads: usize, mlp_ratio: f64) -> Self {
+    fn self_attention(
+        tokens: u64,
+        width: usize,
+        heads: usize,
+        mlp_ratio: f64,
+        masked: bool,
+    ) -> Self {
         Self {
             tokens,
             keys: tokens,
@@ -108,6 +148,7 @@ impl Block {
             heads: heads as u64,
             hidden: crate::model::config::mlp_width(width, mlp_ratio) as u64,
             cross: false,
+            masked,
         }
     }
 
@@ -123,7 +164,12 @@ impl Block {
     /// three kinds of tensors exist only then: each normalised input's cast copy, the float32
     /// copy of a row-parallel product joining the residual stream, and the softmax's cast copy
     /// feeding `probs · v`.
-    fn kept(&self, tp: u64, mixed: bool) -> Kept {
+    ///
+    /// The compositions (`ops`) keep more than a fused op's output, all float32: each layer
+    /// norm's centred, squared, normalised and scaled copies ([`LAYER_NORM_EXTRA`]); a
+    /// softmax's scaled (and masked) scores, shifted scores and exponentials, and the float32
+    /// copy of half-precision scores; a half-precision GELU input's float32 copy and result.
+    fn kept(&self, tp: u64, mixed: bool, ops: OpsPath) -> Kept {
         let (t, s, w) = (self.tokens, self.keys, self.width);
         let parallel = u64::from(tp > 1);
         let extra = u64::from(mixed);
@@ -149,6 +195,16 @@ impl Block {
         kept.single += heads * t * s;
         // The MLP's hidden layer: c_fc's product and bias sum, and the GELU.
         kept.half += 3 * t * self.hidden / tp;
+        if ops.portable() {
+            // ln_1 and ln_2, and a cross block's ln_1_kv over the keys.
+            kept.single += LAYER_NORM_EXTRA * (2 * t * w + u64::from(self.cross) * s * w);
+        }
+        if ops.portable() || mixed {
+            kept.single += heads * t * s * softmax_extra(self.masked, mixed);
+        }
+        if mixed {
+            kept.single += 2 * t * self.hidden / tp;
+        }
         kept
     }
 
@@ -161,9 +217,9 @@ impl Block {
     /// whose input is wider than its output; on the CPU), kept with the graph: floats per
     /// block, not per sample. Under autocast too: the product casts that copy (the cast copy
     /// is in the compute copies), and the cast keeps its input alive until backward.
-    fn weight_copy_floats(&self, tp: u64) -> u64 {
+    fn weight_copy_floats(&self, tp: u64, ops: OpsPath) -> u64 {
         let local = self.hidden / tp;
-        if local > self.width {
+        if local > self.width && ops.cpu() {
             local * self.width
         } else {
             0
@@ -171,9 +227,23 @@ impl Block {
     }
 }
 
+/// Float32 copies a composed layer norm keeps besides its output, per normalised element.
+const LAYER_NORM_EXTRA: u64 = 4;
+
+/// Float32 copies a composed softmax keeps besides its output, per score: scaled, masked,
+/// shifted, exponentiated, and the float32 copy of half-precision scores.
+fn softmax_extra(masked: bool, mixed: bool) -> u64 {
+    3 + u64::from(masked) + u64::from(mixed)
+}
+
 /// Every transformer block of the model (with how many of it), and the floats per sample of
 /// everything else the graph keeps.
-fn model_blocks(config: &CocaConfig, tp: u64, mixed: bool) -> (Vec<(Block, u64)>, Kept) {
+fn model_blocks(
+    config: &CocaConfig,
+    tp: u64,
+    mixed: bool,
+    ops: OpsPath,
+) -> (Vec<(Block, u64)>, Kept) {
     let v = &config.vision_cfg;
     let t = &config.text_cfg;
     let m = &config.multimodal_cfg;
@@ -187,12 +257,14 @@ fn model_blocks(config: &CocaConfig, tp: u64, mixed: bool) -> (Vec<(Block, u64)>
         v.width,
         v.width / v.head_width.max(1),
         v.mlp_ratio,
+        false,
     );
-    let text = Block::self_attention(text_tokens, t.width, t.heads, t.mlp_ratio);
-    let decoder = Block::self_attention(decoder_tokens, m.width, m.heads, m.mlp_ratio);
+    let text = Block::self_attention(text_tokens, t.width, t.heads, t.mlp_ratio, true);
+    let decoder = Block::self_attention(decoder_tokens, m.width, m.heads, m.mlp_ratio, true);
     let cross = Block {
         keys: queries.saturating_sub(1),
         cross: true,
+        masked: false,
         ..decoder
     };
     let parallel = u64::from(tp > 1);
@@ -219,8 +291,24 @@ fn model_blocks(config: &CocaConfig, tp: u64, mixed: bool) -> (Vec<(Block, u64)>
         (decoder, m.layers as u64),
         (cross, m.layers as u64),
     ];
+    let pooler_heads = (v.attn_pooler_heads as u64).div_ceil(tp);
+    // The compositions' extras outside the blocks: the stems' and heads' layer norms (ln_pre,
+    // ln_k, ln_q, ln_post, both ln_final), the pooler's softmax, and the caption loss's
+    // shifted logits and their exponentials.
+    let mut composed = 0;
+    if ops.portable() {
+        composed += LAYER_NORM_EXTRA
+            * (2 * image_tokens * vw
+                + 2 * queries * e
+                + text_tokens * t.width as u64
+                + decoder_tokens * m.width as u64)
+            + 2 * logits;
+    }
+    if ops.portable() || mixed {
+        composed += pooler_heads * queries * image_tokens * softmax_extra(false, mixed);
+    }
     let rest = Kept {
-        single: image_rest + text_rest + decoder_out + logits * (1 + u64::from(mixed)),
+        single: image_rest + text_rest + decoder_out + logits * (1 + u64::from(mixed)) + composed,
         half: logits,
     };
     (blocks, rest)
@@ -254,6 +342,7 @@ pub fn activation_bytes(
     batch: usize,
     grad_checkpointing: bool,
     compute: DType,
+    ops: OpsPath,
 ) -> u64 {
     let tp = tp.max(1) as u64;
     let batch = batch as u64;
@@ -261,9 +350,10 @@ pub fn activation_bytes(
         return 0;
     }
     let mixed = compute != DType::F32;
-    let (blocks, rest) = model_blocks(config, tp, mixed);
-    let whole =
-        |b: &Block| batch * b.kept(tp, mixed).bytes(compute) + F32 * b.weight_copy_floats(tp);
+    let (blocks, rest) = model_blocks(config, tp, mixed, ops);
+    let whole = |b: &Block| {
+        batch * b.kept(tp, mixed, ops).bytes(compute) + F32 * b.weight_copy_floats(tp, ops)
+    };
     let blocks_bytes: u64 = if grad_checkpointing {
         // A checkpointed block's input is the float32 residual stream.
         let inputs: u64 = blocks
@@ -286,26 +376,56 @@ mod tests {
         // The README's bench-memory figures for coca_ViT-L-14 (638,450,177 parameters).
         let config = CocaConfig::resolve("coca_ViT-L-14").unwrap();
         let p = 638_450_177u64;
-        let e = estimate(&config, 1, 1, None, 0, false, DType::F32).unwrap();
+        let e = estimate(&config, 1, 1, None, 0, false, DType::F32, OpsPath::CpuFused).unwrap();
         assert_eq!(e.parameters, p);
         assert_eq!(e.parameter_bytes, 4 * p);
         assert_eq!(e.optimizer_bytes, 8 * p);
         assert_eq!(e.gradient_bytes, 8 * p);
         assert_eq!(e.activation_bytes, 0);
-        let s2 = estimate(&config, 1, 8, Some(ZeroStage::Two), 0, false, DType::F32).unwrap();
+        let s2 = estimate(
+            &config,
+            1,
+            8,
+            Some(ZeroStage::Two),
+            0,
+            false,
+            DType::F32,
+            OpsPath::CpuFused,
+        )
+        .unwrap();
         assert_eq!(s2.optimizer_bytes, 8 * p.div_ceil(8));
         assert_eq!(s2.gradient_bytes, 4 * (p.div_ceil(8) + p));
-        let s1 = estimate(&config, 1, 8, Some(ZeroStage::One), 0, false, DType::F32).unwrap();
+        let s1 = estimate(
+            &config,
+            1,
+            8,
+            Some(ZeroStage::One),
+            0,
+            false,
+            DType::F32,
+            OpsPath::CpuFused,
+        )
+        .unwrap();
         assert_eq!(s1.gradient_bytes, 8 * p);
         // tp 2 holds 1.282 GB of parameters per rank (bench-memory).
-        let tp2 = estimate(&config, 2, 1, None, 0, false, DType::F32).unwrap();
+        let tp2 = estimate(&config, 2, 1, None, 0, false, DType::F32, OpsPath::CpuFused).unwrap();
         assert!((1_280_000_000..1_285_000_000).contains(&tp2.parameter_bytes));
         // Activations grow with the batch, and tensor parallelism splits them.
-        let b8 = estimate(&config, 1, 1, None, 8, false, DType::F32).unwrap();
-        let b16 = estimate(&config, 1, 1, None, 16, false, DType::F32).unwrap();
+        let b8 = estimate(&config, 1, 1, None, 8, false, DType::F32, OpsPath::CpuFused).unwrap();
+        let b16 = estimate(
+            &config,
+            1,
+            1,
+            None,
+            16,
+            false,
+            DType::F32,
+            OpsPath::CpuFused,
+        )
+        .unwrap();
         assert!(b16.activation_bytes > 19 * b8.activation_bytes / 10);
         assert!(b8.activation_bytes > 1 << 30, "{}", b8.activation_bytes);
-        let tp2 = estimate(&config, 2, 1, None, 8, false, DType::F32).unwrap();
+        let tp2 = estimate(&config, 2, 1, None, 8, false, DType::F32, OpsPath::CpuFused).unwrap();
         assert!(tp2.activation_bytes < b8.activation_bytes);
         assert_eq!(
             b8.total_bytes,
@@ -318,16 +438,27 @@ mod tests {
     }
 
     #[test]
-    fn is_within_fifteen_percent_of_the_measured_b32_step() {
+    fn is_within_six_percent_of_the_measured_b32_step() {
         // Peak resident bytes of a coca_ViT-B-32 step at batch 8 on the CPU above the program's
         // own (`coca-worker bench-memory --model coca_ViT-B-32 --batch 8 --sharding 1
-        // --tensor_parallel 1 --grad_checkpointing False|True`; the README's figures).
+        // --tensor_parallel 1 --grad_checkpointing False|True`; the README's figures). The
+        // issue's bound is 15 %; the estimate is held to 6 % so that drift is noticed.
         let config = CocaConfig::resolve("coca_ViT-B-32").unwrap();
         for (checkpointing, measured) in [(false, 9_312_305_152u64), (true, 6_774_792_192)] {
-            let e = estimate(&config, 1, 1, None, 8, checkpointing, DType::F32).unwrap();
+            let e = estimate(
+                &config,
+                1,
+                1,
+                None,
+                8,
+                checkpointing,
+                DType::F32,
+                OpsPath::CpuFused,
+            )
+            .unwrap();
             let error = e.total_bytes as f64 / measured as f64 - 1.0;
             assert!(
-                error.abs() < 0.15,
+                error.abs() < 0.06,
                 "checkpointing {checkpointing}: {error:+.3}"
             );
         }
@@ -339,14 +470,39 @@ mod tests {
             (DType::F16, false, 10_458_603_520),
             (DType::F16, true, 7_197_962_240),
         ] {
-            let e = estimate(&config, 1, 1, None, 8, checkpointing, dtype).unwrap();
+            let e = estimate(
+                &config,
+                1,
+                1,
+                None,
+                8,
+                checkpointing,
+                dtype,
+                OpsPath::CpuFused,
+            )
+            .unwrap();
             let error = e.total_bytes as f64 / measured as f64 - 1.0;
-            assert!(error.abs() < 0.15, "{dtype:?} {checkpointing}: {error:+.3}");
+            assert!(error.abs() < 0.06, "{dtype:?} {checkpointing}: {error:+.3}");
             assert!(e.compute_copy_bytes > 0 && e.activation_bytes < 3 << 30);
         }
+        // Every op composed (`COCA_PORTABLE_OPS=1`: the GPU's ops, on the CPU).
+        let e = estimate(
+            &config,
+            1,
+            1,
+            None,
+            8,
+            false,
+            DType::F32,
+            OpsPath::Portable { cpu: true },
+        )
+        .unwrap();
+        let error = e.total_bytes as f64 / 10_676_195_328f64 - 1.0;
+        assert!(error.abs() < 0.06, "portable ops: {error:+.3}");
         // Checkpointing keeps a fraction of the activations; nothing else changes.
-        let plain = estimate(&config, 1, 1, None, 8, false, DType::F32).unwrap();
-        let checkpointed = estimate(&config, 1, 1, None, 8, true, DType::F32).unwrap();
+        let plain = estimate(&config, 1, 1, None, 8, false, DType::F32, OpsPath::CpuFused).unwrap();
+        let checkpointed =
+            estimate(&config, 1, 1, None, 8, true, DType::F32, OpsPath::CpuFused).unwrap();
         assert!(checkpointed.activation_bytes * 4 < plain.activation_bytes);
         assert_eq!(
             plain.total_bytes - plain.activation_bytes,

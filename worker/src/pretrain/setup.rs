@@ -19,7 +19,7 @@ use crate::data::tokenizer::ClipTokenizer;
 use crate::distributed::context::RankContext;
 use crate::distributed::job_groups::JobGroups;
 use crate::hub::{Hub, HubEnv, NodeGate};
-use crate::memory_estimate::MemoryEstimate;
+use crate::memory_estimate::{MemoryEstimate, OpsPath};
 use crate::model::group_loss::ContrastiveSpan;
 use crate::model::manifest::parameter_count;
 use crate::model::tensor_parallel::TensorParallel;
@@ -133,6 +133,7 @@ impl<'a> TrainingRun<'a> {
             batch,
             args.grad_checkpointing,
             args.precision.compute_dtype(),
+            OpsPath::for_device(&device),
         )?;
         crate::cuda_setup::check_fits(&device, &memory)?;
         crate::cuda_setup::check_precision(&device, args.precision.compute_dtype())?;

@@ -169,8 +169,17 @@ mod step_error_tests {
     #[test]
     fn an_out_of_memory_names_the_step_the_estimate_and_the_remedies() {
         let config = crate::model::CocaConfig::resolve("coca_ViT-B-32").unwrap();
-        let memory =
-            crate::memory_estimate::estimate(&config, 1, 1, None, 8, false, DType::F32).unwrap();
+        let memory = crate::memory_estimate::estimate(
+            &config,
+            1,
+            1,
+            None,
+            8,
+            false,
+            DType::F32,
+            crate::memory_estimate::OpsPath::CpuFused,
+        )
+        .unwrap();
         let oom = anyhow::anyhow!("DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")");
         let text = format!("{:#}", step_error(oom, 2, 8, &memory, &Device::Cpu));
         for needle in [

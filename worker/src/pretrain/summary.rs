@@ -165,6 +165,7 @@ mod tests {
                 16,
                 true,
                 candle_core::DType::F32,
+                crate::memory_estimate::OpsPath::CpuFused,
             )
             .unwrap(),
             output_dir: "./output".into(),
