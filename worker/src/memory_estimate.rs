@@ -371,61 +371,52 @@ pub fn activation_bytes(
 mod tests {
     use super::*;
 
+    /// The float32 estimate on the CPU's fused path, without checkpointing.
+    fn f32_fused(
+        config: &CocaConfig,
+        tp: usize,
+        sharding: usize,
+        stage: Option<ZeroStage>,
+        batch: usize,
+    ) -> MemoryEstimate {
+        estimate(
+            config,
+            tp,
+            sharding,
+            stage,
+            batch,
+            false,
+            DType::F32,
+            OpsPath::CpuFused,
+        )
+        .unwrap()
+    }
+
     #[test]
     fn matches_the_trainer_accounting_of_l14() {
         // The README's bench-memory figures for coca_ViT-L-14 (638,450,177 parameters).
         let config = CocaConfig::resolve("coca_ViT-L-14").unwrap();
         let p = 638_450_177u64;
-        let e = estimate(&config, 1, 1, None, 0, false, DType::F32, OpsPath::CpuFused).unwrap();
+        let e = f32_fused(&config, 1, 1, None, 0);
         assert_eq!(e.parameters, p);
         assert_eq!(e.parameter_bytes, 4 * p);
         assert_eq!(e.optimizer_bytes, 8 * p);
         assert_eq!(e.gradient_bytes, 8 * p);
         assert_eq!(e.activation_bytes, 0);
-        let s2 = estimate(
-            &config,
-            1,
-            8,
-            Some(ZeroStage::Two),
-            0,
-            false,
-            DType::F32,
-            OpsPath::CpuFused,
-        )
-        .unwrap();
+        let s2 = f32_fused(&config, 1, 8, Some(ZeroStage::Two), 0);
         assert_eq!(s2.optimizer_bytes, 8 * p.div_ceil(8));
         assert_eq!(s2.gradient_bytes, 4 * (p.div_ceil(8) + p));
-        let s1 = estimate(
-            &config,
-            1,
-            8,
-            Some(ZeroStage::One),
-            0,
-            false,
-            DType::F32,
-            OpsPath::CpuFused,
-        )
-        .unwrap();
+        let s1 = f32_fused(&config, 1, 8, Some(ZeroStage::One), 0);
         assert_eq!(s1.gradient_bytes, 8 * p);
         // tp 2 holds 1.282 GB of parameters per rank (bench-memory).
-        let tp2 = estimate(&config, 2, 1, None, 0, false, DType::F32, OpsPath::CpuFused).unwrap();
+        let tp2 = f32_fused(&config, 2, 1, None, 0);
         assert!((1_280_000_000..1_285_000_000).contains(&tp2.parameter_bytes));
         // Activations grow with the batch, and tensor parallelism splits them.
-        let b8 = estimate(&config, 1, 1, None, 8, false, DType::F32, OpsPath::CpuFused).unwrap();
-        let b16 = estimate(
-            &config,
-            1,
-            1,
-            None,
-            16,
-            false,
-            DType::F32,
-            OpsPath::CpuFused,
-        )
-        .unwrap();
+        let b8 = f32_fused(&config, 1, 1, None, 8);
+        let b16 = f32_fused(&config, 1, 1, None, 16);
         assert!(b16.activation_bytes > 19 * b8.activation_bytes / 10);
         assert!(b8.activation_bytes > 1 << 30, "{}", b8.activation_bytes);
-        let tp2 = estimate(&config, 2, 1, None, 8, false, DType::F32, OpsPath::CpuFused).unwrap();
+        let tp2 = f32_fused(&config, 2, 1, None, 8);
         assert!(tp2.activation_bytes < b8.activation_bytes);
         assert_eq!(
             b8.total_bytes,
@@ -500,7 +491,7 @@ mod tests {
         let error = e.total_bytes as f64 / 10_676_195_328f64 - 1.0;
         assert!(error.abs() < 0.06, "portable ops: {error:+.3}");
         // Checkpointing keeps a fraction of the activations; nothing else changes.
-        let plain = estimate(&config, 1, 1, None, 8, false, DType::F32, OpsPath::CpuFused).unwrap();
+        let plain = f32_fused(&config, 1, 1, None, 8);
         let checkpointed =
             estimate(&config, 1, 1, None, 8, true, DType::F32, OpsPath::CpuFused).unwrap();
         assert!(checkpointed.activation_bytes * 4 < plain.activation_bytes);
