@@ -97,7 +97,7 @@ impl VisionTower {
 
     /// [`VisionOutput::pooled`] alone, for embedding: the pooler runs its first query only
     /// (the contrastive one; the others become the decoder's tokens), which saves the
-    /// pooler's products for the other queries — about 7 % of a B-32 image's arithmetic.
+    /// pooler's products for the other queries — about 3 % of a B-32 image's arithmetic.
     pub fn forward_pooled(&self, images: &Tensor) -> Result<Tensor> {
         let x = self
             .attn_pool
