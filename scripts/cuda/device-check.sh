@@ -90,6 +90,10 @@ check worker-starts 30 "$W" --version
 #    trajectory, zero-shot and generation, on the GPU; and (`precision`) the bf16 and fp16
 #    trajectories against float32 on the GPU, within open_clip's drift.
 check verify 300 "$W" verify --device cuda --reference "$KIT/fixture"
+#    The same with every op composed from candle primitives instead of our CUDA kernels
+#    (worker/kernels/fused_ops.cu): if only `verify` fails, the kernels are at fault.
+check verify-portable-ops 300 env COCA_PORTABLE_OPS=1 "$W" verify --device cuda \
+  --reference "$KIT/fixture"
 # 3-5. B-32 at batch 256 beside open_clip (TF32 on for float32 matmuls in both).
 check bench-b32 300 "$W" bench --device cuda --tf32 True --model coca_ViT-B-32 --batch 256 --steps 3
 check torch-b32 300 "$PY" scripts/open_clip_train_bench.py --device cuda --tf32 --captions \
@@ -100,6 +104,10 @@ check bench-b32-bf16 300 "$W" bench --device cuda --bf16 True --model coca_ViT-B
 check torch-b32-bf16 300 "$PY" scripts/open_clip_train_bench.py --device cuda \
   --precision amp_bf16 --model coca_ViT-B-32 --batch 256 --steps 3
 [ "$QUICK" = 1 ] && exit 0
+# The B-32 step with candle's compositions instead of our kernels: what the kernels save in
+# time and memory.
+check bench-b32-portable-ops 300 env COCA_PORTABLE_OPS=1 "$W" bench --device cuda --tf32 True \
+  --model coca_ViT-B-32 --batch 256 --steps 3
 # One GPU worker under the launcher trains 4 steps of the demo and checkpoints.
 check launch-train 300 "$BIN/coca-launch" --nproc-per-node gpu --log-dir "$WORK/log" -- \
   pretrain --max_steps 4 --save_steps 4 --output_dir "$WORK/run"

@@ -30,8 +30,11 @@ pub enum OpsPath {
     /// The CPU's fused kernels for float32 inputs (half-precision inputs of the softmax and
     /// the GELU take the compositions), and `c_proj`'s weight transposed into a float32 copy.
     CpuFused,
-    /// candle compositions for every op ([`crate::model::ops::portable`]): a GPU, or
-    /// `COCA_PORTABLE_OPS=1` on the CPU (`cpu`: with the CPU's `c_proj` copy).
+    /// Our CUDA kernels (`worker/kernels/fused_ops.cu`) for every float dtype: a GPU in the
+    /// `cuda` build.
+    CudaFused,
+    /// candle compositions for every op ([`crate::model::ops::portable`]):
+    /// `COCA_PORTABLE_OPS=1` on either device (`cpu`: with the CPU's `c_proj` copy).
     Portable { cpu: bool },
 }
 
@@ -40,12 +43,23 @@ impl OpsPath {
     pub fn for_device(device: &Device) -> Self {
         match (device.is_cpu(), portable_forced()) {
             (true, false) => Self::CpuFused,
+            (false, false) if device.is_cuda() && cfg!(feature = "cuda") => Self::CudaFused,
             (cpu, _) => Self::Portable { cpu },
         }
     }
 
     fn portable(self) -> bool {
         matches!(self, Self::Portable { .. })
+    }
+
+    /// Whether the softmax and the GELU run as compositions for inputs in the compute dtype
+    /// (`mixed`: half precision).
+    fn composes_softmax_and_gelu(self, mixed: bool) -> bool {
+        match self {
+            Self::Portable { .. } => true,
+            Self::CpuFused => mixed,
+            Self::CudaFused => false,
+        }
     }
 
     fn cpu(self) -> bool {
@@ -199,11 +213,12 @@ impl Block {
             // ln_1 and ln_2, and a cross block's ln_1_kv over the keys.
             kept.single += LAYER_NORM_EXTRA * (2 * t * w + u64::from(self.cross) * s * w);
         }
-        if ops.portable() || mixed {
+        if ops.composes_softmax_and_gelu(mixed) {
             kept.single += heads * t * s * softmax_extra(self.masked, mixed);
-        }
-        if mixed {
-            kept.single += 2 * t * self.hidden / tp;
+            if mixed {
+                // The GELU's float32 input copy and result.
+                kept.single += 2 * t * self.hidden / tp;
+            }
         }
         kept
     }
@@ -304,7 +319,7 @@ fn model_blocks(
                 + decoder_tokens * m.width as u64)
             + 2 * logits;
     }
-    if ops.portable() || mixed {
+    if ops.composes_softmax_and_gelu(mixed) {
         composed += pooler_heads * queries * image_tokens * softmax_extra(false, mixed);
     }
     let rest = Kept {
@@ -499,5 +514,31 @@ mod tests {
             plain.total_bytes - plain.activation_bytes,
             checkpointed.total_bytes - checkpointed.activation_bytes
         );
+    }
+
+    #[test]
+    fn the_cuda_kernels_keep_less_than_the_compositions_and_fit_l14_on_one_h200() {
+        let h200 = 141_000_000_000u64;
+        for (model, batch) in [("coca_ViT-B-32", 256), ("coca_ViT-L-14", 64)] {
+            let config = CocaConfig::resolve(model).unwrap();
+            for dtype in [DType::F32, DType::BF16] {
+                let [fused, composed] = [OpsPath::CudaFused, OpsPath::Portable { cpu: false }]
+                    .map(|ops| estimate(&config, 1, 1, None, batch, false, dtype, ops).unwrap());
+                // The same buffers; only what the graph keeps differs, by a third or more.
+                assert_eq!(
+                    fused.total_bytes - fused.activation_bytes,
+                    composed.total_bytes - composed.activation_bytes
+                );
+                assert!(
+                    fused.activation_bytes * 3 < composed.activation_bytes * 2,
+                    "{model}"
+                );
+                assert!(
+                    fused.total_bytes < h200,
+                    "{model} {dtype:?}: {}",
+                    fused.total_bytes
+                );
+            }
+        }
     }
 }

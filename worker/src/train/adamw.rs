@@ -1,5 +1,6 @@
 //! AdamW over flat buffers, with PyTorch's semantics.
 
+use super::adamw_inplace::{AdamMoment, AdamWParam};
 use super::flat::Segment;
 use crate::comm::{FlatBuffer, Placement};
 use crate::multiversion;
@@ -165,8 +166,8 @@ impl<'a> DeviceBuffers<'a> {
         }
     }
 
-    /// [`adamw_chunk`] as device ops on `len` elements: parameters, `exp_avg` and `exp_avg_sq`
-    /// from `offsets`, gradients from `grad_offset`.
+    /// [`adamw_chunk`] on `len` elements, in place (`adamw_inplace`): parameters, `exp_avg` and
+    /// `exp_avg_sq` from `offsets`, gradients from `grad_offset`.
     fn adamw(
         &mut self,
         offsets: [usize; 3],
@@ -174,16 +175,31 @@ impl<'a> DeviceBuffers<'a> {
         len: usize,
         k: [f32; 6],
     ) -> Result<()> {
-        let [decay, b1, b2, step_size, inv_bias2_sqrt, eps] = k.map(f64::from);
+        let [decay, b1, b2, step_size, inv_bias2_sqrt, eps] = k;
         let g = self.grads.narrow(0, grad_offset, len)?;
         let [p, m, v] = [0, 1, 2].map(|i| self.written[i].narrow(0, offsets[i], len));
-        let m = ((m? * b1)? + (&g * (1.0 - b1))?)?;
-        let v = ((v? * b2)? + (g.sqr()? * (1.0 - b2))?)?;
-        let denom = v.sqrt()?.affine(inv_bias2_sqrt, eps)?;
-        let p = ((p? * decay)? - ((&m / denom)? * step_size)?)?;
-        for (i, new) in [p, m, v].iter().enumerate() {
-            self.written[i].slice_set(new, 0, offsets[i])?;
-        }
+        let (p, m, v) = (p?, m?, v?);
+        m.inplace_op2(
+            &g,
+            &AdamMoment {
+                beta: b1,
+                squared: false,
+            },
+        )?;
+        v.inplace_op2(
+            &g,
+            &AdamMoment {
+                beta: b2,
+                squared: true,
+            },
+        )?;
+        p.inplace_op3(
+            &m,
+            &v,
+            &AdamWParam {
+                k: [decay, step_size, inv_bias2_sqrt, eps],
+            },
+        )?;
         Ok(())
     }
 }

@@ -14,10 +14,15 @@ const COLUMNS_PER_TASK: usize = 256;
 /// Rows of the output one task writes.
 const ROWS_PER_TASK: usize = 32;
 
-/// `y + b` for `y` `[..., n]` and `b` `[n]`. Float32 on the CPU runs the fused kernel; anything
-/// else is candle's `broadcast_add` (same dtype rules).
+/// `y + b` for `y` `[..., n]` and `b` `[n]`. Float32 on the CPU, or `y` and `b` of one float
+/// dtype on a GPU, runs the fused kernels (on a GPU the bias gradient is summed in float32);
+/// anything else is candle's `broadcast_add` (same dtype rules).
 pub fn add_bias(y: &Tensor, b: &Tensor) -> Result<Tensor> {
-    if !fused(&[y, b]) || b.rank() != 1 || y.dims().last() != Some(&b.dim(0)?) {
+    if y.dtype() != b.dtype()
+        || b.rank() != 1
+        || y.dims().last() != Some(&b.dim(0)?)
+        || !fused(&[y, b])
+    {
         return y.broadcast_add(b);
     }
     y.contiguous()?.apply_op2(&b.contiguous()?, AddBias)
@@ -71,6 +76,17 @@ impl CustomOp2 for AddBias {
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::add_bias(self.name(), (s1, l1), (s2, l2))
+    }
+
     fn bwd(
         &self,
         _y: &Tensor,
@@ -101,5 +117,14 @@ impl CustomOp1 for BiasGradient {
             column_sums(g, n)
         };
         Ok((CpuStorage::F32(sums), Shape::from(n)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::column_sums(self.name(), (s, l))
     }
 }

@@ -11,10 +11,12 @@ use rayon::prelude::*;
 /// contrastive and the caption losses.
 ///
 /// Rows whose target equals `ignore` get loss 0 and no gradient (PyTorch's `ignore_index`); the
-/// caller divides by the number of counted rows. Float32 on the CPU runs the fused kernel, whose
-/// backward recomputes the log-softmax row by row (over a 49,408-word vocabulary it is never
-/// materialised); anything else runs [`super::portable::cross_entropy_rows`], which returns
-/// float32 for half-precision logits.
+/// caller divides by the number of counted rows. Float32 on the CPU, or any float dtype on a
+/// GPU, runs the fused kernel, whose backward recomputes the log-softmax row by row (over a
+/// 49,408-word vocabulary it is never materialised); anything else runs
+/// [`super::portable::cross_entropy_rows`]. Both return float32 for half-precision logits. On a
+/// GPU the targets are not read back: a counted target outside the classes gives a NaN loss
+/// (which stops training) instead of an error.
 pub fn cross_entropy_rows(
     logits: &Tensor,
     targets: &Tensor,
@@ -107,6 +109,17 @@ impl CustomOp2 for CrossEntropy {
         Ok((CpuStorage::F32(loss), Shape::from(targets.len())))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::cross_entropy(self.name(), (s1, l1), (s2, l2), self.ignore)
+    }
+
     fn bwd(
         &self,
         logits: &Tensor,
@@ -188,5 +201,24 @@ impl CustomOp3 for CrossEntropyBackward {
                 Ok(())
             })?;
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        if self.shard.is_some() {
+            bail!(
+                "{}: the vocabulary-parallel backward runs on the CPU only",
+                self.name()
+            );
+        }
+        super::cuda::cross_entropy_backward(self.name(), (s1, l1), (s2, l2), (s3, l3), self.ignore)
     }
 }

@@ -1,7 +1,8 @@
 //! Which implementation an op runs: the fused CPU kernel or the portable composition.
 //!
-//! The fused kernels exist only for float32 on the CPU; every other device or dtype takes the
-//! portable path. `COCA_PORTABLE_OPS=1` (read once per process) or [`force_portable`] sends
+//! The fused kernels exist for float32 on the CPU and, in the `cuda` build, for float32,
+//! bfloat16 and float16 on a GPU (the transpose copy and the vocabulary-parallel
+//! cross-entropy: on the CPU only); everything else takes the portable path. `COCA_PORTABLE_OPS=1` (read once per process) or [`force_portable`] sends
 //! every op down the portable path on the CPU too, so the math the GPU runs is tested here.
 
 use candle_core::{DType, Tensor};
@@ -50,13 +51,37 @@ pub fn fused_dispatches() -> usize {
     FUSED.load(Ordering::Relaxed)
 }
 
-/// Whether an op over `tensors` runs its fused kernel: every tensor float32 on the CPU, and
-/// the portable path not forced. (The fused ops make their inputs contiguous themselves.)
+/// Whether an op with CPU and CUDA kernels runs them over `tensors`: every tensor float32 on
+/// the CPU, or (in the `cuda` build) every tensor float32, bfloat16 or float16 on a GPU; and the
+/// portable path not forced. (The fused ops make their inputs contiguous, and cast their float32
+/// auxiliaries, themselves.)
 pub(crate) fn fused(tensors: &[&Tensor]) -> bool {
-    let fused = tensors
-        .iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
-        && !portable_forced();
+    count(
+        !portable_forced()
+            && (tensors.iter().all(|t| on_cpu_in_f32(t)) || tensors.iter().all(|t| on_cuda(t))),
+    )
+}
+
+/// Whether an op with CPU kernels only (the transpose copy, the vocabulary-parallel
+/// cross-entropy) runs them over `tensors`: every tensor float32 on the
+/// CPU, and the portable path not forced.
+pub(crate) fn fused_on_cpu(tensors: &[&Tensor]) -> bool {
+    count(!portable_forced() && tensors.iter().all(|t| on_cpu_in_f32(t)))
+}
+
+fn on_cpu_in_f32(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32
+}
+
+/// A tensor our CUDA kernels take: on a GPU, in a dtype they are built for.
+fn on_cuda(t: &Tensor) -> bool {
+    cfg!(feature = "cuda")
+        && t.device().is_cuda()
+        && matches!(t.dtype(), DType::F32 | DType::BF16 | DType::F16)
+}
+
+/// Counts a fused dispatch ([`fused_dispatches`]).
+fn count(fused: bool) -> bool {
     if fused {
         FUSED.fetch_add(1, Ordering::Relaxed);
     }

@@ -16,9 +16,9 @@ const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
 /// 1 / sqrt(2π)
 const INV_SQRT_2PI: f32 = 0.398_942_3;
 
-/// `0.5 · x · (1 + erf(x / √2))`, the MLP's activation. Float32 on the CPU runs the fused
-/// kernel (with a fused backward); anything else runs [`super::portable::gelu_erf`], which
-/// keeps the input's dtype.
+/// `0.5 · x · (1 + erf(x / √2))`, the MLP's activation. Float32 on the CPU, or any float dtype
+/// on a GPU, runs the fused kernel (with a fused backward); anything else runs
+/// [`super::portable::gelu_erf`]. Both keep the input's dtype.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     if !fused(&[x]) {
         return portable::gelu_erf(x);
@@ -69,6 +69,15 @@ impl CustomOp1 for GeluErf {
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::gelu(self.name(), (s, l))
+    }
+
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(
             x.apply_op2_no_bwd(&grad.contiguous()?, &GeluErfBackward)?,
@@ -99,5 +108,16 @@ impl CustomOp2 for GeluErfBackward {
             .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
             .for_each(|(dx, (x, g))| gelu_backward(family, dx, x, g));
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::gelu_backward(self.name(), (s1, l1), (s2, l2))
     }
 }

@@ -1,23 +1,23 @@
 //! Layer normalisation over the last dimension with affine weight and bias.
 
-use super::{f32_data, fused, portable, ROWS_PER_TASK};
+use super::{f32_contiguous, f32_data, fused, portable, ROWS_PER_TASK};
 use crate::multiversion;
 use crate::simd::{lane_sum, lane_sum2, lane_sum3, KernelFamily};
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
 /// `(x - mean) / sqrt(var + eps) · weight + bias` over the last dimension (biased variance, as
-/// PyTorch): every transformer block normalises twice. Float32 on the CPU runs the fused kernel
-/// (with a fused backward for `x`, `weight` and `bias`); anything else runs
-/// [`super::portable::layer_norm`], which returns float32 for half-precision inputs.
+/// PyTorch): every transformer block normalises twice. Float32 on the CPU, or any float dtype on
+/// a GPU, runs the fused kernels (with a fused backward for `x`, `weight` and `bias`); anything
+/// else runs [`super::portable::layer_norm`]. Both return float32 for half-precision inputs.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     check_affine(x, weight, bias)?;
     if !fused(&[x, weight, bias]) {
         return portable::layer_norm(x, weight, bias, eps);
     }
     x.contiguous()?.apply_op3(
-        &weight.contiguous()?,
-        &bias.contiguous()?,
+        &f32_contiguous(weight)?,
+        &f32_contiguous(bias)?,
         LayerNorm { eps: eps as f32 },
     )
 }
@@ -128,6 +128,19 @@ impl CustomOp3 for LayerNorm {
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::layer_norm(self.name(), (s1, l1), (s2, l2), (s3, l3), self.eps)
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -141,7 +154,11 @@ impl CustomOp3 for LayerNorm {
         // One pass computes all three gradients, packed as rows [dx..., dweight, dbias].
         let packed =
             x.apply_op3_no_bwd(w, &grad.contiguous()?, &LayerNormBackward { eps: self.eps })?;
-        let dx = packed.narrow(0, 0, rows)?.reshape(x.shape())?;
+        // Float32 from the kernels; the input's gradient in the input's dtype.
+        let dx = packed
+            .narrow(0, 0, rows)?
+            .reshape(x.shape())?
+            .to_dtype(x.dtype())?;
         let dw = packed.get(rows)?;
         let db = packed.get(rows + 1)?;
         Ok((Some(dx), Some(dw), Some(db)))
@@ -197,5 +214,18 @@ impl CustomOp3 for LayerNormBackward {
             });
         out[rows * d..].copy_from_slice(&partials);
         Ok((CpuStorage::F32(out), Shape::from((rows + 2, d))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::layer_norm_backward(self.name(), (s1, l1), (s2, l2), (s3, l3), self.eps)
     }
 }

@@ -1,17 +1,19 @@
 //! The ops the model spends its time in, each in two implementations chosen per call:
 //!
-//! - **Fused CPU kernels** with hand-written backward passes, for contiguous float32 CPU tensors
-//!   (made contiguous where they are not). candle 0.11's fused `LayerNorm`,
-//!   `ops::layer_norm`, `ops::softmax_last_dim` and `ops::sdpa` record no backward (gradients
-//!   silently vanish), and its primitive compositions allocate many temporaries. Each op here
-//!   is a `CustomOp` whose backward is itself a fused op, so gradients are exact and cheap.
-//!   This is what runs by default on the CPU.
+//! - **Fused kernels** with hand-written backward passes: on the CPU for float32 tensors, and
+//!   in the `cuda` build on a GPU for float32, bfloat16 and float16 (`worker/kernels/
+//!   fused_ops.cu`, launched with the geometry of [`launch`] and run on the CPU by emulation in
+//!   `worker/tests/cuda_kernels_emulated.rs`); inputs made contiguous where they are not.
+//!   candle 0.11's fused `LayerNorm`, `ops::layer_norm`, `ops::softmax_last_dim` and
+//!   `ops::sdpa` record no backward (gradients silently vanish), and its primitive
+//!   compositions allocate many temporaries. Each op here is a `CustomOp` whose backward is
+//!   itself a fused op, so gradients are exact and cheap. This is what runs by default.
 //! - **Portable compositions** ([`portable`]) of candle primitives that have kernels and
-//!   backward passes on every device (CUDA included): what runs on any other device or dtype,
-//!   and everywhere when [`force_portable`] or `COCA_PORTABLE_OPS=1` asks for it (so the
-//!   GPU's math is tested on the CPU). Their gradients are candle's autograd through the
-//!   composition: exact, not approximated.
-//!
+//!   backward passes on every device: what runs for any other device or dtype (and for the
+//!   CPU-only ops on a GPU), and everywhere when [`force_portable`] or `COCA_PORTABLE_OPS=1`
+//!   asks for it. Their gradients are candle's autograd through the composition: exact, not
+//!   approximated.
+
 //! ## Dtypes (PyTorch autocast's rules)
 //!
 //! The dtype is a value: half-precision inputs compute internally in float32 (float64 stays
@@ -32,8 +34,11 @@
 mod bias;
 pub mod collective;
 mod cross_entropy;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod dispatch;
 mod gelu;
+pub mod launch;
 mod layer_norm;
 mod math;
 pub mod portable;
@@ -44,8 +49,10 @@ pub use bias::add_bias;
 pub(crate) use cross_entropy::check_targets;
 pub use cross_entropy::cross_entropy_rows;
 pub(crate) use cross_entropy::{log_sum_exp, CrossEntropyBackward, VocabShard};
-pub(crate) use dispatch::fused;
+#[cfg(feature = "cuda")]
+pub(crate) use cuda::{adam_moment, adamw_param};
 pub use dispatch::{force_portable, fused_dispatches, portable_forced, PORTABLE_OPS_ENV};
+pub(crate) use dispatch::{fused, fused_on_cpu};
 pub use gelu::gelu_erf;
 pub(crate) use gelu::gelu_erf_value;
 pub use layer_norm::layer_norm;
@@ -54,10 +61,16 @@ pub(crate) use softmax::softmax_row;
 pub use softmax::{masked_softmax, softmax_last_dim};
 pub use transpose::transpose_contiguous;
 
-use candle_core::{backend::BackendStorage, bail, CpuStorage, Layout, Result};
+use candle_core::{backend::BackendStorage, bail, CpuStorage, Layout, Result, Tensor};
 
 /// Rows handed to one rayon task; small enough to balance, large enough to amortise scheduling.
 const ROWS_PER_TASK: usize = 16;
+
+/// `t` in float32 and contiguous: the auxiliary inputs (weights, masks) of a fused op, which its
+/// kernels read as float32 whatever the main input's dtype.
+pub(crate) fn f32_contiguous(t: &Tensor) -> Result<Tensor> {
+    t.to_dtype(candle_core::DType::F32)?.contiguous()
+}
 
 /// The contiguous f32 data behind a CPU storage, or an error naming `op`.
 pub(crate) fn f32_data<'a>(

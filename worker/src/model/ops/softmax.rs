@@ -2,15 +2,15 @@
 //! uses it: `softmax(scale · x + mask)`.
 
 use super::math::exp;
-use super::{f32_data, fused, portable, ROWS_PER_TASK};
+use super::{f32_contiguous, f32_data, fused, portable, ROWS_PER_TASK};
 use crate::multiversion;
 use crate::simd::{lane_max, lane_sum, lane_sum2, KernelFamily};
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-/// `softmax(x)` over the last dimension. Float32 on the CPU runs the fused kernel (with a fused
-/// backward); anything else runs [`super::portable::softmax_last_dim`], which returns float32
-/// for half-precision inputs.
+/// `softmax(x)` over the last dimension. Float32 on the CPU, or any float dtype on a GPU, runs
+/// the fused kernel (with a fused backward); anything else runs
+/// [`super::portable::softmax_last_dim`]. Both return float32 for half-precision inputs.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     if !fused(&[x]) {
         return portable::softmax_last_dim(x);
@@ -19,9 +19,9 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 }
 
 /// `softmax(scale · scores + mask)` over the last dimension: attention's probabilities, in one
-/// pass instead of three. Float32 on the CPU runs the fused kernel (with a fused backward for
-/// `scores`); anything else runs [`super::portable::masked_softmax`], which returns float32 for
-/// half-precision inputs.
+/// pass instead of three. Float32 on the CPU, or any float dtype on a GPU, runs the fused kernel
+/// (with a fused backward for `scores`); anything else runs [`super::portable::masked_softmax`].
+/// Both return float32 for half-precision inputs.
 ///
 /// `scores` is `[B, H, T, S]`; `mask` is `[T, S]` (shared by the batch, e.g. causal) or
 /// `[B, T, S]` (per sample, e.g. padding), broadcast over heads. The mask gets no gradient. A
@@ -40,7 +40,7 @@ pub fn masked_softmax(scores: &Tensor, mask: Option<&Tensor>, scale: f64) -> Res
         return portable::masked_softmax(scores, Some(mask), scale);
     }
     scores.contiguous()?.apply_op2(
-        &mask.contiguous()?,
+        &f32_contiguous(mask)?,
         MaskedSoftmax {
             scale: scale as f32,
             mask_batch,
@@ -125,8 +125,17 @@ impl CustomOp1 for Softmax {
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
-    fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        softmax_backward(y, grad, self.scale).map(Some)
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::softmax(self.name(), (s, l), None, self.scale)
+    }
+
+    fn bwd(&self, x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        softmax_backward(x, y, grad, self.scale).map(Some)
     }
 }
 
@@ -167,19 +176,36 @@ impl CustomOp2 for MaskedSoftmax {
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let mask = super::cuda::SoftmaxMask {
+            mask: (s2, l2),
+            batch: self.mask_batch,
+        };
+        super::cuda::softmax(self.name(), (s1, l1), Some(mask), self.scale)
+    }
+
     fn bwd(
         &self,
-        _x: &Tensor,
+        x: &Tensor,
         _mask: &Tensor,
         y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(softmax_backward(y, grad, self.scale)?), None))
+        Ok((Some(softmax_backward(x, y, grad, self.scale)?), None))
     }
 }
 
-fn softmax_backward(y: &Tensor, grad: &Tensor, scale: f32) -> Result<Tensor> {
-    y.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBackward { scale })
+/// The gradient for the scores `x` from the float32 probabilities `y`, in `x`'s dtype.
+fn softmax_backward(x: &Tensor, y: &Tensor, grad: &Tensor, scale: f32) -> Result<Tensor> {
+    y.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBackward { scale })?
+        .to_dtype(x.dtype())
 }
 
 /// dx = scale · y ⊙ (g − Σ g ⊙ y), row by row.
@@ -211,5 +237,16 @@ impl CustomOp2 for SoftmaxBackward {
             )
             .for_each(|(dx, (y, g))| softmax_backward_rows(family, dx, y, g, self.scale, n));
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::softmax_backward(self.name(), (s1, l1), (s2, l2), self.scale)
     }
 }

@@ -9,7 +9,7 @@
 //! 3.4 ms of a column-by-column copy, whose 32 reads per column all fall into one cache set
 //! (a row pitch of 12 KiB), on the 2-core AVX-512 machine of the README's figures.
 
-use super::{f32_data, fused, portable};
+use super::{f32_data, fused_on_cpu, portable};
 use crate::multiversion;
 use crate::simd::KernelFamily;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
@@ -23,7 +23,7 @@ const TILE: usize = 32;
 /// [`super::portable::transpose_contiguous`] (same dtype).
 pub fn transpose_contiguous(x: &Tensor) -> Result<Tensor> {
     x.dims2()?;
-    if !fused(&[x]) {
+    if !fused_on_cpu(&[x]) {
         return portable::transpose_contiguous(x);
     }
     x.contiguous()?.apply_op1(Transpose)

@@ -4,7 +4,7 @@
 use super::vocab_portable::vocab_parallel_cross_entropy_portable;
 use super::TensorParallel;
 use crate::model::ops::{
-    check_targets, cross_entropy_rows, f32_data, fused, log_sum_exp, u32_data,
+    check_targets, cross_entropy_rows, f32_data, fused_on_cpu, log_sum_exp, u32_data,
     CrossEntropyBackward, VocabShard,
 };
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
@@ -69,7 +69,7 @@ pub fn vocab_parallel_cross_entropy(
     }
     let (n, v) = logits.dims2()?;
     check_targets("vocab_parallel_cross_entropy", targets, n, v)?;
-    if !fused(&[logits]) {
+    if !fused_on_cpu(&[logits]) {
         return vocab_parallel_cross_entropy_portable(logits, targets, ignore, tp);
     }
     let targets = targets.to_dtype(DType::U32)?.contiguous()?;
