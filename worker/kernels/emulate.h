@@ -1,11 +1,15 @@
 // Runs the kernels of fused_ops.cu on the CPU, thread for thread: each CUDA thread of a block
 // is an OS thread, the warp shuffles exchange values through a barrier of the warp's 32
-// threads, and blocks run one after another. Built only by the test that compares the kernels
-// with the CPU ops (worker/tests/cuda_kernels_emulated.rs, via kernels/emulate_main.cpp): float32
-// only; a shuffle that not all 32 lanes reach hangs here as it would be undefined on a GPU (the
-// test bounds its wait).
+// threads, and blocks run one after another; bfloat16 and float16 are 16-bit values converted
+// as CUDA's __float2bfloat16 / __float2half do (round to nearest even). Built only by the test
+// that compares the kernels with the CPU ops (worker/tests/cuda_kernels_emulated.rs, via
+// kernels/emulate_main.cpp). A shuffle that not all 32 lanes reach hangs here, as it would be
+// undefined on a GPU (the test bounds its wait).
 #pragma once
 #include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <cmath>
 #include <math.h>
 #include <memory>
 #include <mutex>
@@ -15,6 +19,40 @@
 #define __global__
 #define __device__
 #define __forceinline__ inline
+
+// bfloat16: the upper half of a float32.
+struct __nv_bfloat16 {
+  uint16_t bits;
+};
+inline float __bfloat162float(__nv_bfloat16 v) {
+  const uint32_t u = (uint32_t)v.bits << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline __nv_bfloat16 __float2bfloat16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if (std::isnan(f)) return __nv_bfloat16{0x7fc0};
+  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest, ties to even
+  return __nv_bfloat16{(uint16_t)(u >> 16)};
+}
+
+// float16 through the compiler's IEEE binary16 (_Float16: round to nearest even).
+struct __half {
+  uint16_t bits;
+};
+inline float __half2float(__half v) {
+  _Float16 h;
+  std::memcpy(&h, &v.bits, 2);
+  return (float)h;
+}
+inline __half __float2half(float f) {
+  const _Float16 h = (_Float16)f;
+  __half v;
+  std::memcpy(&v.bits, &h, 2);
+  return v;
+}
 
 struct dim3 {
   unsigned x = 1, y = 1, z = 1;

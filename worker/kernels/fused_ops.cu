@@ -4,8 +4,9 @@
 //
 // Compiled to PTX by worker/build.rs (nvcc, only with the `cuda` feature) and loaded by
 // worker/src/model/ops/cuda.rs. The same source also compiles as plain C++ with
-// COCA_EMULATE defined (kernels/emulate.h): the CPU tests run these kernels, thread for thread,
-// against the CPU kernels (worker/tests/cuda_kernels_emulated.rs).
+// COCA_EMULATE defined (kernels/emulate.h, with host versions of CUDA's bfloat16 and float16
+// conversions): the CPU tests run these kernels, thread for thread, against the CPU kernels
+// (worker/tests/cuda_kernels_emulated.rs).
 //
 // Conventions, shared with the launches in ops/cuda.rs:
 // - Row kernels give each row one warp (32 lanes): block = ROW_WARPS warps, grid = rows /
@@ -18,23 +19,21 @@
 // - Elementwise kernels use a grid-stride loop.
 #ifdef COCA_EMULATE
 #include "emulate.h"
-#define EACH_DTYPE(M) M(f32, float)
 #else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#define EACH_DTYPE(M) M(f32, float) M(bf16, __nv_bfloat16) M(f16, __half)
 #endif
+#define EACH_DTYPE(M) M(f32, float) M(bf16, __nv_bfloat16) M(f16, __half)
 
 #define WARP 32
 #define FULL_MASK 0xffffffffu
 
-// Loads and stores of T as float32.
+// Loads and stores of T as float32 (rounding to nearest even).
 template <typename T> struct Io;
 template <> struct Io<float> {
   static __device__ __forceinline__ float load(float v) { return v; }
   static __device__ __forceinline__ float store(float v) { return v; }
 };
-#ifndef COCA_EMULATE
 template <> struct Io<__nv_bfloat16> {
   static __device__ __forceinline__ float load(__nv_bfloat16 v) { return __bfloat162float(v); }
   static __device__ __forceinline__ __nv_bfloat16 store(float v) { return __float2bfloat16(v); }
@@ -43,7 +42,6 @@ template <> struct Io<__half> {
   static __device__ __forceinline__ float load(__half v) { return __half2float(v); }
   static __device__ __forceinline__ __half store(float v) { return __float2half(v); }
 };
-#endif
 
 // The sum and the maximum of a value over the 32 lanes of a warp, in every lane.
 __device__ __forceinline__ float warp_sum(float v) {
