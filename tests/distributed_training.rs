@@ -8,8 +8,8 @@ use common::jobs::{
     alive, descendants, free_udp_port, kill, loopback_node_flags, wait_for_path, worker_pid, Job,
 };
 use common::training::{
-    assert_same_weights, launch_local, launcher_flags, losses, pretrain_flags, run_alone,
-    run_launcher, with, JOB_LIMIT, TOKEN,
+    assert_same_losses, assert_same_weights, launch_local, launcher_flags, losses, pretrain_flags,
+    run_alone, run_launcher, with, JOB_LIMIT, TOKEN,
 };
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -429,6 +429,35 @@ fn tensor_parallel_layouts_train_the_same_parameters() {
             assert!((a - b).abs() <= 1e-5 * a.abs(), "{what}: loss {b} vs {a}");
         }
     }
+
+    // The GPU's code path on the CPU: flat buffers, AdamW's in-place update and the model's
+    // collectives (tensor parallelism, the contrastive gathers with their gradient) on tensors
+    // instead of host vectors (`COCA_FLAT_BUFFERS=tensors`, passed on by the launcher).
+    let out_dir = tmp.path().join("tp2-device-buffers");
+    let worker = with(
+        pretrain_flags(&config, &out_dir, global_batch / 2, steps),
+        &[
+            "--tensor_parallel_degree",
+            "2",
+            "--gather_with_grad",
+            "True",
+            "--save_steps",
+            "2",
+        ],
+    );
+    let mut job = Job::start_with_env(
+        "coca-launch",
+        &launcher_flags(
+            &["--nproc-per-node", "4", "--log-dir", logs.to_str().unwrap()],
+            &worker,
+        ),
+        &[("COCA_FLAT_BUFFERS", "tensors")],
+    );
+    let (code, out, err) = job.finish(JOB_LIMIT);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let what = "tp 2 × dp 2, device-code buffers";
+    assert_same_weights(&final_of(&single), &final_of(&out_dir), 1e-5, what);
+    assert_same_losses(&single, &out_dir, what);
 
     // A tensor-parallel (and sharded) checkpoint resumes as one process, and a one-process
     // checkpoint resumes as tp 2 × dp 2.

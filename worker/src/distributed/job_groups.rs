@@ -49,10 +49,12 @@ impl GpuCollectives {
     }
 }
 
-/// A rank's data, sharding and replica communicators, and the watchdog that releases them
-/// (NCCL only); keep it alive as long as the trainer.
+/// A rank's data, sharding, replica and tensor-parallel communicators, and the watchdog that
+/// releases them (NCCL only); keep it alive as long as the trainer.
 pub struct JobGroups {
     data: Arc<dyn Communicator>,
+    /// The tensor-parallel group, for the model's collectives on activations.
+    tensor: Arc<dyn Communicator>,
     sharding: Arc<dyn Communicator>,
     replicas: Arc<dyn Communicator>,
     #[cfg(feature = "nccl")]
@@ -118,8 +120,10 @@ impl JobGroups {
                     connector.connect("sharding", Some(GroupKind::Sharding), &ctx.sharding)?;
                 let replicas =
                     connector.connect("replicas", Some(GroupKind::Data), &ctx.replicas)?;
+                let tensor = connector.connect("tensor", Some(GroupKind::Tensor), &ctx.tensor)?;
                 return Ok(Self {
                     data,
+                    tensor,
                     sharding,
                     replicas,
                     _watchdog: Some(connector.into_watchdog()),
@@ -131,12 +135,18 @@ impl JobGroups {
         uses_nccl(device)?;
         Ok(Self {
             data: HostTransport::shared(ctx.data.clone()),
+            tensor: HostTransport::shared(ctx.tensor.clone()),
             sharding: HostTransport::shared(ctx.sharding.clone()),
             replicas: HostTransport::shared(ctx.replicas.clone()),
             #[cfg(feature = "nccl")]
             _watchdog: None,
             backend: "host",
         })
+    }
+
+    /// The tensor-parallel group (for [`crate::model::tensor_parallel::TensorParallel`]).
+    pub fn tensor(&self) -> &Arc<dyn Communicator> {
+        &self.tensor
     }
 
     /// The trainer's groups at ZeRO `stage`.

@@ -2,6 +2,7 @@
 //! text classifier cached in a file keyed by the weights, class names and templates.
 
 use super::zeroshot::{zero_shot_classifier, zero_shot_logits};
+use crate::comm::HostTransport;
 use crate::data::image_folder::ImageFolder;
 use crate::data::tokenizer::ClipTokenizer;
 use crate::distributed::share::block;
@@ -112,7 +113,9 @@ pub fn folder_classifier(
             .t()?
             .contiguous()?
     };
-    let classifier = all_gather_rows(&mine, comm)?.t()?.contiguous()?;
+    let classifier = all_gather_rows(&mine, &HostTransport::shared(comm.clone()))?
+        .t()?
+        .contiguous()?;
     if let (Some(p), 0) = (cache, comm.rank()) {
         if let Err(e) = write_cached(p, &key, &classifier) {
             tracing::warn!("{e:#}; the classifier will be rebuilt next time");

@@ -4,6 +4,7 @@
 
 use super::embed::{embed_images, embed_texts};
 use super::karpathy::EvalImage;
+use crate::comm::HostTransport;
 use crate::distributed::share::block;
 use crate::model::ops::collective::all_gather_rows;
 use crate::model::CoCa;
@@ -69,13 +70,14 @@ pub fn evaluate(
         }
     }
     let (rank, world) = (comm.rank(), comm.size());
+    let group = HostTransport::shared(comm.clone());
     let image_emb = all_gather_rows(
         &embed_images(model, &paths[block(paths.len(), rank, world)], batch_size)?,
-        comm,
+        &group,
     )?;
     let text_emb = all_gather_rows(
         &embed_texts(model, &texts[block(texts.len(), rank, world)], batch_size)?,
-        comm,
+        &group,
     )?;
     let scores = image_emb.matmul(&text_emb.t()?)?;
     let i2t: Vec<Vec<f32>> = scores.to_vec2()?;

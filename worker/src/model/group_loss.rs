@@ -17,6 +17,7 @@
 //! - `local_loss` without `gather_with_grad` loses the other members' terms of each gradient
 //!   (as in open_clip), so the result would depend on the world size: rejected.
 
+use crate::comm::Communicator;
 use crate::model::loss::contrastive_loss;
 use crate::model::ops::collective::{all_gather_rows, gather_rows_detached};
 use crate::model::ops::cross_entropy_rows;
@@ -24,7 +25,7 @@ use crate::model::tensor_parallel::caption_token_loss;
 use crate::model::{CocaLossConfig, CocaOutput};
 use anyhow::{bail, Result};
 use candle_core::Tensor;
-use coca_common::collective::{Collective, ReduceOp};
+use coca_common::collective::ReduceOp;
 use std::sync::Arc;
 
 /// How the contrastive loss spans the group: open_clip's `--local_loss` / `--gather_with_grad`.
@@ -62,14 +63,14 @@ pub struct GroupLoss {
     pub values: LossValues,
 }
 
-/// Sums `values` over the group (identical results on every member).
-fn sum_over(comm: &Arc<dyn Collective>, values: &mut [f32]) -> Result<()> {
-    comm.all_reduce(values, ReduceOp::Sum)
+/// Sums `values` over the group's host transport (identical results on every member).
+fn sum_over(comm: &Arc<dyn Communicator>, values: &mut [f32]) -> Result<()> {
+    comm.transport().all_reduce(values, ReduceOp::Sum)
 }
 
 /// The caption share: this member's token losses over the global count of non-pad tokens (the
 /// logits may be split by vocabulary over a tensor-parallel group, `out.tp`).
-fn caption_share(out: &CocaOutput, pad_id: u32, comm: &Arc<dyn Collective>) -> Result<Tensor> {
+fn caption_share(out: &CocaOutput, pad_id: u32, comm: &Arc<dyn Communicator>) -> Result<Tensor> {
     let (sum, local) = caption_token_loss(&out.logits, &out.labels, pad_id, &out.tp)?;
     let mut counted = [local];
     sum_over(comm, &mut counted)?;
@@ -83,7 +84,7 @@ fn caption_share(out: &CocaOutput, pad_id: u32, comm: &Arc<dyn Collective>) -> R
 fn contrastive_share(
     out: &CocaOutput,
     span: ContrastiveSpan,
-    comm: &Arc<dyn Collective>,
+    comm: &Arc<dyn Communicator>,
 ) -> Result<(Tensor, Tensor)> {
     span.validate()?;
     let members = comm.size() as f64;
@@ -119,7 +120,7 @@ fn contrastive_share(
     let (n, total) = (image.dim(0)?, all_image.dim(0)?);
     // This member's offset: the rows of lower members (gathered counts are in member order).
     let mut counts = vec![0f32; comm.size()];
-    comm.all_gather(&[n as f32], &mut counts)?;
+    comm.transport().all_gather(&[n as f32], &mut counts)?;
     let offset = counts[..comm.rank()].iter().sum::<f32>() as u32;
     let targets = Tensor::arange(offset, offset + n as u32, image.device())?;
     let per_image = image.matmul(&all_text.t()?)?.broadcast_mul(scale)?;
@@ -135,7 +136,7 @@ pub fn coca_group_loss(
     out: &CocaOutput,
     cfg: &CocaLossConfig,
     span: ContrastiveSpan,
-    comm: &Arc<dyn Collective>,
+    comm: &Arc<dyn Communicator>,
 ) -> Result<GroupLoss> {
     let (contrastive, reported) = contrastive_share(out, span, comm)?;
     let caption = caption_share(out, cfg.pad_id, comm)?;

@@ -155,7 +155,12 @@ impl<'a> TrainingRun<'a> {
             Some(c) => Some(c.weights.clone()),
             None => weights,
         };
-        let tp = TensorParallel::new(ctx.tensor.clone()).with_autocast(args.precision.autocast());
+        // The communicators first: the model's tensor-parallel layers hold theirs.
+        let job_groups = JobGroups::for_device(ctx, &device)?;
+        tracing::info!(backend = job_groups.backend, "collectives");
+        let tp = TensorParallel::new(ctx.tensor.clone())
+            .with_communicator(job_groups.tensor().clone())
+            .with_autocast(args.precision.autocast());
         tp.check(&config)
             .context("--tensor_parallel_degree does not fit the model")?;
         // Full weights (pretrained or resumed) are sliced to this rank's shards.
@@ -196,8 +201,6 @@ impl<'a> TrainingRun<'a> {
             _ => (args.num_train_epochs.unwrap_or(d.epochs) * steps_per_epoch as f64).ceil() as u64,
         };
         let trainer_config = trainer_config(&args, &config, &d, total_steps)?;
-        let job_groups = JobGroups::for_device(ctx, &device)?;
-        tracing::info!(backend = job_groups.backend, "gradient collectives");
         let trainer_groups = job_groups.trainer_groups(args.zero_stage()?);
         let mut trainer =
             Trainer::in_groups(model, &vars, &groups, trainer_config, trainer_groups)?;

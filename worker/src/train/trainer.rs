@@ -213,8 +213,7 @@ impl Trainer {
         loss_scale: f64,
     ) -> Result<LossValues> {
         let out = self.model.forward(images, text)?;
-        let data = self.groups.data.transport();
-        let loss = coca_group_loss(&out, &self.config.loss, self.config.span, data)?;
+        let loss = coca_group_loss(&out, &self.config.loss, self.config.span, &self.groups.data)?;
         let values = loss.values;
         if !values.total.is_finite() {
             return Ok(values);

@@ -12,7 +12,6 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
 use coca_common::collective::memory_kv::MemoryKeyValue;
 use coca_common::collective::ring::RingCollective;
-use coca_common::collective::SingleProcess;
 use coca_common::collective::{Collective, ReduceOp};
 use coca_worker::model::group_loss::{coca_group_loss, ContrastiveSpan};
 use coca_worker::model::manifest::parameter_shapes;

@@ -109,7 +109,7 @@ fn degree_four_matches_unsplit_on_seeded_weights() {
                 &out,
                 &CocaLossConfig::default(),
                 ContrastiveSpan::default(),
-                &(Arc::new(SingleProcess) as Arc<dyn Collective>),
+                &coca_worker::comm::HostTransport::single(),
             )
             .unwrap();
             assert!(((dp.values.total as f32 - fwd.losses[2]) / fwd.losses[2]).abs() < 1e-6);

@@ -10,12 +10,17 @@
 //! Every member must apply the same operations in the same order, forward and backward; candle's
 //! backward visits the graph in a deterministic order, so identical graphs keep members in step.
 //!
-//! The collectives exchange host float32 buffers: a tensor on another device or in another
-//! dtype is staged through the host as float32 and back (see `on_host`), gradients included.
+//! The exchanges go through a [`Communicator`] on flat float32 buffers where the tensors live,
+//! as the trainer's gradients do: host vectors for CPU tensors, device tensors otherwise (and
+//! on the CPU under `COCA_FLAT_BUFFERS=tensors`) — NCCL's collectives in a GPU job of the NCCL
+//! build, a host copy on the host transport. Half-precision tensors are exchanged as
+//! float32 (the cast carries gradients). The row counts (a few numbers) go over the group's host
+//! transport.
 
 use super::f32_data;
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
-use coca_common::collective::{Collective, ReduceOp};
+use crate::comm::{Communicator, FlatBuffer, Placement, PlacementRule};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use coca_common::collective::ReduceOp;
 use std::sync::Arc;
 
 /// A collective error as a candle error (the collective's message names group and peer).
@@ -23,191 +28,252 @@ fn comm_err(op: &str, e: anyhow::Error) -> candle_core::Error {
     candle_core::Error::Msg(format!("{op}: {e:#}"))
 }
 
-/// `op` of `x` as a host float32 tensor: `x` itself when it is one, else a copy (moved to the
-/// CPU, cast to float32) whose result goes back to `x`'s device and dtype. Both moves carry
-/// gradients, so the collectives' autograd works on every device until device collectives
-/// (NCCL) replace the host ring.
-fn on_host(x: &Tensor, op: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
-        return op(x);
+/// `x`'s values as a float32 buffer where `x` lives: a host vector for a CPU tensor (unless
+/// `COCA_FLAT_BUFFERS=tensors` asks for the device code path there too), else a tensor — a
+/// copy, since a device communicator reduces in place and `x` may share its storage with the
+/// graph.
+fn flat(op: &str, x: &Tensor) -> Result<FlatBuffer> {
+    let x = x.to_dtype(DType::F32)?.flatten_all()?;
+    let rule = PlacementRule::from_env().map_err(|e| comm_err(op, e))?;
+    match rule.placement(x.device()) {
+        Placement::Host => Ok(FlatBuffer::Host(x.to_vec1::<f32>()?)),
+        Placement::Device(_) => {
+            FlatBuffer::from_tensor(&x.force_contiguous()?).map_err(|e| comm_err(op, e))
+        }
     }
-    op(&x.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)?
-        .to_dtype(x.dtype())?
-        .to_device(x.device())
+}
+
+/// `buf` as a tensor of `shape` on `like`'s device, in `like`'s dtype.
+fn unflat(buf: FlatBuffer, shape: &[usize], like: &Tensor) -> Result<Tensor> {
+    let t = match buf {
+        FlatBuffer::Host(v) => Tensor::from_vec(v, shape, like.device())?,
+        FlatBuffer::Device(t) => t.reshape(shape)?,
+    };
+    t.to_dtype(like.dtype())
+}
+
+/// The sum of `x` over the group (no gradient path).
+fn all_reduce_tensor(op: &str, comm: &dyn Communicator, x: &Tensor) -> Result<Tensor> {
+    let mut buf = flat(op, x)?;
+    comm.all_reduce(&mut buf, ReduceOp::Sum)
+        .map_err(|e| comm_err(op, e))?;
+    unflat(buf, x.dims(), x)
 }
 
 /// Row counts of every member for a local tensor of `rows` rows.
-fn member_rows(comm: &dyn Collective, rows: usize) -> Result<Vec<usize>> {
+fn member_rows(comm: &dyn Communicator, rows: usize) -> Result<Vec<usize>> {
     let mut counts = vec![0f32; comm.size()];
-    comm.all_gather(&[rows as f32], &mut counts)
+    comm.transport()
+        .all_gather(&[rows as f32], &mut counts)
         .map_err(|e| comm_err("gathering row counts", e))?;
     Ok(counts.into_iter().map(|c| c as usize).collect())
 }
 
+/// `parts` concatenated along dim 0, skipping empty ones (`[0, rest...]` if all are).
+fn cat_rows(parts: Vec<Tensor>, like: &Tensor) -> Result<Tensor> {
+    let parts: Vec<Tensor> = parts
+        .into_iter()
+        .filter(|p| p.dim(0).unwrap_or(0) > 0)
+        .collect();
+    if parts.is_empty() {
+        let mut shape = like.dims().to_vec();
+        shape[0] = 0;
+        return Tensor::zeros(shape.as_slice(), like.dtype(), like.device());
+    }
+    Tensor::cat(&parts, 0)
+}
+
+/// The rows of `[Σ counts, ...]` `x`, member by member, each padded with zero rows to the
+/// longest member's count: the equal blocks a reduce-scatter exchanges.
+fn padded_blocks(x: &Tensor, counts: &[usize]) -> Result<Tensor> {
+    let max = counts.iter().copied().max().unwrap_or(0);
+    let mut parts = Vec::with_capacity(counts.len());
+    let mut start = 0;
+    for &n in counts {
+        parts.push(x.narrow(0, start, n)?.pad_with_zeros(0, 0, max - n)?);
+        start += n;
+    }
+    cat_rows(parts, x)
+}
+
+/// Every member's rows of `x` (no gradient path), in member order.
+fn gather(x: &Tensor, comm: &dyn Communicator, counts: &[usize]) -> Result<Tensor> {
+    let op = "all-gather-rows";
+    let max = counts.iter().copied().max().unwrap_or(0);
+    // Equal blocks: this member's rows padded to the longest member's.
+    let mine = x.pad_with_zeros(0, 0, max - x.dim(0)?)?;
+    let all = comm
+        .all_gather(&flat(op, &mine)?)
+        .map_err(|e| comm_err(op, e))?;
+    let mut shape = x.dims().to_vec();
+    shape[0] = max * counts.len();
+    let all = unflat(all, &shape, x)?;
+    let parts = counts
+        .iter()
+        .enumerate()
+        .map(|(member, &n)| all.narrow(0, member * max, n))
+        .collect::<Result<Vec<_>>>()?;
+    cat_rows(parts, x)
+}
+
+/// What the gradient of a group op's output becomes for its input.
+#[derive(Clone)]
+enum Backward {
+    /// Passed through (the sum over the group in the forward pass).
+    PassThrough,
+    /// Summed over the group (an identity forward pass feeding split layers).
+    AllReduce,
+    /// Of the gathered rows: each member's own rows, summed over the members' gradients.
+    OwnRowsSummed { counts: Vec<usize> },
+}
+
+/// `target`'s output is `value`'s values (computed beside the graph by a collective); its
+/// gradient is the output's, transformed by `backward` over `comm`.
+struct GroupOp {
+    comm: Arc<dyn Communicator>,
+    backward: Backward,
+}
+
+impl CustomOp2 for GroupOp {
+    fn name(&self) -> &'static str {
+        match self.backward {
+            Backward::PassThrough => "reduce-from-group",
+            Backward::AllReduce => "copy-to-group",
+            Backward::OwnRowsSummed { .. } => "all-gather-rows",
+        }
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let value = f32_data(self.name(), s2, l2)?;
+        Ok((CpuStorage::F32(value.to_vec()), l2.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::copy_f32(self.name(), s2, l2)
+    }
+
+    fn bwd(
+        &self,
+        target: &Tensor,
+        _value: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = match &self.backward {
+            Backward::PassThrough => grad.clone(),
+            Backward::AllReduce => all_reduce_tensor(self.name(), self.comm.as_ref(), grad)?,
+            Backward::OwnRowsSummed { counts } => {
+                let op = "all-gather-rows backward";
+                let rank = self.comm.rank();
+                let blocks = padded_blocks(grad, counts)?;
+                let mine = self
+                    .comm
+                    .reduce_scatter(&flat(op, &blocks)?, ReduceOp::Sum)
+                    .map_err(|e| comm_err(op, e))?;
+                let mut shape = grad.dims().to_vec();
+                shape[0] = counts.iter().copied().max().unwrap_or(0);
+                let mine = unflat(mine, &shape, grad)?.narrow(0, 0, counts[rank])?;
+                // Only this member's rows of the gathered tensor lead back to its input.
+                let offset: usize = counts[..rank].iter().sum();
+                let after = target.dim(0)? - offset - counts[rank];
+                mine.pad_with_zeros(0, offset, after)?
+            }
+        };
+        Ok((Some(grad), None))
+    }
+}
+
+/// `op` applied to `x` in float32 (the collectives exchange float32), its result in `x`'s dtype.
+fn in_f32(x: &Tensor, op: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    if x.dtype() == DType::F32 {
+        return op(x);
+    }
+    op(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())
+}
+
 /// Concatenates `x` `[n_r, ...]` of every member `r` along dim 0, in member order. The gradient
 /// of each member's rows is the sum over members of the gradients of those rows.
-pub fn all_gather_rows(x: &Tensor, comm: &Arc<dyn Collective>) -> Result<Tensor> {
+pub fn all_gather_rows(x: &Tensor, comm: &Arc<dyn Communicator>) -> Result<Tensor> {
     if comm.size() == 1 {
         return Ok(x.clone());
     }
     let counts = member_rows(comm.as_ref(), x.dim(0)?)?;
-    on_host(x, |x| {
-        x.contiguous()?.apply_op1(AllGatherRows {
-            comm: comm.clone(),
-            counts,
-        })
+    in_f32(x, |x| {
+        let all = gather(&x.detach(), comm.as_ref(), &counts)?;
+        // This member's rows tracked, the others constants; the op sums every member's
+        // gradient of the tracked rows.
+        let offset: usize = counts[..comm.rank()].iter().sum();
+        let n = x.dim(0)?;
+        let before = all.narrow(0, 0, offset)?;
+        let after = all.narrow(0, offset + n, all.dim(0)? - offset - n)?;
+        let tracked = Tensor::cat(&[&before, x, &after], 0)?;
+        tracked.apply_op2(
+            &all,
+            GroupOp {
+                comm: comm.clone(),
+                backward: Backward::OwnRowsSummed { counts },
+            },
+        )
     })
 }
 
 /// Like [`all_gather_rows`] without a gradient path: the other members' rows as constants.
 /// Also returns the offset of this member's rows.
-pub fn gather_rows_detached(x: &Tensor, comm: &Arc<dyn Collective>) -> Result<(Tensor, usize)> {
+pub fn gather_rows_detached(x: &Tensor, comm: &Arc<dyn Communicator>) -> Result<(Tensor, usize)> {
     if comm.size() == 1 {
         return Ok((x.detach(), 0));
     }
     let counts = member_rows(comm.as_ref(), x.dim(0)?)?;
     let offset = counts[..comm.rank()].iter().sum();
-    let all = on_host(&x.detach(), |x| {
-        x.contiguous()?.apply_op1_no_bwd(&AllGatherRows {
-            comm: comm.clone(),
-            counts,
-        })
-    })?;
+    let all = in_f32(&x.detach(), |x| gather(x, comm.as_ref(), &counts))?;
     Ok((all, offset))
-}
-
-/// Row counts and the group that [`all_gather_rows`] gathers over.
-struct AllGatherRows {
-    comm: Arc<dyn Collective>,
-    counts: Vec<usize>,
-}
-
-impl AllGatherRows {
-    fn max_rows(&self) -> usize {
-        self.counts.iter().copied().max().unwrap_or(0)
-    }
-}
-
-impl CustomOp1 for AllGatherRows {
-    fn name(&self) -> &'static str {
-        "all-gather-rows"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = f32_data(self.name(), storage, layout)?;
-        let dims = layout.shape().dims();
-        let row: usize = dims[1..].iter().product();
-        let max = self.max_rows();
-        // Equal-length contributions: pad every member to the longest, then drop the padding.
-        let mut padded = vec![0f32; max * row];
-        padded[..x.len()].copy_from_slice(x);
-        let mut gathered = vec![0f32; max * row * self.counts.len()];
-        self.comm
-            .all_gather(&padded, &mut gathered)
-            .map_err(|e| comm_err(self.name(), e))?;
-        let mut out = Vec::with_capacity(self.counts.iter().sum::<usize>() * row);
-        for (member, &n) in self.counts.iter().enumerate() {
-            let start = member * max * row;
-            out.extend_from_slice(&gathered[start..start + n * row]);
-        }
-        let mut shape = dims.to_vec();
-        shape[0] = self.counts.iter().sum();
-        Ok((CpuStorage::F32(out), Shape::from(shape)))
-    }
-
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let grad = grad.contiguous()?;
-        let grad = grad.flatten_all()?.to_vec1::<f32>()?;
-        let row: usize = arg.dims()[1..].iter().product();
-        let max = self.max_rows();
-        let mut padded = vec![0f32; max * row * self.counts.len()];
-        let mut from = 0;
-        for (member, &n) in self.counts.iter().enumerate() {
-            let start = member * max * row;
-            padded[start..start + n * row].copy_from_slice(&grad[from..from + n * row]);
-            from += n * row;
-        }
-        let mut mine = vec![0f32; max * row];
-        self.comm
-            .reduce_scatter(&padded, &mut mine, ReduceOp::Sum)
-            .map_err(|e| comm_err("all-gather-rows backward", e))?;
-        mine.truncate(arg.elem_count());
-        Ok(Some(Tensor::from_vec(mine, arg.shape(), arg.device())?))
-    }
-}
-
-/// Which way the all-reduce of the tensor-parallel pair goes.
-#[derive(Clone, Copy)]
-enum PairDirection {
-    /// Identity forward, all-reduce backward.
-    Copy,
-    /// All-reduce forward, identity backward.
-    Reduce,
-}
-
-struct GroupPair {
-    comm: Arc<dyn Collective>,
-    direction: PairDirection,
-}
-
-fn all_reduce_tensor(comm: &dyn Collective, x: &Tensor) -> Result<Tensor> {
-    let mut data = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-    comm.all_reduce(&mut data, ReduceOp::Sum)
-        .map_err(|e| comm_err("all-reduce", e))?;
-    Tensor::from_vec(data, x.shape(), x.device())
-}
-
-impl CustomOp1 for GroupPair {
-    fn name(&self) -> &'static str {
-        match self.direction {
-            PairDirection::Copy => "copy-to-group",
-            PairDirection::Reduce => "reduce-from-group",
-        }
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = f32_data(self.name(), storage, layout)?;
-        let mut data = x.to_vec();
-        if let PairDirection::Reduce = self.direction {
-            self.comm
-                .all_reduce(&mut data, ReduceOp::Sum)
-                .map_err(|e| comm_err(self.name(), e))?;
-        }
-        Ok((CpuStorage::F32(data), layout.shape().clone()))
-    }
-
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(match self.direction {
-            PairDirection::Copy => all_reduce_tensor(self.comm.as_ref(), grad)?,
-            PairDirection::Reduce => grad.clone(),
-        }))
-    }
 }
 
 /// Identity forward; the backward sums the gradient over the group (the input of a
 /// column-parallel layer, whose members each see only part of the output).
-pub fn copy_to_group(x: &Tensor, comm: &Arc<dyn Collective>) -> Result<Tensor> {
+pub fn copy_to_group(x: &Tensor, comm: &Arc<dyn Communicator>) -> Result<Tensor> {
     if comm.size() == 1 {
         return Ok(x.clone());
     }
-    on_host(x, |x| {
-        x.contiguous()?.apply_op1(GroupPair {
-            comm: comm.clone(),
-            direction: PairDirection::Copy,
-        })
+    in_f32(x, |x| {
+        let x = x.contiguous()?;
+        x.apply_op2(
+            &x,
+            GroupOp {
+                comm: comm.clone(),
+                backward: Backward::AllReduce,
+            },
+        )
     })
 }
 
 /// Sums `x` over the group; the backward passes the gradient through (the output of a
 /// row-parallel layer, whose members each hold a partial sum).
-pub fn reduce_from_group(x: &Tensor, comm: &Arc<dyn Collective>) -> Result<Tensor> {
+pub fn reduce_from_group(x: &Tensor, comm: &Arc<dyn Communicator>) -> Result<Tensor> {
     if comm.size() == 1 {
         return Ok(x.clone());
     }
-    on_host(x, |x| {
-        x.contiguous()?.apply_op1(GroupPair {
-            comm: comm.clone(),
-            direction: PairDirection::Reduce,
-        })
+    in_f32(x, |x| {
+        let sum = all_reduce_tensor("reduce-from-group", comm.as_ref(), &x.detach())?;
+        x.contiguous()?.apply_op2(
+            &sum,
+            GroupOp {
+                comm: comm.clone(),
+                backward: Backward::PassThrough,
+            },
+        )
     })
 }

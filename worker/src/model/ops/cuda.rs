@@ -369,6 +369,17 @@ pub(super) fn cross_entropy_backward(
     })
 }
 
+/// A float32 copy of a contiguous tensor's elements (the group ops' forward value).
+pub(super) fn copy_f32(op: &str, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+    let dev = s.device();
+    let view = input::<f32>(op, s, l)?;
+    let copy = dev.cuda_stream().clone_dtod(&view).w()?;
+    Ok((
+        CudaStorage::wrap_cuda_slice(copy, dev.clone()),
+        l.shape().clone(),
+    ))
+}
+
 /// The elements of a contiguous in-place destination.
 fn destination<'a>(
     op: &str,

@@ -50,6 +50,7 @@ pub use vocab::{
 pub use vocab_portable::vocab_parallel_cross_entropy_portable;
 
 use super::ops::collective::{copy_to_group, reduce_from_group};
+use crate::comm::{Communicator, HostTransport};
 use crate::model::autocast::Autocast;
 use crate::model::config::{mlp_width, CocaConfig};
 use anyhow::{bail, Result};
@@ -63,6 +64,8 @@ use std::sync::Arc;
 #[derive(Clone)]
 pub struct TensorParallel {
     group: Arc<dyn Collective>,
+    /// The same group for the collectives on activations (buffers where the tensors live).
+    communicator: Arc<dyn Communicator>,
     /// The compute dtype of the matrix products, carried to every layer with the group.
     autocast: Autocast,
 }
@@ -89,9 +92,21 @@ impl TensorParallel {
     /// Tensor parallelism over `group` (its size is the TP degree, its rank this member's).
     pub fn new(group: Arc<dyn Collective>) -> Self {
         Self {
+            communicator: HostTransport::shared(group.clone()),
             group,
             autocast: Autocast::off(),
         }
+    }
+
+    /// The same group, its collectives on activations run by `communicator` (of the same ranks:
+    /// NCCL's in a GPU job) instead of the host transport.
+    pub fn with_communicator(mut self, communicator: Arc<dyn Communicator>) -> Self {
+        debug_assert_eq!(
+            (communicator.rank(), communicator.size()),
+            (self.rank(), self.size())
+        );
+        self.communicator = communicator;
+        self
     }
 
     /// The same group, the layers built with it computing their matrix products as `autocast`
@@ -145,13 +160,13 @@ impl TensorParallel {
     /// Megatron's `f`: identity forward, gradient summed over the group (the input of a
     /// column-parallel layer). Nothing at degree 1.
     pub fn copy_in(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        copy_to_group(x, &self.group)
+        copy_to_group(x, &self.communicator)
     }
 
     /// Megatron's `g`: sum over the group, gradient passed through (the output of a
     /// row-parallel layer). Nothing at degree 1.
     pub fn reduce_out(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        reduce_from_group(x, &self.group)
+        reduce_from_group(x, &self.communicator)
     }
 
     /// [`check_degree`] for this group's size.
