@@ -1,4 +1,4 @@
-//! `coca-worker verify` and `convert` end to end, on the fixtures and on bad input.
+//! `coca-worker verify`, `selftest` and `convert` end to end, on the fixtures and on bad input.
 
 mod common;
 
@@ -50,6 +50,31 @@ fn verify_passes_on_the_reference_itself() {
 #[test]
 fn verify_passes_on_the_portable_ops() {
     assert_verify_passes_on_the_reference(&[("COCA_PORTABLE_OPS", "1")]);
+}
+
+#[test]
+fn selftest_passes_on_the_test_device_with_one_json_line() {
+    let Some((device, _)) = common::test_device() else {
+        return;
+    };
+    let device = device.to_string();
+    let (code, out, err) = common::run("coca-worker", &["selftest", "--device", &device]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(report["ok"], true, "{out}");
+    let checks = report["checks"].as_array().unwrap();
+    // Six ops in three dtypes, each fused path against its composition.
+    assert_eq!(checks.len(), 18, "{out}");
+    for op in [
+        "layer_norm",
+        "masked_softmax",
+        "cross_entropy_rows",
+        "add_bias",
+    ] {
+        assert!(checks
+            .iter()
+            .any(|c| c["op"] == op && c["dtype"] == "f32" && c["fused"] == true));
+    }
 }
 
 #[test]

@@ -86,6 +86,9 @@ PYEOF
 W="$BIN/coca-worker"
 check gpu 30 nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader
 check worker-starts 30 "$W" --version
+# 0. Our CUDA kernels against candle's compositions, op by op, in float32, bf16 and f16: which
+#    kernel is wrong, if `verify` fails.
+check selftest 120 "$W" selftest --device cuda
 # 1. Float32 parity with open_clip (TF32 off): forward, loss, gradients, the 6-step training
 #    trajectory, zero-shot and generation, on the GPU; and (`precision`) the bf16 and fp16
 #    trajectories against float32 on the GPU, within open_clip's drift.

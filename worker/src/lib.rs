@@ -23,6 +23,7 @@ pub mod pretrain;
 pub mod resident_memory;
 pub mod rng;
 pub mod runtime;
+pub mod selftest;
 pub mod simd;
 pub mod train;
 pub mod verify;

@@ -38,6 +38,12 @@ enum Command {
         #[command(flatten)]
         device: DeviceArgs,
     },
+    /// Each fused op against its composition of candle primitives on the device (forward and
+    /// every gradient, float32/bf16/f16); prints one JSON line, exit 1 if one differs.
+    Selftest {
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
     /// Convert a checkpoint (safetensors, torch .bin/.pt, paddle .pdparams) to open_clip-named
     /// safetensors.
     Convert {
@@ -223,6 +229,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             println!("verify: {passed} passed, {failed} failed");
             Ok(if failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_MISMATCH)
+            })
+        }
+        Command::Selftest { device } => {
+            let device = device.open()?;
+            let checks = coca_worker::selftest::run(&device)?;
+            let ok = checks.iter().all(|c| c.ok);
+            let line = serde_json::json!({
+                "selftest": "fused ops vs compositions",
+                "device": coca_worker::device::device_name(&device),
+                "ok": ok,
+                "checks": checks,
+            });
+            println!("{line}");
+            Ok(if ok {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(EXIT_MISMATCH)
