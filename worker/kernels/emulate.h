@@ -97,6 +97,21 @@ inline float __shfl_xor_sync(unsigned /*mask*/, float v, int lane_mask) {
   return current_warp->exchange(lane, v, lane ^ lane_mask);
 }
 
+// Bit k set where lane k's predicate holds, in every lane.
+inline unsigned __ballot_sync(unsigned /*mask*/, bool predicate) {
+  const int lane = threadIdx.x % 32;
+  unsigned bits = 0;
+  for (int k = 0; k < 32; ++k) {
+    // Every lane takes part in each exchange, so the warp stays in step.
+    const float theirs = current_warp->exchange(lane, predicate ? 1.0f : 0.0f, k);
+    if (theirs != 0.0f) bits |= 1u << k;
+  }
+  return bits;
+}
+
+// The 1-based position of the lowest set bit, 0 for none.
+inline int __ffs(unsigned x) { return __builtin_ffs((int)x); }
+
 // Runs `kernel` (a callable taking no arguments, reading the thread-local indices) on a grid
 // of `grid` blocks of `block` threads (1-D blocks, whole warps).
 template <typename Kernel>

@@ -1,8 +1,8 @@
 //! The CUDA kernels (`worker/kernels/fused_ops.cu`) run on the CPU under emulation
 //! (`kernels/emulate.h`: one OS thread per CUDA thread, warp shuffles through a barrier of the
 //! warp's lanes), launched with the geometry of `model::ops::launch` as the GPU launches them,
-//! against the CPU ops: layer norm, masked and plain softmax, GELU, cross-entropy and the bias
-//! add, forward and backward, and AdamW's in-place update. This is how the GPU kernels are proven without a
+//! against the CPU ops: layer norm, masked and plain softmax, GELU, cross-entropy, the bias add
+//! and the token embedding, forward and backward, and AdamW's in-place update. This is how the GPU kernels are proven without a
 //! GPU. Float32 entry points only: the bfloat16 and float16 ones differ in their loads and
 //! stores alone (CUDA's own conversions), and are compiled, not run, here.
 //!
@@ -486,6 +486,62 @@ fn cross_entropy_forward_and_backward_match_the_cpu_ops() {
         );
         assert!(loss[0][3] > 0.0, "row 3 counts when nothing is ignored");
     }
+}
+
+#[test]
+fn embedding_lookup_and_its_gradient_match_candles_index_select() {
+    let Some(emu) = emulator() else { return };
+    // Padding (id 0) at every third position, other ids repeated far apart; width 40: lanes
+    // with one and two values; one id outside the table.
+    let (v, d, n) = (50usize, 40usize, 70usize);
+    let mut ids: Vec<u32> = (0..n as u32).map(|i| (i * 17 + 3) % v as u32).collect();
+    for i in (0..n).step_by(3) {
+        ids[i] = 0;
+    }
+    let (table, g) = (values(v * d, 18), values(n * d, 19));
+    let inside = Tensor::from_vec(ids.clone(), n, &Device::Cpu).unwrap();
+    let (out, want) = grads(
+        &[tensor(table.clone(), &[v, d])],
+        |t| t[0].index_select(&inside, 0).unwrap(),
+        &tensor(g.clone(), &[n, d]),
+    );
+    ids[5] = v as u32;
+    let scalars = [n as f64, d as f64, v as f64];
+    let rows = run(
+        emu,
+        "embedding_fwd_f32",
+        launch::rows(n),
+        &scalars,
+        &[
+            ("table", Input::F32(table)),
+            ("ids", Input::U32(ids.clone())),
+        ],
+        &["out"],
+    );
+    let mut want_rows = f32s(&out);
+    want_rows[5 * d..6 * d].fill(f32::NAN);
+    assert_close("embedding rows", &rows[0], &want_rows, TOL);
+    let dtable = run(
+        emu,
+        "embedding_bwd_f32",
+        launch::rows(n),
+        &scalars,
+        &[
+            ("ids", Input::U32(ids.clone())),
+            ("g", Input::F32(g.clone())),
+        ],
+        &["dtable"],
+    );
+    // The position outside the table adds nothing (the reference had its original id there).
+    let mut want_table = f32s(&want[0]);
+    let original = ((5 * 17 + 3) % v) * d;
+    for (w, gv) in want_table[original..original + d]
+        .iter_mut()
+        .zip(&g[5 * d..6 * d])
+    {
+        *w -= gv;
+    }
+    assert_close("embedding table gradient", &dtable[0], &want_table, TOL);
 }
 
 #[test]

@@ -458,3 +458,61 @@ pub(crate) fn adamw_param(
     );
     Ok(())
 }
+
+/// Rows of a float32 `[V, D]` table for u32 ids `[N]` (NaN rows for ids outside it).
+pub(super) fn embedding(
+    op: &str,
+    (ts, tl): (&CudaStorage, &Layout),
+    (is, il): (&CudaStorage, &Layout),
+) -> Result<(CudaStorage, Shape)> {
+    let dev = ts.device();
+    let (v, d) = tl.shape().dims2()?;
+    let n = il.shape().elem_count();
+    let (table, ids) = (input::<f32>(op, ts, tl)?, input::<u32>(op, is, il)?);
+    let mut out = output::<f32>(dev, n * d)?;
+    let (count, d32, vocab) = (n as i64, d as i32, v as i64);
+    launch!(
+        dev,
+        "embedding_fwd_f32",
+        launch::rows(n),
+        &table,
+        &ids,
+        &mut out,
+        &count,
+        &d32,
+        &vocab
+    );
+    Ok((
+        CudaStorage::wrap_cuda_slice(out, dev.clone()),
+        Shape::from((n, d)),
+    ))
+}
+
+/// The float32 table gradient `[vocab, D]` from u32 ids `[N]` and the rows' gradient `[N, D]`.
+pub(super) fn embedding_backward(
+    op: &str,
+    (is, il): (&CudaStorage, &Layout),
+    (gs, gl): (&CudaStorage, &Layout),
+    vocab: usize,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = gs.device();
+    let (n, d) = gl.shape().dims2()?;
+    let (ids, g) = (input::<u32>(op, is, il)?, input::<f32>(op, gs, gl)?);
+    let mut dtable = dev.alloc_zeros::<f32>(vocab * d)?;
+    let (count, d32, v) = (n as i64, d as i32, vocab as i64);
+    launch!(
+        dev,
+        "embedding_bwd_f32",
+        launch::rows(n),
+        &ids,
+        &g,
+        &mut dtable,
+        &count,
+        &d32,
+        &v
+    );
+    Ok((
+        CudaStorage::wrap_cuda_slice(dtable, dev.clone()),
+        Shape::from((vocab, d)),
+    ))
+}

@@ -37,6 +37,7 @@ mod cross_entropy;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod dispatch;
+mod embedding;
 mod gelu;
 pub mod launch;
 mod layer_norm;
@@ -53,6 +54,7 @@ pub(crate) use cross_entropy::{log_sum_exp, CrossEntropyBackward, VocabShard};
 pub(crate) use cuda::{adam_moment, adamw_param};
 pub use dispatch::{force_portable, fused_dispatches, portable_forced, PORTABLE_OPS_ENV};
 pub(crate) use dispatch::{fused, fused_on_cpu};
+pub use embedding::embedding;
 pub use gelu::gelu_erf;
 pub(crate) use gelu::gelu_erf_value;
 pub use layer_norm::layer_norm;

@@ -4,7 +4,7 @@
 use super::vocab_portable::vocab_parallel_cross_entropy_portable;
 use super::TensorParallel;
 use crate::model::ops::{
-    check_targets, cross_entropy_rows, f32_data, fused_on_cpu, log_sum_exp, u32_data,
+    check_targets, cross_entropy_rows, embedding, f32_data, fused_on_cpu, log_sum_exp, u32_data,
     CrossEntropyBackward, VocabShard,
 };
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
@@ -15,14 +15,14 @@ use std::sync::{Arc, Mutex};
 /// Embedding rows `[N, W]` of the ids `[N]` (u32, global vocabulary ids) from `weight`, this
 /// member's rows `rank·Vₗ .. (rank+1)·Vₗ` of the full `[V, W]` table: the rows of ids another
 /// member owns are zero, and the sum over the group is the full lookup. Degree 1 is a plain
-/// `index_select`.
+/// [`embedding`] lookup.
 pub fn vocab_parallel_embedding(
     weight: &Tensor,
     ids: &Tensor,
     tp: &TensorParallel,
 ) -> Result<Tensor> {
     if tp.is_single() {
-        return weight.index_select(ids, 0);
+        return embedding(weight, ids);
     }
     let local = weight.dim(0)?;
     let start = tp.rank() * local;
@@ -43,7 +43,7 @@ pub fn vocab_parallel_embedding(
     let device = weight.device();
     let local_ids = Tensor::from_vec(local_ids, n, device)?;
     let mask = Tensor::from_vec(mask, (n, 1), device)?.to_dtype(weight.dtype())?;
-    let rows = weight.index_select(&local_ids, 0)?.broadcast_mul(&mask)?;
+    let rows = embedding(weight, &local_ids)?.broadcast_mul(&mask)?;
     tp.reduce_out(&rows)
 }
 
