@@ -65,10 +65,11 @@ fn input<'a, T: CudaDType>(op: &str, s: &'a CudaStorage, l: &Layout) -> Result<C
     }
 }
 
-/// Uninitialised device memory for `n` values every launch writes in full.
+/// Uninitialised device memory for `n` values every launch writes in full (at least one value:
+/// the driver refuses empty allocations, and an empty tensor's storage may be longer).
 fn output<T: DeviceRepr>(dev: &CudaDevice, n: usize) -> Result<CudaSlice<T>> {
     // SAFETY: every caller launches kernels that write all `n` values before the slice is read.
-    unsafe { dev.alloc::<T>(n) }
+    unsafe { dev.alloc::<T>(n.max(1)) }
 }
 
 fn config(g: Geometry) -> LaunchConfig {
@@ -373,7 +374,11 @@ pub(super) fn cross_entropy_backward(
 pub(super) fn copy_f32(op: &str, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
     let dev = s.device();
     let view = input::<f32>(op, s, l)?;
-    let copy = dev.cuda_stream().clone_dtod(&view).w()?;
+    let copy = if view.is_empty() {
+        output::<f32>(dev, 0)?
+    } else {
+        dev.cuda_stream().clone_dtod(&view).w()?
+    };
     Ok((
         CudaStorage::wrap_cuda_slice(copy, dev.clone()),
         l.shape().clone(),
