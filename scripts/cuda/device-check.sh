@@ -43,7 +43,7 @@ if ls "$KIT"/wheels/*.whl >/dev/null 2>&1; then
     >/dev/null 2>&1 && export PYTHONPATH="$WORK/pylib${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
-# check NAME SECONDS COMMAND...: runs it, prints one JSON line.
+# check NAME SECONDS COMMAND...: runs it, prints one JSON line; returns the command's status.
 check() {
   local name=$1 limit=$2
   shift 2
@@ -81,6 +81,7 @@ PYEOF
 )
   echo "$line"
   [ -n "$RESULTS" ] && echo "$line" >>"$RESULTS"
+  return "$rc"
 }
 
 W="$BIN/coca-worker"
@@ -92,11 +93,11 @@ check selftest 120 "$W" selftest --device cuda
 # 1. Float32 parity with open_clip (TF32 off): forward, loss, gradients, the 6-step training
 #    trajectory, zero-shot and generation, on the GPU; and (`precision`) the bf16 and fp16
 #    trajectories against float32 on the GPU, within open_clip's drift.
-check verify 300 "$W" verify --device cuda --reference "$KIT/fixture"
-#    The same with every op composed from candle primitives instead of our CUDA kernels
-#    (worker/kernels/fused_ops.cu): if only `verify` fails, the kernels are at fault.
-check verify-portable-ops 300 env COCA_PORTABLE_OPS=1 "$W" verify --device cuda \
-  --reference "$KIT/fixture"
+#    If it fails: the same with every op composed from candle primitives instead of our CUDA
+#    kernels (worker/kernels/fused_ops.cu); if only the first fails, the kernels are at fault.
+check verify 300 "$W" verify --device cuda --reference "$KIT/fixture" \
+  || check verify-portable-ops 300 env COCA_PORTABLE_OPS=1 "$W" verify --device cuda \
+    --reference "$KIT/fixture"
 # 3-5. B-32 at batch 256 beside open_clip (TF32 on for float32 matmuls in both).
 check bench-b32 300 "$W" bench --device cuda --tf32 True --model coca_ViT-B-32 --batch 256 --steps 3
 check torch-b32 300 "$PY" scripts/open_clip_train_bench.py --device cuda --tf32 --captions \
