@@ -19,7 +19,7 @@
 
 use crate::comm::Communicator;
 use crate::model::loss::contrastive_loss;
-use crate::model::ops::collective::{all_gather_rows, gather_rows_detached};
+use crate::model::ops::collective::{all_gather_rows, gather_rows_keeping_own};
 use crate::model::ops::cross_entropy_rows;
 use crate::model::tensor_parallel::caption_token_loss;
 use crate::model::{CocaLossConfig, CocaOutput};
@@ -90,18 +90,10 @@ fn contrastive_share(
     let members = comm.size() as f64;
     let (image, text, scale) = (&out.image_features, &out.text_features, &out.logit_scale);
     if !span.gather_with_grad {
-        let n = image.dim(0)?;
-        let with_own_rows = |x: &Tensor| -> Result<Tensor> {
-            if comm.size() == 1 {
-                return Ok(x.clone());
-            }
-            let (all, offset) = gather_rows_detached(x, comm)?;
-            let total = all.dim(0)?;
-            let before = all.narrow(0, 0, offset)?;
-            let after = all.narrow(0, offset + n, total - offset - n)?;
-            Ok(Tensor::cat(&[&before, x, &after], 0)?)
-        };
-        let (image, text) = (with_own_rows(image)?, with_own_rows(text)?);
+        let (image, text) = (
+            gather_rows_keeping_own(image, comm)?,
+            gather_rows_keeping_own(text, comm)?,
+        );
         let scale = if comm.rank() == 0 {
             scale.clone()
         } else {

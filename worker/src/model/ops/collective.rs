@@ -21,7 +21,7 @@ use super::f32_data;
 use crate::comm::{Communicator, FlatBuffer, Placement, PlacementRule};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use coca_common::collective::ReduceOp;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// A collective error as a candle error (the collective's message names group and peer).
 fn comm_err(op: &str, e: anyhow::Error) -> candle_core::Error {
@@ -34,13 +34,22 @@ fn comm_err(op: &str, e: anyhow::Error) -> candle_core::Error {
 /// graph.
 fn flat(op: &str, x: &Tensor) -> Result<FlatBuffer> {
     let x = x.to_dtype(DType::F32)?.flatten_all()?;
-    let rule = PlacementRule::from_env().map_err(|e| comm_err(op, e))?;
-    match rule.placement(x.device()) {
+    match buffer_rule()
+        .map_err(|e| comm_err(op, anyhow::anyhow!(e)))?
+        .placement(x.device())
+    {
         Placement::Host => Ok(FlatBuffer::Host(x.to_vec1::<f32>()?)),
         Placement::Device(_) => {
             FlatBuffer::from_tensor(&x.force_contiguous()?).map_err(|e| comm_err(op, e))
         }
     }
+}
+
+/// [`PlacementRule::from_env`], read once per process (the trainer reads it once too).
+fn buffer_rule() -> std::result::Result<PlacementRule, String> {
+    static RULE: OnceLock<std::result::Result<PlacementRule, String>> = OnceLock::new();
+    RULE.get_or_init(|| PlacementRule::from_env().map_err(|e| format!("{e:#}")))
+        .clone()
 }
 
 /// `buf` as a tensor of `shape` on `like`'s device, in `like`'s dtype.
@@ -204,6 +213,17 @@ fn in_f32(x: &Tensor, op: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tens
     op(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())
 }
 
+/// Every member's rows of `x` in member order: this member's own rows tracked, the others
+/// constants.
+fn own_rows_tracked(x: &Tensor, comm: &dyn Communicator, counts: &[usize]) -> Result<Tensor> {
+    let all = gather(&x.detach(), comm, counts)?;
+    let offset: usize = counts[..comm.rank()].iter().sum();
+    let n = x.dim(0)?;
+    let before = all.narrow(0, 0, offset)?;
+    let after = all.narrow(0, offset + n, all.dim(0)? - offset - n)?;
+    Tensor::cat(&[&before, x, &after], 0)
+}
+
 /// Concatenates `x` `[n_r, ...]` of every member `r` along dim 0, in member order. The gradient
 /// of each member's rows is the sum over members of the gradients of those rows.
 pub fn all_gather_rows(x: &Tensor, comm: &Arc<dyn Communicator>) -> Result<Tensor> {
@@ -212,16 +232,10 @@ pub fn all_gather_rows(x: &Tensor, comm: &Arc<dyn Communicator>) -> Result<Tenso
     }
     let counts = member_rows(comm.as_ref(), x.dim(0)?)?;
     in_f32(x, |x| {
-        let all = gather(&x.detach(), comm.as_ref(), &counts)?;
-        // This member's rows tracked, the others constants; the op sums every member's
-        // gradient of the tracked rows.
-        let offset: usize = counts[..comm.rank()].iter().sum();
-        let n = x.dim(0)?;
-        let before = all.narrow(0, 0, offset)?;
-        let after = all.narrow(0, offset + n, all.dim(0)? - offset - n)?;
-        let tracked = Tensor::cat(&[&before, x, &after], 0)?;
+        let tracked = own_rows_tracked(x, comm.as_ref(), &counts)?;
+        // The op sums every member's gradient of the tracked rows.
         tracked.apply_op2(
-            &all,
+            &tracked,
             GroupOp {
                 comm: comm.clone(),
                 backward: Backward::OwnRowsSummed { counts },
@@ -230,16 +244,15 @@ pub fn all_gather_rows(x: &Tensor, comm: &Arc<dyn Communicator>) -> Result<Tenso
     })
 }
 
-/// Like [`all_gather_rows`] without a gradient path: the other members' rows as constants.
-/// Also returns the offset of this member's rows.
-pub fn gather_rows_detached(x: &Tensor, comm: &Arc<dyn Communicator>) -> Result<(Tensor, usize)> {
+/// Like [`all_gather_rows`], but the gradient reaches only this member's own rows, from this
+/// member's loss (the other members' rows are constants): open_clip's gather without
+/// `gather_with_grad`.
+pub fn gather_rows_keeping_own(x: &Tensor, comm: &Arc<dyn Communicator>) -> Result<Tensor> {
     if comm.size() == 1 {
-        return Ok((x.detach(), 0));
+        return Ok(x.clone());
     }
     let counts = member_rows(comm.as_ref(), x.dim(0)?)?;
-    let offset = counts[..comm.rank()].iter().sum();
-    let all = in_f32(&x.detach(), |x| gather(x, comm.as_ref(), &counts))?;
-    Ok((all, offset))
+    in_f32(x, |x| own_rows_tracked(x, comm.as_ref(), &counts))
 }
 
 /// Identity forward; the backward sums the gradient over the group (the input of a
