@@ -141,23 +141,23 @@ bool run_typed(const std::string& base, const Args& a) {
     std::vector<T> dx(x.size());
     launch(a.grid, a.block, [&] { gelu_bwd<T>(x.data(), g.data(), dx.data(), a.integer(0)); });
     write("dx", dx);
-  } else if (base == "cross_entropy_fwd") {  // rows v ignore
+  } else if (base == "cross_entropy_stats_fwd") {  // rows v ignore start vocab
     auto x = read<T>("x");
     auto targets = read_u32("targets");
-    std::vector<float> loss(a.integer(0));
+    std::vector<float> stats(2 * a.integer(0));
     launch(a.grid, a.block, [&] {
-      cross_entropy_fwd<T>(x.data(), targets.data(), loss.data(), a.integer(0),
-                           (int)a.integer(1), a.integer(2));
+      cross_entropy_stats_fwd<T>(x.data(), targets.data(), stats.data(), a.integer(0),
+                                 (int)a.integer(1), a.integer(2), a.integer(3), a.integer(4));
     });
-    write("loss", loss);
-  } else if (base == "cross_entropy_bwd") {  // rows v ignore
+    write("stats", stats);
+  } else if (base == "cross_entropy_stats_bwd") {  // rows v ignore start
     auto x = read<T>("x");
-    auto g = read<float>("g");
+    auto aux = read<float>("aux");
     auto targets = read_u32("targets");
     std::vector<T> dx(x.size());
     launch(a.grid, a.block, [&] {
-      cross_entropy_bwd<T>(x.data(), targets.data(), g.data(), dx.data(), a.integer(0),
-                           (int)a.integer(1), a.integer(2));
+      cross_entropy_stats_bwd<T>(x.data(), targets.data(), aux.data(), dx.data(), a.integer(0),
+                                 (int)a.integer(1), a.integer(2), a.integer(3));
     });
     write("dx", dx);
   } else {

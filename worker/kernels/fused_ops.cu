@@ -272,44 +272,55 @@ __device__ __forceinline__ float row_log_sum_exp(const T* xr, int v) {
   return mx + logf(warp_sum(s));
 }
 
-// loss[row] = logsumexp(x[row]) − x[row, target[row]] (float32); 0 where the target is
-// `ignore` (ignore < 0: none). A target outside the v classes gives NaN (the host does not read
-// the targets back to check them; the trainer stops on a non-finite loss).
+// The cross-entropy's two terms per row, over a slice of the vocabulary: the logits x are
+// columns start .. start + v of rows over a vocabulary of `vocab` ids (the whole vocabulary:
+// start 0, vocab v). stats[row] = logsumexp(x[row]); stats[rows + row] = x[row, target − start]
+// where the slice holds the target, else 0; both 0 where the target is `ignore` (ignore < 0:
+// none). A target outside the vocabulary gives a NaN target logit (the host does not read the
+// targets back to check them; the trainer stops on a non-finite loss).
 template <typename T>
-__device__ void cross_entropy_fwd(const T* x, const unsigned int* targets, float* loss,
-                                  long long rows, int v, long long ignore) {
+__device__ void cross_entropy_stats_fwd(const T* x, const unsigned int* targets, float* stats,
+                                        long long rows, int v, long long ignore, long long start,
+                                        long long vocab) {
   const long long row = warp_row();
   if (row >= rows) return;
-  const unsigned int target = targets[row];
-  if (ignore >= 0 && (long long)target == ignore) {
-    if (lane_id() == 0) loss[row] = 0.0f;
+  const long long target = targets[row];
+  if (ignore >= 0 && target == ignore) {
+    if (lane_id() == 0) stats[row] = stats[rows + row] = 0.0f;
     return;
   }
   const T* xr = x + row * v;
   const float lse = row_log_sum_exp(xr, v);
-  if (lane_id() == 0) loss[row] = target < (unsigned int)v ? lse - Io<T>::load(xr[target]) : NAN;
+  if (lane_id() == 0) {
+    float picked = 0.0f;
+    if (target >= vocab) picked = NAN;
+    else if (target >= start && target < start + v) picked = Io<T>::load(xr[target - start]);
+    stats[row] = lse;
+    stats[rows + row] = picked;
+  }
 }
 
-// dx[row] = (softmax(x[row]) − onehot(target[row])) · g[row] (dx has x's type); zeros on
+// Their gradient for the logits (x's dtype): dx[row] = exp(x[row] − lse) · g_lse + onehot(target
+// − start) · g_target, with aux [3, rows] = (the forward's lse, g_lse, g_target); zeros on
 // ignored rows.
 template <typename T>
-__device__ void cross_entropy_bwd(const T* x, const unsigned int* targets, const float* g, T* dx,
-                                  long long rows, int v, long long ignore) {
+__device__ void cross_entropy_stats_bwd(const T* x, const unsigned int* targets, const float* aux,
+                                        T* dx, long long rows, int v, long long ignore,
+                                        long long start) {
   const long long row = warp_row();
   if (row >= rows) return;
   const int lane = lane_id();
-  const unsigned int target = targets[row];
+  const long long target = targets[row];
   T* dxr = dx + row * v;
-  if (ignore >= 0 && (long long)target == ignore) {
+  if (ignore >= 0 && target == ignore) {
     for (int j = lane; j < v; j += WARP) dxr[j] = Io<T>::store(0.0f);
     return;
   }
   const T* xr = x + row * v;
-  const float lse = row_log_sum_exp(xr, v);
-  const float gr = g[row];
+  const float lse = aux[row], g_lse = aux[rows + row], g_target = aux[2 * rows + row];
   for (int j = lane; j < v; j += WARP) {
-    const float d = expf(Io<T>::load(xr[j]) - lse) * gr - ((unsigned int)j == target ? gr : 0.0f);
-    dxr[j] = Io<T>::store(d);
+    const float onehot = start + j == target ? g_target : 0.0f;
+    dxr[j] = Io<T>::store(expf(Io<T>::load(xr[j]) - lse) * g_lse + onehot);
   }
 }
 
@@ -418,15 +429,15 @@ extern "C" __global__ void adamw_param_f32(float* p, const float* m, const float
   extern "C" __global__ void gelu_bwd_##SUFFIX(const T* x, const T* g, T* dx, long long n) {     \
     gelu_bwd<T>(x, g, dx, n);                                                                    \
   }                                                                                              \
-  extern "C" __global__ void cross_entropy_fwd_##SUFFIX(const T* x, const unsigned int* targets, \
-                                                        float* loss, long long rows, int v,      \
-                                                        long long ignore) {                      \
-    cross_entropy_fwd<T>(x, targets, loss, rows, v, ignore);                                     \
+  extern "C" __global__ void cross_entropy_stats_fwd_##SUFFIX(                                  \
+      const T* x, const unsigned int* targets, float* stats, long long rows, int v,              \
+      long long ignore, long long start, long long vocab) {                                      \
+    cross_entropy_stats_fwd<T>(x, targets, stats, rows, v, ignore, start, vocab);                \
   }                                                                                              \
-  extern "C" __global__ void cross_entropy_bwd_##SUFFIX(const T* x, const unsigned int* targets, \
-                                                        const float* g, T* dx, long long rows,   \
-                                                        int v, long long ignore) {               \
-    cross_entropy_bwd<T>(x, targets, g, dx, rows, v, ignore);                                    \
+  extern "C" __global__ void cross_entropy_stats_bwd_##SUFFIX(                                  \
+      const T* x, const unsigned int* targets, const float* aux, T* dx, long long rows, int v,   \
+      long long ignore, long long start) {                                                       \
+    cross_entropy_stats_bwd<T>(x, targets, aux, dx, rows, v, ignore, start);                     \
   }
 
 EACH_DTYPE(ENTRY_POINTS)

@@ -179,6 +179,19 @@ pub fn run(device: &Device) -> Result<Vec<OpCheck>> {
             dtype,
             device,
         )?);
+        // The same rows split over two tensor-parallel members: member 1's terms.
+        let slice = ops::VocabSlice {
+            start: 2500,
+            vocab: 5000,
+        };
+        checks.push(check(
+            "cross_entropy_stats",
+            &[x(&[76, 2500], 10, 4.0)?],
+            &|t| ops::cross_entropy_stats(&t[0], &targets, Some(0), slice),
+            &|t| portable::cross_entropy_stats(&t[0], &targets, Some(0), slice),
+            dtype,
+            device,
+        )?);
         checks.push(check(
             "add_bias",
             &[x(&[400, 770], 8, 1.0)?, x(&[770], 9, 1.0)?],
@@ -198,7 +211,7 @@ mod tests {
     #[test]
     fn the_cpu_kernels_agree_with_the_compositions() {
         let checks = run(&Device::Cpu).unwrap();
-        assert_eq!(checks.len(), 18);
+        assert_eq!(checks.len(), 21);
         for c in &checks {
             assert!(c.ok, "{c:?}");
             // The CPU has fused kernels for float32 (the count is process-wide, so other

@@ -1,10 +1,11 @@
 //! The CUDA kernels (`worker/kernels/fused_ops.cu`) run on the CPU under emulation
 //! (`kernels/emulate.h`: one OS thread per CUDA thread, warp shuffles through a barrier of the
 //! warp's lanes), launched with the geometry of `model::ops::launch` as the GPU launches them,
-//! against the CPU ops: layer norm, masked and plain softmax, GELU, cross-entropy, the bias add
-//! and the token embedding, forward and backward, and AdamW's in-place update. This is how the GPU kernels are proven without a
-//! GPU. Float32 entry points only: the bfloat16 and float16 ones differ in their loads and
-//! stores alone (CUDA's own conversions), and are compiled, not run, here.
+//! against the CPU ops: layer norm, masked and plain softmax, GELU, the cross-entropy's terms
+//! (over the whole vocabulary and over a tensor-parallel slice), the bias add and the token
+//! embedding, forward and backward, and AdamW's in-place update. This is how the GPU kernels
+//! are proven without a GPU. Every kernel with bfloat16 and float16 entry points runs in all
+//! three dtypes (inputs rounded to the dtype on both sides).
 //!
 //! Needs a C++17 compiler (`c++`, or `CXX`); without one the tests skip with a message.
 
@@ -425,66 +426,99 @@ fn gelu_forward_and_backward_match_the_cpu_ops() {
 }
 
 #[test]
-fn cross_entropy_forward_and_backward_match_the_cpu_ops() {
+fn cross_entropy_terms_and_their_gradient_match_the_cpu_ops() {
     let Some(emu) = emulator() else { return };
-    let (rows, v, ignore) = (9usize, 77usize, 0u32);
-    let mut targets: Vec<u32> = (0..rows as u32).map(|r| (r * 31 + 5) % v as u32).collect();
-    targets[3] = ignore;
-    let g = values(rows, 10);
-    let t = Tensor::from_vec(targets.clone(), rows, &Device::Cpu).unwrap();
-    for (suffix, dtype, tol) in DTYPES {
-        let what = |part: &str| format!("cross-entropy {part} ({suffix})");
-        let x = rounded(values(rows * v, 9).iter().map(|x| x * 4.0).collect(), dtype);
-        let (out, want) = grads(
-            &[tensor(x.clone(), &[rows, v])],
-            |l| ops::cross_entropy_rows(&l[0], &t, Some(ignore)).unwrap(),
-            &tensor(g.clone(), &[rows]),
-        );
-        let scalars = [rows as f64, v as f64, ignore as f64];
-        let loss = run(
-            emu,
-            &format!("cross_entropy_fwd_{suffix}"),
-            launch::rows(rows),
-            &scalars,
-            &[
-                ("x", Input::F32(x.clone())),
-                ("targets", Input::U32(targets.clone())),
-            ],
-            &["loss"],
-        );
-        assert_close(&what("loss"), &loss[0], &f32s(&out), TOL);
-        assert_eq!(loss[0][3], 0.0, "an ignored row's loss");
-        let dx = run(
-            emu,
-            &format!("cross_entropy_bwd_{suffix}"),
-            launch::rows(rows),
-            &scalars,
-            &[
-                ("x", Input::F32(x.clone())),
-                ("targets", Input::U32(targets.clone())),
-                ("g", Input::F32(g.clone())),
-            ],
-            &["dx"],
-        );
-        assert_close(&what("backward"), &dx[0], &f32s(&want[0]), tol);
-        // No ignored class (-1), and a target outside the classes: NaN, which stops training
-        // (the CPU op reports an error instead; the GPU never reads the targets back).
-        let mut outside = targets.clone();
-        outside[0] = v as u32;
-        let loss = run(
-            emu,
-            &format!("cross_entropy_fwd_{suffix}"),
-            launch::rows(rows),
-            &[rows as f64, v as f64, -1.0],
-            &[("x", Input::F32(x)), ("targets", Input::U32(outside))],
-            &["loss"],
-        );
-        assert!(
-            loss[0][0].is_nan(),
-            "an out-of-range target gives {}",
-            loss[0][0]
-        );
-        assert!(loss[0][3] > 0.0, "row 3 counts when nothing is ignored");
+    let (rows, v, ignore) = (9usize, 77usize, 50u32);
+    // The whole vocabulary, and the middle slice of three (tensor parallelism's member 1):
+    // targets in the slice (its first and last column too), before it and after it (the first
+    // column past it too).
+    for slice in [
+        ops::VocabSlice::whole(v),
+        ops::VocabSlice {
+            start: v,
+            vocab: 3 * v,
+        },
+    ] {
+        let mut targets: Vec<u32> = (0..rows as u32)
+            .map(|r| (r * 31 + 5) % slice.vocab as u32)
+            .collect();
+        targets[1] = slice.start as u32;
+        targets[2] = (slice.start + v - 1) as u32;
+        targets[3] = ignore;
+        if slice.start + v < slice.vocab {
+            targets[4] = (slice.start + v) as u32; // the next member's first column
+        }
+        let t = Tensor::from_vec(targets.clone(), rows, &Device::Cpu).unwrap();
+        let g = values(2 * rows, 10);
+        for (suffix, dtype, tol) in DTYPES {
+            let what = |part: &str| format!("cross-entropy {part} ({suffix}, {slice:?})");
+            let x = rounded(values(rows * v, 9).iter().map(|x| x * 4.0).collect(), dtype);
+            let (stats, want) = grads(
+                &[tensor(x.clone(), &[rows, v])],
+                |l| ops::cross_entropy_stats(&l[0], &t, Some(ignore), slice).unwrap(),
+                &tensor(g.clone(), &[2, rows]),
+            );
+            let scalars = [
+                rows as f64,
+                v as f64,
+                ignore as f64,
+                slice.start as f64,
+                slice.vocab as f64,
+            ];
+            let got = run(
+                emu,
+                &format!("cross_entropy_stats_fwd_{suffix}"),
+                launch::rows(rows),
+                &scalars,
+                &[
+                    ("x", Input::F32(x.clone())),
+                    ("targets", Input::U32(targets.clone())),
+                ],
+                &["stats"],
+            );
+            assert_close(&what("terms"), &got[0], &f32s(&stats), TOL);
+            assert_eq!(
+                [got[0][3], got[0][rows + 3]],
+                [0.0, 0.0],
+                "an ignored row's terms"
+            );
+            let mut aux = f32s(&stats)[..rows].to_vec();
+            aux.extend(&g);
+            let dx = run(
+                emu,
+                &format!("cross_entropy_stats_bwd_{suffix}"),
+                launch::rows(rows),
+                &scalars[..4],
+                &[
+                    ("x", Input::F32(x.clone())),
+                    ("targets", Input::U32(targets.clone())),
+                    ("aux", Input::F32(aux)),
+                ],
+                &["dx"],
+            );
+            assert_close(&what("backward"), &dx[0], &f32s(&want[0]), tol);
+            // No ignored class (-1), and a target outside the vocabulary: a NaN target logit,
+            // which makes the loss NaN and stops training (the CPU op reports an error
+            // instead; the GPU never reads the targets back).
+            let mut outside = targets.clone();
+            outside[0] = slice.vocab as u32;
+            let mut scalars = scalars;
+            scalars[2] = -1.0;
+            let got = run(
+                emu,
+                &format!("cross_entropy_stats_fwd_{suffix}"),
+                launch::rows(rows),
+                &scalars,
+                &[("x", Input::F32(x)), ("targets", Input::U32(outside))],
+                &["stats"],
+            );
+            assert!(
+                got[0][rows].is_nan(),
+                "an out-of-range target gives {}",
+                got[0][rows]
+            );
+            assert!(got[0][3] > 0.0, "row 3 counts when nothing is ignored");
+        }
     }
 }
 

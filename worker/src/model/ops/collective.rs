@@ -255,6 +255,16 @@ pub fn gather_rows_keeping_own(x: &Tensor, comm: &Arc<dyn Communicator>) -> Resu
     in_f32(x, |x| own_rows_tracked(x, comm.as_ref(), &counts))
 }
 
+/// [`gather_rows_keeping_own`] where every member holds as many rows as this one (known
+/// beforehand): one all-gather, without exchanging row counts first.
+pub fn gather_equal_rows_keeping_own(x: &Tensor, comm: &Arc<dyn Communicator>) -> Result<Tensor> {
+    if comm.size() == 1 {
+        return Ok(x.clone());
+    }
+    let counts = vec![x.dim(0)?; comm.size()];
+    in_f32(x, |x| own_rows_tracked(x, comm.as_ref(), &counts))
+}
+
 /// Identity forward; the backward sums the gradient over the group (the input of a
 /// column-parallel layer, whose members each see only part of the output).
 pub fn copy_to_group(x: &Tensor, comm: &Arc<dyn Communicator>) -> Result<Tensor> {

@@ -1,4 +1,5 @@
-//! Per-row cross-entropy from logits and integer targets, fused with its backward.
+//! Per-row cross-entropy from logits and integer targets, fused with its backward: over the
+//! whole vocabulary, or over the slice of it one tensor-parallel member holds.
 
 use super::math::exp;
 use super::{f32_data, fused, portable, u32_data, ROWS_PER_TASK};
@@ -12,11 +13,11 @@ use rayon::prelude::*;
 ///
 /// Rows whose target equals `ignore` get loss 0 and no gradient (PyTorch's `ignore_index`); the
 /// caller divides by the number of counted rows. Float32 on the CPU, or any float dtype on a
-/// GPU, runs the fused kernel, whose backward recomputes the log-softmax row by row (over a
-/// 49,408-word vocabulary it is never materialised); anything else runs
-/// [`super::portable::cross_entropy_rows`]. Both return float32 for half-precision logits. On a
-/// GPU the targets are not read back: a counted target outside the classes gives a NaN loss
-/// (which stops training) instead of an error.
+/// GPU, runs the fused kernel ([`cross_entropy_stats`]), whose backward reuses the forward's
+/// log-sum-exp row by row (over a 49,408-word vocabulary the log-softmax is never
+/// materialised); anything else runs [`super::portable::cross_entropy_rows`]. Both return
+/// float32 for half-precision logits. On a GPU the targets are not read back: a counted target
+/// outside the classes gives a NaN loss (which stops training) instead of an error.
 pub fn cross_entropy_rows(
     logits: &Tensor,
     targets: &Tensor,
@@ -27,10 +28,62 @@ pub fn cross_entropy_rows(
     if !fused(&[logits]) {
         return portable::cross_entropy_rows(logits, targets, ignore);
     }
+    let stats = cross_entropy_stats(logits, targets, ignore, VocabSlice::whole(v))?;
+    stats.get(0)? - stats.get(1)?
+}
+
+/// Which vocabulary ids the columns of a row of logits are: `start .. start + V` of a
+/// vocabulary of `vocab` ids. Tensor parallelism splits the caption logits this way; a whole
+/// row is [`VocabSlice::whole`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VocabSlice {
+    /// The id of the first column.
+    pub start: usize,
+    /// The size of the whole vocabulary (targets at or past it are errors).
+    pub vocab: usize,
+}
+
+impl VocabSlice {
+    /// Every id of a vocabulary of `vocab`.
+    pub fn whole(vocab: usize) -> Self {
+        Self { start: 0, vocab }
+    }
+}
+
+/// The cross-entropy's two terms for each row of `[N, V]` logits over `slice`, as float32
+/// `[2, N]`: the log-sum-exp of the row's columns, and the target's logit where the slice
+/// holds the target (else 0); both 0 on rows whose target is `ignore`.
+///
+/// The whole-vocabulary loss is the first minus the second; the vocabulary-parallel one
+/// combines every member's pair ([`crate::model::tensor_parallel::vocab_parallel_cross_entropy`]).
+/// Its backward is `exp(x − lse) · g_lse + onehot · g_target`, reusing the forward's
+/// log-sum-exps. Fused kernels for float32 on the CPU and every float dtype on a GPU;
+/// [`super::portable::cross_entropy_stats`] elsewhere. A counted target at or past
+/// `slice.vocab` is an error on the CPU and a NaN target logit on a GPU (see
+/// [`cross_entropy_rows`]).
+pub fn cross_entropy_stats(
+    logits: &Tensor,
+    targets: &Tensor,
+    ignore: Option<u32>,
+    slice: VocabSlice,
+) -> Result<Tensor> {
+    let (n, v) = logits.dims2()?;
+    check_targets("cross_entropy_stats", targets, n, v)?;
+    if slice.start + v > slice.vocab {
+        bail!(
+            "cross_entropy_stats: columns {}..{} are outside the vocabulary of {}",
+            slice.start,
+            slice.start + v,
+            slice.vocab
+        );
+    }
+    if !fused(&[logits]) {
+        return portable::cross_entropy_stats(logits, targets, ignore, slice);
+    }
     let targets = targets.to_dtype(DType::U32)?.contiguous()?;
     logits
         .contiguous()?
-        .apply_op2(&targets, CrossEntropy { ignore })
+        .apply_op2(&targets, CrossEntropyStats { ignore, slice })
 }
 
 /// Checks that `targets` is `[n]` for logits `[n, v]`.
@@ -44,13 +97,14 @@ pub(crate) fn check_targets(op: &str, targets: &Tensor, n: usize, v: usize) -> R
     Ok(())
 }
 
-struct CrossEntropy {
+/// [`cross_entropy_stats`] as a fused op.
+struct CrossEntropyStats {
     ignore: Option<u32>,
+    slice: VocabSlice,
 }
 
-/// Max and log-sum-exp of one row (in lanes: see [`crate::simd`]), on the active kernel family
-/// (this op and the vocabulary-parallel one).
-pub(crate) fn log_sum_exp(row: &[f32]) -> (f32, f32) {
+/// Max and log-sum-exp of one row (in lanes: see [`crate::simd`]), on the active kernel family.
+fn log_sum_exp(row: &[f32]) -> (f32, f32) {
     log_sum_exp_row(KernelFamily::active(), row)
 }
 
@@ -72,15 +126,24 @@ multiversion! {
     }
 }
 
-fn check_target(op: &str, target: u32, vocab: usize) -> Result<usize> {
-    let t = target as usize;
-    if t >= vocab {
-        bail!("{op}: target {t} is outside the {vocab} classes");
+impl CrossEntropyStats {
+    /// The column of a counted `target` in a slice of `width` columns, if the slice holds it;
+    /// an error for a target outside the vocabulary.
+    fn column(&self, target: u32, width: usize) -> Result<Option<usize>> {
+        let t = target as usize;
+        if t >= self.slice.vocab {
+            bail!(
+                "{}: target {t} is outside the {} classes",
+                self.name(),
+                self.slice.vocab
+            );
+        }
+        let start = self.slice.start;
+        Ok((start..start + width).contains(&t).then(|| t - start))
     }
-    Ok(t)
 }
 
-impl CustomOp2 for CrossEntropy {
+impl CustomOp2 for CrossEntropyStats {
     fn name(&self) -> &'static str {
         "cross-entropy"
     }
@@ -94,19 +157,24 @@ impl CustomOp2 for CrossEntropy {
     ) -> Result<(CpuStorage, Shape)> {
         let x = f32_data(self.name(), s1, l1)?;
         let targets = u32_data(self.name(), s2, l2)?;
-        let v = l1.shape().dims()[1];
-        let mut loss = vec![0f32; targets.len()];
-        loss.par_iter_mut()
+        let (n, v) = (targets.len(), l1.shape().dims()[1]);
+        // [lse_0 .. lse_{n-1}, picked_0 .. picked_{n-1}]
+        let mut stats = vec![0f32; 2 * n];
+        let (lse, picked) = stats.split_at_mut(n);
+        lse.par_iter_mut()
+            .zip(picked.par_iter_mut())
             .zip(x.par_chunks(v).zip(targets.par_iter()))
-            .try_for_each(|(loss, (row, &target))| -> Result<()> {
+            .try_for_each(|((lse, picked), (row, &target))| -> Result<()> {
                 if Some(target) == self.ignore {
                     return Ok(());
                 }
-                let t = check_target(self.name(), target, v)?;
-                *loss = log_sum_exp(row).1 - row[t];
+                if let Some(t) = self.column(target, v)? {
+                    *picked = row[t];
+                }
+                *lse = log_sum_exp(row).1;
                 Ok(())
             })?;
-        Ok((CpuStorage::F32(loss), Shape::from(targets.len())))
+        Ok((CpuStorage::F32(stats), Shape::from((2, n))))
     }
 
     #[cfg(feature = "cuda")]
@@ -117,44 +185,37 @@ impl CustomOp2 for CrossEntropy {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::cross_entropy(self.name(), (s1, l1), (s2, l2), self.ignore)
+        super::cuda::cross_entropy_stats(self.name(), (s1, l1), (s2, l2), self.ignore, self.slice)
     }
 
     fn bwd(
         &self,
         logits: &Tensor,
         targets: &Tensor,
-        _res: &Tensor,
+        stats: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // [3, N]: the forward's log-sum-exps and the gradients of both terms.
+        let aux = Tensor::cat(&[&stats.narrow(0, 0, 1)?, &grad.to_dtype(DType::F32)?], 0)?;
         let dlogits = logits.apply_op3_no_bwd(
             targets,
-            &grad.contiguous()?,
-            &CrossEntropyBackward {
+            &aux.contiguous()?,
+            &CrossEntropyStatsBackward {
                 ignore: self.ignore,
-                shard: None,
+                slice: self.slice,
             },
         )?;
         Ok((Some(dlogits), None))
     }
 }
 
-/// dlogits[n] = (softmax(logits[n]) − onehot(target[n])) · grad[n].
-pub(crate) struct CrossEntropyBackward {
-    pub(crate) ignore: Option<u32>,
-    /// For a slice of the vocabulary (tensor parallelism): the logits are columns
-    /// `start..start + V` of the whole row, and each row's log-sum-exp over the whole vocabulary
-    /// is given.
-    pub(crate) shard: Option<VocabShard>,
+/// dlogits[n] = exp(logits[n] − lse[n]) · g_lse[n] + onehot(target[n]) · g_target[n].
+struct CrossEntropyStatsBackward {
+    ignore: Option<u32>,
+    slice: VocabSlice,
 }
 
-/// Where a vocabulary slice starts and every row's log-sum-exp over the whole vocabulary.
-pub(crate) struct VocabShard {
-    pub(crate) start: usize,
-    pub(crate) lse: std::sync::Arc<Vec<f32>>,
-}
-
-impl CustomOp3 for CrossEntropyBackward {
+impl CustomOp3 for CrossEntropyStatsBackward {
     fn name(&self) -> &'static str {
         "cross-entropy-backward"
     }
@@ -170,36 +231,28 @@ impl CustomOp3 for CrossEntropyBackward {
     ) -> Result<(CpuStorage, Shape)> {
         let x = f32_data(self.name(), s1, l1)?;
         let targets = u32_data(self.name(), s2, l2)?;
-        let g = f32_data(self.name(), s3, l3)?;
-        let v = l1.shape().dims()[1];
+        let aux = f32_data(self.name(), s3, l3)?;
+        let (n, v) = (targets.len(), l1.shape().dims()[1]);
+        let (lse, g_lse, g_target) = (&aux[..n], &aux[n..2 * n], &aux[2 * n..]);
         let family = KernelFamily::active();
+        let start = self.slice.start;
         let mut dx = vec![0f32; x.len()];
         dx.par_chunks_mut(v * ROWS_PER_TASK)
             .zip(x.par_chunks(v * ROWS_PER_TASK))
             .enumerate()
-            .try_for_each(|(task, (dx, x))| -> Result<()> {
+            .for_each(|(task, (dx, x))| {
                 for (i, (dx, row)) in dx.chunks_mut(v).zip(x.chunks(v)).enumerate() {
                     let n = task * ROWS_PER_TASK + i;
                     if Some(targets[n]) == self.ignore {
                         continue;
                     }
-                    let lse = match &self.shard {
-                        Some(shard) => shard.lse[n],
-                        None => log_sum_exp(row).1,
-                    };
-                    softmax_times(family, dx, row, lse, g[n]);
-                    match &self.shard {
-                        None => dx[check_target(self.name(), targets[n], v)?] -= g[n],
-                        Some(shard) => {
-                            let t = targets[n] as usize;
-                            if (shard.start..shard.start + v).contains(&t) {
-                                dx[t - shard.start] -= g[n];
-                            }
-                        }
+                    softmax_times(family, dx, row, lse[n], g_lse[n]);
+                    let t = targets[n] as usize;
+                    if (start..start + v).contains(&t) {
+                        dx[t - start] += g_target[n];
                     }
                 }
-                Ok(())
-            })?;
+            });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 
@@ -213,12 +266,13 @@ impl CustomOp3 for CrossEntropyBackward {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        if self.shard.is_some() {
-            bail!(
-                "{}: the vocabulary-parallel backward runs on the CPU only",
-                self.name()
-            );
-        }
-        super::cuda::cross_entropy_backward(self.name(), (s1, l1), (s2, l2), (s3, l3), self.ignore)
+        super::cuda::cross_entropy_stats_backward(
+            self.name(),
+            (s1, l1),
+            (s2, l2),
+            (s3, l3),
+            self.ignore,
+            self.slice,
+        )
     }
 }

@@ -8,6 +8,7 @@
 //! Every input must be contiguous (the callers make it so); offsets into a storage are honoured.
 
 use super::launch::{self, Geometry};
+use super::VocabSlice;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
@@ -324,48 +325,52 @@ fn ignored(ignore: Option<u32>) -> i64 {
     ignore.map_or(-1, i64::from)
 }
 
-/// Per-row cross-entropy of `[N, V]` logits and u32 targets → float32 `[N]`.
-pub(super) fn cross_entropy(
+/// The cross-entropy's two terms `[2, N]` (float32) of `[N, V]` logits, columns
+/// `slice.start ..` of a vocabulary of `slice.vocab` ids, and u32 targets.
+pub(super) fn cross_entropy_stats(
     op: &str,
     (xs, xl): (&CudaStorage, &Layout),
     (ts, tl): (&CudaStorage, &Layout),
     ignore: Option<u32>,
+    slice: VocabSlice,
 ) -> Result<(CudaStorage, Shape)> {
     let dev = xs.device();
     let v = xl.shape().dims().last().copied().unwrap_or(1);
     let (rows, v32) = row_count(op, xl.shape().elem_count(), v)?;
     let targets = input::<u32>(op, ts, tl)?;
-    let mut loss = output::<f32>(dev, rows as usize)?;
-    let ignore = ignored(ignore);
+    let mut stats = output::<f32>(dev, 2 * rows as usize)?;
+    let (ignore, start, vocab) = (ignored(ignore), slice.start as i64, slice.vocab as i64);
     by_dtype!(op, xs.dtype(), T => {
         let x = input::<T>(op, xs, xl)?;
-        launch!(dev, format!("cross_entropy_fwd_{}", T::SUFFIX), launch::rows(rows as usize),
-            &x, &targets, &mut loss, &rows, &v32, &ignore);
+        launch!(dev, format!("cross_entropy_stats_fwd_{}", T::SUFFIX), launch::rows(rows as usize),
+            &x, &targets, &mut stats, &rows, &v32, &ignore, &start, &vocab);
     });
     Ok((
-        CudaStorage::wrap_cuda_slice(loss, dev.clone()),
-        Shape::from(rows as usize),
+        CudaStorage::wrap_cuda_slice(stats, dev.clone()),
+        Shape::from((2, rows as usize)),
     ))
 }
 
-/// The cross-entropy's gradient for the logits (their dtype) from the float32 upstream `[N]`.
-pub(super) fn cross_entropy_backward(
+/// Their gradient for the logits (the logits' dtype) from `aux` `[3, N]` float32: the
+/// forward's log-sum-exps and the upstream gradients of both terms.
+pub(super) fn cross_entropy_stats_backward(
     op: &str,
     (xs, xl): (&CudaStorage, &Layout),
     (ts, tl): (&CudaStorage, &Layout),
-    (gs, gl): (&CudaStorage, &Layout),
+    (aux_s, aux_l): (&CudaStorage, &Layout),
     ignore: Option<u32>,
+    slice: VocabSlice,
 ) -> Result<(CudaStorage, Shape)> {
     let dev = xs.device();
     let v = xl.shape().dims().last().copied().unwrap_or(1);
     let (rows, v32) = row_count(op, xl.shape().elem_count(), v)?;
-    let (targets, g) = (input::<u32>(op, ts, tl)?, input::<f32>(op, gs, gl)?);
-    let ignore = ignored(ignore);
+    let (targets, aux) = (input::<u32>(op, ts, tl)?, input::<f32>(op, aux_s, aux_l)?);
+    let (ignore, start) = (ignored(ignore), slice.start as i64);
     by_dtype!(op, xs.dtype(), T => {
         let x = input::<T>(op, xs, xl)?;
         let mut dx = output::<T>(dev, xl.shape().elem_count())?;
-        launch!(dev, format!("cross_entropy_bwd_{}", T::SUFFIX), launch::rows(rows as usize),
-            &x, &targets, &g, &mut dx, &rows, &v32, &ignore);
+        launch!(dev, format!("cross_entropy_stats_bwd_{}", T::SUFFIX), launch::rows(rows as usize),
+            &x, &targets, &aux, &mut dx, &rows, &v32, &ignore, &start);
         Ok((CudaStorage::wrap_cuda_slice(dx, dev.clone()), xl.shape().clone()))
     })
 }

@@ -1,8 +1,8 @@
 //! Which implementation an op runs: the fused CPU kernel or the portable composition.
 //!
 //! The fused kernels exist for float32 on the CPU and, in the `cuda` build, for float32,
-//! bfloat16 and float16 on a GPU (the transpose copy and the vocabulary-parallel
-//! cross-entropy: on the CPU only); everything else takes the portable path. `COCA_PORTABLE_OPS=1` (read once per process) or [`force_portable`] sends
+//! bfloat16 and float16 on a GPU (the transpose copy: on the CPU only); everything else takes
+//! the portable path. `COCA_PORTABLE_OPS=1` (read once per process) or [`force_portable`] sends
 //! every op down the portable path on the CPU too, so the math the GPU runs is tested here.
 
 use candle_core::{DType, Tensor};
@@ -62,9 +62,8 @@ pub(crate) fn fused(tensors: &[&Tensor]) -> bool {
     )
 }
 
-/// Whether an op with CPU kernels only (the transpose copy, the vocabulary-parallel
-/// cross-entropy) runs them over `tensors`: every tensor float32 on the
-/// CPU, and the portable path not forced.
+/// Whether an op with CPU kernels only (the transpose copy) runs them over `tensors`: every
+/// tensor float32 on the CPU, and the portable path not forced.
 pub(crate) fn fused_on_cpu(tensors: &[&Tensor]) -> bool {
     count(!portable_forced() && tensors.iter().all(|t| on_cpu_in_f32(t)))
 }

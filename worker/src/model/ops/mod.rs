@@ -24,7 +24,7 @@
 //! | [`layer_norm`] | float32 statistics and affine | float32 (autocast's float32 list) |
 //! | [`softmax_last_dim`], [`masked_softmax`] | float32: − row max, exp, normalise | float32 |
 //! | [`gelu_erf`] | float32 erf and products | the input's dtype (not an autocast op) |
-//! | [`cross_entropy_rows`] | float32 log-sum-exp | float32 (same) |
+//! | [`cross_entropy_rows`], [`cross_entropy_stats`] | float32 log-sum-exp | float32 (same) |
 //! | [`transpose_contiguous`] | no arithmetic | the input's dtype |
 //!
 //! A bfloat16 model therefore gets float32 activations out of its layer norms and softmaxes;
@@ -47,9 +47,7 @@ mod softmax;
 mod transpose;
 
 pub use bias::add_bias;
-pub(crate) use cross_entropy::check_targets;
-pub use cross_entropy::cross_entropy_rows;
-pub(crate) use cross_entropy::{log_sum_exp, CrossEntropyBackward, VocabShard};
+pub use cross_entropy::{cross_entropy_rows, cross_entropy_stats, VocabSlice};
 #[cfg(feature = "cuda")]
 pub(crate) use cuda::{adam_moment, adamw_param};
 pub use dispatch::{force_portable, fused_dispatches, portable_forced, PORTABLE_OPS_ENV};

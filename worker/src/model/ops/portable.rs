@@ -133,6 +133,28 @@ pub fn cross_entropy_rows(
     (log_sum_exp(&x, 1)? - picked)?.mul(&columns.counted)
 }
 
+/// [`super::cross_entropy_stats`] composed: `[2, N]` in the compute dtype (which it returns),
+/// the log-sum-exp of each counted row and its target's logit where the slice holds it; zeros
+/// on ignored rows. Reads the targets on the host, as [`cross_entropy_rows`] does.
+pub fn cross_entropy_stats(
+    logits: &Tensor,
+    targets: &Tensor,
+    ignore: Option<u32>,
+    slice: super::VocabSlice,
+) -> Result<Tensor> {
+    let columns = TargetColumns::new(
+        "cross_entropy_stats",
+        logits,
+        targets,
+        ignore,
+        slice.start,
+        slice.vocab,
+    )?;
+    let x = upcast(logits)?;
+    let lse = log_sum_exp(&x, 1)?.mul(&columns.counted)?;
+    Tensor::stack(&[lse, columns.picked(&x)?], 0)
+}
+
 /// Where each row's target sits in a slice of columns of `[N, V]` logits, read from the host
 /// targets: built once per loss, shared by the whole-vocabulary and the vocabulary-parallel
 /// cross-entropy.

@@ -22,8 +22,7 @@
 //! [`reduce_from_group`]) and the backward one (`f`, [`copy_to_group`] at the input of the
 //! column-parallel layer). The vocabulary-parallel embedding adds one forward all-reduce, the
 //! decoder's projection one backward all-reduce, and the cross-entropy one all-gather of two
-//! floats per token (its portable composition, on other devices and dtypes: one all-reduce of
-//! `2·T` floats per token).
+//! floats per token.
 //!
 //! Gradients: when every member of a TP group feeds the model the same inputs, the gradients of
 //! the replicated parameters come out bit-identical on every member (they only see activations
@@ -37,7 +36,6 @@
 
 mod split;
 mod vocab;
-mod vocab_portable;
 
 pub use split::{
     full_shape, gather_state_dict, gather_tensor, local_parameter_shapes, shard_state_dict,
@@ -45,11 +43,10 @@ pub use split::{
 };
 pub use vocab::{
     caption_loss_parallel, caption_token_loss, vocab_parallel_cross_entropy,
-    vocab_parallel_embedding,
+    vocab_parallel_cross_entropy_portable, vocab_parallel_embedding,
 };
-pub use vocab_portable::vocab_parallel_cross_entropy_portable;
 
-use super::ops::collective::{copy_to_group, reduce_from_group};
+use super::ops::collective::{copy_to_group, gather_equal_rows_keeping_own, reduce_from_group};
 use crate::comm::{Communicator, HostTransport};
 use crate::model::autocast::Autocast;
 use crate::model::config::{mlp_width, CocaConfig};
@@ -167,6 +164,13 @@ impl TensorParallel {
     /// row-parallel layer). Nothing at degree 1.
     pub fn reduce_out(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         reduce_from_group(x, &self.communicator)
+    }
+
+    /// Every member's rows of `x`, in member order, where each member holds as many rows; the
+    /// gradient reaches this member's own rows only, from its own use of the result. Nothing
+    /// at degree 1.
+    pub fn gather_keeping_own(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        gather_equal_rows_keeping_own(x, &self.communicator)
     }
 
     /// [`check_degree`] for this group's size.
