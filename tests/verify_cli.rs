@@ -63,13 +63,15 @@ fn selftest_passes_on_the_test_device_with_one_json_line() {
     let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(report["ok"], true, "{out}");
     let checks = report["checks"].as_array().unwrap();
-    // Seven ops in three dtypes, each fused path against its composition.
-    assert_eq!(checks.len(), 21, "{out}");
+    // Seven ops in three dtypes and the embedding in float32, each fused path against its
+    // composition.
+    assert_eq!(checks.len(), 22, "{out}");
     for op in [
         "layer_norm",
         "masked_softmax",
         "cross_entropy_rows",
         "cross_entropy_stats",
+        "embedding_slice",
         "add_bias",
     ] {
         assert!(checks

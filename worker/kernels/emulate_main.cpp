@@ -176,22 +176,22 @@ bool run_f32(const std::string& kernel, const Args& a) {
                       (float)a.scalar(2));
     });
     write("dx", dx);
-  } else if (kernel == "embedding_fwd_f32") {  // n d v
+  } else if (kernel == "embedding_fwd_f32") {  // n d v start vocab
     auto table = read<float>("table");
     auto ids = read_u32("ids");
     std::vector<float> out((size_t)a.integer(0) * a.integer(1));
     launch(a.grid, a.block, [&] {
       embedding_fwd_f32(table.data(), ids.data(), out.data(), a.integer(0), (int)a.integer(1),
-                        a.integer(2));
+                        a.integer(2), a.integer(3), a.integer(4));
     });
     write("out", out);
-  } else if (kernel == "embedding_bwd_f32") {  // n d v
+  } else if (kernel == "embedding_bwd_f32") {  // n d v start
     auto g = read<float>("g");
     auto ids = read_u32("ids");
     std::vector<float> dtable((size_t)a.integer(2) * a.integer(1), 0.0f);
     launch(a.grid, a.block, [&] {
       embedding_bwd_f32(ids.data(), g.data(), dtable.data(), a.integer(0), (int)a.integer(1),
-                        a.integer(2));
+                        a.integer(2), a.integer(3));
     });
     write("dtable", dtable);
   } else if (kernel == "adam_moment_f32") {  // n beta squared

@@ -326,35 +326,41 @@ __device__ void cross_entropy_stats_bwd(const T* x, const unsigned int* targets,
 
 // ---- Token embedding -----------------------------------------------------------------------
 
-// out[i] = table[ids[i]] (rows of width d, float32); a row of NaN for an id outside the v rows
-// (no error can leave a kernel; the NaN loss stops training).
+// out[i] = table[ids[i] − start] (rows of width d, float32) for a table of the v ids start ..
+// start + v of a vocabulary of `vocab` ids (the whole table: start 0, vocab v); a row of zeros
+// for an id another tensor-parallel member holds, and a row of NaN for an id outside the
+// vocabulary (no error can leave a kernel; the NaN loss stops training).
 extern "C" __global__ void embedding_fwd_f32(const float* table, const unsigned int* ids,
-                                             float* out, long long n, int d, long long v) {
+                                             float* out, long long n, int d, long long v,
+                                             long long start, long long vocab) {
   const long long row = warp_row();
   if (row >= n) return;
-  const unsigned int id = ids[row];
+  const long long id = ids[row];
   float* o = out + row * d;
-  const bool known = (long long)id < v;
-  for (int j = lane_id(); j < d; j += WARP) o[j] = known ? table[(long long)id * d + j] : NAN;
+  const bool known = id < vocab, mine = id >= start && id < start + v;
+  for (int j = lane_id(); j < d; j += WARP)
+    o[j] = !known ? NAN : mine ? table[(id - start) * d + j] : 0.0f;
 }
 
-// dtable[id] += g[i] for every position i of id, in position order: the first position of
-// each id (its leader warp) adds the rows of all that id's positions, so no two warps write one
-// row and the sums do not depend on scheduling (candle's index_add gives each column one thread
-// looping over every position). dtable starts at zero; ids outside the v rows are skipped.
+// dtable[id − start] += g[i] for every position i of an id the table holds, in position order:
+// the first position of each id (its leader warp) adds the rows of all that id's positions, so
+// no two warps write one row and the sums do not depend on scheduling (candle's index_add
+// gives each column one thread looping over every position). dtable starts at zero; ids
+// outside the table are skipped.
 extern "C" __global__ void embedding_bwd_f32(const unsigned int* ids, const float* g,
-                                             float* dtable, long long n, int d, long long v) {
+                                             float* dtable, long long n, int d, long long v,
+                                             long long start) {
   const long long row = warp_row();
   if (row >= n) return;
   const int lane = lane_id();
   const unsigned int id = ids[row];
-  if ((long long)id >= v) return;
+  if ((long long)id < start || (long long)id >= start + v) return;
   // Leader: no earlier position has this id.
   for (long long base = 0; base < row; base += WARP) {
     const long long j = base + lane;
     if (__ballot_sync(FULL_MASK, j < row && ids[j] == id) != 0) return;
   }
-  float* dst = dtable + (long long)id * d;
+  float* dst = dtable + ((long long)id - start) * d;
   for (long long base = row; base < n; base += WARP) {
     const long long j = base + lane;
     unsigned int matches = __ballot_sync(FULL_MASK, j < n && ids[j] == id);

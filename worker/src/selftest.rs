@@ -192,6 +192,24 @@ pub fn run(device: &Device) -> Result<Vec<OpCheck>> {
             dtype,
             device,
         )?);
+        // The token embedding (float32 tables only), over a tensor-parallel member's slice of
+        // the vocabulary: rows of ids another member holds are zero.
+        if dtype == DType::F32 {
+            let ids: Vec<u32> = (0..300u32).map(|i| i * 37 % 1000).collect();
+            let ids = Tensor::from_vec(ids, 300, device)?;
+            let slice = ops::VocabSlice {
+                start: 500,
+                vocab: 1000,
+            };
+            checks.push(check(
+                "embedding_slice",
+                &[f32s(&[500, 512], 11)?],
+                &|t| ops::embedding_slice(&t[0], &ids, slice),
+                &|t| portable::embedding_slice(&t[0], &ids, slice),
+                dtype,
+                device,
+            )?);
+        }
         checks.push(check(
             "add_bias",
             &[x(&[400, 770], 8, 1.0)?, x(&[770], 9, 1.0)?],
@@ -211,7 +229,7 @@ mod tests {
     #[test]
     fn the_cpu_kernels_agree_with_the_compositions() {
         let checks = run(&Device::Cpu).unwrap();
-        assert_eq!(checks.len(), 21);
+        assert_eq!(checks.len(), 22);
         for c in &checks {
             assert!(c.ok, "{c:?}");
             // The CPU has fused kernels for float32 (the count is process-wide, so other

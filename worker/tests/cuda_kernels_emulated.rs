@@ -526,56 +526,78 @@ fn cross_entropy_terms_and_their_gradient_match_the_cpu_ops() {
 fn embedding_lookup_and_its_gradient_match_candles_index_select() {
     let Some(emu) = emulator() else { return };
     // Padding (id 0) at every third position, other ids repeated far apart; width 40: lanes
-    // with one and two values; one id outside the table.
+    // with one and two values; one id outside the vocabulary. The whole table, and the middle
+    // third of a vocabulary split over three tensor-parallel members (ids before, in and after
+    // it), against candle's index_select (masked for the slice).
     let (v, d, n) = (50usize, 40usize, 70usize);
-    let mut ids: Vec<u32> = (0..n as u32).map(|i| (i * 17 + 3) % v as u32).collect();
-    for i in (0..n).step_by(3) {
-        ids[i] = 0;
+    for slice in [
+        ops::VocabSlice::whole(v),
+        ops::VocabSlice {
+            start: v,
+            vocab: 3 * v,
+        },
+    ] {
+        let what = |part: &str| format!("embedding {part} ({slice:?})");
+        let mut ids: Vec<u32> = (0..n as u32)
+            .map(|i| (i * 17 + 3) % slice.vocab as u32)
+            .collect();
+        for i in (0..n).step_by(3) {
+            ids[i] = 0;
+        }
+        let (table, g) = (values(v * d, 18), values(n * d, 19));
+        let inside = Tensor::from_vec(ids.clone(), n, &Device::Cpu).unwrap();
+        let (out, want) = grads(
+            &[tensor(table.clone(), &[v, d])],
+            |t| ops::portable::embedding_slice(&t[0], &inside, slice).unwrap(),
+            &tensor(g.clone(), &[n, d]),
+        );
+        let original = ids[5] as usize;
+        ids[5] = slice.vocab as u32;
+        let scalars = [
+            n as f64,
+            d as f64,
+            v as f64,
+            slice.start as f64,
+            slice.vocab as f64,
+        ];
+        let rows = run(
+            emu,
+            "embedding_fwd_f32",
+            launch::rows(n),
+            &scalars,
+            &[
+                ("table", Input::F32(table)),
+                ("ids", Input::U32(ids.clone())),
+            ],
+            &["out"],
+        );
+        let mut want_rows = f32s(&out);
+        want_rows[5 * d..6 * d].fill(f32::NAN);
+        assert_close(&what("rows"), &rows[0], &want_rows, TOL);
+        let dtable = run(
+            emu,
+            "embedding_bwd_f32",
+            launch::rows(n),
+            &scalars[..4],
+            &[
+                ("ids", Input::U32(ids.clone())),
+                ("g", Input::F32(g.clone())),
+            ],
+            &["dtable"],
+        );
+        // The position outside the vocabulary adds nothing (the reference had its original id
+        // there).
+        let mut want_table = f32s(&want[0]);
+        if let Some(local) = original.checked_sub(slice.start).filter(|&l| l < v) {
+            for (w, gv) in want_table[local * d..(local + 1) * d]
+                .iter_mut()
+                .zip(&g[5 * d..6 * d])
+            {
+                *w -= gv;
+            }
+        }
+        assert_close(&what("table gradient"), &dtable[0], &want_table, TOL);
     }
-    let (table, g) = (values(v * d, 18), values(n * d, 19));
-    let inside = Tensor::from_vec(ids.clone(), n, &Device::Cpu).unwrap();
-    let (out, want) = grads(
-        &[tensor(table.clone(), &[v, d])],
-        |t| t[0].index_select(&inside, 0).unwrap(),
-        &tensor(g.clone(), &[n, d]),
-    );
-    ids[5] = v as u32;
-    let scalars = [n as f64, d as f64, v as f64];
-    let rows = run(
-        emu,
-        "embedding_fwd_f32",
-        launch::rows(n),
-        &scalars,
-        &[
-            ("table", Input::F32(table)),
-            ("ids", Input::U32(ids.clone())),
-        ],
-        &["out"],
-    );
-    let mut want_rows = f32s(&out);
-    want_rows[5 * d..6 * d].fill(f32::NAN);
-    assert_close("embedding rows", &rows[0], &want_rows, TOL);
-    let dtable = run(
-        emu,
-        "embedding_bwd_f32",
-        launch::rows(n),
-        &scalars,
-        &[
-            ("ids", Input::U32(ids.clone())),
-            ("g", Input::F32(g.clone())),
-        ],
-        &["dtable"],
-    );
-    // The position outside the table adds nothing (the reference had its original id there).
-    let mut want_table = f32s(&want[0]);
-    let original = ((5 * 17 + 3) % v) * d;
-    for (w, gv) in want_table[original..original + d]
-        .iter_mut()
-        .zip(&g[5 * d..6 * d])
-    {
-        *w -= gv;
-    }
-    assert_close("embedding table gradient", &dtable[0], &want_table, TOL);
 }
 
 #[test]

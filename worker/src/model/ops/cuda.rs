@@ -474,13 +474,15 @@ pub(super) fn embedding(
     op: &str,
     (ts, tl): (&CudaStorage, &Layout),
     (is, il): (&CudaStorage, &Layout),
+    slice: VocabSlice,
 ) -> Result<(CudaStorage, Shape)> {
     let dev = ts.device();
     let (v, d) = tl.shape().dims2()?;
     let n = il.shape().elem_count();
     let (table, ids) = (input::<f32>(op, ts, tl)?, input::<u32>(op, is, il)?);
     let mut out = output::<f32>(dev, n * d)?;
-    let (count, d32, vocab) = (n as i64, d as i32, v as i64);
+    let (count, d32, rows) = (n as i64, d as i32, v as i64);
+    let (start, vocab) = (slice.start as i64, slice.vocab as i64);
     launch!(
         dev,
         "embedding_fwd_f32",
@@ -490,6 +492,8 @@ pub(super) fn embedding(
         &mut out,
         &count,
         &d32,
+        &rows,
+        &start,
         &vocab
     );
     Ok((
@@ -498,18 +502,20 @@ pub(super) fn embedding(
     ))
 }
 
-/// The float32 table gradient `[vocab, D]` from u32 ids `[N]` and the rows' gradient `[N, D]`.
+/// The float32 gradient `[rows, D]` of a table of the ids `start .. start + rows`, from u32
+/// ids `[N]` and the rows' gradient `[N, D]`.
 pub(super) fn embedding_backward(
     op: &str,
     (is, il): (&CudaStorage, &Layout),
     (gs, gl): (&CudaStorage, &Layout),
-    vocab: usize,
+    rows: usize,
+    start: usize,
 ) -> Result<(CudaStorage, Shape)> {
     let dev = gs.device();
     let (n, d) = gl.shape().dims2()?;
     let (ids, g) = (input::<u32>(op, is, il)?, input::<f32>(op, gs, gl)?);
-    let mut dtable = dev.alloc_zeros::<f32>(vocab * d)?;
-    let (count, d32, v) = (n as i64, d as i32, vocab as i64);
+    let mut dtable = dev.alloc_zeros::<f32>(rows * d)?;
+    let (count, d32, v, start) = (n as i64, d as i32, rows as i64, start as i64);
     launch!(
         dev,
         "embedding_bwd_f32",
@@ -519,10 +525,11 @@ pub(super) fn embedding_backward(
         &mut dtable,
         &count,
         &d32,
-        &v
+        &v,
+        &start
     );
     Ok((
         CudaStorage::wrap_cuda_slice(dtable, dev.clone()),
-        Shape::from((vocab, d)),
+        Shape::from((rows, d)),
     ))
 }

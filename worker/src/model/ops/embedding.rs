@@ -6,30 +6,52 @@
 //! first position of each id adds the rows of all of that id's positions in position order, so
 //! no two warps write one row and reruns are bit-identical. Float32 tables only (the model's
 //! masters: autocast leaves the embedding in float32); the CPU adds the rows in position order,
-//! as candle's `index_add` does.
+//! as candle's `index_add` does. The table may be one tensor-parallel member's slice of the
+//! vocabulary ([`embedding_slice`]).
 
-use super::{f32_data, fused, u32_data};
+use super::{f32_data, fused, portable, u32_data, VocabSlice};
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Rows `table[ids[i]]` `[N, D]` of a `[V, D]` table for u32 ids `[N]`. An id outside the
 /// table is an error on the CPU and a row of NaN on a GPU (which stops training).
 pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
-    table.dims2()?;
+    embedding_slice(table, ids, VocabSlice::whole(table.dims2()?.0))
+}
+
+/// Rows of ids `[N]` from `table` `[V, D]`, the rows of ids `slice.start .. slice.start + V`
+/// of a vocabulary of `slice.vocab` (tensor parallelism splits the token embedding so): the
+/// rows of ids another member holds are zero, so the sum over the group is the whole lookup.
+/// An id outside the vocabulary is an error on the CPU and a row of NaN on a GPU. The ids stay
+/// where they are (nothing is read back to the host) except on the portable path.
+pub fn embedding_slice(table: &Tensor, ids: &Tensor, slice: VocabSlice) -> Result<Tensor> {
+    let (v, _) = table.dims2()?;
     if ids.rank() != 1 {
         bail!(
             "embedding: ids {:?} must be one row of token ids",
             ids.dims()
         );
     }
+    if slice.start + v > slice.vocab {
+        bail!(
+            "embedding: rows {}..{} are outside the vocabulary of {}",
+            slice.start,
+            slice.start + v,
+            slice.vocab
+        );
+    }
     let ids = ids.to_dtype(DType::U32)?;
     if table.dtype() != DType::F32 || !fused(&[table]) {
-        return table.index_select(&ids, 0);
+        return portable::embedding_slice(table, &ids, slice);
     }
-    table.contiguous()?.apply_op2(&ids.contiguous()?, Embedding)
+    table
+        .contiguous()?
+        .apply_op2(&ids.contiguous()?, Embedding { slice })
 }
 
-struct Embedding;
+struct Embedding {
+    slice: VocabSlice,
+}
 
 impl CustomOp2 for Embedding {
     fn name(&self) -> &'static str {
@@ -47,8 +69,9 @@ impl CustomOp2 for Embedding {
         let ids = u32_data(self.name(), s2, l2)?;
         let d = l1.dims()[1];
         let v = l1.dims()[0];
-        if let Some(id) = ids.iter().find(|&&id| id as usize >= v) {
-            bail!("token id {id} is outside the vocabulary of {v}");
+        let VocabSlice { start, vocab } = self.slice;
+        if let Some(id) = ids.iter().find(|&&id| id as usize >= vocab) {
+            bail!("token id {id} is outside the vocabulary of {vocab}");
         }
         let mut out = vec![0f32; ids.len() * d];
         if d > 0 {
@@ -56,7 +79,10 @@ impl CustomOp2 for Embedding {
                 .zip(ids.par_iter())
                 .for_each(|(row, &id)| {
                     let id = id as usize;
-                    row.copy_from_slice(&table[id * d..(id + 1) * d]);
+                    if (start..start + v).contains(&id) {
+                        let local = id - start;
+                        row.copy_from_slice(&table[local * d..(local + 1) * d]);
+                    }
                 });
         }
         Ok((CpuStorage::F32(out), Shape::from((ids.len(), d))))
@@ -70,7 +96,7 @@ impl CustomOp2 for Embedding {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::embedding(self.name(), (s1, l1), (s2, l2))
+        super::cuda::embedding(self.name(), (s1, l1), (s2, l2), self.slice)
     }
 
     fn bwd(
@@ -80,15 +106,20 @@ impl CustomOp2 for Embedding {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let vocab = table.dim(0)?;
-        let dtable = ids.apply_op2_no_bwd(&grad.contiguous()?, &EmbeddingBackward { vocab })?;
+        let backward = EmbeddingBackward {
+            rows: table.dim(0)?,
+            start: self.slice.start,
+        };
+        let dtable = ids.apply_op2_no_bwd(&grad.contiguous()?, &backward)?;
         Ok((Some(dtable), None))
     }
 }
 
-/// The table's gradient `[V, D]` from the ids and the rows' gradient `[N, D]`.
+/// The table's gradient `[rows, D]` (the table holds ids `start .. start + rows`) from the ids
+/// and the rows' gradient `[N, D]`.
 struct EmbeddingBackward {
-    vocab: usize,
+    rows: usize,
+    start: usize,
 }
 
 impl CustomOp2 for EmbeddingBackward {
@@ -106,15 +137,17 @@ impl CustomOp2 for EmbeddingBackward {
         let ids = u32_data(self.name(), s1, l1)?;
         let g = f32_data(self.name(), s2, l2)?;
         let d = l2.dims()[1];
-        let mut dtable = vec![0f32; self.vocab * d];
+        let mut dtable = vec![0f32; self.rows * d];
         for (row, &id) in g.chunks_exact(d.max(1)).zip(ids) {
-            let id = id as usize;
-            if id < self.vocab {
-                let dst = &mut dtable[id * d..(id + 1) * d];
+            if let Some(local) = (id as usize)
+                .checked_sub(self.start)
+                .filter(|&l| l < self.rows)
+            {
+                let dst = &mut dtable[local * d..(local + 1) * d];
                 dst.iter_mut().zip(row).for_each(|(a, b)| *a += b);
             }
         }
-        Ok((CpuStorage::F32(dtable), Shape::from((self.vocab, d))))
+        Ok((CpuStorage::F32(dtable), Shape::from((self.rows, d))))
     }
 
     #[cfg(feature = "cuda")]
@@ -125,7 +158,7 @@ impl CustomOp2 for EmbeddingBackward {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::embedding_backward(self.name(), (s1, l1), (s2, l2), self.vocab)
+        super::cuda::embedding_backward(self.name(), (s1, l1), (s2, l2), self.rows, self.start)
     }
 }
 
@@ -170,5 +203,54 @@ mod tests {
             err.contains("token id 11 is outside the vocabulary of 11"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_vocabulary_slice_equals_the_masked_lookup_of_its_rows() {
+        // Rows 4..8 of a vocabulary of 12 (member 1 of 3); ids before, in and after the slice.
+        let (v, d) = (4, 5);
+        let slice = VocabSlice {
+            start: 4,
+            vocab: 12,
+        };
+        let table = Tensor::arange(0f32, (v * d) as f32, &Device::Cpu)
+            .unwrap()
+            .reshape((v, d))
+            .unwrap();
+        let ids = Tensor::new(&[3u32, 4, 7, 8, 11, 5, 5, 0], &Device::Cpu).unwrap();
+        let g = Tensor::arange(0f32, 40.0, &Device::Cpu)
+            .unwrap()
+            .reshape((8, d))
+            .unwrap()
+            .cos()
+            .unwrap();
+        let run = |op: &dyn Fn(&Tensor) -> Tensor| {
+            let var = Var::from_tensor(&table).unwrap();
+            let rows = op(var.as_tensor());
+            let grads = (&rows * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            let grad = grads
+                .get(var.as_tensor())
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+            (rows.to_vec2::<f32>().unwrap(), grad)
+        };
+        let (ours, our_grad) = run(&|t| embedding_slice(t, &ids, slice).unwrap());
+        let (want, want_grad) = run(&|t| portable::embedding_slice(t, &ids, slice).unwrap());
+        assert_eq!(ours, want);
+        assert_eq!(our_grad, want_grad);
+        assert_eq!(ours[0], vec![0.0; d], "an id before the slice");
+        assert_eq!(ours[1], (0..d).map(|j| j as f32).collect::<Vec<_>>());
+        let outside = Tensor::new(&[4u32, 12], &Device::Cpu).unwrap();
+        for err in [
+            embedding_slice(&table, &outside, slice).unwrap_err(),
+            portable::embedding_slice(&table, &outside, slice).unwrap_err(),
+        ] {
+            let err = err.to_string();
+            assert!(
+                err.contains("token id 12 is outside the vocabulary of 12"),
+                "{err}"
+            );
+        }
     }
 }

@@ -52,7 +52,7 @@ pub use cross_entropy::{cross_entropy_rows, cross_entropy_stats, VocabSlice};
 pub(crate) use cuda::{adam_moment, adamw_param};
 pub use dispatch::{force_portable, fused_dispatches, portable_forced, PORTABLE_OPS_ENV};
 pub(crate) use dispatch::{fused, fused_on_cpu};
-pub use embedding::embedding;
+pub use embedding::{embedding, embedding_slice};
 pub use gelu::gelu_erf;
 pub(crate) use gelu::gelu_erf_value;
 pub use layer_norm::layer_norm;

@@ -133,6 +133,30 @@ pub fn cross_entropy_rows(
     (log_sum_exp(&x, 1)? - picked)?.mul(&columns.counted)
 }
 
+/// [`super::embedding_slice`] composed: candle's `index_select` (float32 u32 `ids`), the rows
+/// of ids outside the slice zeroed by a mask built from the ids read on the host (which also
+/// checks them).
+pub fn embedding_slice(table: &Tensor, ids: &Tensor, slice: super::VocabSlice) -> Result<Tensor> {
+    let v = table.dim(0)?;
+    if slice == super::VocabSlice::whole(v) {
+        return table.index_select(ids, 0);
+    }
+    let (mut local, mut mask) = (Vec::new(), Vec::new());
+    for id in ids.to_vec1::<u32>()? {
+        let id = id as usize;
+        if id >= slice.vocab {
+            bail!("token id {id} is outside the vocabulary of {}", slice.vocab);
+        }
+        let mine = (slice.start..slice.start + v).contains(&id);
+        local.push(if mine { (id - slice.start) as u32 } else { 0 });
+        mask.push(if mine { 1f32 } else { 0.0 });
+    }
+    let n = local.len();
+    let local = Tensor::from_vec(local, n, table.device())?;
+    let mask = Tensor::from_vec(mask, (n, 1), table.device())?.to_dtype(table.dtype())?;
+    table.index_select(&local, 0)?.broadcast_mul(&mask)
+}
+
 /// [`super::cross_entropy_stats`] composed: `[2, N]` in the compute dtype (which it returns),
 /// the log-sum-exp of each counted row and its target's logit where the slice holds it; zeros
 /// on ignored rows. Reads the targets on the host, as [`cross_entropy_rows`] does.

@@ -2,7 +2,9 @@
 //! the cross-entropy over logits whose vocabulary is split across the group.
 
 use super::TensorParallel;
-use crate::model::ops::{cross_entropy_rows, cross_entropy_stats, embedding, portable, VocabSlice};
+use crate::model::ops::{
+    cross_entropy_rows, cross_entropy_stats, embedding, embedding_slice, portable, VocabSlice,
+};
 use candle_core::{bail, DType, IndexOp, Result, Tensor};
 
 /// Embedding rows `[N, W]` of the ids `[N]` (u32, global vocabulary ids) from `weight`, this
@@ -18,26 +20,11 @@ pub fn vocab_parallel_embedding(
         return embedding(weight, ids);
     }
     let local = weight.dim(0)?;
-    let start = tp.rank() * local;
-    let vocab = local * tp.size();
-    let ids = ids.to_vec1::<u32>()?;
-    let mut local_ids = Vec::with_capacity(ids.len());
-    let mut mask = Vec::with_capacity(ids.len());
-    for &id in &ids {
-        let id = id as usize;
-        if id >= vocab {
-            bail!("token id {id} is outside the vocabulary of {vocab}");
-        }
-        let mine = (start..start + local).contains(&id);
-        local_ids.push(if mine { (id - start) as u32 } else { 0 });
-        mask.push(if mine { 1f32 } else { 0.0 });
-    }
-    let n = ids.len();
-    let device = weight.device();
-    let local_ids = Tensor::from_vec(local_ids, n, device)?;
-    let mask = Tensor::from_vec(mask, (n, 1), device)?.to_dtype(weight.dtype())?;
-    let rows = embedding(weight, &local_ids)?.broadcast_mul(&mask)?;
-    tp.reduce_out(&rows)
+    let slice = VocabSlice {
+        start: tp.rank() * local,
+        vocab: local * tp.size(),
+    };
+    tp.reduce_out(&embedding_slice(weight, ids, slice)?)
 }
 
 /// Per-row cross-entropy `logsumexp(z[n]) − z[n, target[n]]` of logits `z` `[N, V]` whose
