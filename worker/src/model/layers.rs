@@ -5,6 +5,7 @@ use super::ops;
 use crate::model::tensor_parallel::TensorParallel;
 use candle_core::{Result, Tensor};
 use candle_nn::{Init, VarBuilder};
+use std::sync::{Arc, OnceLock};
 
 /// PyTorch's `nn.LayerNorm` eps, which open_clip uses everywhere.
 pub const LAYER_NORM_EPS: f64 = 1e-5;
@@ -55,6 +56,13 @@ pub fn normal(std: f64) -> Init {
 pub struct Linear {
     pub(crate) weight: Tensor,
     pub(crate) bias: Option<Tensor>,
+    /// The contiguous `Wᵀ` of a frozen weight (neither a candle `Var` nor computed from one),
+    /// made on first use and kept: evaluation and embedding models transpose each `c_proj`
+    /// once instead of at every call. A trainable weight (or a slice or cast of one) changes
+    /// in place at every optimizer step, so it is transposed per call. (A frozen model must
+    /// not outlive in-place updates of the storage it was built on: each evaluation during
+    /// training builds its own.)
+    frozen_weight_t: Arc<OnceLock<Tensor>>,
 }
 
 impl Linear {
@@ -63,12 +71,17 @@ impl Linear {
         Ok(Self {
             weight: vb.get_with_hints((out_dim, in_dim), "weight", normal(std))?,
             bias: Some(vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?),
+            frozen_weight_t: Arc::default(),
         })
     }
 
     /// A linear map from tensors already loaded (e.g. slices of a packed projection).
     pub fn from_parts(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+        Self {
+            weight,
+            bias,
+            frozen_weight_t: Arc::default(),
+        }
     }
 
     /// `x · Wᵀ + b` in `x`'s dtype (the weight and bias are cast to it: autocast's product
@@ -82,19 +95,26 @@ impl Linear {
         Self {
             weight: f(&self.weight),
             bias: self.bias.as_ref().map(&mut *f),
+            frozen_weight_t: Arc::default(),
         }
     }
 
     /// `Wᵀ` `[in, out]` for the product: a view when `in ≤ out`; a contiguous copy when the
     /// input is wider than the output (`c_proj`), where the GEMM packs a transposed view at
-    /// about half speed (see [`ops::transpose_contiguous`]).
+    /// about half speed (see [`ops::transpose_contiguous`]); made once for a frozen weight.
     fn weight_t(&self) -> Result<Tensor> {
         let (out_dim, in_dim) = self.weight.dims2()?;
-        if in_dim > out_dim && self.weight.device().is_cpu() {
-            ops::transpose_contiguous(&self.weight)
-        } else {
-            self.weight.t()
+        if in_dim <= out_dim || !self.weight.device().is_cpu() {
+            return self.weight.t();
         }
+        if self.weight.track_op() {
+            return ops::transpose_contiguous(&self.weight);
+        }
+        if let Some(t) = self.frozen_weight_t.get() {
+            return Ok(t.clone());
+        }
+        let t = ops::transpose_contiguous(&self.weight)?;
+        Ok(self.frozen_weight_t.get_or_init(|| t).clone())
     }
 
     /// A row-parallel layer: this member's weight columns times its slice of the input, summed
@@ -176,5 +196,44 @@ impl Mlp {
         let x = self.tp.autocast().cast(&self.tp.copy_in(x)?)?;
         self.c_proj
             .forward_reduced(&ops::gelu_erf(&self.c_fc.forward(&x)?)?, &self.tp)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn a_frozen_wide_weight_is_transposed_once_and_a_trainable_one_every_call() {
+        let w = Tensor::arange(0f32, 24.0, &Device::Cpu)
+            .unwrap()
+            .reshape((2, 12))
+            .unwrap();
+        let x = Tensor::ones((3, 12), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let frozen = Linear::from_parts(w.clone(), None);
+        let var = Var::from_tensor(&w).unwrap();
+        let trainable = Linear::from_parts(var.as_tensor().clone(), None);
+        // A slice of a variable (as tensor parallelism and packed projections take them).
+        let sliced = Linear::from_parts(var.as_tensor().narrow(1, 0, 10).unwrap(), None);
+        let ids = |l: &Linear| [l.weight_t().unwrap().id(), l.weight_t().unwrap().id()];
+        let [a, b] = ids(&frozen);
+        assert_eq!(a, b, "a frozen weight's transpose is kept");
+        for l in [&trainable, &sliced] {
+            let [a, b] = ids(l);
+            assert_ne!(a, b, "a trainable weight's transpose is made per call");
+        }
+        // The same products either way, and after the trainable weight changes in place.
+        let out = |l: &Linear| {
+            let x = x.narrow(1, 0, l.weight.dim(1).unwrap()).unwrap();
+            l.forward(&x).unwrap().to_vec2::<f32>().unwrap()
+        };
+        let y = out(&frozen);
+        assert_eq!(y, out(&trainable));
+        assert_eq!(y, out(&frozen));
+        let y_sliced = out(&sliced);
+        var.set(&(w * 2.0).unwrap()).unwrap();
+        assert_eq!(out(&trainable)[0][0], 2.0 * y[0][0]);
+        assert_eq!(out(&sliced)[0][0], 2.0 * y_sliced[0][0]);
     }
 }

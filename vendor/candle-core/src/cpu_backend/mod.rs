@@ -1531,7 +1531,20 @@ impl Map2 for MatMul {
         let dst_rs = dst_strides[0];
         let dst_cs = dst_strides[1];
 
-        let mut dst = vec![T::zero(); b * m * n];
+        // coca: gemm overwrites every element of its output when it does not read it (read_dst
+        // is false below), so a product with a non-empty sum over k leaves the buffer
+        // unfilled (the zero fill cost a memset per product). With k == 0 the product is all
+        // zeros, which the filled buffer already holds.
+        let mut dst = if k > 0 {
+            let mut dst = Vec::with_capacity(b * m * n);
+            // SAFETY: every element is written by gemm below before the buffer is read (each
+            // batch entry's m × n block, rows dst_rs apart, covers the whole vector), and T is
+            // a plain number type with no invalid bit patterns.
+            unsafe { dst.set_len(b * m * n) };
+            dst
+        } else {
+            vec![T::zero(); b * m * n]
+        };
         let num_threads = crate::utils::get_num_threads();
         let parallelism = if num_threads > 1 {
             Parallelism::Rayon(num_threads)

@@ -375,3 +375,54 @@ fn transposed_views_are_copied_exactly_by_the_patched_candle() {
         }
     }
 }
+
+#[test]
+fn products_fill_their_unzeroed_outputs_completely() {
+    // vendor/candle-core leaves a product's output buffer unfilled (gemm writes every element):
+    // freed NaN-filled memory of the output's size is handed out again for it, and no NaN may
+    // survive. Shapes: single elements, odd sizes, the batched small products, a batch of
+    // products too large for that path, k = 0.
+    for (b, m, k, n) in [
+        (1, 1, 1, 1),
+        (1, 5, 3, 7),
+        (4, 50, 64, 50),
+        (2, 130, 130, 130),
+        (1, 400, 77, 33),
+        (3, 7, 1, 9),
+        (2, 3, 0, 4),
+    ] {
+        // Values in {-1, 0, 1}: every sum is an integer of at most 130, exact in each dtype.
+        let value = |i: usize, seed: usize| ((i * 7 + seed) % 3) as f64 - 1.0;
+        let lhs: Vec<f64> = (0..b * m * k).map(|i| value(i, 1)).collect();
+        let rhs: Vec<f64> = (0..b * k * n).map(|i| value(i, 2)).collect();
+        let mut want = vec![0f64; b * m * n];
+        for (e, w) in want.iter_mut().enumerate() {
+            let (batch, i, j) = (e / (m * n), e / n % m, e % n);
+            *w = (0..k)
+                .map(|p| lhs[batch * m * k + i * k + p] * rhs[batch * k * n + p * n + j])
+                .sum();
+        }
+        for dtype in [DType::F32, DType::F64, DType::BF16, DType::F16] {
+            let tensor = |v: &[f64], shape: (usize, usize, usize)| {
+                Tensor::from_vec(v.to_vec(), shape, &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap()
+            };
+            let (l, r) = (tensor(&lhs, (b, m, k)), tensor(&rhs, (b, k, n)));
+            drop(
+                Tensor::full(f64::NAN, (b, m, n), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap(),
+            );
+            let got = l.matmul(&r).unwrap().to_dtype(DType::F64).unwrap();
+            let got = got.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            let wrong = got.iter().zip(&want).position(|(g, w)| g != w);
+            assert!(
+                wrong.is_none(),
+                "{b}x{m}x{k}x{n} {dtype:?}: element {wrong:?} differs"
+            );
+        }
+    }
+}
