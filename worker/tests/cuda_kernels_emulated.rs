@@ -544,6 +544,10 @@ fn embedding_lookup_and_its_gradient_match_candles_index_select() {
         for i in (0..n).step_by(3) {
             ids[i] = 0;
         }
+        // The slice's first and last ids, and the first id past it.
+        ids[1] = slice.start as u32;
+        ids[2] = (slice.start + v - 1) as u32;
+        ids[4] = ((slice.start + v) % slice.vocab) as u32;
         let (table, g) = (values(v * d, 18), values(n * d, 19));
         let inside = Tensor::from_vec(ids.clone(), n, &Device::Cpu).unwrap();
         let (out, want) = grads(
