@@ -2,7 +2,7 @@
 //! whole vocabulary, or over the slice of it one tensor-parallel member holds.
 
 use super::math::exp;
-use super::{f32_data, fused, portable, u32_data, ROWS_PER_TASK};
+use super::{f32_data, fused, portable, u32_data, VocabSlice, ROWS_PER_TASK};
 use crate::multiversion;
 use crate::simd::{lane_max, lane_sum, KernelFamily};
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
@@ -32,24 +32,6 @@ pub fn cross_entropy_rows(
     stats.get(0)? - stats.get(1)?
 }
 
-/// Which vocabulary ids the columns of a row of logits are: `start .. start + V` of a
-/// vocabulary of `vocab` ids. Tensor parallelism splits the caption logits this way; a whole
-/// row is [`VocabSlice::whole`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct VocabSlice {
-    /// The id of the first column.
-    pub start: usize,
-    /// The size of the whole vocabulary (targets at or past it are errors).
-    pub vocab: usize,
-}
-
-impl VocabSlice {
-    /// Every id of a vocabulary of `vocab`.
-    pub fn whole(vocab: usize) -> Self {
-        Self { start: 0, vocab }
-    }
-}
-
 /// The cross-entropy's two terms for each row of `[N, V]` logits over `slice`, as float32
 /// `[2, N]`: the log-sum-exp of the row's columns, and the target's logit where the slice
 /// holds the target (else 0); both 0 on rows whose target is `ignore`.
@@ -69,14 +51,7 @@ pub fn cross_entropy_stats(
 ) -> Result<Tensor> {
     let (n, v) = logits.dims2()?;
     check_targets("cross_entropy_stats", targets, n, v)?;
-    if slice.start + v > slice.vocab {
-        bail!(
-            "cross_entropy_stats: columns {}..{} are outside the vocabulary of {}",
-            slice.start,
-            slice.start + v,
-            slice.vocab
-        );
-    }
+    slice.check("cross_entropy_stats", v)?;
     if !fused(&[logits]) {
         return portable::cross_entropy_stats(logits, targets, ignore, slice);
     }

@@ -32,14 +32,7 @@ pub fn embedding_slice(table: &Tensor, ids: &Tensor, slice: VocabSlice) -> Resul
             ids.dims()
         );
     }
-    if slice.start + v > slice.vocab {
-        bail!(
-            "embedding: rows {}..{} are outside the vocabulary of {}",
-            slice.start,
-            slice.start + v,
-            slice.vocab
-        );
-    }
+    slice.check("embedding", v)?;
     let ids = ids.to_dtype(DType::U32)?;
     if table.dtype() != DType::F32 || !fused(&[table]) {
         return portable::embedding_slice(table, &ids, slice);
@@ -252,5 +245,14 @@ mod tests {
                 "{err}"
             );
         }
+        let past = VocabSlice {
+            start: 10,
+            vocab: 12,
+        };
+        let err = embedding_slice(&table, &ids, past).unwrap_err().to_string();
+        assert!(
+            err.contains("ids 10..14 are outside the vocabulary of 12"),
+            "{err}"
+        );
     }
 }

@@ -47,7 +47,7 @@ mod softmax;
 mod transpose;
 
 pub use bias::add_bias;
-pub use cross_entropy::{cross_entropy_rows, cross_entropy_stats, VocabSlice};
+pub use cross_entropy::{cross_entropy_rows, cross_entropy_stats};
 #[cfg(feature = "cuda")]
 pub(crate) use cuda::{adam_moment, adamw_param};
 pub use dispatch::{force_portable, fused_dispatches, portable_forced, PORTABLE_OPS_ENV};
@@ -65,6 +65,37 @@ use candle_core::{backend::BackendStorage, bail, CpuStorage, Layout, Result, Ten
 
 /// Rows handed to one rayon task; small enough to balance, large enough to amortise scheduling.
 const ROWS_PER_TASK: usize = 16;
+
+/// Which vocabulary ids the rows of an embedding table, or the columns of a row of logits,
+/// are: `start .. start + V` of a vocabulary of `vocab` ids. Tensor parallelism splits the token
+/// embedding and the caption logits this way; an unsplit one is [`VocabSlice::whole`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VocabSlice {
+    /// The id of the first row or column.
+    pub start: usize,
+    /// The size of the whole vocabulary (ids at or past it are errors).
+    pub vocab: usize,
+}
+
+impl VocabSlice {
+    /// Every id of a vocabulary of `vocab`.
+    pub fn whole(vocab: usize) -> Self {
+        Self { start: 0, vocab }
+    }
+
+    /// Checks that `width` ids from `start` fit in the vocabulary, or fails naming `op`.
+    pub(crate) fn check(&self, op: &str, width: usize) -> Result<()> {
+        if self.start + width > self.vocab {
+            bail!(
+                "{op}: ids {}..{} are outside the vocabulary of {}",
+                self.start,
+                self.start + width,
+                self.vocab
+            );
+        }
+        Ok(())
+    }
+}
 
 /// `t` in float32 and contiguous: the auxiliary inputs (weights, masks) of a fused op, which its
 /// kernels read as float32 whatever the main input's dtype.
