@@ -51,6 +51,14 @@ fn global_batch(step: usize, cfg: &CocaConfig) -> (Vec<f32>, Vec<u32>) {
     (images, tokens)
 }
 
+/// A NaN pixel in one sample of the global batch at one step: that step's loss is not finite on
+/// every rank, and every rank skips its update.
+#[derive(Debug, Clone, Copy)]
+struct Poison {
+    step: usize,
+    sample: usize,
+}
+
 /// Trains `STEPS` steps as one rank with its flat buffers placed by `buffers`; returns the
 /// final weights.
 fn train(
@@ -59,6 +67,7 @@ fn train(
     data_rank: usize,
     data_world: usize,
     buffers: PlacementRule,
+    poison: Option<Poison>,
 ) -> HashMap<String, Tensor> {
     let cfg = config();
     let (model, vars) = trainable_model(&cfg, None, 11, DType::F32, &Device::Cpu).unwrap();
@@ -81,14 +90,22 @@ fn train(
     let (s, ctx) = (cfg.vision_cfg.image_size, cfg.text_cfg.context_length);
     let local = GLOBAL_BATCH / data_world;
     for step in 0..steps() {
-        let (images, tokens) = global_batch(step, &cfg);
+        let (mut images, tokens) = global_batch(step, &cfg);
+        let poisoned = poison.filter(|p| p.step == step);
+        if let Some(p) = poisoned {
+            images[p.sample * 3 * s * s] = f32::NAN;
+        }
         let img = &images[data_rank * local * 3 * s * s..(data_rank + 1) * local * 3 * s * s];
         let tok = &tokens[data_rank * local * ctx..(data_rank + 1) * local * ctx];
         let images = Tensor::from_slice(img, (local, 3, s, s), &Device::Cpu).unwrap();
         let text = Tensor::from_slice(tok, (local, ctx), &Device::Cpu).unwrap();
         let loss = trainer.backward(&images, &text, 1.0).unwrap();
-        assert!(loss.total.is_finite());
-        assert!(trainer.update().unwrap().applied);
+        assert_eq!(loss.total.is_finite(), poisoned.is_none(), "step {step}");
+        let report = match poisoned {
+            None => trainer.update().unwrap(),
+            Some(_) => trainer.skip_update().unwrap(),
+        };
+        assert_eq!(report.applied, poisoned.is_none(), "step {step}");
     }
     vars.tensors().into_iter().collect()
 }
@@ -100,6 +117,7 @@ fn train_group(
     stage: Option<ZeroStage>,
     span: ContrastiveSpan,
     buffers: PlacementRule,
+    poison: Option<Poison>,
 ) -> Vec<HashMap<String, Tensor>> {
     let topology = Topology::new(world, 1, sharding).unwrap();
     let kv = Arc::new(MemoryKeyValue::new());
@@ -139,6 +157,7 @@ fn train_group(
                     topology.data_rank(rank).unwrap(),
                     topology.data_world(),
                     buffers,
+                    poison,
                 )
             })
         })
@@ -167,6 +186,7 @@ fn data_parallel_layouts_equal_one_process() {
         0,
         1,
         PlacementRule::Auto,
+        None,
     );
     let spans = [
         ContrastiveSpan::default(),
@@ -181,7 +201,7 @@ fn data_parallel_layouts_equal_one_process() {
     ];
     for world in [2, 4] {
         for span in spans {
-            let ranks = train_group(world, 1, None, span, PlacementRule::Auto);
+            let ranks = train_group(world, 1, None, span, PlacementRule::Auto, None);
             for (rank, got) in ranks.iter().enumerate() {
                 assert_close(&reference, got, &format!("dp {world} {span:?} rank {rank}"));
             }
@@ -197,6 +217,7 @@ fn zero_stages_equal_one_process() {
         0,
         1,
         PlacementRule::Auto,
+        None,
     );
     for (world, sharding, stage) in [
         (2, 2, ZeroStage::One),
@@ -211,6 +232,7 @@ fn zero_stages_equal_one_process() {
             Some(stage),
             ContrastiveSpan::default(),
             PlacementRule::Auto,
+            None,
         );
         for (rank, got) in ranks.iter().enumerate() {
             assert_close(
@@ -228,20 +250,79 @@ fn zero_stages_equal_one_process() {
 #[test]
 fn device_buffers_equal_host_buffers() {
     let span = ContrastiveSpan::default();
-    let reference = train(TrainerGroups::single(), span, 0, 1, PlacementRule::Auto);
-    let single = train(TrainerGroups::single(), span, 0, 1, PlacementRule::Tensors);
+    let reference = train(
+        TrainerGroups::single(),
+        span,
+        0,
+        1,
+        PlacementRule::Auto,
+        None,
+    );
+    let single = train(
+        TrainerGroups::single(),
+        span,
+        0,
+        1,
+        PlacementRule::Tensors,
+        None,
+    );
     assert_close(&reference, &single, "tensors, one process");
     for (world, sharding, stage) in [
         (2, 1, None),
         (2, 2, Some(ZeroStage::One)),
         (4, 2, Some(ZeroStage::Two)),
     ] {
-        let ranks = train_group(world, sharding, stage, span, PlacementRule::Tensors);
+        let ranks = train_group(world, sharding, stage, span, PlacementRule::Tensors, None);
         for (rank, got) in ranks.iter().enumerate() {
             assert_close(
                 &reference,
                 got,
                 &format!("tensors, {stage:?} × {sharding} of {world}, rank {rank}"),
+            );
+        }
+    }
+}
+
+/// A NaN in one rank's slice of the batch: every rank reads the same non-finite loss after its
+/// backward pass (which runs before the values are read), drops that step's gradients and skips
+/// the update, and the runs still end with the one-process parameters — with the gradient
+/// gathered with its backward and in ZeRO stage 2, whose reduce-scatter follows the check.
+#[test]
+fn a_non_finite_loss_on_one_rank_is_skipped_by_every_rank_alike() {
+    let poison = Some(Poison { step: 1, sample: 5 });
+    let span = ContrastiveSpan::default();
+    let reference = train(
+        TrainerGroups::single(),
+        span,
+        0,
+        1,
+        PlacementRule::Auto,
+        poison,
+    );
+    let clean = train(
+        TrainerGroups::single(),
+        span,
+        0,
+        1,
+        PlacementRule::Auto,
+        None,
+    );
+    let moved = clean
+        .iter()
+        .map(|(name, t)| max_abs_diff(t, &reference[name]).unwrap())
+        .fold(0f32, f32::max);
+    assert!(moved > 0.0, "the skipped step must change the result");
+    let with_grad = ContrastiveSpan {
+        local_loss: false,
+        gather_with_grad: true,
+    };
+    for (sharding, stage, span) in [(1, None, with_grad), (2, Some(ZeroStage::Two), span)] {
+        let ranks = train_group(2, sharding, stage, span, PlacementRule::Auto, poison);
+        for (rank, got) in ranks.iter().enumerate() {
+            assert_close(
+                &reference,
+                got,
+                &format!("poisoned, {stage:?} {span:?}, rank {rank}"),
             );
         }
     }

@@ -19,12 +19,12 @@
 
 use crate::comm::Communicator;
 use crate::model::loss::contrastive_loss;
-use crate::model::ops::collective::{all_gather_rows, gather_rows_keeping_own};
+use crate::model::ops::collective::{all_gather_rows, gather_rows_keeping_own, sum_over_group};
 use crate::model::ops::cross_entropy_rows;
 use crate::model::tensor_parallel::caption_token_loss;
 use crate::model::{CocaLossConfig, CocaOutput};
 use anyhow::{bail, Result};
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use coca_common::collective::ReduceOp;
 use std::sync::Arc;
 
@@ -56,11 +56,37 @@ pub struct LossValues {
     pub total: f64,
 }
 
-/// This member's share of the loss and the global values.
+/// This member's share of the loss, and its terms of the global values.
 pub struct GroupLoss {
     /// Backpropagate this on every member and sum the gradients over the group.
     pub share: Tensor,
-    pub values: LossValues,
+    /// This member's weighted `[contrastive, caption]` terms; their sums over the group are the
+    /// global values. They stay where the model runs until [`Self::values`] reads them, so a
+    /// GPU step enqueues its backward pass before it waits for anything.
+    terms: Tensor,
+    /// The group's count of non-pad caption tokens (read only to explain a caption loss that
+    /// is not finite).
+    caption_tokens: Tensor,
+    comm: Arc<dyn Communicator>,
+}
+
+impl GroupLoss {
+    /// The global loss values, identical on every member: the step's one read back to the host,
+    /// summed over the group's host transport. Every member must call it, in the same order as
+    /// its other collectives over the group.
+    pub fn values(&self) -> Result<LossValues> {
+        let mut values = self.terms.to_vec1::<f32>()?;
+        sum_over(&self.comm, &mut values)?;
+        let (c, cap) = (values[0] as f64, values[1] as f64);
+        if !cap.is_finite() && self.caption_tokens.to_scalar::<f32>()? == 0.0 {
+            bail!("caption loss: every label of the global batch is padding");
+        }
+        Ok(LossValues {
+            contrastive: c,
+            caption: cap,
+            total: c + cap,
+        })
+    }
 }
 
 /// Sums `values` over the group's host transport (identical results on every member).
@@ -68,16 +94,17 @@ fn sum_over(comm: &Arc<dyn Communicator>, values: &mut [f32]) -> Result<()> {
     comm.transport().all_reduce(values, ReduceOp::Sum)
 }
 
-/// The caption share: this member's token losses over the global count of non-pad tokens (the
-/// logits may be split by vocabulary over a tensor-parallel group, `out.tp`).
-fn caption_share(out: &CocaOutput, pad_id: u32, comm: &Arc<dyn Communicator>) -> Result<Tensor> {
+/// The caption share — this member's token losses over the global count of non-pad tokens (the
+/// logits may be split by vocabulary over a tensor-parallel group, `out.tp`) — and that count.
+/// Both stay where the logits are: the count is summed over the group there.
+fn caption_share(
+    out: &CocaOutput,
+    pad_id: u32,
+    comm: &Arc<dyn Communicator>,
+) -> Result<(Tensor, Tensor)> {
     let (sum, local) = caption_token_loss(&out.logits, &out.labels, pad_id, &out.tp)?;
-    let mut counted = [local];
-    sum_over(comm, &mut counted)?;
-    if counted[0] == 0.0 {
-        bail!("caption loss: every label of the global batch is padding");
-    }
-    Ok((sum / counted[0] as f64)?)
+    let counted = sum_over_group(&local, comm)?;
+    Ok((sum.div(&counted)?, counted))
 }
 
 /// The contrastive share and the value to sum over members for reporting.
@@ -131,21 +158,97 @@ pub fn coca_group_loss(
     comm: &Arc<dyn Communicator>,
 ) -> Result<GroupLoss> {
     let (contrastive, reported) = contrastive_share(out, span, comm)?;
-    let caption = caption_share(out, cfg.pad_id, comm)?;
+    let (caption, caption_tokens) = caption_share(out, cfg.pad_id, comm)?;
     let contrastive = (contrastive * cfg.contrastive_weight)?;
     let caption = (caption * cfg.caption_weight)?;
-    let mut values = [
-        (reported * cfg.contrastive_weight)?.to_scalar::<f32>()?,
-        caption.to_scalar::<f32>()?,
-    ];
-    sum_over(comm, &mut values)?;
-    let (c, cap) = (values[0] as f64, values[1] as f64);
+    let terms = Tensor::stack(
+        &[
+            (reported * cfg.contrastive_weight)?.to_dtype(DType::F32)?,
+            caption.to_dtype(DType::F32)?,
+        ],
+        0,
+    )?;
     Ok(GroupLoss {
         share: (contrastive + caption)?,
-        values: LossValues {
-            contrastive: c,
-            caption: cap,
-            total: c + cap,
-        },
+        terms,
+        caption_tokens,
+        comm: comm.clone(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::comm::HostTransport;
+    use crate::model::tensor_parallel::TensorParallel;
+    use crate::model::{coca_loss, CocaLossConfig};
+    use candle_core::Device;
+
+    /// A model output of two samples, three caption positions over a vocabulary of five.
+    fn output(labels: &[u32]) -> CocaOutput {
+        let dev = Device::Cpu;
+        let features = |seed: f64| {
+            let t = Tensor::arange(0f32, 8., &dev)
+                .unwrap()
+                .reshape((2, 4))
+                .unwrap();
+            (t * seed).unwrap().sin().unwrap()
+        };
+        let logits = Tensor::arange(0f32, 30., &dev)
+            .unwrap()
+            .reshape((2, 3, 5))
+            .unwrap()
+            .cos()
+            .unwrap();
+        CocaOutput {
+            image_features: features(0.7),
+            image_embs: Tensor::zeros((2, 1, 4), DType::F32, &dev).unwrap(),
+            text_features: features(1.3),
+            token_embs: Tensor::zeros((2, 3, 4), DType::F32, &dev).unwrap(),
+            logits,
+            labels: Tensor::from_slice(labels, (2, 3), &dev).unwrap(),
+            logit_scale: Tensor::new(10f32, &dev).unwrap(),
+            tp: TensorParallel::single(),
+        }
+    }
+
+    #[test]
+    fn a_group_of_one_reads_the_one_process_loss_after_the_fact() {
+        let out = output(&[3, 1, 0, 4, 0, 0]);
+        let cfg = CocaLossConfig::default();
+        let loss = coca_group_loss(
+            &out,
+            &cfg,
+            ContrastiveSpan::default(),
+            &HostTransport::single(),
+        )
+        .unwrap();
+        let values = loss.values().unwrap();
+        let want = coca_loss(&out, &cfg).unwrap();
+        let close = |a: f64, b: &Tensor| {
+            let b = b.to_scalar::<f32>().unwrap() as f64;
+            assert!((a - b).abs() <= 1e-6 * b.abs(), "{a} vs {b}");
+        };
+        close(values.contrastive, &want.contrastive);
+        close(values.caption, &want.caption);
+        close(values.total, &want.total);
+        close(loss.share.to_scalar::<f32>().unwrap() as f64, &want.total);
+    }
+
+    #[test]
+    fn a_batch_of_padding_only_is_named_when_the_values_are_read() {
+        let out = output(&[0; 6]);
+        let loss = coca_group_loss(
+            &out,
+            &CocaLossConfig::default(),
+            ContrastiveSpan::default(),
+            &HostTransport::single(),
+        )
+        .unwrap();
+        let err = loss.values().unwrap_err();
+        assert!(
+            format!("{err:#}").contains("every label of the global batch is padding"),
+            "{err:#}"
+        );
+    }
 }

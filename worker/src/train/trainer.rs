@@ -214,11 +214,14 @@ impl Trainer {
     ) -> Result<LossValues> {
         let out = self.model.forward(images, text)?;
         let loss = coca_group_loss(&out, &self.config.loss, self.config.span, &self.groups.data)?;
-        let values = loss.values;
+        // The backward pass is built (on a GPU: enqueued) before the loss values are read, so
+        // the device never waits for the host between the two; a non-finite loss then drops the
+        // gradients it gave, on every member alike (the values are global).
+        let grads = (&loss.share * loss_scale)?.backward()?;
+        let values = loss.values()?;
         if !values.total.is_finite() {
             return Ok(values);
         }
-        let grads = (loss.share * loss_scale)?.backward()?;
         if self.groups.stage != Some(ZeroStage::Two) {
             self.params
                 .accumulate_grads(&grads, &mut self.grads)

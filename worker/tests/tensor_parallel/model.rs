@@ -112,7 +112,9 @@ fn degree_four_matches_unsplit_on_seeded_weights() {
                 &coca_worker::comm::HostTransport::single(),
             )
             .unwrap();
-            assert!(((dp.values.total as f32 - fwd.losses[2]) / fwd.losses[2]).abs() < 1e-6);
+            assert!(
+                ((dp.values().unwrap().total as f32 - fwd.losses[2]) / fwd.losses[2]).abs() < 1e-6
+            );
             let (_, image_embs) = model.encode_image(&images).unwrap();
             let refused = model.next_token_logits(&image_embs, &text.narrow(1, 0, 3).unwrap());
             assert!(

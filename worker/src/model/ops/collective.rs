@@ -265,6 +265,15 @@ pub fn gather_equal_rows_keeping_own(x: &Tensor, comm: &Arc<dyn Communicator>) -
     in_f32(x, |x| own_rows_tracked(x, comm.as_ref(), &counts))
 }
 
+/// The sum of `x` over the group, as a constant (no gradient path): a count or a statistic every
+/// member needs, summed where `x` lives (on the device in a GPU job, so nothing waits for it).
+pub fn sum_over_group(x: &Tensor, comm: &Arc<dyn Communicator>) -> Result<Tensor> {
+    if comm.size() == 1 {
+        return Ok(x.detach());
+    }
+    all_reduce_tensor("sum-over-group", comm.as_ref(), &x.detach())
+}
+
 /// Identity forward; the backward sums the gradient over the group (the input of a
 /// column-parallel layer, whose members each see only part of the output).
 pub fn copy_to_group(x: &Tensor, comm: &Arc<dyn Communicator>) -> Result<Tensor> {

@@ -96,21 +96,18 @@ fn combine_over_group(
 }
 
 /// The summed cross-entropy over the non-pad targets of vocabulary-split logits `[B, L, V/T]`
-/// against `labels` `[B, L]`, and how many targets were counted. The caption loss divides the
-/// one by the other — over one batch, or over the whole data-parallel group.
+/// against `labels` `[B, L]`, and how many targets were counted, both float32 scalars where the
+/// logits live (nothing is read back to the host). The caption loss divides the one by the
+/// other — over one batch, or over the whole data-parallel group.
 pub fn caption_token_loss(
     logits: &Tensor,
     labels: &Tensor,
     pad_id: u32,
     tp: &TensorParallel,
-) -> Result<(Tensor, f32)> {
+) -> Result<(Tensor, Tensor)> {
     let (b, t, v) = logits.dims3()?;
     let labels = labels.to_dtype(DType::U32)?.flatten_all()?;
-    let counted = labels
-        .ne(pad_id)?
-        .to_dtype(DType::F32)?
-        .sum_all()?
-        .to_scalar::<f32>()?;
+    let counted = labels.ne(pad_id)?.to_dtype(DType::F32)?.sum_all()?;
     let rows =
         vocab_parallel_cross_entropy(&logits.reshape((b * t, v))?, &labels, Some(pad_id), tp)?;
     Ok((rows.sum_all()?, counted))
@@ -125,6 +122,7 @@ pub fn caption_loss_parallel(
     tp: &TensorParallel,
 ) -> Result<Tensor> {
     let (sum, counted) = caption_token_loss(logits, labels, pad_id, tp)?;
+    let counted = counted.to_scalar::<f32>()?;
     if counted == 0.0 {
         bail!(
             "caption loss: every label is padding ({:?} tokens)",
