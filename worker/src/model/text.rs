@@ -100,7 +100,7 @@ impl TextTower {
             0,
             t + 1,
         )?)?;
-        let mask = self.attention_mask(&ids)?;
+        let mask = text_attention_mask(&ids, self.pad_id, self.correct_cls_mask)?;
         let x = self.transformer.forward(&x, Some(&mask))?;
         let pooled = self.ln_final.forward(&x.narrow(1, t, 1)?.squeeze(1)?)?;
         let pooled = widen(&self.tp.autocast().matmul(&pooled, &self.text_projection)?)?;
@@ -109,38 +109,89 @@ impl TextTower {
             tokens: x.narrow(1, 0, t)?,
         })
     }
+}
 
-    /// The additive `[B, T+1, T+1]` mask: causal, plus open_clip's cls/pad key mask.
-    ///
-    /// open_clip marks key `j` valid from `cat([1], text != pad)[j]` (legacy, shifted by one,
-    /// which the released weights were trained with) or `cat(text != pad, [1])[j]` when
-    /// `correct_cls_mask` is set.
-    fn attention_mask(&self, ids: &Tensor) -> Result<Tensor> {
-        let (b, t) = ids.dims2()?;
-        let n = t + 1;
-        let ids = ids.to_vec2::<u32>()?;
-        let mut mask = vec![0f32; b * n * n];
-        for (row, sample) in mask.chunks_mut(n * n).zip(&ids) {
-            let valid: Vec<bool> = if self.correct_cls_mask {
-                sample
-                    .iter()
-                    .map(|&id| id != self.pad_id)
-                    .chain([true])
+/// The additive `[B, T+1, T+1]` attention mask of token ids `[B, T]`: causal, plus open_clip's
+/// cls/pad key mask. Built where the ids are, from tensor ops (a GPU step reads nothing back to
+/// the host for it).
+///
+/// open_clip marks key `j` valid from `cat([1], text != pad)[j]` (legacy, shifted by one,
+/// which the released weights were trained with) or `cat(text != pad, [1])[j]` when
+/// `correct_cls_mask` is set.
+fn text_attention_mask(ids: &Tensor, pad_id: u32, correct_cls_mask: bool) -> Result<Tensor> {
+    let (b, t) = ids.dims2()?;
+    let n = t + 1;
+    let device = ids.device();
+    let tokens = ids.ne(pad_id)?;
+    let cls = Tensor::ones((b, 1), DType::U8, device)?;
+    let keys = if correct_cls_mask {
+        Tensor::cat(&[&tokens, &cls], 1)?
+    } else {
+        Tensor::cat(&[&cls, &tokens], 1)?
+    };
+    let position = Tensor::arange(0u32, n as u32, device)?;
+    // Query q may see key k ≤ q.
+    let causal = position
+        .unsqueeze(1)?
+        .broadcast_ge(&position.unsqueeze(0)?)?
+        .unsqueeze(0)?;
+    let allowed = causal.broadcast_mul(&keys.unsqueeze(1)?)?;
+    let open = Tensor::zeros((b, n, n), DType::F32, device)?;
+    let closed = Tensor::full(f32::NEG_INFINITY, (b, n, n), device)?;
+    allowed.where_cond(&open, &closed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// open_clip's rule written out: query q sees key k when k ≤ q and the key is valid.
+    fn by_the_rule(ids: &[[u32; 3]], pad: u32, correct_cls_mask: bool) -> Vec<Vec<Vec<f32>>> {
+        ids.iter()
+            .map(|sample| {
+                let tokens = sample.iter().map(|&id| id != pad);
+                let valid: Vec<bool> = if correct_cls_mask {
+                    tokens.chain([true]).collect()
+                } else {
+                    [true].into_iter().chain(tokens).collect()
+                };
+                (0..4)
+                    .map(|q| {
+                        (0..4)
+                            .map(|k| {
+                                if k <= q && valid[k] {
+                                    0.0
+                                } else {
+                                    f32::NEG_INFINITY
+                                }
+                            })
+                            .collect()
+                    })
                     .collect()
-            } else {
-                [true]
-                    .into_iter()
-                    .chain(sample.iter().map(|&id| id != self.pad_id))
-                    .collect()
-            };
-            for q in 0..n {
-                for k in 0..n {
-                    if k > q || !valid[k] {
-                        row[q * n + k] = f32::NEG_INFINITY;
-                    }
-                }
-            }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_mask_is_causal_and_hides_padding_keys_in_both_cls_conventions() {
+        let ids = [[5u32, 7, 0], [9, 0, 0]];
+        let t = Tensor::new(&ids, &Device::Cpu).unwrap();
+        for correct in [false, true] {
+            let got = text_attention_mask(&t, 0, correct)
+                .unwrap()
+                .to_vec3::<f32>()
+                .unwrap();
+            assert_eq!(
+                got,
+                by_the_rule(&ids, 0, correct),
+                "correct_cls_mask {correct}"
+            );
         }
-        Tensor::from_vec(mask, (b, n, n), self.cls_emb.device())
+        // Legacy: the cls key (the last) is masked for the first sample, whose last token is
+        // padding; with the correct mask it is always visible to itself.
+        let legacy = text_attention_mask(&t, 0, false).unwrap();
+        let last = legacy.to_vec3::<f32>().unwrap()[0][3][3];
+        assert_eq!(last, f32::NEG_INFINITY);
     }
 }
