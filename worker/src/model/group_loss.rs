@@ -71,8 +71,8 @@ pub struct GroupLoss {
 }
 
 impl GroupLoss {
-    /// The global loss values, identical on every member: the step's one read back to the host,
-    /// summed over the group's host transport. Every member must call it, in the same order as
+    /// The global loss values, identical on every member: the micro-batch's one read back to the
+    /// host, summed over the group's host transport. Every member must call it, in the same order as
     /// its other collectives over the group.
     pub fn values(&self) -> Result<LossValues> {
         let mut values = self.terms.to_vec1::<f32>()?;

@@ -188,8 +188,8 @@ mod tests {
                 "correct_cls_mask {correct}"
             );
         }
-        // Legacy: the cls key (the last) is masked for the first sample, whose last token is
-        // padding; with the correct mask it is always visible to itself.
+        // The rule itself is open_clip's legacy shift: the cls key (the last) takes the validity
+        // of the last token, padding in the first sample.
         let legacy = text_attention_mask(&t, 0, false).unwrap();
         let last = legacy.to_vec3::<f32>().unwrap()[0][3][3];
         assert_eq!(last, f32::NEG_INFINITY);
