@@ -63,12 +63,14 @@ fn selftest_passes_on_the_test_device_with_one_json_line() {
     let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(report["ok"], true, "{out}");
     let checks = report["checks"].as_array().unwrap();
-    // Seven ops in three dtypes and the embedding in float32, each fused path against its
+    // Nine ops in three dtypes and the embedding in float32, each fused path against its
     // composition.
-    assert_eq!(checks.len(), 22, "{out}");
+    assert_eq!(checks.len(), 28, "{out}");
     for op in [
         "layer_norm",
         "masked_softmax",
+        "attention_probs",
+        "biased_product",
         "cross_entropy_rows",
         "cross_entropy_stats",
         "embedding_slice",

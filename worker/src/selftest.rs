@@ -150,6 +150,18 @@ pub fn run(device: &Device) -> Result<Vec<OpCheck>> {
             dtype,
             device,
         )?);
+        // The same probabilities from queries and keys, the product inside the op.
+        checks.push(check(
+            "attention_probs",
+            &[
+                x(&[2, 12, tokens, 64], 15, 1.0)?,
+                x(&[2, 12, keys, 64], 16, 1.0)?,
+            ],
+            &|t| ops::attention_probs(&t[0], &t[1].t()?, Some(&mask), 0.125),
+            &|t| portable::masked_softmax(&t[0].matmul(&t[1].t()?)?, Some(&mask), 0.125),
+            dtype,
+            device,
+        )?);
         checks.push(check(
             "softmax_last_dim",
             &[x(&[64, 300], 5, 3.0)?],
@@ -218,6 +230,19 @@ pub fn run(device: &Device) -> Result<Vec<OpCheck>> {
             dtype,
             device,
         )?);
+        // A linear layer: the product with a transposed weight and its bias in one op.
+        checks.push(check(
+            "biased_product",
+            &[
+                x(&[400, 384], 12, 1.0)?,
+                x(&[770, 384], 13, 0.1)?,
+                x(&[770], 14, 1.0)?,
+            ],
+            &|t| ops::biased_product(&t[0], &t[1].t()?, &t[2]),
+            &|t| t[0].matmul(&t[1].t()?)?.broadcast_add(&t[2]),
+            dtype,
+            device,
+        )?);
     }
     Ok(checks)
 }
@@ -229,7 +254,7 @@ mod tests {
     #[test]
     fn the_cpu_kernels_agree_with_the_compositions() {
         let checks = run(&Device::Cpu).unwrap();
-        assert_eq!(checks.len(), 22);
+        assert_eq!(checks.len(), 28);
         for c in &checks {
             assert!(c.ok, "{c:?}");
             // The CPU has fused kernels for float32 (the count is process-wide, so other

@@ -169,10 +169,14 @@ impl MultiheadAttention {
     ) -> Result<Tensor> {
         let (b, h, t, hd) = q.dims4()?;
         let ac = self.tp.autocast();
-        let scores = ac.matmul(q, &k.t()?)?;
-        // The softmax computes (and returns) float32; its product with v is back in the
-        // compute dtype.
-        let probs = ops::masked_softmax(&scores, mask, 1.0 / (hd as f64).sqrt())?;
+        // The scores in the compute dtype, their softmax computed (and returned) in float32, in
+        // one op that does not keep the scores; the product with v is back in the compute dtype.
+        let probs = ops::attention_probs(
+            &ac.cast(q)?,
+            &ac.cast(k)?.t()?,
+            mask,
+            1.0 / (hd as f64).sqrt(),
+        )?;
         let out = ac
             .matmul(&probs, v)?
             .transpose(1, 2)?

@@ -140,10 +140,11 @@ pub fn matmul_last(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tens
     let in_dim = *dims.last().unwrap_or(&1);
     let rows = x.elem_count() / in_dim.max(1);
     let w = w.to_dtype(x.dtype())?;
-    let mut y = x.contiguous()?.reshape((rows, in_dim))?.matmul(&w)?;
-    if let Some(b) = bias {
-        y = ops::add_bias(&y, &b.to_dtype(x.dtype())?)?;
-    }
+    let x = x.contiguous()?.reshape((rows, in_dim))?;
+    let y = match bias {
+        Some(b) => ops::biased_product(&x, &w, &b.to_dtype(x.dtype())?)?,
+        None => x.matmul(&w)?,
+    };
     let mut out_dims = dims.to_vec();
     if let Some(last) = out_dims.last_mut() {
         *last = w.dim(1)?;

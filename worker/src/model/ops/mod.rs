@@ -31,6 +31,7 @@
 //! the mixed-precision model casts them back to bfloat16 where the next matrix product reads
 //! them, as autocast does.
 
+mod attention_probs;
 mod bias;
 pub mod collective;
 mod cross_entropy;
@@ -46,7 +47,8 @@ pub mod portable;
 mod softmax;
 mod transpose;
 
-pub use bias::add_bias;
+pub use attention_probs::attention_probs;
+pub use bias::{add_bias, biased_product};
 pub use cross_entropy::{cross_entropy_rows, cross_entropy_stats};
 #[cfg(feature = "cuda")]
 pub(crate) use cuda::{adam_moment, adamw_param};

@@ -51,13 +51,20 @@ pub fn masked_softmax(scores: &Tensor, mask: Option<&Tensor>, scale: f64) -> Res
 /// How many batch entries `mask` has for `scores` `[B, H, T, S]`: 1 for a shared `[T, S]`
 /// mask, `B` for a `[B, T, S]` one; any other shape is an error.
 pub(super) fn mask_batch(scores: &Tensor, mask: &Tensor) -> Result<usize> {
-    let (b, _h, t, s) = scores.dims4()?;
+    mask_batch_of(scores.dims4()?, mask)
+}
+
+/// [`mask_batch`] for scores of dimensions `(B, H, T, S)`.
+pub(super) fn mask_batch_of(
+    (b, h, t, s): (usize, usize, usize, usize),
+    mask: &Tensor,
+) -> Result<usize> {
     match mask.dims() {
         [mt, ms] if (*mt, *ms) == (t, s) => Ok(1),
         [mb, mt, ms] if (*mb, *mt, *ms) == (b, t, s) => Ok(b),
         other => bail!(
             "masked_softmax: mask {other:?} does not fit scores {:?}",
-            scores.dims()
+            [b, h, t, s]
         ),
     }
 }
@@ -203,7 +210,12 @@ impl CustomOp2 for MaskedSoftmax {
 }
 
 /// The gradient for the scores `x` from the float32 probabilities `y`, in `x`'s dtype.
-fn softmax_backward(x: &Tensor, y: &Tensor, grad: &Tensor, scale: f32) -> Result<Tensor> {
+pub(super) fn softmax_backward(
+    x: &Tensor,
+    y: &Tensor,
+    grad: &Tensor,
+    scale: f32,
+) -> Result<Tensor> {
     y.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBackward { scale })?
         .to_dtype(x.dtype())
 }

@@ -113,6 +113,88 @@ fn add_bias_matches_broadcast_add() {
 }
 
 #[test]
+fn biased_product_equals_the_product_then_the_bias() {
+    // A transposed weight (a linear layer's `Wᵀ` view) and a contiguous one; 300 output
+    // columns: more than one task's block of rows, with a tail.
+    let (x, weight, b) = (rand(&[37, 64], 10), rand(&[300, 64], 11), rand(&[300], 12));
+    for transposed in [true, false] {
+        let inputs = [x.clone(), weight.clone(), b.clone()];
+        let w = |t: &Tensor| {
+            if transposed {
+                t.t().unwrap()
+            } else {
+                t.reshape((64, 300)).unwrap()
+            }
+        };
+        let fused = value_and_grads(&inputs, |t| {
+            biased_product(&t[0], &w(&t[1]), &t[2]).unwrap()
+        });
+        let reference = value_and_grads(&inputs, |t| {
+            add_bias(&t[0].matmul(&w(&t[1])).unwrap(), &t[2]).unwrap()
+        });
+        // The same ops in the same order: the same bits, forward and backward.
+        assert_same(&fused, &reference, f32::MIN_POSITIVE);
+        let composed = value_and_grads(&inputs, |t| {
+            t[0].matmul(&w(&t[1]))
+                .unwrap()
+                .broadcast_add(&t[2])
+                .unwrap()
+        });
+        assert_same(&fused, &composed, 1e-4);
+    }
+    assert!(biased_product(&x, &weight, &b).is_err());
+    assert!(biased_product(&x, &weight.t().unwrap(), &rand(&[299], 13)).is_err());
+}
+
+#[test]
+fn attention_probs_equal_the_product_then_the_softmax() {
+    let (b, h, t, s, d) = (2, 3, 5, 7, 4);
+    let scale = 0.5;
+    // Additive masks: shared by the batch (causal-like) and per sample (padding-like).
+    let shared = Tensor::from_vec(
+        (0..t * s)
+            .map(|i| {
+                if i % s > i / s + 2 {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+            .collect::<Vec<f32>>(),
+        (t, s),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let per_sample = rand(&[b, t, s], 21);
+    for mask in [None, Some(&shared), Some(&per_sample)] {
+        let inputs = [rand(&[b, h, t, d], 22), rand(&[b, h, s, d], 23)];
+        let fused = value_and_grads(&inputs, |x| {
+            attention_probs(&x[0], &x[1].t().unwrap(), mask, scale).unwrap()
+        });
+        let reference = value_and_grads(&inputs, |x| {
+            let scores = x[0].matmul(&x[1].t().unwrap()).unwrap();
+            masked_softmax(&scores, mask, scale).unwrap()
+        });
+        // The same ops in the same order: the same bits, forward and backward.
+        assert_same(&fused, &reference, f32::MIN_POSITIVE);
+        let composed = value_and_grads(&inputs, |x| {
+            let scores = x[0].matmul(&x[1].t().unwrap()).unwrap();
+            portable::masked_softmax(&scores, mask, scale).unwrap()
+        });
+        assert_same(&fused, &composed, 1e-5);
+    }
+    let q = rand(&[b, h, t, d], 24);
+    assert!(attention_probs(&q, &rand(&[b, h, d + 1, s], 25), None, scale).is_err());
+    assert!(attention_probs(
+        &q,
+        &rand(&[b, h, d, s], 26),
+        Some(&rand(&[t, s + 1], 27)),
+        scale
+    )
+    .is_err());
+}
+
+#[test]
 fn masked_softmax_matches_primitives() {
     let scale = 0.35;
     let (b, h, t, s) = (2, 3, 4, 5);
