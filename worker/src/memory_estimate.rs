@@ -554,7 +554,7 @@ mod tests {
     }
 
     #[test]
-    fn the_cuda_kernels_keep_less_than_the_compositions_and_fit_l14_on_one_h200() {
+    fn the_cuda_kernels_keep_less_than_the_compositions_and_fit_one_h100() {
         let h200 = 141_000_000_000u64;
         // An H100's 80 GB holds B-32 at batch 256 and L-14 at batch 64, in float32 and in bf16,
         // since a linear layer keeps only its biased output (`ops::biased_product`) and an
