@@ -7,12 +7,10 @@
 //! `[B, H, T, S]` tensor less per attention layer (for L-14's image tower, 16 × 257² floats per
 //! image and layer).
 
-use super::softmax::{mask_batch_of, softmax_backward, softmax_rows};
+use super::softmax::{mask_batch_of, softmax_backward, softmax_heads, HeadMask};
 use super::{f32_contiguous, f32_data, fused, masked_softmax};
-use crate::simd::KernelFamily;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 
 /// `softmax(scale · q·k_t + mask)` over the last dimension, for `q` `[B, H, T, d]` and `k_t`
 /// `[B, H, d, S]` (the keys transposed, a view) of one dtype; `mask` as
@@ -40,10 +38,7 @@ pub fn attention_probs(
         return masked_softmax(&q.matmul(k_t)?, mask, scale);
     }
     let mut op = AttentionProbs {
-        heads: h,
-        t,
-        s,
-        d,
+        dims: (b, h, t, s, d),
         scale: scale as f32,
         mask_batch: 1,
     };
@@ -57,12 +52,10 @@ pub fn attention_probs(
     }
 }
 
-/// [`attention_probs`] for `heads` heads of `t` queries and `s` keys of width `d`.
+/// [`attention_probs`] for dimensions `(B, H, T, S, d)`: `B · H` products of `T` queries and
+/// `S` keys of width `d`.
 struct AttentionProbs {
-    heads: usize,
-    t: usize,
-    s: usize,
-    d: usize,
+    dims: (usize, usize, usize, usize, usize),
     scale: f32,
     /// 1 when the mask is shared by the batch, else the batch size.
     mask_batch: usize,
@@ -77,46 +70,32 @@ impl AttentionProbs {
         (sk, lk): (&CpuStorage, &Layout),
         mask: Option<&[f32]>,
     ) -> Result<(CpuStorage, Shape)> {
-        let (t, s) = (self.t, self.s);
-        let scores = sq.matmul(sk, self.product(lq), lq, lk)?;
+        let (_, heads, t, s, _) = self.dims;
+        let scores = sq.matmul(sk, self.product(), lq, lk)?;
         let x = f32_data(
             "attention-probs",
             &scores,
-            &Layout::contiguous(self.shape(lq)),
+            &Layout::contiguous(self.shape()),
         )?;
-        let mut y = vec![0f32; x.len()];
-        let family = KernelFamily::active();
-        // One task per (batch, head) pair: all its rows share one mask block.
-        y.par_chunks_mut(t * s)
-            .zip(x.par_chunks(t * s))
-            .enumerate()
-            .for_each(|(bh, (y, x))| {
-                let m = mask.map(|m| {
-                    let mb = if self.mask_batch == 1 {
-                        0
-                    } else {
-                        bh / self.heads
-                    };
-                    &m[mb * t * s..(mb + 1) * t * s]
-                });
-                softmax_rows(family, y, x, m, self.scale, s);
-            });
-        Ok((CpuStorage::F32(y), self.shape(lq)))
+        let mask = HeadMask {
+            mask,
+            batch: self.mask_batch,
+            heads,
+        };
+        let y = softmax_heads(x, mask, (t, s), self.scale);
+        Ok((CpuStorage::F32(y), self.shape()))
     }
 
-    /// The batched product's `(batch, t, s, d)`: every (batch, head) pair of `q`'s layout.
-    fn product(&self, lq: &Layout) -> (usize, usize, usize, usize) {
-        let pairs = lq.shape().elem_count() / (self.t * self.d).max(1);
-        (pairs, self.t, self.s, self.d)
+    /// The batched product's `(batch, t, s, d)`.
+    fn product(&self) -> (usize, usize, usize, usize) {
+        let (b, h, t, s, d) = self.dims;
+        (b * h, t, s, d)
     }
 
-    /// The output's shape: `q`'s with the keys' count last.
-    fn shape(&self, lq: &Layout) -> Shape {
-        let mut dims = lq.dims().to_vec();
-        if let Some(last) = dims.last_mut() {
-            *last = self.s;
-        }
-        Shape::from(dims)
+    /// The probabilities' shape, `[B, H, T, S]`.
+    fn shape(&self) -> Shape {
+        let (b, h, t, s, _) = self.dims;
+        Shape::from((b, h, t, s))
     }
 
     #[cfg(feature = "cuda")]
@@ -126,8 +105,8 @@ impl AttentionProbs {
         (sk, lk): (&candle_core::CudaStorage, &Layout),
         mask: Option<super::cuda::SoftmaxMask>,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let scores = sq.matmul(sk, self.product(lq), lq, lk)?;
-        let layout = Layout::contiguous(self.shape(lq));
+        let scores = sq.matmul(sk, self.product(), lq, lk)?;
+        let layout = Layout::contiguous(self.shape());
         super::cuda::softmax("attention-probs", (&scores, &layout), mask, self.scale)
     }
 

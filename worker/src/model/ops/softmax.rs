@@ -69,6 +69,42 @@ pub(super) fn mask_batch_of(
     }
 }
 
+/// An additive mask over the `[B, H, T, S]` scores, broadcast over the heads.
+pub(super) struct HeadMask<'a> {
+    /// `[mask batch, T, S]`, or `None` for no mask.
+    pub mask: Option<&'a [f32]>,
+    /// 1 when the mask is shared by the batch, else the batch size.
+    pub batch: usize,
+    /// Heads per batch entry.
+    pub heads: usize,
+}
+
+/// `softmax(scale · x + mask)` of scores `x` `[B, H, T, S]` (`ts` = `(T, S)`), one task per
+/// (batch, head) pair: all its rows share one mask block.
+pub(super) fn softmax_heads(
+    x: &[f32],
+    mask: HeadMask,
+    (t, s): (usize, usize),
+    scale: f32,
+) -> Vec<f32> {
+    let mut y = vec![0f32; x.len()];
+    if t * s == 0 {
+        return y;
+    }
+    let family = KernelFamily::active();
+    y.par_chunks_mut(t * s)
+        .zip(x.par_chunks(t * s))
+        .enumerate()
+        .for_each(|(bh, (y, x))| {
+            let m = mask.mask.map(|m| {
+                let mb = if mask.batch == 1 { 0 } else { bh / mask.heads };
+                &m[mb * t * s..(mb + 1) * t * s]
+            });
+            softmax_rows(family, y, x, m, scale, s);
+        });
+    y
+}
+
 /// `softmax(scale · x + mask)` of one row into `y` (every op and the decoding kernels).
 pub(crate) fn softmax_row(y: &mut [f32], x: &[f32], mask: Option<&[f32]>, scale: f32) {
     softmax_rows(KernelFamily::active(), y, x, mask, scale, x.len())
@@ -167,19 +203,12 @@ impl CustomOp2 for MaskedSoftmax {
         let x = f32_data(self.name(), s1, l1)?;
         let mask = f32_data(self.name(), s2, l2)?;
         let dims = l1.shape().dims();
-        let (b, h, t, s) = (dims[0], dims[1], dims[2], dims[3]);
-        let mut y = vec![0f32; x.len()];
-        let family = KernelFamily::active();
-        // One task per (batch, head) pair: all its rows share one mask block.
-        y.par_chunks_mut(t * s)
-            .zip(x.par_chunks(t * s))
-            .enumerate()
-            .for_each(|(bh, (y, x))| {
-                let mb = if self.mask_batch == 1 { 0 } else { bh / h };
-                let m = &mask[mb * t * s..(mb + 1) * t * s];
-                softmax_rows(family, y, x, Some(m), self.scale, s);
-            });
-        debug_assert_eq!(y.len(), b * h * t * s);
+        let heads = HeadMask {
+            mask: Some(mask),
+            batch: self.mask_batch,
+            heads: dims[1],
+        };
+        let y = softmax_heads(x, heads, (dims[2], dims[3]), self.scale);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
