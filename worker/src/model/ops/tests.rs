@@ -194,6 +194,55 @@ fn attention_probs_equal_the_product_then_the_softmax() {
     .is_err());
 }
 
+/// Values a product would be slowed down by (Intel CPUs take a microcode assist per
+/// subnormal operand).
+fn subnormals(t: &Tensor) -> usize {
+    let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    v.iter().filter(|x| x.is_subnormal()).count()
+}
+
+#[test]
+fn masked_positions_are_exact_zeros_and_no_op_emits_subnormals() {
+    // A causal mask, as the text tower's: in each row the positions after the diagonal are
+    // -inf, so their probabilities and every gradient through them are exactly 0 (PyTorch's
+    // result); a subnormal there made each later product 20× slower on a Xeon.
+    let (b, h, t, d) = (2, 2, 9, 4);
+    let causal = Tensor::from_vec(
+        (0..t * t)
+            .map(|i| {
+                if i % t > i / t {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+            .collect::<Vec<f32>>(),
+        (t, t),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let inputs = [rand(&[b, h, t, d], 31), rand(&[b, h, t, d], 32)];
+    let (probs, grads) = value_and_grads(&inputs, |x| {
+        attention_probs(&x[0], &x[1].t().unwrap(), Some(&causal), 1.0).unwrap()
+    });
+    let rows = probs.flatten_to(2).unwrap().to_vec2::<f32>().unwrap();
+    for (r, row) in rows.iter().enumerate() {
+        let i = r % t;
+        assert!(
+            row[i + 1..].iter().all(|p| p.to_bits() == 0),
+            "row {r}: {row:?}"
+        );
+    }
+    assert_eq!(subnormals(&probs), 0);
+    for g in &grads {
+        assert_eq!(subnormals(g), 0);
+    }
+    // Far-negative GELU inputs: the derivative is 0 there, not e^(-x²/2)'s clamped remainder.
+    let x = Tensor::new(&[-30f32, -20.0, -14.0, -13.5, 0.5], &Device::Cpu).unwrap();
+    let (y, dx) = value_and_grads(&[x], |t| gelu_erf(&t[0]).unwrap());
+    assert_eq!(subnormals(&y) + subnormals(&dx[0]), 0, "{y} {}", dx[0]);
+}
+
 #[test]
 fn masked_softmax_matches_primitives() {
     let scale = 0.35;
@@ -408,7 +457,13 @@ fn polynomial_erf_and_exp_are_accurate_over_their_range() {
         "exp is off by up to {worst_exp} relative"
     );
     assert_eq!(math::exp(0.0), 1.0);
-    assert_eq!(math::exp(-1e4), math::exp(-87.3));
+    // Never a subnormal: exactly 0 below -87.3, normal at it; NaN passes through.
+    assert!(math::exp(-87.3) >= f32::MIN_POSITIVE);
+    for x in [-87.31, -100.0, -1e4, f32::NEG_INFINITY] {
+        assert_eq!(math::exp(x).to_bits(), 0, "exp({x})");
+    }
+    assert!(math::exp(f32::NAN).is_nan());
+    assert_eq!(math::exp(88.8), f32::INFINITY);
     // GELU itself: erf's absolute error times |x| / 2, plus float32 rounding (as with libm's
     // `erff`, `1 + erf(x)` cancels to 0 below x ≈ −5.5).
     for i in -8 * 512..=8 * 512 {
