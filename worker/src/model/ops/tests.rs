@@ -205,7 +205,7 @@ fn subnormals(t: &Tensor) -> usize {
 fn masked_positions_are_exact_zeros_and_no_op_emits_subnormals() {
     // A causal mask, as the text tower's: in each row the positions after the diagonal are
     // -inf, so their probabilities and every gradient through them are exactly 0 (PyTorch's
-    // result); a subnormal there made each later product 20× slower on a Xeon.
+    // result); subnormals there made the B-32 training step 20× slower on a Xeon.
     let (b, h, t, d) = (2, 2, 9, 4);
     let causal = Tensor::from_vec(
         (0..t * t)
