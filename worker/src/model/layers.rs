@@ -57,8 +57,8 @@ pub struct Linear {
     pub(crate) weight: Tensor,
     pub(crate) bias: Option<Tensor>,
     /// The contiguous `Wᵀ` of a frozen weight (neither a candle `Var` nor computed from one),
-    /// made on first use and kept: evaluation and embedding models transpose each `c_proj`
-    /// once instead of at every call. A trainable weight (or a slice or cast of one) changes
+    /// made on first use and kept: evaluation and embedding models transpose each weight once
+    /// instead of multiplying by a view (or copying at every call). A trainable weight (or a slice or cast of one) changes
     /// in place at every optimizer step, so it is transposed per call. (A frozen model must
     /// not outlive in-place updates of the storage it was built on: each evaluation during
     /// training builds its own.)
@@ -99,12 +99,17 @@ impl Linear {
         }
     }
 
-    /// `Wᵀ` `[in, out]` for the product: a view when `in ≤ out`; a contiguous copy when the
-    /// input is wider than the output (`c_proj`), where the GEMM packs a transposed view at
-    /// about half speed (see [`ops::transpose_contiguous`]); made once for a frozen weight.
+    /// `Wᵀ` `[in, out]` for the product. On the CPU a frozen weight's is a contiguous copy, made
+    /// once and kept beside the weight: the `gemm` crate packs a transposed view more slowly
+    /// (see [`ops::transpose_contiguous`]; B-32's image embedding took 5–7 % longer on an
+    /// Intel Xeon with views of the weights whose input is not wider than their output). A
+    /// trainable weight changes at every optimizer step: its `Wᵀ` is a view, or a copy per call
+    /// where the input is wider than the output (`c_proj`), where the view is slowest (the
+    /// backward pass multiplies by `W` through the view, the layout that product wants). On a
+    /// GPU it is a view (cuBLAS takes either layout).
     fn weight_t(&self) -> Result<Tensor> {
         let (out_dim, in_dim) = self.weight.dims2()?;
-        if in_dim <= out_dim || !self.weight.device().is_cpu() {
+        if !self.weight.device().is_cpu() || (self.weight.track_op() && in_dim <= out_dim) {
             return self.weight.t();
         }
         if self.weight.track_op() {
@@ -206,7 +211,7 @@ mod tests {
     use candle_core::{Device, Var};
 
     #[test]
-    fn a_frozen_wide_weight_is_transposed_once_and_a_trainable_one_every_call() {
+    fn a_frozen_weight_is_transposed_once_and_a_trainable_one_every_call() {
         let w = Tensor::arange(0f32, 24.0, &Device::Cpu)
             .unwrap()
             .reshape((2, 12))
@@ -218,8 +223,22 @@ mod tests {
         // A slice of a variable (as tensor parallelism and packed projections take them).
         let sliced = Linear::from_parts(var.as_tensor().narrow(1, 0, 10).unwrap(), None);
         let ids = |l: &Linear| [l.weight_t().unwrap().id(), l.weight_t().unwrap().id()];
-        let [a, b] = ids(&frozen);
-        assert_eq!(a, b, "a frozen weight's transpose is kept");
+        // A frozen weight whose input is narrower than its output gets a contiguous copy too.
+        let frozen_narrow = Linear::from_parts(w.t().unwrap().contiguous().unwrap(), None);
+        for l in [&frozen, &frozen_narrow] {
+            let [a, b] = ids(l);
+            assert_eq!(a, b, "a frozen weight's transpose is kept");
+            assert!(l.weight_t().unwrap().is_contiguous());
+        }
+        let x_narrow = Tensor::ones((3, 2), candle_core::DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(
+            frozen_narrow
+                .forward(&x_narrow)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap(),
+            x_narrow.matmul(&w).unwrap().to_vec2::<f32>().unwrap()
+        );
         for l in [&trainable, &sliced] {
             let [a, b] = ids(l);
             assert_ne!(a, b, "a trainable weight's transpose is made per call");
