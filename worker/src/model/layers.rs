@@ -58,10 +58,10 @@ pub struct Linear {
     pub(crate) bias: Option<Tensor>,
     /// The contiguous `Wᵀ` of a frozen weight (neither a candle `Var` nor computed from one),
     /// made on first use and kept: evaluation and embedding models transpose each weight once
-    /// instead of multiplying by a view (or copying at every call). A trainable weight (or a slice or cast of one) changes
-    /// in place at every optimizer step, so it is transposed per call. (A frozen model must
-    /// not outlive in-place updates of the storage it was built on: each evaluation during
-    /// training builds its own.)
+    /// instead of multiplying by a view (or copying at every call). A trainable weight (or a
+    /// slice or cast of one) changes in place at every optimizer step, so it is transposed per
+    /// call. (A frozen model must not outlive in-place updates of the storage it was built on:
+    /// each evaluation during training builds its own.)
     frozen_weight_t: Arc<OnceLock<Tensor>>,
 }
 
