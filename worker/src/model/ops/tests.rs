@@ -518,17 +518,22 @@ fn products_fill_their_unzeroed_outputs_completely() {
     // vendor/candle-core leaves a product's output buffer unfilled (gemm writes every element):
     // freed NaN-filled memory of the output's size is handed out again for it, and no NaN may
     // survive. Shapes: single elements, odd sizes, the batched small products, a batch of
-    // products too large for that path, k = 0.
-    for (b, m, k, n) in [
-        (1, 1, 1, 1),
-        (1, 5, 3, 7),
-        (4, 50, 64, 50),
-        (2, 130, 130, 130),
-        (1, 400, 77, 33),
-        (3, 7, 1, 9),
-        (2, 3, 0, 4),
+    // products too large for that path, k = 0, and (float32 and float64, whose sums of up to
+    // 2100 terms stay exact) one that vendor/gemm-common's blocking cuts along both k (chunks
+    // of at most 1024 on a 48 KiB L1, fewer on a smaller one) and m (at most 8 × 64 rows).
+    let all = [DType::F32, DType::F64, DType::BF16, DType::F16];
+    for (b, m, k, n, dtypes) in [
+        (1, 1, 1, 1, &all[..]),
+        (1, 5, 3, 7, &all),
+        (4, 50, 64, 50, &all),
+        (2, 130, 130, 130, &all),
+        (1, 400, 77, 33, &all),
+        (3, 7, 1, 9, &all),
+        (2, 3, 0, 4, &all),
+        (1, 600, 2100, 70, &all[..2]),
     ] {
-        // Values in {-1, 0, 1}: every sum is an integer of at most 130, exact in each dtype.
+        // Values in {-1, 0, 1}: every sum is an integer of at most k, exact in each dtype
+        // tried with it.
         let value = |i: usize, seed: usize| ((i * 7 + seed) % 3) as f64 - 1.0;
         let lhs: Vec<f64> = (0..b * m * k).map(|i| value(i, 1)).collect();
         let rhs: Vec<f64> = (0..b * k * n).map(|i| value(i, 2)).collect();
@@ -539,7 +544,7 @@ fn products_fill_their_unzeroed_outputs_completely() {
                 .map(|p| lhs[batch * m * k + i * k + p] * rhs[batch * k * n + p * n + j])
                 .sum();
         }
-        for dtype in [DType::F32, DType::F64, DType::BF16, DType::F16] {
+        for &dtype in dtypes {
             let tensor = |v: &[f64], shape: (usize, usize, usize)| {
                 Tensor::from_vec(v.to_vec(), shape, &Device::Cpu)
                     .unwrap()
