@@ -261,3 +261,37 @@ fn bad_options_are_errors() {
         assert!(generate_with(&model, &images, &opts, true).is_err());
     }
 }
+
+/// A model under bf16 autocast (`bench --bf16 True`, `pretrain --bf16`'s evaluation) computes
+/// the image keys and values in bf16; the cached decoder reads them as float32 (it stopped with
+/// "unexpected dtype" before). Its greedy caption equals the recompute decoder's on the same
+/// bf16 model: both decode from the same bf16 image tokens.
+#[test]
+fn a_bf16_autocast_model_captions_through_the_cache() {
+    use coca_worker::model::autocast::Autocast;
+    use coca_worker::model::tensor_parallel::TensorParallel;
+    use coca_worker::model::trainable::trainable_model_parallel;
+    let config = CocaConfig::resolve("coca_demo").unwrap();
+    let tp = TensorParallel::single().with_autocast(Autocast::new(DType::BF16));
+    let (model, _vars) =
+        trainable_model_parallel(&config, None, 11, DType::F32, &Device::Cpu, &tp).unwrap();
+    let (_, images) = random_model();
+    let opts = GenerateOptions {
+        generation_type: GenerationType::Greedy,
+        seq_len: 8,
+        min_seq_len: 7,
+        ..GenerateOptions::default()
+    };
+    let cached = generate_with(&model, &images, &opts, true).unwrap();
+    assert_eq!(cached.len(), 3);
+    for caption in &cached {
+        assert!(
+            !caption.is_empty() && caption.len() <= opts.seq_len,
+            "{caption:?}"
+        );
+    }
+    assert_eq!(
+        cached,
+        generate_with(&model, &images, &opts, false).unwrap()
+    );
+}

@@ -3,20 +3,34 @@
 # no cargo and no network. Run from the repository root with target/device-kit (made here by
 # scripts/cuda/device-kit.sh) beside it:
 #
-#   scripts/cuda/device-check.sh [--quick]
+#   scripts/cuda/device-check.sh [--quick] [--only NAME,NAME,...]
 #
 # Prints one JSON line per check: {"check", "ok", "seconds", "result" (the command's JSON line,
 # when it prints one), "tail" (its last output lines when it failed)}. Every check has its own
 # time limit, and a failed check does not stop the others. --quick runs only the start-up,
-# `verify` and the B-32 pair. Results also go to $OUT/device-check.jsonl when $OUT is set.
+# `verify` and the B-32 pair; --only runs only the named checks (in the script's order), for a
+# device lease too short for all of them. Results also go to $OUT/device-check.jsonl when $OUT
+# is set.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 KIT=${COCA_DEVICE_KIT:-target/device-kit}
 QUICK=0
-[ "${1:-}" = "--quick" ] && QUICK=1
+ONLY=
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) QUICK=1 ;;
+    --only) ONLY=",${2:?--only needs a comma-separated list of check names},"; shift ;;
+    *) echo "device-check.sh: unknown argument $1" >&2; exit 2 ;;
+  esac
+  shift
+done
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 RESULTS=${OUT:+$OUT/device-check.jsonl}
+# A failed check's whole output, when $OUT is set (the JSON line keeps its last lines).
+FAILURES=${OUT:+$OUT/device-check-failures.log}
+# Error messages without backtraces (the GPU machine's environment may ask for them).
+export RUST_BACKTRACE=0 RUST_LIB_BACKTRACE=0
 
 # PyTorch's environment carries the CUDA 13 libraries the binaries link (cuBLAS, cuRAND, ...).
 PY=${PYTHON:-}
@@ -47,6 +61,13 @@ fi
 check() {
   local name=$1 limit=$2
   shift 2
+  if [ -n "$ONLY" ] && [[ "$ONLY" != *",$name,"* ]]; then
+    return 0
+  fi
+  # COCA_CHECK_MAX_S caps every check's limit (a short lease: fail fast, run the rest).
+  if [ -n "${COCA_CHECK_MAX_S:-}" ] && [ "$limit" -gt "$COCA_CHECK_MAX_S" ]; then
+    limit=$COCA_CHECK_MAX_S
+  fi
   local start end rc
   start=$(date +%s.%N)
   timeout --kill-after=10 "$limit" "$@" >"$WORK/out" 2>"$WORK/err"
@@ -81,6 +102,9 @@ PYEOF
 )
   echo "$line"
   [ -n "$RESULTS" ] && echo "$line" >>"$RESULTS"
+  if [ "$rc" != 0 ] && [ -n "$FAILURES" ]; then
+    { echo "=== $name (exit $rc): $*"; tail -n 300 "$WORK/out"; tail -n 300 "$WORK/err"; } >>"$FAILURES"
+  fi
   return "$rc"
 }
 
@@ -116,6 +140,10 @@ check bench-b32-portable-ops 300 env COCA_PORTABLE_OPS=1 "$W" bench --device cud
 check launch-train 300 "$BIN/coca-launch" --nproc-per-node gpu --log-dir "$WORK/log" -- \
   pretrain --max_steps 4 --save_steps 4 --output_dir "$WORK/run"
 check checkpoint-written 10 test -d "$WORK/run/checkpoint-4"
+# Issue #17: all-reduce bus bandwidth of a one-rank NCCL communicator made through the launcher's
+# control plane (one GPU: NCCL refuses two ranks on one device).
+check bench-collectives 120 "$BIN/coca-launch" --nproc-per-node gpu --log-dir "$WORK/log-comm" -- \
+  bench-collectives --device cuda --bytes 1048576,67108864,268435456
 check bench-l14 400 "$W" bench --device cuda --tf32 True --model coca_ViT-L-14 --batch 64 \
   --steps 2 --captions False
 check torch-l14 400 "$PY" scripts/open_clip_train_bench.py --device cuda --tf32 \

@@ -37,10 +37,12 @@ for f in config.json weights.safetensors io.safetensors extras.json extras.safet
   [ -f "$FIXTURES/$f" ] && cp "$FIXTURES/$f" "$KIT/fixture/"
 done
 [ -d "$FIXTURES/images" ] && cp -r "$FIXTURES/images" "$KIT/fixture/"
-# open_clip and the pure-Python packages it imports at start (torch and torchvision are the GPU
-# machine's own). Optional: without them the PyTorch checks report that they could not run.
+# open_clip and the packages it imports at start that the GPU machine's image lacks (its own
+# torch, torchvision, timm, huggingface_hub, safetensors, regex and tqdm serve; carrying them
+# too puts the kit over the 64 MiB a device call may carry). Optional: without them the PyTorch
+# checks report that they could not run.
 python3 -m pip download --quiet --no-deps --dest "$KIT/wheels" \
-  open_clip_torch==3.3.0 ftfy wcwidth regex tqdm huggingface_hub safetensors timm \
+  open_clip_torch==3.3.0 ftfy wcwidth \
   --python-version 3.12 --only-binary=:all: --platform manylinux2014_x86_64 \
   || echo "device-kit.sh: could not fetch open_clip's wheels; the PyTorch checks will be skipped" >&2
 du -sh "$KIT"

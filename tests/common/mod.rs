@@ -143,6 +143,9 @@ pub fn run_with_env(bin: &str, args: &[&str], env: &[(&str, &str)]) -> (i32, Str
 }
 
 /// [`run`] in the folder `cwd` (the test's own when `None`), with extra environment variables.
+/// Every binary started here applies cuBLAS's layout rule to its CPU matrix products
+/// (`COCA_CHECK_CUBLAS_LAYOUTS`, vendor/README.md): a product a GPU would refuse fails the test
+/// on the CPU. `env` may turn it off.
 pub fn run_in(
     cwd: Option<&Path>,
     bin: &str,
@@ -155,6 +158,7 @@ pub fn run_in(
     }
     let child = command
         .args(args)
+        .env("COCA_CHECK_CUBLAS_LAYOUTS", "1")
         .envs(env.iter().copied())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())

@@ -47,9 +47,12 @@ impl Autocast {
         }
     }
 
-    /// `a · b` with both operands in the compute dtype.
+    /// `a · b` with both operands in the compute dtype. `a` is made contiguous: it is often
+    /// one position of a sequence (a pooled token, the last one), a view whose row stride is
+    /// the whole sequence, which candle's cuBLAS product refuses ("matmul is only supported
+    /// for contiguous tensors", seen on an H100 in float32, where no cast copies it).
     pub fn matmul(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
-        self.cast(a)?.matmul(&self.cast(b)?)
+        self.cast(a)?.contiguous()?.matmul(&self.cast(b)?)
     }
 }
 

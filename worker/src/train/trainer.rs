@@ -13,7 +13,7 @@
 use super::adamw::{global_norm, AdamWConfig, FlatAdamW, UpdateSpan};
 use super::flat::{FlatParams, GroupRule, Segment};
 use super::moments::MOMENT_NAMES;
-use super::norm::{clip_range, combine_squares, segment_squares};
+use super::norm::{clip_range, combine_squares, device_range_squares, segment_squares};
 use super::partition::Partition;
 use super::schedule::CosineSchedule;
 use crate::comm::{Communicator, FlatBuffer, HostTransport, PlacementRule};
@@ -348,6 +348,13 @@ impl Trainer {
                     return Ok(norm);
                 }
                 norm * norm
+            }
+            FlatBuffer::Device(g) if tp.is_single() => {
+                let squared = device_range_squares(g, block)?;
+                if self.groups.sharding.size() == 1 {
+                    return Ok(squared.sqrt());
+                }
+                squared
             }
             grads => {
                 let squares = segment_squares(grads, offset, &self.owned)?;

@@ -7,6 +7,8 @@ use half::{bf16, f16, slice::HalfFloatSliceExt, vec::HalfFloatVecExt};
 use rayon::prelude::*;
 
 mod utils;
+// coca: cuBLAS's layout rule, checked on the CPU when asked (see the file).
+mod cublas_layouts;
 pub use utils::{
     binary_map, binary_map_vec, binary_map_vec_par, unary_map, unary_map_vec, unary_map_vec_par,
     Map1, Map1Any, Map2, Map2InPlace, Map2U8,
@@ -3161,6 +3163,10 @@ impl BackendStorage for CpuStorage {
         lhs_l: &Layout,
         rhs_l: &Layout,
     ) -> Result<Self> {
+        // coca: refuse what the CUDA backend refuses, when asked (cublas_layouts.rs).
+        if cublas_layouts::enabled() {
+            cublas_layouts::check(bmnk, lhs_l, rhs_l)?;
+        }
         // no bf16 gemm kernel yet: widen to f32, multiply, narrow back
         if let (Self::BF16(lhs_v), Self::BF16(rhs_v)) = (self, rhs) {
             let lhs32 = Self::F32(lhs_v.to_f32_vec());

@@ -7,7 +7,7 @@ use super::weights::{BlockView, DecodeWeights};
 use super::StepDecoder;
 use crate::model::ops::gelu_erf_value;
 use anyhow::{ensure, Result};
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 impl BlockView<'_> {
     /// Adds the attention output for queries `q` over `kv` (cache rows `slots`) to `x`.
@@ -162,10 +162,12 @@ impl<'w> CachedDecoder<'w> {
             .map(|(block, (_, view))| -> Result<ImageKv> {
                 let (k, v) = block.cross_kv(image_embs)?;
                 let (images, tokens, _) = k.dims3()?;
-                // [images, tokens, width] → [images, heads, tokens, head_dim].
+                // [images, tokens, width] → [images, heads, tokens, head_dim], in float32 (the
+                // model's are bfloat16 under autocast; the decoding kernels read float32).
                 let head_major = |t: Tensor| -> Result<Vec<f32>> {
                     let t = t.reshape((images, tokens, view.heads, width / view.heads))?;
-                    Ok(t.transpose(1, 2)?.contiguous()?.flatten_all()?.to_vec1()?)
+                    let t = t.transpose(1, 2)?.to_dtype(DType::F32)?;
+                    Ok(t.contiguous()?.flatten_all()?.to_vec1()?)
                 };
                 Ok(ImageKv {
                     tokens,
