@@ -332,3 +332,27 @@ fn bad_nnodes_ranges_are_one_line_usage_errors_before_any_worker_starts() {
         assert!(worker_logs(&log_dir).is_empty(), "no worker started");
     }
 }
+
+/// The worker's pre-start check says whether its workers compute on GPUs (then its estimate is
+/// of device memory, and the launcher holds them only to the weights they read on the host),
+/// and a CPU build refuses to be started one worker per GPU before any worker starts.
+#[test]
+fn check_args_says_where_the_workers_compute() {
+    let args = ["check-args", "pretrain", "--model", "coca_ViT-L-14"];
+    let (code, out, err) = common::run("coca-worker", &args);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let answer: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    let on_gpu = coca_worker::device::DeviceChoice::Auto.is_gpu();
+    assert_eq!(answer["memory"]["on_gpu"], on_gpu, "{out}");
+    if coca_worker::device::cuda_built() {
+        return;
+    }
+    let (code, out, err) =
+        common::run_with_env("coca-worker", &args, &[("COCA_DEVICE_KIND", "gpu")]);
+    assert_eq!(code, 2, "{out}\n{err}");
+    assert!(
+        err.contains("the launcher started one worker per GPU")
+            && err.contains("scripts/cuda/build.sh"),
+        "{err}"
+    );
+}

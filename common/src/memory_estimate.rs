@@ -1,5 +1,5 @@
-//! A worker's host-memory estimate by part: computed by the worker (`coca-worker check-args`),
-//! read by the launcher to refuse a layout that cannot fit on its node.
+//! A worker's memory estimate by part: computed by the worker (`coca-worker check-args`), read
+//! by the launcher to refuse a layout that cannot fit in its node's host memory.
 
 /// Bytes one worker needs, by part.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -27,6 +27,18 @@ pub struct MemoryEstimate {
 }
 
 impl MemoryEstimate {
+    /// The host memory one worker needs: all of it for a CPU worker. A GPU worker keeps its
+    /// model, gradients, moments and activations on its GPU (each worker checks those against
+    /// its card before training); on the host it holds the float32 weights as they are read,
+    /// before they move to the device.
+    pub fn host_bytes(&self, on_gpu: bool) -> u64 {
+        if on_gpu {
+            self.parameter_bytes
+        } else {
+            self.total_bytes
+        }
+    }
+
     /// The parts in GiB on one line (`weights 1.0 + master 1.0 + … = 9.5 GiB`), for the start-up
     /// summary and messages.
     pub fn by_part(&self) -> String {
@@ -71,5 +83,7 @@ mod tests {
         );
         e.compute_copy_bytes = 1 << 29;
         assert!(e.by_part().contains("+ half-precision copies 0.50 +"));
+        assert_eq!(e.host_bytes(false), e.total_bytes);
+        assert_eq!(e.host_bytes(true), e.parameter_bytes);
     }
 }

@@ -186,6 +186,7 @@ pub fn check_memory_at_min(
     elastic: &Elastic,
     worker: &Path,
     worker_args: &[String],
+    kind_env: &[(&str, String)],
     node: &NodeMemory,
 ) -> Result<()> {
     let smallest = elastic.layout(elastic.range.min)?;
@@ -195,9 +196,10 @@ pub fn check_memory_at_min(
     if batch == full {
         return Ok(());
     }
-    let env = [(PER_DEVICE_BATCH_ENV, batch.to_string())];
+    let mut env = vec![(PER_DEVICE_BATCH_ENV, batch.to_string())];
+    env.extend(kind_env.iter().cloned());
     let answer =
-        preflight::check_worker_command_with(worker, worker_args, smallest.topology.world, &env)?;
+        preflight::check_worker_command(worker, worker_args, smallest.topology.world, &env)?;
     if let Some(answer) = answer {
         let NodeRange { min, max } = elastic.range;
         preflight::check_memory(&answer, elastic.nproc, node).with_context(|| {

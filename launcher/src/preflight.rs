@@ -20,6 +20,10 @@ pub struct MemoryAnswer {
     pub estimate: MemoryEstimate,
     pub per_device_train_batch_size: usize,
     pub model: String,
+    /// The workers compute on GPUs: `estimate` is of device memory, and only
+    /// [`MemoryEstimate::host_bytes`] of it lives on the host.
+    #[serde(default)]
+    pub on_gpu: bool,
 }
 
 #[derive(serde::Deserialize)]
@@ -27,18 +31,10 @@ struct Answer {
     memory: Option<MemoryAnswer>,
 }
 
-/// Runs `worker check-args -- worker_args` as rank 0 of `world`; its error message goes
-/// straight to the launcher's stderr, once.
+/// Runs `worker check-args -- worker_args` as rank 0 of `world`, with extra environment
+/// variables (the device kind the workers will get; a generation's batch); its error message
+/// goes straight to the launcher's stderr, once.
 pub fn check_worker_command(
-    worker: &Path,
-    worker_args: &[String],
-    world: usize,
-) -> Result<Option<MemoryAnswer>> {
-    check_worker_command_with(worker, worker_args, world, &[])
-}
-
-/// [`check_worker_command`] with extra environment variables (as a generation's workers get).
-pub fn check_worker_command_with(
     worker: &Path,
     worker_args: &[String],
     world: usize,
@@ -71,9 +67,37 @@ pub fn check_worker_command_with(
     Ok(answer.memory)
 }
 
-/// Refuses a layout whose `nproc` workers cannot fit in `node`, naming the numbers.
+/// Refuses a layout whose `nproc` workers cannot fit in `node`, naming the numbers. GPU
+/// workers are held to what they keep on the host (each checks its device estimate against
+/// its own GPU when it starts).
 pub fn check_memory(answer: &MemoryAnswer, nproc: usize, node: &NodeMemory) -> Result<()> {
     let e = &answer.estimate;
+    if answer.on_gpu {
+        let need = e.host_bytes(true).saturating_mul(nproc as u64);
+        if need <= node.bytes {
+            tracing::info!(
+                "memory: {nproc} GPU worker(s) x {} of weights on the host = {} of {} available; \
+                 on each GPU an estimated {}",
+                gib(e.host_bytes(true)),
+                gib(need),
+                gib(node.bytes),
+                gib(e.total_bytes)
+            );
+            return Ok(());
+        }
+        bail!(
+            "this layout does not fit in this node's memory: {nproc} GPU worker(s) x {} of \
+             weights read on the host ({}, {} parameters each) = {} needed, {} available ({}).\n  \
+             Use fewer workers per node, --tensor_parallel_degree, or more memory; \
+             --node-memory SIZE overrides the available figure",
+            gib(e.host_bytes(true)),
+            answer.model,
+            e.parameters,
+            gib(need),
+            gib(node.bytes),
+            node.source,
+        );
+    }
     let need = e.total_bytes.saturating_mul(nproc as u64);
     if need <= node.bytes {
         tracing::info!(
@@ -104,4 +128,54 @@ pub fn check_memory(answer: &MemoryAnswer, nproc: usize, node: &NodeMemory) -> R
         answer.per_device_train_batch_size,
         gib(e.activation_bytes),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(on_gpu: bool) -> MemoryAnswer {
+        // An L-14-sized worker: 2.4 GiB of weights, 60 GiB in all.
+        let gib = 1u64 << 30;
+        MemoryAnswer {
+            estimate: MemoryEstimate {
+                parameters: 638_450_177,
+                parameter_bytes: 12 * gib / 5,
+                model_copy_bytes: 12 * gib / 5,
+                gradient_bytes: 24 * gib / 5,
+                optimizer_bytes: 24 * gib / 5,
+                compute_copy_bytes: 0,
+                activation_bytes: 45 * gib,
+                total_bytes: 60 * gib,
+            },
+            per_device_train_batch_size: 64,
+            model: "coca_ViT-L-14".to_string(),
+            on_gpu,
+        }
+    }
+
+    #[test]
+    fn gpu_workers_are_held_to_the_weights_they_read_on_the_host() {
+        let node = NodeMemory {
+            bytes: 128 << 30,
+            source: "--node-memory".to_string(),
+        };
+        // Eight GPU workers fit a 128 GiB host (8 × 2.4 GiB) that eight CPU workers do not.
+        check_memory(&answer(true), 8, &node).unwrap();
+        let cpu = check_memory(&answer(false), 8, &node)
+            .unwrap_err()
+            .to_string();
+        assert!(cpu.contains("8 worker(s) x 60.0 GiB"), "{cpu}");
+        // Sixty GPU workers' weights do not.
+        let gpu = check_memory(&answer(true), 60, &node)
+            .unwrap_err()
+            .to_string();
+        for needle in [
+            "60 GPU worker(s) x 2.4 GiB of weights read on the host",
+            "coca_ViT-L-14, 638450177 parameters each",
+            "128.0 GiB available (--node-memory)",
+        ] {
+            assert!(gpu.contains(needle), "{needle:?} missing: {gpu}");
+        }
+    }
 }

@@ -105,6 +105,14 @@ enum Outcome {
     Failed(i32),
 }
 
+/// `COCA_DEVICE_KIND=gpu` for workers started one per GPU (and for their command's check).
+fn device_kind_env(gpu_workers: bool) -> Vec<(&'static str, String)> {
+    match gpu_workers {
+        true => vec![("COCA_DEVICE_KIND", "gpu".to_string())],
+        false => Vec::new(),
+    }
+}
+
 /// Runs the launcher; the exit code as described in `main.rs`.
 pub fn run(command_line: CommandLine) -> Result<i32> {
     let CommandLine {
@@ -153,16 +161,20 @@ pub fn run(command_line: CommandLine) -> Result<i32> {
     // on no interface is a usage error (exit 2), not a worker's.
     let (master, advertise) = address::for_node(&args, &layout)?;
     let worker_binary = coca_common::worker_binary::worker_beside_current_exe()?;
-    // The worker's checks, once for the whole node, before anything is started.
+    // The worker's checks, once for the whole node, before anything is started (with the
+    // device kind its workers will get).
+    let gpu_workers =
+        args.nproc_per_node == "gpu" || (args.nproc_per_node == "auto" && !visible_gpus.is_empty());
+    let kind_env = device_kind_env(gpu_workers);
     if let Some(answer) =
-        preflight::check_worker_command(&worker_binary, &worker_args, topology.world)?
+        preflight::check_worker_command(&worker_binary, &worker_args, topology.world, &kind_env)?
     {
         let node = memory::available(args.node_memory.as_deref())?;
         preflight::check_memory(&answer, nproc, &node)?;
         elastic.per_device_batch = Some(answer.per_device_train_batch_size);
         // Every node count MIN..=MAX must keep the global batch (elastic jobs) and fit.
         elastic.check()?;
-        elastic::check_memory_at_min(&elastic, &worker_binary, &worker_args, &node)?;
+        elastic::check_memory_at_min(&elastic, &worker_binary, &worker_args, &kind_env, &node)?;
     }
     std::fs::create_dir_all(&args.log_dir)
         .with_context(|| format!("cannot create --log-dir {}", args.log_dir.display()))?;
@@ -210,8 +222,6 @@ pub fn run(command_line: CommandLine) -> Result<i32> {
         },
     )
     .map_err(|e| ControlPlaneError(format!("{e:#}")))?;
-    let gpu_workers =
-        args.nproc_per_node == "gpu" || (args.nproc_per_node == "auto" && !visible_gpus.is_empty());
     let job = Job {
         args,
         worker_args,
@@ -366,9 +376,11 @@ fn start_workers(job: &Job, plan: &Plan, layout: &GenerationLayout) -> Result<Ve
                 batch.to_string(),
             ));
         }
-        if job.gpu_workers {
-            env.push(("COCA_DEVICE_KIND".to_string(), "gpu".to_string()));
-        }
+        env.extend(
+            device_kind_env(job.gpu_workers)
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v)),
+        );
         if let Some(device) = job.visible_gpus.get(local_rank) {
             env.push(("CUDA_VISIBLE_DEVICES".to_string(), device.clone()));
         }

@@ -78,6 +78,27 @@ impl<'de> serde::Deserialize<'de> for DeviceChoice {
     }
 }
 
+/// The variable `coca-launch` sets to `gpu` for the workers it starts one per GPU
+/// (`--nproc-per-node gpu`/`auto` on a node with GPUs), and for their command's check.
+pub const LAUNCHER_DEVICE_KIND_ENV: &str = "COCA_DEVICE_KIND";
+
+/// Whether the launcher started this process as a GPU worker ([`LAUNCHER_DEVICE_KIND_ENV`]).
+pub fn launched_for_gpu() -> bool {
+    std::env::var(LAUNCHER_DEVICE_KIND_ENV).as_deref() == Ok("gpu")
+}
+
+/// Refuses to be a GPU worker without CUDA: the launcher started one worker per GPU, and this
+/// binary cannot use one.
+pub fn check_launched_kind() -> Result<()> {
+    if launched_for_gpu() && !cuda_built() {
+        bail!(
+            "the launcher started one worker per GPU (--nproc-per-node gpu/auto), but \
+             {CUDA_BUILD_HINT}; or start CPU workers with --nproc-per-node N"
+        );
+    }
+    Ok(())
+}
+
 /// Whether this binary was built with the `cuda` feature.
 pub const fn cuda_built() -> bool {
     cfg!(feature = "cuda")
@@ -123,6 +144,17 @@ impl DeviceArgs {
 }
 
 impl DeviceChoice {
+    /// Whether [`Self::open`] gives a GPU (or fails trying to): `cuda:N`, or `auto` in a CUDA
+    /// build. Decided without touching the driver, for the checks made before any worker
+    /// starts.
+    pub fn is_gpu(self) -> bool {
+        match self {
+            Self::Cpu => false,
+            Self::Cuda(_) => true,
+            Self::Auto => cuda_built() && candle_core::utils::cuda_is_available(),
+        }
+    }
+
     /// The device, checked: a CPU build asked for CUDA, a missing driver or an index beyond the
     /// visible GPUs is an error naming the cause.
     pub fn open(self) -> Result<Device> {
@@ -165,6 +197,13 @@ pub fn device_name(device: &Device) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_gpu_is_named_or_auto_in_a_cuda_build() {
+        assert!(!DeviceChoice::Cpu.is_gpu());
+        assert!(DeviceChoice::Cuda(1).is_gpu());
+        assert_eq!(DeviceChoice::Auto.is_gpu(), cuda_built());
+    }
 
     #[test]
     fn parses_every_spelling() {

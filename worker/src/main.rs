@@ -174,6 +174,10 @@ fn check_args(command: Vec<String>) -> Result<ExitCode> {
             pretrain::elastic::apply_launcher_batch(&mut args, |k| std::env::var(k).ok())?;
             let (world, _) = coca_worker::distributed::context::env_world_rank()?;
             let checked = pretrain::preflight::check(&args, world, 0)?;
+            coca_worker::device::check_launched_kind()?;
+            // A GPU worker's estimate is of its device memory (its own check at start compares
+            // it with the card); the launcher checks only what it keeps on the host.
+            let on_gpu = coca_worker::device::launched_for_gpu() || args.device.device.is_gpu();
             let estimate = coca_worker::memory_estimate::estimate(
                 &checked.config,
                 args.tensor_parallel_degree,
@@ -182,11 +186,11 @@ fn check_args(command: Vec<String>) -> Result<ExitCode> {
                 checked.batch(&args),
                 args.grad_checkpointing,
                 args.precision.compute_dtype(),
-                // The launcher checks host memory, for CPU workers.
-                coca_worker::memory_estimate::OpsPath::for_device(&candle_core::Device::Cpu),
+                coca_worker::memory_estimate::OpsPath::for_kind(on_gpu),
             )?;
             Some(serde_json::json!({
                 "estimate": estimate,
+                "on_gpu": on_gpu,
                 "per_device_train_batch_size": checked.batch(&args),
                 "model": args.model.as_deref().unwrap_or(pretrain::model_source::DEMO_MODEL),
             }))

@@ -48,6 +48,16 @@ impl OpsPath {
         }
     }
 
+    /// The path a step takes in this process on a GPU (`on_gpu`) or on the CPU, without opening
+    /// a device (the launcher's check, before any worker starts).
+    pub fn for_kind(on_gpu: bool) -> Self {
+        match (on_gpu, portable_forced()) {
+            (false, false) => Self::CpuFused,
+            (true, false) if cfg!(feature = "cuda") => Self::CudaFused,
+            (gpu, _) => Self::Portable { cpu: !gpu },
+        }
+    }
+
     fn portable(self) -> bool {
         matches!(self, Self::Portable { .. })
     }

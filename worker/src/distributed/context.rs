@@ -85,18 +85,11 @@ impl RankContext {
     /// Reads the launcher's environment and connects; `tp` and `sharding` are the degrees the
     /// worker's own flags ask for (they must match the launcher's).
     pub fn from_env(tp: usize, sharding: usize) -> Result<Self> {
-        if std::env::var("COCA_DEVICE_KIND").as_deref() == Ok("gpu") && !crate::device::cuda_built()
-        {
-            bail!(
-                "the launcher started one worker per GPU (--nproc-per-node gpu/auto), but {}; \
-                 or start CPU workers with --nproc-per-node N",
-                crate::device::CUDA_BUILD_HINT
-            );
-        }
+        crate::device::check_launched_kind()?;
         // A GPU worker of an NCCL build refuses an NCCL library older than it supports before
         // anything trains (the message names the version and where a newer one comes from).
         #[cfg(feature = "nccl")]
-        if std::env::var("COCA_DEVICE_KIND").as_deref() == Ok("gpu") {
+        if crate::device::launched_for_gpu() {
             crate::comm::nccl::library_version()?;
         }
         let world = env_number("WORLD_SIZE")?.unwrap_or(1);
