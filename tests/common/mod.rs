@@ -100,8 +100,11 @@ pub fn max_abs(a: &Tensor) -> f32 {
 }
 
 /// The path of a workspace binary (`coca-worker`, `coca-launch`) built with the same profile as
-/// this test, building it first when it is absent (the root package cannot depend on another
-/// package's binaries).
+/// this test, building it first when it is absent, or, in the default target folder, older
+/// than a source file of the workspace (the root package cannot depend on another package's
+/// binaries, so `cargo test --test NAME` alone would run a binary built before the change under
+/// test). Other target folders (the CUDA build's) are taken as they are: a plain build there
+/// would replace their binaries with ones of other features.
 pub fn binary(name: &str) -> PathBuf {
     static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let exe = std::env::current_exe().expect("test executable path");
@@ -112,7 +115,10 @@ pub fn binary(name: &str) -> PathBuf {
         .expect("test executable lives in target/<profile>/deps");
     let path = profile_dir.join(name);
     let _guard = BUILD.lock().unwrap_or_else(|e| e.into_inner());
-    if !path.exists() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let stale = profile_dir.parent() == Some(root.join("target").as_path())
+        && modified(&path) < newest_source(root);
+    if !path.exists() || stale {
         let release = profile_dir.file_name().is_some_and(|p| p == "release");
         let mut cargo = std::process::Command::new(env!("CARGO"));
         cargo.args(["build", "--workspace", "--bins"]);
@@ -130,6 +136,33 @@ pub fn binary(name: &str) -> PathBuf {
     }
     assert!(path.exists(), "{} was not built", path.display());
     path
+}
+
+/// When `path` was last written (`None` if it does not exist).
+fn modified(path: &Path) -> Option<std::time::SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+/// The latest change to the sources the binaries are built from.
+fn newest_source(root: &Path) -> Option<std::time::SystemTime> {
+    fn walk(dir: &Path, newest: &mut Option<std::time::SystemTime>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                walk(&path, newest);
+            } else {
+                *newest = (*newest).max(modified(&path));
+            }
+        }
+    }
+    let mut newest = modified(&root.join("Cargo.lock"));
+    for dir in ["common", "worker", "launcher", "vendor"] {
+        walk(&root.join(dir), &mut newest);
+    }
+    newest
 }
 
 /// Runs a binary with arguments, bounded in time, and returns (exit code, stdout, stderr).
