@@ -1,13 +1,16 @@
-//! A worker's host memory for training, estimated from the config and the layout before
-//! anything is allocated, so that `coca-launch` can refuse a layout that cannot fit the node.
+//! A worker's memory for training (host memory for a CPU worker, device memory for a GPU
+//! worker), estimated from the config and the layout before anything is allocated, so that
+//! `coca-launch` can refuse a layout that cannot fit the node, and a GPU worker one that cannot
+//! fit its card.
 //!
 //! The buffers follow the trainer's accounting ([`crate::train::trainer::TrainerMemory`],
-//! measured by `coca-worker bench-memory`): the flat parameter copy, the model's own variables (a
-//! second copy), the kept gradients (÷ sharding under stage 2), the gradient each backward pass
-//! holds in full before it is reduced ([`crate::train::flat::FlatParams::accumulate_grads`] adds
-//! it to the flat buffer in place, without a second copy), and the AdamW moments (÷ sharding under stage 1 and 2); all of one
-//! tensor-parallel member's shards. Activations are an estimate of what the autograd graph
-//! keeps (documented at [`activation_bytes`]), with or without activation checkpointing.
+//! measured by `coca-worker bench-memory`): the flat parameter copy, the model's own variables
+//! (a second copy), the kept gradients (÷ sharding under stage 2), the gradient each backward
+//! pass holds in full before it is reduced ([`crate::train::flat::FlatParams::accumulate_grads`]
+//! adds it to the flat buffer in place, without a second copy), and the AdamW moments
+//! (÷ sharding under stage 1 and 2); all of one tensor-parallel member's shards. Activations
+//! are an estimate of what the autograd graph keeps (documented at [`activation_bytes`]), with
+//! or without activation checkpointing.
 //!
 //! `coca-worker bench-memory --batch N` measures a one-process step's peak resident bytes
 //! beside this estimate (the README has the figures).
