@@ -42,6 +42,17 @@ fn bench_reports_every_figure() {
         Some(21.min(context) - 1),
         "{line}"
     );
+    // Device memory: null on the CPU; on a GPU the pool's peak of tensor bytes (open_clip's
+    // bench reports torch's `max_memory_allocated`) and the card's memory in use.
+    for key in ["device_memory_peak_bytes", "device_memory_in_use_bytes"] {
+        let value = line
+            .get(key)
+            .unwrap_or_else(|| panic!("no {key} in {line}"));
+        assert!(
+            value.is_null() || value.as_u64().is_some_and(|b| b > 0),
+            "{key} in {line}"
+        );
+    }
     // The CPU and the kernel families that ran are named, and a forced family is honoured.
     assert!(
         !line["cpu_model"].as_str().unwrap_or("").is_empty(),

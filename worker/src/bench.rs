@@ -170,6 +170,10 @@ pub fn run(opts: &BenchOptions) -> Result<Option<serde_json::Value>> {
         }
     }
     let step = median(step_times.clone());
+    // The most bytes the device's tensors held during training (open_clip's bench reports
+    // torch's `max_memory_allocated`, the same measure); the card's memory in use, below,
+    // also counts what the pool keeps reserved.
+    let device_peak = crate::cuda_setup::pool_usage(&device)?.map(|(_, high)| high);
     if !tp.is_single() {
         return Ok(ctx.is_main().then(|| {
             serde_json::json!({
@@ -239,6 +243,7 @@ pub fn run(opts: &BenchOptions) -> Result<Option<serde_json::Value>> {
         "train_samples_per_s": opts.batch as f64 / step,
         "train_model_flops_per_step": flops,
         "train_tflops": flops / step / 1e12,
+        "device_memory_peak_bytes": device_peak,
         "device_memory_in_use_bytes": crate::cuda_setup::memory_in_use(&device)?,
         "embed_images_per_s": opts.batch as f64 / median(embed_times),
     });
