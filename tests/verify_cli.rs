@@ -52,6 +52,17 @@ fn verify_passes_on_the_portable_ops() {
     assert_verify_passes_on_the_reference(&[("COCA_PORTABLE_OPS", "1")]);
 }
 
+/// The GPU's code path on the CPU: the compositions, and the trainer's flat buffers as device
+/// tensors (the gradient norm summed in rows, clipping and AdamW as tensor ops): the 6-step
+/// trajectory's losses, norms and parameters still equal open_clip's.
+#[test]
+fn verify_passes_on_the_gpu_code_path() {
+    assert_verify_passes_on_the_reference(&[
+        ("COCA_PORTABLE_OPS", "1"),
+        ("COCA_FLAT_BUFFERS", "tensors"),
+    ]);
+}
+
 #[test]
 fn selftest_passes_on_the_test_device_with_one_json_line() {
     let Some((device, _)) = common::test_device() else {
