@@ -212,10 +212,24 @@ pub fn check_memory_at_min(
     Ok(())
 }
 
+/// How long a node whose rendezvous failed waits for the `Finished` event. The server answers
+/// the rendezvous and broadcasts the event at once, on different streams, so the event can
+/// arrive just after the answer (a returning node then exited 3 instead of 0: 3 of about 25
+/// runs of `elastic_restart`).
+const FINISHED_EVENT_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Whether the job finished while this node waited outside it (a returning node of an elastic
-/// job is told so by the `Finished` event): then its launcher exits 0.
+/// job is told so by the `Finished` event): then its launcher exits 0. Called after a failed
+/// rendezvous; waits at most [`FINISHED_EVENT_WAIT`], less when an abort arrives.
 pub fn finished_without_us(client: &ControlClient) -> bool {
-    client.events().try_iter().any(|e| e == Event::Finished)
+    let deadline = std::time::Instant::now() + FINISHED_EVENT_WAIT;
+    loop {
+        match client.events().recv_deadline(deadline) {
+            Ok(Event::Finished) => return true,
+            Ok(Event::Abort { .. }) | Err(_) => return false,
+            Ok(_) => continue,
+        }
+    }
 }
 
 /// Ranks that read different samples: dp × sharding.
