@@ -13,6 +13,10 @@ use anyhow::{bail, Result};
 /// batch scaled so that every micro-batch keeps its samples on fewer data-parallel ranks.
 pub const PER_DEVICE_BATCH_ENV: &str = "COCA_PER_DEVICE_TRAIN_BATCH_SIZE";
 
+/// `gpu` for the workers `coca-launch` starts one per GPU (`--nproc-per-node gpu`/`auto` on a
+/// node with GPUs), and for their command's check before they start.
+pub const DEVICE_KIND_ENV: &str = "COCA_DEVICE_KIND";
+
 /// Degrees of a job and the mapping between ranks and coordinates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Topology {

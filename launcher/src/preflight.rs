@@ -72,41 +72,34 @@ pub fn check_worker_command(
 /// its own GPU when it starts).
 pub fn check_memory(answer: &MemoryAnswer, nproc: usize, node: &NodeMemory) -> Result<()> {
     let e = &answer.estimate;
+    let per_worker = e.host_bytes(answer.on_gpu);
+    let need = per_worker.saturating_mul(nproc as u64);
+    if need <= node.bytes {
+        let on_each_gpu = match answer.on_gpu {
+            true => format!(" (and an estimated {} on each GPU)", gib(e.total_bytes)),
+            false => String::new(),
+        };
+        tracing::info!(
+            "memory: {nproc} worker(s) x {} estimated on the host = {} of {} available{on_each_gpu}",
+            gib(per_worker),
+            gib(need),
+            gib(node.bytes),
+        );
+        return Ok(());
+    }
     if answer.on_gpu {
-        let need = e.host_bytes(true).saturating_mul(nproc as u64);
-        if need <= node.bytes {
-            tracing::info!(
-                "memory: {nproc} GPU worker(s) x {} of weights on the host = {} of {} available; \
-                 on each GPU an estimated {}",
-                gib(e.host_bytes(true)),
-                gib(need),
-                gib(node.bytes),
-                gib(e.total_bytes)
-            );
-            return Ok(());
-        }
         bail!(
             "this layout does not fit in this node's memory: {nproc} GPU worker(s) x {} of \
              weights read on the host ({}, {} parameters each) = {} needed, {} available ({}).\n  \
              Use fewer workers per node, --tensor_parallel_degree, or more memory; \
              --node-memory SIZE overrides the available figure",
-            gib(e.host_bytes(true)),
+            gib(per_worker),
             answer.model,
             e.parameters,
             gib(need),
             gib(node.bytes),
             node.source,
         );
-    }
-    let need = e.total_bytes.saturating_mul(nproc as u64);
-    if need <= node.bytes {
-        tracing::info!(
-            "memory: {nproc} worker(s) x {} estimated = {} of {} available",
-            gib(e.total_bytes),
-            gib(need),
-            gib(node.bytes)
-        );
-        return Ok(());
     }
     bail!(
         "this layout does not fit in this node's memory: {nproc} worker(s) x {} = {} needed, {} \

@@ -108,7 +108,7 @@ enum Outcome {
 /// `COCA_DEVICE_KIND=gpu` for workers started one per GPU (and for their command's check).
 fn device_kind_env(gpu_workers: bool) -> Vec<(&'static str, String)> {
     match gpu_workers {
-        true => vec![("COCA_DEVICE_KIND", "gpu".to_string())],
+        true => vec![(coca_common::topology::DEVICE_KIND_ENV, "gpu".to_string())],
         false => Vec::new(),
     }
 }

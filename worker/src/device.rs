@@ -78,13 +78,10 @@ impl<'de> serde::Deserialize<'de> for DeviceChoice {
     }
 }
 
-/// The variable `coca-launch` sets to `gpu` for the workers it starts one per GPU
-/// (`--nproc-per-node gpu`/`auto` on a node with GPUs), and for their command's check.
-pub const LAUNCHER_DEVICE_KIND_ENV: &str = "COCA_DEVICE_KIND";
-
-/// Whether the launcher started this process as a GPU worker ([`LAUNCHER_DEVICE_KIND_ENV`]).
+/// Whether the launcher started this process as a GPU worker
+/// ([`coca_common::topology::DEVICE_KIND_ENV`]).
 pub fn launched_for_gpu() -> bool {
-    std::env::var(LAUNCHER_DEVICE_KIND_ENV).as_deref() == Ok("gpu")
+    std::env::var(coca_common::topology::DEVICE_KIND_ENV).as_deref() == Ok("gpu")
 }
 
 /// Refuses to be a GPU worker without CUDA: the launcher started one worker per GPU, and this
@@ -151,7 +148,7 @@ impl DeviceChoice {
         match self {
             Self::Cpu => false,
             Self::Cuda(_) => true,
-            Self::Auto => cuda_built() && candle_core::utils::cuda_is_available(),
+            Self::Auto => cuda_built(),
         }
     }
 

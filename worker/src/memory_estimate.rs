@@ -44,11 +44,7 @@ pub enum OpsPath {
 impl OpsPath {
     /// The path a step on `device` takes in this process.
     pub fn for_device(device: &Device) -> Self {
-        match (device.is_cpu(), portable_forced()) {
-            (true, false) => Self::CpuFused,
-            (false, false) if device.is_cuda() && cfg!(feature = "cuda") => Self::CudaFused,
-            (cpu, _) => Self::Portable { cpu },
-        }
+        Self::for_kind(!device.is_cpu())
     }
 
     /// The path a step takes in this process on a GPU (`on_gpu`) or on the CPU, without opening
