@@ -15,6 +15,7 @@ torch's CPU kernel family (`torch.backends.cpu.get_cpu_capability()`) and the CP
 """
 
 import argparse
+import ctypes
 import json
 import os
 import statistics
@@ -34,6 +35,28 @@ def cpu_model():
     except OSError:
         pass
     return "unknown"
+
+
+def kernel_windows():
+    """Marks windows in the GPU kernel timeline of scripts/cuda/kernel_profile.c when the CUDA
+    driver loaded it (CUDA_INJECTION64_PATH), as coca-worker bench does; a no-op otherwise.
+    Call after CUDA is initialised."""
+    path = os.environ.get("CUDA_INJECTION64_PATH")
+    marker = None
+    if path:
+        try:
+            # RTLD_NOLOAD: only the copy the driver loaded, never a second one.
+            library = ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+            marker = library.coca_kernel_profile_window
+            marker.argtypes = [ctypes.c_char_p]
+        except (OSError, AttributeError):
+            marker = None
+
+    def window(label, timed):
+        if marker is not None and timed:
+            marker(label.encode() if label else None)
+
+    return window
 
 
 def caption_rows(batch, context, vocab, generator):
@@ -123,13 +146,17 @@ def main():
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+
+    window = kernel_windows()
     loss_fn = CoCaLoss(caption_loss_weight=2.0, clip_loss_weight=1.0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1)
 
     step_times = []
     phase_times = {"forward_and_loss_s": [], "backward_s": [], "optimizer_s": []}
     for step in range(args.steps + 1):
+        timed = step > 0
         start = time.perf_counter()
+        window("forward", timed)
         optimizer.zero_grad(set_to_none=True)
         with autocast:
             out = model(images, text)
@@ -141,13 +168,18 @@ def main():
                 out["logit_scale"],
             )
         sync()
+        window(None, timed)
         forward_done = time.perf_counter()
+        window("backward", timed)
         sum(losses).backward()
         sync()
+        window(None, timed)
         backward_done = time.perf_counter()
+        window("update", timed)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         sync()
+        window(None, timed)
         if step > 0:
             end = time.perf_counter()
             step_times.append(end - start)
@@ -160,8 +192,10 @@ def main():
     with torch.no_grad(), autocast:
         for step in range(args.steps + 1):
             start = time.perf_counter()
+            window("embed", step > 0)
             model.encode_image(images)
             sync()
+            window(None, step > 0)
             if step > 0:
                 embed_times.append(time.perf_counter() - start)
     caption_times = []

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Builds the CUDA binaries, target/cuda/release/coca-worker and coca-launch, without a GPU:
+# Builds the CUDA binaries, target/cuda/release/coca-worker and coca-launch (and the kernel
+# profiler libcoca_kernel_profile.so), without a GPU:
 # installs (or reuses) the toolchain of scripts/cuda/toolchain.sh, builds with the worker's `cuda`
 # feature into target/cuda (beside the CPU build's target/release, never over it) and checks that
 # the worker links the CUDA libraries by SONAME only (no path to the link stubs baked in).
 #
 #   scripts/cuda/build.sh             # build and check
 #   scripts/cuda/build.sh --pack      # also target/cuda/dist/{coca-worker,coca-launch}.xz: stripped,
-#                                     # `xz -9`, to carry to a GPU machine (+ SHA256SUMS)
+#                                     # `xz -9`, to carry to a GPU machine (+ SHA256SUMS), and
+#                                     # the kernel profiler libcoca_kernel_profile.so
 #   scripts/cuda/build.sh --compute-cap 80 [-- <more cargo build arguments>]
 #
 # The binaries need an NVIDIA driver (libcuda.so.1) and the CUDA 13 libraries (libcublas.so.13,
@@ -74,6 +76,19 @@ if grep -q / <<<"$NEEDED"; then
 fi
 say "coca-worker NEEDED: $(echo $NEEDED)"
 
+# The kernel profiler for the GPU machine (scripts/cuda/kernel_profile.c): a CUPTI injection
+# library that needs libcupti.so.13 at run time (PyTorch's environment has it), by SONAME only.
+PROFILER="$BIN/libcoca_kernel_profile.so"
+gcc -O2 -Wall -Wextra -Werror -std=c11 -D_DEFAULT_SOURCE -shared -fPIC -fvisibility=hidden \
+  -I"$CUDA_HOME/include" -o "$PROFILER" scripts/cuda/kernel_profile.c \
+  -L"$CUDA_HOME/lib" -l:libcupti.so.13 -lpthread || die "the kernel profiler did not build"
+PROFILER_DYN="$(readelf -d "$PROFILER")"
+grep -q 'NEEDED.*\[libcupti.so.13\]' <<<"$PROFILER_DYN" || die "$PROFILER does not link libcupti.so.13"
+if grep -qE '\((RPATH|RUNPATH)\)' <<<"$PROFILER_DYN"; then
+  die "$PROFILER has an RPATH/RUNPATH"
+fi
+say "kernel profiler: $PROFILER"
+
 if [ "$PACK" = 1 ]; then
   command -v xz >/dev/null || die "xz is required for --pack (apt-get install xz-utils)"
   command -v strip >/dev/null || die "strip is required for --pack (apt-get install binutils)"
@@ -83,7 +98,8 @@ if [ "$PACK" = 1 ]; then
     strip -o "$DIST/$b" "$BIN/$b"
     xz -9 -f -T1 "$DIST/$b" # replaces $DIST/$b by $DIST/$b.xz
   done
-  (cd "$DIST" && sha256sum coca-worker.xz coca-launch.xz >SHA256SUMS)
+  cp "$PROFILER" "$DIST/"
+  (cd "$DIST" && sha256sum coca-worker.xz coca-launch.xz libcoca_kernel_profile.so >SHA256SUMS)
   say "packed: $(cd "$DIST" && ls -l coca-worker.xz coca-launch.xz | awk '{ printf "%s %.1f MB  ", $NF, $5 / 1e6 }')"
   say "on the GPU machine: xz -d coca-worker.xz coca-launch.xz && chmod +x coca-worker coca-launch"
 fi

@@ -158,3 +158,31 @@ check l14-seed-batch-memory 300 "$W" bench --device cuda --bf16 True --grad_chec
 # Device memory of a B-32 step at batch 64 (the memory pool's peak) beside the estimate.
 check bench-memory-b32 300 "$W" bench-memory --device cuda --model coca_ViT-B-32 --batch 64 \
   --sharding 1 --tensor_parallel 1
+# Kernel timelines (scripts/cuda/kernel_profile.c, CUPTI) of the bf16 B-32 step and embedding,
+# ours and open_clip's, in the same windows: time per kernel and per kind, and the GPU's idle
+# share (what launching from the host leaves unused). CUPTI's records cost a little time, so
+# these runs' step times are not the benchmark's. The tables and the compressed timelines go
+# to $OUT (kernels-*.txt, kernels-*.tsv.xz).
+PROFILER="$(cd "$KIT/bin" && pwd)/libcoca_kernel_profile.so"
+PROFILES=${OUT:-$WORK}
+profile() { # profile NAME SECONDS COMMAND...: the command's timeline, then its summary
+  local name=$1 limit=$2
+  shift 2
+  local tsv="$PROFILES/kernels-$name.tsv"
+  check "profile-$name" "$limit" env CUDA_INJECTION64_PATH="$PROFILER" COCA_KERNEL_PROFILE="$tsv" "$@"
+  [ -f "$tsv" ] || return 0
+  # The summary goes with its profile, also under --only.
+  ONLY= check "kernels-$name" 120 "$PY" scripts/cuda/kernel_profile_summary.py --json-only --top 30 \
+    --table "$PROFILES/kernels-$name.txt" "$tsv"
+  xz -T2 -f "$tsv" 2>/dev/null || true
+}
+if [ -f "$PROFILER" ]; then
+  profile coca-b32-bf16 300 "$W" bench --device cuda --bf16 True --model coca_ViT-B-32 --batch 256 \
+    --steps 3 --captions False
+  profile torch-b32-bf16 300 "$PY" scripts/open_clip_train_bench.py --device cuda \
+    --precision amp_bf16 --model coca_ViT-B-32 --batch 256 --steps 3
+  profile coca-l14-bf16 400 "$W" bench --device cuda --bf16 True --model coca_ViT-L-14 --batch 64 \
+    --steps 2 --captions False
+  profile torch-l14-bf16 400 "$PY" scripts/open_clip_train_bench.py --device cuda \
+    --precision amp_bf16 --model coca_ViT-L-14 --batch 64 --steps 2
+fi

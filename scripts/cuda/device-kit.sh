@@ -31,7 +31,8 @@ fi
 }
 rm -rf "$KIT"
 mkdir -p "$KIT/bin" "$KIT/fixture" "$KIT/wheels"
-cp target/cuda/dist/coca-worker.xz target/cuda/dist/coca-launch.xz "$KIT/bin/"
+cp target/cuda/dist/coca-worker.xz target/cuda/dist/coca-launch.xz \
+  target/cuda/dist/libcoca_kernel_profile.so "$KIT/bin/"
 # What `verify` reads: the config, weights, inputs/outputs, extras and the images.
 for f in config.json weights.safetensors io.safetensors extras.json extras.safetensors; do
   [ -f "$FIXTURES/$f" ] && cp "$FIXTURES/$f" "$KIT/fixture/"

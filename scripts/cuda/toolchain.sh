@@ -34,6 +34,8 @@ PINS=(
   nvidia-nvvm==13.0.88
   nvidia-cuda-runtime==13.0.96
   nvidia-cuda-cccl==13.0.85
+  # CUPTI's headers and libcupti.so.13, for the kernel profiler (scripts/cuda/kernel_profile.c)
+  nvidia-cuda-cupti==13.0.85
 )
 # cudarc's spelling of the toolkit version (its build script would otherwise run `nvcc --version`).
 CUDARC_VERSION_CODE=13000
@@ -111,6 +113,7 @@ fi
 CU13="$(cu13_dir)"
 [ -x "$CU13/bin/nvcc" ] || die "nvcc missing at $CU13/bin/nvcc (delete $DIR and rerun)"
 [ -f "$CU13/lib/libcudart.so.13" ] || die "libcudart.so.13 missing in $CU13/lib (delete $DIR and rerun)"
+[ -f "$CU13/include/cupti.h" ] || die "cupti.h missing in $CU13/include (delete $DIR and rerun)"
 
 # ---- 2. link-time stubs from cudarc's declarations --------------------------------------------
 CUDARC_VER="$(awk '/^name = "cudarc"$/ { getline; gsub(/"/, "", $3); print $3; exit }' "$REPO/Cargo.lock")"

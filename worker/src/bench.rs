@@ -8,6 +8,7 @@ use crate::eval::generate::{
     generate_using, generate_with, DecodePrecision, DecodeWeights, Decoding, GenerateOptions,
     GenerationType,
 };
+use crate::kernel_profile::KernelWindows;
 use crate::model::autocast::Autocast;
 use crate::model::tensor_parallel::TensorParallel;
 use crate::model::trainable::trainable_model_parallel;
@@ -154,13 +155,19 @@ pub fn run(opts: &BenchOptions) -> Result<Option<serde_json::Value>> {
     // The step's two calls, timed apart: forward + loss + backward (+ the flat gradient), then
     // clipping + AdamW.
     let (mut backward_times, mut update_times) = (Vec::new(), Vec::new());
+    // Windows in the GPU kernel timeline, when scripts/cuda/kernel_profile.c records one.
+    let windows = KernelWindows::from_env();
     for step in 0..=opts.steps {
         let (start, faults) = (Instant::now(), minor_page_faults());
+        windows.open(c"forward_backward", step > 0);
         trainer.backward(&images, &text, 1.0)?;
         device.synchronize()?;
+        windows.close(step > 0);
         let backward_done = start.elapsed().as_secs_f64();
+        windows.open(c"update", step > 0);
         trainer.update()?;
         device.synchronize()?;
+        windows.close(step > 0);
         if step > 0 {
             let total = start.elapsed().as_secs_f64();
             step_times.push(total);
@@ -201,9 +208,11 @@ pub fn run(opts: &BenchOptions) -> Result<Option<serde_json::Value>> {
     let mut forward_times = Vec::new();
     for step in 0..=opts.steps {
         let start = Instant::now();
+        windows.open(c"forward", step > 0);
         let out = frozen.forward(&images, &text)?;
         crate::model::coca_loss(&out, &CocaLossConfig::default())?;
         device.synchronize()?;
+        windows.close(step > 0);
         if step > 0 {
             forward_times.push(start.elapsed().as_secs_f64());
         }
@@ -217,8 +226,10 @@ pub fn run(opts: &BenchOptions) -> Result<Option<serde_json::Value>> {
     let mut embed_times = Vec::new();
     for step in 0..=opts.steps {
         let start = Instant::now();
+        windows.open(c"embed", step > 0);
         frozen.image_features(&images)?;
         device.synchronize()?;
+        windows.close(step > 0);
         if step > 0 {
             embed_times.push(start.elapsed().as_secs_f64());
         }

@@ -16,6 +16,7 @@ pub mod eval;
 pub mod f32_view;
 pub mod hub;
 pub mod huge_pages;
+pub mod kernel_profile;
 pub mod memory_estimate;
 pub mod model;
 pub mod preflight;
