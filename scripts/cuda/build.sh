@@ -87,7 +87,29 @@ grep -q 'NEEDED.*\[libcupti.so.13\]' <<<"$PROFILER_DYN" || die "$PROFILER does n
 if grep -qE '\((RPATH|RUNPATH)\)' <<<"$PROFILER_DYN"; then
   die "$PROFILER has an RPATH/RUNPATH"
 fi
-say "kernel profiler: $PROFILER"
+# Its records, windows and summary, without a GPU: a stand-in libcupti.so.13 hands it known
+# records (scripts/cuda/kernel_profile_check.c), and the summary must count exactly those.
+PROFILE_CHECK="$(mktemp -d)"
+trap 'rm -rf "$PROFILE_CHECK"' EXIT
+# The real library's symbols carry the version node `libcupti.so.13`, and so must the stand-in's.
+echo 'libcupti.so.13 { global: *; };' >"$PROFILE_CHECK/versions.map"
+gcc -O2 -Wall -Wextra -Werror -std=c11 -D_DEFAULT_SOURCE -DSTAND_IN_CUPTI -shared -fPIC \
+  -Wl,-soname,libcupti.so.13 -Wl,--version-script,"$PROFILE_CHECK/versions.map" \
+  -I"$CUDA_HOME/include" -o "$PROFILE_CHECK/libcupti.so.13" scripts/cuda/kernel_profile_check.c \
+  && gcc -O2 -Wall -Wextra -Werror -std=c11 -D_DEFAULT_SOURCE -I"$CUDA_HOME/include" \
+    -o "$PROFILE_CHECK/run" scripts/cuda/kernel_profile_check.c -ldl \
+  || die "the kernel profiler's check did not build"
+LD_LIBRARY_PATH="$PROFILE_CHECK" COCA_KERNEL_PROFILE="$PROFILE_CHECK/run.tsv" \
+  "$PROFILE_CHECK/run" "$PWD/$PROFILER" 2>/dev/null || die "the kernel profiler failed its check run"
+python3 scripts/cuda/kernel_profile_summary.py --json-only "$PROFILE_CHECK/run.tsv" | python3 -c '
+import json, sys
+step = json.load(sys.stdin)["windows"]["step"]
+got = (step["windows"], step["wall_ms"] * 1e6, step["gpu_busy_ms"] * 1e6, step["kernels"],
+       {k: round(v * 1e6) for k, v in step["by_kind_ms"].items()})
+want = (1, 10, 6, 2, {"matmul": 4, "fused_ops": 1, "memcpy": 1, "memset": 1})
+assert (got[0], round(got[1]), round(got[2]), got[3], got[4]) == want, f"{got} != {want}"
+' || die "the kernel profiler's records or summary are wrong (scripts/cuda/kernel_profile_check.c)"
+say "kernel profiler: $PROFILER (checked against a stand-in CUPTI)"
 
 if [ "$PACK" = 1 ]; then
   command -v xz >/dev/null || die "xz is required for --pack (apt-get install xz-utils)"
