@@ -61,8 +61,13 @@ pub struct Linear {
     /// instead of multiplying by a view (or copying at every call). A trainable weight (or a
     /// slice or cast of one) changes in place at every optimizer step, so it is transposed per
     /// call. (A frozen model must not outlive in-place updates of the storage it was built on:
-    /// each evaluation during training builds its own.)
+    /// each evaluation during training builds its own.) Float32 inputs use `frozen_blocks`
+    /// instead; this serves the others (a half-precision model on the CPU).
     frozen_weight_t: Arc<OnceLock<Tensor>>,
+    /// A frozen float32 weight laid out for the CPU product ([`ops::BlockedWeight`]), made on
+    /// first use by a float32 input that records no graph, and kept (the same lifetime rule
+    /// as `frozen_weight_t`).
+    frozen_blocks: Arc<OnceLock<ops::BlockedWeight>>,
 }
 
 impl Linear {
@@ -72,6 +77,7 @@ impl Linear {
             weight: vb.get_with_hints((out_dim, in_dim), "weight", normal(std))?,
             bias: Some(vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?),
             frozen_weight_t: Arc::default(),
+            frozen_blocks: Arc::default(),
         })
     }
 
@@ -81,13 +87,41 @@ impl Linear {
             weight,
             bias,
             frozen_weight_t: Arc::default(),
+            frozen_blocks: Arc::default(),
         }
     }
 
     /// `x · Wᵀ + b` in `x`'s dtype (the weight and bias are cast to it: autocast's product
     /// when `x` is half precision).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(blocks) = self.frozen_blocks(x)? {
+            let dims = x.dims();
+            let in_dim = *dims.last().unwrap_or(&1);
+            let rows = x.elem_count() / in_dim.max(1);
+            let y = blocks.forward(&x.reshape((rows, in_dim))?, self.bias.as_ref())?;
+            let mut out_dims = dims.to_vec();
+            if let Some(last) = out_dims.last_mut() {
+                *last = blocks.dims().0;
+            }
+            return y.reshape(out_dims);
+        }
         matmul_last(x, &self.weight_t()?, self.bias.as_ref())
+    }
+
+    /// The blocked layout of a frozen float32 weight on the CPU, for an input `x` of float32
+    /// that records no graph (inference); `None` where the product goes through candle.
+    fn frozen_blocks(&self, x: &Tensor) -> Result<Option<&ops::BlockedWeight>> {
+        let frozen = |t: &Tensor| !t.track_op();
+        let mut operands = vec![x, &self.weight];
+        operands.extend(self.bias.as_ref());
+        if !operands.iter().all(|t| frozen(t)) || x.rank() == 0 || !ops::fused_on_cpu(&operands) {
+            return Ok(None);
+        }
+        if let Some(blocks) = self.frozen_blocks.get() {
+            return Ok(Some(blocks));
+        }
+        let blocks = ops::BlockedWeight::new(&self.weight)?;
+        Ok(Some(self.frozen_blocks.get_or_init(|| blocks)))
     }
 
     /// The same map over `f(weight)` and `f(bias)`.
@@ -96,6 +130,7 @@ impl Linear {
             weight: f(&self.weight),
             bias: self.bias.as_ref().map(&mut *f),
             frozen_weight_t: Arc::default(),
+            frozen_blocks: Arc::default(),
         }
     }
 

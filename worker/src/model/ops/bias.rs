@@ -61,7 +61,7 @@ pub fn biased_product(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 /// Every row of `out` set to the same row of `y` plus `b` (`y`: `None` adds `b` to `out` in
 /// place), rows split between tasks.
-fn add_rows(out: &mut [f32], y: Option<&[f32]>, b: &[f32]) {
+pub(super) fn add_rows(out: &mut [f32], y: Option<&[f32]>, b: &[f32]) {
     let n = b.len();
     if n == 0 {
         return;

@@ -33,6 +33,7 @@
 
 mod attention_probs;
 mod bias;
+mod blocked_linear;
 pub mod collective;
 mod cross_entropy;
 #[cfg(feature = "cuda")]
@@ -49,6 +50,7 @@ mod transpose;
 
 pub use attention_probs::attention_probs;
 pub use bias::{add_bias, biased_product};
+pub use blocked_linear::BlockedWeight;
 pub use cross_entropy::{cross_entropy_rows, cross_entropy_stats};
 #[cfg(feature = "cuda")]
 pub(crate) use cuda::{adam_moment, adamw_param};
