@@ -291,4 +291,40 @@ mod tests {
         assert_eq!(out(&trainable)[0][0], 2.0 * y[0][0]);
         assert_eq!(out(&sliced)[0][0], 2.0 * y_sliced[0][0]);
     }
+
+    #[test]
+    fn frozen_float32_products_run_on_blocked_weights_and_graphs_never_do() {
+        let (out_dim, in_dim) = (70, 33);
+        let w = (Tensor::arange(0f32, (out_dim * in_dim) as f32, &Device::Cpu)
+            .unwrap()
+            .reshape((out_dim, in_dim))
+            .unwrap()
+            * 1e-3)
+            .unwrap();
+        let b = Tensor::arange(0f32, out_dim as f32, &Device::Cpu).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, 5, in_dim), &Device::Cpu).unwrap();
+        let frozen = Linear::from_parts(w.clone(), Some(b.clone()));
+        let var = Var::from_tensor(&w).unwrap();
+        let trainable = Linear::from_parts(var.as_tensor().clone(), Some(b));
+        let y = frozen.forward(&x).unwrap();
+        assert!(
+            frozen.frozen_blocks.get().is_some(),
+            "a frozen weight is blocked"
+        );
+        assert_eq!(y.dims(), [2, 5, out_dim]);
+        let want = trainable.forward(&x).unwrap();
+        assert!(trainable.frozen_blocks.get().is_none());
+        let diff = (y - &want).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
+        // An input that records a graph (its gradient is wanted) takes candle's product.
+        let tracked = Var::from_tensor(&x).unwrap();
+        let other = Linear::from_parts(w.clone(), None);
+        other.forward(tracked.as_tensor()).unwrap();
+        assert!(other.frozen_blocks.get().is_none());
+        // So does a half-precision input.
+        let half = x.to_dtype(candle_core::DType::BF16).unwrap();
+        let other = Linear::from_parts(w, None);
+        other.forward(&half).unwrap();
+        assert!(other.frozen_blocks.get().is_none());
+    }
 }
