@@ -5,11 +5,12 @@
 //! on AVX2): libm's `erff` was the forward's largest cost after the matrix products.
 
 use super::math::{erf, exp};
-use super::{f32_data, fused, portable};
+use super::{f32_data, fused, portable, written_f32};
 use crate::multiversion;
 use crate::simd::KernelFamily;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 const CHUNK: usize = 4096;
 const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
@@ -34,20 +35,20 @@ pub(crate) fn gelu_erf_value(x: f32) -> f32 {
 
 multiversion! {
     /// `y = GELU(x)`, elementwise.
-    pub(super) fn gelu_forward(y: &mut [f32], x: &[f32]) {
+    pub(super) fn gelu_forward(y: &mut [MaybeUninit<f32>], x: &[f32]) {
         for (y, &x) in y.iter_mut().zip(x) {
-            *y = gelu_erf_value(x);
+            y.write(gelu_erf_value(x));
         }
     }
 }
 
 multiversion! {
     /// `dx = g · (Φ(x) + x·φ(x))`, elementwise.
-    pub(super) fn gelu_backward(dx: &mut [f32], x: &[f32], g: &[f32]) {
+    pub(super) fn gelu_backward(dx: &mut [MaybeUninit<f32>], x: &[f32], g: &[f32]) {
         for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(g) {
             let cdf = 0.5 * (1.0 + erf(x * FRAC_1_SQRT_2));
             let pdf = INV_SQRT_2PI * exp(-0.5 * x * x);
-            *dx = g * (cdf + x * pdf);
+            dx.write(g * (cdf + x * pdf));
         }
     }
 }
@@ -62,10 +63,15 @@ impl CustomOp1 for GeluErf {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_data(self.name(), s, l)?;
         let family = KernelFamily::active();
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK))
-            .for_each(|(y, x)| gelu_forward(family, y, x));
+        // SAFETY: the chunks of `y` and `x` pair up one for one (same lengths), and
+        // `gelu_forward` writes every element of its output chunk.
+        let y = unsafe {
+            written_f32(x.len(), |y| {
+                y.par_chunks_mut(CHUNK)
+                    .zip(x.par_chunks(CHUNK))
+                    .for_each(|(y, x)| gelu_forward(family, y, x))
+            })
+        };
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -103,10 +109,23 @@ impl CustomOp2 for GeluErfBackward {
         let x = f32_data(self.name(), s1, l1)?;
         let g = f32_data(self.name(), s2, l2)?;
         let family = KernelFamily::active();
-        let mut dx = vec![0f32; x.len()];
-        dx.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
-            .for_each(|(dx, (x, g))| gelu_backward(family, dx, x, g));
+        if g.len() != x.len() {
+            candle_core::bail!(
+                "{}: {} gradients for {} inputs",
+                self.name(),
+                g.len(),
+                x.len()
+            );
+        }
+        // SAFETY: the chunks of `dx`, `x` and `g` pair up one for one (same lengths), and
+        // `gelu_backward` writes every element of its output chunk.
+        let dx = unsafe {
+            written_f32(x.len(), |dx| {
+                dx.par_chunks_mut(CHUNK)
+                    .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
+                    .for_each(|(dx, (x, g))| gelu_backward(family, dx, x, g))
+            })
+        };
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 

@@ -146,3 +146,23 @@ pub(crate) fn u32_data<'a>(
 mod portable_tests;
 #[cfg(test)]
 mod tests;
+
+/// `len` float32 values written by `fill`, without zero-filling the buffer first: a write-only
+/// kernel's output (a zero fill was a whole extra pass over the GELU's output, the largest
+/// activation of a transformer block).
+///
+/// # Safety
+/// `fill` must write every element of the slice it is given.
+pub(crate) unsafe fn written_f32(
+    len: usize,
+    fill: impl FnOnce(&mut [std::mem::MaybeUninit<f32>]),
+) -> Vec<f32> {
+    let mut out: Vec<std::mem::MaybeUninit<f32>> = Vec::with_capacity(len);
+    // SAFETY: MaybeUninit needs no initialisation.
+    unsafe { out.set_len(len) };
+    fill(&mut out);
+    let mut out = std::mem::ManuallyDrop::new(out);
+    // SAFETY: the caller's `fill` wrote every element; MaybeUninit<f32> has f32's layout, and
+    // the allocation is handed over whole (pointer, length, capacity).
+    unsafe { Vec::from_raw_parts(out.as_mut_ptr() as *mut f32, out.len(), out.capacity()) }
+}

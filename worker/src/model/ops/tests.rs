@@ -366,10 +366,10 @@ fn every_cpu_kernel_family_computes_the_same_bits() {
         softmax::softmax_backward_rows(family, &mut sm_dx, &sm, &g, 0.125, d);
         // GELU over a wide range: its erf and exp are polynomials in every family.
         let wide: Vec<f32> = x.iter().map(|v| 12.0 * v).collect();
-        let mut gelu_y = vec![0f32; rows * d];
-        gelu::gelu_forward(family, &mut gelu_y, &wide);
-        let mut gelu_dx = vec![0f32; rows * d];
-        gelu::gelu_backward(family, &mut gelu_dx, &wide, &g);
+        // SAFETY: both kernels write every element of their output (as long as their inputs).
+        let gelu_y = unsafe { written_f32(rows * d, |y| gelu::gelu_forward(family, y, &wide)) };
+        let gelu_dx =
+            unsafe { written_f32(rows * d, |dx| gelu::gelu_backward(family, dx, &wide, &g)) };
         // Cross-entropy's row log-sum-exp and softmax gradient over the same wide values.
         let (max, lse) = cross_entropy::log_sum_exp_row(family, &wide);
         let mut ce_dx = vec![0f32; rows * d];
