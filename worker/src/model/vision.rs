@@ -2,7 +2,7 @@
 
 use super::autocast::{widen, Autocast};
 use super::config::CocaConfig;
-use super::layers::{matmul_last, normal, LayerNorm};
+use super::layers::{normal, LayerNorm, Linear};
 use super::pooler::AttentionalPooler;
 use super::transformer::{BlockShape, Transformer};
 use crate::model::tensor_parallel::TensorParallel;
@@ -13,7 +13,9 @@ use candle_nn::VarBuilder;
 /// the attentional pooler, `ln_post` over the pooled tokens, and `proj` for the contrastive one.
 #[derive(Debug, Clone)]
 pub struct VisionTower {
-    conv1: Tensor,
+    /// `conv1.weight` `[width, 3, p, p]` as a linear map of flattened patches (`[width,
+    /// 3·p·p]`): a frozen model's then multiplies like every other frozen weight.
+    conv1: Linear,
     class_embedding: Tensor,
     positional_embedding: Tensor,
     ln_pre: LayerNorm,
@@ -49,12 +51,16 @@ impl VisionTower {
             layers: v.layers,
         };
         let e = cfg.embed_dim;
+        let conv1 = vb.get_with_hints(
+            (v.width, 3, v.patch_size, v.patch_size),
+            "conv1.weight",
+            normal(conv_std),
+        )?;
         Ok(Self {
-            conv1: vb.get_with_hints(
-                (v.width, 3, v.patch_size, v.patch_size),
-                "conv1.weight",
-                normal(conv_std),
-            )?,
+            conv1: Linear::from_parts(
+                conv1.reshape((v.width, 3 * v.patch_size * v.patch_size))?,
+                None,
+            ),
             class_embedding: vb.get_with_hints(v.width, "class_embedding", normal(scale))?,
             positional_embedding: vb.get_with_hints(
                 (grid * grid + 1, v.width),
@@ -122,15 +128,14 @@ impl VisionTower {
         }
         let p = self.patch_size;
         let (gh, gw) = (h / p, w / p);
-        let width = self.conv1.dim(0)?;
+        let width = self.conv1.weight.dim(0)?;
         // The stride-p convolution as one matrix product over flattened patches.
         let patches = images
             .reshape((b, c, gh, p, gw, p))?
             .permute((0, 2, 4, 1, 3, 5))?
             .contiguous()?
             .reshape((b, gh * gw, c * p * p))?;
-        let kernel = self.conv1.reshape((width, c * p * p))?.t()?;
-        let x = widen(&matmul_last(&self.autocast.cast(&patches)?, &kernel, None)?)?;
+        let x = widen(&self.conv1.forward(&self.autocast.cast(&patches)?)?)?;
         let cls = self
             .class_embedding
             .reshape((1, 1, width))?
