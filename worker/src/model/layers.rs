@@ -95,15 +95,9 @@ impl Linear {
     /// when `x` is half precision).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if let Some(blocks) = self.frozen_blocks(x)? {
-            let dims = x.dims();
-            let in_dim = *dims.last().unwrap_or(&1);
-            let rows = x.elem_count() / in_dim.max(1);
-            let y = blocks.forward(&x.reshape((rows, in_dim))?, self.bias.as_ref())?;
-            let mut out_dims = dims.to_vec();
-            if let Some(last) = out_dims.last_mut() {
-                *last = blocks.dims().0;
-            }
-            return y.reshape(out_dims);
+            return on_rows(x, blocks.dims().0, |x| {
+                blocks.forward(x, self.bias.as_ref())
+            });
         }
         matmul_last(x, &self.weight_t()?, self.bias.as_ref())
     }
@@ -176,18 +170,27 @@ impl Linear {
 /// `x · w (+ b)` over the last dimension of `x`, for a `[in, out]` matrix `w`, in `x`'s dtype
 /// (`w` and `b` are cast to it).
 pub fn matmul_last(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let w = w.to_dtype(x.dtype())?;
+    on_rows(x, w.dim(1)?, |x| match bias {
+        Some(b) => ops::biased_product(x, &w, &b.to_dtype(x.dtype())?),
+        None => x.matmul(&w),
+    })
+}
+
+/// `f` over `x` flattened to a matrix of rows `[rows, in]` (contiguous), its `[rows, out_dim]`
+/// result shaped back as `x` with the last dimension `out_dim`.
+fn on_rows(
+    x: &Tensor,
+    out_dim: usize,
+    f: impl FnOnce(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
     let dims = x.dims();
     let in_dim = *dims.last().unwrap_or(&1);
     let rows = x.elem_count() / in_dim.max(1);
-    let w = w.to_dtype(x.dtype())?;
-    let x = x.contiguous()?.reshape((rows, in_dim))?;
-    let y = match bias {
-        Some(b) => ops::biased_product(&x, &w, &b.to_dtype(x.dtype())?)?,
-        None => x.matmul(&w)?,
-    };
+    let y = f(&x.contiguous()?.reshape((rows, in_dim))?)?;
     let mut out_dims = dims.to_vec();
     if let Some(last) = out_dims.last_mut() {
-        *last = w.dim(1)?;
+        *last = out_dim;
     }
     y.reshape(out_dims)
 }

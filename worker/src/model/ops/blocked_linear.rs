@@ -23,6 +23,11 @@ pub const BLOCK: usize = 64;
 /// The fewest rows one task multiplies (splitting rows further costs more than it balances).
 const MIN_ROWS_PER_TASK: usize = 64;
 
+/// [`F32View::new`] with candle's error type.
+fn f32_view<'t>(t: &'t Tensor, name: &str) -> Result<F32View<'t>> {
+    F32View::new(t, name).map_err(|e| candle_core::Error::Msg(format!("{e:#}")))
+}
+
 /// A `[out, in]` float32 weight in blocks of [`BLOCK`] outputs (the last block narrower when
 /// `out` is not a multiple): block `b`'s element `(o, c)` at `b·BLOCK·in + c·width + o`.
 #[derive(Debug)]
@@ -37,8 +42,7 @@ impl BlockedWeight {
     pub fn new(weight: &Tensor) -> Result<Self> {
         let (out_dim, in_dim) = weight.dims2()?;
         let weight = weight.contiguous()?;
-        let view = F32View::new(&weight, "a blocked linear weight")
-            .map_err(|e| candle_core::Error::Msg(format!("{e:#}")))?;
+        let view = f32_view(&weight, "a blocked linear weight")?;
         let w = view.as_slice();
         let mut data = vec![0f32; out_dim * in_dim];
         data.par_chunks_mut((BLOCK * in_dim).max(1))
@@ -69,7 +73,6 @@ impl BlockedWeight {
     /// `x · Wᵀ` for `x` `[rows, in]` (contiguous float32 on the CPU), then `+ b` when a bias
     /// `[out]` is given (added after the product, as [`super::biased_product`] adds it).
     pub fn forward(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-        let msg = |e: anyhow::Error| candle_core::Error::Msg(format!("{e:#}"));
         let (rows, in_dim) = x.dims2()?;
         let out_dim = self.out_dim;
         if in_dim != self.in_dim {
@@ -82,7 +85,7 @@ impl BlockedWeight {
             candle_core::bail!("a bias of {:?} for {out_dim} outputs", b.dims());
         }
         let x = x.contiguous()?;
-        let xv = F32View::new(&x, "a blocked linear's input").map_err(msg)?;
+        let xv = f32_view(&x, "a blocked linear's input")?;
         let mut y = if rows * out_dim * in_dim == 0 {
             vec![0f32; rows * out_dim]
         } else {
@@ -91,7 +94,7 @@ impl BlockedWeight {
         drop(xv);
         if let Some(b) = bias {
             let b = b.contiguous()?;
-            let bv = F32View::new(&b, "a blocked linear's bias").map_err(msg)?;
+            let bv = f32_view(&b, "a blocked linear's bias")?;
             add_rows(&mut y, None, bv.as_slice());
         }
         Tensor::from_vec(y, (rows, out_dim), &Device::Cpu)
