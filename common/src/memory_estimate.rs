@@ -6,10 +6,8 @@
 pub struct MemoryEstimate {
     /// Parameters this worker holds (its tensor-parallel shards).
     pub parameters: u64,
-    /// The flat float32 parameter buffer.
+    /// The flat float32 parameter buffer (the model's variables are views of it).
     pub parameter_bytes: u64,
-    /// The model's variables: a second copy of the parameters.
-    pub model_copy_bytes: u64,
     /// Gradients kept between micro-batches plus the one a backward pass holds in full.
     pub gradient_bytes: u64,
     /// AdamW's two moments after sharding.
@@ -39,8 +37,8 @@ impl MemoryEstimate {
         }
     }
 
-    /// The parts in GiB on one line (`weights 1.0 + master 1.0 + … = 9.5 GiB`), for the start-up
-    /// summary and messages.
+    /// The parts in GiB on one line (`weights 1.0 + gradients 2.0 + … = 9.5 GiB`), for the
+    /// start-up summary and messages.
     pub fn by_part(&self) -> String {
         let gib = |n: u64| format!("{:.2}", n as f64 / (1u64 << 30) as f64);
         let copies = match self.compute_copy_bytes {
@@ -48,8 +46,7 @@ impl MemoryEstimate {
             n => format!(" + half-precision copies {}", gib(n)),
         };
         format!(
-            "weights {} + master {} + gradients {} + moments {}{copies} + activations {} = {} GiB",
-            gib(self.model_copy_bytes),
+            "weights {} + gradients {} + moments {}{copies} + activations {} = {} GiB",
             gib(self.parameter_bytes),
             gib(self.gradient_bytes),
             gib(self.optimizer_bytes),
@@ -68,18 +65,16 @@ mod tests {
         let mut e = MemoryEstimate {
             parameters: 1,
             parameter_bytes: 1 << 30,
-            model_copy_bytes: 1 << 30,
             gradient_bytes: 3 << 30,
             optimizer_bytes: 2 << 30,
             compute_copy_bytes: 0,
             activation_bytes: 1 << 29,
-            total_bytes: (15 << 29),
+            total_bytes: (13 << 29),
         };
         let line = e.by_part();
         assert_eq!(
             line,
-            "weights 1.00 + master 1.00 + gradients 3.00 + moments 2.00 + activations 0.50 \
-             = 7.50 GiB"
+            "weights 1.00 + gradients 3.00 + moments 2.00 + activations 0.50 = 6.50 GiB"
         );
         e.compute_copy_bytes = 1 << 29;
         assert!(e.by_part().contains("+ half-precision copies 0.50 +"));

@@ -103,8 +103,7 @@ pub fn check_memory(answer: &MemoryAnswer, nproc: usize, node: &NodeMemory) -> R
     }
     bail!(
         "this layout does not fit in this node's memory: {nproc} worker(s) x {} = {} needed, {} \
-         available ({}).\n  Each worker of {} ({} parameters on it): parameters {}, their second \
-         copy in the model {}, gradients {}, AdamW moments {}, activations at batch {} {}.\n  \
+         available ({}).\n  Each worker of {} ({} parameters on it): parameters {}, gradients {}, AdamW moments {}, activations at batch {} {}.\n  \
          Use fewer workers per node, ZeRO (--sharding stage2 --sharding_parallel_degree N) or \
          --tensor_parallel_degree, a smaller --per_device_train_batch_size, or more memory; \
          --node-memory SIZE overrides the available figure",
@@ -115,7 +114,6 @@ pub fn check_memory(answer: &MemoryAnswer, nproc: usize, node: &NodeMemory) -> R
         answer.model,
         e.parameters,
         gib(e.parameter_bytes),
-        gib(e.model_copy_bytes),
         gib(e.gradient_bytes),
         gib(e.optimizer_bytes),
         answer.per_device_train_batch_size,
@@ -134,7 +132,6 @@ mod tests {
             estimate: MemoryEstimate {
                 parameters: 638_450_177,
                 parameter_bytes: 12 * gib / 5,
-                model_copy_bytes: 12 * gib / 5,
                 gradient_bytes: 24 * gib / 5,
                 optimizer_bytes: 24 * gib / 5,
                 compute_copy_bytes: 0,

@@ -2514,6 +2514,21 @@ impl Tensor {
         Ok(from_storage(storage, shape.clone(), op, false))
     }
 
+    /// A variable over this tensor's own storage and layout, without a copy (coca: the
+    /// trainer's flat parameter buffer, whose views are the model's variables).
+    pub(crate) fn make_var_view(&self) -> Tensor {
+        let tensor_ = Tensor_ {
+            id: TensorId::new(),
+            storage: self.storage.clone(),
+            layout: self.layout.clone(),
+            op: BackpropOp::none(),
+            is_variable: true,
+            dtype: self.dtype,
+            device: self.device.clone(),
+        };
+        Tensor(Arc::new(tensor_))
+    }
+
     /// Create a variable based on the values currently stored in a tensor. The storage is always
     /// copied.
     pub(crate) fn make_var(&self) -> Result<Tensor> {

@@ -44,6 +44,17 @@ impl Var {
         }
     }
 
+    /// A variable that is a view of `t`'s storage, without a copy (coca): several variables
+    /// may share one buffer, and writing into the buffer (or [`Var::set`] on one of them)
+    /// changes them in place. `t` must be contiguous (a variable is set through its layout).
+    pub fn from_view(t: &Tensor) -> Result<Self> {
+        if !t.is_contiguous() {
+            let msg = "a variable viewing a buffer must be contiguous";
+            Err(Error::CannotSetVar { msg }.bt())?
+        }
+        Ok(Self(t.make_var_view()))
+    }
+
     pub fn rand_f64<S: Into<Shape>>(
         lo: f64,
         up: f64,

@@ -4,6 +4,7 @@
 //! otherwise (candle ops on the device; NCCL reduces it in place). The trainer is written once
 //! against this type; only the few operations here look at which it is.
 
+use crate::f32_view::with_f32_mut;
 use anyhow::{ensure, Result};
 use candle_core::{DType, Device, Tensor};
 use std::ops::Range;
@@ -83,6 +84,34 @@ impl FlatBuffer {
         Ok(Self::Device(
             t.flatten_all()?.to_dtype(DType::F32)?.contiguous()?,
         ))
+    }
+
+    /// A copy of the elements of `t` (any shape, float32), placed by `placement`.
+    pub fn copied_from(t: &Tensor, placement: &Placement) -> Result<Self> {
+        let flat = t.flatten_all()?;
+        Ok(match placement {
+            Placement::Host => Self::Host(flat.to_vec1::<f32>()?),
+            Placement::Device(d) => Self::Device(flat.to_device(d)?.copy()?),
+        })
+    }
+
+    /// Writes every element into `dst`, a 1-D float32 tensor as long as this buffer, in place
+    /// (on `dst`'s device; the trainer's parameter buffer, which the model's variables view).
+    pub fn copy_into(&self, dst: &Tensor) -> Result<()> {
+        ensure!(
+            dst.dims() == [self.len()],
+            "copying {} elements into a tensor of shape {:?}",
+            self.len(),
+            dst.dims()
+        );
+        match self {
+            Self::Host(v) if dst.device().is_cpu() => {
+                with_f32_mut(dst, "the copy's destination", |d| d.copy_from_slice(v))?
+            }
+            Self::Host(v) => dst.slice_set(&Tensor::from_slice(v, v.len(), dst.device())?, 0, 0)?,
+            Self::Device(t) => dst.slice_set(&t.to_device(dst.device())?, 0, 0)?,
+        }
+        Ok(())
     }
 
     /// Where this buffer lives.

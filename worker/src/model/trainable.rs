@@ -2,18 +2,22 @@
 
 use super::coca::CoCa;
 use super::config::CocaConfig;
+use crate::model::manifest::parameter_shapes_for;
 use crate::model::tensor_parallel::{full_shape, shard_tensor, split_of, TensorParallel};
 use crate::rng::{hash_str, mix_seed, SplitMix64};
+use crate::train::flat::lay_out_by_name;
 use candle_core::{DType, Device, Result, Shape, Tensor, Var};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-/// The model's variables by open_clip name, in construction order.
+/// The model's variables by open_clip name, in construction order, and (float32) the one flat
+/// buffer they are views of.
 #[derive(Debug, Clone, Default)]
 pub struct TrainableWeights {
     vars: Vec<(String, Var)>,
+    flat: Option<Tensor>,
 }
 
 impl TrainableWeights {
@@ -33,6 +37,13 @@ impl TrainableWeights {
         self.vars.is_empty()
     }
 
+    /// The 1-D float32 buffer every variable is a view of, laid out by
+    /// [`lay_out_by_name`]: the trainer's parameter buffer, updated in place (no second copy
+    /// of the weights, none written back after a step). `None` for other dtypes.
+    pub fn flat(&self) -> Option<&Tensor> {
+        self.flat.as_ref()
+    }
+
     /// The current values, detached from the graph.
     pub fn tensors(&self) -> Vec<(String, Tensor)> {
         self.vars
@@ -43,6 +54,7 @@ impl TrainableWeights {
 }
 
 /// A model over `candle` variables, so that a backward pass yields a gradient for every weight.
+/// In float32 the variables are views of one flat buffer ([`TrainableWeights::flat`]).
 ///
 /// Weights given in `initial` are used as they are (converted to `dtype`); every other weight is
 /// initialised as open_clip initialises it, from a generator keyed by `(seed, name)` alone, so
@@ -80,14 +92,20 @@ pub fn trainable_model_parallel(
     device: &Device,
     tp: &TensorParallel,
 ) -> Result<(CoCa, TrainableWeights)> {
+    let flat = match dtype {
+        DType::F32 => Some(FlatVars::new(config, tp, device)?),
+        _ => None,
+    };
     let backend = SeededVars {
         initial: Mutex::new(initial.unwrap_or_default()),
         seed,
         rank: tp.rank(),
         size: tp.size(),
+        flat,
         created: Arc::default(),
     };
     let created = backend.created.clone();
+    let flat = backend.flat.as_ref().map(|f| f.buffer.clone());
     let model = CoCa::new_parallel(
         config,
         VarBuilder::from_backend(Box::new(backend), dtype, device.clone()),
@@ -97,7 +115,48 @@ pub fn trainable_model_parallel(
         .lock()
         .map_err(|_| candle_core::Error::Msg("variable list lock poisoned".into()))?
         .clone();
-    Ok((model, TrainableWeights { vars }))
+    Ok((model, TrainableWeights { vars, flat }))
+}
+
+/// The flat float32 buffer of a model's variables, laid out before the model asks for them
+/// (from its manifest: names and shapes, in [`lay_out_by_name`]'s order).
+struct FlatVars {
+    buffer: Tensor,
+    /// Offset and length of each parameter.
+    places: HashMap<String, (usize, usize)>,
+}
+
+impl FlatVars {
+    fn new(config: &CocaConfig, tp: &TensorParallel, device: &Device) -> Result<Self> {
+        let layout = TensorParallel::layout_only(tp.rank(), tp.size());
+        let mut shapes = parameter_shapes_for(config, &layout)
+            .map_err(|e| candle_core::Error::Msg(format!("{e:#}")))?;
+        let (offsets, total) = lay_out_by_name(&mut shapes, |s| s.iter().product());
+        let places = shapes
+            .into_iter()
+            .zip(offsets)
+            .map(|((name, shape), offset)| (name, (offset, shape.iter().product())))
+            .collect();
+        Ok(Self {
+            buffer: Tensor::zeros(total, DType::F32, device)?,
+            places,
+        })
+    }
+
+    /// `value` written into `name`'s place, and a variable viewing it.
+    fn var(&self, name: &str, value: &Tensor) -> Result<Var> {
+        let Some(&(offset, len)) = self.places.get(name) else {
+            candle_core::bail!("{name}: not a parameter of the model's manifest");
+        };
+        if value.elem_count() != len {
+            candle_core::bail!(
+                "{name}: {} elements, the manifest lays out {len}",
+                value.elem_count()
+            );
+        }
+        self.buffer.slice_set(&value.flatten_all()?, 0, offset)?;
+        Var::from_view(&self.buffer.narrow(0, offset, len)?.reshape(value.shape())?)
+    }
 }
 
 struct SeededVars {
@@ -106,6 +165,8 @@ struct SeededVars {
     /// This member of a tensor-parallel group of `size` (0 of 1 without one).
     rank: usize,
     size: usize,
+    /// Where float32 variables live (`None`: each its own tensor).
+    flat: Option<FlatVars>,
     created: Arc<Mutex<Vec<(String, Var)>>>,
 }
 
@@ -159,7 +220,11 @@ impl SimpleBackend for SeededVars {
             None if full == s => seeded_init(&s, h, self.seed, name)?,
             None => self.shard(name, &seeded_init(&full, h, self.seed, name)?)?,
         };
-        let var = Var::from_tensor(&value.to_dtype(dtype)?.to_device(dev)?)?;
+        let value = value.to_dtype(dtype)?.to_device(dev)?;
+        let var = match &self.flat {
+            Some(flat) => flat.var(name, &value)?,
+            None => Var::from_tensor(&value)?,
+        };
         let tensor = var.as_tensor().clone();
         self.created
             .lock()

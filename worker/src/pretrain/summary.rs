@@ -180,7 +180,7 @@ mod tests {
             "885600 (4428 per epoch)",
             "fp32",
             "activations recomputed in the backward pass",
-            "memory      per rank (estimate): weights 2.38 + master 2.38 + gradients",
+            "memory      per rank (estimate): weights 2.38 + gradients",
             "./output",
         ] {
             assert!(text.contains(needle), "{needle:?} missing from\n{text}");

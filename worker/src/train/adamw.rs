@@ -3,6 +3,7 @@
 use super::adamw_inplace::{AdamMoment, AdamWParam};
 use super::flat::Segment;
 use crate::comm::{FlatBuffer, Placement};
+use crate::f32_view::with_f32_mut;
 use crate::multiversion;
 use crate::simd::KernelFamily;
 use anyhow::Result;
@@ -60,11 +61,13 @@ impl FlatAdamW {
         })
     }
 
-    /// One update: each segment's base learning rate times `lr_factor`, its weight decay, and
-    /// `grads` (already clipped).
+    /// One update of `params` in place (the trainer's flat parameter buffer, whose views are
+    /// the model's variables; on the CPU when the other buffers are host memory): each
+    /// segment's base learning rate times `lr_factor`, its weight decay, and `grads` (already
+    /// clipped).
     pub fn update(
         &mut self,
-        params: &mut FlatBuffer,
+        params: &Tensor,
         grads: &FlatBuffer,
         span: UpdateSpan<'_>,
         lr_factor: f64,
@@ -86,9 +89,9 @@ impl FlatAdamW {
             grads_offset,
             segments,
         } = span;
-        if let FlatBuffer::Device(_) = params {
+        if let FlatBuffer::Device(_) = grads {
             let mut buffers =
-                DeviceBuffers::new([params, &mut self.exp_avg, &mut self.exp_avg_sq], grads)?;
+                DeviceBuffers::new(params, [&mut self.exp_avg, &mut self.exp_avg_sq], grads)?;
             for run in equal_runs(segments) {
                 let offsets = [run.offset + params_offset, run.offset, run.offset];
                 buffers.adamw(
@@ -100,28 +103,25 @@ impl FlatAdamW {
             }
             return Ok(());
         }
-        let (
-            FlatBuffer::Host(params),
-            FlatBuffer::Host(grads),
-            FlatBuffer::Host(exp_avg),
-            FlatBuffer::Host(exp_avg_sq),
-        ) = (params, grads, &mut self.exp_avg, &mut self.exp_avg_sq)
+        let (FlatBuffer::Host(grads), FlatBuffer::Host(exp_avg), FlatBuffer::Host(exp_avg_sq)) =
+            (grads, &mut self.exp_avg, &mut self.exp_avg_sq)
         else {
             anyhow::bail!("AdamW's buffers are placed differently");
         };
         let family = KernelFamily::active();
-        for s in segments {
-            let coefficients = coefficients(s);
-            let (p, g) = (s.offset + params_offset, s.offset + grads_offset);
-            let range = s.offset..s.offset + s.len;
-            params[p..p + s.len]
-                .par_chunks_mut(CHUNK)
-                .zip(grads[g..g + s.len].par_chunks(CHUNK))
-                .zip(exp_avg[range.clone()].par_chunks_mut(CHUNK))
-                .zip(exp_avg_sq[range].par_chunks_mut(CHUNK))
-                .for_each(|(((p, g), m), v)| adamw_chunk(family, p, g, m, v, coefficients));
-        }
-        Ok(())
+        with_f32_mut(params, "the parameter buffer", |params| {
+            for s in segments {
+                let coefficients = coefficients(s);
+                let (p, g) = (s.offset + params_offset, s.offset + grads_offset);
+                let range = s.offset..s.offset + s.len;
+                params[p..p + s.len]
+                    .par_chunks_mut(CHUNK)
+                    .zip(grads[g..g + s.len].par_chunks(CHUNK))
+                    .zip(exp_avg[range.clone()].par_chunks_mut(CHUNK))
+                    .zip(exp_avg_sq[range].par_chunks_mut(CHUNK))
+                    .for_each(|(((p, g), m), v)| adamw_chunk(family, p, g, m, v, coefficients));
+            }
+        })
     }
 }
 
@@ -146,20 +146,23 @@ fn equal_runs(segments: &[Segment]) -> Vec<Segment> {
 
 /// The device tensors of an update: parameters and moments (written in place) and gradients.
 struct DeviceBuffers<'a> {
-    written: [&'a mut Tensor; 3],
+    written: [&'a Tensor; 3],
     grads: &'a Tensor,
 }
 
 impl<'a> DeviceBuffers<'a> {
-    fn new(written: [&'a mut FlatBuffer; 3], grads: &'a FlatBuffer) -> Result<Self> {
+    fn new(
+        params: &'a Tensor,
+        moments: [&'a mut FlatBuffer; 2],
+        grads: &'a FlatBuffer,
+    ) -> Result<Self> {
         let placed_apart = || anyhow::anyhow!("AdamW's buffers are placed differently");
         let FlatBuffer::Device(grads) = grads else {
             return Err(placed_apart());
         };
-        let [p, m, v] = written;
-        match (p, m, v) {
-            (FlatBuffer::Device(p), FlatBuffer::Device(m), FlatBuffer::Device(v)) => Ok(Self {
-                written: [p, m, v],
+        match moments {
+            [FlatBuffer::Device(m), FlatBuffer::Device(v)] => Ok(Self {
+                written: [params, m, v],
                 grads,
             }),
             _ => Err(placed_apart()),

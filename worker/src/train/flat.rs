@@ -4,9 +4,9 @@
 //! contiguous memory instead of a dozen tensor ops per parameter, and a partition of the buffer
 //! is a partition of the optimizer state.
 
-use crate::comm::{FlatBuffer, Placement};
+use crate::comm::FlatBuffer;
 use crate::f32_view::F32View;
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{bail, ensure, Result};
 use candle_core::{backprop::GradStore, DType, Tensor, Var};
 use rayon::prelude::*;
 
@@ -44,19 +44,40 @@ pub struct FlatParams {
     total: usize,
 }
 
+/// The flat layout of named parameters: `named` is sorted by name in place (so every process
+/// lays out the same parameters alike) and each is placed after the ones before it. Returns
+/// the offsets, in the sorted order, and the total length. The model's variables are made
+/// views of one buffer in this layout ([`crate::model::trainable`]) and the trainer's segments
+/// follow it ([`FlatParams::new`]).
+pub fn lay_out_by_name<T>(
+    named: &mut [(String, T)],
+    len: impl Fn(&T) -> usize,
+) -> (Vec<usize>, usize) {
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut total = 0;
+    let offsets = named
+        .iter()
+        .map(|(_, item)| {
+            let offset = total;
+            total += len(item);
+            offset
+        })
+        .collect();
+    (offsets, total)
+}
+
 /// Per-parameter learning rate and weight decay, decided by name and shape.
 pub trait GroupRule {
     fn lr_and_wd(&self, name: &str, shape: &[usize]) -> (f64, f64);
 }
 
 impl FlatParams {
-    /// Lays out `vars` (sorted by name, so the layout is the same in every process) with the
+    /// Lays out `vars` ([`lay_out_by_name`]: the layout is the same in every process) with the
     /// learning rate and weight decay `rule` gives each.
     pub fn new(mut vars: Vec<(String, Var)>, rule: &dyn GroupRule) -> Result<Self> {
-        vars.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut offset = 0;
+        let (offsets, total) = lay_out_by_name(&mut vars, |v| v.elem_count());
         let mut segments = Vec::with_capacity(vars.len());
-        for (name, var) in &vars {
+        for ((name, var), offset) in vars.iter().zip(offsets) {
             if var.dtype() != DType::F32 {
                 bail!(
                     "{name}: the optimizer keeps float32 parameters, found {:?}",
@@ -64,22 +85,20 @@ impl FlatParams {
                 );
             }
             let shape = var.dims().to_vec();
-            let len = var.elem_count();
             let (lr, weight_decay) = rule.lr_and_wd(name, &shape);
             segments.push(Segment {
                 name: name.clone(),
+                len: var.elem_count(),
                 shape,
                 offset,
-                len,
                 lr,
                 weight_decay,
             });
-            offset += len;
         }
         Ok(Self {
             vars: vars.into_iter().map(|(_, v)| v).collect(),
             segments,
-            total: offset,
+            total,
         })
     }
 
@@ -101,22 +120,27 @@ impl FlatParams {
         &self.vars
     }
 
-    /// The current parameter values as one flat buffer placed by `placement`.
-    pub fn gather_values(&self, placement: &Placement) -> Result<FlatBuffer> {
-        if let Placement::Device(device) = placement {
-            let parts = self
-                .vars
-                .iter()
-                .map(|v| v.as_tensor().flatten_all()?.to_device(device))
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            return Ok(FlatBuffer::Device(Tensor::cat(&parts, 0)?));
-        }
-        let mut flat = vec![0f32; self.total];
+    /// Checks that `flat` is the buffer the variables view, in this layout: as long as all
+    /// of them, each variable a contiguous view at its segment's offset (what
+    /// [`crate::model::trainable`] makes), so that updating `flat` updates them.
+    pub fn check_views_of(&self, flat: &Tensor) -> Result<()> {
+        ensure!(
+            flat.rank() == 1 && flat.elem_count() == self.total && flat.dtype() == DType::F32,
+            "the parameter buffer is {:?} {:?}, the variables need {} float32 scalars",
+            flat.dtype(),
+            flat.dims(),
+            self.total
+        );
         for (var, s) in self.vars.iter().zip(&self.segments) {
-            let values = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
-            flat[s.offset..s.offset + s.len].copy_from_slice(&values);
+            let at = var.layout().start_offset();
+            ensure!(
+                var.is_contiguous() && at == s.offset && var.device().same_device(flat.device()),
+                "{} is not a view of the parameter buffer at {} (it starts at {at})",
+                s.name,
+                s.offset
+            );
         }
-        Ok(FlatBuffer::Host(flat))
+        Ok(())
     }
 
     /// Adds the gradients in `grads` into the first [`len`](Self::len) elements of `flat` (for
@@ -185,23 +209,6 @@ impl FlatParams {
                     dst.iter_mut().zip(src.iter()).for_each(|(d, s)| *d += s);
                 }
             });
-        Ok(())
-    }
-
-    /// Writes a flat buffer of values back into the variables.
-    pub fn scatter_values(&self, flat: &FlatBuffer) -> Result<()> {
-        if flat.len() != self.total {
-            bail!(
-                "parameter buffer has {} scalars, expected {}",
-                flat.len(),
-                self.total
-            );
-        }
-        for (var, s) in self.vars.iter().zip(&self.segments) {
-            let t = flat.tensor(s.offset..s.offset + s.len, &s.shape, var.device())?;
-            var.set(&t)
-                .with_context(|| format!("cannot update {}", s.name))?;
-        }
         Ok(())
     }
 }

@@ -108,7 +108,9 @@ pub struct TrainerMemory {
 pub struct Trainer {
     pub model: CoCa,
     params: FlatParams,
-    values: FlatBuffer,
+    /// The parameters: the 1-D buffer the model's variables are views of (on its device),
+    /// updated in place.
+    values: Tensor,
     /// Accumulated gradient: the whole buffer, or (stage 2) this rank's reduced block.
     grads: FlatBuffer,
     pub optimizer: FlatAdamW,
@@ -147,7 +149,11 @@ impl Trainer {
         let vars = weights.iter().cloned().collect();
         let params = FlatParams::new(vars, rule)?;
         let placement = config.buffers.placement(model.device());
-        let values = params.gather_values(&placement)?;
+        let values = weights
+            .flat()
+            .context("the trainer updates float32 variables that view one flat buffer")?
+            .clone();
+        params.check_views_of(&values)?;
         let logit_scale_offset = params
             .segments()
             .iter()
@@ -196,7 +202,7 @@ impl Trainer {
     pub fn memory(&self) -> TrainerMemory {
         let f32_bytes = std::mem::size_of::<f32>();
         TrainerMemory {
-            parameters: self.values.len() * f32_bytes,
+            parameters: self.values.elem_count() * f32_bytes,
             gradients: self.grads.len() * f32_bytes,
             optimizer_state: (self.optimizer.exp_avg.len() + self.optimizer.exp_avg_sq.len())
                 * f32_bytes,
@@ -230,7 +236,7 @@ impl Trainer {
         }
         // Stage 2: reduce this micro-batch's gradient at once and keep only this rank's block.
         let p = self.partition;
-        let mut full = FlatBuffer::zeros(p.padded_total(), &self.values.placement())?;
+        let mut full = FlatBuffer::zeros(p.padded_total(), &self.grads.placement())?;
         self.params
             .accumulate_grads(&grads, &mut full)
             .context("accumulating gradients")?;
@@ -317,17 +323,18 @@ impl Trainer {
                 segments: &self.owned,
             };
             self.optimizer
-                .update(&mut self.values, &self.grads, span, lr_factor)?;
+                .update(&self.values, &self.grads, span, lr_factor)?;
             if self.groups.sharding.size() > 1 {
-                let block = self.values.range(p.start..p.end)?;
-                self.values = self
+                let owned = self.values.narrow(0, p.start, p.len())?;
+                let block = FlatBuffer::copied_from(&owned, &self.grads.placement())?;
+                let all = self
                     .gather_blocks(block)
                     .context("all-gathering parameters")?;
+                all.copy_into(&self.values)?;
             }
             if let Some(i) = self.logit_scale_offset {
                 self.clamp_logit_scale(i)?;
             }
-            self.params.scatter_values(&self.values)?;
         }
         self.grads.fill_zero()?;
         Ok(report)
@@ -374,13 +381,8 @@ impl Trainer {
 
     /// Clamps `logit_scale` (at flat offset `i`) to `[0, ln 100]`, as open_clip does.
     fn clamp_logit_scale(&mut self, i: usize) -> Result<()> {
-        match &mut self.values {
-            FlatBuffer::Host(v) => v[i] = v[i].clamp(0.0, LOGIT_SCALE_MAX),
-            FlatBuffer::Device(t) => {
-                let clamped = t.narrow(0, i, 1)?.clamp(0f32, LOGIT_SCALE_MAX)?;
-                t.slice_set(&clamped, 0, i)?;
-            }
-        }
+        let clamped = self.values.narrow(0, i, 1)?.clamp(0f32, LOGIT_SCALE_MAX)?;
+        self.values.slice_set(&clamped, 0, i)?;
         Ok(())
     }
 }
