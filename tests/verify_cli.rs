@@ -74,11 +74,17 @@ fn selftest_passes_on_the_test_device_with_one_json_line() {
     let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(report["ok"], true, "{out}");
     let checks = report["checks"].as_array().unwrap();
-    // Nine ops in three dtypes and the embedding in float32, each fused path against its
-    // composition.
-    assert_eq!(checks.len(), 28, "{out}");
+    // Ten ops in three dtypes, the embedding in float32 and the residual sum of a
+    // half-precision branch in bf16 and f16, each fused path against its composition.
+    assert_eq!(checks.len(), 33, "{out}");
+    for op in ["layer_norm_to", "add_widened"] {
+        assert!(checks
+            .iter()
+            .any(|c| c["op"] == op && c["dtype"] == "bf16" && c["fused"] == true));
+    }
     for op in [
         "layer_norm",
+        "layer_norm_to",
         "masked_softmax",
         "attention_probs",
         "biased_product",

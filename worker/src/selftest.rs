@@ -130,6 +130,27 @@ pub fn run(device: &Device) -> Result<Vec<OpCheck>> {
             dtype,
             device,
         )?);
+        // Under autocast: a block's layer norm of the float32 residual stream, returned in
+        // the compute dtype, and a branch in the compute dtype joining the stream.
+        checks.push(check(
+            "layer_norm_to",
+            &[f32s(&[100, 770], 17)?, f32s(&[770], 2)?, f32s(&[770], 3)?],
+            &|t| ops::layer_norm_to(&t[0], &t[1], &t[2], 1e-5, dtype),
+            &|t| portable::layer_norm(&t[0], &t[1], &t[2], 1e-5)?.to_dtype(dtype),
+            dtype,
+            device,
+        )?);
+        if dtype != DType::F32 {
+            // (A float32 branch is a plain addition.)
+            checks.push(check(
+                "add_widened",
+                &[f32s(&[100, 770], 18)?, x(&[100, 770], 19, 1.0)?],
+                &|t| ops::add_widened(&t[0], &t[1]),
+                &|t| &t[0] + t[1].to_dtype(DType::F32)?,
+                dtype,
+                device,
+            )?);
+        }
         // Attention's probabilities under a causal mask.
         let (tokens, keys) = (50, 50);
         let causal: Vec<f32> = (0..tokens * keys)
@@ -254,7 +275,7 @@ mod tests {
     #[test]
     fn the_cpu_kernels_agree_with_the_compositions() {
         let checks = run(&Device::Cpu).unwrap();
-        assert_eq!(checks.len(), 28);
+        assert_eq!(checks.len(), 33);
         for c in &checks {
             assert!(c.ok, "{c:?}");
             // The CPU has fused kernels for float32 (the count is process-wide, so other

@@ -1,6 +1,7 @@
 //! Which ops run in which dtype under `--bf16`/`--fp16` (PyTorch autocast's lists): the matrix
-//! products return the half-precision dtype; layer norm, the residual stream, L2-normalised
-//! features and the losses are float32; the gradients reaching the float32 variables are
+//! products return the half-precision dtype; layer norm's statistics, the residual stream,
+//! L2-normalised features and the losses are float32 (a norm feeding a product returns its
+//! operand in the half dtype, rounded once); the gradients reaching the float32 variables are
 //! float32.
 
 use candle_core::{DType, Device, Tensor};
@@ -10,6 +11,7 @@ use coca_worker::model::autocast::Autocast;
 use coca_worker::model::layers::{LayerNorm, Linear, Mlp};
 use coca_worker::model::tensor_parallel::TensorParallel;
 use coca_worker::model::trainable::trainable_model_parallel;
+use coca_worker::model::transformer::{BlockShape, ResidualAttentionBlock};
 use coca_worker::model::{coca_loss, CocaConfig, CocaLossConfig};
 
 const TINY: &str = include_str!("data/tiny_config.json");
@@ -42,11 +44,23 @@ fn layers_compute_products_in_the_half_dtype_and_return_float32_to_the_residual_
             ln.forward(&ac.cast(&x).unwrap()).unwrap().dtype(),
             DType::F32
         );
-        // The MLP and attention return float32 (autocast's promotion at the residual add).
+        // As the operand of the next product, it is returned in the half dtype (statistics
+        // float32, rounded once).
+        assert_eq!(ln.forward_operand(&x, &tp).unwrap().dtype(), half);
+        // The MLP and attention return their last product's half dtype at degree 1; the
+        // residual add widens it (autocast's promotion), so a block returns float32.
         let mlp = Mlp::new(16, 32, 0.02, vb.pp("mlp"), &tp).unwrap();
-        assert_eq!(mlp.forward(&x).unwrap().dtype(), DType::F32);
+        assert_eq!(mlp.forward(&x).unwrap().dtype(), half);
         let attn = MultiheadAttention::new(16, 16, 4, 0.02, vb.pp("attn"), &tp).unwrap();
-        assert_eq!(attn.forward_self(&x, None).unwrap().dtype(), DType::F32);
+        assert_eq!(attn.forward_self(&x, None).unwrap().dtype(), half);
+        let shape = BlockShape {
+            width: 16,
+            heads: 4,
+            mlp_ratio: 2.0,
+            layers: 1,
+        };
+        let block = ResidualAttentionBlock::new(shape, false, vb.pp("block"), &tp).unwrap();
+        assert_eq!(block.forward(&x, None).unwrap().dtype(), DType::F32);
         // Every variable stayed float32.
         for var in map.all_vars() {
             assert_eq!(var.dtype(), DType::F32);

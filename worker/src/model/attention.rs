@@ -28,7 +28,7 @@ pub struct MultiheadAttention {
     /// This member's heads.
     pub(crate) heads: usize,
     head_dim: usize,
-    tp: TensorParallel,
+    pub(crate) tp: TensorParallel,
 }
 
 impl MultiheadAttention {
@@ -159,7 +159,8 @@ impl MultiheadAttention {
     }
 
     /// `softmax(q kᵀ / √hd + mask) v`, heads merged, then the output projection (summed over
-    /// the tensor-parallel group). `q` `[B, H, T, hd]`, `k` and `v` `[B, H, S, hd]`.
+    /// the tensor-parallel group in float32; in the compute dtype at degree 1:
+    /// [`Linear::forward_reduced`]). `q` `[B, H, T, hd]`, `k` and `v` `[B, H, S, hd]`.
     pub(crate) fn attend(
         &self,
         q: &Tensor,

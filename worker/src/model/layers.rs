@@ -31,6 +31,18 @@ impl LayerNorm {
         ops::layer_norm(x, &self.weight, &self.bias, LAYER_NORM_EPS)
     }
 
+    /// Normalises `x` as the operand of the matrix products that read it: in `tp`'s compute
+    /// dtype at degree 1 ([`ops::layer_norm_to`], the same numbers as the float32 output cast
+    /// there, without keeping the float32 one); float32 under tensor parallelism, where the
+    /// group's copy comes before the cast (its gradient is summed in float32).
+    pub fn forward_operand(&self, x: &Tensor, tp: &TensorParallel) -> Result<Tensor> {
+        if !tp.is_single() {
+            return self.forward(x);
+        }
+        let dtype = tp.autocast().compute_dtype();
+        ops::layer_norm_to(x, &self.weight, &self.bias, LAYER_NORM_EPS, dtype)
+    }
+
     /// The same norm over `f(weight)` and `f(bias)`.
     pub fn map_weights(&self, f: &mut dyn FnMut(&Tensor) -> Tensor) -> Self {
         Self {
@@ -153,11 +165,12 @@ impl Linear {
 
     /// A row-parallel layer: this member's weight columns times its slice of the input, summed
     /// over the tensor-parallel group, then the (replicated) bias once. [`Self::forward`] at
-    /// degree 1. The output is float32 (it joins the residual stream; under mixed precision
-    /// the sum over the group is taken in float32).
+    /// degree 1, in the compute dtype (it joins the residual stream through
+    /// [`ops::add_widened`], which widens it without keeping a float32 copy); float32 over a
+    /// group (under mixed precision the sum is taken in float32).
     pub fn forward_reduced(&self, x: &Tensor, tp: &TensorParallel) -> Result<Tensor> {
         if tp.is_single() {
-            return widen(&self.forward(x)?);
+            return self.forward(x);
         }
         let y = tp.reduce_out(&widen(&matmul_last(x, &self.weight_t()?, None)?)?)?;
         match &self.bias {
@@ -235,7 +248,8 @@ impl Mlp {
         }
     }
 
-    /// `c_proj(gelu(c_fc(x)))`: the products in the compute dtype, the output float32.
+    /// `c_proj(gelu(c_fc(x)))`: the products in the compute dtype; the output in it too at
+    /// degree 1, float32 over a tensor-parallel group ([`Linear::forward_reduced`]).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let x = self.tp.autocast().cast(&self.tp.copy_in(x)?)?;
         self.c_proj

@@ -1,6 +1,7 @@
 //! The attentional pooler: learned queries attend over the image tokens.
 
 use super::attention::MultiheadAttention;
+use super::autocast::widen;
 use super::layers::{normal, LayerNorm};
 use crate::model::tensor_parallel::TensorParallel;
 use candle_core::{Result, Tensor};
@@ -58,6 +59,8 @@ impl AttentionalPooler {
         let q = self.ln_q.forward(&self.query.narrow(0, 0, n)?)?;
         let (n, d) = q.dims2()?;
         let q = q.unsqueeze(0)?.broadcast_as((b, n, d))?.contiguous()?;
-        self.attn.forward_cross(&q, &x, None)
+        // The attention's output joins no residual stream here: float32, as autocast returns it
+        // to the float32 ops after it.
+        widen(&self.attn.forward_cross(&q, &x, None)?)
     }
 }

@@ -5,6 +5,7 @@ use super::attention::MultiheadAttention;
 use super::config::mlp_width;
 use super::grad_checkpoint::{checkpoint, Recomputable};
 use super::layers::{LayerNorm, Mlp};
+use crate::model::ops;
 use crate::model::tensor_parallel::TensorParallel;
 use candle_core::{bail, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -73,7 +74,7 @@ impl ResidualAttentionBlock {
     /// Cross-attention block: queries from `x`, keys and values from `kv`.
     pub fn forward_cross(&self, x: &Tensor, kv: &Tensor) -> Result<Tensor> {
         let kv = match &self.ln_1_kv {
-            Some(ln) => ln.forward(kv)?,
+            Some(ln) => ln.forward_operand(kv, &self.attn.tp)?,
             None => kv.clone(),
         };
         self.forward_with(x, |h| self.attn.forward_cross(h, &kv, None))
@@ -81,14 +82,18 @@ impl ResidualAttentionBlock {
 
     /// `x + attend(ln_1(x))`, then `x + mlp(ln_2(x))`: the block around its attention, which
     /// is the model's ([`Self::forward`], [`Self::forward_cross`]) or decoding's over a
-    /// key/value cache.
+    /// key/value cache. The norms' outputs are the products' operands and the branches'
+    /// outputs join the float32 residual stream in [`ops::add_widened`], so under autocast
+    /// neither keeps a float32 copy for the backward pass.
     pub(crate) fn forward_with(
         &self,
         x: &Tensor,
         attend: impl FnOnce(&Tensor) -> Result<Tensor>,
     ) -> Result<Tensor> {
-        let x = (x + attend(&self.ln_1.forward(x)?)?)?;
-        &x + self.mlp.forward(&self.ln_2.forward(&x)?)?
+        let tp = &self.attn.tp;
+        let x = ops::add_widened(x, &attend(&self.ln_1.forward_operand(x, tp)?)?)?;
+        let branch = self.mlp.forward(&self.ln_2.forward_operand(&x, tp)?)?;
+        ops::add_widened(&x, &branch)
     }
 }
 
@@ -142,7 +147,7 @@ impl ResidualAttentionBlock {
     /// once per image for decoding.
     pub fn cross_kv(&self, kv: &Tensor) -> Result<(Tensor, Tensor)> {
         match &self.ln_1_kv {
-            Some(ln) => self.attn.cross_kv(&ln.forward(kv)?),
+            Some(ln) => self.attn.cross_kv(&ln.forward_operand(kv, &self.attn.tp)?),
             None => self.attn.cross_kv(kv),
         }
     }

@@ -3,7 +3,8 @@
 use super::{f32_contiguous, f32_data, fused, portable, ROWS_PER_TASK};
 use crate::multiversion;
 use crate::simd::{lane_sum, lane_sum2, lane_sum3, KernelFamily};
-use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
 /// `(x - mean) / sqrt(var + eps) · weight + bias` over the last dimension (biased variance, as
@@ -11,14 +12,37 @@ use rayon::prelude::*;
 /// a GPU, runs the fused kernels (with a fused backward for `x`, `weight` and `bias`); anything
 /// else runs [`super::portable::layer_norm`]. Both return float32 for half-precision inputs.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    layer_norm_to(x, weight, bias, eps, DType::F32)
+}
+
+/// [`layer_norm`] returned in `out`: under autocast, the half-precision operand of the matrix
+/// product that reads it. The same numbers as `layer_norm(..)?.to_dtype(out)` (the float32
+/// result rounded once), forward and backward, but the fused op rounds its own result, so the
+/// float32 one is not kept for the backward pass as a cast's input is: 4 bytes per normalised
+/// element less (two layer norms per transformer block, three in a cross-attention block).
+pub fn layer_norm_to(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    out: DType,
+) -> Result<Tensor> {
     check_affine(x, weight, bias)?;
     if !fused(&[x, weight, bias]) {
-        return portable::layer_norm(x, weight, bias, eps);
+        let y = portable::layer_norm(x, weight, bias, eps)?;
+        return if y.dtype() == out {
+            Ok(y)
+        } else {
+            y.to_dtype(out)
+        };
     }
     x.contiguous()?.apply_op3(
         &f32_contiguous(weight)?,
         &f32_contiguous(bias)?,
-        LayerNorm { eps: eps as f32 },
+        LayerNorm {
+            eps: eps as f32,
+            out,
+        },
     )
 }
 
@@ -38,6 +62,18 @@ pub(super) fn check_affine(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result
 
 struct LayerNorm {
     eps: f32,
+    /// The output's dtype; the kernels return float32, rounded to it where it differs.
+    out: DType,
+}
+
+impl LayerNorm {
+    /// The kernels' float32 result `y` of `shape` in [`Self::out`] (candle's own conversion).
+    fn rounded<S: BackendStorage>(&self, y: S, shape: &Shape) -> Result<S> {
+        if y.dtype() == self.out {
+            return Ok(y);
+        }
+        y.to_dtype(&Layout::contiguous(shape), self.out)
+    }
 }
 
 /// Mean and reciprocal standard deviation of one row (sums in lanes: see [`crate::simd`]).
@@ -125,7 +161,8 @@ impl CustomOp3 for LayerNorm {
         y.par_chunks_mut(d * ROWS_PER_TASK)
             .zip(x.par_chunks(d * ROWS_PER_TASK))
             .for_each(|(y, x)| layer_norm_rows(family, y, x, w, b, self.eps));
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
+        let y = self.rounded(CpuStorage::F32(y), l1.shape())?;
+        Ok((y, l1.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -138,7 +175,9 @@ impl CustomOp3 for LayerNorm {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::layer_norm(self.name(), (s1, l1), (s2, l2), (s3, l3), self.eps)
+        let (y, shape) =
+            super::cuda::layer_norm(self.name(), (s1, l1), (s2, l2), (s3, l3), self.eps)?;
+        Ok((self.rounded(y, &shape)?, shape))
     }
 
     fn bwd(
@@ -151,9 +190,11 @@ impl CustomOp3 for LayerNorm {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let d = w.dim(0)?;
         let rows = x.elem_count() / d;
-        // One pass computes all three gradients, packed as rows [dx..., dweight, dbias].
-        let packed =
-            x.apply_op3_no_bwd(w, &grad.contiguous()?, &LayerNormBackward { eps: self.eps })?;
+        // One pass computes all three gradients, packed as rows [dx..., dweight, dbias], from
+        // the float32 upstream gradient (a half-precision output's, widened: what the cast's
+        // backward gave before the op rounded its own output).
+        let grad = grad.to_dtype(DType::F32)?.contiguous()?;
+        let packed = x.apply_op3_no_bwd(w, &grad, &LayerNormBackward { eps: self.eps })?;
         // Float32 from the kernels; the input's gradient in the input's dtype.
         let dx = packed
             .narrow(0, 0, rows)?

@@ -45,6 +45,7 @@ pub mod launch;
 mod layer_norm;
 mod math;
 pub mod portable;
+mod residual;
 mod softmax;
 mod transpose;
 
@@ -59,8 +60,9 @@ pub(crate) use dispatch::{fused, fused_on_cpu};
 pub use embedding::{embedding, embedding_slice};
 pub use gelu::gelu_erf;
 pub(crate) use gelu::gelu_erf_value;
-pub use layer_norm::layer_norm;
 pub(crate) use layer_norm::layer_norm_row;
+pub use layer_norm::{layer_norm, layer_norm_to};
+pub use residual::add_widened;
 pub(crate) use softmax::softmax_row;
 pub use softmax::{masked_softmax, softmax_last_dim};
 pub use transpose::transpose_contiguous;

@@ -568,3 +568,63 @@ fn products_fill_their_unzeroed_outputs_completely() {
         }
     }
 }
+
+/// Every element of `a` and `b` the same bits (both converted to float32 exactly).
+fn assert_same_bits(a: &Tensor, b: &Tensor, what: &str) {
+    assert_eq!(a.dtype(), b.dtype(), "{what}");
+    assert_eq!(a.dims(), b.dims(), "{what}");
+    let bits = |t: &Tensor| -> Vec<u32> {
+        let v = t.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+        v.to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|x| x.to_bits())
+            .collect()
+    };
+    assert!(bits(a) == bits(b), "{what}: the bits differ");
+}
+
+#[test]
+fn half_precision_norms_and_residual_sums_equal_their_compositions_bit_for_bit() {
+    // A block under autocast: the float32 residual stream normalised into the compute dtype,
+    // and a compute-dtype branch added back. The ops round once where the composition casts.
+    let x = rand(&[37, 130], 21);
+    let (w, b) = (rand(&[130], 22), rand(&[130], 23));
+    for dtype in [DType::BF16, DType::F16] {
+        let inputs = [x.clone(), w.clone(), b.clone()];
+        let op = value_and_grads(&inputs, |t| {
+            layer_norm_to(&t[0], &t[1], &t[2], 1e-5, dtype).unwrap()
+        });
+        let composed = value_and_grads(&inputs, |t| {
+            layer_norm(&t[0], &t[1], &t[2], 1e-5)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap()
+        });
+        assert_same_bits(&op.0, &composed.0, "layer_norm_to");
+        for (i, (a, c)) in op.1.iter().zip(&composed.1).enumerate() {
+            assert_same_bits(a, c, &format!("layer_norm_to's gradient {i}"));
+        }
+        let branch = rand(&[37, 130], 24).to_dtype(dtype).unwrap();
+        let inputs = [x.clone(), branch];
+        let op = value_and_grads(&inputs, |t| add_widened(&t[0], &t[1]).unwrap());
+        let composed = value_and_grads(&inputs, |t| {
+            (&t[0] + t[1].to_dtype(DType::F32).unwrap()).unwrap()
+        });
+        assert_eq!(op.0.dtype(), DType::F32);
+        assert_same_bits(&op.0, &composed.0, "add_widened");
+        assert_eq!(op.1[1].dtype(), dtype, "the branch's gradient in its dtype");
+        for (i, (a, c)) in op.1.iter().zip(&composed.1).enumerate() {
+            assert_same_bits(a, c, &format!("add_widened's gradient {i}"));
+        }
+    }
+    // Float32 in and out: the plain ops.
+    let plain = layer_norm_to(&x, &w, &b, 1e-5, DType::F32).unwrap();
+    assert_same_bits(
+        &plain,
+        &layer_norm(&x, &w, &b, 1e-5).unwrap(),
+        "float32 norm",
+    );
+    let sum = add_widened(&x, &x).unwrap();
+    assert_same_bits(&sum, &(&x + &x).unwrap(), "float32 sum");
+}
