@@ -246,6 +246,7 @@ pub fn run(opts: &BenchOptions) -> Result<Option<serde_json::Value>> {
         "grad_checkpointing": opts.grad_checkpointing,
         "cpu_model": crate::simd::cpu_model(),
         "cpu_kernels": crate::simd::KernelFamily::active().name(),
+        "heap_huge_pages": crate::runtime::heap_on_huge_pages(),
         "gemm_kernels": crate::simd::gemm_family(),
         "train_step_s": step,
         "train_step_times_s": step_times,

@@ -390,6 +390,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 fn main() -> ExitCode {
+    runtime::huge_page_heap();
     runtime::tune_allocator();
     tracing_subscriber::fmt()
         .with_env_filter(
