@@ -398,7 +398,7 @@ impl Kept {
 
 /// Bytes of activations for `batch` samples: what the autograd graph keeps for the backward
 /// pass (every block of the image tower, the text tower and the decoder, the stems, the
-/// attentional pooler, the caption logits and their gradient; see [`Block::kept`]), with the
+/// attentional pooler, the caption logits and their gradient; see `Block::kept`), with the
 /// matrix products in `compute`.
 ///
 /// With activation checkpointing a block keeps only its input, and the backward pass holds one

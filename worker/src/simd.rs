@@ -2,7 +2,7 @@
 //!
 //! Releases are built for the baseline x86-64 CPU (no `target-cpu=native`: users copy binaries
 //! between machines), so the fused ops and AdamW would otherwise run SSE2 code everywhere. Each
-//! kernel body is compiled three times by [`multiversion!`] (AVX-512, AVX2 + FMA, portable) and
+//! kernel body is compiled three times by `multiversion!` (AVX-512, AVX2 + FMA, portable) and
 //! the best family the CPU has runs. The bodies never fuse a multiply and an add (Rust does not
 //! contract them) and sum in fixed lanes, so every family computes bit-identical results; the
 //! tests force each available family and compare.

@@ -1,5 +1,5 @@
 //! The training loop of `coca-worker pretrain`, one rank of a data-parallel job (or a job of
-//! one): set up ([`TrainingRun::set_up`]), step, log, evaluate and save, until the last step
+//! one): set up (`TrainingRun::set_up`), step, log, evaluate and save, until the last step
 //! or a preemption. Every rank trains; rank 0 alone writes checkpoints, metrics, evaluations
 //! and the demo report (the weights are identical on every rank).
 

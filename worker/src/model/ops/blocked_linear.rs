@@ -28,7 +28,7 @@ fn f32_view<'t>(t: &'t Tensor, name: &str) -> Result<F32View<'t>> {
     F32View::new(t, name).map_err(|e| candle_core::Error::Msg(format!("{e:#}")))
 }
 
-/// A `[out, in]` float32 weight in blocks of [`BLOCK`] outputs (the last block narrower when
+/// A `[out, in]` float32 weight in blocks of `BLOCK` (64) outputs (the last block narrower when
 /// `out` is not a multiple): block `b`'s element `(o, c)` at `b·BLOCK·in + c·width + o`.
 #[derive(Debug)]
 pub struct BlockedWeight {
