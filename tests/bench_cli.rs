@@ -65,6 +65,15 @@ fn bench_reports_every_figure() {
             "{key} in {line}"
         );
     }
+    // The worker restarted itself with its heap on huge pages where the kernel offers them
+    // (THP `always` or `madvise`), and bench ran to the end after the restart.
+    let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+        .is_ok_and(|mode| mode.contains("[always]") || mode.contains("[madvise]"));
+    let opted_out = std::env::var("COCA_HUGE_PAGE_HEAP").is_ok_and(|v| v == "0" || v == "false");
+    let chosen = std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("glibc.malloc.hugetlb"));
+    if !opted_out && !chosen {
+        assert_eq!(line["heap_huge_pages"], thp, "{line}");
+    }
     let args = [
         "bench",
         "--model",
@@ -76,12 +85,19 @@ fn bench_reports_every_figure() {
         "--captions",
         "False",
     ];
-    let (code, stdout, stderr) =
-        common::run_with_env("coca-worker", &args, &[("COCA_CPU_KERNELS", "portable")]);
+    let env = [
+        ("COCA_CPU_KERNELS", "portable"),
+        ("COCA_HUGE_PAGE_HEAP", "0"),
+    ];
+    let (code, stdout, stderr) = common::run_with_env("coca-worker", &args, &env);
     assert_eq!(code, 0, "{stderr}");
     let line: serde_json::Value =
         serde_json::from_str(stdout.lines().last().expect("one JSON line")).unwrap();
     assert_eq!(line["cpu_kernels"], "portable", "{line}");
+    // Opted out: the heap stays on 4 KiB pages.
+    if !std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("glibc.malloc.hugetlb")) {
+        assert_eq!(line["heap_huge_pages"], false, "{line}");
+    }
     assert!(line.get("greedy_caption_s").is_none(), "{line}");
     let faults = line["train_page_faults_per_step"].as_array().map(Vec::len);
     assert_eq!(faults, Some(1), "{line}");
