@@ -1,6 +1,6 @@
 //! The residual stream's sum with a branch that may be in half precision.
 
-use super::{f32_data, fused, ROWS_PER_TASK};
+use super::{f32_data, fused, written_f32, ROWS_PER_TASK};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -27,17 +27,24 @@ pub fn add_widened(x: &Tensor, y: &Tensor) -> Result<Tensor> {
 
 struct AddWidened;
 
-/// `x[i] + widen(y[i])` into a new buffer.
-fn widen_add<T: Sync>(x: &[f32], y: &[T], widen: impl Fn(&T) -> f32 + Sync) -> Vec<f32> {
-    let mut out = vec![0f32; x.len()];
-    out.par_chunks_mut(CHUNK)
-        .zip(x.par_chunks(CHUNK).zip(y.par_chunks(CHUNK)))
-        .for_each(|(out, (x, y))| {
-            for ((o, x), y) in out.iter_mut().zip(x).zip(y) {
-                *o = x + widen(y);
-            }
-        });
-    out
+/// `x[i] + widen(y[i])` into a new buffer (written once, not zero-filled first).
+fn widen_add<T: Sync>(x: &[f32], y: &[T], widen: impl Fn(&T) -> f32 + Sync) -> Result<Vec<f32>> {
+    if x.len() != y.len() {
+        bail!("add-widened: {} and {} elements", x.len(), y.len());
+    }
+    // SAFETY: `x`, `y` and the output have the same length, so their chunks pair up one for
+    // one, and every element of each output chunk is written.
+    Ok(unsafe {
+        written_f32(x.len(), |out| {
+            out.par_chunks_mut(CHUNK)
+                .zip(x.par_chunks(CHUNK).zip(y.par_chunks(CHUNK)))
+                .for_each(|(out, (x, y))| {
+                    for ((o, x), y) in out.iter_mut().zip(x).zip(y) {
+                        o.write(x + widen(y));
+                    }
+                })
+        })
+    })
 }
 
 impl CustomOp2 for AddWidened {
@@ -58,9 +65,9 @@ impl CustomOp2 for AddWidened {
         };
         // candle's own conversions (`to_dtype`), so the sum is the composition's bit for bit.
         let out = match s2 {
-            CpuStorage::BF16(y) => widen_add(x, &y[start..end], |v| v.to_f32()),
-            CpuStorage::F16(y) => widen_add(x, &y[start..end], |v| v.to_f32()),
-            CpuStorage::F32(y) => widen_add(x, &y[start..end], |v| *v),
+            CpuStorage::BF16(y) => widen_add(x, &y[start..end], |v| v.to_f32())?,
+            CpuStorage::F16(y) => widen_add(x, &y[start..end], |v| v.to_f32())?,
+            CpuStorage::F32(y) => widen_add(x, &y[start..end], |v| *v)?,
             other => bail!("{}: a {:?} branch", self.name(), other.dtype()),
         };
         Ok((CpuStorage::F32(out), l1.shape().clone()))
