@@ -71,6 +71,12 @@ impl OpsPath {
         }
     }
 
+    /// Whether training recomputes attention's probabilities in the backward pass instead of
+    /// keeping them (`attention::recomputes_probabilities`): off the CPU's fused path.
+    fn recomputes_attention(self) -> bool {
+        !matches!(self, Self::CpuFused)
+    }
+
     fn cpu(self) -> bool {
         matches!(self, Self::CpuFused | Self::Portable { cpu: true })
     }
@@ -212,7 +218,6 @@ impl Block {
         let (t, s, w) = (self.tokens, self.keys, self.width);
         let parallel = u64::from(tp > 1);
         let extra = u64::from(mixed);
-        let heads = self.heads.div_ceil(tp);
         // A column-parallel projection's output, and a row-parallel one's (whose bias is added
         // after the sum over the group).
         let (column, row) = Self::linear_outputs(tp, mixed, ops);
@@ -236,25 +241,30 @@ impl Block {
             // q/k/v packed (projection, heads), merged heads (product, copy).
             kept.half += (3 * column + 5) * t * w / tp;
         }
-        // The scores (a product, unless the softmax's op computes them) and their softmax
-        // (float32), its cast copy under autocast.
-        let scores = u64::from(!ops.fuses_products(mixed));
-        kept.half += heads * t * s * (scores + extra);
-        kept.single += heads * t * s;
-        // The MLP's hidden layer: c_fc's projection, and the GELU.
+        // The attention's probabilities: `Self::probabilities`. The MLP's hidden layer: c_fc's projection, and the GELU.
         kept.half += (column + 1) * t * self.hidden / tp;
         if ops.portable() {
             // ln_1 and ln_2, and a cross block's ln_1_kv over the keys.
             kept.single += LAYER_NORM_EXTRA * (2 * t * w + u64::from(self.cross) * s * w);
         }
-        if ops.composes_softmax_and_gelu(mixed) {
-            kept.single += heads * t * s * softmax_extra(self.masked, mixed);
-            if mixed {
-                // The GELU's float32 input copy and result.
-                kept.single += 2 * t * self.hidden / tp;
-            }
+        if ops.composes_softmax_and_gelu(mixed) && mixed {
+            // The GELU's float32 input copy and result.
+            kept.single += 2 * t * self.hidden / tp;
         }
         kept
+    }
+
+    /// What the attention's probabilities take per sample: kept by the graph, or only while the
+    /// backward pass recomputes them ([`OpsPath::recomputes_attention`]).
+    fn probabilities(&self, tp: u64, mixed: bool, ops: OpsPath) -> Kept {
+        attention_probabilities(
+            self.heads.div_ceil(tp),
+            self.tokens,
+            self.keys,
+            self.masked,
+            mixed,
+            ops,
+        )
     }
 
     /// Tensors per output element of a column-parallel and of a row-parallel linear layer with
@@ -284,6 +294,28 @@ impl Block {
     }
 }
 
+/// One attention's probabilities `[heads, t, s]` per sample, with what their ops keep: the
+/// scores (a product, unless the softmax's op computes them) and their softmax (float32), its
+/// cast copy under autocast, and a composed softmax's float32 intermediates.
+fn attention_probabilities(
+    heads: u64,
+    t: u64,
+    s: u64,
+    masked: bool,
+    mixed: bool,
+    ops: OpsPath,
+) -> Kept {
+    let scores = heads * t * s;
+    let mut kept = Kept {
+        single: scores,
+        half: scores * (u64::from(!ops.fuses_products(mixed)) + u64::from(mixed)),
+    };
+    if ops.composes_softmax_and_gelu(mixed) {
+        kept.single += scores * softmax_extra(masked, mixed);
+    }
+    kept
+}
+
 /// Float32 copies a composed layer norm keeps besides its output, per normalised element.
 const LAYER_NORM_EXTRA: u64 = 4;
 
@@ -293,14 +325,14 @@ fn softmax_extra(masked: bool, mixed: bool) -> u64 {
     3 + u64::from(masked) + u64::from(mixed)
 }
 
-/// Every transformer block of the model (with how many of it), and the floats per sample of
-/// everything else the graph keeps.
+/// Every transformer block of the model (with how many of it), the floats per sample of
+/// everything else the graph keeps, and the attentional pooler's probabilities.
 fn model_blocks(
     config: &CocaConfig,
     tp: u64,
     mixed: bool,
     ops: OpsPath,
-) -> (Vec<(Block, u64)>, Kept) {
+) -> (Vec<(Block, u64)>, Kept, Kept) {
     let v = &config.vision_cfg;
     let t = &config.text_cfg;
     let m = &config.multimodal_cfg;
@@ -329,18 +361,15 @@ fn model_blocks(
     let pixels = 3 * (v.image_size as u64).pow(2);
     // The image stem: pixels and their patches, the patch embedding, class token, positions,
     // ln_pre. The pooler: ln_k, the queries, its cross-attention (as a block's, without MLP,
-    // from the image width to the embedding width), ln_post.
+    // from the image width to the embedding width, its keys and values also concatenated for
+    // the recomputed core), ln_post.
     let (column, row) = Block::linear_outputs(tp, mixed, ops);
     let image_rest = 2 * pixels
         + 4 * image_tokens * vw
         + image_tokens * vw * (1 + parallel)
         + queries * e * (2 + row + 2 * parallel)
         + (column + 3) * queries * e / tp
-        + 2 * (column + 1) * image_tokens * e / tp
-        + (1 + u64::from(!ops.fuses_products(mixed)))
-            * (v.attn_pooler_heads as u64).div_ceil(tp)
-            * queries
-            * image_tokens;
+        + (2 * column + 4) * image_tokens * e / tp;
     // The text stem: embedding rows, cls, positions, the mask.
     let text_rest = 3 * text_tokens * t.width as u64 + text_tokens * text_tokens;
     // The caption logits, kept for the loss, and their gradient. Under autocast the product
@@ -361,8 +390,8 @@ fn model_blocks(
     ];
     let pooler_heads = (v.attn_pooler_heads as u64).div_ceil(tp);
     // The compositions' extras outside the blocks: the stems' and heads' layer norms (ln_pre,
-    // ln_k, ln_q, ln_post, both ln_final), the pooler's softmax, and the caption loss's
-    // shifted logits and their exponentials.
+    // ln_k, ln_q, ln_post, both ln_final), and the caption loss's shifted logits and their
+    // exponentials.
     let mut composed = 0;
     if ops.portable() {
         composed += LAYER_NORM_EXTRA
@@ -372,14 +401,12 @@ fn model_blocks(
                 + decoder_tokens * m.width as u64)
             + 2 * logits;
     }
-    if ops.composes_softmax_and_gelu(mixed) {
-        composed += pooler_heads * queries * image_tokens * softmax_extra(false, mixed);
-    }
     let rest = Kept {
         single: image_rest + text_rest + decoder_out + logits_single + composed,
         half: logits_half,
     };
-    (blocks, rest)
+    let pooler = attention_probabilities(pooler_heads, queries, image_tokens, false, mixed, ops);
+    (blocks, rest, pooler)
 }
 
 /// Elements kept in float32 and in the compute dtype (both float32 without autocast).
@@ -402,7 +429,9 @@ impl Kept {
 /// matrix products in `compute`.
 ///
 /// With activation checkpointing a block keeps only its input, and the backward pass holds one
-/// recomputed block at a time (the largest is counted). Transient buffers of single
+/// recomputed block at a time (the largest is counted). Where attention's probabilities are
+/// recomputed (off the CPU's fused path), the backward pass holds one attention's at a time.
+/// Transient buffers of single
 /// operations are left out; `coca-worker bench-memory --batch N` measures the whole step.
 pub fn activation_bytes(
     config: &CocaConfig,
@@ -418,19 +447,42 @@ pub fn activation_bytes(
         return 0;
     }
     let mixed = compute != DType::F32;
-    let (blocks, rest) = model_blocks(config, tp, mixed, ops);
+    let (blocks, rest, pooler) = model_blocks(config, tp, mixed, ops);
     let whole = |b: &Block| {
         batch * b.kept(tp, mixed, ops).bytes(compute) + F32 * b.weight_copy_floats(tp, ops)
     };
+    let probabilities = |b: &Block| batch * b.probabilities(tp, mixed, ops).bytes(compute);
+    let pooler = batch * pooler.bytes(compute);
+    let recompute = ops.recomputes_attention();
     let blocks_bytes: u64 = if grad_checkpointing {
-        // A checkpointed block's input is the float32 residual stream.
+        // A checkpointed block's input is the float32 residual stream; the recomputed block
+        // keeps its probabilities with the rest of its graph.
         let inputs: u64 = blocks
             .iter()
             .map(|(b, n)| F32 * n * batch * b.checkpointed_floats())
             .sum();
-        inputs + blocks.iter().map(|(b, _)| whole(b)).max().unwrap_or(0)
+        let block = blocks
+            .iter()
+            .map(|(b, _)| whole(b) + probabilities(b))
+            .max();
+        let block = block.unwrap_or(0);
+        inputs
+            + if recompute {
+                block.max(pooler)
+            } else {
+                block + pooler
+            }
+    } else if recompute {
+        // One attention's probabilities at a time.
+        let largest = blocks.iter().map(|(b, _)| probabilities(b)).max();
+        let kept: u64 = blocks.iter().map(|(b, n)| n * whole(b)).sum();
+        kept + largest.unwrap_or(0).max(pooler)
     } else {
-        blocks.iter().map(|(b, n)| n * whole(b)).sum()
+        let kept: u64 = blocks
+            .iter()
+            .map(|(b, n)| n * (whole(b) + probabilities(b)))
+            .sum();
+        kept + pooler
     };
     blocks_bytes + batch * rest.bytes(compute)
 }
@@ -540,7 +592,8 @@ mod tests {
             assert!(error.abs() < 0.06, "{dtype:?} {checkpointing}: {error:+.3}");
             assert!(e.compute_copy_bytes > 0 && e.activation_bytes < 3 << 30);
         }
-        // Every op composed (`COCA_PORTABLE_OPS=1`: the GPU's ops, on the CPU).
+        // Every op composed (`COCA_PORTABLE_OPS=1`: the GPU's ops, on the CPU; attention's
+        // probabilities recomputed as on a GPU).
         let e = estimate(
             &config,
             1,
@@ -552,7 +605,7 @@ mod tests {
             OpsPath::Portable { cpu: true },
         )
         .unwrap();
-        let error = e.total_bytes as f64 / 9_671_811_072f64 - 1.0;
+        let error = e.total_bytes as f64 / 8_960_954_368f64 - 1.0;
         assert!(error.abs() < 0.06, "portable ops: {error:+.3}");
         // Checkpointing keeps a fraction of the activations; nothing else changes.
         let plain = f32_fused(&config, 1, 1, None, 8);

@@ -3,9 +3,13 @@
 //! this is our CUDA kernels (`worker/kernels/fused_ops.cu`) against candle's primitives, in
 //! seconds and without a reference folder: when `verify --device cuda` fails, it says which
 //! kernel and which dtype. On the CPU it checks the CPU kernels (float32; the half-precision
-//! rows compare the composition with itself, `fused` says so).
+//! rows compare the composition with itself, `fused` says so). Attention's core with its
+//! probabilities recomputed in the backward pass (as training runs it on a GPU) is checked
+//! against keeping them the same way.
 
 use crate::compare::{max_abs, max_abs_diff};
+use crate::model::attention::attention_core;
+use crate::model::autocast::Autocast;
 use crate::model::ops::{self, fused_dispatches, portable};
 use crate::rng::SplitMix64;
 use anyhow::Result;
@@ -251,6 +255,27 @@ pub fn run(device: &Device) -> Result<Vec<OpCheck>> {
             dtype,
             device,
         )?);
+        // Attention's core (the causal text tower's shape) with its probabilities recomputed
+        // in the backward pass, as training runs it on a GPU, against keeping them.
+        let mask = crate::model::transformer::causal_mask(77, device)?;
+        let core = |recompute: bool| {
+            let mask = &mask;
+            move |t: &[Tensor]| {
+                let autocast = Autocast::new(dtype);
+                attention_core(&t[0], &t[1], Some(mask), autocast, recompute)
+            }
+        };
+        checks.push(check(
+            "attention_recomputed",
+            &[
+                x(&[2, 8, 77, 64], 15, 1.0)?,
+                x(&[2, 2, 8, 77, 64], 16, 1.0)?,
+            ],
+            &core(true),
+            &core(false),
+            dtype,
+            device,
+        )?);
         // A linear layer: the product with a transposed weight and its bias in one op.
         checks.push(check(
             "biased_product",
@@ -275,7 +300,7 @@ mod tests {
     #[test]
     fn the_cpu_kernels_agree_with_the_compositions() {
         let checks = run(&Device::Cpu).unwrap();
-        assert_eq!(checks.len(), 33);
+        assert_eq!(checks.len(), 36);
         for c in &checks {
             assert!(c.ok, "{c:?}");
             // The CPU has fused kernels for float32 (the count is process-wide, so other

@@ -1,9 +1,11 @@
 //! Multi-head attention with PyTorch `nn.MultiheadAttention`'s parameters and semantics.
 
+use super::autocast::Autocast;
+use super::grad_checkpoint::{checkpoint, Recomputable};
 use super::layers::{normal, Linear};
 use super::ops;
 use crate::model::tensor_parallel::TensorParallel;
-use candle_core::{Result, Tensor};
+use candle_core::{bail, Result, Tensor};
 
 use candle_nn::{Init, VarBuilder};
 
@@ -24,6 +26,9 @@ pub struct MultiheadAttention {
     pub(crate) q_proj: Linear,
     k_proj: Linear,
     v_proj: Linear,
+    /// The k and v rows of the packed weight as one projection (keys and values of another
+    /// sequence in one product), when the weight is packed.
+    kv_proj: Option<Linear>,
     pub(crate) out_proj: Linear,
     /// This member's heads.
     pub(crate) heads: usize,
@@ -48,22 +53,27 @@ impl MultiheadAttention {
         let local = tp.part(d_model);
         let bias = vb.get_with_hints(3 * local, "in_proj_bias", Init::Const(0.0))?;
         let bias_part = |i: usize| bias.narrow(0, i * local, local);
-        let (in_proj, q_w, k_w, v_w) = if kv_dim == d_model {
+        let (in_proj, kv_proj, q_w, k_w, v_w) = if kv_dim == d_model {
             let w = vb.get_with_hints((3 * local, d_model), "in_proj_weight", normal(attn_std))?;
             let part = |i: usize| w.narrow(0, i * local, local);
             let packed = Linear::from_parts(w.clone(), Some(bias.clone()));
-            (Some(packed), part(0)?, part(1)?, part(2)?)
+            let kv = Linear::from_parts(
+                w.narrow(0, local, 2 * local)?,
+                Some(bias.narrow(0, local, 2 * local)?),
+            );
+            (Some(packed), Some(kv), part(0)?, part(1)?, part(2)?)
         } else {
             let q = vb.get_with_hints((local, d_model), "q_proj_weight", normal(attn_std))?;
             let k = vb.get_with_hints((local, kv_dim), "k_proj_weight", normal(attn_std))?;
             let v = vb.get_with_hints((local, kv_dim), "v_proj_weight", normal(attn_std))?;
-            (None, q, k, v)
+            (None, None, q, k, v)
         };
         Ok(Self {
             in_proj,
             q_proj: Linear::from_parts(q_w, Some(bias_part(0)?)),
             k_proj: Linear::from_parts(k_w, Some(bias_part(1)?)),
             v_proj: Linear::from_parts(v_w, Some(bias_part(2)?)),
+            kv_proj,
             out_proj: Linear::new(local, d_model, proj_std, vb.pp("out_proj"))?,
             heads: tp.part(heads),
             head_dim: d_model / heads,
@@ -79,6 +89,7 @@ impl MultiheadAttention {
             q_proj: self.q_proj.map_weights(f),
             k_proj: self.k_proj.map_weights(f),
             v_proj: self.v_proj.map_weights(f),
+            kv_proj: self.kv_proj.as_ref().map(|l| l.map_weights(f)),
             out_proj: self.out_proj.map_weights(f),
             heads: self.heads,
             head_dim: self.head_dim,
@@ -88,29 +99,42 @@ impl MultiheadAttention {
 
     /// Self-attention of `x` `[B, T, d]`; `mask` is additive, `[T, T]` or `[B, T, T]`.
     pub fn forward_self(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let (q, k, v) = self.self_qkv(x)?;
-        self.attend(&q, &k, &v, mask)
+        let qkv = self.self_qkv_packed(x)?;
+        self.attend_packed(&qkv.get(0)?, &qkv.narrow(0, 1, 2)?, mask)
     }
 
     /// Queries, keys and values `[B, H, T, hd]` of `x` `[B, T, d]` for self-attention (and for
     /// decoding, which appends the keys and values to its cache).
     pub(crate) fn self_qkv(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-        let x = self.tp.autocast().cast(&self.tp.copy_in(x)?)?;
-        let Some(in_proj) = &self.in_proj else {
-            return Ok((
-                self.split_heads(&self.q_proj.forward(&x)?)?,
-                self.split_heads(&self.k_proj.forward(&x)?)?,
-                self.split_heads(&self.v_proj.forward(&x)?)?,
-            ));
-        };
-        let (b, t, _) = x.dims3()?;
-        // One product for q, k and v, then one copy into [3, B, H, T, hd].
-        let qkv = in_proj
-            .forward(&x)?
-            .reshape((b, t, 3, self.heads, self.head_dim))?
-            .permute((2, 0, 3, 1, 4))?
-            .contiguous()?;
+        let qkv = self.self_qkv_packed(x)?;
         Ok((qkv.get(0)?, qkv.get(1)?, qkv.get(2)?))
+    }
+
+    /// Queries, keys and values of `x` `[B, T, d]` packed as `[3, B, H, T, hd]`: one product
+    /// and one copy (three products and a copy for unpacked weights).
+    fn self_qkv_packed(&self, x: &Tensor) -> Result<Tensor> {
+        let x = self.tp.autocast().cast(&self.tp.copy_in(x)?)?;
+        let (b, t, _) = x.dims3()?;
+        let packed = match &self.in_proj {
+            Some(in_proj) => in_proj.forward(&x)?,
+            None => Tensor::cat(
+                &[
+                    &self.q_proj.forward(&x)?,
+                    &self.k_proj.forward(&x)?,
+                    &self.v_proj.forward(&x)?,
+                ],
+                2,
+            )?,
+        };
+        self.split_packed_heads(&packed, b, t, 3)
+    }
+
+    /// `[B, T, n·d]` (n projections side by side) → `[n, B, H, T, hd]`, contiguous.
+    fn split_packed_heads(&self, packed: &Tensor, b: usize, t: usize, n: usize) -> Result<Tensor> {
+        packed
+            .reshape((b, t, n, self.heads, self.head_dim))?
+            .permute((2, 0, 3, 1, 4))?
+            .contiguous()
     }
 
     /// Attention of queries `q_x` `[B, T, d]` over keys/values `kv_x` `[B, S, kdim]`.
@@ -124,26 +148,28 @@ impl MultiheadAttention {
         let q_x = ac.cast(&self.tp.copy_in(q_x)?)?;
         let kv_x = ac.cast(&self.tp.copy_in(kv_x)?)?;
         let q = self.split_heads(&self.q_proj.forward(&q_x)?)?;
-        let k = self.split_heads(&self.k_proj.forward(&kv_x)?)?;
-        let v = self.split_heads(&self.v_proj.forward(&kv_x)?)?;
-        self.attend(&q, &k, &v, mask)
+        let (b, s, _) = kv_x.dims3()?;
+        let kv = self.split_packed_heads(&self.cross_kv_packed(&kv_x)?, b, s, 2)?;
+        self.attend_packed(&q, &kv, mask)
+    }
+
+    /// The keys and values `[B, S, 2·d]` of `kv_x` `[B, S, kdim]` in the compute dtype, side by
+    /// side: one product for a packed weight, else both projections concatenated.
+    fn cross_kv_packed(&self, kv_x: &Tensor) -> Result<Tensor> {
+        match &self.kv_proj {
+            Some(kv_proj) => kv_proj.forward(kv_x),
+            None => Tensor::cat(
+                &[&self.k_proj.forward(kv_x)?, &self.v_proj.forward(kv_x)?],
+                2,
+            ),
+        }
     }
 
     /// The keys and values `[B, S, d]` of `kv_x` `[B, S, kdim]` (heads interleaved), for
     /// repeated cross-attention over it while decoding.
     pub fn cross_kv(&self, kv_x: &Tensor) -> Result<(Tensor, Tensor)> {
-        let kv_x = &self.tp.autocast().cast(kv_x)?;
-        let Some(in_proj) = &self.in_proj else {
-            return Ok((self.k_proj.forward(kv_x)?, self.v_proj.forward(kv_x)?));
-        };
-        // k and v are adjacent in the packed weight: one product for both.
+        let kv = self.cross_kv_packed(&self.tp.autocast().cast(kv_x)?)?;
         let local = self.heads * self.head_dim;
-        let (w, b) = (&in_proj.weight, in_proj.bias.as_ref());
-        let kv = Linear::from_parts(
-            w.narrow(0, local, 2 * local)?,
-            b.map(|b| b.narrow(0, local, 2 * local)).transpose()?,
-        )
-        .forward(kv_x)?;
         Ok((
             kv.narrow(2, 0, local)?.contiguous()?,
             kv.narrow(2, local, local)?.contiguous()?,
@@ -158,6 +184,25 @@ impl MultiheadAttention {
             .contiguous()
     }
 
+    /// [`Self::attend`] over keys and values packed as `[2, B, H, S, hd]`, the probabilities
+    /// recomputed in the backward pass where [`recomputes_probabilities`] says so.
+    fn attend_packed(&self, q: &Tensor, kv: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        self.attend_recomputing(q, kv, mask, recomputes_probabilities(q.device()))
+    }
+
+    /// [`Self::attend`] over packed keys and values, the probabilities recomputed in the
+    /// backward pass with `recompute` ([`attention_core`]).
+    fn attend_recomputing(
+        &self,
+        q: &Tensor,
+        kv: &Tensor,
+        mask: Option<&Tensor>,
+        recompute: bool,
+    ) -> Result<Tensor> {
+        let heads = attention_core(q, kv, mask, self.tp.autocast(), recompute)?;
+        self.merge_heads(&heads)
+    }
+
     /// `softmax(q kᵀ / √hd + mask) v`, heads merged, then the output projection (summed over
     /// the tensor-parallel group in float32; in the compute dtype at degree 1:
     /// [`Linear::forward_reduced`]). `q` `[B, H, T, hd]`, `k` and `v` `[B, H, S, hd]`.
@@ -168,21 +213,91 @@ impl MultiheadAttention {
         v: &Tensor,
         mask: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let (b, h, t, hd) = q.dims4()?;
-        let ac = self.tp.autocast();
-        // The scores in the compute dtype, their softmax computed (and returned) in float32, in
-        // one op that does not keep the scores; the product with v is back in the compute dtype.
-        let probs = ops::attention_probs(
-            &ac.cast(q)?,
-            &ac.cast(k)?.t()?,
-            mask,
-            1.0 / (hd as f64).sqrt(),
-        )?;
-        let out = ac
-            .matmul(&probs, v)?
+        let core = AttentionCore {
+            autocast: self.tp.autocast(),
+            mask: mask.cloned(),
+        };
+        self.merge_heads(&core.forward(q, k, v)?)
+    }
+
+    /// The heads `[B, H, T, hd]` merged to `[B, T, H·hd]`, then the output projection.
+    fn merge_heads(&self, heads: &Tensor) -> Result<Tensor> {
+        let (b, h, t, hd) = heads.dims4()?;
+        let out = heads
             .transpose(1, 2)?
             .contiguous()?
             .reshape((b, t, h * hd))?;
         self.out_proj.forward_reduced(&out, &self.tp)
     }
 }
+
+/// Whether training recomputes attention's probabilities in the backward pass on `device`
+/// instead of keeping them. On a GPU, yes: memory binds there (L-14 at batch 64 in bf16 kept
+/// 9.7 GB of them), and PyTorch's fused attention keeps none either. On the CPU's fused path,
+/// no: there the recomputation cost 2 % of a B-32 step for 1 % of its memory (87 MB at batch
+/// 8). The portable path (`COCA_PORTABLE_OPS=1`) is the GPU's ops on either device, so it
+/// recomputes them on the CPU too.
+pub(crate) fn recomputes_probabilities(device: &candle_core::Device) -> bool {
+    !device.is_cpu() || ops::portable_forced()
+}
+
+/// Attention's core `softmax(q kᵀ / √hd + mask) v` over queries `q` `[B, H, T, hd]` and keys
+/// and values packed as `kv` `[2, B, H, S, hd]`, in `autocast`'s compute dtype. With
+/// `recompute` (and a gradient flowing) it is checkpointed: its probabilities `[B, H, T, S]`
+/// (float32, and their cast copy under autocast) are not kept for the backward pass but
+/// recomputed from `q`, `k` and `v`, which the graph keeps anyway. The gradients are the same
+/// bits ([`checkpoint`] replays the same ops).
+pub fn attention_core(
+    q: &Tensor,
+    kv: &Tensor,
+    mask: Option<&Tensor>,
+    autocast: Autocast,
+    recompute: bool,
+) -> Result<Tensor> {
+    let core = AttentionCore {
+        autocast,
+        mask: mask.cloned(),
+    };
+    let forward = |core: &AttentionCore, q: &Tensor, kv: Option<&Tensor>| match kv {
+        Some(kv) => core.forward(q, &kv.get(0)?, &kv.get(1)?),
+        None => bail!("attention's core needs its keys and values"),
+    };
+    match recompute {
+        true => checkpoint(&core, q, Some(kv), forward),
+        false => forward(&core, q, Some(kv)),
+    }
+}
+
+/// Attention's core over one member's heads, `softmax(q kᵀ / √hd + mask) v`: no weights, so
+/// [`checkpoint`] recomputes it from its inputs alone.
+#[derive(Debug, Clone)]
+struct AttentionCore {
+    autocast: Autocast,
+    /// Additive, `[T, S]` or `[B, T, S]`; a constant (no gradient).
+    mask: Option<Tensor>,
+}
+
+impl Recomputable for AttentionCore {
+    fn map_weights(&self, _: &mut dyn FnMut(&Tensor) -> Tensor) -> Self {
+        self.clone()
+    }
+}
+
+impl AttentionCore {
+    /// `q` `[B, H, T, hd]`, `k` and `v` `[B, H, S, hd]` → `[B, H, T, hd]` in the compute dtype.
+    fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let ac = self.autocast;
+        // The scores in the compute dtype, their softmax computed (and returned) in float32, in
+        // one op that does not keep the scores; the product with v is back in the compute dtype.
+        let probs = ops::attention_probs(
+            &ac.cast(q)?,
+            &ac.cast(k)?.t()?,
+            self.mask.as_ref(),
+            1.0 / (q.dim(3)? as f64).sqrt(),
+        )?;
+        ac.matmul(&probs, v)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -17,6 +17,10 @@
 //!   with any other use of the weight, as for a plain op);
 //! - a **seed** that starts the recomputed backward with the output gradient itself.
 //!
+//! A checkpoint met while another's backward recomputes its forward (attention's core inside a
+//! checkpointed block) runs plainly: the recomputed graph lives only for that backward, so
+//! recomputing again inside it would repeat work and save nothing.
+//!
 //! The tokens are one-element zeros, so the extra nodes cost nothing. Under tensor parallelism
 //! the recomputed forward repeats its collectives in the backward pass; every member runs the
 //! same graph, so every member repeats the same collectives in the same order.
@@ -25,8 +29,33 @@ use candle_core::{
     backend::BackendStorage, bail, CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType,
     Layout, Result, Shape, Storage, Tensor, TensorId, Var,
 };
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+
+thread_local! {
+    /// Whether this thread is recomputing a checkpointed forward (see the module documentation).
+    static RECOMPUTING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Marks this thread as recomputing until dropped (also on an error's early return).
+struct Recomputing {
+    was: bool,
+}
+
+impl Recomputing {
+    fn start() -> Self {
+        Self {
+            was: RECOMPUTING.replace(true),
+        }
+    }
+}
+
+impl Drop for Recomputing {
+    fn drop(&mut self) {
+        RECOMPUTING.set(self.was);
+    }
+}
 
 /// A module whose forward [`checkpoint`] can recompute.
 pub trait Recomputable: Clone + Send + Sync + 'static {
@@ -39,7 +68,8 @@ type Forward<M> = dyn Fn(&M, &Tensor, Option<&Tensor>) -> Result<Tensor> + Send 
 
 /// `f(module, x, ctx)` without keeping its intermediate activations: the backward pass
 /// recomputes them. Gradients (of `x`, of `ctx` and of every weight variable of `module`) equal
-/// those of calling `f` directly. When nothing tracks a gradient this is `f` itself.
+/// those of calling `f` directly. When nothing tracks a gradient, or while a checkpoint's
+/// forward is being recomputed, this is `f` itself.
 pub fn checkpoint<M: Recomputable>(
     module: &M,
     x: &Tensor,
@@ -48,7 +78,7 @@ pub fn checkpoint<M: Recomputable>(
 ) -> Result<Tensor> {
     let vars = weight_variables(module);
     let inputs_track = x.track_op() || ctx.is_some_and(Tensor::track_op);
-    if vars.is_empty() && !inputs_track {
+    if (vars.is_empty() && !inputs_track) || RECOMPUTING.get() {
         return f(module, x, ctx);
     }
     let value = f(
@@ -215,11 +245,14 @@ impl<M: Recomputable> CustomOp3 for Recompute<M> {
         } else {
             None
         };
-        let y = (self.forward)(
-            &self.module,
-            x_var.as_tensor(),
-            ctx_var.as_ref().map(Var::as_tensor),
-        )?;
+        let y = {
+            let _recomputing = Recomputing::start();
+            (self.forward)(
+                &self.module,
+                x_var.as_tensor(),
+                ctx_var.as_ref().map(Var::as_tensor),
+            )?
+        };
         let mut grads = y
             .apply_op1(SeedGradient { grad: grad.clone() })?
             .backward()?;

@@ -1,5 +1,6 @@
 //! Checkpointed blocks of ViT-B/32's shapes give the plain backward's gradients.
 
+use crate::model::grad_checkpoint::checkpoint;
 use crate::model::tensor_parallel::TensorParallel;
 use crate::model::transformer::{causal_mask, BlockShape, ResidualAttentionBlock};
 use anyhow::Result;
@@ -161,5 +162,82 @@ fn a_checkpointed_block_keeps_no_activation_in_the_graph() -> Result<()> {
         compared, weights,
         "the first block's weights have gradients"
     );
+    Ok(())
+}
+
+/// `exp(x ⊙ w)`, its product checkpointed inside: a checkpoint nested in a checkpointed module,
+/// as attention's core is inside a checkpointed block on the GPU. Counts its inner forwards.
+#[derive(Clone)]
+struct Nested {
+    w: Tensor,
+    inner_forwards: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl crate::model::grad_checkpoint::Recomputable for Nested {
+    fn map_weights(&self, f: &mut dyn FnMut(&Tensor) -> Tensor) -> Self {
+        Self {
+            w: f(&self.w),
+            inner_forwards: self.inner_forwards.clone(),
+        }
+    }
+}
+
+/// A module without weights whose forward counts its calls.
+#[derive(Clone)]
+struct Counted(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl crate::model::grad_checkpoint::Recomputable for Counted {
+    fn map_weights(&self, _: &mut dyn FnMut(&Tensor) -> Tensor) -> Self {
+        self.clone()
+    }
+}
+
+impl Nested {
+    fn forward(&self, x: &Tensor, nest: bool) -> candle_core::Result<Tensor> {
+        let y = x.broadcast_mul(&self.w)?;
+        let inner = Counted(self.inner_forwards.clone());
+        let exp = |c: &Counted, y: &Tensor, _: Option<&Tensor>| {
+            c.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            y.exp()
+        };
+        match nest {
+            true => checkpoint(&inner, &y, None, exp),
+            false => exp(&inner, &y, None),
+        }
+    }
+}
+
+#[test]
+fn a_checkpoint_nested_in_a_recomputation_runs_plainly() -> Result<()> {
+    use std::sync::atomic::Ordering::SeqCst;
+    let w = Var::from_tensor(&Tensor::new(&[0.5f32, -1.0, 2.0], &Device::Cpu)?)?;
+    let x = Var::from_tensor(&Tensor::new(
+        &[[0.1f32, 0.2, 0.3], [1.0, -2.0, 0.5]],
+        &Device::Cpu,
+    )?)?;
+    let module = Nested {
+        w: w.as_tensor().clone(),
+        inner_forwards: Default::default(),
+    };
+    let plain = module
+        .forward(x.as_tensor(), false)?
+        .sum_all()?
+        .backward()?;
+    module.inner_forwards.store(0, SeqCst);
+    let y = checkpoint(&module, x.as_tensor(), None, |m, x, _| m.forward(x, true))?;
+    // The outer forward ran the inner one on detached inputs: plainly, once.
+    assert_eq!(module.inner_forwards.load(SeqCst), 1);
+    let grads = y.sum_all()?.backward()?;
+    // The recomputation ran it plainly once more (nested, it would have run twice).
+    assert_eq!(module.inner_forwards.load(SeqCst), 2);
+    for t in [w.as_tensor(), x.as_tensor()] {
+        let (a, b) = (plain.get(t).unwrap(), grads.get(t).unwrap());
+        assert_eq!(crate::compare::max_abs_diff(a, b)?, 0.0);
+    }
+    // Outside a recomputation a nested module's checkpoint is a checkpoint again.
+    module.inner_forwards.store(0, SeqCst);
+    let y = module.forward(x.as_tensor(), true)?;
+    y.sum_all()?.backward()?;
+    assert_eq!(module.inner_forwards.load(SeqCst), 2);
     Ok(())
 }
