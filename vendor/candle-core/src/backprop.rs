@@ -1,7 +1,7 @@
 //! Methods for backpropagation of gradients.
 use crate::op::{BinaryOp, Op, ReduceOp, UnaryOp};
 use crate::{Error, Result, Tensor, TensorId};
-use std::collections::{hash_map::Entry, HashMap};
+use std::collections::{hash_map::Entry, HashMap, HashSet};
 
 // arg has been reduced to node via reduce_dims, expand it back to arg.
 // This has to handle keepdims.
@@ -166,6 +166,8 @@ impl Tensor {
         let sorted_nodes = self.sorted_nodes();
         let mut grads = GradStore::new();
         grads.insert(self, self.ones_like()?.contiguous()?);
+        // Gradients that are buffers this pass allocated and nothing else holds (coca's patch).
+        let mut narrow_buffers = HashSet::new();
         for node in sorted_nodes.iter() {
             if node.is_variable() {
                 continue;
@@ -523,6 +525,13 @@ impl Tensor {
                         let grad = (grad / arg.sqr()?)?;
                         grads.accumulate_neg(arg, &grad)?;
                     }
+                    &Op::Narrow(ref arg, dim, start_idx, _) if !do_not_detach => {
+                        // coca's patch: the slices' gradients land in one zero-filled buffer
+                        // of the argument's shape, owned by this pass (see
+                        // `accumulate_narrow`), instead of each being padded with zeros to
+                        // the full shape, concatenated and added.
+                        grads.accumulate_narrow(arg, &grad, dim, start_idx, &mut narrow_buffers)?;
+                    }
                     &Op::Narrow(ref arg, dim, start_idx, len) => {
                         let arg_dims = arg.dims();
                         let left_pad = if start_idx == 0 {
@@ -726,6 +735,43 @@ impl GradStore {
                 entry.insert(grad.contiguous()?);
             }
         }
+        Ok(())
+    }
+
+    /// Adds `grad`, the gradient of `tensor.narrow(dim, start, grad.dim(dim))`, to the
+    /// gradient of `tensor` (coca's patch). The first slice to arrive allocates a zero-filled
+    /// buffer of `tensor`'s shape and copies itself in; later slices are added into their
+    /// region of it in place. `owned` holds the tensors whose gradient is such a buffer, or the
+    /// fresh sum [`Self::accumulate`] replaced it with: nothing outside this store holds those
+    /// (a gradient stored as it arrived may be shared, and is first added into a new buffer).
+    /// The sums are the ones the padded concatenation gave, in the same order.
+    fn accumulate_narrow(
+        &mut self,
+        tensor: &Tensor,
+        grad: &Tensor,
+        dim: usize,
+        start: usize,
+        owned: &mut HashSet<TensorId>,
+    ) -> Result<()> {
+        let grad = grad.contiguous()?;
+        match self.0.entry(tensor.id()) {
+            Entry::Vacant(entry) => {
+                let buffer = Tensor::zeros(tensor.dims(), grad.dtype(), grad.device())?;
+                buffer.slice_set(&grad, dim, start)?;
+                entry.insert(buffer);
+            }
+            Entry::Occupied(mut entry) => {
+                if !owned.contains(&tensor.id()) || !entry.get().is_contiguous() {
+                    // `0 + g` into a buffer of our own, then the sum below.
+                    let copy = entry.get().zeros_like()?.add(entry.get())?;
+                    entry.insert(copy);
+                }
+                let buffer = entry.get();
+                let sum = buffer.narrow(dim, start, grad.dim(dim)?)?.add(&grad)?;
+                buffer.slice_set(&sum, dim, start)?;
+            }
+        }
+        owned.insert(tensor.id());
         Ok(())
     }
 

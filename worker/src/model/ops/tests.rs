@@ -514,6 +514,88 @@ fn transposed_views_are_copied_exactly_by_the_patched_candle() {
 }
 
 #[test]
+fn narrowed_gradients_are_the_padded_sums_with_the_patched_candle() {
+    // vendor/candle-core adds the gradients of a tensor's slices into one buffer of its shape
+    // in place (attention's q, k and v are slices of one packed tensor). Integer values, so
+    // every sum is exact whatever its order: the gradient must equal the padded sum exactly.
+    let dims = [3usize, 2, 5, 4];
+    let ints = |seed: usize, shape: &[usize]| {
+        let count: usize = shape.iter().product();
+        let v: Vec<f32> = (0..count)
+            .map(|i| ((i * 7 + seed) % 11) as f32 - 5.0)
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    };
+    // A [3, 2, 5, 4] tensor zero but for `w` at `start..` along `dim`.
+    let padded = |w: &Tensor, dim: usize, start: usize| {
+        let len = w.dim(dim).unwrap();
+        let zeros = |size: usize| {
+            let mut d = dims.to_vec();
+            d[dim] = size;
+            Tensor::zeros(d, DType::F32, &Device::Cpu).unwrap()
+        };
+        let after = dims[dim] - start - len;
+        Tensor::cat(&[&zeros(start), w, &zeros(after)], dim).unwrap()
+    };
+    let (w0, w1, w2) = (
+        ints(1, &[2, 5, 4]),
+        ints(2, &[2, 5, 4]),
+        ints(3, &[3, 2, 3, 4]),
+    );
+    let (k, v, c) = (ints(4, &[2, 5, 4]), ints(5, &[2, 5, 4]), ints(6, &dims));
+    let want = [
+        padded(&w0.unsqueeze(0).unwrap(), 0, 0),
+        padded(&w1.unsqueeze(0).unwrap(), 0, 1),
+        padded(&w2, 2, 1),
+        padded(&k.unsqueeze(0).unwrap(), 0, 1),
+        padded(&v.unsqueeze(0).unwrap(), 0, 2),
+        c.clone(),
+    ]
+    .iter()
+    .fold(
+        Tensor::zeros(&dims, DType::F32, &Device::Cpu).unwrap(),
+        |a, b| (a + b).unwrap(),
+    );
+    for dtype in [DType::F32, DType::BF16] {
+        for direct_first in [true, false] {
+            let x = Var::from_tensor(&ints(0, &dims).to_dtype(dtype).unwrap()).unwrap();
+            let x = x.as_tensor();
+            let term = |t: Tensor, w: &Tensor| {
+                (t * w.to_dtype(dtype).unwrap())
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+            };
+            let direct = term(x.clone(), &c);
+            // Slices along the first dimension (the packed q, k, v; keys and values again
+            // through a slice of two), overlapping ones along the third.
+            let kv = x.narrow(0, 1, 2).unwrap();
+            let mut loss = [
+                term(x.get(0).unwrap(), &w0),
+                term(x.get(1).unwrap(), &w1),
+                term(x.narrow(2, 1, 3).unwrap(), &w2),
+                term(kv.get(0).unwrap(), &k),
+                term(kv.get(1).unwrap(), &v),
+            ]
+            .into_iter()
+            .reduce(|a, b| (a + b).unwrap())
+            .unwrap();
+            loss = match direct_first {
+                true => (direct + loss).unwrap(),
+                false => (loss + direct).unwrap(),
+            };
+            let grads = loss.backward().unwrap();
+            let got = grads.get(x).unwrap().to_dtype(DType::F32).unwrap();
+            assert_eq!(got.dims(), dims);
+            let diff = crate::compare::max_abs_diff(&got, &want).unwrap();
+            assert_eq!(diff, 0.0, "{dtype:?}, direct use first: {direct_first}");
+        }
+    }
+}
+
+#[test]
 fn products_fill_their_unzeroed_outputs_completely() {
     // vendor/candle-core leaves a product's output buffer unfilled (gemm writes every element):
     // freed NaN-filled memory of the output's size is handed out again for it, and no NaN may
