@@ -305,13 +305,13 @@ fn bad_nnodes_ranges_are_one_line_usage_errors_before_any_worker_starts() {
             ],
             "2 node(s) give dp 2, and a micro-batch of 1 × dp 3 = 3 samples does not split",
         ),
-        // Batch 4 fits (~330 MiB per worker), but on 1 node the worker takes batch 8 (~375 MiB).
+        // Batch 4 fits (~286 MiB per worker), but on 1 node the worker takes batch 8 (~316 MiB).
         (
             &[
                 "--nnodes",
                 "1:2",
                 "--node-memory",
-                "350MiB",
+                "300MiB",
                 "--",
                 "pretrain",
                 "--per_device_train_batch_size",

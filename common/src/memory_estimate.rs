@@ -20,7 +20,9 @@ pub struct MemoryEstimate {
     /// Activations kept for the backward pass at the per-device batch, in the dtypes they are
     /// kept in (products in the compute dtype, norms, softmax and the residual stream float32).
     pub activation_bytes: u64,
-    /// The sum.
+    /// The peak: the buffers (weights, kept gradients, moments, half-precision copies) and the
+    /// larger of the activations and the backward pass's full gradient, since the pass frees
+    /// the activations as that gradient grows.
     pub total_bytes: u64,
 }
 
@@ -46,7 +48,7 @@ impl MemoryEstimate {
             n => format!(" + half-precision copies {}", gib(n)),
         };
         format!(
-            "weights {} + gradients {} + moments {}{copies} + activations {} = {} GiB",
+            "weights {} + gradients {} + moments {}{copies} + activations {}: peak {} GiB",
             gib(self.parameter_bytes),
             gib(self.gradient_bytes),
             gib(self.optimizer_bytes),
@@ -74,7 +76,7 @@ mod tests {
         let line = e.by_part();
         assert_eq!(
             line,
-            "weights 1.00 + gradients 3.00 + moments 2.00 + activations 0.50 = 6.50 GiB"
+            "weights 1.00 + gradients 3.00 + moments 2.00 + activations 0.50: peak 6.50 GiB"
         );
         e.compute_copy_bytes = 1 << 29;
         assert!(e.by_part().contains("+ half-precision copies 0.50 +"));

@@ -223,19 +223,18 @@ impl StepMemory {
     }
 
     /// The figures beside the estimate's: the whole peak against the estimate's total, and the
-    /// step's own bytes against the activations plus the gradients a backward pass holds
-    /// (the estimate's gradients less the `kept` ones); the activations measured are the
-    /// step's bytes less those gradients.
+    /// step's own bytes against the estimate's total less its weights, `kept` gradients and
+    /// moments (the activations or the backward pass's gradient, which the pass trades one for
+    /// the other, and any half-precision copies).
     fn report(&self, e: &MemoryEstimate, kept_gradients: u64) -> serde_json::Value {
-        let backward_gradients = e.gradient_bytes.saturating_sub(kept_gradients);
         let error = |estimated: u64, measured: u64| estimated as f64 / measured.max(1) as f64 - 1.0;
-        let step_estimate = e.activation_bytes + backward_gradients;
+        let held = e.parameter_bytes + kept_gradients + e.optimizer_bytes;
+        let step_estimate = e.total_bytes.saturating_sub(held);
         serde_json::json!({
             "baseline_bytes": self.baseline,
             "persistent_bytes": self.persistent,
             "transient_bytes": self.transient,
             "peak_bytes": self.peak(),
-            "activation_bytes": self.transient.saturating_sub(backward_gradients),
             "estimate_peak_error": error(e.total_bytes, self.peak()),
             "estimate_transient_error": error(step_estimate, self.transient),
         })

@@ -163,12 +163,49 @@ impl Tensor {
     }
 
     pub fn backward(&self) -> Result<GradStore> {
-        let sorted_nodes = self.sorted_nodes();
+        let sorted_nodes: Vec<Tensor> = self.sorted_nodes().into_iter().cloned().collect();
         let mut grads = GradStore::new();
         grads.insert(self, self.ones_like()?.contiguous()?);
+        backward_nodes(grads, sorted_nodes)
+    }
+
+    /// [`Self::backward`] that frees the graph while it runs (coca's patch). The graph's
+    /// tensors are held by the ops of the tensors computed from them, up to the root, so
+    /// `backward(&self)` keeps every activation until its caller drops the root: the
+    /// gradients and the activations are all alive at the end of the pass. This takes the
+    /// root, and lets each node go once its gradient has been passed to its inputs: a tensor
+    /// no one else holds (the caller keeps no other tensor of the graph) is freed as soon as the
+    /// last op that read it has been differentiated. The gradients are the same.
+    pub fn backward_freeing(self) -> Result<GradStore> {
+        let sorted_nodes: Vec<Tensor> = self.sorted_nodes().into_iter().cloned().collect();
+        let mut grads = GradStore::new();
+        grads.insert(&self, self.ones_like()?.contiguous()?);
+        drop(self);
+        backward_nodes(grads, sorted_nodes)
+    }
+}
+
+/// A gradient as the store keeps it: without the graph of the ops that computed it (coca's
+/// patch). Those ops read the forward pass's tensors (a weight's gradient is a product with
+/// its input), so a kept gradient would hold every activation it came from until the store is
+/// dropped. Second-order passes (`CANDLE_GRAD_DO_NOT_DETACH`) keep the graph.
+fn stored(grad: Tensor) -> Tensor {
+    if CANDLE_GRAD_DO_NOT_DETACH.with(|b| *b) {
+        grad
+    } else {
+        grad.detach()
+    }
+}
+
+/// The backward pass over `sorted_nodes` (root first), seeded in `grads`; each node is dropped
+/// once processed (coca's patch: see [`Tensor::backward_freeing`]).
+fn backward_nodes(mut grads: GradStore, sorted_nodes: Vec<Tensor>) -> Result<GradStore> {
+    // One block, so that the loop keeps upstream's indentation and the patch stays small.
+    {
         // Gradients that are buffers this pass allocated and nothing else holds (coca's patch).
         let mut narrow_buffers = HashSet::new();
-        for node in sorted_nodes.iter() {
+        for node in sorted_nodes {
+            let node: &&Tensor = &&node;
             if node.is_variable() {
                 continue;
             }
@@ -367,7 +404,7 @@ impl Tensor {
                         let kernel = Tensor::ones((c, 1, scale), arg.dtype(), arg.device())?;
                         let conv_sum = grad.conv1d(&kernel, 0, scale, 1, c)?;
                         let sum_grad = grads.or_insert(arg)?;
-                        *sum_grad = conv_sum;
+                        *sum_grad = stored(conv_sum);
                     }
                     Op::UpsampleNearest2D {
                         arg,
@@ -388,7 +425,7 @@ impl Tensor {
                             Tensor::ones((c, 1, scale_h, scale_w), arg.dtype(), arg.device())?;
                         let conv_sum = grad.conv2d(&kernel, 0, scale_h, 1, c)?;
                         let sum_grad = grads.or_insert(arg)?;
-                        *sum_grad = conv_sum;
+                        *sum_grad = stored(conv_sum);
                     }
                     Op::UpsampleBilinear2D { .. } => {
                         crate::bail!("backward not supported for upsample_bilinear2d")
@@ -402,7 +439,7 @@ impl Tensor {
                     }
                     Op::Gather(arg, indexes, dim) => {
                         let sum_grad = grads.or_insert(arg)?;
-                        *sum_grad = sum_grad.scatter_add(indexes, &grad, *dim)?;
+                        *sum_grad = stored(sum_grad.scatter_add(indexes, &grad, *dim)?);
                     }
                     Op::Scatter(init, indexes, src, dim) => {
                         grads.accumulate(init, &grad)?;
@@ -428,7 +465,7 @@ impl Tensor {
                         let sum_grad = grads.or_insert(arg)?;
                         // index_select accepts strided ids but index_add requires contiguous ones.
                         let indexes = indexes.contiguous()?;
-                        *sum_grad = sum_grad.index_add(&indexes, &grad, *dim)?;
+                        *sum_grad = stored(sum_grad.index_add(&indexes, &grad, *dim)?);
                     }
                     Op::Matmul(lhs, rhs) => {
                         // Skipping checks, the op went ok, we can skip
@@ -653,7 +690,7 @@ impl Tensor {
                     Op::ToDevice(arg) => {
                         let sum_grad = grads.or_insert(arg)?;
                         let arg_grad = grad.to_device(sum_grad.device())?;
-                        *sum_grad = sum_grad.add(&arg_grad)?
+                        *sum_grad = stored(sum_grad.add(&arg_grad)?)
                     }
                     Op::Transpose(arg, dim1, dim2) => {
                         let arg_grad = grad.transpose(*dim1, *dim2)?;
@@ -729,10 +766,10 @@ impl GradStore {
         match self.0.entry(tensor.id()) {
             Entry::Occupied(mut entry) => {
                 let sum_grad = entry.get_mut();
-                *sum_grad = sum_grad.add(grad)?;
+                *sum_grad = stored(sum_grad.add(grad)?);
             }
             Entry::Vacant(entry) => {
-                entry.insert(grad.contiguous()?);
+                entry.insert(stored(grad.contiguous()?));
             }
         }
         Ok(())
@@ -763,7 +800,7 @@ impl GradStore {
             Entry::Occupied(mut entry) => {
                 if !owned.contains(&tensor.id()) || !entry.get().is_contiguous() {
                     // `0 + g` into a buffer of our own, then the sum below.
-                    let copy = entry.get().zeros_like()?.add(entry.get())?;
+                    let copy = stored(entry.get().zeros_like()?.add(entry.get())?);
                     entry.insert(copy);
                 }
                 let buffer = entry.get();
@@ -780,10 +817,10 @@ impl GradStore {
         match self.0.entry(tensor.id()) {
             Entry::Occupied(mut entry) => {
                 let sum_grad = entry.get_mut();
-                *sum_grad = sum_grad.sub(grad)?;
+                *sum_grad = stored(sum_grad.sub(grad)?);
             }
             Entry::Vacant(entry) => {
-                entry.insert(grad.neg()?);
+                entry.insert(stored(grad.neg()?));
             }
         }
         Ok(())

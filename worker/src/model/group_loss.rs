@@ -168,10 +168,12 @@ pub fn coca_group_loss(
         ],
         0,
     )?;
+    // The reported values hold no graph (only `share` does), so that the backward pass can
+    // free the activations as it goes (`Tensor::backward_freeing`, the trainer).
     Ok(GroupLoss {
         share: (contrastive + caption)?,
-        terms,
-        caption_tokens,
+        terms: terms.detach(),
+        caption_tokens: caption_tokens.detach(),
         comm: comm.clone(),
     })
 }

@@ -219,11 +219,18 @@ impl Trainer {
         loss_scale: f64,
     ) -> Result<LossValues> {
         let out = self.model.forward(images, text)?;
-        let loss = coca_group_loss(&out, &self.config.loss, self.config.span, &self.groups.data)?;
+        let mut loss =
+            coca_group_loss(&out, &self.config.loss, self.config.span, &self.groups.data)?;
+        // Nothing but the loss's share holds the graph into the backward pass, which then frees
+        // each activation once its gradient is passed on (`backward_freeing`): the activations
+        // and the gradients are not all alive at once at its end.
+        drop(out);
+        let detached = loss.share.detach();
+        let share = std::mem::replace(&mut loss.share, detached);
         // The backward pass is built (on a GPU: enqueued) before the loss values are read, so
         // the device never waits for the host between the two; a non-finite loss then drops the
         // gradients it gave, on every member alike (the values are global).
-        let grads = (&loss.share * loss_scale)?.backward()?;
+        let grads = (share * loss_scale)?.backward_freeing()?;
         let values = loss.values()?;
         if !values.total.is_finite() {
             return Ok(values);

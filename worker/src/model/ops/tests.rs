@@ -595,6 +595,85 @@ fn narrowed_gradients_are_the_padded_sums_with_the_patched_candle() {
     }
 }
 
+/// An identity op for the backward-freeing test: `dropped` is set when the op (so the tensor it
+/// made) is freed; `seen` records, when its backward runs, whether `dropped` was set then.
+struct Marker {
+    dropped: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    seen: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+}
+
+impl Drop for Marker {
+    fn drop(&mut self) {
+        if self.seen.is_none() {
+            self.dropped
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+}
+
+impl candle_core::CustomOp1 for Marker {
+    fn name(&self) -> &'static str {
+        "marker"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        Ok((s.clone(), l.shape().clone()))
+    }
+
+    fn bwd(&self, _: &Tensor, _: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        if let Some(seen) = &self.seen {
+            let dropped = self.dropped.load(std::sync::atomic::Ordering::SeqCst);
+            seen.store(dropped, std::sync::atomic::Ordering::SeqCst);
+        }
+        Ok(Some(grad.clone()))
+    }
+}
+
+#[test]
+fn the_patched_backward_frees_each_node_once_differentiated() {
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+    use std::sync::Arc;
+    // x → probe (records, in its backward, whether `marked` was freed) → marked → loss. The
+    // backward pass differentiates `marked` before `probe`.
+    for freeing in [false, true] {
+        let (dropped, seen) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let x = Var::new(&[1f32, 2.0, 3.0], &Device::Cpu).unwrap();
+        let probe = x
+            .as_tensor()
+            .apply_op1(Marker {
+                dropped: dropped.clone(),
+                seen: Some(seen.clone()),
+            })
+            .unwrap();
+        let marked = probe
+            .apply_op1(Marker {
+                dropped: dropped.clone(),
+                seen: None,
+            })
+            .unwrap();
+        let loss = (&marked * &marked).unwrap().sum_all().unwrap();
+        drop((probe, marked));
+        let grads = match freeing {
+            true => loss.backward_freeing().unwrap(),
+            false => loss.backward().unwrap(),
+        };
+        // The graph was freed during the pass only by `backward_freeing` (`backward(&self)`'s
+        // caller still holds the root).
+        assert_eq!(seen.load(SeqCst), freeing);
+        let g = grads.get(x.as_tensor()).unwrap();
+        assert_eq!(g.to_vec1::<f32>().unwrap(), [2.0, 4.0, 6.0]);
+        // A kept gradient holds no graph (it was a product with the activations).
+        assert!(!g.track_op());
+    }
+}
+
 #[test]
 fn products_fill_their_unzeroed_outputs_completely() {
     // vendor/candle-core leaves a product's output buffer unfilled (gemm writes every element):
