@@ -1,0 +1,257 @@
+//! The vendored candle-core's changes (vendor/README.md), checked where this crate uses them:
+//! transposed copies, unfilled product outputs, slices' gradients and the freeing backward.
+
+use candle_core::{DType, Device, Tensor, Var};
+
+#[test]
+fn transposed_views_are_copied_exactly_by_the_patched_candle() {
+    // vendor/candle-core copies 2-D transposed views (`w.t()`, and the gradients of weights
+    // used through them) in blocks: odd shapes, an offset into the storage, other dtypes.
+    for (rows, cols) in [(1, 5), (5, 1), (7, 9), (8, 8), (17, 33), (64, 3)] {
+        // Values bfloat16 holds exactly.
+        let storage: Vec<f32> = (0..(rows * cols + 6)).map(|i| (i % 256) as f32).collect();
+        let full = Tensor::from_vec(storage, rows * cols + 6, &Device::Cpu).unwrap();
+        // A `[cols, rows]` matrix starting 6 elements into the storage, seen transposed.
+        let matrix = full
+            .narrow(0, 6, rows * cols)
+            .unwrap()
+            .reshape((cols, rows))
+            .unwrap();
+        let want: Vec<f32> = (0..rows)
+            .flat_map(|i| (0..cols).map(move |j| ((6 + j * rows + i) % 256) as f32))
+            .collect();
+        for dtype in [DType::F32, DType::BF16, DType::U32] {
+            let got = matrix
+                .to_dtype(dtype)
+                .unwrap()
+                .t()
+                .unwrap()
+                .contiguous()
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            assert_eq!(got, want, "{rows}x{cols} {dtype:?}");
+        }
+    }
+}
+
+#[test]
+fn narrowed_gradients_are_the_padded_sums_with_the_patched_candle() {
+    // vendor/candle-core adds the gradients of a tensor's slices into one buffer of its shape
+    // in place (attention's q, k and v are slices of one packed tensor). Integer values, so
+    // every sum is exact whatever its order: the gradient must equal the padded sum exactly.
+    let dims = [3usize, 2, 5, 4];
+    let ints = |seed: usize, shape: &[usize]| {
+        let count: usize = shape.iter().product();
+        let v: Vec<f32> = (0..count)
+            .map(|i| ((i * 7 + seed) % 11) as f32 - 5.0)
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    };
+    // A [3, 2, 5, 4] tensor zero but for `w` at `start..` along `dim`.
+    let padded = |w: &Tensor, dim: usize, start: usize| {
+        let len = w.dim(dim).unwrap();
+        let zeros = |size: usize| {
+            let mut d = dims.to_vec();
+            d[dim] = size;
+            Tensor::zeros(d, DType::F32, &Device::Cpu).unwrap()
+        };
+        let after = dims[dim] - start - len;
+        Tensor::cat(&[&zeros(start), w, &zeros(after)], dim).unwrap()
+    };
+    let (w0, w1, w2) = (
+        ints(1, &[2, 5, 4]),
+        ints(2, &[2, 5, 4]),
+        ints(3, &[3, 2, 3, 4]),
+    );
+    let (k, v, c) = (ints(4, &[2, 5, 4]), ints(5, &[2, 5, 4]), ints(6, &dims));
+    let want = [
+        padded(&w0.unsqueeze(0).unwrap(), 0, 0),
+        padded(&w1.unsqueeze(0).unwrap(), 0, 1),
+        padded(&w2, 2, 1),
+        padded(&k.unsqueeze(0).unwrap(), 0, 1),
+        padded(&v.unsqueeze(0).unwrap(), 0, 2),
+        c.clone(),
+    ]
+    .iter()
+    .fold(
+        Tensor::zeros(&dims, DType::F32, &Device::Cpu).unwrap(),
+        |a, b| (a + b).unwrap(),
+    );
+    for dtype in [DType::F32, DType::BF16] {
+        for direct_first in [true, false] {
+            let x = Var::from_tensor(&ints(0, &dims).to_dtype(dtype).unwrap()).unwrap();
+            let x = x.as_tensor();
+            let term = |t: Tensor, w: &Tensor| {
+                (t * w.to_dtype(dtype).unwrap())
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+            };
+            let direct = term(x.clone(), &c);
+            // Slices along the first dimension (the packed q, k, v; keys and values again
+            // through a slice of two), overlapping ones along the third.
+            let kv = x.narrow(0, 1, 2).unwrap();
+            let mut loss = [
+                term(x.get(0).unwrap(), &w0),
+                term(x.get(1).unwrap(), &w1),
+                term(x.narrow(2, 1, 3).unwrap(), &w2),
+                term(kv.get(0).unwrap(), &k),
+                term(kv.get(1).unwrap(), &v),
+            ]
+            .into_iter()
+            .reduce(|a, b| (a + b).unwrap())
+            .unwrap();
+            loss = match direct_first {
+                true => (direct + loss).unwrap(),
+                false => (loss + direct).unwrap(),
+            };
+            let grads = loss.backward().unwrap();
+            let got = grads.get(x).unwrap().to_dtype(DType::F32).unwrap();
+            assert_eq!(got.dims(), dims);
+            let diff = crate::compare::max_abs_diff(&got, &want).unwrap();
+            assert_eq!(diff, 0.0, "{dtype:?}, direct use first: {direct_first}");
+        }
+    }
+}
+
+/// An identity op for the backward-freeing test: `dropped` is set when the op (so the tensor it
+/// made) is freed; `seen` records, when its backward runs, whether `dropped` was set then.
+struct Marker {
+    dropped: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    seen: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+}
+
+impl Drop for Marker {
+    fn drop(&mut self) {
+        if self.seen.is_none() {
+            self.dropped
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+}
+
+impl candle_core::CustomOp1 for Marker {
+    fn name(&self) -> &'static str {
+        "marker"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        Ok((s.clone(), l.shape().clone()))
+    }
+
+    fn bwd(&self, _: &Tensor, _: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        if let Some(seen) = &self.seen {
+            let dropped = self.dropped.load(std::sync::atomic::Ordering::SeqCst);
+            seen.store(dropped, std::sync::atomic::Ordering::SeqCst);
+        }
+        Ok(Some(grad.clone()))
+    }
+}
+
+#[test]
+fn the_patched_backward_frees_each_node_once_differentiated() {
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+    use std::sync::Arc;
+    // x → probe (records, in its backward, whether `marked` was freed) → marked → loss. The
+    // backward pass differentiates `marked` before `probe`.
+    for freeing in [false, true] {
+        let (dropped, seen) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let x = Var::new(&[1f32, 2.0, 3.0], &Device::Cpu).unwrap();
+        let probe = x
+            .as_tensor()
+            .apply_op1(Marker {
+                dropped: dropped.clone(),
+                seen: Some(seen.clone()),
+            })
+            .unwrap();
+        let marked = probe
+            .apply_op1(Marker {
+                dropped: dropped.clone(),
+                seen: None,
+            })
+            .unwrap();
+        let loss = (&marked * &marked).unwrap().sum_all().unwrap();
+        drop((probe, marked));
+        let grads = match freeing {
+            true => loss.backward_freeing().unwrap(),
+            false => loss.backward().unwrap(),
+        };
+        // The graph was freed during the pass only by `backward_freeing` (`backward(&self)`'s
+        // caller still holds the root).
+        assert_eq!(seen.load(SeqCst), freeing);
+        let g = grads.get(x.as_tensor()).unwrap();
+        assert_eq!(g.to_vec1::<f32>().unwrap(), [2.0, 4.0, 6.0]);
+        // A kept gradient holds no graph (it was a product with the activations).
+        assert!(!g.track_op());
+    }
+}
+
+#[test]
+fn products_fill_their_unzeroed_outputs_completely() {
+    // vendor/candle-core leaves a product's output buffer unfilled (gemm writes every element):
+    // freed NaN-filled memory of the output's size is handed out again for it, and no NaN may
+    // survive. Shapes: single elements, odd sizes, the batched small products, a batch of
+    // products too large for that path, k = 0, and (float32 and float64, whose sums of up to
+    // 2100 terms stay exact) one that vendor/gemm-common's blocking cuts along both k (chunks
+    // of at most 1024 on a 48 KiB L1, fewer on a smaller one) and m (at most 8 × 64 rows).
+    let all = [DType::F32, DType::F64, DType::BF16, DType::F16];
+    for (b, m, k, n, dtypes) in [
+        (1, 1, 1, 1, &all[..]),
+        (1, 5, 3, 7, &all),
+        (4, 50, 64, 50, &all),
+        (2, 130, 130, 130, &all),
+        (1, 400, 77, 33, &all),
+        (3, 7, 1, 9, &all),
+        (2, 3, 0, 4, &all),
+        (1, 600, 2100, 70, &all[..2]),
+    ] {
+        // Values in {-1, 0, 1}: every sum is an integer of at most k, exact in each dtype
+        // tried with it.
+        let value = |i: usize, seed: usize| ((i * 7 + seed) % 3) as f64 - 1.0;
+        let lhs: Vec<f64> = (0..b * m * k).map(|i| value(i, 1)).collect();
+        let rhs: Vec<f64> = (0..b * k * n).map(|i| value(i, 2)).collect();
+        let mut want = vec![0f64; b * m * n];
+        for (e, w) in want.iter_mut().enumerate() {
+            let (batch, i, j) = (e / (m * n), e / n % m, e % n);
+            *w = (0..k)
+                .map(|p| lhs[batch * m * k + i * k + p] * rhs[batch * k * n + p * n + j])
+                .sum();
+        }
+        for &dtype in dtypes {
+            let tensor = |v: &[f64], shape: (usize, usize, usize)| {
+                Tensor::from_vec(v.to_vec(), shape, &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap()
+            };
+            let (l, r) = (tensor(&lhs, (b, m, k)), tensor(&rhs, (b, k, n)));
+            drop(
+                Tensor::full(f64::NAN, (b, m, n), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap(),
+            );
+            let got = l.matmul(&r).unwrap().to_dtype(DType::F64).unwrap();
+            let got = got.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            let wrong = got.iter().zip(&want).position(|(g, w)| g != w);
+            assert!(
+                wrong.is_none(),
+                "{b}x{m}x{k}x{n} {dtype:?}: element {wrong:?} differs"
+            );
+        }
+    }
+}
