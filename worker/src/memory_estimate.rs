@@ -286,6 +286,21 @@ impl Block {
         (column, if tp > 1 { 2 } else { column })
     }
 
+    /// Bytes the graph keeps for `batch` samples of this block, its attention's probabilities
+    /// aside (`Self::kept` and the weight copy).
+    fn kept_bytes(&self, tp: u64, batch: u64, compute: DType, ops: OpsPath) -> u64 {
+        let kept = self.kept(tp, compute != DType::F32, ops).bytes(compute);
+        batch * kept + F32 * self.weight_copy_floats(tp, ops)
+    }
+
+    /// Bytes of this block's attention probabilities for `batch` samples.
+    fn probability_bytes(&self, tp: u64, batch: u64, compute: DType, ops: OpsPath) -> u64 {
+        batch
+            * self
+                .probabilities(tp, compute != DType::F32, ops)
+                .bytes(compute)
+    }
+
     /// What a checkpointed block keeps per sample: its input.
     fn checkpointed_floats(&self) -> u64 {
         self.tokens * self.width
@@ -459,10 +474,8 @@ pub fn activation_bytes(
     }
     let mixed = compute != DType::F32;
     let (blocks, rest, pooler) = model_blocks(config, tp, mixed, ops);
-    let whole = |b: &Block| {
-        batch * b.kept(tp, mixed, ops).bytes(compute) + F32 * b.weight_copy_floats(tp, ops)
-    };
-    let probabilities = |b: &Block| batch * b.probabilities(tp, mixed, ops).bytes(compute);
+    let whole = |b: &Block| b.kept_bytes(tp, batch, compute, ops);
+    let probabilities = |b: &Block| b.probability_bytes(tp, batch, compute, ops);
     let pooler = batch * pooler.bytes(compute);
     let recompute = ops.recomputes_attention();
     let blocks_bytes: u64 = if grad_checkpointing {
@@ -503,12 +516,9 @@ fn largest_block_bytes(
     compute: DType,
     ops: OpsPath,
 ) -> u64 {
-    let mixed = compute != DType::F32;
-    let (blocks, _, _) = model_blocks(config, tp, mixed, ops);
+    let (blocks, _, _) = model_blocks(config, tp, compute != DType::F32, ops);
     let bytes = |b: &Block| {
-        let kept =
-            b.kept(tp, mixed, ops).bytes(compute) + b.probabilities(tp, mixed, ops).bytes(compute);
-        batch * kept + F32 * b.weight_copy_floats(tp, ops)
+        b.kept_bytes(tp, batch, compute, ops) + b.probability_bytes(tp, batch, compute, ops)
     };
     blocks.iter().map(|(b, _)| bytes(b)).max().unwrap_or(0)
 }
