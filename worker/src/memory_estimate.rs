@@ -221,11 +221,15 @@ impl Block {
     /// copy of a row-parallel product joining the residual stream, and the softmax's cast copy
     /// feeding `probs · v`.
     ///
+    /// Where attention's core is checkpointed (`core_recomputed`: [`OpsPath::recomputes_attention`],
+    /// outside a recomputed block) the heads' copies are not kept either: only the projections
+    /// it reads and its merged output.
+    ///
     /// The compositions (`ops`) keep more than a fused op's output, all float32: each layer
     /// norm's centred, squared, normalised and scaled copies ([`LAYER_NORM_EXTRA`]); a
     /// softmax's scaled (and masked) scores, shifted scores and exponentials, and the float32
     /// copy of half-precision scores; a half-precision GELU input's float32 copy and result.
-    fn kept(&self, tp: u64, mixed: bool, ops: OpsPath) -> Kept {
+    fn kept(&self, tp: u64, mixed: bool, ops: OpsPath, core_recomputed: bool) -> Kept {
         let (t, s, w) = (self.tokens, self.keys, self.width);
         let parallel = u64::from(tp > 1);
         let extra = u64::from(mixed);
@@ -243,14 +247,19 @@ impl Block {
             single: t * w * (4 - 2 * rounded + 4 * parallel + 2 * extra * (1 - rounded)),
             half: t * w * (2 * row + 2 * extra),
         };
+        // The heads' copies and the core's output before its heads are merged, unless the core
+        // is recomputed.
+        let plain = u64::from(!core_recomputed);
         if self.cross {
             // q (projection, heads), merged heads (product, copy); ln_1_kv (float32 unless
             // rounded) and its cast copy, k and v (projection, heads).
-            kept.half += (column + 3) * t * w / tp + 2 * (column + 1) * s * w / tp + extra * s * w;
+            kept.half += (column + 1 + 2 * plain) * t * w / tp
+                + 2 * (column + plain) * s * w / tp
+                + extra * s * w;
             kept.single += s * w * (1 + parallel) * (1 - rounded);
         } else {
             // q/k/v packed (projection, heads), merged heads (product, copy).
-            kept.half += (3 * column + 5) * t * w / tp;
+            kept.half += (3 * column + 1 + 4 * plain) * t * w / tp;
         }
         // The attention's probabilities: `Self::probabilities`. The MLP's hidden layer: c_fc's projection, and the GELU.
         kept.half += (column + 1) * t * self.hidden / tp;
@@ -288,9 +297,23 @@ impl Block {
 
     /// Bytes the graph keeps for `batch` samples of this block, its attention's probabilities
     /// aside (`Self::kept` and the weight copy).
-    fn kept_bytes(&self, tp: u64, batch: u64, compute: DType, ops: OpsPath) -> u64 {
-        let kept = self.kept(tp, compute != DType::F32, ops).bytes(compute);
-        batch * kept + F32 * self.weight_copy_floats(tp, ops)
+    fn kept_bytes(
+        &self,
+        tp: u64,
+        batch: u64,
+        compute: DType,
+        ops: OpsPath,
+        core_recomputed: bool,
+    ) -> u64 {
+        let kept = self.kept(tp, compute != DType::F32, ops, core_recomputed);
+        batch * kept.bytes(compute) + F32 * self.weight_copy_floats(tp, ops)
+    }
+
+    /// Bytes a recomputed attention core holds for `batch` samples besides its probabilities:
+    /// the heads' copies and its output before the merge.
+    fn core_copy_bytes(&self, tp: u64, batch: u64, compute: DType) -> u64 {
+        let (t, s, w) = (self.tokens, self.keys, self.width);
+        batch * compute.size_in_bytes() as u64 * (2 * t * w + 2 * s * w) / tp
     }
 
     /// Bytes of this block's attention probabilities for `batch` samples.
@@ -387,15 +410,16 @@ fn model_blocks(
     let pixels = 3 * (v.image_size as u64).pow(2);
     // The image stem: pixels and their patches, the patch embedding, class token, positions,
     // ln_pre. The pooler: ln_k, the queries, its cross-attention (as a block's, without MLP,
-    // from the image width to the embedding width, its keys and values also concatenated for
-    // the recomputed core), ln_post.
+    // from the image width to the embedding width, its keys' and values' products
+    // concatenated; the heads' copies unless its core is recomputed), ln_post.
     let (column, row) = Block::linear_outputs(tp, mixed, ops);
+    let plain = 2 * u64::from(!ops.recomputes_attention());
     let image_rest = 2 * pixels
         + 4 * image_tokens * vw
         + image_tokens * vw * (1 + parallel)
         + queries * e * (2 + row + 2 * parallel)
-        + (column + 3) * queries * e / tp
-        + (2 * column + 4) * image_tokens * e / tp;
+        + (column + 1 + plain) * queries * e / tp
+        + (2 * column + 2 + plain) * image_tokens * e / tp;
     // The text stem: embedding rows, cls, positions, the mask.
     let text_rest = 3 * text_tokens * t.width as u64 + text_tokens * text_tokens;
     // The caption logits, kept for the loss, and their gradient. Under autocast the product
@@ -474,10 +498,10 @@ pub fn activation_bytes(
     }
     let mixed = compute != DType::F32;
     let (blocks, rest, pooler) = model_blocks(config, tp, mixed, ops);
-    let whole = |b: &Block| b.kept_bytes(tp, batch, compute, ops);
+    let recompute = ops.recomputes_attention();
+    let whole = |b: &Block| b.kept_bytes(tp, batch, compute, ops, recompute);
     let probabilities = |b: &Block| b.probability_bytes(tp, batch, compute, ops);
     let pooler = batch * pooler.bytes(compute);
-    let recompute = ops.recomputes_attention();
     let blocks_bytes: u64 = if grad_checkpointing {
         // A checkpointed block's input is the float32 residual stream; the recomputed block
         // keeps its probabilities with the rest of its graph.
@@ -493,8 +517,11 @@ pub fn activation_bytes(
                 block + pooler
             }
     } else if recompute {
-        // One attention's probabilities at a time.
-        let largest = blocks.iter().map(|(b, _)| probabilities(b)).max();
+        // One attention's probabilities (and heads) at a time.
+        let largest = blocks
+            .iter()
+            .map(|(b, _)| probabilities(b) + b.core_copy_bytes(tp, batch, compute))
+            .max();
         let kept: u64 = blocks.iter().map(|(b, n)| n * whole(b)).sum();
         kept + largest.unwrap_or(0).max(pooler)
     } else {
@@ -517,8 +544,9 @@ fn largest_block_bytes(
     ops: OpsPath,
 ) -> u64 {
     let (blocks, _, _) = model_blocks(config, tp, compute != DType::F32, ops);
+    // Inside a recomputed block attention's core runs plainly.
     let bytes = |b: &Block| {
-        b.kept_bytes(tp, batch, compute, ops) + b.probability_bytes(tp, batch, compute, ops)
+        b.kept_bytes(tp, batch, compute, ops, false) + b.probability_bytes(tp, batch, compute, ops)
     };
     blocks.iter().map(|(b, _)| bytes(b)).max().unwrap_or(0)
 }

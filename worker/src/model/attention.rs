@@ -5,7 +5,7 @@ use super::grad_checkpoint::{checkpoint, Recomputable};
 use super::layers::{normal, Linear};
 use super::ops;
 use crate::model::tensor_parallel::TensorParallel;
-use candle_core::{bail, Result, Tensor};
+use candle_core::{Result, Tensor};
 
 use candle_nn::{Init, VarBuilder};
 
@@ -99,24 +99,24 @@ impl MultiheadAttention {
 
     /// Self-attention of `x` `[B, T, d]`; `mask` is additive, `[T, T]` or `[B, T, T]`.
     pub fn forward_self(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let qkv = self.self_qkv_packed(x)?;
-        self.attend_packed(&qkv.get(0)?, &qkv.narrow(0, 1, 2)?, mask)
+        self.attend_projections(&self.self_projections(x)?, None, mask)
     }
 
     /// Queries, keys and values `[B, H, T, hd]` of `x` `[B, T, d]` for self-attention (and for
     /// decoding, which appends the keys and values to its cache).
     pub(crate) fn self_qkv(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-        let qkv = self.self_qkv_packed(x)?;
+        let packed = self.self_projections(x)?;
+        let (b, t, _) = packed.dims3()?;
+        let qkv = self.shape().split(&packed, b, t, 3)?;
         Ok((qkv.get(0)?, qkv.get(1)?, qkv.get(2)?))
     }
 
-    /// Queries, keys and values of `x` `[B, T, d]` packed as `[3, B, H, T, hd]`: one product
-    /// and one copy (three products and a copy for unpacked weights).
-    fn self_qkv_packed(&self, x: &Tensor) -> Result<Tensor> {
+    /// Queries, keys and values of `x` `[B, T, d]` side by side, `[B, T, 3·d]` in the compute
+    /// dtype: one product (three products concatenated for unpacked weights).
+    fn self_projections(&self, x: &Tensor) -> Result<Tensor> {
         let x = self.tp.autocast().cast(&self.tp.copy_in(x)?)?;
-        let (b, t, _) = x.dims3()?;
-        let packed = match &self.in_proj {
-            Some(in_proj) => in_proj.forward(&x)?,
+        match &self.in_proj {
+            Some(in_proj) => in_proj.forward(&x),
             None => Tensor::cat(
                 &[
                     &self.q_proj.forward(&x)?,
@@ -124,17 +124,16 @@ impl MultiheadAttention {
                     &self.v_proj.forward(&x)?,
                 ],
                 2,
-            )?,
-        };
-        self.split_packed_heads(&packed, b, t, 3)
+            ),
+        }
     }
 
-    /// `[B, T, n·d]` (n projections side by side) → `[n, B, H, T, hd]`, contiguous.
-    fn split_packed_heads(&self, packed: &Tensor, b: usize, t: usize, n: usize) -> Result<Tensor> {
-        packed
-            .reshape((b, t, n, self.heads, self.head_dim))?
-            .permute((2, 0, 3, 1, 4))?
-            .contiguous()
+    /// This member's heads and their width.
+    fn shape(&self) -> HeadShape {
+        HeadShape {
+            heads: self.heads,
+            head_dim: self.head_dim,
+        }
     }
 
     /// Attention of queries `q_x` `[B, T, d]` over keys/values `kv_x` `[B, S, kdim]`.
@@ -147,10 +146,8 @@ impl MultiheadAttention {
         let ac = self.tp.autocast();
         let q_x = ac.cast(&self.tp.copy_in(q_x)?)?;
         let kv_x = ac.cast(&self.tp.copy_in(kv_x)?)?;
-        let q = self.split_heads(&self.q_proj.forward(&q_x)?)?;
-        let (b, s, _) = kv_x.dims3()?;
-        let kv = self.split_packed_heads(&self.cross_kv_packed(&kv_x)?, b, s, 2)?;
-        self.attend_packed(&q, &kv, mask)
+        let q = self.q_proj.forward(&q_x)?;
+        self.attend_projections(&q, Some(&self.cross_kv_packed(&kv_x)?), mask)
     }
 
     /// The keys and values `[B, S, 2·d]` of `kv_x` `[B, S, kdim]` in the compute dtype, side by
@@ -179,33 +176,39 @@ impl MultiheadAttention {
     /// `[B, T, d]` → `[B, H, T, hd]`, contiguous.
     pub(crate) fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
-        x.reshape((b, t, self.heads, self.head_dim))?
-            .transpose(1, 2)?
-            .contiguous()
+        self.shape().split(x, b, t, 1)?.get(0)
     }
 
-    /// [`Self::attend`] over keys and values packed as `[2, B, H, S, hd]`, the probabilities
-    /// recomputed in the backward pass where [`recomputes_probabilities`] says so.
-    fn attend_packed(&self, q: &Tensor, kv: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    /// [`attention_core`] over the projections `q` (`[B, T, 3·d]`, queries, keys and values,
+    /// without `kv`; else `[B, T, d]` and `kv` `[B, S, 2·d]`), then the output projection; the
+    /// core recomputed in the backward pass where [`recomputes_probabilities`] says so.
+    fn attend_projections(
+        &self,
+        q: &Tensor,
+        kv: Option<&Tensor>,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
         self.attend_recomputing(q, kv, mask, recomputes_probabilities(q.device()))
     }
 
-    /// [`Self::attend`] over packed keys and values, the probabilities recomputed in the
-    /// backward pass with `recompute` ([`attention_core`]).
+    /// [`Self::attend_projections`], the core recomputed in the backward pass with
+    /// `recompute`.
     fn attend_recomputing(
         &self,
         q: &Tensor,
-        kv: &Tensor,
+        kv: Option<&Tensor>,
         mask: Option<&Tensor>,
         recompute: bool,
     ) -> Result<Tensor> {
-        let heads = attention_core(q, kv, mask, self.tp.autocast(), recompute)?;
-        self.merge_heads(&heads)
+        let ac = self.tp.autocast();
+        let heads = attention_core(q, kv, mask, self.shape(), ac, recompute)?;
+        self.out_proj.forward_reduced(&heads, &self.tp)
     }
 
     /// `softmax(q kᵀ / √hd + mask) v`, heads merged, then the output projection (summed over
     /// the tensor-parallel group in float32; in the compute dtype at degree 1:
-    /// [`Linear::forward_reduced`]). `q` `[B, H, T, hd]`, `k` and `v` `[B, H, S, hd]`.
+    /// [`Linear::forward_reduced`]). `q` `[B, H, T, hd]`, `k` and `v` `[B, H, S, hd]`:
+    /// decoding's, over its cache.
     pub(crate) fn attend(
         &self,
         q: &Tensor,
@@ -216,19 +219,36 @@ impl MultiheadAttention {
         let core = AttentionCore {
             autocast: self.tp.autocast(),
             mask: mask.cloned(),
+            shape: self.shape(),
         };
-        self.merge_heads(&core.forward(q, k, v)?)
+        let heads = merge_heads(&core.forward(q, k, v)?)?;
+        self.out_proj.forward_reduced(&heads, &self.tp)
     }
+}
 
-    /// The heads `[B, H, T, hd]` merged to `[B, T, H·hd]`, then the output projection.
-    fn merge_heads(&self, heads: &Tensor) -> Result<Tensor> {
-        let (b, h, t, hd) = heads.dims4()?;
-        let out = heads
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b, t, h * hd))?;
-        self.out_proj.forward_reduced(&out, &self.tp)
+/// One member's attention heads: how many, and their width.
+#[derive(Debug, Clone, Copy)]
+pub struct HeadShape {
+    /// Heads of this member.
+    pub heads: usize,
+    /// Each head's width.
+    pub head_dim: usize,
+}
+
+impl HeadShape {
+    /// `[B, T, n·d]` (n projections side by side) → `[n, B, H, T, hd]`, contiguous.
+    fn split(&self, packed: &Tensor, b: usize, t: usize, n: usize) -> Result<Tensor> {
+        packed
+            .reshape((b, t, n, self.heads, self.head_dim))?
+            .permute((2, 0, 3, 1, 4))?
+            .contiguous()
     }
+}
+
+/// The heads `[B, H, T, hd]` merged to `[B, T, H·hd]`, contiguous.
+fn merge_heads(heads: &Tensor) -> Result<Tensor> {
+    let (b, h, t, hd) = heads.dims4()?;
+    heads.transpose(1, 2)?.contiguous()?.reshape((b, t, h * hd))
 }
 
 /// Whether training recomputes attention's probabilities in the backward pass on `device`
@@ -241,30 +261,31 @@ pub(crate) fn recomputes_probabilities(device: &candle_core::Device) -> bool {
     !device.is_cpu() || ops::portable_forced()
 }
 
-/// Attention's core `softmax(q kᵀ / √hd + mask) v` over queries `q` `[B, H, T, hd]` and keys
-/// and values packed as `kv` `[2, B, H, S, hd]`, in `autocast`'s compute dtype. With
-/// `recompute` (and a gradient flowing) it is checkpointed: its probabilities `[B, H, T, S]`
-/// (float32, and their cast copy under autocast) are not kept for the backward pass but
-/// recomputed from `q`, `k` and `v`, which the graph keeps anyway. The gradients are the same
-/// bits ([`checkpoint`] replays the same ops).
+/// Attention's core `softmax(q kᵀ / √hd + mask) v` over the projections of its queries, keys
+/// and values, in `autocast`'s compute dtype: `q` `[B, T, 3·d]` holds all three side by side
+/// (self-attention) when `kv` is `None`, else `q` is `[B, T, d]` and `kv` `[B, S, 2·d]`. Split
+/// into `shape`'s heads, attended, and merged back to `[B, T, d]`. With `recompute` (and a
+/// gradient flowing) it is checkpointed: neither its probabilities `[B, H, T, S]` (float32, and
+/// their cast copy under autocast) nor the heads' copies are kept for the backward pass, which
+/// recomputes them from the projections the graph keeps anyway. The gradients are the same bits
+/// ([`checkpoint`] replays the same ops).
 pub fn attention_core(
     q: &Tensor,
-    kv: &Tensor,
+    kv: Option<&Tensor>,
     mask: Option<&Tensor>,
+    shape: HeadShape,
     autocast: Autocast,
     recompute: bool,
 ) -> Result<Tensor> {
     let core = AttentionCore {
         autocast,
         mask: mask.cloned(),
+        shape,
     };
-    let forward = |core: &AttentionCore, q: &Tensor, kv: Option<&Tensor>| match kv {
-        Some(kv) => core.forward(q, &kv.get(0)?, &kv.get(1)?),
-        None => bail!("attention's core needs its keys and values"),
-    };
+    let forward = |core: &AttentionCore, q: &Tensor, kv: Option<&Tensor>| core.over(q, kv);
     match recompute {
-        true => checkpoint(&core, q, Some(kv), forward),
-        false => forward(&core, q, Some(kv)),
+        true => checkpoint(&core, q, kv, forward),
+        false => forward(&core, q, kv),
     }
 }
 
@@ -275,6 +296,7 @@ struct AttentionCore {
     autocast: Autocast,
     /// Additive, `[T, S]` or `[B, T, S]`; a constant (no gradient).
     mask: Option<Tensor>,
+    shape: HeadShape,
 }
 
 impl Recomputable for AttentionCore {
@@ -284,6 +306,25 @@ impl Recomputable for AttentionCore {
 }
 
 impl AttentionCore {
+    /// [`attention_core`]'s split, attention and merge.
+    fn over(&self, q: &Tensor, kv: Option<&Tensor>) -> Result<Tensor> {
+        let (b, t, _) = q.dims3()?;
+        let (q, kv) = match kv {
+            None => {
+                let qkv = self.shape.split(q, b, t, 3)?;
+                (qkv.get(0)?, qkv.narrow(0, 1, 2)?)
+            }
+            Some(kv) => {
+                let (_, s, _) = kv.dims3()?;
+                (
+                    self.shape.split(q, b, t, 1)?.get(0)?,
+                    self.shape.split(kv, b, s, 2)?,
+                )
+            }
+        };
+        merge_heads(&self.forward(&q, &kv.get(0)?, &kv.get(1)?)?)
+    }
+
     /// `q` `[B, H, T, hd]`, `k` and `v` `[B, H, S, hd]` → `[B, H, T, hd]` in the compute dtype.
     fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let ac = self.autocast;

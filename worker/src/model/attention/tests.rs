@@ -1,4 +1,5 @@
-//! Attention's probabilities recomputed in the backward pass give the same bits as keeping them.
+//! Attention's core recomputed in the backward pass gives the same bits as keeping its
+//! probabilities and heads, and keeps no per-head tensor.
 
 use super::MultiheadAttention;
 use crate::compare::max_abs_diff;
@@ -67,11 +68,15 @@ fn assert_same_bits(
     Ok(())
 }
 
-/// Whether the graph behind `y` holds a `[B, H, T, S]` tensor (the scores or probabilities).
-fn keeps_probabilities(y: &Tensor) -> bool {
-    y.sorted_nodes()
-        .iter()
-        .any(|n| n.dims() == [BATCH, HEADS, QUERIES, KEYS])
+/// Whether the graph behind `y` holds a tensor of `dims`.
+fn keeps(y: &Tensor, dims: &[usize]) -> bool {
+    y.sorted_nodes().iter().any(|n| n.dims() == dims)
+}
+
+/// Whether the graph behind `y` holds a per-head tensor (rank 4 or more: the heads' copies, the
+/// scores or the probabilities).
+fn keeps_heads(y: &Tensor) -> bool {
+    y.sorted_nodes().iter().any(|n| n.rank() >= 4)
 }
 
 #[test]
@@ -80,19 +85,18 @@ fn recomputed_self_attention_probabilities_give_the_kept_ones_bits() -> Result<(
     for dtype in [DType::F32, DType::BF16] {
         let (attn, vars) = attention(WIDTH, dtype)?;
         let x = input(QUERIES, WIDTH)?;
-        let qkv = attn.self_qkv_packed(x.as_tensor())?;
-        let (q, kv) = (qkv.get(0)?, qkv.narrow(0, 1, 2)?);
-        let [plain, recomputed] =
-            [false, true].map(|recompute| attn.attend_recomputing(&q, &kv, Some(&mask), recompute));
+        let qkv = attn.self_projections(x.as_tensor())?;
+        let [plain, recomputed] = [false, true]
+            .map(|recompute| attn.attend_recomputing(&qkv, None, Some(&mask), recompute));
         let (plain, recomputed) = (plain?, recomputed?);
         // Self-attention's probabilities are [B, H, T, T]: look for them by that shape.
-        let square = |y: &Tensor| {
-            y.sorted_nodes()
-                .iter()
-                .any(|n| n.dims() == [BATCH, HEADS, QUERIES, QUERIES])
-        };
-        assert!(square(&plain) && !square(&recomputed), "{dtype:?}");
+        let probabilities = [BATCH, HEADS, QUERIES, QUERIES];
+        assert!(keeps(&plain, &probabilities), "{dtype:?}");
+        assert!(!keeps_heads(&recomputed), "{dtype:?}");
         assert_same_bits(&vars, &[&x], (&plain, &recomputed))?;
+        // The model's path over the same input.
+        let model = attn.forward_self(x.as_tensor(), Some(&mask))?;
+        assert_eq!(max_abs_diff(&model, &plain)?, 0.0);
     }
     Ok(())
 }
@@ -104,14 +108,16 @@ fn recomputed_cross_attention_probabilities_give_the_kept_ones_bits() -> Result<
         let (attn, vars) = attention(kv_dim, dtype)?;
         let (x, kv) = (input(QUERIES, WIDTH)?, input(KEYS, kv_dim)?);
         let ac = Autocast::new(dtype);
-        let q = attn.split_heads(&attn.q_proj.forward(&ac.cast(x.as_tensor())?)?)?;
-        let kv_x = ac.cast(kv.as_tensor())?;
-        let kv_heads = attn.split_packed_heads(&attn.cross_kv_packed(&kv_x)?, BATCH, KEYS, 2)?;
-        let [plain, recomputed] =
-            [false, true].map(|recompute| attn.attend_recomputing(&q, &kv_heads, None, recompute));
+        let q = attn.q_proj.forward(&ac.cast(x.as_tensor())?)?;
+        let kv_proj = attn.cross_kv_packed(&ac.cast(kv.as_tensor())?)?;
+        let [plain, recomputed] = [false, true]
+            .map(|recompute| attn.attend_recomputing(&q, Some(&kv_proj), None, recompute));
         let (plain, recomputed) = (plain?, recomputed?);
-        assert!(keeps_probabilities(&plain), "{kv_dim} {dtype:?}");
-        assert!(!keeps_probabilities(&recomputed), "{kv_dim} {dtype:?}");
+        assert!(
+            keeps(&plain, &[BATCH, HEADS, QUERIES, KEYS]),
+            "{kv_dim} {dtype:?}"
+        );
+        assert!(!keeps_heads(&recomputed), "{kv_dim} {dtype:?}");
         assert_same_bits(&vars, &[&x, &kv], (&plain, &recomputed))?;
         // The model's path over the same inputs.
         let model = attn.forward_cross(x.as_tensor(), kv.as_tensor(), None)?;
