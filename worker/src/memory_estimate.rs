@@ -79,6 +79,13 @@ impl OpsPath {
         !matches!(self, Self::CpuFused)
     }
 
+    /// Whether a branch's output joins the residual stream in our op, whose backward reads no
+    /// values ([`crate::model::ops::add_widened`]), so that the graph does not keep the
+    /// branch's output (nor, under tensor parallelism, its sum over the group).
+    fn frees_branches(self) -> bool {
+        !self.portable()
+    }
+
     fn cpu(self) -> bool {
         matches!(self, Self::CpuFused | Self::Portable { cpu: true })
     }
@@ -243,9 +250,19 @@ impl Block {
         // ln_1 and ln_2 (float32 unless rounded), both residual sums (float32); the output
         // projection and c_proj (compute dtype) and, under autocast, each one's float32 copy
         // (unless rounded); the group copies and sums under tensor parallelism (float32).
+        // Where the branches join the stream in our op, their outputs (the last of a row
+        // tensors, or all of them at degree 1) and the group sums are not kept.
+        let freed = u64::from(ops.frees_branches());
+        let row_kept = if tp > 1 {
+            row - freed
+        } else {
+            row * (1 - freed)
+        };
         let mut kept = Kept {
-            single: t * w * (4 - 2 * rounded + 4 * parallel + 2 * extra * (1 - rounded)),
-            half: t * w * (2 * row + 2 * extra),
+            single: t
+                * w
+                * (4 - 2 * rounded + (4 - 2 * freed) * parallel + 2 * extra * (1 - rounded)),
+            half: t * w * (2 * row_kept + 2 * extra),
         };
         // The heads' copies and the core's output before its heads are merged, unless the core
         // is recomputed.

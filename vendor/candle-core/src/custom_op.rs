@@ -39,6 +39,12 @@ pub trait CustomOp1 {
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, _grad_res: &Tensor) -> Result<Option<Tensor>> {
         Err(crate::Error::BackwardNotSupported { op: self.name() })
     }
+
+    /// Whether `bwd` reads the values of `res` (coca's patch): `false` lets the graph hold the
+    /// result without its values where its consumer reads none ([`Tensor::graph_handle`]).
+    fn bwd_reads_result(&self) -> bool {
+        true
+    }
 }
 
 pub trait CustomOp2 {
@@ -90,6 +96,18 @@ pub trait CustomOp2 {
         _grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         Err(crate::Error::BackwardNotSupported { op: self.name() })
+    }
+
+    /// Whether `bwd` reads the values of `res` (coca's patch; see [`CustomOp1::bwd_reads_result`]).
+    fn bwd_reads_result(&self) -> bool {
+        true
+    }
+
+    /// Whether `bwd` reads the values of its arguments (coca's patch). With `false` the graph
+    /// holds them as [`Tensor::graph_handle`]s, so that their storage is freed once nothing
+    /// else holds it: `bwd` then sees their shapes, dtypes and devices but no values.
+    fn bwd_reads_args(&self) -> bool {
+        true
     }
 }
 
@@ -150,6 +168,11 @@ pub trait CustomOp3 {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         Err(crate::Error::BackwardNotSupported { op: self.name() })
     }
+
+    /// Whether `bwd` reads the values of `res` (coca's patch; see [`CustomOp1::bwd_reads_result`]).
+    fn bwd_reads_result(&self) -> bool {
+        true
+    }
 }
 
 impl Tensor {
@@ -205,7 +228,11 @@ impl Tensor {
             rhs.layout(),
             c.as_ref().as_ref(),
         )?;
-        let op = BackpropOp::new2(self, rhs, |t1, t2| Op::CustomOp2(t1, t2, c.clone()));
+        let valueless = !c.bwd_reads_args();
+        let op = BackpropOp::new2(self, rhs, |t1, t2| match valueless {
+            true => Op::CustomOp2(t1.graph_handle(), t2.graph_handle(), c.clone()),
+            false => Op::CustomOp2(t1, t2, c.clone()),
+        });
         Ok(from_storage(storage, shape, op, false))
     }
 

@@ -2112,6 +2112,69 @@ impl Tensor {
         &self.op
     }
 
+    /// This tensor as a node of the autograd graph without its values (coca's patch): the same
+    /// id, shape, dtype, device and recorded op, over a storage of one element. A custom op whose
+    /// backward reads none of its arguments' values ([`crate::CustomOp2::bwd_reads_args`])
+    /// records these instead of its arguments, so that the graph does not keep an argument's
+    /// storage alive until the backward pass (a branch's output added to the residual stream,
+    /// which PyTorch's autograd does not keep either).
+    ///
+    /// Only where the backward pass reads no values of this tensor anywhere: the tensor itself
+    /// is returned for a variable, a constant, or a result whose own op's backward reads it
+    /// (an exponential, a square root, a maximum, a custom op unless it says otherwise, ...).
+    /// Where this tensor's op reads no values of its arguments either (views and copies:
+    /// reshape, transpose, permute, narrow, broadcast, copy; sums and differences, affine maps,
+    /// casts), its arguments are replaced by their handles in turn, a few levels deep: a view
+    /// shares its argument's storage, and a product's bias sum holds the product.
+    pub fn graph_handle(&self) -> Tensor {
+        self.handle_within(4)
+    }
+
+    fn handle_within(&self, depth: usize) -> Tensor {
+        if depth == 0 || self.is_variable {
+            return self.clone();
+        }
+        let Some(op) = self.op.as_ref() else {
+            return self.clone();
+        };
+        let inner = |t: &Tensor| t.handle_within(depth - 1);
+        let op = match op {
+            Op::Reshape(a) => Op::Reshape(inner(a)),
+            Op::Copy(a) => Op::Copy(inner(a)),
+            Op::Broadcast(a) => Op::Broadcast(inner(a)),
+            Op::Transpose(a, d1, d2) => Op::Transpose(inner(a), *d1, *d2),
+            Op::Permute(a, dims) => Op::Permute(inner(a), dims.clone()),
+            Op::Narrow(a, dim, start, len) => Op::Narrow(inner(a), *dim, *start, *len),
+            Op::Binary(a, b, op @ (BinaryOp::Add | BinaryOp::Sub)) => {
+                Op::Binary(inner(a), inner(b), *op)
+            }
+            Op::Affine { arg, mul, add } => Op::Affine {
+                arg: inner(arg),
+                mul: *mul,
+                add: *add,
+            },
+            Op::ToDType(a) => Op::ToDType(inner(a)),
+            Op::Matmul(..) => op.clone(),
+            Op::CustomOp1(_, c) if !c.bwd_reads_result() => op.clone(),
+            Op::CustomOp2(_, _, c) if !c.bwd_reads_result() => op.clone(),
+            Op::CustomOp3(_, _, _, c) if !c.bwd_reads_result() => op.clone(),
+            _ => return self.clone(),
+        };
+        // One element rather than none: a device allocator may refuse an empty allocation.
+        let Ok(storage) = self.device.zeros(&Shape::from(1usize), self.dtype) else {
+            return self.clone();
+        };
+        Tensor(Arc::new(Tensor_ {
+            id: self.id,
+            storage: Arc::new(RwLock::new(storage)),
+            layout: self.layout.clone(),
+            op: BackpropOp::from_op(op),
+            is_variable: false,
+            dtype: self.dtype,
+            device: self.device.clone(),
+        }))
+    }
+
     /// Computes the max of all the elements in this tensor and returns a tensor holding this
     /// scalar with zero dimensions.
     ///

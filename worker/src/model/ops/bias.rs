@@ -111,6 +111,16 @@ impl CustomOp2 for AddBias {
         "add-bias"
     }
 
+    /// The backward pass reads the output gradient alone: neither the result nor the
+    /// arguments' values (the graph holds handles of them and may drop them).
+    fn bwd_reads_result(&self) -> bool {
+        false
+    }
+
+    fn bwd_reads_args(&self) -> bool {
+        false
+    }
+
     fn cpu_fwd(
         &self,
         s1: &CpuStorage,
@@ -159,6 +169,11 @@ struct BiasedProduct {
 impl CustomOp3 for BiasedProduct {
     fn name(&self) -> &'static str {
         "biased-product"
+    }
+
+    /// The backward pass reads the input and the weight, not the result (the graph may drop it).
+    fn bwd_reads_result(&self) -> bool {
+        false
     }
 
     fn cpu_fwd(

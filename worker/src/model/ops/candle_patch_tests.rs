@@ -1,5 +1,6 @@
 //! The vendored candle-core's changes (vendor/README.md), checked where this crate uses them:
-//! transposed copies, unfilled product outputs, slices' gradients and the freeing backward.
+//! transposed copies, unfilled product outputs, slices' gradients, the freeing backward and
+//! graph handles.
 
 use candle_core::{DType, Device, Tensor, Var};
 
@@ -252,6 +253,97 @@ fn products_fill_their_unzeroed_outputs_completely() {
                 wrong.is_none(),
                 "{b}x{m}x{k}x{n} {dtype:?}: element {wrong:?} differs"
             );
+        }
+    }
+}
+
+/// Whether `t`'s storage (on the CPU) is a graph handle's: one element for a larger tensor.
+fn is_handle(t: &Tensor) -> bool {
+    use candle_core::{CpuStorage, Storage};
+    let (storage, _) = t.storage_and_layout();
+    let len = match &*storage {
+        Storage::Cpu(CpuStorage::F32(v)) => v.len(),
+        Storage::Cpu(CpuStorage::BF16(v)) => v.len(),
+        other => panic!("a {:?} storage in this test", other.dtype()),
+    };
+    len == 1 && t.elem_count() > 1
+}
+
+#[test]
+fn a_branch_added_to_the_residual_stream_is_not_kept_by_the_graph() {
+    // A linear layer's output (a product with its bias, reshaped) added to the float32
+    // residual stream by `add_widened`, whose backward reads no values: the graph holds the
+    // branch and the product under it as handles (vendored candle's `graph_handle`), so their
+    // storage is freed when the caller drops them, and the gradients are the composition's.
+    use crate::compare::max_abs_diff;
+    use crate::model::layers::matmul_last;
+    use crate::model::ops::add_widened;
+    let var = |shape: &[usize], seed: u64| {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n as u64)
+            .map(|i| (((i * 7919 + seed * 104_729) % 1000) as f32) / 500.0 - 1.0)
+            .collect();
+        Var::from_vec(v, shape, &Device::Cpu).unwrap()
+    };
+    // Widths that tell the branch ([4, 8, 16]) from the input ([4, 8, 24]) by element count.
+    let (x, h, w, b) = (
+        var(&[4, 8, 16], 1),
+        var(&[4, 8, 24], 2),
+        var(&[16, 24], 3),
+        var(&[16], 4),
+    );
+    for dtype in [DType::F32, DType::BF16] {
+        let forward = |fused: bool| {
+            let branch =
+                matmul_last(&h.to_dtype(dtype).unwrap(), &w.t().unwrap(), Some(&b)).unwrap();
+            let y = match fused {
+                true => add_widened(&x, &branch).unwrap(),
+                false => (x.as_tensor() + branch.to_dtype(DType::F32).unwrap()).unwrap(),
+            };
+            (y, branch.id())
+        };
+        let (y, branch_id) = forward(true);
+        let nodes = y.sorted_nodes();
+        let branch_sized: Vec<_> = nodes
+            .iter()
+            .filter(|n| n.id() != y.id() && !n.is_variable())
+            .filter(|n| n.elem_count() == 512 && n.dtype() == dtype)
+            .collect();
+        // The branch, the product it reshapes and, where the bias is added apart (bf16 on the
+        // CPU), the product before its bias and the bias broadcast.
+        assert!(
+            branch_sized.iter().any(|n| n.id() == branch_id),
+            "{dtype:?}"
+        );
+        assert!(branch_sized.len() >= 2, "{dtype:?}");
+        assert!(branch_sized.iter().all(|n| is_handle(n)), "{dtype:?}");
+        let (plain, _) = forward(false);
+        let plain_nodes = plain.sorted_nodes();
+        let kept = |n: &&&Tensor| n.id() != plain.id() && n.elem_count() == 512 && !is_handle(n);
+        assert!(plain_nodes
+            .iter()
+            .filter(|n| !n.is_variable())
+            .any(|n| kept(&n)));
+        // The same numbers and gradients as the composition.
+        assert_eq!(max_abs_diff(&y, &plain).unwrap(), 0.0, "{dtype:?}");
+        let weights = (Tensor::arange(0f32, 512.0, &Device::Cpu).unwrap() * 0.01)
+            .unwrap()
+            .sin()
+            .unwrap()
+            .reshape((4, 8, 16))
+            .unwrap();
+        let [g, g_plain] = [&y, &plain].map(|t| {
+            (t * &weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap()
+        });
+        for v in [&x, &h, &w, &b] {
+            let (a, c) = (g.get(v).unwrap(), g_plain.get(v).unwrap());
+            let diff = max_abs_diff(a, c).unwrap();
+            assert_eq!(diff, 0.0, "{dtype:?} {:?}", v.dims());
         }
     }
 }

@@ -152,6 +152,11 @@ impl CustomOp2 for GroupOp {
         }
     }
 
+    /// The backward pass moves gradients; it reads no result (the graph may drop it).
+    fn bwd_reads_result(&self) -> bool {
+        false
+    }
+
     fn cpu_fwd(
         &self,
         _: &CpuStorage,

@@ -11,16 +11,16 @@ const CHUNK: usize = 1024 * ROWS_PER_TASK;
 /// `x + y` for the float32 residual stream `x` and a branch output `y` of the same shape in any
 /// float dtype (under autocast the compute dtype of the branch's last product), `y` widened to
 /// float32 first, as autocast's type promotion does. The same numbers as
-/// `x + y.to_dtype(F32)`, forward and backward, but the widened copy of `y` is not kept for
-/// the backward pass as an addition's inputs are: 4 bytes per element less, twice per
-/// transformer block. Float32 `x` on the CPU or on a GPU runs the op (on a GPU candle's own
-/// cast and addition, the copy freed as the op returns); anything else, the composition.
+/// `x + y.to_dtype(F32)`, forward and backward, but the graph keeps neither the widened copy
+/// of `y` (4 bytes per element) nor `y` itself, as an addition's inputs would be kept: the
+/// backward pass reads no values here, so the op records its arguments as graph handles
+/// (candle's `Tensor::graph_handle`, a change of the vendored candle) and the branch's output
+/// is freed when the block's forward returns. Twice per transformer block. Float32 `x` on
+/// the CPU or on a GPU runs the op (on a GPU candle's own cast and addition, the copy freed as
+/// the op returns); anything else, the composition.
 pub fn add_widened(x: &Tensor, y: &Tensor) -> Result<Tensor> {
-    if y.dtype() == x.dtype() || x.dtype() != DType::F32 || x.shape() != y.shape() {
+    if x.dtype() != DType::F32 || x.shape() != y.shape() || !fused(&[x]) {
         return x + y.to_dtype(x.dtype())?;
-    }
-    if !fused(&[x]) {
-        return x + y.to_dtype(DType::F32)?;
     }
     x.contiguous()?.apply_op2(&y.contiguous()?, AddWidened)
 }
@@ -50,6 +50,17 @@ fn widen_add<T: Sync>(x: &[f32], y: &[T], widen: impl Fn(&T) -> f32 + Sync) -> R
 impl CustomOp2 for AddWidened {
     fn name(&self) -> &'static str {
         "add-widened"
+    }
+
+    /// The backward pass passes the gradient on (cast to the branch's dtype): it reads no
+    /// values, so the graph holds its arguments as handles and the branch's output is freed
+    /// once the block's forward returns (PyTorch's addition does not keep it either).
+    fn bwd_reads_args(&self) -> bool {
+        false
+    }
+
+    fn bwd_reads_result(&self) -> bool {
+        false
     }
 
     fn cpu_fwd(
@@ -82,6 +93,10 @@ impl CustomOp2 for AddWidened {
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         // candle's cast and addition kernels; the widened copy lives only inside the op.
+        if s2.dtype() == DType::F32 {
+            let sum = s1.binary_impl::<candle_core::op::Add>(s2, l1, l2)?;
+            return Ok((sum, l1.shape().clone()));
+        }
         let widened = s2.to_dtype(l2, DType::F32)?;
         let sum =
             s1.binary_impl::<candle_core::op::Add>(&widened, l1, &Layout::contiguous(l2.shape()))?;
