@@ -4,9 +4,10 @@
 //! that split it) and to [`crate::memory_estimate`]'s estimate at the given batch and
 //! activation checkpointing.
 //!
-//! With a batch, a one-process training step is also measured: the peak resident bytes of a
-//! step (after a warm-up step, with the allocator's free memory handed back and the kernel's
-//! peak reset) beside the estimate of the same figures.
+//! With a batch, a one-process training step is also measured, and one member's step of each
+//! tensor-parallel degree asked for (its peers stood in for, see [`EchoGroup`]): the peak
+//! resident bytes of a step (after a warm-up step, with the allocator's free memory handed back
+//! and the kernel's peak reset) beside the estimate of the same figures.
 //!
 //! Building a model or a trainer only asks its groups for their rank and size, so a rank of an
 //! 8-way sharding group is built here without the other seven: [`LayoutOnly`] answers rank and size
@@ -26,7 +27,7 @@ use crate::train::schedule::CosineSchedule;
 use crate::train::trainer::{Trainer, TrainerConfig, TrainerGroups, TrainerMemory, ZeroStage};
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
-use coca_common::collective::{Collective, LayoutOnly, SingleProcess};
+use coca_common::collective::{Collective, LayoutOnly, ReduceOp, SingleProcess};
 use std::sync::Arc;
 
 /// One parallel layout of the report.
@@ -48,6 +49,50 @@ impl Layout {
             1 => zero,
             tp => format!("tp {tp}, {zero}"),
         }
+    }
+}
+
+/// Member 0 of a tensor-parallel group of `size` whose peers are taken to hold this member's
+/// own values, so that one process runs one member's training step: an all-reduce leaves the
+/// buffer as it is, an all-gather repeats this member's part, a reduce-scatter keeps its
+/// slice. The numbers are not a real group's; the shapes, and so every buffer of the step,
+/// are. For measuring one member's memory only.
+#[derive(Debug, Clone, Copy)]
+struct EchoGroup {
+    size: usize,
+}
+
+impl Collective for EchoGroup {
+    fn rank(&self) -> usize {
+        0
+    }
+
+    fn size(&self) -> usize {
+        self.size
+    }
+
+    fn all_reduce(&self, _: &mut [f32], _: ReduceOp) -> Result<()> {
+        Ok(())
+    }
+
+    fn all_gather(&self, input: &[f32], output: &mut [f32]) -> Result<()> {
+        for part in output.chunks_mut(input.len().max(1)) {
+            part.copy_from_slice(&input[..part.len()]);
+        }
+        Ok(())
+    }
+
+    fn reduce_scatter(&self, input: &[f32], output: &mut [f32], _: ReduceOp) -> Result<()> {
+        output.copy_from_slice(&input[..output.len()]);
+        Ok(())
+    }
+
+    fn broadcast(&self, _: &mut [f32], _: usize) -> Result<()> {
+        Ok(())
+    }
+
+    fn barrier(&self) -> Result<()> {
+        Ok(())
     }
 }
 
@@ -102,17 +147,26 @@ fn trainer_config() -> TrainerConfig {
 /// one-process line also has the measured step (see [`measure_step`]).
 pub fn run(opts: &MemoryBenchOptions) -> Result<Vec<serde_json::Value>> {
     let config = CocaConfig::resolve(&opts.model)?;
-    // First, while the heap holds nothing else.
-    let measured = match opts.batch {
-        0 => None,
-        batch => Some(measure_step(
-            &config,
-            batch,
-            opts.grad_checkpointing,
-            opts.compute,
-            &opts.device,
-        )?),
-    };
+    // First, while the heap holds nothing else: one process's step, and one member's of each
+    // tensor-parallel degree (its peers stood in for by [`EchoGroup`]).
+    let mut measured = Vec::new();
+    if opts.batch > 0 {
+        let degrees = std::iter::once(1).chain(opts.tensor_parallel.iter().copied());
+        for tp in degrees.filter(|&t| t > 0) {
+            if measured.iter().all(|&(t, _)| t != tp) {
+                let step = measure_step(
+                    &config,
+                    opts.batch,
+                    opts.grad_checkpointing,
+                    opts.compute,
+                    &opts.device,
+                    tp,
+                )
+                .with_context(|| format!("tensor-parallel degree {tp}"))?;
+                measured.push((tp, step));
+            }
+        }
+    }
     let rule = TowerGroups::uniform(1e-5, 0.1);
     let mut layouts = vec![Layout {
         tp: 1,
@@ -196,7 +250,8 @@ pub fn run(opts: &MemoryBenchOptions) -> Result<Vec<serde_json::Value>> {
             "ideal_optimizer_bytes": base.optimizer_state / split,
             "estimate": estimated,
         });
-        if let (Some(step), 1, None) = (&measured, layout.tp, layout.stage) {
+        let step = measured.iter().find(|&&(tp, _)| tp == layout.tp);
+        if let (Some((_, step)), None) = (step, layout.stage) {
             line["measured_step"] = step.report(&estimated, m.gradients as u64);
         }
         lines.push(line);
@@ -269,7 +324,8 @@ impl Probe<'_> {
     }
 }
 
-/// Builds a one-process trainer for `config` on `device` and measures a training step
+/// Builds a one-process trainer for `config` on `device` (member 0 of a `tp`-way tensor-parallel
+/// group above 1, its peers stood in for by [`EchoGroup`]) and measures a training step
 /// (forward, backward, update) on a random batch: a warm-up step touches every buffer; then
 /// the peak is reset (on the CPU after freed memory went back to the kernel) and a second step
 /// is measured.
@@ -279,16 +335,23 @@ pub fn measure_step(
     grad_checkpointing: bool,
     compute: DType,
     device: &Device,
+    tp: usize,
 ) -> Result<StepMemory> {
     let probe = Probe(device);
+    // Memory an earlier measurement freed goes back first.
+    probe.reset()?;
     let baseline = probe.current()?;
+    let group = match tp {
+        1 => TensorParallel::single(),
+        size => TensorParallel::new(Arc::new(EchoGroup { size })),
+    };
     let (mut model, vars) = trainable_model_parallel(
         config,
         None,
         0,
         DType::F32,
         device,
-        &TensorParallel::single().with_autocast(Autocast::new(compute)),
+        &group.with_autocast(Autocast::new(compute)),
     )?;
     model.set_grad_checkpointing(grad_checkpointing);
     let rule = TowerGroups::uniform(1e-5, 0.1);

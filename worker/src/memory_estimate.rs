@@ -249,20 +249,20 @@ impl Block {
         let rounded = u64::from(mixed && tp == 1 && !ops.portable());
         // ln_1 and ln_2 (float32 unless rounded), both residual sums (float32); the output
         // projection and c_proj (compute dtype) and, under autocast, each one's float32 copy
-        // (unless rounded); the group copies and sums under tensor parallelism (float32).
-        // Where the branches join the stream in our op, their outputs (the last of a row
-        // tensors, or all of them at degree 1) and the group sums are not kept.
-        let freed = u64::from(ops.frees_branches());
-        let row_kept = if tp > 1 {
-            row - freed
-        } else {
-            row * (1 - freed)
-        };
+        // (unless rounded); under tensor parallelism the group's copies of both norms, and
+        // each row-parallel product's sum over the group with its float32 copy. Where the
+        // branches join the stream in our op (`OpsPath::frees_branches`), nothing of the
+        // branches is kept: neither the products and their bias sums, nor their float32
+        // copies, nor the group sums.
+        let branch = 1 - u64::from(ops.frees_branches());
         let mut kept = Kept {
             single: t
                 * w
-                * (4 - 2 * rounded + (4 - 2 * freed) * parallel + 2 * extra * (1 - rounded)),
-            half: t * w * (2 * row_kept + 2 * extra),
+                * (4 - 2 * rounded
+                    + 2 * parallel
+                    + 4 * parallel * branch
+                    + 2 * extra * (1 - rounded) * branch),
+            half: t * w * (2 * row * branch + 2 * extra),
         };
         // The heads' copies and the core's output before its heads are merged, unless the core
         // is recomputed.

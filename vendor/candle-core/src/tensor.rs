@@ -2120,7 +2120,7 @@ impl Tensor {
     /// which PyTorch's autograd does not keep either).
     ///
     /// Only where the backward pass reads no values of this tensor anywhere: the tensor itself
-    /// is returned for a variable, a constant, or a result whose own op's backward reads it
+    /// is returned for a variable, or a result whose own op's backward reads it
     /// (an exponential, a square root, a maximum, a custom op unless it says otherwise, ...).
     /// Where this tensor's op reads no values of its arguments either (views and copies:
     /// reshape, transpose, permute, narrow, broadcast, copy; sums and differences, affine maps,
@@ -2134,11 +2134,11 @@ impl Tensor {
         if depth == 0 || self.is_variable {
             return self.clone();
         }
-        let Some(op) = self.op.as_ref() else {
-            return self.clone();
-        };
         let inner = |t: &Tensor| t.handle_within(depth - 1);
-        let op = match op {
+        let op = match self.op.as_ref() {
+            // A constant: no backward reads it.
+            None => BackpropOp::none(),
+            Some(op) => BackpropOp::from_op(match op {
             Op::Reshape(a) => Op::Reshape(inner(a)),
             Op::Copy(a) => Op::Copy(inner(a)),
             Op::Broadcast(a) => Op::Broadcast(inner(a)),
@@ -2159,6 +2159,7 @@ impl Tensor {
             Op::CustomOp2(_, _, c) if !c.bwd_reads_result() => op.clone(),
             Op::CustomOp3(_, _, _, c) if !c.bwd_reads_result() => op.clone(),
             _ => return self.clone(),
+            }),
         };
         // One element rather than none: a device allocator may refuse an empty allocation.
         let Ok(storage) = self.device.zeros(&Shape::from(1usize), self.dtype) else {
@@ -2168,7 +2169,7 @@ impl Tensor {
             id: self.id,
             storage: Arc::new(RwLock::new(storage)),
             layout: self.layout.clone(),
-            op: BackpropOp::from_op(op),
+            op,
             is_variable: false,
             dtype: self.dtype,
             device: self.device.clone(),

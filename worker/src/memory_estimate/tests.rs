@@ -73,7 +73,7 @@ fn is_within_six_percent_of_the_measured_b32_step() {
     // --tensor_parallel 1 --grad_checkpointing False|True`; the README's figures). The
     // issue's bound is 15 %; the estimate is held to 6 % so that drift is noticed.
     let config = CocaConfig::resolve("coca_ViT-B-32").unwrap();
-    for (checkpointing, measured) in [(false, 6_241_406_976u64), (true, 5_429_567_488)] {
+    for (checkpointing, measured) in [(false, 6_248_669_184u64), (true, 5_436_837_888)] {
         let e = estimate(
             &config,
             1,
@@ -94,10 +94,10 @@ fn is_within_six_percent_of_the_measured_b32_step() {
     // Under autocast (`--bf16 True`, `--fp16 True`; the measured peak is above float32's on
     // the CPU), with and without checkpointing.
     for (dtype, checkpointing, measured) in [
-        (DType::BF16, false, 7_970_701_312u64),
-        (DType::BF16, true, 5_601_505_280),
-        (DType::F16, false, 7_904_305_152),
-        (DType::F16, true, 5_605_068_800),
+        (DType::BF16, false, 7_977_955_328u64),
+        (DType::BF16, true, 5_608_890_368),
+        (DType::F16, false, 7_911_530_496),
+        (DType::F16, true, 5_612_023_808),
     ] {
         let e = estimate(
             &config,
@@ -133,8 +133,15 @@ fn is_within_six_percent_of_the_measured_b32_step() {
         OpsPath::Portable { cpu: true },
     )
     .unwrap();
-    let error = e.total_bytes as f64 / 7_720_120_320f64 - 1.0;
+    let error = e.total_bytes as f64 / 7_727_497_216f64 - 1.0;
     assert!(error.abs() < 0.06, "portable ops: {error:+.3}");
+    // One member of a tensor-parallel pair (`--tensor_parallel 2`: its peer stood in for by
+    // `bench_memory`'s echo group), in float32 and under autocast.
+    for (dtype, measured) in [(DType::F32, 3_550_732_288u64), (DType::BF16, 4_529_741_824)] {
+        let e = estimate(&config, 2, 1, None, 8, false, dtype, OpsPath::CpuFused).unwrap();
+        let error = e.total_bytes as f64 / measured as f64 - 1.0;
+        assert!(error.abs() < 0.06, "tp 2 {dtype:?}: {error:+.3}");
+    }
     // Checkpointing keeps a fraction of the activations; nothing else changes.
     let plain = f32_fused(&config, 1, 1, None, 8);
     let checkpointed =

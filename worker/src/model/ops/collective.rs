@@ -152,8 +152,14 @@ impl CustomOp2 for GroupOp {
         }
     }
 
-    /// The backward pass moves gradients; it reads no result (the graph may drop it).
+    /// The backward pass moves gradients: it reads no result and no argument's values (only
+    /// the target's shape), so the graph holds handles and may drop them (a row-parallel
+    /// product, its sum over the group and the sum's copy).
     fn bwd_reads_result(&self) -> bool {
+        false
+    }
+
+    fn bwd_reads_args(&self) -> bool {
         false
     }
 
