@@ -136,11 +136,28 @@ fn is_within_six_percent_of_the_measured_b32_step() {
     let error = e.total_bytes as f64 / 7_727_497_216f64 - 1.0;
     assert!(error.abs() < 0.06, "portable ops: {error:+.3}");
     // One member of a tensor-parallel pair (`--tensor_parallel 2`: its peer stood in for by
-    // `bench_memory`'s echo group), in float32 and under autocast.
-    for (dtype, measured) in [(DType::F32, 3_550_732_288u64), (DType::BF16, 4_529_741_824)] {
-        let e = estimate(&config, 2, 1, None, 8, false, dtype, OpsPath::CpuFused).unwrap();
-        let error = e.total_bytes as f64 / measured as f64 - 1.0;
-        assert!(error.abs() < 0.06, "tp 2 {dtype:?}: {error:+.3}");
+    // `bench_memory`'s echo group), in float32 and under autocast, and with checkpointing
+    // (under by 9.5 %: within the bound, not yet the 6 % held elsewhere).
+    for (dtype, checkpointing, measured, bound) in [
+        (DType::F32, false, 3_550_732_288u64, 0.06),
+        (DType::BF16, false, 4_529_741_824, 0.06),
+        (DType::F32, true, 2_876_653_568, 0.15),
+    ] {
+        let e = estimate(
+            &config,
+            2,
+            1,
+            None,
+            8,
+            checkpointing,
+            dtype,
+            OpsPath::CpuFused,
+        );
+        let error = e.unwrap().total_bytes as f64 / measured as f64 - 1.0;
+        assert!(
+            error.abs() < bound,
+            "tp 2 {dtype:?} {checkpointing}: {error:+.3}"
+        );
     }
     // Checkpointing keeps a fraction of the activations; nothing else changes.
     let plain = f32_fused(&config, 1, 1, None, 8);
