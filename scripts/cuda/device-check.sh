@@ -159,7 +159,8 @@ check l14-seed-batch-memory 300 "$W" bench --device cuda --bf16 True --grad_chec
 check bench-memory-b32 300 "$W" bench-memory --device cuda --model coca_ViT-B-32 --batch 64 \
   --sharding 1 --tensor_parallel 1
 # L-14 at the issue's batch in bf16, where attention's recomputed probabilities matter most
-# (9.7 GB before): the measured peak beside the estimate (42.1 GB).
+# (9.7 GB before): the measured peak beside the estimate (35.1 GB; 42.1 GB before the heads'
+# copies and the branches' outputs stopped being kept).
 check bench-memory-l14-bf16 400 "$W" bench-memory --device cuda --bf16 True \
   --model coca_ViT-L-14 --batch 64 --sharding 1 --tensor_parallel 1
 # Kernel timelines (scripts/cuda/kernel_profile.c, CUPTI) of the bf16 B-32 step and embedding,

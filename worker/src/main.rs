@@ -113,7 +113,8 @@ enum Command {
         #[arg(long, value_delimiter = ',', default_value = "2,4")]
         tensor_parallel: Vec<usize>,
         /// Samples per micro-batch for the activation estimate; above 0, one training step of
-        /// one process is also run and its peak resident memory measured.
+        /// one process, and one of a member of each `--tensor_parallel` degree, is also run and
+        /// its peak resident memory measured.
         #[arg(long, default_value_t = 0)]
         batch: usize,
         /// Activation checkpointing (as `pretrain --grad_checkpointing`).
