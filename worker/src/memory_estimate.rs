@@ -147,7 +147,11 @@ pub fn estimate(
     // its end the gradient is nearly full while, with checkpointing, the last block's
     // recomputation is alive.
     let recomputed = match grad_checkpointing && batch > 0 {
-        true => largest_block_bytes(config, tp.max(1) as u64, batch as u64, compute, ops),
+        true => {
+            let tp = tp.max(1) as u64;
+            let (blocks, _, _) = model_blocks(config, tp, compute != DType::F32, ops);
+            largest_block_bytes(&blocks, tp, batch as u64, compute, ops)
+        }
         false => 0,
     };
     // Every weight but the token embeddings (looked up, not multiplied) is cast once per step;
@@ -526,7 +530,7 @@ pub fn activation_bytes(
             .iter()
             .map(|(b, n)| F32 * n * batch * b.checkpointed_floats())
             .sum();
-        let block = largest_block_bytes(config, tp, batch, compute, ops);
+        let block = largest_block_bytes(&blocks, tp, batch, compute, ops);
         inputs
             + if recompute {
                 block.max(pooler)
@@ -551,16 +555,16 @@ pub fn activation_bytes(
     blocks_bytes + batch * rest.bytes(compute)
 }
 
-/// The largest block's activations with its attention's probabilities, for `batch` samples:
-/// what recomputing a checkpointed block holds (`tp` and `batch` as [`activation_bytes`]).
+/// The largest of `blocks` (from `model_blocks`) with its attention's probabilities, for
+/// `batch` samples: what recomputing a checkpointed block holds (`tp` and `batch` as
+/// [`activation_bytes`]).
 fn largest_block_bytes(
-    config: &CocaConfig,
+    blocks: &[(Block, u64)],
     tp: u64,
     batch: u64,
     compute: DType,
     ops: OpsPath,
 ) -> u64 {
-    let (blocks, _, _) = model_blocks(config, tp, compute != DType::F32, ops);
     // Inside a recomputed block attention's core runs plainly.
     let bytes = |b: &Block| {
         b.kept_bytes(tp, batch, compute, ops, false) + b.probability_bytes(tp, batch, compute, ops)
