@@ -2162,7 +2162,10 @@ impl Tensor {
             }),
         };
         // One element rather than none: a device allocator may refuse an empty allocation.
-        let Ok(storage) = self.device.zeros(&Shape::from(1usize), self.dtype) else {
+        // Left unwritten (no fill kernel per handle on a GPU): nothing reads a handle's values.
+        // SAFETY: the element is never read, only dropped with the storage.
+        let Ok(storage) = (unsafe { self.device.alloc_uninit(&Shape::from(1usize), self.dtype) })
+        else {
             return self.clone();
         };
         Tensor(Arc::new(Tensor_ {
