@@ -66,7 +66,7 @@ fn restart_tunables(
 /// the process replaces itself (`exec`: the same pid, arguments and environment plus the
 /// tunable). Measured on a 2-core Xeon VM, B-32 at batch 8, alternating with and without:
 /// steps of 6.60 s against 6.96 s and 7.97 s against 8.11 s, a run's page faults 2.6 million →
-/// 7,500 (README, Speed). Returns when it does not restart (see `restart_tunables`); a failed
+/// 7,500 (docs/speed-history.md). Returns when it does not restart (see `restart_tunables`); a failed
 /// `exec` is reported and the process goes on.
 pub fn huge_page_heap() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]

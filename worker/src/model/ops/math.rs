@@ -13,7 +13,7 @@
 /// as `exp(-∞)` is everywhere: a masked softmax position is then 0, as in PyTorch, not a
 /// subnormal. Subnormal operands cost Intel CPUs a microcode assist per multiply: one masked
 /// attention's subnormal probabilities, carried into every product of the backward pass, made
-/// a B-32 training step 20× slower on a Xeon (README, Speed). AMD's cores take no such penalty.
+/// a B-32 training step 20× slower on a Xeon (docs/speed-history.md). AMD's cores take no such penalty.
 #[inline(always)]
 pub(crate) fn exp(x: f32) -> f32 {
     /// 1.5 · 2²³: adding it rounds to an integer, which then sits in the low mantissa bits.
