@@ -332,26 +332,6 @@ pub(crate) unsafe fn vec_add_f16(a_row: *const f16, b_row: *const f16, c: *mut f
 }
 
 #[target_feature(enable = "avx2")]
-pub(crate) unsafe fn vec_add_bf16(a_row: *const bf16, b_row: *const bf16, c: *mut bf16, k: usize) {
-    let mut i = 0;
-    while i + CurrentCpuBF16::STEP <= k {
-        for j in 0..CurrentCpuBF16::ARR {
-            CurrentCpuBF16::vec_store(
-                c.add(i + j * CurrentCpuBF16::EPR),
-                CurrentCpuBF16::vec_add(
-                    CurrentCpuBF16::load(a_row.add(i + j * CurrentCpuBF16::EPR)),
-                    CurrentCpuBF16::load(b_row.add(i + j * CurrentCpuBF16::EPR)),
-                ),
-            );
-        }
-        i += CurrentCpuBF16::STEP;
-    }
-    for j in i..k {
-        *c.add(j) = *a_row.add(j) + *b_row.add(j);
-    }
-}
-
-#[target_feature(enable = "avx2")]
 pub(crate) unsafe fn vec_scalar_add_f16(scalar: f16, xs: *const f16, ys: *mut f16, k: usize) {
     let sv = CurrentCpuF16::from_f32(scalar.to_f32());
     let mut i = 0;

@@ -183,9 +183,16 @@ impl VecOps for half::bf16 {
         Self::max(self, other)
     }
 
+    // coca: one loop the compiler vectorises, each sum widened, added and rounded by `half`
+    // (round to nearest even) as `bf16 + bf16` does. 0.11.1's x86 path called an AVX-512 BF16
+    // conversion per 8 elements through a CPU-feature check (a sixth of a bf16 training step,
+    // in the linear layers' bias additions), and flushed subnormal results to zero where that
+    // instruction exists but not elsewhere; now every CPU gives `half`'s values.
     #[inline(always)]
     fn vec_add(lhs: &[Self], rhs: &[Self], res: &mut [Self]) {
-        unsafe { super::vec_add_bf16(lhs.as_ptr(), rhs.as_ptr(), res.as_mut_ptr(), lhs.len()) }
+        for ((&a, &b), y) in lhs.iter().zip(rhs).zip(res) {
+            *y = Self::from_f32(a.to_f32() + b.to_f32());
+        }
     }
 
     fn vec_mul(lhs: &[Self], rhs: &[Self], res: &mut [Self]) {

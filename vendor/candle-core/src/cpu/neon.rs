@@ -536,27 +536,6 @@ pub(crate) unsafe fn vec_add_f16(a_row: *const f16, b_row: *const f16, c: *mut f
     }
 }
 
-pub(crate) unsafe fn vec_add_bf16(a_row: *const bf16, b_row: *const bf16, c: *mut bf16, k: usize) {
-    // Widen to f32, add, narrow. The bfdot-specialized CurrentCpuBF16 keeps raw bf16 bits in
-    // its Unit and its vec_add interprets them as f32 lanes, so it must not be used here.
-    let mut i = 0;
-    while i + 8 <= k {
-        let a = vld1q_u16(a_row.add(i) as *const u16);
-        let b = vld1q_u16(b_row.add(i) as *const u16);
-        let a_lo = vreinterpretq_f32_u32(vshll_n_u16::<16>(vget_low_u16(a)));
-        let a_hi = vreinterpretq_f32_u32(vshll_high_n_u16::<16>(a));
-        let b_lo = vreinterpretq_f32_u32(vshll_n_u16::<16>(vget_low_u16(b)));
-        let b_hi = vreinterpretq_f32_u32(vshll_high_n_u16::<16>(b));
-        let lo = vshrn_n_u32::<16>(vreinterpretq_u32_f32(vaddq_f32(a_lo, b_lo)));
-        let hi = vshrn_n_u32::<16>(vreinterpretq_u32_f32(vaddq_f32(a_hi, b_hi)));
-        vst1q_u16(c.add(i) as *mut u16, vcombine_u16(lo, hi));
-        i += 8;
-    }
-    for j in i..k {
-        *c.add(j) = *a_row.add(j) + *b_row.add(j);
-    }
-}
-
 pub(crate) unsafe fn vec_scalar_add_f16(scalar: f16, xs: *const f16, ys: *mut f16, k: usize) {
     let sv = CurrentCpuF16::from_f32(scalar.to_f32());
     let mut i = 0;

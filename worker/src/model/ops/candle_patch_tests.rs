@@ -1,8 +1,9 @@
 //! The vendored candle-core's changes (vendor/README.md), checked where this crate uses them:
-//! transposed copies, unfilled product outputs, slices' gradients, the freeing backward and
-//! graph handles.
+//! transposed copies, unfilled product outputs, slices' gradients, the freeing backward,
+//! graph handles, and the half-precision conversions and additions.
 
 use candle_core::{DType, Device, Tensor, Var};
+use half::{bf16, f16};
 
 #[test]
 fn transposed_views_are_copied_exactly_by_the_patched_candle() {
@@ -346,4 +347,188 @@ fn a_branch_added_to_the_residual_stream_is_not_kept_by_the_graph() {
             assert_eq!(diff, 0.0, "{dtype:?} {:?}", v.dims());
         }
     }
+}
+
+/// `n` float32 values covering what the conversions must round alike: ties at every bf16 and
+/// f16 rounding position, subnormals of each type, ±0, ±∞, NaN, values beyond f16's range.
+fn conversion_values(n: usize) -> Vec<f32> {
+    let specials = [
+        0.0,
+        -0.0,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        f32::MIN_POSITIVE / 3.0,
+        1e-39,
+        -5e-40,
+        6e-8,
+        70000.0,
+        -1e30,
+        1.0 + f32::EPSILON * 64.0, // a tie for bf16 (1 + 2⁻¹⁷·… halfway)
+    ];
+    (0..n as u32)
+        .map(|i| match i as usize % 97 {
+            k if k < specials.len() => specials[k],
+            _ => {
+                let h = i.wrapping_mul(2_654_435_761) ^ (i >> 7);
+                // Any bit pattern with a finite exponent: halves land on rounding ties.
+                let bits = h & 0x807f_ffff | ((h >> 9) % 254 + 1) << 23;
+                f32::from_bits(bits)
+            }
+        })
+        .collect()
+}
+
+fn bits<T: Copy, const N: usize>(v: &[T], to: fn(T) -> [u8; N]) -> Vec<[u8; N]> {
+    v.iter().map(|&x| to(x)).collect()
+}
+
+#[test]
+fn half_precision_conversions_split_over_threads_give_the_elementwise_values() {
+    // vendor/candle-core change 10 converts between float32 and the half types in parallel
+    // chunks (at 64 Ki elements and above); every element must still be `half`'s conversion,
+    // NaN included (compared as bits). Odd lengths, a view with an offset, a transposed view.
+    for n in [5, 65_536 + 3, 3 * 65_536 + 1001] {
+        let values = conversion_values(n);
+        let t = Tensor::from_vec(values.clone(), n, &Device::Cpu).unwrap();
+        let b: Vec<bf16> = t.to_dtype(DType::BF16).unwrap().to_vec1().unwrap();
+        let want_b: Vec<bf16> = values.iter().map(|&v| bf16::from_f32(v)).collect();
+        assert_eq!(
+            bits(&b, bf16::to_le_bytes),
+            bits(&want_b, bf16::to_le_bytes)
+        );
+        let h: Vec<f16> = t.to_dtype(DType::F16).unwrap().to_vec1().unwrap();
+        let want_h: Vec<f16> = values.iter().map(|&v| f16::from_f32(v)).collect();
+        assert_eq!(bits(&h, f16::to_le_bytes), bits(&want_h, f16::to_le_bytes));
+        for (half, want) in [
+            (
+                Tensor::new(want_b.as_slice(), &Device::Cpu).unwrap(),
+                want_b.iter().map(|v| v.to_f32()).collect::<Vec<_>>(),
+            ),
+            (
+                Tensor::new(want_h.as_slice(), &Device::Cpu).unwrap(),
+                want_h.iter().map(|v| v.to_f32()).collect(),
+            ),
+        ] {
+            let back: Vec<f32> = half.to_dtype(DType::F32).unwrap().to_vec1().unwrap();
+            assert_eq!(bits(&back, f32::to_le_bytes), bits(&want, f32::to_le_bytes));
+        }
+    }
+    // Strided views take the elementwise path: the same values.
+    let values = conversion_values(300 * 301);
+    let m = Tensor::from_vec(values.clone(), (300, 301), &Device::Cpu).unwrap();
+    let view = m.narrow(1, 1, 299).unwrap().t().unwrap();
+    let got: Vec<bf16> = view
+        .to_dtype(DType::BF16)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let want: Vec<bf16> = (0..299)
+        .flat_map(|j| (0..300).map(move |i| (i, j)))
+        .map(|(i, j)| bf16::from_f32(values[i * 301 + 1 + j]))
+        .collect();
+    assert_eq!(
+        bits(&got, bf16::to_le_bytes),
+        bits(&want, bf16::to_le_bytes)
+    );
+}
+
+#[test]
+fn bf16_products_and_sums_round_as_half_does_on_every_cpu() {
+    // A bf16 product is computed in float32 and rounded once (the operands and the result
+    // converted in parallel, change 10); a bf16 addition rounds each sum as `bf16 + bf16`
+    // does, subnormal results included (0.11.1's AVX-512 BF16 path flushed them to zero on
+    // CPUs that have it, so this fails there with its vec_add restored).
+    let (m, k, n) = (70, 300, 1000); // the product's output over the parallel threshold
+    let a: Vec<bf16> = conversion_values(m * k)
+        .iter()
+        .map(|&v| bf16::from_f32(v.clamp(-4.0, 4.0)))
+        .collect();
+    let b: Vec<bf16> = conversion_values(k * n + 7)[7..]
+        .iter()
+        .map(|&v| bf16::from_f32(v.clamp(-4.0, 4.0)))
+        .collect();
+    let ta = Tensor::from_vec(a.clone(), (m, k), &Device::Cpu).unwrap();
+    let tb = Tensor::from_vec(b.clone(), (k, n), &Device::Cpu).unwrap();
+    let got: Vec<bf16> = ta
+        .matmul(&tb)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let a32 = ta.to_dtype(DType::F32).unwrap();
+    let b32 = tb.to_dtype(DType::F32).unwrap();
+    let want: Vec<bf16> = a32
+        .matmul(&b32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|&v| bf16::from_f32(v))
+        .collect();
+    assert_eq!(
+        bits(&got, bf16::to_le_bytes),
+        bits(&want, bf16::to_le_bytes)
+    );
+
+    // Additions: rows plus a broadcast bias (the linear layers' path) and two whole tensors,
+    // with pairs whose sums are bf16 subnormals.
+    let (rows, cols) = (40, 3000);
+    let tiny = [3e-39f32, 2e-39, -1e-39, 4e-40];
+    let x: Vec<bf16> = (0..rows * cols)
+        .map(|i| {
+            bf16::from_f32(if i % 5 == 0 {
+                tiny[i % 4]
+            } else {
+                conversion_values(1 + i % 97)[i % 97]
+            })
+        })
+        .collect();
+    let bias: Vec<bf16> = (0..cols)
+        .map(|j| {
+            bf16::from_f32(if j % 2 == 0 {
+                tiny[(j / 2) % 4]
+            } else {
+                j as f32 * 0.37 - 50.0
+            })
+        })
+        .collect();
+    let tx = Tensor::from_vec(x.clone(), (rows, cols), &Device::Cpu).unwrap();
+    let tbias = Tensor::from_vec(bias.clone(), cols, &Device::Cpu).unwrap();
+    let sum = |p: bf16, q: bf16| bf16::from_f32(p.to_f32() + q.to_f32());
+    let got: Vec<bf16> = tx
+        .broadcast_add(&tbias)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let want: Vec<bf16> = (0..rows * cols)
+        .map(|i| sum(x[i], bias[i % cols]))
+        .collect();
+    assert!(
+        want.iter()
+            .any(|v| v.to_f32() != 0.0 && v.to_f32().abs() < f32::MIN_POSITIVE),
+        "the case must produce subnormal sums"
+    );
+    assert_eq!(
+        bits(&got, bf16::to_le_bytes),
+        bits(&want, bf16::to_le_bytes)
+    );
+    let got: Vec<bf16> = (&tx + &tx)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let want: Vec<bf16> = x.iter().map(|&v| sum(v, v)).collect();
+    assert_eq!(
+        bits(&got, bf16::to_le_bytes),
+        bits(&want, bf16::to_le_bytes)
+    );
 }
