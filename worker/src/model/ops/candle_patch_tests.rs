@@ -349,8 +349,8 @@ fn a_branch_added_to_the_residual_stream_is_not_kept_by_the_graph() {
     }
 }
 
-/// `n` float32 values covering what the conversions must round alike: ties at every bf16 and
-/// f16 rounding position, subnormals of each type, ±0, ±∞, NaN, values beyond f16's range.
+/// `n` float32 values covering what the conversions must round alike: bf16 and f16 rounding
+/// ties, subnormals of each type, ±0, ±∞, NaN, values beyond f16's range.
 fn conversion_values(n: usize) -> Vec<f32> {
     let specials = [
         0.0,
@@ -364,7 +364,9 @@ fn conversion_values(n: usize) -> Vec<f32> {
         6e-8,
         70000.0,
         -1e30,
-        1.0 + f32::EPSILON * 64.0, // a tie for bf16 (1 + 2⁻¹⁷·… halfway)
+        f32::from_bits(0x3F80_8000), // 1 + 2⁻⁸: halfway between two bf16 values, rounds down to even
+        f32::from_bits(0x3F81_8000), // 1 + 3·2⁻⁸: a bf16 tie that rounds up to even
+        f32::from_bits(0x3F80_1000), // 1 + 2⁻¹¹: halfway between two f16 values
     ];
     (0..n as u32)
         .map(|i| match i as usize % 97 {
