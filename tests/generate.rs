@@ -10,8 +10,8 @@ use coca_worker::eval::generate::{
     generate_with, CachedDecoder, DecodePrecision, DecodeWeights, GenerateOptions, GenerationType,
     RecomputeDecoder, StepDecoder, TensorCacheDecoder,
 };
-use coca_worker::model::trainable::trainable_model;
 use coca_worker::model::{CoCa, CocaConfig};
+use coca_worker::train::trainable::trainable_model;
 use std::collections::HashMap;
 
 fn random_model() -> (CoCa, Tensor) {
@@ -271,7 +271,7 @@ fn row_kernels_caption_a_bf16_autocast_model() {
     use coca_worker::eval::generate::{generate_using, Decoding};
     use coca_worker::model::autocast::Autocast;
     use coca_worker::model::tensor_parallel::TensorParallel;
-    use coca_worker::model::trainable::trainable_model_parallel;
+    use coca_worker::train::trainable::trainable_model_parallel;
     let config = CocaConfig::resolve("coca_demo").unwrap();
     let tp = TensorParallel::single().with_autocast(Autocast::new(DType::BF16));
     let (model, _vars) =

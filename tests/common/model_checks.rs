@@ -68,7 +68,7 @@ pub fn assert_gradients_match() {
     let weights = super::load_on(&dir.join("weights.safetensors"), &device);
     let io = super::load_on(&dir.join("io.safetensors"), &device);
     let names: Vec<String> = weights.keys().cloned().collect();
-    let (model, vars) = coca_worker::model::trainable::trainable_model(
+    let (model, vars) = coca_worker::train::trainable::trainable_model(
         &config,
         Some(weights),
         0,

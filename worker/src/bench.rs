@@ -11,11 +11,11 @@ use crate::eval::generate::{
 use crate::kernel_profile::KernelWindows;
 use crate::model::autocast::Autocast;
 use crate::model::tensor_parallel::TensorParallel;
-use crate::model::trainable::trainable_model_parallel;
 use crate::model::{CoCa, CocaConfig, CocaLossConfig};
 use crate::train::adamw::AdamWConfig;
 use crate::train::groups::TowerGroups;
 use crate::train::schedule::CosineSchedule;
+use crate::train::trainable::trainable_model_parallel;
 use crate::train::trainer::{Trainer, TrainerConfig};
 use anyhow::{ensure, Result};
 use candle_core::{DType, Device, Tensor};

@@ -10,9 +10,9 @@ use coca_worker::model::attention::MultiheadAttention;
 use coca_worker::model::autocast::Autocast;
 use coca_worker::model::layers::{LayerNorm, Linear, Mlp};
 use coca_worker::model::tensor_parallel::TensorParallel;
-use coca_worker::model::trainable::trainable_model_parallel;
 use coca_worker::model::transformer::{BlockShape, ResidualAttentionBlock};
 use coca_worker::model::{coca_loss, CocaConfig, CocaLossConfig};
+use coca_worker::train::trainable::trainable_model_parallel;
 
 const TINY: &str = include_str!("data/tiny_config.json");
 

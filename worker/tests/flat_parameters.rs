@@ -5,11 +5,11 @@ use candle_core::{DType, Device, Tensor};
 use coca_worker::comm::PlacementRule;
 use coca_worker::compare::max_abs_diff;
 use coca_worker::model::group_loss::ContrastiveSpan;
-use coca_worker::model::trainable::trainable_model;
 use coca_worker::model::{CocaConfig, CocaLossConfig};
 use coca_worker::train::adamw::AdamWConfig;
 use coca_worker::train::groups::TowerGroups;
 use coca_worker::train::schedule::CosineSchedule;
+use coca_worker::train::trainable::trainable_model;
 use coca_worker::train::trainer::{Trainer, TrainerConfig};
 use std::collections::HashMap;
 
@@ -32,7 +32,7 @@ fn trainer_config(buffers: PlacementRule) -> TrainerConfig {
 }
 
 /// Every variable's values, copied out of the shared buffer.
-fn snapshot(vars: &coca_worker::model::trainable::TrainableWeights) -> HashMap<String, Tensor> {
+fn snapshot(vars: &coca_worker::train::trainable::TrainableWeights) -> HashMap<String, Tensor> {
     vars.tensors()
         .into_iter()
         .map(|(n, t)| (n, t.copy().unwrap()))

@@ -15,7 +15,6 @@ pub mod ops;
 pub mod pooler;
 pub mod tensor_parallel;
 pub mod text;
-pub mod trainable;
 pub mod transformer;
 pub mod vision;
 

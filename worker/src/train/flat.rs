@@ -47,7 +47,7 @@ pub struct FlatParams {
 /// The flat layout of named parameters: `named` is sorted by name in place (so every process
 /// lays out the same parameters alike) and each is placed after the ones before it. Returns
 /// the offsets, in the sorted order, and the total length. The model's variables are made
-/// views of one buffer in this layout ([`crate::model::trainable`]) and the trainer's segments
+/// views of one buffer in this layout ([`crate::train::trainable`]) and the trainer's segments
 /// follow it ([`FlatParams::new`]).
 pub fn lay_out_by_name<T>(
     named: &mut [(String, T)],
@@ -122,7 +122,7 @@ impl FlatParams {
 
     /// Checks that `flat` is the buffer the variables view, in this layout: as long as all
     /// of them, each variable a contiguous view at its segment's offset (what
-    /// [`crate::model::trainable`] makes), so that updating `flat` updates them.
+    /// [`crate::train::trainable`] makes), so that updating `flat` updates them.
     pub fn check_views_of(&self, flat: &Tensor) -> Result<()> {
         ensure!(
             flat.rank() == 1 && flat.elem_count() == self.total && flat.dtype() == DType::F32,

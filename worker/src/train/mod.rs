@@ -9,4 +9,5 @@ pub mod moments;
 pub mod norm;
 pub mod partition;
 pub mod schedule;
+pub mod trainable;
 pub mod trainer;

@@ -18,8 +18,8 @@ use super::partition::Partition;
 use super::schedule::CosineSchedule;
 use crate::comm::{Communicator, FlatBuffer, HostTransport, PlacementRule};
 use crate::model::group_loss::{coca_group_loss, ContrastiveSpan, LossValues};
-use crate::model::trainable::TrainableWeights;
 use crate::model::{CoCa, CocaLossConfig};
+use crate::train::trainable::TrainableWeights;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use coca_common::collective::ReduceOp;
@@ -126,7 +126,7 @@ pub struct Trainer {
 }
 
 impl Trainer {
-    /// Wraps a trainable model (from [`crate::model::trainable::trainable_model`]) for one
+    /// Wraps a trainable model (from [`crate::train::trainable::trainable_model`]) for one
     /// process.
     pub fn new(
         model: CoCa,

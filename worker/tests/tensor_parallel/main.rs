@@ -20,8 +20,8 @@ use coca_worker::model::tensor_parallel::{
     check_degree, gather_state_dict, local_parameter_shapes, shard_state_dict, split_of,
     vocab_parallel_cross_entropy, vocab_parallel_cross_entropy_portable, TensorParallel,
 };
-use coca_worker::model::trainable::{trainable_model, trainable_model_parallel, TrainableWeights};
 use coca_worker::model::{coca_loss, CoCa, CocaConfig, CocaLossConfig, CocaOutput};
+use coca_worker::train::trainable::{trainable_model, trainable_model_parallel, TrainableWeights};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -333,7 +333,7 @@ fn compare_forward(what: &str, ours: &Forward, reference: &Forward, tol: f32) {
 /// Every gradient of the full CoCa loss by parameter name, from a trainable model.
 fn gradients(
     model: &CoCa,
-    vars: &coca_worker::model::trainable::TrainableWeights,
+    vars: &coca_worker::train::trainable::TrainableWeights,
     images: &Tensor,
     text: &Tensor,
 ) -> (HashMap<String, Tensor>, f32) {

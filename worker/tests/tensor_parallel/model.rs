@@ -174,10 +174,10 @@ fn over_the_ring_forward_and_gradients_match_unsplit() {
 #[test]
 fn trainer_steps_under_tensor_parallelism_match_unsplit() {
     use coca_worker::comm::PlacementRule;
-    use coca_worker::model::trainable::TrainableWeights;
     use coca_worker::train::adamw::AdamWConfig;
     use coca_worker::train::groups::TowerGroups;
     use coca_worker::train::schedule::CosineSchedule;
+    use coca_worker::train::trainable::TrainableWeights;
     use coca_worker::train::trainer::{Trainer, TrainerConfig};
     let config = four_head_config();
     let (images, text) = four_head_inputs();

@@ -1,11 +1,12 @@
-//! Building a model whose weights are trainable variables, initialised reproducibly.
+//! Building a model whose weights are the trainer's variables (in float32, views of its flat
+//! parameter buffer, [`super::flat`]), initialised reproducibly.
 
-use super::coca::CoCa;
-use super::config::CocaConfig;
+use super::flat::lay_out_by_name;
+use crate::model::coca::CoCa;
+use crate::model::config::CocaConfig;
 use crate::model::manifest::parameter_shapes_for;
 use crate::model::tensor_parallel::{full_shape, shard_tensor, split_of, TensorParallel};
 use crate::rng::{hash_str, mix_seed, SplitMix64};
-use crate::train::flat::lay_out_by_name;
 use candle_core::{DType, Device, Result, Shape, Tensor, Var};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
