@@ -32,8 +32,8 @@ pub use coca_common::memory_estimate::MemoryEstimate;
 /// Which implementation of the model's ops a step runs, which changes what its graph keeps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OpsPath {
-    /// The CPU's fused kernels for float32 inputs (half-precision inputs of the softmax and
-    /// the GELU take the compositions), and `c_proj`'s weight transposed into a float32 copy.
+    /// The CPU's fused kernels (float32; half-precision inputs are widened to float32 copies
+    /// first), and `c_proj`'s weight transposed into a float32 copy.
     CpuFused,
     /// Our CUDA kernels (`worker/kernels/fused_ops.cu`) for every float dtype: a GPU in the
     /// `cuda` build.
@@ -63,14 +63,24 @@ impl OpsPath {
         matches!(self, Self::Portable { .. })
     }
 
-    /// Whether the softmax and the GELU run as compositions for inputs in the compute dtype
-    /// (`mixed`: half precision).
-    fn composes_softmax_and_gelu(self, mixed: bool) -> bool {
+    /// Float32 copies a softmax keeps besides its output, per score: the composition's
+    /// (scaled, masked, shifted, exponentiated, and the float32 copy of half-precision
+    /// scores); on the CPU's fused path, the float32 copy of half-precision scores its kernel
+    /// reads ([`crate::model::ops::masked_softmax`]); none in our CUDA kernels, which read the
+    /// compute dtype.
+    fn softmax_extra(self, masked: bool, mixed: bool) -> u64 {
         match self {
-            Self::Portable { .. } => true,
-            Self::CpuFused => mixed,
-            Self::CudaFused => false,
+            Self::Portable { .. } => 3 + u64::from(masked) + u64::from(mixed),
+            Self::CpuFused => u64::from(mixed),
+            Self::CudaFused => 0,
         }
+    }
+
+    /// Whether a half-precision GELU input is widened to a float32 copy, kept with the float32
+    /// result beside the rounded one: the CPU's kernel and the composition compute on float32
+    /// copies, our CUDA kernel reads the compute dtype.
+    fn widens_gelu(self, mixed: bool) -> bool {
+        mixed && !matches!(self, Self::CudaFused)
     }
 
     /// Whether training recomputes attention's probabilities in the backward pass instead of
@@ -288,7 +298,7 @@ impl Block {
             // ln_1 and ln_2, and a cross block's ln_1_kv over the keys.
             kept.single += LAYER_NORM_EXTRA * (2 * t * w + u64::from(self.cross) * s * w);
         }
-        if ops.composes_softmax_and_gelu(mixed) && mixed {
+        if ops.widens_gelu(mixed) {
             // The GELU's float32 input copy and result.
             kept.single += 2 * t * self.hidden / tp;
         }
@@ -380,20 +390,12 @@ fn attention_probabilities(
         single: scores,
         half: scores * (u64::from(!ops.fuses_products(mixed)) + u64::from(mixed)),
     };
-    if ops.composes_softmax_and_gelu(mixed) {
-        kept.single += scores * softmax_extra(masked, mixed);
-    }
+    kept.single += scores * ops.softmax_extra(masked, mixed);
     kept
 }
 
 /// Float32 copies a composed layer norm keeps besides its output, per normalised element.
 const LAYER_NORM_EXTRA: u64 = 4;
-
-/// Float32 copies a composed softmax keeps besides its output, per score: scaled, masked,
-/// shifted, exponentiated, and the float32 copy of half-precision scores.
-fn softmax_extra(masked: bool, mixed: bool) -> u64 {
-    3 + u64::from(masked) + u64::from(mixed)
-}
 
 /// Every transformer block of the model (with how many of it), the floats per sample of
 /// everything else the graph keeps, and the attentional pooler's probabilities.

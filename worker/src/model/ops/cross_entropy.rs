@@ -2,7 +2,9 @@
 //! whole vocabulary, or over the slice of it one tensor-parallel member holds.
 
 use super::math::exp;
-use super::{f32_data, fused, portable, u32_data, VocabSlice, ROWS_PER_TASK};
+use super::{
+    f32_data, fused, portable, u32_data, widened, widened_on_cpu, VocabSlice, ROWS_PER_TASK,
+};
 use crate::multiversion;
 use crate::simd::{lane_max, lane_sum, KernelFamily};
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
@@ -25,6 +27,9 @@ pub fn cross_entropy_rows(
 ) -> Result<Tensor> {
     let (n, v) = logits.dims2()?;
     check_targets("cross_entropy_rows", targets, n, v)?;
+    if widened_on_cpu(&[logits]) {
+        return cross_entropy_rows(&widened(logits)?, targets, ignore);
+    }
     if !fused(&[logits]) {
         return portable::cross_entropy_rows(logits, targets, ignore);
     }
@@ -52,6 +57,9 @@ pub fn cross_entropy_stats(
     let (n, v) = logits.dims2()?;
     check_targets("cross_entropy_stats", targets, n, v)?;
     slice.check("cross_entropy_stats", v)?;
+    if widened_on_cpu(&[logits]) {
+        return cross_entropy_stats(&widened(logits)?, targets, ignore, slice);
+    }
     if !fused(&[logits]) {
         return portable::cross_entropy_stats(logits, targets, ignore, slice);
     }

@@ -1,7 +1,8 @@
 //! Which implementation an op runs: the fused CPU kernel or the portable composition.
 //!
 //! The fused kernels exist for float32 on the CPU and, in the `cuda` build, for float32,
-//! bfloat16 and float16 on a GPU (the transpose copy: on the CPU only); everything else takes
+//! bfloat16 and float16 on a GPU (the transpose copy: on the CPU only). Half-precision inputs on
+//! the CPU run the CPU's kernels on float32 copies ([`widened_on_cpu`]); everything else takes
 //! the portable path. `COCA_PORTABLE_OPS=1` (read once per process) or [`force_portable`] sends
 //! every op down the portable path on the CPU too, so the math the GPU runs is tested here.
 
@@ -60,6 +61,26 @@ pub(crate) fn fused(tensors: &[&Tensor]) -> bool {
         !portable_forced()
             && (tensors.iter().all(|t| on_cpu_in_f32(t)) || tensors.iter().all(|t| on_cuda(t))),
     )
+}
+
+/// Whether an op runs its fused float32 CPU kernels on float32 copies of `tensors`: all on the
+/// CPU, each float32, bfloat16 or float16 and not all float32 (autocast's half-precision
+/// products return them), and the portable path not forced. Widening is exact and the op's
+/// portable composition widens them too, so the numbers are the portable path's up to the
+/// float32 rounding of each; the fused kernels take one pass where the composition takes
+/// several, each with a temporary kept for the backward pass.
+pub(crate) fn widened_on_cpu(tensors: &[&Tensor]) -> bool {
+    !portable_forced()
+        && tensors.iter().all(|t| {
+            t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::BF16 | DType::F16)
+        })
+        && tensors.iter().any(|t| t.dtype() != DType::F32)
+}
+
+/// `t` in float32 (a copy when it is not): the input of a fused CPU kernel that
+/// [`widened_on_cpu`] chose.
+pub(crate) fn widened(t: &Tensor) -> candle_core::Result<Tensor> {
+    t.to_dtype(DType::F32)
 }
 
 /// Whether an op with CPU kernels only (the transpose copy) runs them over `tensors`: every

@@ -5,7 +5,7 @@
 //! on AVX2): libm's `erff` was the forward's largest cost after the matrix products.
 
 use super::math::{erf, exp};
-use super::{f32_data, fused, portable, written_f32};
+use super::{f32_data, fused, portable, widened, widened_on_cpu, written_f32};
 use crate::multiversion;
 use crate::simd::KernelFamily;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
@@ -21,6 +21,9 @@ const INV_SQRT_2PI: f32 = 0.398_942_3;
 /// on a GPU, runs the fused kernel (with a fused backward); anything else runs
 /// [`super::portable::gelu_erf`]. Both keep the input's dtype.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    if widened_on_cpu(&[x]) {
+        return gelu_erf(&widened(x)?)?.to_dtype(x.dtype());
+    }
     if !fused(&[x]) {
         return portable::gelu_erf(x);
     }

@@ -1,6 +1,6 @@
 //! Layer normalisation over the last dimension with affine weight and bias.
 
-use super::{f32_contiguous, f32_data, fused, portable, ROWS_PER_TASK};
+use super::{f32_contiguous, f32_data, fused, portable, widened, widened_on_cpu, ROWS_PER_TASK};
 use crate::multiversion;
 use crate::simd::{lane_sum, lane_sum2, lane_sum3, KernelFamily};
 use candle_core::backend::BackendStorage;
@@ -28,6 +28,10 @@ pub fn layer_norm_to(
     out: DType,
 ) -> Result<Tensor> {
     check_affine(x, weight, bias)?;
+    if widened_on_cpu(&[x, weight, bias]) {
+        let (x, weight, bias) = (widened(x)?, widened(weight)?, widened(bias)?);
+        return layer_norm_to(&x, &weight, &bias, eps, out);
+    }
     if !fused(&[x, weight, bias]) {
         let y = portable::layer_norm(x, weight, bias, eps)?;
         return if y.dtype() == out {

@@ -1,7 +1,8 @@
 //! The ops the model spends its time in, each in two implementations chosen per call:
 //!
-//! - **Fused kernels** with hand-written backward passes: on the CPU for float32 tensors, and
-//!   in the `cuda` build on a GPU for float32, bfloat16 and float16 (`worker/kernels/
+//! - **Fused kernels** with hand-written backward passes: on the CPU for float32 tensors
+//!   (bfloat16 and float16 inputs, which autocast's products return, are widened to float32
+//!   copies first), and in the `cuda` build on a GPU for float32, bfloat16 and float16 (`worker/kernels/
 //!   fused_ops.cu`, launched with the geometry of [`launch`] and run on the CPU by emulation in
 //!   `worker/tests/cuda_kernels_emulated.rs`); inputs made contiguous where they are not.
 //!   candle 0.11's fused `LayerNorm`, `ops::layer_norm`, `ops::softmax_last_dim` and
@@ -56,7 +57,7 @@ pub use cross_entropy::{cross_entropy_rows, cross_entropy_stats};
 #[cfg(feature = "cuda")]
 pub(crate) use cuda::{adam_moment, adamw_param};
 pub use dispatch::{force_portable, fused_dispatches, portable_forced, PORTABLE_OPS_ENV};
-pub(crate) use dispatch::{fused, fused_on_cpu};
+pub(crate) use dispatch::{fused, fused_on_cpu, widened, widened_on_cpu};
 pub use embedding::{embedding, embedding_slice};
 pub use gelu::gelu_erf;
 pub(crate) use gelu::gelu_erf_value;

@@ -330,9 +330,121 @@ fn layer_norm_of_bf16_with_a_large_mean_uses_float32_statistics() {
 fn dispatch_takes_the_fused_kernel_for_float32_on_the_cpu_only() {
     let x = rand(&[2, 3], 30);
     let h = x.to_dtype(DType::BF16).unwrap();
+    let f = x.to_dtype(DType::F16).unwrap();
+    let d = x.to_dtype(DType::F64).unwrap();
     assert_eq!(dispatch::fused(&[&x]), !portable_forced());
     assert!(!dispatch::fused(&[&h]));
     assert!(!dispatch::fused(&[&x, &h]));
+    // Half precision on the CPU widens to float32 copies for the fused kernels; float32 alone
+    // needs no copy, float64 is not narrowed.
+    for (tensors, widened) in [
+        (vec![&h], true),
+        (vec![&x, &h], true),
+        (vec![&f, &x], true),
+        (vec![&x], false),
+        (vec![&d], false),
+        (vec![&h, &d], false),
+    ] {
+        let dtypes: Vec<DType> = tensors.iter().map(|t| t.dtype()).collect();
+        assert_eq!(
+            dispatch::widened_on_cpu(&tensors),
+            widened && !portable_forced(),
+            "{dtypes:?}"
+        );
+    }
+}
+
+/// Runs `op` and the portable composition `portable` on half-precision `inputs` and asserts
+/// that `op` ran a fused kernel (on float32 copies), that both return and differentiate in the
+/// same dtypes, and that they agree within `TOL` in float32 results and within one rounding
+/// of the half dtype (`half_tol`, relative to the larger of 1 and the largest element) in
+/// half-precision ones.
+fn assert_half_matches_portable(
+    what: &str,
+    inputs: &[Tensor],
+    half_tol: f32,
+    op: impl Fn(&[Tensor]) -> Tensor,
+    portable: impl Fn(&[Tensor]) -> Tensor,
+) {
+    assert!(
+        !portable_forced(),
+        "unset {PORTABLE_OPS_ENV}: these tests compare with the fused kernels"
+    );
+    let before = fused_dispatches();
+    let (out, grads) = value_and_grads(inputs, op);
+    assert!(fused_dispatches() > before, "{what}: no fused kernel ran");
+    let (p_out, p_grads) = value_and_grads(inputs, portable);
+    let pairs = std::iter::once((&out, &p_out)).chain(grads.iter().zip(&p_grads));
+    for (i, (ours, theirs)) in pairs.enumerate() {
+        let part = if i == 0 {
+            "the output".to_string()
+        } else {
+            format!("the gradient of input {}", i - 1)
+        };
+        assert_eq!(ours.dtype(), theirs.dtype(), "{what}: {part}'s dtype");
+        let tol = if ours.dtype() == DType::F32 {
+            TOL
+        } else {
+            half_tol
+        };
+        let d = scaled_diff(ours, theirs);
+        assert!(d <= tol, "{what}: {part} differs by {d} (tolerance {tol})");
+    }
+}
+
+#[test]
+fn half_precision_inputs_run_the_fused_kernels_on_float32_copies() {
+    let t = 9;
+    let causal = Tensor::from_vec(mask(t, t, |q, k| k > q), (t, t), &Device::Cpu).unwrap();
+    let (n, v) = (13, 101);
+    let targets: Vec<u32> = (0..n as u32).map(|i| (i * 37 + 5) % v as u32).collect();
+    let targets = Tensor::from_vec(targets, n, &Device::Cpu).unwrap();
+    // One rounding of the half dtype: 2⁻⁸ of a value in bfloat16, 2⁻¹¹ in float16.
+    for (half, half_tol) in [(DType::BF16, 1.0 / 128.0), (DType::F16, 1.0 / 1024.0)] {
+        let h = |t: Tensor| t.to_dtype(half).unwrap();
+        let what = |op: &str| format!("{op} in {half:?}");
+        // The model's norms read float32 weights; the input is half.
+        let ln_inputs = [
+            h((rand(&[3, 7, 37], 40) * 3.0).unwrap()),
+            rand(&[37], 41),
+            rand(&[37], 42),
+        ];
+        assert_half_matches_portable(
+            &what("layer norm"),
+            &ln_inputs,
+            half_tol,
+            |t| layer_norm(&t[0], &t[1], &t[2], 1e-5).unwrap(),
+            |t| portable::layer_norm(&t[0], &t[1], &t[2], 1e-5).unwrap(),
+        );
+        assert_half_matches_portable(
+            &what("softmax"),
+            &[h(rand(&[3, 5, 49], 43))],
+            half_tol,
+            |t| softmax_last_dim(&t[0]).unwrap(),
+            |t| portable::softmax_last_dim(&t[0]).unwrap(),
+        );
+        assert_half_matches_portable(
+            &what("causal masked softmax"),
+            &[h((rand(&[2, 3, t, t], 44) * 4.0).unwrap())],
+            half_tol,
+            |x| masked_softmax(&x[0], Some(&causal), 0.125).unwrap(),
+            |x| portable::masked_softmax(&x[0], Some(&causal), 0.125).unwrap(),
+        );
+        assert_half_matches_portable(
+            &what("gelu"),
+            &[h((rand(&[4, 257], 45) * 4.0).unwrap())],
+            half_tol,
+            |t| gelu_erf(&t[0]).unwrap(),
+            |t| portable::gelu_erf(&t[0]).unwrap(),
+        );
+        assert_half_matches_portable(
+            &what("cross-entropy"),
+            &[h((rand(&[n, v], 46) * 5.0).unwrap())],
+            half_tol,
+            |x| cross_entropy_rows(&x[0], &targets, Some(5)).unwrap(),
+            |x| portable::cross_entropy_rows(&x[0], &targets, Some(5)).unwrap(),
+        );
+    }
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //! uses it: `softmax(scale · x + mask)`.
 
 use super::math::exp;
-use super::{f32_contiguous, f32_data, fused, portable, ROWS_PER_TASK};
+use super::{f32_contiguous, f32_data, fused, portable, widened, widened_on_cpu, ROWS_PER_TASK};
 use crate::multiversion;
 use crate::simd::{lane_max, lane_sum, lane_sum2, KernelFamily};
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
@@ -12,6 +12,9 @@ use rayon::prelude::*;
 /// the fused kernel (with a fused backward); anything else runs
 /// [`super::portable::softmax_last_dim`]. Both return float32 for half-precision inputs.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if widened_on_cpu(&[x]) {
+        return softmax_last_dim(&widened(x)?);
+    }
     if !fused(&[x]) {
         return portable::softmax_last_dim(x);
     }
@@ -27,6 +30,9 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 /// `[B, T, S]` (per sample, e.g. padding), broadcast over heads. The mask gets no gradient. A
 /// row that is −∞ everywhere gives zeros (PyTorch gives NaN).
 pub fn masked_softmax(scores: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+    if widened_on_cpu(&[scores]) {
+        return masked_softmax(&widened(scores)?, mask, scale);
+    }
     let Some(mask) = mask else {
         if !fused(&[scores]) {
             return portable::masked_softmax(scores, None, scale);
