@@ -356,9 +356,9 @@ fn dispatch_takes_the_fused_kernel_for_float32_on_the_cpu_only() {
 
 /// Runs `op` and the portable composition `portable` on half-precision `inputs` and asserts
 /// that `op` ran a fused kernel (on float32 copies), that both return and differentiate in the
-/// same dtypes, and that they agree within `TOL` in float32 results and within one rounding
-/// of the half dtype (`half_tol`, relative to the larger of 1 and the largest element) in
-/// half-precision ones.
+/// same dtypes, and that they agree within `TOL` in float32 results and within one unit in the
+/// last place of the half dtype (`half_tol`, relative to the larger of 1 and the largest
+/// element) in half-precision ones.
 fn assert_half_matches_portable(
     what: &str,
     inputs: &[Tensor],
@@ -399,7 +399,8 @@ fn half_precision_inputs_run_the_fused_kernels_on_float32_copies() {
     let (n, v) = (13, 101);
     let targets: Vec<u32> = (0..n as u32).map(|i| (i * 37 + 5) % v as u32).collect();
     let targets = Tensor::from_vec(targets, n, &Device::Cpu).unwrap();
-    // One rounding of the half dtype: 2⁻⁸ of a value in bfloat16, 2⁻¹¹ in float16.
+    // One unit in the last place of the half dtype (2⁻⁷ of a value in bfloat16, 2⁻¹⁰ in
+    // float16): two nearly equal float32 results can round to neighbouring half values.
     for (half, half_tol) in [(DType::BF16, 1.0 / 128.0), (DType::F16, 1.0 / 1024.0)] {
         let h = |t: Tensor| t.to_dtype(half).unwrap();
         let what = |op: &str| format!("{op} in {half:?}");
