@@ -100,10 +100,10 @@ impl OpsPath {
         matches!(self, Self::CpuFused | Self::Portable { cpu: true })
     }
 
-    /// Whether a product that only feeds a fused op runs inside it, so the graph does not keep
-    /// it: a linear layer's bias ([`crate::model::ops::biased_product`]) and attention's
-    /// softmax ([`crate::model::ops::attention_probs`]); with our kernels (float32 on the CPU).
-    fn fuses_products(self, mixed: bool) -> bool {
+    /// Whether attention's scores are computed inside the softmax's op
+    /// ([`crate::model::ops::attention_probs`]), so the graph does not keep them: with our
+    /// kernels (float32 on the CPU).
+    fn fuses_scores(self, mixed: bool) -> bool {
         match self {
             Self::CudaFused => true,
             Self::CpuFused => !mixed,
@@ -112,9 +112,10 @@ impl OpsPath {
     }
 
     /// Tensors a linear layer with a bias keeps per output element: the output alone where the
-    /// bias is added in the product's op, else the product too.
-    fn biased_outputs(self, mixed: bool) -> u64 {
-        2 - u64::from(self.fuses_products(mixed))
+    /// bias is added in the product's op ([`crate::model::ops::biased_product`]: our kernels,
+    /// in every float dtype), else the product too.
+    fn biased_outputs(self) -> u64 {
+        1 + u64::from(self.portable())
     }
 }
 
@@ -230,7 +231,7 @@ impl Block {
     /// Elements the plain graph keeps for the block's backward, per sample, counted op by op as
     /// the model builds them: the two norms, the projections (each a biased product, or a
     /// product and its bias sum: [`OpsPath::biased_outputs`]), the head split copies, the
-    /// scores (unless the softmax's op computes them: [`OpsPath::fuses_products`]) and their
+    /// scores (unless the softmax's op computes them: [`OpsPath::fuses_scores`]) and their
     /// softmax, the heads merged, the output projection, both residual sums, the MLP's hidden
     /// layer before and after GELU; under tensor parallelism the group's copies and sums. A
     /// cross-attention block also keeps the normalised keys/values input and its key and value
@@ -256,7 +257,7 @@ impl Block {
         let extra = u64::from(mixed);
         // A column-parallel projection's output, and a row-parallel one's (whose bias is added
         // after the sum over the group).
-        let (column, row) = Self::linear_outputs(tp, mixed, ops);
+        let (column, row) = Self::linear_outputs(tp, ops);
         // Under autocast at degree 1 with fused ops, the norms return the compute dtype
         // (`ops::layer_norm_to`) and the branches join the residual stream in
         // `ops::add_widened`: no float32 norm output or widened branch is kept.
@@ -321,8 +322,8 @@ impl Block {
     /// Tensors per output element of a column-parallel and of a row-parallel linear layer with
     /// a bias: under tensor parallelism the row-parallel product is summed over the group
     /// before its bias is added (two tensors).
-    fn linear_outputs(tp: u64, mixed: bool, ops: OpsPath) -> (u64, u64) {
-        let column = ops.biased_outputs(mixed);
+    fn linear_outputs(tp: u64, ops: OpsPath) -> (u64, u64) {
+        let column = ops.biased_outputs();
         (column, if tp > 1 { 2 } else { column })
     }
 
@@ -388,7 +389,7 @@ fn attention_probabilities(
     let scores = heads * t * s;
     let mut kept = Kept {
         single: scores,
-        half: scores * (u64::from(!ops.fuses_products(mixed)) + u64::from(mixed)),
+        half: scores * (u64::from(!ops.fuses_scores(mixed)) + u64::from(mixed)),
     };
     kept.single += scores * ops.softmax_extra(masked, mixed);
     kept
@@ -435,7 +436,7 @@ fn model_blocks(
     // ln_pre. The pooler: ln_k, the queries, its cross-attention (as a block's, without MLP,
     // from the image width to the embedding width, its keys' and values' products
     // concatenated; the heads' copies unless its core is recomputed), ln_post.
-    let (column, row) = Block::linear_outputs(tp, mixed, ops);
+    let (column, row) = Block::linear_outputs(tp, ops);
     let plain = 2 * u64::from(!ops.recomputes_attention());
     let image_rest = 2 * pixels
         + 4 * image_tokens * vw

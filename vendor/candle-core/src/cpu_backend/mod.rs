@@ -9,6 +9,9 @@ use rayon::prelude::*;
 mod utils;
 // coca: cuBLAS's layout rule, checked on the CPU when asked (see the file).
 mod cublas_layouts;
+// coca: float32 <-> half conversions at memory speed (see the file).
+pub mod convert;
+use convert::{bf16_from_f32_slice, f16_from_f32_slice, f32_from_bf16_slice, f32_from_f16_slice};
 pub use utils::{
     binary_map, binary_map_vec, binary_map_vec_par, unary_map, unary_map_vec, unary_map_vec_par,
     Map1, Map1Any, Map2, Map2InPlace, Map2U8,
@@ -2019,23 +2022,6 @@ impl CpuStorage {
     }
 }
 
-/// coca: `f` over every element of `vs` that `layout` selects, split over the threads for a
-/// contiguous layout of [`unary_map_vec_par`]'s size and above: the conversions between float32
-/// and the half dtypes, which autocast runs on every weight and on the operands and result of
-/// every half-precision product (single-threaded, they were a fifth of a bf16 training step).
-/// Each element is converted by the same function as before, so the values are the same.
-fn convert_par<T: Copy + Send + Sync, U: Copy + Send + Sync, F: Fn(T) -> U + Sync + Copy>(
-    vs: &[T],
-    layout: &Layout,
-    f: F,
-) -> Vec<U> {
-    unary_map_vec_par(vs, layout, f, |src, dst| {
-        for (d, &s) in dst.iter_mut().zip(src) {
-            *d = f(s);
-        }
-    })
-}
-
 impl BackendStorage for CpuStorage {
     type Device = CpuDevice;
 
@@ -2081,11 +2067,9 @@ impl BackendStorage for CpuStorage {
                 let data = unary_map(storage, layout, |v| bf16::from_f32(v.to_f32()));
                 Ok(Self::BF16(data))
             }
-            (Self::F32(storage), DType::BF16) => Ok(Self::BF16(convert_par(
-                storage,
-                layout,
-                bf16::from_f32,
-            ))),
+            (Self::F32(storage), DType::BF16) => Ok(Self::BF16(
+                unary_map_vec_par(storage, layout, bf16::from_f32, bf16_from_f32_slice),
+            )),
             (Self::F64(storage), DType::BF16) => {
                 let data = unary_map(storage, layout, bf16::from_f64);
                 Ok(Self::BF16(data))
@@ -2110,11 +2094,9 @@ impl BackendStorage for CpuStorage {
                 let data = unary_map(storage, layout, |v| v);
                 Ok(Self::F16(data))
             }
-            (Self::F32(storage), DType::F16) => Ok(Self::F16(convert_par(
-                storage,
-                layout,
-                f16::from_f32,
-            ))),
+            (Self::F32(storage), DType::F16) => Ok(Self::F16(
+                unary_map_vec_par(storage, layout, f16::from_f32, f16_from_f32_slice),
+            )),
             (Self::F64(storage), DType::F16) => {
                 let data = unary_map(storage, layout, f16::from_f64);
                 Ok(Self::F16(data))
@@ -2132,10 +2114,20 @@ impl BackendStorage for CpuStorage {
                 Ok(Self::F32(data))
             }
             (Self::BF16(storage), DType::F32) => {
-                Ok(Self::F32(convert_par(storage, layout, |v: bf16| v.to_f32())))
+                Ok(Self::F32(unary_map_vec_par(
+                    storage,
+                    layout,
+                    bf16::to_f32,
+                    f32_from_bf16_slice,
+                )))
             }
             (Self::F16(storage), DType::F32) => {
-                Ok(Self::F32(convert_par(storage, layout, |v: f16| v.to_f32())))
+                Ok(Self::F32(unary_map_vec_par(
+                    storage,
+                    layout,
+                    f16::to_f32,
+                    f32_from_f16_slice,
+                )))
             }
             (Self::F32(storage), DType::F32) => {
                 let data = unary_map(storage, layout, |v| v);
@@ -3186,16 +3178,32 @@ impl BackendStorage for CpuStorage {
         }
         // no bf16 gemm kernel yet: widen to f32, multiply, narrow back
         if let (Self::BF16(lhs_v), Self::BF16(rhs_v)) = (self, rhs) {
-            // coca: each conversion in parallel (convert_par), element for element as before.
+            // coca: each conversion split over the threads and vectorised (convert.rs), element
+            // for element as before.
             let whole = |v: &[bf16]| Layout::contiguous(v.len());
-            let lhs32 = Self::F32(convert_par(lhs_v, &whole(lhs_v), |v: bf16| v.to_f32()));
-            let rhs32 = Self::F32(convert_par(rhs_v, &whole(rhs_v), |v: bf16| v.to_f32()));
+            let lhs32 = Self::F32(unary_map_vec_par(
+                lhs_v,
+                &whole(lhs_v),
+                bf16::to_f32,
+                f32_from_bf16_slice,
+            ));
+            let rhs32 = Self::F32(unary_map_vec_par(
+                rhs_v,
+                &whole(rhs_v),
+                bf16::to_f32,
+                f32_from_bf16_slice,
+            ));
             let out = MatMul(bmnk).map(&lhs32, lhs_l, &rhs32, rhs_l)?;
             let Self::F32(out_v) = out else {
                 crate::bail!("matmul dtype mismatch")
             };
             let out_l = Layout::contiguous(out_v.len());
-            return Ok(Self::BF16(convert_par(&out_v, &out_l, bf16::from_f32)));
+            return Ok(Self::BF16(unary_map_vec_par(
+                &out_v,
+                &out_l,
+                bf16::from_f32,
+                bf16_from_f32_slice,
+            )));
         }
         MatMul(bmnk).map(self, lhs_l, rhs, rhs_l)
     }

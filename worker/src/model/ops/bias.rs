@@ -11,9 +11,12 @@
 //! layer keeps only its output: one activation of every linear layer's output size less
 //! (about a fifth of a B-32 step's activations).
 
-use super::{f32_data, fused};
+use super::{fused, widened_on_cpu};
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType,
+};
+use half::{bf16, f16};
 use rayon::prelude::*;
 
 /// Columns of the bias gradient one task sums (over every row, in row order).
@@ -21,14 +24,21 @@ const COLUMNS_PER_TASK: usize = 256;
 /// Rows of the output one task writes.
 const ROWS_PER_TASK: usize = 32;
 
-/// `y + b` for `y` `[..., n]` and `b` `[n]`. Float32 on the CPU, or `y` and `b` of one float
-/// dtype on a GPU, runs the fused kernels (on a GPU the bias gradient is summed in float32);
-/// anything else is candle's `broadcast_add` (same dtype rules).
+/// Whether the bias ops run our kernels over `tensors` (all of one dtype): the fused path
+/// (float32 on the CPU, any float dtype on a GPU), or bfloat16/float16 on the CPU, where the
+/// kernels widen each element to float32 and round each result once, as the GPU's do. candle's
+/// composition would sum the bias gradient in the half type itself, rounding at every row.
+fn bias_kernels(tensors: &[&Tensor]) -> bool {
+    fused(tensors) || widened_on_cpu(tensors)
+}
+
+/// `y + b` for `y` `[..., n]` and `b` `[n]` of one float dtype: our kernels ([`bias_kernels`];
+/// the bias gradient is summed in float32 and rounded once), else candle's `broadcast_add`.
 pub fn add_bias(y: &Tensor, b: &Tensor) -> Result<Tensor> {
     if y.dtype() != b.dtype()
         || b.rank() != 1
         || y.dims().last() != Some(&b.dim(0)?)
-        || !fused(&[y, b])
+        || !bias_kernels(&[y, b])
     {
         return y.broadcast_add(b);
     }
@@ -52,16 +62,91 @@ pub fn biased_product(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
         );
     }
     let same_dtype = x.dtype() == w.dtype() && w.dtype() == b.dtype();
-    if !same_dtype || m * n * k == 0 || !fused(&[x, w, b]) {
+    if !same_dtype || m * n * k == 0 || !bias_kernels(&[x, w, b]) {
         return add_bias(&x.matmul(w)?, b);
     }
     x.contiguous()?
         .apply_op3(w, &b.contiguous()?, BiasedProduct { m, n, k })
 }
 
+/// An element type the CPU's bias kernels take: float32, or a half type, widened exactly to
+/// float32 and rounded back to nearest even (what `bf16 + bf16` does).
+pub(super) trait BiasElement: WithDType + Send + Sync {
+    fn widen(self) -> f32;
+    fn narrow(v: f32) -> Self;
+}
+
+impl BiasElement for f32 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn narrow(v: f32) -> Self {
+        v
+    }
+}
+
+impl BiasElement for bf16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+    #[inline(always)]
+    fn narrow(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+}
+
+impl BiasElement for f16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+    #[inline(always)]
+    fn narrow(v: f32) -> Self {
+        f16::from_f32(v)
+    }
+}
+
+/// Runs `$body` with `$t` the element type of `$storage` (float32, bfloat16 or float16), or
+/// fails naming `$op`.
+macro_rules! by_element {
+    ($op:expr, $storage:expr, $t:ident => $body:expr) => {
+        match $storage.dtype() {
+            candle_core::DType::F32 => {
+                type $t = f32;
+                $body
+            }
+            candle_core::DType::BF16 => {
+                type $t = bf16;
+                $body
+            }
+            candle_core::DType::F16 => {
+                type $t = f16;
+                $body
+            }
+            other => candle_core::bail!("{}: no CPU kernel for {other:?}", $op),
+        }
+    };
+}
+
+/// The contiguous elements of type `T` behind a CPU storage, or an error naming `op`.
+fn elements<'a, T: WithDType>(
+    op: &str,
+    storage: &'a CpuStorage,
+    layout: &Layout,
+) -> Result<&'a [T]> {
+    let data = storage.as_slice::<T>()?;
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("{op}: input must be contiguous"),
+    }
+}
+
 /// Every row of `out` set to the same row of `y` plus `b` (`y`: `None` adds `b` to `out` in
-/// place), rows split between tasks.
-pub(super) fn add_rows(out: &mut [f32], y: Option<&[f32]>, b: &[f32]) {
+/// place), each sum in float32 rounded once to `T`, rows split between tasks.
+pub(super) fn add_rows<T: BiasElement>(out: &mut [T], y: Option<&[T]>, b: &[T]) {
     let n = b.len();
     if n == 0 {
         return;
@@ -74,22 +159,22 @@ pub(super) fn add_rows(out: &mut [f32], y: Option<&[f32]>, b: &[f32]) {
                 let y = &y[task * block..task * block + out.len()];
                 for (out, y) in out.chunks_exact_mut(n).zip(y.chunks_exact(n)) {
                     for ((o, y), b) in out.iter_mut().zip(y).zip(b) {
-                        *o = y + b;
+                        *o = T::narrow(y.widen() + b.widen());
                     }
                 }
             }
             None => {
                 for out in out.chunks_exact_mut(n) {
                     for (o, b) in out.iter_mut().zip(b) {
-                        *o += b;
+                        *o = T::narrow(o.widen() + b.widen());
                     }
                 }
             }
         });
 }
 
-/// `Σ_rows g[row][c]` for each column `c`, rows added in order.
-pub(super) fn column_sums(g: &[f32], n: usize) -> Vec<f32> {
+/// `Σ_rows g[row][c]` for each column `c` in float32, rows added in order.
+pub(super) fn column_sums<T: BiasElement>(g: &[T], n: usize) -> Vec<f32> {
     let mut sums = vec![0f32; n];
     sums.par_chunks_mut(COLUMNS_PER_TASK)
         .enumerate()
@@ -97,7 +182,7 @@ pub(super) fn column_sums(g: &[f32], n: usize) -> Vec<f32> {
             let columns = task * COLUMNS_PER_TASK..task * COLUMNS_PER_TASK + sums.len();
             for row in g.chunks_exact(n) {
                 for (s, v) in sums.iter_mut().zip(&row[columns.clone()]) {
-                    *s += v;
+                    *s += v.widen();
                 }
             }
         });
@@ -128,11 +213,13 @@ impl CustomOp2 for AddBias {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let y = f32_data(self.name(), s1, l1)?;
-        let b = f32_data(self.name(), s2, l2)?;
-        let mut out = vec![0f32; y.len()];
-        add_rows(&mut out, Some(y), b);
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        by_element!(self.name(), s1, T => {
+            let y = elements::<T>(self.name(), s1, l1)?;
+            let b = elements::<T>(self.name(), s2, l2)?;
+            let mut out = vec![T::narrow(0.0); y.len()];
+            add_rows(&mut out, Some(y), b);
+            Ok((T::to_cpu_storage_owned(out), l1.shape().clone()))
+        })
     }
 
     #[cfg(feature = "cuda")]
@@ -185,12 +272,15 @@ impl CustomOp3 for BiasedProduct {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let b = f32_data(self.name(), s3, l3)?;
+        // The product in the inputs' dtype (a half-precision one computed in float32 and
+        // rounded once, by the patched candle), then the bias added into it.
         let mut y = s1.matmul(s2, (1, self.m, self.n, self.k), l1, l2)?;
-        let CpuStorage::F32(out) = &mut y else {
-            candle_core::bail!("{}: only float32 is implemented on CPU", self.name());
-        };
-        add_rows(out, None, b);
+        match &mut y {
+            CpuStorage::F32(out) => add_rows(out, None, elements(self.name(), s3, l3)?),
+            CpuStorage::BF16(out) => add_rows(out, None, elements(self.name(), s3, l3)?),
+            CpuStorage::F16(out) => add_rows(out, None, elements(self.name(), s3, l3)?),
+            other => candle_core::bail!("{}: no CPU kernel for {:?}", self.name(), other.dtype()),
+        }
         Ok((y, Shape::from((self.m, self.n))))
     }
 
@@ -228,7 +318,8 @@ impl CustomOp3 for BiasedProduct {
     }
 }
 
-/// The bias gradient: the column sums of the output's gradient.
+/// The bias gradient: the column sums of the output's gradient, in float32, rounded once to
+/// its dtype.
 struct BiasGradient;
 
 impl CustomOp1 for BiasGradient {
@@ -237,14 +328,16 @@ impl CustomOp1 for BiasGradient {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let g = f32_data(self.name(), s, l)?;
         let n = l.dims().last().copied().unwrap_or(1);
-        let sums = if n == 0 {
-            Vec::new()
-        } else {
-            column_sums(g, n)
-        };
-        Ok((CpuStorage::F32(sums), Shape::from(n)))
+        by_element!(self.name(), s, T => {
+            let g = elements::<T>(self.name(), s, l)?;
+            let sums = if n == 0 {
+                Vec::new()
+            } else {
+                column_sums(g, n).into_iter().map(T::narrow).collect()
+            };
+            Ok((T::to_cpu_storage_owned(sums), Shape::from(n)))
+        })
     }
 
     #[cfg(feature = "cuda")]

@@ -438,6 +438,40 @@ fn half_precision_conversions_split_over_threads_give_the_elementwise_values() {
 }
 
 #[test]
+fn bf16_conversions_give_the_same_bits_at_every_vector_width() {
+    // vendor/candle-core change 11 compiles bf16's conversion loops for AVX2 and AVX-512 and
+    // runs the widest the CPU has (or `COCA_CPU_KERNELS` allows): each width must give
+    // `half`'s bits for every element (NaN, ties, subnormals, infinities), and an odd length
+    // leaves a remainder after the vector loop.
+    use candle_core::cpu_backend::convert::{convert_with, VectorWidth};
+    let values = conversion_values(4099);
+    let want_b: Vec<bf16> = values.iter().map(|&v| bf16::from_f32(v)).collect();
+    let want_back: Vec<f32> = want_b.iter().map(|v| v.to_f32()).collect();
+    let widths = VectorWidth::available();
+    assert!(widths.contains(&VectorWidth::Portable));
+    for width in widths {
+        let mut b = vec![bf16::ZERO; values.len()];
+        convert_with(width, &values, &mut b, bf16::from_f32);
+        assert_eq!(
+            bits(&b, bf16::to_le_bytes),
+            bits(&want_b, bf16::to_le_bytes),
+            "{width:?}"
+        );
+        let mut back = vec![0f32; values.len()];
+        convert_with(width, &want_b, &mut back, bf16::to_f32);
+        assert_eq!(
+            bits(&back, f32::to_le_bytes),
+            bits(&want_back, f32::to_le_bytes),
+            "{width:?}"
+        );
+    }
+    #[cfg(target_arch = "x86_64")]
+    if !VectorWidth::Avx512.is_available() {
+        eprintln!("skipped: this CPU has no AVX-512, so its conversion loop was not compared");
+    }
+}
+
+#[test]
 fn bf16_products_and_sums_round_as_half_does_on_every_cpu() {
     // A bf16 product is computed in float32 and rounded once (the operands and the result
     // converted in parallel, change 10); a bf16 addition rounds each sum as `bf16 + bf16`

@@ -113,6 +113,48 @@ fn add_bias_matches_broadcast_add() {
 }
 
 #[test]
+fn half_precision_biases_add_like_candle_and_sum_their_gradients_in_float32() {
+    // bf16/f16 on the CPU: the forward values are candle's (`x · w` rounded once, then each sum
+    // `y + b` rounded once), and the bias gradient is summed in float32 and rounded once, as
+    // the GPU kernel sums it. Summed in the half type (candle's `broadcast_add` backward), ones
+    // stop adding up at 256 (bf16) or 2048 (f16).
+    let rows = 3000;
+    for dtype in [DType::BF16, DType::F16] {
+        let x = rand(&[rows, 40], 21).to_dtype(dtype).unwrap();
+        let w = rand(&[70, 40], 22).to_dtype(dtype).unwrap();
+        let b = Var::from_tensor(&rand(&[70], 23).to_dtype(dtype).unwrap()).unwrap();
+        let y = biased_product(&x, &w.t().unwrap(), b.as_tensor()).unwrap();
+        let want = x
+            .matmul(&w.t().unwrap())
+            .unwrap()
+            .broadcast_add(&b)
+            .unwrap();
+        assert_eq!(y.dtype(), dtype);
+        assert_eq!(max_abs_diff(&y, &want), 0.0, "{dtype:?} biased product");
+        let added = add_bias(&want.detach(), b.as_tensor()).unwrap();
+        let want_added = want.broadcast_add(&b).unwrap();
+        assert_eq!(max_abs_diff(&added, &want_added), 0.0, "{dtype:?} bias sum");
+
+        // d(sum y)/db: a column of ones per bias element, `rows` long.
+        let exact = match dtype {
+            DType::BF16 => half::bf16::from_f64(rows as f64).to_f64(),
+            _ => half::f16::from_f64(rows as f64).to_f64(),
+        };
+        for y in [y, added] {
+            let grads = y.sum_all().unwrap().backward().unwrap();
+            let db = grads.get(b.as_tensor()).unwrap();
+            assert_eq!(db.dtype(), dtype);
+            let db: Vec<f32> = db.to_dtype(DType::F32).unwrap().to_vec1().unwrap();
+            assert!(
+                db.iter().all(|&v| v as f64 == exact),
+                "{dtype:?}: {:?} != {exact}",
+                &db[..3]
+            );
+        }
+    }
+}
+
+#[test]
 fn biased_product_equals_the_product_then_the_bias() {
     // A transposed weight (a linear layer's `Wᵀ` view) and a contiguous one; 300 output
     // columns: more than one task's block of rows, with a tail.
