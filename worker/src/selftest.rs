@@ -250,7 +250,7 @@ pub fn run(device: &Device) -> Result<Vec<OpCheck>> {
             "add_bias",
             &[x(&[400, 770], 8, 1.0)?, x(&[770], 9, 1.0)?],
             &|t| ops::add_bias(&t[0], &t[1]),
-            &|t| t[0].broadcast_add(&t[1]),
+            &|t| added_in_f32(&t[0], &t[1]),
             dtype,
             device,
         )?);
@@ -285,12 +285,21 @@ pub fn run(device: &Device) -> Result<Vec<OpCheck>> {
                 x(&[770], 14, 1.0)?,
             ],
             &|t| ops::biased_product(&t[0], &t[1].t()?, &t[2]),
-            &|t| t[0].matmul(&t[1].t()?)?.broadcast_add(&t[2]),
+            &|t| added_in_f32(&t[0].matmul(&t[1].t()?)?, &t[2]),
             dtype,
             device,
         )?);
     }
     Ok(checks)
+}
+
+/// `y + b` composed from candle's ops in float32 and rounded once to `y`'s dtype: what the
+/// bias kernels compute in every dtype (candle's own half-precision `broadcast_add` would sum
+/// the bias gradient in the half type, rounding at every row).
+fn added_in_f32(y: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    y.to_dtype(DType::F32)?
+        .broadcast_add(&b.to_dtype(DType::F32)?)?
+        .to_dtype(y.dtype())
 }
 
 #[cfg(test)]
