@@ -33,7 +33,8 @@ pub use coca_common::memory_estimate::MemoryEstimate;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OpsPath {
     /// The CPU's fused kernels (float32; half-precision inputs are widened to float32 copies
-    /// first), and `c_proj`'s weight transposed into a float32 copy.
+    /// first, except by the bias kernels, which read them as they are), and `c_proj`'s weight
+    /// transposed into a float32 copy.
     CpuFused,
     /// Our CUDA kernels (`worker/kernels/fused_ops.cu`) for every float dtype: a GPU in the
     /// `cuda` build.

@@ -87,27 +87,22 @@ impl BiasElement for f32 {
     }
 }
 
-impl BiasElement for bf16 {
-    #[inline(always)]
-    fn widen(self) -> f32 {
-        self.to_f32()
-    }
-    #[inline(always)]
-    fn narrow(v: f32) -> Self {
-        bf16::from_f32(v)
-    }
+macro_rules! half_bias_element {
+    ($($t:ty),*) => {$(
+        impl BiasElement for $t {
+            #[inline(always)]
+            fn widen(self) -> f32 {
+                self.to_f32()
+            }
+            #[inline(always)]
+            fn narrow(v: f32) -> Self {
+                <$t>::from_f32(v)
+            }
+        }
+    )*};
 }
 
-impl BiasElement for f16 {
-    #[inline(always)]
-    fn widen(self) -> f32 {
-        self.to_f32()
-    }
-    #[inline(always)]
-    fn narrow(v: f32) -> Self {
-        f16::from_f32(v)
-    }
-}
+half_bias_element!(bf16, f16);
 
 /// Runs `$body` with `$t` the element type of `$storage` (float32, bfloat16 or float16), or
 /// fails naming `$op`.

@@ -63,9 +63,10 @@ pub(crate) fn fused(tensors: &[&Tensor]) -> bool {
     )
 }
 
-/// Whether an op runs its fused float32 CPU kernels on float32 copies of `tensors`: all on the
-/// CPU, each float32, bfloat16 or float16 and not all float32 (autocast's half-precision
-/// products return them), and the portable path not forced. Widening is exact and the op's
+/// Whether an op runs its fused float32 CPU kernels on float32 copies of `tensors` (the bias
+/// ops widen element by element instead, without a copy): all on the CPU, each float32,
+/// bfloat16 or float16 and not all float32 (autocast's half-precision products return them),
+/// and the portable path not forced. Widening is exact and the op's
 /// portable composition widens them too, so the numbers are the portable path's up to the
 /// float32 rounding of each; the fused kernels take one pass where the composition takes
 /// several, each with a temporary kept for the backward pass.
