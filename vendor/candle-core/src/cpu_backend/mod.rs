@@ -1011,6 +1011,34 @@ fn copy_transposed_<T: Copy + Send + Sync>(src: &[T], dst: &mut [T], rows: usize
         });
 }
 
+/// coca: `vs` seen through `layout`, converted by `f_vec` over contiguous runs, split over the
+/// threads ([`unary_map_vec_par`]): `to_dtype` between float32 and the half types. A 2-D
+/// transposed view (a weight `w.t()` that autocast casts for its product) is first copied in
+/// blocks ([`copy_transposed_`]) and then converted: through its strided index, one element at
+/// a time, float32 -> bf16 of such views took 5 % of a bf16 B-32 training step. Each element
+/// is the same conversion of the same value.
+fn convert_viewed<T, U, F, FV>(vs: &[T], layout: &Layout, f: F, f_vec: FV) -> Vec<U>
+where
+    T: Copy + Send + Sync,
+    U: Copy + Send + Sync,
+    F: Fn(T) -> U + Sync,
+    FV: Fn(&[T], &mut [U]) + Sync,
+{
+    let Some((rows, cols)) = transposed_2d(layout) else {
+        return unary_map_vec_par(vs, layout, f, f_vec);
+    };
+    let start = layout.start_offset();
+    let mut copy: Vec<T> = Vec::with_capacity(rows * cols);
+    // SAFETY: `copy_transposed_` writes all `rows * cols` elements before any is read (the
+    // pattern `unary_map_vec` uses for its outputs).
+    let dst = unsafe {
+        std::mem::transmute::<&mut [std::mem::MaybeUninit<T>], &mut [T]>(copy.spare_capacity_mut())
+    };
+    copy_transposed_(&vs[start..start + rows * cols], dst, rows, cols);
+    unsafe { copy.set_len(rows * cols) };
+    unary_map_vec_par(&copy, &Layout::contiguous((rows, cols)), f, f_vec)
+}
+
 fn copy_strided_src_<T: Copy + Send + Sync>(
     src: &[T],
     dst: &mut [T],
@@ -2067,9 +2095,12 @@ impl BackendStorage for CpuStorage {
                 let data = unary_map(storage, layout, |v| bf16::from_f32(v.to_f32()));
                 Ok(Self::BF16(data))
             }
-            (Self::F32(storage), DType::BF16) => Ok(Self::BF16(
-                unary_map_vec_par(storage, layout, bf16::from_f32, bf16_from_f32_slice),
-            )),
+            (Self::F32(storage), DType::BF16) => Ok(Self::BF16(convert_viewed(
+                storage,
+                layout,
+                bf16::from_f32,
+                bf16_from_f32_slice,
+            ))),
             (Self::F64(storage), DType::BF16) => {
                 let data = unary_map(storage, layout, bf16::from_f64);
                 Ok(Self::BF16(data))
@@ -2094,9 +2125,12 @@ impl BackendStorage for CpuStorage {
                 let data = unary_map(storage, layout, |v| v);
                 Ok(Self::F16(data))
             }
-            (Self::F32(storage), DType::F16) => Ok(Self::F16(
-                unary_map_vec_par(storage, layout, f16::from_f32, f16_from_f32_slice),
-            )),
+            (Self::F32(storage), DType::F16) => Ok(Self::F16(convert_viewed(
+                storage,
+                layout,
+                f16::from_f32,
+                f16_from_f32_slice,
+            ))),
             (Self::F64(storage), DType::F16) => {
                 let data = unary_map(storage, layout, f16::from_f64);
                 Ok(Self::F16(data))
@@ -2113,22 +2147,18 @@ impl BackendStorage for CpuStorage {
                 let data = unary_map(storage, layout, |v| v as f32);
                 Ok(Self::F32(data))
             }
-            (Self::BF16(storage), DType::F32) => {
-                Ok(Self::F32(unary_map_vec_par(
-                    storage,
-                    layout,
-                    bf16::to_f32,
-                    f32_from_bf16_slice,
-                )))
-            }
-            (Self::F16(storage), DType::F32) => {
-                Ok(Self::F32(unary_map_vec_par(
-                    storage,
-                    layout,
-                    f16::to_f32,
-                    f32_from_f16_slice,
-                )))
-            }
+            (Self::BF16(storage), DType::F32) => Ok(Self::F32(convert_viewed(
+                storage,
+                layout,
+                bf16::to_f32,
+                f32_from_bf16_slice,
+            ))),
+            (Self::F16(storage), DType::F32) => Ok(Self::F32(convert_viewed(
+                storage,
+                layout,
+                f16::to_f32,
+                f32_from_f16_slice,
+            ))),
             (Self::F32(storage), DType::F32) => {
                 let data = unary_map(storage, layout, |v| v);
                 Ok(Self::F32(data))

@@ -416,7 +416,60 @@ fn half_precision_conversions_split_over_threads_give_the_elementwise_values() {
             assert_eq!(bits(&back, f32::to_le_bytes), bits(&want, f32::to_le_bytes));
         }
     }
-    // Strided views take the elementwise path: the same values.
+    // A whole matrix seen transposed (a weight `w.t()` that autocast casts) is copied in
+    // blocks, then converted (change 11): each element where the view puts it, in every
+    // direction, at a size over the parallel threshold and at an odd one.
+    for (rows, cols) in [(300, 301), (7, 5)] {
+        let values = conversion_values(rows * cols);
+        let m = Tensor::from_vec(values.clone(), (rows, cols), &Device::Cpu).unwrap();
+        let at = |i: usize, j: usize| values[j * cols + i]; // element (i, j) of `m.t()`
+        let seen = |t: Tensor| t.t().unwrap();
+        let b = seen(m.clone()).to_dtype(DType::BF16).unwrap();
+        let h = seen(m.clone()).to_dtype(DType::F16).unwrap();
+        let want_b: Vec<bf16> = (0..cols)
+            .flat_map(|i| (0..rows).map(move |j| (i, j)))
+            .map(|(i, j)| bf16::from_f32(at(i, j)))
+            .collect();
+        let want_h: Vec<f16> = (0..cols)
+            .flat_map(|i| (0..rows).map(move |j| (i, j)))
+            .map(|(i, j)| f16::from_f32(at(i, j)))
+            .collect();
+        let flat_b: Vec<bf16> = b.flatten_all().unwrap().to_vec1().unwrap();
+        let flat_h: Vec<f16> = h.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(
+            bits(&flat_b, bf16::to_le_bytes),
+            bits(&want_b, bf16::to_le_bytes)
+        );
+        assert_eq!(
+            bits(&flat_h, f16::to_le_bytes),
+            bits(&want_h, f16::to_le_bytes)
+        );
+        // And back: half-precision matrices seen transposed, widened.
+        for half in [
+            b.t().unwrap().contiguous().unwrap(),
+            h.t().unwrap().contiguous().unwrap(),
+        ] {
+            let widened: Vec<f32> = seen(half.clone())
+                .to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let want: Vec<f32> = seen(half.to_dtype(DType::F32).unwrap())
+                .contiguous()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert_eq!(
+                bits(&widened, f32::to_le_bytes),
+                bits(&want, f32::to_le_bytes)
+            );
+        }
+    }
+    // Other strided views take the elementwise path: the same values.
     let values = conversion_values(300 * 301);
     let m = Tensor::from_vec(values.clone(), (300, 301), &Device::Cpu).unwrap();
     let view = m.narrow(1, 1, 299).unwrap().t().unwrap();
