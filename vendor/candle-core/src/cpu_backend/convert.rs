@@ -55,7 +55,8 @@ impl VectorWidth {
     pub fn active() -> Self {
         static ACTIVE: OnceLock<VectorWidth> = OnceLock::new();
         *ACTIVE.get_or_init(|| {
-            let cap = match std::env::var("COCA_CPU_KERNELS").as_deref() {
+            let requested = std::env::var("COCA_CPU_KERNELS").map(|v| v.to_ascii_lowercase());
+            let cap = match requested.as_deref() {
                 Ok("portable") => Self::Portable,
                 Ok("avx2") => Self::Avx2,
                 _ => Self::Avx512,
