@@ -11,7 +11,7 @@
 //! layer keeps only its output: one activation of every linear layer's output size less
 //! (about a fifth of a B-32 step's activations).
 
-use super::{fused, widened_on_cpu};
+use super::{cpu_elements, fused, widened_on_cpu};
 use candle_core::backend::BackendStorage;
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType,
@@ -126,19 +126,6 @@ macro_rules! by_element {
     };
 }
 
-/// The contiguous elements of type `T` behind a CPU storage, or an error naming `op`.
-fn elements<'a, T: WithDType>(
-    op: &str,
-    storage: &'a CpuStorage,
-    layout: &Layout,
-) -> Result<&'a [T]> {
-    let data = storage.as_slice::<T>()?;
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("{op}: input must be contiguous"),
-    }
-}
-
 /// Every row of `out` set to the same row of `y` plus `b` (`y`: `None` adds `b` to `out` in
 /// place), each sum in float32 rounded once to `T`, rows split between tasks.
 pub(super) fn add_rows<T: BiasElement>(out: &mut [T], y: Option<&[T]>, b: &[T]) {
@@ -209,8 +196,8 @@ impl CustomOp2 for AddBias {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         by_element!(self.name(), s1, T => {
-            let y = elements::<T>(self.name(), s1, l1)?;
-            let b = elements::<T>(self.name(), s2, l2)?;
+            let y = cpu_elements::<T>(self.name(), s1, l1)?;
+            let b = cpu_elements::<T>(self.name(), s2, l2)?;
             let mut out = vec![T::narrow(0.0); y.len()];
             add_rows(&mut out, Some(y), b);
             Ok((T::to_cpu_storage_owned(out), l1.shape().clone()))
@@ -271,9 +258,9 @@ impl CustomOp3 for BiasedProduct {
         // rounded once, by the patched candle), then the bias added into it.
         let mut y = s1.matmul(s2, (1, self.m, self.n, self.k), l1, l2)?;
         match &mut y {
-            CpuStorage::F32(out) => add_rows(out, None, elements(self.name(), s3, l3)?),
-            CpuStorage::BF16(out) => add_rows(out, None, elements(self.name(), s3, l3)?),
-            CpuStorage::F16(out) => add_rows(out, None, elements(self.name(), s3, l3)?),
+            CpuStorage::F32(out) => add_rows(out, None, cpu_elements(self.name(), s3, l3)?),
+            CpuStorage::BF16(out) => add_rows(out, None, cpu_elements(self.name(), s3, l3)?),
+            CpuStorage::F16(out) => add_rows(out, None, cpu_elements(self.name(), s3, l3)?),
             other => candle_core::bail!("{}: no CPU kernel for {:?}", self.name(), other.dtype()),
         }
         Ok((y, Shape::from((self.m, self.n))))
@@ -325,7 +312,7 @@ impl CustomOp1 for BiasGradient {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let n = l.dims().last().copied().unwrap_or(1);
         by_element!(self.name(), s, T => {
-            let g = elements::<T>(self.name(), s, l)?;
+            let g = cpu_elements::<T>(self.name(), s, l)?;
             let sums = if n == 0 {
                 Vec::new()
             } else {

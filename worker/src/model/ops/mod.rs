@@ -116,13 +116,23 @@ pub(crate) fn f32_data<'a>(
     storage: &'a CpuStorage,
     layout: &Layout,
 ) -> Result<&'a [f32]> {
-    let data = match storage {
-        CpuStorage::F32(d) => d.as_slice(),
-        other => bail!(
+    if !matches!(storage, CpuStorage::F32(_)) {
+        bail!(
             "{op}: only float32 is implemented on CPU, got {:?}",
-            other.dtype()
-        ),
-    };
+            storage.dtype()
+        );
+    }
+    cpu_elements(op, storage, layout)
+}
+
+/// The contiguous elements of type `T` behind a CPU storage, or an error naming `op` (a
+/// storage of another dtype is candle's error).
+pub(crate) fn cpu_elements<'a, T: candle_core::WithDType>(
+    op: &str,
+    storage: &'a CpuStorage,
+    layout: &Layout,
+) -> Result<&'a [T]> {
+    let data = storage.as_slice::<T>()?;
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&data[start..end]),
         None => bail!("{op}: input must be contiguous"),
