@@ -248,6 +248,7 @@ pub fn run(opts: &BenchOptions) -> Result<Option<serde_json::Value>> {
         "cpu_kernels": crate::simd::KernelFamily::active().name(),
         "heap_huge_pages": crate::runtime::heap_on_huge_pages(),
         "gemm_kernels": crate::simd::gemm_family(),
+        "bf16_product_kernels": crate::simd::bf16_product_kernels(),
         "train_step_s": step,
         "train_step_times_s": step_times,
         "train_page_faults_per_step": step_faults,

@@ -9,7 +9,8 @@
 //!
 //! `COCA_CPU_KERNELS=avx512|avx2|portable` forces a family (for measurements and tests); a
 //! family the CPU lacks falls back to the best it has, with a warning. candle's matrix products
-//! (the `gemm` crate) choose their own kernels at run time: [`gemm_family`] says which.
+//! (the `gemm` crate) choose their own kernels at run time: [`gemm_family`] says which, and
+//! [`bf16_product_kernels`] whether bf16 products run on AMX tiles.
 
 use std::sync::OnceLock;
 
@@ -129,6 +130,16 @@ pub fn gemm_family() -> &'static str {
         }
     }
     "portable"
+}
+
+/// How candle's bf16 matrix products run here: `amx` on Intel AMX tiles (vendored candle
+/// change 12: a CPU with AMX-BF16, not held below AVX-512 by `COCA_CPU_KERNELS`, and
+/// `COCA_CPU_AMX` not `0`), else `widened` (float32 `gemm` on widened operands).
+pub fn bf16_product_kernels() -> &'static str {
+    match candle_core::cpu_backend::amx::is_active() {
+        true => "amx",
+        false => "widened",
+    }
 }
 
 /// The CPU's model name (`/proc/cpuinfo`), for benchmark reports.

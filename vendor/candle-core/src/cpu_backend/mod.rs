@@ -9,6 +9,7 @@ use rayon::prelude::*;
 mod utils;
 // coca: cuBLAS's layout rule, checked on the CPU when asked (see the file).
 mod cublas_layouts;
+pub mod amx;
 // coca: float32 <-> half conversions at memory speed (see the file).
 pub mod convert;
 use convert::{bf16_from_f32_slice, f16_from_f32_slice, f32_from_bf16_slice, f32_from_f16_slice};
@@ -3205,6 +3206,23 @@ impl BackendStorage for CpuStorage {
         // coca: refuse what the CUDA backend refuses, when asked (cublas_layouts.rs).
         if cublas_layouts::enabled() {
             cublas_layouts::check(bmnk, lhs_l, rhs_l)?;
+        }
+        // coca: bf16 products on AMX tiles where the CPU has them (amx.rs).
+        if let (Self::BF16(lhs_v), Self::BF16(rhs_v)) = (self, rhs) {
+            if amx::runs_here() {
+                let (a_skip, b_skip) = MatMul(bmnk).ab_skip(lhs_l, rhs_l)?;
+                let (b, m, n, k) = bmnk;
+                let lhs_s = amx::Strides::of(lhs_l, a_skip);
+                let rhs_s = amx::Strides::of(rhs_l, b_skip);
+                // A batch-invariant rhs under evenly spaced lhs rows: one product of b·m rows.
+                let bmnk = match b_skip == 0 && lhs_s.row * m == a_skip {
+                    true => (1, b * m, n, k),
+                    false => bmnk,
+                };
+                let lhs_v = &lhs_v[lhs_l.start_offset()..];
+                let rhs_v = &rhs_v[rhs_l.start_offset()..];
+                return Ok(Self::BF16(amx::matmul(lhs_v, lhs_s, rhs_v, rhs_s, bmnk)));
+            }
         }
         // no bf16 gemm kernel yet: widen to f32, multiply, narrow back
         if let (Self::BF16(lhs_v), Self::BF16(rhs_v)) = (self, rhs) {
