@@ -93,9 +93,13 @@ fn is_within_six_percent_of_the_measured_b32_step() {
     }
     // Under autocast (`--bf16 True`, `--fp16 True`; the measured peak is above float32's on
     // the CPU), with and without checkpointing.
+    // bf16 products run on AMX tiles where the CPU has them (the estimate counts what that
+    // path holds): both measured on the same Xeon, `COCA_CPU_AMX=0` for the widened one.
+    let amx = candle_core::cpu_backend::amx::is_active();
+    let bf16_measured: u64 = if amx { 6_539_096_064 } else { 6_945_931_264 };
     for (dtype, checkpointing, measured) in [
-        (DType::BF16, false, 6_957_150_208u64),
-        (DType::BF16, true, 5_444_816_896),
+        (DType::BF16, false, bf16_measured),
+        (DType::BF16, true, 5_440_053_248),
         (DType::F16, false, 6_806_913_024),
         (DType::F16, true, 5_441_056_768),
     ] {
@@ -140,7 +144,12 @@ fn is_within_six_percent_of_the_measured_b32_step() {
     // (under by 9.5 %: within the bound, not yet the 6 % held elsewhere).
     for (dtype, checkpointing, measured, bound) in [
         (DType::F32, false, 3_550_732_288u64, 0.06),
-        (DType::BF16, false, 3_983_204_352, 0.06),
+        (
+            DType::BF16,
+            false,
+            if amx { 3_833_929_728 } else { 3_983_204_352 },
+            0.06,
+        ),
         (DType::F32, true, 2_876_653_568, 0.15),
     ] {
         let e = estimate(

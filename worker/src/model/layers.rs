@@ -3,7 +3,7 @@
 use super::autocast::widen;
 use super::ops;
 use crate::model::tensor_parallel::TensorParallel;
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 use std::sync::{Arc, OnceLock};
 
@@ -111,7 +111,7 @@ impl Linear {
                 blocks.forward(x, self.bias.as_ref())
             });
         }
-        matmul_last(x, &self.weight_t()?, self.bias.as_ref())
+        matmul_last(x, &self.weight_t(x.dtype())?, self.bias.as_ref())
     }
 
     /// The blocked layout of a frozen float32 weight on the CPU, for an input `x` of float32
@@ -147,9 +147,19 @@ impl Linear {
     /// trainable weight changes at every optimizer step: its `Wᵀ` is a view, or a copy per call
     /// where the input is wider than the output (`c_proj`), where the view is slowest (the
     /// backward pass multiplies by `W` through the view, the layout that product wants). On a
-    /// GPU it is a view (cuBLAS takes either layout).
-    fn weight_t(&self) -> Result<Tensor> {
+    /// GPU it is a view (cuBLAS takes either layout). A trainable weight multiplied in bf16 on
+    /// AMX tiles (vendored candle change 12, which packs either layout at about the same
+    /// speed) is cast as it is stored and viewed transposed: a cast of the contiguous weight,
+    /// and no float32 transposed copy, in the forward pass or in the gradient's way back.
+    fn weight_t(&self, compute: DType) -> Result<Tensor> {
         let (out_dim, in_dim) = self.weight.dims2()?;
+        if compute == DType::BF16
+            && self.weight.track_op()
+            && self.weight.device().is_cpu()
+            && candle_core::cpu_backend::amx::is_active()
+        {
+            return self.weight.to_dtype(compute)?.t();
+        }
         if !self.weight.device().is_cpu() || (self.weight.track_op() && in_dim <= out_dim) {
             return self.weight.t();
         }
@@ -172,7 +182,7 @@ impl Linear {
         if tp.is_single() {
             return self.forward(x);
         }
-        let y = tp.reduce_out(&widen(&matmul_last(x, &self.weight_t()?, None)?)?)?;
+        let y = tp.reduce_out(&widen(&matmul_last(x, &self.weight_t(x.dtype())?, None)?)?)?;
         match &self.bias {
             Some(b) => ops::add_bias(&y, b),
             None => Ok(y),
@@ -274,13 +284,18 @@ mod tests {
         let trainable = Linear::from_parts(var.as_tensor().clone(), None);
         // A slice of a variable (as tensor parallelism and packed projections take them).
         let sliced = Linear::from_parts(var.as_tensor().narrow(1, 0, 10).unwrap(), None);
-        let ids = |l: &Linear| [l.weight_t().unwrap().id(), l.weight_t().unwrap().id()];
+        let ids = |l: &Linear| {
+            [
+                l.weight_t(DType::F32).unwrap().id(),
+                l.weight_t(DType::F32).unwrap().id(),
+            ]
+        };
         // A frozen weight whose input is narrower than its output gets a contiguous copy too.
         let frozen_narrow = Linear::from_parts(w.t().unwrap().contiguous().unwrap(), None);
         for l in [&frozen, &frozen_narrow] {
             let [a, b] = ids(l);
             assert_eq!(a, b, "a frozen weight's transpose is kept");
-            assert!(l.weight_t().unwrap().is_contiguous());
+            assert!(l.weight_t(DType::F32).unwrap().is_contiguous());
         }
         let x_narrow = Tensor::ones((3, 2), candle_core::DType::F32, &Device::Cpu).unwrap();
         assert_eq!(
@@ -307,6 +322,68 @@ mod tests {
         var.set(&(w * 2.0).unwrap()).unwrap();
         assert_eq!(out(&trainable)[0][0], 2.0 * y[0][0]);
         assert_eq!(out(&sliced)[0][0], 2.0 * y_sliced[0][0]);
+    }
+
+    #[test]
+    fn a_trainable_weight_multiplied_in_bf16_on_amx_is_cast_then_viewed_transposed() {
+        if !candle_core::cpu_backend::amx::is_active() {
+            eprintln!("skipped: bf16 products do not run on AMX here");
+            return;
+        }
+        // Wider input than output (`c_proj`, a float32 transposed copy otherwise) and narrower.
+        for (out_dim, in_dim) in [(24, 80), (80, 24)] {
+            let w = Tensor::randn(0f32, 0.1, (out_dim, in_dim), &Device::Cpu).unwrap();
+            let var = Var::from_tensor(&w).unwrap();
+            let layer = Linear::from_parts(var.as_tensor().clone(), None);
+            let wt = layer.weight_t(DType::BF16).unwrap();
+            assert_eq!(
+                (wt.dtype(), wt.dims()),
+                (DType::BF16, &[in_dim, out_dim][..])
+            );
+            assert!(!wt.is_contiguous(), "a view of the cast weight");
+            let x = Tensor::randn(0f32, 1.0, (7, in_dim), &Device::Cpu)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap();
+            let y = layer.forward(&x).unwrap();
+            let grads = y
+                .to_dtype(DType::F32)
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let grad = grads.get(var.as_tensor()).unwrap().clone();
+            // The float32 transposed copy, cast: the layout the other CPUs multiply.
+            let var_ref = Var::from_tensor(&w).unwrap();
+            let wt_ref = var_ref.as_tensor().t().unwrap().contiguous().unwrap();
+            let y_ref = x.matmul(&wt_ref.to_dtype(DType::BF16).unwrap()).unwrap();
+            assert_eq!(
+                y.to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap(),
+                y_ref
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .to_vec2::<f32>()
+                    .unwrap()
+            );
+            let grads = y_ref
+                .to_dtype(DType::F32)
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let grad_ref = grads.get(var_ref.as_tensor()).unwrap();
+            assert_eq!(grad.dtype(), DType::F32);
+            assert_eq!(
+                grad.to_vec2::<f32>().unwrap(),
+                grad_ref.to_vec2::<f32>().unwrap()
+            );
+        }
     }
 
     #[test]
