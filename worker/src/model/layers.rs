@@ -345,44 +345,20 @@ mod tests {
                 .unwrap()
                 .to_dtype(DType::BF16)
                 .unwrap();
-            let y = layer.forward(&x).unwrap();
-            let grads = y
-                .to_dtype(DType::F32)
-                .unwrap()
-                .sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let grad = grads.get(var.as_tensor()).unwrap().clone();
+            // The output (as float32) and the weight's gradient of its squared sum.
+            let product_and_gradient = |y: Tensor, var: &Var| {
+                let y = y.to_dtype(DType::F32).unwrap();
+                let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+                let grad = grads.get(var.as_tensor()).unwrap();
+                assert_eq!(grad.dtype(), DType::F32);
+                (y.to_vec2::<f32>().unwrap(), grad.to_vec2::<f32>().unwrap())
+            };
+            let got = product_and_gradient(layer.forward(&x).unwrap(), &var);
             // The float32 transposed copy, cast: the layout the other CPUs multiply.
             let var_ref = Var::from_tensor(&w).unwrap();
             let wt_ref = var_ref.as_tensor().t().unwrap().contiguous().unwrap();
             let y_ref = x.matmul(&wt_ref.to_dtype(DType::BF16).unwrap()).unwrap();
-            assert_eq!(
-                y.to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap(),
-                y_ref
-                    .to_dtype(DType::F32)
-                    .unwrap()
-                    .to_vec2::<f32>()
-                    .unwrap()
-            );
-            let grads = y_ref
-                .to_dtype(DType::F32)
-                .unwrap()
-                .sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let grad_ref = grads.get(var_ref.as_tensor()).unwrap();
-            assert_eq!(grad.dtype(), DType::F32);
-            assert_eq!(
-                grad.to_vec2::<f32>().unwrap(),
-                grad_ref.to_vec2::<f32>().unwrap()
-            );
+            assert_eq!(got, product_and_gradient(y_ref, &var_ref));
         }
     }
 
