@@ -68,13 +68,13 @@ pub fn normal(std: f64) -> Init {
 pub struct Linear {
     pub(crate) weight: Tensor,
     pub(crate) bias: Option<Tensor>,
-    /// The contiguous `Wᵀ` of a frozen weight (neither a candle `Var` nor computed from one),
-    /// made on first use and kept: evaluation and embedding models transpose each weight once
-    /// instead of multiplying by a view (or copying at every call). A trainable weight (or a
-    /// slice or cast of one) changes in place at every optimizer step, so it is transposed per
-    /// call. (A frozen model must not outlive in-place updates of the storage it was built on:
-    /// each evaluation during training builds its own.) Float32 inputs use `frozen_blocks`
-    /// instead; this serves the others (a half-precision model on the CPU).
+    /// The `Wᵀ` of a frozen weight (neither a candle `Var` nor computed from one) in the
+    /// compute dtype of its first use, made then and kept ([`Self::weight_t`]): evaluation and
+    /// embedding models transpose and cast each weight once instead of at every call. A
+    /// trainable weight (or a slice or cast of one) changes in place at every optimizer step,
+    /// so it is transposed per call. (A frozen model must not outlive in-place updates of the
+    /// storage it was built on: each evaluation during training builds its own.) Float32
+    /// inputs on the CPU use `frozen_blocks` instead; this serves the others.
     frozen_weight_t: Arc<OnceLock<Tensor>>,
     /// A frozen float32 weight laid out for the CPU product ([`ops::BlockedWeight`]), made on
     /// first use by a float32 input that records no graph, and kept (the same lifetime rule
@@ -140,37 +140,46 @@ impl Linear {
         }
     }
 
-    /// `Wᵀ` `[in, out]` for the product. On the CPU a frozen weight's is a contiguous copy, made
-    /// once and kept beside the weight: the `gemm` crate packs a transposed view more slowly
-    /// (see [`ops::transpose_contiguous`]; B-32's image embedding took 5–7 % longer on an
-    /// Intel Xeon with views of the weights whose input is not wider than their output). A
-    /// trainable weight changes at every optimizer step: its `Wᵀ` is a view, or a copy per call
-    /// where the input is wider than the output (`c_proj`), where the view is slowest (the
-    /// backward pass multiplies by `W` through the view, the layout that product wants). On a
-    /// GPU it is a view (cuBLAS takes either layout). A trainable weight multiplied in bf16 on
-    /// AMX tiles (vendored candle change 12, which packs either layout at about the same
-    /// speed) is cast as it is stored and viewed transposed: a cast of the contiguous weight,
-    /// and no float32 transposed copy, in the forward pass or in the gradient's way back.
+    /// `Wᵀ` `[in, out]` for the product, in the `compute` dtype.
+    ///
+    /// A trainable weight changes at every optimizer step, so this is made per call: on a GPU
+    /// a view (cuBLAS takes either layout); on the CPU a view, or a contiguous copy where the
+    /// input is wider than the output (`c_proj`), where the `gemm` crate's packing of the view
+    /// is slowest (the backward pass multiplies by `W` through the view, the layout that
+    /// product wants); in bf16 on AMX tiles (vendored candle change 12, which packs either
+    /// layout at about the same speed) the weight cast as it is stored and viewed transposed:
+    /// a cast of the contiguous weight, and no float32 transposed copy, in the forward pass or
+    /// in the gradient's way back.
+    ///
+    /// A frozen weight's is made once and kept beside the weight, already in the compute dtype
+    /// (autocast's cast cache, for models that record no graph): on the CPU a contiguous copy
+    /// (the `gemm` crate packs a transposed view more slowly: B-32's image embedding took 5–7 %
+    /// longer on an Intel Xeon with views of the weights whose input is not wider than their
+    /// output), on AMX tiles or a GPU the cast weight viewed transposed. A second dtype asked
+    /// of the same layer is made from the weight per call.
     fn weight_t(&self, compute: DType) -> Result<Tensor> {
         let (out_dim, in_dim) = self.weight.dims2()?;
-        if compute == DType::BF16
-            && self.weight.track_op()
-            && self.weight.device().is_cpu()
-            && candle_core::cpu_backend::amx::is_active()
-        {
-            return self.weight.to_dtype(compute)?.t();
-        }
-        if !self.weight.device().is_cpu() || (self.weight.track_op() && in_dim <= out_dim) {
-            return self.weight.t();
-        }
+        let cpu = self.weight.device().is_cpu();
+        let on_tiles = compute == DType::BF16 && cpu && candle_core::cpu_backend::amx::is_active();
         if self.weight.track_op() {
-            return ops::transpose_contiguous(&self.weight);
+            return match (on_tiles, cpu && in_dim > out_dim) {
+                (true, _) => self.weight.to_dtype(compute)?.t(),
+                (false, true) => ops::transpose_contiguous(&self.weight),
+                (false, false) => self.weight.t(),
+            };
         }
-        if let Some(t) = self.frozen_weight_t.get() {
-            return Ok(t.clone());
+        let make = || match on_tiles || !cpu {
+            true => self.weight.to_dtype(compute)?.t(),
+            false => ops::transpose_contiguous(&self.weight)?.to_dtype(compute),
+        };
+        match self.frozen_weight_t.get() {
+            Some(t) if t.dtype() == compute => Ok(t.clone()),
+            Some(_) => make(),
+            None => {
+                let t = make()?;
+                Ok(self.frozen_weight_t.get_or_init(|| t).clone())
+            }
         }
-        let t = ops::transpose_contiguous(&self.weight)?;
-        Ok(self.frozen_weight_t.get_or_init(|| t).clone())
     }
 
     /// A row-parallel layer: this member's weight columns times its slice of the input, summed
@@ -310,6 +319,24 @@ mod tests {
             let [a, b] = ids(l);
             assert_ne!(a, b, "a trainable weight's transpose is made per call");
         }
+        // In a half dtype the kept copy is cast already (autocast's cast cache); another dtype
+        // asked of the same layer is made from the weight, not from the rounded copy.
+        let w_fine = (&w * 0.1001).unwrap(); // values bf16 rounds
+        let frozen_half = Linear::from_parts(w_fine.clone(), None);
+        let half = |l: &Linear| l.weight_t(DType::BF16).unwrap();
+        let kept = half(&frozen_half);
+        assert_eq!(kept.dtype(), DType::BF16);
+        assert_eq!(kept.id(), half(&frozen_half).id());
+        let want = w_fine.t().unwrap().to_dtype(DType::BF16).unwrap();
+        assert_eq!(
+            kept.to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap(),
+            want.to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap()
+        );
+        let full = frozen_half.weight_t(DType::F32).unwrap();
+        assert_eq!(
+            full.to_vec2::<f32>().unwrap(),
+            w_fine.t().unwrap().to_vec2::<f32>().unwrap()
+        );
         // The same products either way, and after the trainable weight changes in place.
         let out = |l: &Linear| {
             let x = x.narrow(1, 0, l.weight.dim(1).unwrap()).unwrap();
