@@ -132,38 +132,40 @@ pub(super) fn matmul(
     let row_parts = threads.div_ceil(b * tasks_per_entry).clamp(1, row_blocks);
     let blocks_per_part = row_blocks.div_ceil(row_parts);
     let out = SharedOut(dst.as_mut_ptr());
-    (0..b * tasks_per_entry * row_parts).into_par_iter().for_each(|task| {
-        let (e, t, part) = (
-            task / (tasks_per_entry * row_parts),
-            task / row_parts % tasks_per_entry,
-            task % row_parts,
-        );
-        let cols = t * TASK_COLUMNS..((t + 1) * TASK_COLUMNS).min(n);
-        let b_packed = pack_b(&rhs[e * rhs_s.batch..], rhs_s, k, cols.clone(), k_lines);
-        let a = &packed_a[e];
-        let mut acc = [0f32; BLOCK * BLOCK];
-        // SAFETY: `is_active` held (the CPU has AMX-BF16, the tile state is granted); the
-        // tile loads read whole blocks of `a` and `b_packed` (sized by k_lines and whole
-        // register blocks), the store writes `acc` (32 rows of 128 bytes).
-        let _tiles = unsafe { hardware::Tiles::configure() };
-        let first = part * blocks_per_part;
-        for rb in first..(first + blocks_per_part).min(row_blocks) {
-            let a_block = &a[rb * k_lines * BLOCK..(rb + 1) * k_lines * BLOCK];
-            for (cb, b_block) in b_packed.chunks_exact(k_lines * BLOCK).enumerate() {
-                unsafe { hardware::block(a_block, b_block, k_lines, &mut acc) };
-                let (row0, col0) = (rb * BLOCK, cols.start + cb * BLOCK);
-                let rows = BLOCK.min(m - row0);
-                let width = BLOCK.min(cols.end - col0);
-                for r in 0..rows {
-                    let at = e * m * n + (row0 + r) * n + col0;
-                    // SAFETY: tasks write disjoint parts of the output (each entry's columns
-                    // split by `t`, its row blocks by `part`), rows below m, columns below n.
-                    let row = unsafe { std::slice::from_raw_parts_mut(out.at(at), width) };
-                    bf16_from_f32_slice(&acc[r * BLOCK..r * BLOCK + width], row);
+    (0..b * tasks_per_entry * row_parts)
+        .into_par_iter()
+        .for_each(|task| {
+            let (e, t, part) = (
+                task / (tasks_per_entry * row_parts),
+                task / row_parts % tasks_per_entry,
+                task % row_parts,
+            );
+            let cols = t * TASK_COLUMNS..((t + 1) * TASK_COLUMNS).min(n);
+            let b_packed = pack_b(&rhs[e * rhs_s.batch..], rhs_s, k, cols.clone(), k_lines);
+            let a = &packed_a[e];
+            let mut acc = [0f32; BLOCK * BLOCK];
+            // SAFETY: `is_active` held (the CPU has AMX-BF16, the tile state is granted); the
+            // tile loads read whole blocks of `a` and `b_packed` (sized by k_lines and whole
+            // register blocks), the store writes `acc` (32 rows of 128 bytes).
+            let _tiles = unsafe { hardware::Tiles::configure() };
+            let first = part * blocks_per_part;
+            for rb in first..(first + blocks_per_part).min(row_blocks) {
+                let a_block = &a[rb * k_lines * BLOCK..(rb + 1) * k_lines * BLOCK];
+                for (cb, b_block) in b_packed.chunks_exact(k_lines * BLOCK).enumerate() {
+                    unsafe { hardware::block(a_block, b_block, k_lines, &mut acc) };
+                    let (row0, col0) = (rb * BLOCK, cols.start + cb * BLOCK);
+                    let rows = BLOCK.min(m - row0);
+                    let width = BLOCK.min(cols.end - col0);
+                    for r in 0..rows {
+                        let at = e * m * n + (row0 + r) * n + col0;
+                        // SAFETY: tasks write disjoint parts of the output (each entry's columns
+                        // split by `t`, its row blocks by `part`), rows below m, columns below n.
+                        let row = unsafe { std::slice::from_raw_parts_mut(out.at(at), width) };
+                        bf16_from_f32_slice(&acc[r * BLOCK..r * BLOCK + width], row);
+                    }
                 }
             }
-        }
-    });
+        });
     dst
 }
 
@@ -191,8 +193,17 @@ fn pack_a(a: &[bf16], s: Strides, (m, k): (usize, usize), k_lines: usize) -> Vec
 }
 
 /// Row block `rb` of [`pack_a`] into `block` (zero-filled, `k_lines × 32` lines).
-#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx2,avx512f,avx512bw,avx512vl"))]
-unsafe fn pack_a_block(a: &[bf16], s: Strides, (m, k): (usize, usize), rb: usize, block: &mut [Line]) {
+#[cfg_attr(
+    target_arch = "x86_64",
+    target_feature(enable = "avx2,avx512f,avx512bw,avx512vl")
+)]
+unsafe fn pack_a_block(
+    a: &[bf16],
+    s: Strides,
+    (m, k): (usize, usize),
+    rb: usize,
+    block: &mut [Line],
+) {
     let rows = rb * BLOCK..((rb + 1) * BLOCK).min(m);
     for (kl, lines) in block.chunks_exact_mut(BLOCK).enumerate() {
         let k0 = kl * TILE_K;
@@ -200,7 +211,11 @@ unsafe fn pack_a_block(a: &[bf16], s: Strides, (m, k): (usize, usize), rb: usize
         if s.col == 1 {
             // Rows contiguous: each line a copy of 32 values of one row.
             for (line, i) in lines.iter_mut().zip(rows.clone()) {
-                for (v, x) in line.0.iter_mut().zip(&a[i * s.row + k0..i * s.row + k0 + len]) {
+                for (v, x) in line
+                    .0
+                    .iter_mut()
+                    .zip(&a[i * s.row + k0..i * s.row + k0 + len])
+                {
                     *v = x.to_bits();
                 }
             }
@@ -248,7 +263,10 @@ fn pack_b(b: &[bf16], s: Strides, k: usize, cols: Range<usize>, k_lines: usize) 
 }
 
 /// The lines of [`pack_b`], pushed onto `packed`.
-#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx2,avx512f,avx512bw,avx512vl"))]
+#[cfg_attr(
+    target_arch = "x86_64",
+    target_feature(enable = "avx2,avx512f,avx512bw,avx512vl")
+)]
 unsafe fn pack_b_lines(
     b: &[bf16],
     s: Strides,
@@ -277,7 +295,8 @@ unsafe fn pack_b_lines(
                     for l in 0..lanes {
                         for h in 0..2 {
                             if kk + h < k {
-                                line.0[2 * l + h] = b[(kk + h) * s.row + (j0 + l) * s.col].to_bits();
+                                line.0[2 * l + h] =
+                                    b[(kk + h) * s.row + (j0 + l) * s.col].to_bits();
                             }
                         }
                     }
@@ -311,7 +330,9 @@ mod x86 {
             _mm512_store_si512(out, _mm512_or_si512(lo, _mm512_slli_epi32::<16>(hi)));
             return Some(line);
         }
-        let step = i32::try_from(s.col).ok().filter(|&c| c.checked_mul(16).is_some())?;
+        let step = i32::try_from(s.col)
+            .ok()
+            .filter(|&c| c.checked_mul(16).is_some())?;
         if s.row != 1 {
             return None;
         }
@@ -331,8 +352,15 @@ mod x86 {
     /// `kk`, split into the two rows. `None` where the offsets overflow the gather's indices.
     #[inline]
     #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl")]
-    pub(super) unsafe fn row_pair(a: &[bf16], col: usize, i: usize, k0: usize) -> Option<[Line; 2]> {
-        let step = i32::try_from(col).ok().filter(|&c| c.checked_mul(16).is_some())?;
+    pub(super) unsafe fn row_pair(
+        a: &[bf16],
+        col: usize,
+        i: usize,
+        k0: usize,
+    ) -> Option<[Line; 2]> {
+        let step = i32::try_from(col)
+            .ok()
+            .filter(|&c| c.checked_mul(16).is_some())?;
         let index = _mm512_mullo_epi32(
             _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
             _mm512_set1_epi32(step),
@@ -374,7 +402,13 @@ mod hardware {
         const XFEATURE_XTILEDATA: libc::c_long = 18;
         // SAFETY: arch_prctl with ARCH_REQ_XCOMP_PERM only changes which extended state the
         // kernel lets this process use; it fails cleanly on kernels without AMX support.
-        unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 }
+        unsafe {
+            libc::syscall(
+                libc::SYS_arch_prctl,
+                ARCH_REQ_XCOMP_PERM,
+                XFEATURE_XTILEDATA,
+            ) == 0
+        }
     }
 
     /// Palette 1's tile configuration: 8 tiles of 16 rows × 64 bytes.
@@ -426,7 +460,12 @@ mod hardware {
     /// # Safety
     /// Tiles configured on this thread ([`Tiles::configure`]); `a` and `b` hold
     /// `k_lines × 32` lines each.
-    pub(super) unsafe fn block(a: &[Line], b: &[Line], k_lines: usize, acc: &mut [f32; BLOCK * BLOCK]) {
+    pub(super) unsafe fn block(
+        a: &[Line],
+        b: &[Line],
+        k_lines: usize,
+        acc: &mut [f32; BLOCK * BLOCK],
+    ) {
         debug_assert!(a.len() >= k_lines * BLOCK && b.len() >= k_lines * BLOCK);
         let (a, b) = (a.as_ptr(), b.as_ptr());
         let stride = 64usize;

@@ -7,9 +7,10 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 mod utils;
+// coca: bf16 products on Intel AMX tiles (see the file).
+pub mod amx;
 // coca: cuBLAS's layout rule, checked on the CPU when asked (see the file).
 mod cublas_layouts;
-pub mod amx;
 // coca: float32 <-> half conversions at memory speed (see the file).
 pub mod convert;
 use convert::{bf16_from_f32_slice, f16_from_f32_slice, f32_from_bf16_slice, f32_from_f16_slice};
