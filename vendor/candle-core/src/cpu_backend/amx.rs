@@ -314,6 +314,20 @@ mod x86 {
     use half::bf16;
     use std::arch::x86_64::*;
 
+    /// The gather's element offsets `l · stride` of its 16 lanes; `None` where they overflow
+    /// its 32-bit indices.
+    #[inline]
+    #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl")]
+    unsafe fn lane_offsets(stride: usize) -> Option<__m512i> {
+        let step = i32::try_from(stride)
+            .ok()
+            .filter(|&c| c.checked_mul(TILE_ROWS as i32).is_some())?;
+        Some(_mm512_mullo_epi32(
+            _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+            _mm512_set1_epi32(step),
+        ))
+    }
+
     /// The line `(B[kk][j], B[kk+1][j])` for the 16 columns from `j0` (all inside `B`), from
     /// two contiguous rows or (columns contiguous) as 16 gathered u32; `None` for other
     /// strides.
@@ -330,18 +344,12 @@ mod x86 {
             _mm512_store_si512(out, _mm512_or_si512(lo, _mm512_slli_epi32::<16>(hi)));
             return Some(line);
         }
-        let step = i32::try_from(s.col)
-            .ok()
-            .filter(|&c| c.checked_mul(16).is_some())?;
         if s.row != 1 {
             return None;
         }
+        let index = lane_offsets(s.col)?;
         // The last u32 read is B[kk][j0+15], B[kk+1][j0+15]: inside the slice.
         let base = &b[kk + j0 * s.col..kk + (j0 + TILE_ROWS - 1) * s.col + 2];
-        let index = _mm512_mullo_epi32(
-            _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-            _mm512_set1_epi32(step),
-        );
         let pairs = _mm512_i32gather_epi32::<2>(index, base.as_ptr() as *const i32);
         _mm512_store_si512(out, pairs);
         Some(line)
@@ -358,13 +366,7 @@ mod x86 {
         i: usize,
         k0: usize,
     ) -> Option<[Line; 2]> {
-        let step = i32::try_from(col)
-            .ok()
-            .filter(|&c| c.checked_mul(16).is_some())?;
-        let index = _mm512_mullo_epi32(
-            _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-            _mm512_set1_epi32(step),
-        );
+        let index = lane_offsets(col)?;
         let mut lines = [super::ZERO_LINE; 2];
         for half in 0..2 {
             let kk = k0 + half * TILE_K / 2;
