@@ -189,6 +189,14 @@ impl Tensor {
 /// patch). Those ops read the forward pass's tensors (a weight's gradient is a product with
 /// its input), so a kept gradient would hold every activation it came from until the store is
 /// dropped. Second-order passes (`CANDLE_GRAD_DO_NOT_DETACH`) keep the graph.
+/// Whether `tensor`'s gradient is needed (coca's patch): it is a variable or was computed from
+/// one. A constant operand (a model's input, a mask) gets none, as PyTorch skips the inputs
+/// whose `needs_input_grad` is false; its gradient used to be computed and kept in the store
+/// until the end of the pass.
+fn wants_grad(tensor: &Tensor) -> bool {
+    tensor.track_op()
+}
+
 fn stored(grad: Tensor) -> Tensor {
     if CANDLE_GRAD_DO_NOT_DETACH.with(|b| *b) {
         grad
@@ -471,11 +479,16 @@ fn backward_nodes(mut grads: GradStore, sorted_nodes: Vec<Tensor>) -> Result<Gra
                         // Skipping checks, the op went ok, we can skip
                         // the matmul size checks for now.
 
-                        let lhs_grad = grad.matmul(&rhs.t()?)?;
-                        grads.accumulate(lhs, &lhs_grad)?;
-
-                        let rhs_grad = lhs.t()?.matmul(&grad)?;
-                        grads.accumulate(rhs, &rhs_grad)?;
+                        // Only the operands that lead to a variable get a product (coca's
+                        // patch): an input's gradient is a product as large as the weight's.
+                        if wants_grad(lhs) {
+                            let lhs_grad = grad.matmul(&rhs.t()?)?;
+                            grads.accumulate(lhs, &lhs_grad)?;
+                        }
+                        if wants_grad(rhs) {
+                            let rhs_grad = lhs.t()?.matmul(&grad)?;
+                            grads.accumulate(rhs, &rhs_grad)?;
+                        }
                     }
                     Op::Cat(args, dim) => {
                         let mut start_idx = 0;
@@ -761,8 +774,12 @@ impl GradStore {
 
     /// Adds `grad` to the gradient of `tensor`; the first gradient to reach a node is stored
     /// as it is (made contiguous) instead of being added into a fresh tensor of zeros, which
-    /// saved a full-size fill and a full-size add per edge of the graph (coca's patch).
+    /// saved a full-size fill and a full-size add per edge of the graph (coca's patch). A
+    /// tensor that wants no gradient ([`wants_grad`]) gets none kept.
     fn accumulate(&mut self, tensor: &Tensor, grad: &Tensor) -> Result<()> {
+        if !wants_grad(tensor) {
+            return Ok(());
+        }
         match self.0.entry(tensor.id()) {
             Entry::Occupied(mut entry) => {
                 let sum_grad = entry.get_mut();
@@ -790,6 +807,9 @@ impl GradStore {
         start: usize,
         owned: &mut HashSet<TensorId>,
     ) -> Result<()> {
+        if !wants_grad(tensor) {
+            return Ok(());
+        }
         let grad = grad.contiguous()?;
         match self.0.entry(tensor.id()) {
             Entry::Vacant(entry) => {
@@ -814,6 +834,9 @@ impl GradStore {
 
     /// Subtracts `grad` from the gradient of `tensor`, as [`Self::accumulate`] adds.
     fn accumulate_neg(&mut self, tensor: &Tensor, grad: &Tensor) -> Result<()> {
+        if !wants_grad(tensor) {
+            return Ok(());
+        }
         match self.0.entry(tensor.id()) {
             Entry::Occupied(mut entry) => {
                 let sum_grad = entry.get_mut();

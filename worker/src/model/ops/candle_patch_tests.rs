@@ -204,6 +204,38 @@ fn the_patched_backward_frees_each_node_once_differentiated() {
 }
 
 #[test]
+fn constant_operands_get_no_gradient_from_the_patched_backward() {
+    // vendor/candle-core skips the gradient of an operand that leads to no variable (the
+    // patch embedding's input: a product as large as its weight's gradient). The weight's
+    // gradient is the plain one: xᵀ·1 for the sum of x·w.
+    let x = Tensor::from_vec((0..6).map(|i| i as f32).collect(), (3, 2), &Device::Cpu).unwrap();
+    let w = Var::from_tensor(&Tensor::ones((2, 4), DType::F32, &Device::Cpu).unwrap()).unwrap();
+    let scale = Tensor::new(&[2f32], &Device::Cpu).unwrap();
+    for constant_left in [true, false] {
+        let y = match constant_left {
+            true => x.matmul(w.as_tensor()),
+            false => w.as_tensor().t().unwrap().matmul(&x.t().unwrap()),
+        }
+        .unwrap();
+        // A constant in an elementwise op, a subtraction and a slice, too.
+        let z = (y.broadcast_mul(&scale).unwrap() - x.sum_all().unwrap().broadcast_as(y.shape()))
+            .unwrap();
+        let loss = z.sum_all().unwrap();
+        let grads = loss.backward().unwrap();
+        for constant in [&x, &scale] {
+            assert!(grads.get(constant).is_none(), "left {constant_left}");
+        }
+        let g = grads.get(w.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
+        // d/dw of 2·Σ x·w: each row of w gets twice the column sums of x (6 and 9).
+        assert_eq!(
+            g,
+            vec![vec![12.0; 4], vec![18.0; 4]],
+            "left {constant_left}"
+        );
+    }
+}
+
+#[test]
 fn products_fill_their_unzeroed_outputs_completely() {
     // vendor/candle-core leaves a product's output buffer unfilled (gemm writes every element):
     // freed NaN-filled memory of the output's size is handed out again for it, and no NaN may
