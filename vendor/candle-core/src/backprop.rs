@@ -197,6 +197,17 @@ fn wants_grad(tensor: &Tensor) -> bool {
     tensor.track_op()
 }
 
+/// Whether `tensor` is the transpose of a contiguous tensor over its last two dimensions, and
+/// not itself contiguous (coca's patch).
+fn is_transposed_view(tensor: &Tensor) -> bool {
+    tensor.rank() >= 2
+        && !tensor.is_contiguous()
+        && tensor
+            .layout()
+            .transpose(tensor.rank() - 2, tensor.rank() - 1)
+            .is_ok_and(|l| l.is_contiguous())
+}
+
 fn stored(grad: Tensor) -> Tensor {
     if CANDLE_GRAD_DO_NOT_DETACH.with(|b| *b) {
         grad
@@ -486,7 +497,15 @@ fn backward_nodes(mut grads: GradStore, sorted_nodes: Vec<Tensor>) -> Result<Gra
                             grads.accumulate(lhs, &lhs_grad)?;
                         }
                         if wants_grad(rhs) {
-                            let rhs_grad = lhs.t()?.matmul(&grad)?;
+                            // A transposed view (a linear layer's `Wᵀ`, attention's `kᵀ`) gets
+                            // its gradient as the transpose of `gradᵀ · lhs` (coca's patch): the
+                            // view's own backward then passes a contiguous gradient on, where
+                            // `lhsᵀ · grad` had to be copied transposed.
+                            let rhs_grad = if is_transposed_view(rhs) {
+                                grad.t()?.matmul(lhs)?.t()?
+                            } else {
+                                lhs.t()?.matmul(&grad)?
+                            };
                             grads.accumulate(rhs, &rhs_grad)?;
                         }
                     }
@@ -786,7 +805,13 @@ impl GradStore {
                 *sum_grad = stored(sum_grad.add(grad)?);
             }
             Entry::Vacant(entry) => {
-                entry.insert(stored(grad.contiguous()?));
+                // A transposed view is kept as it is (coca's patch): the transpose that
+                // consumes it (see `Op::Matmul`) makes it contiguous again, without a copy.
+                let grad = match is_transposed_view(grad) {
+                    true => grad.clone(),
+                    false => grad.contiguous()?,
+                };
+                entry.insert(stored(grad));
             }
         }
         Ok(())

@@ -236,6 +236,54 @@ fn constant_operands_get_no_gradient_from_the_patched_backward() {
 }
 
 #[test]
+fn gradients_through_transposed_views_are_the_plain_products() {
+    // vendor/candle-core computes the gradient of a product's transposed right operand (a
+    // linear layer's `Wᵀ`, attention's `kᵀ`) as `(gradᵀ · lhs)ᵀ`, which the view's own
+    // backward passes on contiguous. Integer values: every sum is exact in any order, so the
+    // gradients must equal `lhsᵀ · grad` transposed exactly, for a matrix and a batch.
+    let ints = |seed: usize, shape: &[usize]| {
+        let count: usize = shape.iter().product();
+        let v: Vec<f32> = (0..count)
+            .map(|i| ((i * 5 + seed) % 7) as f32 - 3.0)
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    };
+    for (x_dims, w_dims) in [(vec![5, 3], vec![4, 3]), (vec![2, 5, 3], vec![2, 4, 3])] {
+        let x = Var::from_tensor(&ints(1, &x_dims)).unwrap();
+        let w = Var::from_tensor(&ints(2, &w_dims)).unwrap();
+        let rank = w_dims.len();
+        let w_t = w.as_tensor().transpose(rank - 2, rank - 1).unwrap();
+        let y = x.as_tensor().matmul(&w_t).unwrap();
+        let upstream = ints(3, y.dims());
+        let grads = (&y * &upstream)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let plain_w = x
+            .as_tensor()
+            .transpose(rank - 2, rank - 1)
+            .unwrap()
+            .matmul(&upstream)
+            .unwrap()
+            .transpose(rank - 2, rank - 1)
+            .unwrap();
+        let plain_x = upstream.matmul(w.as_tensor()).unwrap();
+        for (var, want) in [(&w, plain_w), (&x, plain_x)] {
+            let got = grads.get(var.as_tensor()).unwrap();
+            assert!(got.is_contiguous(), "{x_dims:?}");
+            let diff = (got - want).unwrap().abs().unwrap().flatten_all().unwrap();
+            assert_eq!(
+                diff.max(0).unwrap().to_scalar::<f32>().unwrap(),
+                0.0,
+                "{x_dims:?}"
+            );
+        }
+    }
+}
+
+#[test]
 fn products_fill_their_unzeroed_outputs_completely() {
     // vendor/candle-core leaves a product's output buffer unfilled (gemm writes every element):
     // freed NaN-filled memory of the output's size is handed out again for it, and no NaN may
