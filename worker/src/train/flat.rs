@@ -10,6 +10,15 @@ use anyhow::{bail, ensure, Result};
 use candle_core::{backprop::GradStore, DType, Tensor, Var};
 use rayon::prelude::*;
 
+/// How [`FlatParams::accumulate_grads`] puts a backward pass's gradients into a flat buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GradWrite {
+    /// Added to what the buffer holds (the later micro-batches of a step).
+    Add,
+    /// Written over whatever it holds (the first micro-batch of a step).
+    Overwrite,
+}
+
 /// Where one parameter lives in the flat buffers, and how it is optimised.
 #[derive(Debug, Clone)]
 pub struct Segment {
@@ -145,8 +154,15 @@ impl FlatParams {
 
     /// Adds the gradients in `grads` into the first [`len`](Self::len) elements of `flat` (for
     /// accumulation; a longer buffer keeps its tail); parameters that received no gradient add
-    /// nothing.
-    pub fn accumulate_grads(&self, grads: &GradStore, flat: &mut FlatBuffer) -> Result<()> {
+    /// nothing. With [`GradWrite::Overwrite`] the gradients are written instead (and the
+    /// segments of parameters without one set to zero): the first micro-batch of a step then
+    /// needs neither a zero-filled buffer nor a read of it (`0 + g` is `g`).
+    pub fn accumulate_grads(
+        &self,
+        grads: &GradStore,
+        flat: &mut FlatBuffer,
+        write: GradWrite,
+    ) -> Result<()> {
         if flat.len() < self.total {
             bail!(
                 "gradient buffer has {} scalars, expected at least {}",
@@ -160,12 +176,19 @@ impl FlatParams {
                 // Segment by segment, in place: a concatenated gradient would be a second full
                 // copy for the length of the pass.
                 for (var, s) in self.vars.iter().zip(&self.segments) {
-                    if let Some(g) = grads.get(var.as_tensor()) {
-                        let g = g.flatten_all()?.to_dtype(DType::F32)?;
-                        s.check_gradient_len(g.elem_count())?;
-                        let sum = (t.narrow(0, s.offset, s.len)? + g)?;
-                        t.slice_set(&sum, 0, s.offset)?;
-                    }
+                    let g = match (grads.get(var.as_tensor()), write) {
+                        (Some(g), _) => g.flatten_all()?.to_dtype(DType::F32)?,
+                        (None, GradWrite::Overwrite) => {
+                            t.narrow(0, s.offset, s.len)?.zeros_like()?
+                        }
+                        (None, GradWrite::Add) => continue,
+                    };
+                    s.check_gradient_len(g.elem_count())?;
+                    let value = match write {
+                        GradWrite::Add => (t.narrow(0, s.offset, s.len)? + g)?,
+                        GradWrite::Overwrite => g,
+                    };
+                    t.slice_set(&value, 0, s.offset)?;
                 }
                 return Ok(());
             }
@@ -204,11 +227,57 @@ impl FlatParams {
         chunks
             .into_par_iter()
             .zip(parts.par_iter())
-            .for_each(|(dst, src)| {
-                if let Some(src) = src {
-                    dst.iter_mut().zip(src.iter()).for_each(|(d, s)| *d += s);
+            .for_each(|(dst, src)| match (src, write) {
+                (Some(src), GradWrite::Add) => {
+                    dst.iter_mut().zip(src.iter()).for_each(|(d, s)| *d += s)
                 }
+                (Some(src), GradWrite::Overwrite) => dst.copy_from_slice(src),
+                (None, GradWrite::Add) => {}
+                (None, GradWrite::Overwrite) => dst.fill(0.0),
             });
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::comm::Placement;
+    use candle_core::Device;
+
+    struct Uniform;
+    impl GroupRule for Uniform {
+        fn lr_and_wd(&self, _: &str, _: &[usize]) -> (f64, f64) {
+            (1.0, 0.0)
+        }
+    }
+
+    #[test]
+    fn gradients_are_added_or_written_over_stale_contents() {
+        // `a` (2 scalars) gets a gradient, `b` (3) none; the buffer holds a stale sum and a
+        // tail past the parameters. Adding keeps `b`'s and the tail; writing over sets `a`'s
+        // gradient and zeroes `b`'s (its stale values are no gradient of this step), and
+        // leaves the tail.
+        let a = Var::new(&[1f32, 2.0], &Device::Cpu).unwrap();
+        let b = Var::new(&[0f32; 3], &Device::Cpu).unwrap();
+        let params =
+            FlatParams::new(vec![("a".into(), a.clone()), ("b".into(), b)], &Uniform).unwrap();
+        let grads = (a.as_tensor() * 3.0)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let stale = vec![10f32, 20.0, 30.0, 40.0, 50.0, 60.0];
+        for placement in [Placement::Host, Placement::Device(Device::Cpu)] {
+            for (write, want) in [
+                (GradWrite::Add, [13f32, 23.0, 30.0, 40.0, 50.0, 60.0]),
+                (GradWrite::Overwrite, [3f32, 3.0, 0.0, 0.0, 0.0, 60.0]),
+            ] {
+                let mut flat = FlatBuffer::from_host(stale.clone(), &placement).unwrap();
+                params.accumulate_grads(&grads, &mut flat, write).unwrap();
+                assert_eq!(flat.to_vec().unwrap(), want, "{write:?} {placement:?}");
+            }
+        }
     }
 }

@@ -11,7 +11,7 @@
 //! squared norms summed over the sharding group), never a rank's partial view.
 
 use super::adamw::{global_norm, AdamWConfig, FlatAdamW, UpdateSpan};
-use super::flat::{FlatParams, GroupRule, Segment};
+use super::flat::{FlatParams, GradWrite, GroupRule, Segment};
 use super::moments::MOMENT_NAMES;
 use super::norm::{clip_range, combine_squares, device_range_squares, segment_squares};
 use super::partition::Partition;
@@ -113,6 +113,9 @@ pub struct Trainer {
     values: Tensor,
     /// Accumulated gradient: the whole buffer, or (stage 2) this rank's reduced block.
     grads: FlatBuffer,
+    /// Whether `grads` holds this step's sum so far; when not, its contents are stale and the
+    /// next micro-batch writes over them instead of adding (no zero fill between steps).
+    grads_held: bool,
     pub optimizer: FlatAdamW,
     config: TrainerConfig,
     /// Offset of `logit_scale` in the flat buffers.
@@ -176,6 +179,7 @@ impl Trainer {
         Ok(Self {
             model,
             grads: FlatBuffer::zeros(grad_len, &placement)?,
+            grads_held: false,
             optimizer: FlatAdamW::new(partition.len(), config.adamw, &placement)?,
             values,
             owned: partition.segments(params.segments()),
@@ -235,17 +239,22 @@ impl Trainer {
         if !values.total.is_finite() {
             return Ok(values);
         }
+        let write = match self.grads_held {
+            true => GradWrite::Add,
+            false => GradWrite::Overwrite,
+        };
         if self.groups.stage != Some(ZeroStage::Two) {
             self.params
-                .accumulate_grads(&grads, &mut self.grads)
+                .accumulate_grads(&grads, &mut self.grads, write)
                 .context("accumulating gradients")?;
+            self.grads_held = true;
             return Ok(values);
         }
         // Stage 2: reduce this micro-batch's gradient at once and keep only this rank's block.
         let p = self.partition;
         let mut full = FlatBuffer::zeros(p.padded_total(), &self.grads.placement())?;
         self.params
-            .accumulate_grads(&grads, &mut full)
+            .accumulate_grads(&grads, &mut full, GradWrite::Overwrite)
             .context("accumulating gradients")?;
         let mut block = self
             .groups
@@ -258,7 +267,12 @@ impl Trainer {
             .all_reduce(&mut block, ReduceOp::Sum)
             .context("all-reducing gradient blocks over the data-parallel replicas")?;
         // The last block may be padding past the end of the buffer.
-        self.grads.add_assign(&block.truncated(p.len())?)?;
+        let block = block.truncated(p.len())?;
+        match write {
+            GradWrite::Add => self.grads.add_assign(&block)?,
+            GradWrite::Overwrite => self.grads.write_at(0, &block)?,
+        }
+        self.grads_held = true;
         Ok(values)
     }
 
@@ -272,7 +286,7 @@ impl Trainer {
             applied: false,
         };
         self.step += 1;
-        self.grads.fill_zero()?;
+        self.grads_held = false;
         Ok(report)
     }
 
@@ -292,6 +306,10 @@ impl Trainer {
         loss_scale: f64,
         inject_overflow: bool,
     ) -> Result<UpdateReport> {
+        // An update without a backward pass since the last one sees a zero gradient.
+        if !self.grads_held {
+            self.grads.fill_zero()?;
+        }
         if inject_overflow {
             self.grads.set(0, f32::INFINITY)?;
         }
@@ -343,7 +361,7 @@ impl Trainer {
                 self.clamp_logit_scale(i)?;
             }
         }
-        self.grads.fill_zero()?;
+        self.grads_held = false;
         Ok(report)
     }
 
