@@ -158,6 +158,8 @@ pub(crate) fn u32_data<'a>(
 #[cfg(test)]
 mod candle_amx_tests;
 #[cfg(test)]
+mod candle_backprop_tests;
+#[cfg(test)]
 mod candle_patch_tests;
 #[cfg(test)]
 mod portable_tests;
