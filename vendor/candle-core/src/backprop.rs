@@ -185,10 +185,6 @@ impl Tensor {
     }
 }
 
-/// A gradient as the store keeps it: without the graph of the ops that computed it (coca's
-/// patch). Those ops read the forward pass's tensors (a weight's gradient is a product with
-/// its input), so a kept gradient would hold every activation it came from until the store is
-/// dropped. Second-order passes (`CANDLE_GRAD_DO_NOT_DETACH`) keep the graph.
 /// Whether `tensor`'s gradient is needed (coca's patch): it is a variable or was computed from
 /// one. A constant operand (a model's input, a mask) gets none, as PyTorch skips the inputs
 /// whose `needs_input_grad` is false; its gradient used to be computed and kept in the store
@@ -208,6 +204,10 @@ fn is_transposed_view(tensor: &Tensor) -> bool {
             .is_ok_and(|l| l.is_contiguous())
 }
 
+/// A gradient as the store keeps it: without the graph of the ops that computed it (coca's
+/// patch). Those ops read the forward pass's tensors (a weight's gradient is a product with
+/// its input), so a kept gradient would hold every activation it came from until the store is
+/// dropped. Second-order passes (`CANDLE_GRAD_DO_NOT_DETACH`) keep the graph.
 fn stored(grad: Tensor) -> Tensor {
     if CANDLE_GRAD_DO_NOT_DETACH.with(|b| *b) {
         grad
