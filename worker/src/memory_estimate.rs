@@ -33,14 +33,13 @@ pub use coca_common::memory_estimate::MemoryEstimate;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OpsPath {
     /// The CPU's fused kernels (float32; half-precision inputs are widened to float32 copies
-    /// first, except by the bias kernels, which read them as they are), and `c_proj`'s weight
-    /// transposed into a float32 copy.
+    /// first, except by the bias kernels, which read them as they are).
     CpuFused,
     /// Our CUDA kernels (`worker/kernels/fused_ops.cu`) for every float dtype: a GPU in the
     /// `cuda` build.
     CudaFused,
     /// candle compositions for every op ([`crate::model::ops::portable`]):
-    /// `COCA_PORTABLE_OPS=1` on either device (`cpu`: with the CPU's `c_proj` copy).
+    /// `COCA_PORTABLE_OPS=1` on either device.
     Portable { cpu: bool },
 }
 
@@ -342,7 +341,7 @@ impl Block {
     }
 
     /// Bytes the graph keeps for `batch` samples of this block, its attention's probabilities
-    /// aside (`Self::kept` and the weight copy).
+    /// aside (`Self::kept`).
     fn kept_bytes(
         &self,
         tp: u64,
@@ -352,7 +351,7 @@ impl Block {
         core_recomputed: bool,
     ) -> u64 {
         let kept = self.kept(tp, compute != DType::F32, ops, core_recomputed);
-        batch * kept.bytes(compute) + F32 * self.weight_copy_floats(tp, ops)
+        batch * kept.bytes(compute)
     }
 
     /// Bytes a recomputed attention core holds for `batch` samples besides its probabilities:
@@ -373,19 +372,6 @@ impl Block {
     /// What a checkpointed block keeps per sample: its input.
     fn checkpointed_floats(&self) -> u64 {
         self.tokens * self.width
-    }
-
-    /// The output projection's weight transposed into a contiguous float32 copy (`c_proj`,
-    /// whose input is wider than its output; on the CPU), kept with the graph: floats per
-    /// block, not per sample. Under autocast too: the product casts that copy (the cast copy
-    /// is in the compute copies), and the cast keeps its input alive until backward.
-    fn weight_copy_floats(&self, tp: u64, ops: OpsPath) -> u64 {
-        let local = self.hidden / tp;
-        if local > self.width && ops.cpu() {
-            local * self.width
-        } else {
-            0
-        }
     }
 }
 

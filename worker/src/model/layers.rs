@@ -142,14 +142,15 @@ impl Linear {
 
     /// `Wᵀ` `[in, out]` for the product, in the `compute` dtype.
     ///
-    /// A trainable weight changes at every optimizer step, so this is made per call: on a GPU
-    /// a view (cuBLAS takes either layout); on the CPU a view, or a contiguous copy where the
-    /// input is wider than the output (`c_proj`), where the `gemm` crate's packing of the view
-    /// is slowest (the backward pass multiplies by `W` through the view, the layout that
-    /// product wants); in bf16 on AMX tiles (vendored candle change 12, which packs either
-    /// layout at about the same speed) the weight cast as it is stored and viewed transposed:
-    /// a cast of the contiguous weight, and no float32 transposed copy, in the forward pass or
-    /// in the gradient's way back.
+    /// A trainable weight changes at every optimizer step, so this is made per call: the weight
+    /// cast as it is stored (a contiguous pass; nothing in float32) and viewed transposed.
+    /// Every product takes the view (cuBLAS and AMX tiles either layout; the `gemm` crate packs
+    /// it a little more slowly where the input is wider than the output, `c_proj`), and its
+    /// backward computes the view's gradient as a transpose ([`ops::biased_product`], vendored
+    /// candle change 14), so the weight's gradient comes back contiguous through the cast. A
+    /// transposed copy of `c_proj`'s weight, kept until 2026-12-07 for the forward pass's
+    /// packing, cost a second transposed copy in the backward pass: B-32 float32 steps of
+    /// 4.38–4.58 s against 4.25–4.30 s with the view, alternating on an Intel Xeon.
     ///
     /// A frozen weight's is made once and kept beside the weight, already in the compute dtype
     /// (autocast's cast cache, for models that record no graph): on the CPU a contiguous copy
@@ -158,16 +159,11 @@ impl Linear {
     /// output), on AMX tiles or a GPU the cast weight viewed transposed. A second dtype asked
     /// of the same layer is made from the weight per call.
     fn weight_t(&self, compute: DType) -> Result<Tensor> {
-        let (out_dim, in_dim) = self.weight.dims2()?;
+        if self.weight.track_op() {
+            return self.weight.to_dtype(compute)?.t();
+        }
         let cpu = self.weight.device().is_cpu();
         let on_tiles = compute == DType::BF16 && cpu && candle_core::cpu_backend::amx::is_active();
-        if self.weight.track_op() {
-            return match (on_tiles, cpu && in_dim > out_dim) {
-                (true, _) => self.weight.to_dtype(compute)?.t(),
-                (false, true) => ops::transpose_contiguous(&self.weight),
-                (false, false) => self.weight.t(),
-            };
-        }
         let make = || match on_tiles || !cpu {
             true => self.weight.to_dtype(compute)?.t(),
             false => ops::transpose_contiguous(&self.weight)?.to_dtype(compute),
@@ -352,40 +348,61 @@ mod tests {
     }
 
     #[test]
-    fn a_trainable_weight_multiplied_in_bf16_on_amx_is_cast_then_viewed_transposed() {
-        if !candle_core::cpu_backend::amx::is_active() {
-            eprintln!("skipped: bf16 products do not run on AMX here");
-            return;
-        }
-        // Wider input than output (`c_proj`, a float32 transposed copy otherwise) and narrower.
-        for (out_dim, in_dim) in [(24, 80), (80, 24)] {
-            let w = Tensor::randn(0f32, 0.1, (out_dim, in_dim), &Device::Cpu).unwrap();
-            let var = Var::from_tensor(&w).unwrap();
-            let layer = Linear::from_parts(var.as_tensor().clone(), None);
-            let wt = layer.weight_t(DType::BF16).unwrap();
-            assert_eq!(
-                (wt.dtype(), wt.dims()),
-                (DType::BF16, &[in_dim, out_dim][..])
-            );
-            assert!(!wt.is_contiguous(), "a view of the cast weight");
-            let x = Tensor::randn(0f32, 1.0, (7, in_dim), &Device::Cpu)
-                .unwrap()
-                .to_dtype(DType::BF16)
-                .unwrap();
-            // The output (as float32) and the weight's gradient of its squared sum.
-            let product_and_gradient = |y: Tensor, var: &Var| {
-                let y = y.to_dtype(DType::F32).unwrap();
-                let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
-                let grad = grads.get(var.as_tensor()).unwrap();
-                assert_eq!(grad.dtype(), DType::F32);
-                (y.to_vec2::<f32>().unwrap(), grad.to_vec2::<f32>().unwrap())
-            };
-            let got = product_and_gradient(layer.forward(&x).unwrap(), &var);
-            // The float32 transposed copy, cast: the layout the other CPUs multiply.
-            let var_ref = Var::from_tensor(&w).unwrap();
-            let wt_ref = var_ref.as_tensor().t().unwrap().contiguous().unwrap();
-            let y_ref = x.matmul(&wt_ref.to_dtype(DType::BF16).unwrap()).unwrap();
-            assert_eq!(got, product_and_gradient(y_ref, &var_ref));
+    fn a_trainable_weight_is_cast_then_viewed_and_its_gradient_comes_back_contiguous() {
+        // Float32 and bf16 (on AMX tiles or widened, whichever this CPU runs); an input wider
+        // than the output (`c_proj`) and narrower; with a bias (one fused op) and without.
+        for dtype in [DType::F32, DType::BF16] {
+            for (out_dim, in_dim) in [(24, 80), (80, 24)] {
+                for with_bias in [false, true] {
+                    let w = Tensor::randn(0f32, 0.1, (out_dim, in_dim), &Device::Cpu).unwrap();
+                    let b = Tensor::randn(0f32, 0.1, out_dim, &Device::Cpu).unwrap();
+                    let var = Var::from_tensor(&w).unwrap();
+                    let layer =
+                        Linear::from_parts(var.as_tensor().clone(), with_bias.then(|| b.clone()));
+                    let wt = layer.weight_t(dtype).unwrap();
+                    assert_eq!((wt.dtype(), wt.dims()), (dtype, &[in_dim, out_dim][..]));
+                    assert!(!wt.is_contiguous(), "a view of the cast weight");
+                    let x = Tensor::randn(0f32, 1.0, (7, in_dim), &Device::Cpu)
+                        .unwrap()
+                        .to_dtype(dtype)
+                        .unwrap();
+                    // The output (as float32) and the weight's gradient of its squared sum,
+                    // which reaches the weight contiguous (nothing to copy into the trainer's
+                    // buffer).
+                    let product_and_gradient = |y: Tensor, var: &Var| {
+                        let y = y.to_dtype(DType::F32).unwrap();
+                        let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+                        let grad = grads.get(var.as_tensor()).unwrap();
+                        assert_eq!(grad.dtype(), DType::F32);
+                        (
+                            y.to_vec2::<f32>().unwrap(),
+                            grad.to_vec2::<f32>().unwrap(),
+                            grad.is_contiguous(),
+                        )
+                    };
+                    let got = product_and_gradient(layer.forward(&x).unwrap(), &var);
+                    let case = format!("{dtype:?} {out_dim}x{in_dim} bias {with_bias}");
+                    assert!(got.2, "{case}: the weight's gradient is a transposed view");
+                    // The float32 transposed copy, cast: the same numbers.
+                    let var_ref = Var::from_tensor(&w).unwrap();
+                    let wt_ref = var_ref.as_tensor().t().unwrap().contiguous().unwrap();
+                    let mut y_ref = x.matmul(&wt_ref.to_dtype(dtype).unwrap()).unwrap();
+                    if with_bias {
+                        y_ref = y_ref.broadcast_add(&b.to_dtype(dtype).unwrap()).unwrap();
+                    }
+                    let want = product_and_gradient(y_ref, &var_ref);
+                    // gemm may split the sums of the two layouts differently: float32
+                    // rounding, no more (bf16 one rounding of it).
+                    let tol = if dtype == DType::F32 { 1e-6 } else { 1e-2 };
+                    for (a, b, what) in [(&got.0, &want.0, "output"), (&got.1, &want.1, "gradient")]
+                    {
+                        let (a, b) = (a.iter().flatten(), b.iter().flatten());
+                        let scale = b.clone().fold(0f32, |m, v| m.max(v.abs()));
+                        let diff = a.zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+                        assert!(diff <= tol * scale, "{case}: {what} differs by {diff}");
+                    }
+                }
+            }
         }
     }
 

@@ -176,6 +176,9 @@ fn biased_product_equals_the_product_then_the_bias() {
         });
         // The same ops in the same order: the same bits, forward and backward.
         assert_same(&fused, &reference, f32::MIN_POSITIVE);
+        // The weight's gradient reaches it contiguous: for `Wᵀ`, the transpose of `gᵀ · x`
+        // (`xᵀ · g` reached it as a transposed view, which the trainer had to copy).
+        assert!(fused.1[1].is_contiguous(), "transposed: {transposed}");
         let composed = value_and_grads(&inputs, |t| {
             t[0].matmul(&w(&t[1]))
                 .unwrap()
