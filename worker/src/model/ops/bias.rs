@@ -11,7 +11,7 @@
 //! layer keeps only its output: one activation of every linear layer's output size less
 //! (about a fifth of a B-32 step's activations).
 
-use super::{cpu_elements, fused, widened_on_cpu};
+use super::{cpu_elements, fused, product_rhs_gradient, widened_on_cpu};
 use candle_core::backend::BackendStorage;
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType,
@@ -303,21 +303,6 @@ impl CustomOp3 for BiasedProduct {
             false => None,
         };
         Ok((dx, dw, Some(db)))
-    }
-}
-
-/// The gradient of `w` `[k, n]` in `x · w`: `xᵀ · grad`, or, for `w` a transposed view (a
-/// linear layer's `Wᵀ`), the transpose of `gradᵀ · x`. The view's own backward then hands the
-/// weight a contiguous `[n, k]` gradient, where `xᵀ · grad` reached it as a transposed view that
-/// the trainer copied, element by element in blocks, into its gradient buffer (2–4 % of a B-32
-/// float32 step on the CPU; on a GPU under autocast, a strided cast). Vendored candle change 14
-/// does the same for `matmul`.
-fn product_rhs_gradient(x: &Tensor, w: &Tensor, grad: &Tensor) -> Result<Tensor> {
-    let transposed_view =
-        !w.is_contiguous() && w.layout().transpose(0, 1).is_ok_and(|l| l.is_contiguous());
-    match transposed_view {
-        true => grad.t()?.matmul(x)?.t(),
-        false => x.t()?.matmul(grad),
     }
 }
 

@@ -222,6 +222,9 @@ fn attention_probs_equal_the_product_then_the_softmax() {
         });
         // The same ops in the same order: the same bits, forward and backward.
         assert_same(&fused, &reference, f32::MIN_POSITIVE);
+        // `k`'s gradient reaches it contiguous (the transpose of `gᵀ · q`), as candle's
+        // patched `matmul` hands it back: nothing to copy where the heads were split.
+        assert!(fused.1[1].is_contiguous());
         let composed = value_and_grads(&inputs, |x| {
             let scores = x[0].matmul(&x[1].t().unwrap()).unwrap();
             portable::masked_softmax(&scores, mask, scale).unwrap()
