@@ -174,7 +174,7 @@ pub fn estimate(
     // Every weight but the token embeddings (looked up, not multiplied) is cast once per step
     // and the graph keeps the copy; the backward pass holds each copy's gradient in the
     // compute dtype too, except where bf16 products run on AMX tiles: measured there, the
-    // peak holds the copies once (B-32 at batch 8 in bf16: 6.54 GB on tiles, 6.95 GB with
+    // peak holds the copies once (B-32 at batch 8 in bf16: 6.54 GB on tiles, 6.67 GB with
     // the operands widened, whose float32 copies are in flight beside the gradients).
     let embeddings: u64 = shapes
         .iter()
