@@ -204,6 +204,17 @@ fn is_transposed_view(tensor: &Tensor) -> bool {
             .is_ok_and(|l| l.is_contiguous())
 }
 
+/// The gradient of `rhs` in `lhs.matmul(rhs)` given the product's gradient `grad` (coca's
+/// patch): `lhsᵀ · grad`, or for a transposed view the transpose of `gradᵀ · lhs` (see
+/// `Op::Matmul`). Public so that custom ops with a product inside use the same rule.
+pub fn matmul_rhs_grad(lhs: &Tensor, rhs: &Tensor, grad: &Tensor) -> Result<Tensor> {
+    if is_transposed_view(rhs) {
+        grad.t()?.matmul(lhs)?.t()
+    } else {
+        lhs.t()?.matmul(grad)
+    }
+}
+
 /// A gradient as the store keeps it: without the graph of the ops that computed it (coca's
 /// patch). Those ops read the forward pass's tensors (a weight's gradient is a product with
 /// its input), so a kept gradient would hold every activation it came from until the store is
@@ -501,11 +512,7 @@ fn backward_nodes(mut grads: GradStore, sorted_nodes: Vec<Tensor>) -> Result<Gra
                             // its gradient as the transpose of `gradᵀ · lhs` (coca's patch): the
                             // view's own backward then passes a contiguous gradient on, where
                             // `lhsᵀ · grad` had to be copied transposed.
-                            let rhs_grad = if is_transposed_view(rhs) {
-                                grad.t()?.matmul(lhs)?.t()?
-                            } else {
-                                lhs.t()?.matmul(&grad)?
-                            };
+                            let rhs_grad = matmul_rhs_grad(lhs, rhs, &grad)?;
                             grads.accumulate(rhs, &rhs_grad)?;
                         }
                     }

@@ -120,7 +120,7 @@ impl AttentionProbs {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let scores_grad = softmax_backward(q, probs, grad, self.scale)?;
         let dq = scores_grad.matmul(&k_t.t()?)?;
-        let dk_t = super::product_rhs_gradient(q, k_t, &scores_grad)?;
+        let dk_t = candle_core::backprop::matmul_rhs_grad(q, k_t, &scores_grad)?;
         Ok((Some(dq), Some(dk_t)))
     }
 }

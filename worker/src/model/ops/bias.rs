@@ -11,7 +11,7 @@
 //! layer keeps only its output: one activation of every linear layer's output size less
 //! (about a fifth of a B-32 step's activations).
 
-use super::{cpu_elements, fused, product_rhs_gradient, widened_on_cpu};
+use super::{cpu_elements, fused, widened_on_cpu};
 use candle_core::backend::BackendStorage;
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType,
@@ -299,7 +299,7 @@ impl CustomOp3 for BiasedProduct {
             false => None,
         };
         let dw = match w.track_op() {
-            true => Some(product_rhs_gradient(x, w, &grad)?),
+            true => Some(candle_core::backprop::matmul_rhs_grad(x, w, &grad)?),
             false => None,
         };
         Ok((dx, dw, Some(db)))

@@ -110,25 +110,6 @@ pub(crate) fn f32_contiguous(t: &Tensor) -> Result<Tensor> {
     t.to_dtype(candle_core::DType::F32)?.contiguous()
 }
 
-/// The gradient of `w` in the (batched) product `x · w`: `xᵀ · grad`, or, for `w` the transposed
-/// view of a contiguous tensor over its last two dimensions (a linear layer's `Wᵀ`, attention's
-/// `kᵀ`), the transpose of `gradᵀ · x`. The view's own backward then hands its source a
-/// contiguous gradient, where `xᵀ · grad` reached it as a transposed view that was copied
-/// (by the trainer into its gradient buffer, or by the next op that needed it contiguous; on a
-/// GPU under autocast, a strided cast). Vendored candle change 14 does the same for `matmul`.
-pub(crate) fn product_rhs_gradient(x: &Tensor, w: &Tensor, grad: &Tensor) -> Result<Tensor> {
-    let rank = w.rank();
-    let transposed_view = rank >= 2
-        && !w.is_contiguous()
-        && w.layout()
-            .transpose(rank - 2, rank - 1)
-            .is_ok_and(|l| l.is_contiguous());
-    match transposed_view {
-        true => grad.t()?.matmul(x)?.t(),
-        false => x.t()?.matmul(grad),
-    }
-}
-
 /// The contiguous f32 data behind a CPU storage, or an error naming `op`.
 pub(crate) fn f32_data<'a>(
     op: &str,
