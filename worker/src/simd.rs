@@ -117,12 +117,13 @@ pub fn has_avx512() -> bool {
     false
 }
 
-/// The kernels candle's float32 matrix products run here: the `gemm` crate (built with its
-/// `x86-v4` feature) picks AVX-512 when `avx512f` is present, else FMA, else scalar code.
+/// The kernels candle's float32 matrix products run here: the `gemm` crate picks AVX-512 when
+/// `avx512f` is present and this build has its AVX-512 kernels (the `avx512-products`
+/// feature, on by default), else FMA, else scalar code.
 pub fn gemm_family() -> &'static str {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f") {
+        if cfg!(feature = "avx512-products") && std::arch::is_x86_feature_detected!("avx512f") {
             return "avx512";
         }
         if std::arch::is_x86_feature_detected!("fma") {
