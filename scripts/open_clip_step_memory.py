@@ -20,11 +20,10 @@ import ctypes
 import gc
 import json
 
-import open_clip
 import torch
 from open_clip.loss import CoCaLoss
 
-from open_clip_train_bench import caption_rows
+from open_clip_train_bench import caption_rows, coca_losses, create_model
 
 
 def status_bytes(field):
@@ -37,7 +36,9 @@ def status_bytes(field):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="coca_ViT-B-32")
+    parser.add_argument(
+        "--model", default="coca_ViT-B-32", help="an open_clip model name or a model-config JSON file"
+    )
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--precision", default="fp32", choices=["fp32", "amp_bf16"])
@@ -46,7 +47,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = open_clip.create_model(args.model, pretrained=None)
+    model = create_model(args.model)
     model.train()
     model.set_grad_checkpointing(args.grad_checkpointing)
     size = model.visual.image_size
@@ -61,14 +62,7 @@ def main():
     def step():
         optimizer.zero_grad(set_to_none=True)
         with autocast:
-            out = model(images, text)
-            losses = loss_fn(
-                out["image_features"],
-                out["text_features"],
-                out["logits"],
-                out["labels"],
-                out["logit_scale"],
-            )
+            losses = coca_losses(model, loss_fn, images, text)
         sum(losses).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

@@ -75,6 +75,27 @@ def caption_rows(batch, context, vocab, generator):
 _has_generate = getattr(open_clip.coca_model, "_has_transformers", False)
 
 
+def create_model(name):
+    """open_clip's model `name` (a built-in name or a model-config JSON file), untrained."""
+    if name.endswith(".json"):
+        # open_clip names a config file's model after the file's stem.
+        open_clip.add_model_config(name)
+        name = os.path.splitext(os.path.basename(name))[0]
+    return open_clip.create_model(name, pretrained=None)
+
+
+def coca_losses(model, loss_fn, images, text):
+    """open_clip's CoCa forward pass and its `CoCaLoss` terms (contrastive, caption)."""
+    out = model(images, text)
+    return loss_fn(
+        out["image_features"],
+        out["text_features"],
+        out["logits"],
+        out["labels"],
+        out["logit_scale"],
+    )
+
+
 def greedy_caption(model, image, seq_len):
     """open_clip's `generate(generation_type="top_k", top_k=1)` loop without transformers: the
     image encoded once, the whole prefix decoded at every step (open_clip keeps no cache),
@@ -125,12 +146,7 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     torch.backends.cudnn.allow_tf32 = args.tf32
     torch.manual_seed(0)
-    name = args.model
-    if name.endswith(".json"):
-        # open_clip names a config file's model after the file's stem.
-        open_clip.add_model_config(name)
-        name = os.path.splitext(os.path.basename(name))[0]
-    model = open_clip.create_model(name, pretrained=None).to(device)
+    model = create_model(args.model).to(device)
     model.train()
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
@@ -159,14 +175,7 @@ def main():
         window("forward", timed)
         optimizer.zero_grad(set_to_none=True)
         with autocast:
-            out = model(images, text)
-            losses = loss_fn(
-                out["image_features"],
-                out["text_features"],
-                out["logits"],
-                out["labels"],
-                out["logit_scale"],
-            )
+            losses = coca_losses(model, loss_fn, images, text)
         sync()
         window(None, timed)
         forward_done = time.perf_counter()
