@@ -162,3 +162,39 @@ fn bench_memory_measures_a_step_beside_the_estimate_with_and_without_checkpointi
     }
     assert!(activations[1] < activations[0], "{activations:?}");
 }
+
+/// `scripts/cpu_speed_pairs.sh` refuses what it cannot run before measuring anything: an
+/// unknown argument, a missing worker binary (saying how to build it, for `--avx2` without
+/// `gemm`'s AVX-512 kernels) and a Python without torch and open_clip.
+#[test]
+fn cpu_speed_pairs_script_refuses_bad_input_with_exit_2() {
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/cpu_speed_pairs.sh");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("bash")
+            .arg(&script)
+            .args(args)
+            .output()
+            .expect("bash runs");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = run(&["--pairz", "3"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("unknown argument --pairz"), "{err}");
+    let (code, err) = run(&["--avx2", "--worker", "/nonexistent/coca-worker"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("no worker binary at /nonexistent/coca-worker"),
+        "{err}"
+    );
+    assert!(
+        err.contains("--no-default-features --target-dir target/avx2"),
+        "{err}"
+    );
+    let (code, err) = run(&["--worker", "/bin/true", "--python", "/bin/false"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("cannot import torch and open_clip"), "{err}");
+}
