@@ -308,6 +308,10 @@ impl Recomputable for AttentionCore {
 impl AttentionCore {
     /// [`attention_core`]'s split, attention and merge.
     fn over(&self, q: &Tensor, kv: Option<&Tensor>) -> Result<Tensor> {
+        if kv.is_none() && self.runs_frozen(q) {
+            let scale = 1.0 / (self.shape.head_dim as f32).sqrt();
+            return ops::frozen_self_attention(q, self.shape.heads, self.mask.as_ref(), scale);
+        }
         let (b, t, _) = q.dims3()?;
         let (q, kv) = match kv {
             None => {
@@ -323,6 +327,17 @@ impl AttentionCore {
             }
         };
         merge_heads(&self.forward(&q, &kv.get(0)?, &kv.get(1)?)?)
+    }
+
+    /// Whether self-attention over the packed projections `qkv` runs as
+    /// [`ops::frozen_self_attention`]: float32 on the CPU (compute dtype included, and the
+    /// fused kernels not turned off), recording no graph.
+    fn runs_frozen(&self, qkv: &Tensor) -> bool {
+        let mut tensors = vec![qkv];
+        tensors.extend(self.mask.as_ref());
+        self.autocast.dtype().is_none()
+            && !tensors.iter().any(|t| t.track_op())
+            && ops::fused_on_cpu(&tensors)
     }
 
     /// `q` `[B, H, T, hd]`, `k` and `v` `[B, H, S, hd]` → `[B, H, T, hd]` in the compute dtype.
