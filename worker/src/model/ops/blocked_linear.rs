@@ -12,7 +12,7 @@
 //! changes.
 
 use super::bias::add_rows;
-use crate::f32_view::F32View;
+use super::{f32_view, single_threaded_product, Strided};
 use candle_core::{Device, Result, Tensor};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -22,11 +22,6 @@ use std::mem::MaybeUninit;
 pub const BLOCK: usize = 64;
 /// The fewest rows one task multiplies (splitting rows further costs more than it balances).
 const MIN_ROWS_PER_TASK: usize = 64;
-
-/// [`F32View::new`] with candle's error type.
-fn f32_view<'t>(t: &'t Tensor, name: &str) -> Result<F32View<'t>> {
-    F32View::new(t, name).map_err(|e| candle_core::Error::Msg(format!("{e:#}")))
-}
 
 /// A `[out, in]` float32 weight in blocks of `BLOCK` (64) outputs (the last block narrower when
 /// `out` is not a multiple): block `b`'s element `(o, c)` at `b·BLOCK·in + c·width + o`.
@@ -134,26 +129,23 @@ impl BlockedWeight {
             // rows of x, stride in); gemm reads nothing outside them and does not read the
             // output (read_dst false), so the unfilled elements are only written.
             unsafe {
-                gemm::gemm(
-                    width,
-                    part_rows,
-                    in_dim,
-                    (y_addr as *mut f32).add(first_row * out_dim + b * BLOCK),
-                    out_dim as isize,
-                    1,
-                    false,
-                    lhs.as_ptr(),
-                    width as isize,
-                    1,
-                    rhs.as_ptr(),
-                    in_dim as isize,
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
+                single_threaded_product(
+                    (width, part_rows, in_dim),
+                    Strided {
+                        ptr: (y_addr as *mut f32).add(first_row * out_dim + b * BLOCK),
+                        row: 1,
+                        col: out_dim as isize,
+                    },
+                    Strided {
+                        ptr: lhs.as_ptr(),
+                        row: 1,
+                        col: width as isize,
+                    },
+                    Strided {
+                        ptr: rhs.as_ptr(),
+                        row: 1,
+                        col: in_dim as isize,
+                    },
                 )
             }
         });

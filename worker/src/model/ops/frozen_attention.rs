@@ -12,15 +12,11 @@
 //! by `T × hd`) and the same softmax rows.
 
 use super::softmax::softmax_rows;
+use super::{f32_view, single_threaded_product, Strided};
 use crate::f32_view::F32View;
 use crate::simd::KernelFamily;
 use candle_core::{bail, Device, Result, Tensor};
 use rayon::prelude::*;
-
-/// [`F32View::new`] with candle's error type.
-fn f32_view<'t>(t: &'t Tensor, name: &str) -> Result<F32View<'t>> {
-    F32View::new(t, name).map_err(|e| candle_core::Error::Msg(format!("{e:#}")))
-}
 
 /// `softmax(scale · q·kᵀ + mask)·v` of each of `heads` heads, merged: `qkv` `[B, T, 3·D]`
 /// holds the queries, keys and values side by side (float32 on the CPU, recording no graph),
@@ -62,29 +58,23 @@ pub fn frozen_self_attention(
             let first = sample * t * packed + head * hd;
             let (q, k, v) = (&x[first..], &x[first + d..], &x[first + 2 * d..]);
             let mut scores = vec![0f32; t * t];
+            let at = |ptr: *const f32, row: usize, col: usize| Strided {
+                ptr,
+                row: row as isize,
+                col: col as isize,
+            };
             // SAFETY: `q` rows of `hd` at stride `packed`, `kᵀ` columns the same, all inside
-            // `x`; the product writes the whole `t × t` buffer (read_dst false).
+            // `x`; the scores are this task's own buffer, written whole.
             unsafe {
-                gemm::gemm(
-                    t,
-                    t,
-                    hd,
-                    scores.as_mut_ptr(),
-                    1,
-                    t as isize,
-                    false,
-                    q.as_ptr(),
-                    1,
-                    packed as isize,
-                    k.as_ptr(),
-                    packed as isize,
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
+                single_threaded_product(
+                    (t, t, hd),
+                    Strided {
+                        ptr: scores.as_mut_ptr(),
+                        row: t as isize,
+                        col: 1,
+                    },
+                    at(q.as_ptr(), packed, 1),
+                    at(k.as_ptr(), 1, packed),
                 )
             };
             let block = mask.map(|m| {
@@ -97,26 +87,15 @@ pub fn frozen_self_attention(
             // + hd` (row stride `d`), which no other task writes; `v` rows of `hd` at stride
             // `packed` lie inside `x`.
             unsafe {
-                gemm::gemm(
-                    t,
-                    hd,
-                    t,
-                    (out_addr as *mut f32).add(sample * t * d + head * hd),
-                    1,
-                    d as isize,
-                    false,
-                    probs.as_ptr(),
-                    1,
-                    t as isize,
-                    v.as_ptr(),
-                    1,
-                    packed as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
+                single_threaded_product(
+                    (t, hd, t),
+                    Strided {
+                        ptr: (out_addr as *mut f32).add(sample * t * d + head * hd),
+                        row: d as isize,
+                        col: 1,
+                    },
+                    at(probs.as_ptr(), t, 1),
+                    at(v.as_ptr(), packed, 1),
                 )
             };
         });

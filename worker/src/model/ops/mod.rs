@@ -112,6 +112,59 @@ pub(crate) fn f32_contiguous(t: &Tensor) -> Result<Tensor> {
     t.to_dtype(candle_core::DType::F32)?.contiguous()
 }
 
+/// [`crate::f32_view::F32View::new`] with candle's error type, for ops that read a float32
+/// CPU tensor in place.
+pub(crate) fn f32_view<'t>(t: &'t Tensor, name: &str) -> Result<crate::f32_view::F32View<'t>> {
+    crate::f32_view::F32View::new(t, name).map_err(|e| candle_core::Error::Msg(format!("{e:#}")))
+}
+
+/// A float32 matrix by its first element and strides (`row`, `col`), for
+/// [`single_threaded_product`].
+#[derive(Clone, Copy)]
+pub(crate) struct Strided<P> {
+    pub ptr: P,
+    pub row: isize,
+    pub col: isize,
+}
+
+/// `dst = lhs · rhs` for `lhs` `m × k` and `rhs` `k × n` on the calling thread (`gemm`, its
+/// output written over, not read), for kernels that split the work between threads themselves.
+///
+/// # Safety
+/// Every element the strides reach (`m × k` of `lhs`, `k × n` of `rhs`, `m × n` of `dst`) must lie
+/// in live allocations, and no other thread may touch `dst`'s elements during the call.
+pub(crate) unsafe fn single_threaded_product(
+    (m, n, k): (usize, usize, usize),
+    dst: Strided<*mut f32>,
+    lhs: Strided<*const f32>,
+    rhs: Strided<*const f32>,
+) {
+    // SAFETY: the caller's contract; `gemm` takes each matrix as (column, row) strides.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.ptr,
+            dst.col,
+            dst.row,
+            false,
+            lhs.ptr,
+            lhs.col,
+            lhs.row,
+            rhs.ptr,
+            rhs.col,
+            rhs.row,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
 /// The contiguous f32 data behind a CPU storage, or an error naming `op`.
 pub(crate) fn f32_data<'a>(
     op: &str,
