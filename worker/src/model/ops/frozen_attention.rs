@@ -11,8 +11,8 @@
 //! the general path's: the same `gemm` products (per head, `T × hd` by `hd × T`, then `T × T`
 //! by `T × hd`) and the same softmax rows.
 
-use super::softmax::softmax_rows;
-use super::{f32_view, single_threaded_product, Strided};
+use super::softmax::{mask_batch_of, softmax_rows};
+use super::{f32_view, single_threaded_product, written_f32, Strided};
 use crate::f32_view::F32View;
 use crate::simd::KernelFamily;
 use candle_core::{bail, Device, Result, Tensor};
@@ -34,11 +34,9 @@ pub fn frozen_self_attention(
     }
     let d = packed / 3;
     let hd = d / heads;
-    let mask_batch = match mask.map(Tensor::dims) {
+    let mask_batch = match mask {
+        Some(m) => mask_batch_of((b, heads, t, t), m)?,
         None => 1,
-        Some([mt, ms]) if (*mt, *ms) == (t, t) => 1,
-        Some([mb, mt, ms]) if (*mb, *mt, *ms) == (b, t, t) => b,
-        Some(other) => bail!("frozen_self_attention: mask {other:?} for {b} × {t} positions"),
     };
     let qkv = qkv.contiguous()?;
     let qkv_view = f32_view(&qkv, "attention's packed projections")?;
@@ -49,9 +47,8 @@ pub fn frozen_self_attention(
         .transpose()?;
     let x = qkv_view.as_slice();
     let mask = mask_view.as_ref().map(F32View::as_slice);
-    let mut out = vec![0f32; b * t * d];
-    if b * t * hd > 0 {
-        let family = KernelFamily::active();
+    let family = KernelFamily::active();
+    let fill = |out: &mut [std::mem::MaybeUninit<f32>]| {
         let out_addr = out.as_mut_ptr() as usize;
         (0..b * heads).into_par_iter().for_each(|task| {
             let (sample, head) = (task / heads, task % heads);
@@ -99,7 +96,9 @@ pub fn frozen_self_attention(
                 )
             };
         });
-    }
+    };
+    // SAFETY: the tasks write every element: each (sample, head) its rows' `hd` columns.
+    let out = unsafe { written_f32(b * t * d, fill) };
     drop((qkv_view, mask_view));
     Tensor::from_vec(out, (b, t, d), &Device::Cpu)
 }
