@@ -5,7 +5,7 @@
 use super::kernels::{attend, project, KvLayout, KvRows};
 use super::weights::{BlockView, DecodeWeights};
 use super::StepDecoder;
-use crate::model::ops::gelu_erf_value;
+use crate::model::ops::gelu_erf_f32;
 use anyhow::{ensure, Result};
 use candle_core::{DType, Tensor};
 
@@ -19,7 +19,7 @@ impl BlockView<'_> {
 
     /// `x += c_proj(gelu(c_fc(ln_2(x))))`.
     fn mlp_into(&self, x: &mut [f32]) -> Result<()> {
-        let hidden = self.c_fc.apply_then(&self.ln_2.apply(x), gelu_erf_value)?;
+        let hidden = gelu_erf_f32(&self.c_fc.apply(&self.ln_2.apply(x))?);
         add(x, &self.c_proj.apply(&hidden)?);
         Ok(())
     }

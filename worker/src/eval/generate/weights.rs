@@ -1,7 +1,7 @@
 //! The weights a decoding step reads: the text tower's and the decoder's, viewed in place
 //! (float32) or with their matrices copied to bfloat16. Built once, they serve every batch.
 
-use super::kernels::{linear_then, F32View, Matrix};
+use super::kernels::{linear, F32View, Matrix};
 use crate::model::layers::{LayerNorm, Linear, Mlp, LAYER_NORM_EPS};
 use crate::model::ops::layer_norm_row;
 use crate::model::transformer::ResidualAttentionBlock;
@@ -96,16 +96,7 @@ impl<'a> LinearView<'a> {
     }
 
     pub(super) fn apply(&self, x: &[f32]) -> Result<Vec<f32>> {
-        self.apply_then(x, |y| y)
-    }
-
-    /// `then` of each output of [`Self::apply`].
-    pub(super) fn apply_then(
-        &self,
-        x: &[f32],
-        then: impl Fn(f32) -> f32 + Sync,
-    ) -> Result<Vec<f32>> {
-        linear_then(x, &self.weight, self.bias.as_slice(), then)
+        linear(x, &self.weight, self.bias.as_slice())
     }
 
     fn bytes(&self) -> usize {

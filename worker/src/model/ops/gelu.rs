@@ -30,10 +30,26 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(GeluErf)
 }
 
-/// `0.5 · x · (1 + erf(x / √2))` of one value (the op and the decoding kernels).
+/// `0.5 · x · (1 + erf(x / √2))` of one value (the kernels' body; inline it only into a
+/// [`multiversion!`] body, see [`super::math`]).
 #[inline(always)]
 pub(crate) fn gelu_erf_value(x: f32) -> f32 {
     0.5 * x * (1.0 + erf(x * FRAC_1_SQRT_2))
+}
+
+/// [`gelu_erf`] of float32 values on the CPU, in parallel chunks in the best kernel family:
+/// the op's forward pass and the decoding kernels' activation, the same bits in both.
+pub(crate) fn gelu_erf_f32(x: &[f32]) -> Vec<f32> {
+    let family = KernelFamily::active();
+    // SAFETY: the chunks of `y` and `x` pair up one for one (same lengths), and
+    // `gelu_forward` writes every element of its output chunk.
+    unsafe {
+        written_f32(x.len(), |y| {
+            y.par_chunks_mut(CHUNK)
+                .zip(x.par_chunks(CHUNK))
+                .for_each(|(y, x)| gelu_forward(family, y, x))
+        })
+    }
 }
 
 multiversion! {
@@ -65,17 +81,7 @@ impl CustomOp1 for GeluErf {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_data(self.name(), s, l)?;
-        let family = KernelFamily::active();
-        // SAFETY: the chunks of `y` and `x` pair up one for one (same lengths), and
-        // `gelu_forward` writes every element of its output chunk.
-        let y = unsafe {
-            written_f32(x.len(), |y| {
-                y.par_chunks_mut(CHUNK)
-                    .zip(x.par_chunks(CHUNK))
-                    .for_each(|(y, x)| gelu_forward(family, y, x))
-            })
-        };
-        Ok((CpuStorage::F32(y), l.shape().clone()))
+        Ok((CpuStorage::F32(gelu_erf_f32(x)), l.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]

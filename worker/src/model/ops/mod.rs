@@ -62,7 +62,9 @@ pub(crate) use dispatch::{fused, fused_on_cpu, widened, widened_on_cpu};
 pub use embedding::{embedding, embedding_slice};
 pub use frozen_attention::frozen_self_attention;
 pub use gelu::gelu_erf;
-pub(crate) use gelu::gelu_erf_value;
+pub(crate) use gelu::gelu_erf_f32;
+#[cfg(test)]
+use gelu::gelu_erf_value;
 pub(crate) use layer_norm::layer_norm_row;
 pub use layer_norm::{layer_norm, layer_norm_to};
 pub use residual::add_widened;

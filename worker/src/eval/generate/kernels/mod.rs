@@ -128,19 +128,12 @@ fn axpy4<T: WeightElement>(y: &mut [f32], x: [f32; 4], p: [&[T]; 4]) {
     axpy4_portable(y, x, p)
 }
 
-/// `y[r][o] = then(bias[o] + W[o]·x[r])` for the rows of `x` (`rows × in`) and a `[out, in]`
+/// `y[r][o] = bias[o] + W[o]·x[r]` for the rows of `x` (`rows × in`) and a `[out, in]`
 /// weight, into `yt` laid out output-major (`out × rows`), for outputs from `first`. Each
 /// weight row meets up to [`TILE_ROWS`] input rows per pass (more rows take further passes
 /// over it, from L1).
 #[inline(always)]
-fn linear_block<T: WeightElement>(
-    x: &[f32],
-    w: &[T],
-    bias: &[f32],
-    then: &impl Fn(f32) -> f32,
-    first: usize,
-    yt: &mut [f32],
-) {
+fn linear_block<T: WeightElement>(x: &[f32], w: &[T], bias: &[f32], first: usize, yt: &mut [f32]) {
     let inputs = w.len() / bias.len();
     let rows = x.len() / inputs;
     let x_row = |r: usize| &x[r * inputs..(r + 1) * inputs];
@@ -149,7 +142,7 @@ fn linear_block<T: WeightElement>(
         let w_row = &w[o * inputs..(o + 1) * inputs];
         let mut emit = |r0: usize, sums: &[f32]| {
             for (y, sum) in y[r0..].iter_mut().zip(sums) {
-                *y = then(bias[o] + sum);
+                *y = bias[o] + sum;
             }
         };
         let mut r0 = 0;
@@ -193,17 +186,12 @@ fn project_block<T: WeightElement>(x: &[f32], p: &[T], first: usize, ys: &mut [&
 }
 
 /// [`linear_block`] in parallel tasks of [`OUTPUTS_PER_TASK`] outputs.
-fn stream_linear<T: WeightElement>(
-    x: &[f32],
-    w: &[T],
-    b: &[f32],
-    then: impl Fn(f32) -> f32 + Sync,
-) -> Vec<f32> {
+fn stream_linear<T: WeightElement>(x: &[f32], w: &[T], b: &[f32]) -> Vec<f32> {
     let rows = x.len() / (w.len() / b.len());
     let mut yt = vec![0f32; b.len() * rows];
     yt.par_chunks_mut(OUTPUTS_PER_TASK * rows)
         .enumerate()
-        .for_each(|(task, yt)| linear_block(x, w, b, &then, task * OUTPUTS_PER_TASK, yt));
+        .for_each(|(task, yt)| linear_block(x, w, b, task * OUTPUTS_PER_TASK, yt));
     transpose(yt, b.len(), rows)
 }
 
@@ -233,17 +221,6 @@ fn stream_project<T: WeightElement>(x: &[f32], p: &[T], rows: usize) -> Vec<Vec<
 
 /// `x · Wᵀ + b` for `x` `[rows, in]` and a PyTorch-layout weight `[out, in]`: `[rows, out]`.
 pub fn linear(x: &[f32], w: &Matrix, b: &[f32]) -> anyhow::Result<Vec<f32>> {
-    linear_then(x, w, b, |y| y)
-}
-
-/// `then(x · Wᵀ + b)` elementwise: [`linear`] with an activation applied as each output is
-/// made (in the parallel tasks).
-pub fn linear_then(
-    x: &[f32],
-    w: &Matrix,
-    b: &[f32],
-    then: impl Fn(f32) -> f32 + Sync,
-) -> anyhow::Result<Vec<f32>> {
     let outputs = b.len();
     let inputs = w.elements() / outputs.max(1);
     let rows = x.len() / inputs.max(1);
@@ -258,12 +235,10 @@ pub fn linear_then(
             let x = Tensor::from_slice(x, (rows, inputs), device)?;
             let y = x.matmul(&view.tensor().t()?)?;
             let y = y.broadcast_add(&Tensor::new(b, device)?)?;
-            let mut y: Vec<f32> = y.flatten_all()?.to_vec1()?;
-            y.par_iter_mut().for_each(|y| *y = then(*y));
-            y
+            y.flatten_all()?.to_vec1()?
         }
-        Matrix::F32(view) => stream_linear(x, view.as_slice(), b, then),
-        Matrix::Bf16(data) => stream_linear(x, data, b, then),
+        Matrix::F32(view) => stream_linear(x, view.as_slice(), b),
+        Matrix::Bf16(data) => stream_linear(x, data, b),
     })
 }
 
