@@ -3,9 +3,10 @@
 //! Releases are built for the baseline x86-64 CPU (no `target-cpu=native`: users copy binaries
 //! between machines), so the fused ops and AdamW would otherwise run SSE2 code everywhere. Each
 //! kernel body is compiled three times by `multiversion!` (AVX-512, AVX2 + FMA, portable) and
-//! the best family the CPU has runs. The bodies never fuse a multiply and an add (Rust does not
-//! contract them) and sum in fixed lanes, so every family computes bit-identical results; the
-//! tests force each available family and compare.
+//! the best family the CPU has runs. The bodies sum in fixed lanes and fuse a multiply and an
+//! add only through [`MulAdd`] (Rust never contracts them): the AVX2 and AVX-512 bodies compute
+//! bit-identical results, and the baseline body too except in `ops::math`'s polynomials on x86
+//! (within an ulp there); the tests force each available family and compare.
 //!
 //! `COCA_CPU_KERNELS=avx512|avx2|portable` forces a family (for measurements and tests); a
 //! family the CPU lacks falls back to the best it has, with a warning. candle's matrix products
@@ -156,11 +157,56 @@ pub fn cpu_model() -> String {
         .unwrap_or_else(|| "unknown".to_string())
 }
 
+/// How a kernel family evaluates `a · b + c` in the polynomials of `ops::math`: rounded once
+/// ([`Fused`]) where the family has an FMA instruction, twice ([`Separate`]) where a fused
+/// multiply-add would be a libm call per operation (the baseline body on x86: forced there on
+/// an Intel Xeon, the calls made the B-32 embedding 1.9× slower).
+pub trait MulAdd {
+    /// Whether `a · b + c` is rounded once.
+    const FUSED: bool;
+    /// `a · b + c`.
+    fn mul_add(a: f32, b: f32, c: f32) -> f32;
+}
+
+/// `a · b + c` rounded once: the AVX2 and AVX-512 bodies' FMA instruction.
+pub struct Fused;
+
+impl MulAdd for Fused {
+    const FUSED: bool = true;
+    #[inline(always)]
+    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
+        a.mul_add(b, c)
+    }
+}
+
+/// `a · b + c` as a multiply and an add, each rounded (Rust never contracts them).
+pub struct Separate;
+
+impl MulAdd for Separate {
+    const FUSED: bool = false;
+    #[inline(always)]
+    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
+        a * b + c
+    }
+}
+
+/// The baseline body's [`MulAdd`]: fused where every CPU of the target has FMA (aarch64, or a
+/// build for x86 CPUs with it), separate elsewhere.
+#[cfg(any(target_arch = "aarch64", target_feature = "fma"))]
+pub type BaselineMulAdd = Fused;
+/// The baseline body's [`MulAdd`]: fused where every CPU of the target has FMA (aarch64, or a
+/// build for x86 CPUs with it), separate elsewhere.
+#[cfg(not(any(target_arch = "aarch64", target_feature = "fma")))]
+pub type BaselineMulAdd = Separate;
+
 /// Defines `fn NAME(family: KernelFamily, args...)` that runs `body` compiled for `family`'s
 /// instructions (AVX-512, AVX2 + FMA or baseline), falling back to a family the CPU has.
 ///
 /// The body must be plain safe code over its arguments; it is compiled once per family, so
-/// loops over fixed-width lane arrays vectorise to each family's registers.
+/// loops over fixed-width lane arrays vectorise to each family's registers. It is generic over
+/// `M:` [`MulAdd`], the family's way of multiplying and adding, which it passes to the
+/// polynomials of `ops::math` (`exp::<M>(x)`): [`Fused`] in the AVX2 and AVX-512 bodies,
+/// [`BaselineMulAdd`] in the baseline one.
 #[macro_export]
 macro_rules! multiversion {
     ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
@@ -168,21 +214,21 @@ macro_rules! multiversion {
         #[allow(clippy::too_many_arguments)]
         $vis fn $name(family: $crate::simd::KernelFamily, $($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
-            #[allow(clippy::too_many_arguments)]
-            fn body($($arg: $ty),*) $(-> $ret)? $body
+            #[allow(clippy::too_many_arguments, clippy::extra_unused_type_parameters)]
+            fn body<M: $crate::simd::MulAdd>($($arg: $ty),*) $(-> $ret)? $body
 
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
             #[allow(clippy::too_many_arguments)]
             fn avx512($($arg: $ty),*) $(-> $ret)? {
-                body($($arg),*)
+                body::<$crate::simd::Fused>($($arg),*)
             }
 
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = "avx2,fma")]
             #[allow(clippy::too_many_arguments)]
             fn avx2($($arg: $ty),*) $(-> $ret)? {
-                body($($arg),*)
+                body::<$crate::simd::Fused>($($arg),*)
             }
 
             #[cfg(target_arch = "x86_64")]
@@ -197,7 +243,7 @@ macro_rules! multiversion {
                 }
             }
             let _ = family;
-            body($($arg),*)
+            body::<$crate::simd::BaselineMulAdd>($($arg),*)
         }
     };
 }

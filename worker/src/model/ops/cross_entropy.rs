@@ -95,7 +95,7 @@ multiversion! {
     /// Max and log-sum-exp of one row.
     pub(super) fn log_sum_exp_row(row: &[f32]) -> (f32, f32) {
         let max = lane_max(row);
-        let sum = lane_sum(row, |x| exp(x - max));
+        let sum = lane_sum(row, |x| exp::<M>(x - max));
         (max, max + sum.ln())
     }
 }
@@ -104,7 +104,7 @@ multiversion! {
     /// `d = exp(x − lse) · g` over one row: the softmax part of the row's gradient.
     pub(super) fn softmax_times(d: &mut [f32], row: &[f32], lse: f32, g: f32) {
         for (d, &x) in d.iter_mut().zip(row) {
-            *d = exp(x - lse) * g;
+            *d = exp::<M>(x - lse) * g;
         }
     }
 }

@@ -7,7 +7,7 @@
 use super::math::{erf, exp};
 use super::{f32_data, fused, portable, widened, widened_on_cpu, written_f32};
 use crate::multiversion;
-use crate::simd::KernelFamily;
+use crate::simd::{KernelFamily, MulAdd};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -30,11 +30,11 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(GeluErf)
 }
 
-/// `0.5 · x · (1 + erf(x / √2))` of one value (the kernels' body; inline it only into a
-/// [`multiversion!`] body, see [`super::math`]).
+/// `0.5 · x · (1 + erf(x / √2))` of one value, multiplying and adding as `M` does (see
+/// [`super::math`]).
 #[inline(always)]
-pub(crate) fn gelu_erf_value(x: f32) -> f32 {
-    0.5 * x * (1.0 + erf(x * FRAC_1_SQRT_2))
+pub(crate) fn gelu_erf_value<M: MulAdd>(x: f32) -> f32 {
+    0.5 * x * (1.0 + erf::<M>(x * FRAC_1_SQRT_2))
 }
 
 /// [`gelu_erf`] of float32 values on the CPU, in parallel chunks in the best kernel family:
@@ -56,7 +56,7 @@ multiversion! {
     /// `y = GELU(x)`, elementwise.
     pub(super) fn gelu_forward(y: &mut [MaybeUninit<f32>], x: &[f32]) {
         for (y, &x) in y.iter_mut().zip(x) {
-            y.write(gelu_erf_value(x));
+            y.write(gelu_erf_value::<M>(x));
         }
     }
 }
@@ -65,8 +65,8 @@ multiversion! {
     /// `dx = g · (Φ(x) + x·φ(x))`, elementwise.
     pub(super) fn gelu_backward(dx: &mut [MaybeUninit<f32>], x: &[f32], g: &[f32]) {
         for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(g) {
-            let cdf = 0.5 * (1.0 + erf(x * FRAC_1_SQRT_2));
-            let pdf = INV_SQRT_2PI * exp(-0.5 * x * x);
+            let cdf = 0.5 * (1.0 + erf::<M>(x * FRAC_1_SQRT_2));
+            let pdf = INV_SQRT_2PI * exp::<M>(-0.5 * x * x);
             dx.write(g * (cdf + x * pdf));
         }
     }

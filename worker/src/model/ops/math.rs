@@ -2,18 +2,17 @@
 //!
 //! libm's `expf` and `erff` are scalar calls, so a loop over them runs one element at a time
 //! whatever the vector family. These are polynomials with no branches: inlined into a
-//! [`crate::multiversion!`] body they vectorise (16 lanes on AVX-512, 8 on AVX2). Their
-//! multiply-adds are fused ([`f32::mul_add`], rounded once): an FMA instruction in the AVX2 and
-//! AVX-512 bodies, and libm's `fmaf` (equally rounded once) in the baseline body, so every
-//! family returns the same bits. Fused, the GELU's loop ran 1.5–2.5× faster than with separate
-//! multiplies and adds (AVX2, one core of an Intel Xeon).
-//!
-//! The baseline body pays a call per multiply-add (it only runs where the CPU has no AVX2 or
-//! `COCA_CPU_KERNELS=portable` asks for it), so keep these out of code that is not a
-//! [`crate::multiversion!`] body.
+//! [`crate::multiversion!`] body they vectorise (16 lanes on AVX-512, 8 on AVX2). Each
+//! multiply-add goes through the body's [`MulAdd`]: fused (rounded once) in the AVX2 and
+//! AVX-512 bodies, so both return the same bits, and in the baseline body where the target
+//! has FMA (aarch64); on x86 the baseline body multiplies and adds separately, and its
+//! results differ from the others' in the last bits (`ops::tests` bounds by how much). Fused,
+//! the GELU's AVX2 loop ran 1.5–2.5× faster than with separate multiplies and adds.
+
+use crate::simd::MulAdd;
 
 /// `eˣ` in float32 without branches: `x = n·ln 2 + r` with `|r| ≤ ln 2 / 2`, `eʳ` by its Taylor
-/// series to `r⁷/7!` (truncation below 6·10⁻⁹ relative, Horner's rule in fused multiply-adds),
+/// series to `r⁷/7!` (truncation below 6·10⁻⁹ relative, by Horner's rule),
 /// `2ⁿ` built in the exponent bits.
 /// Within 2 ulp of the exact value from -87.3 up; overflows to `+∞` only above 88.7.
 ///
@@ -23,7 +22,7 @@
 /// attention's subnormal probabilities, carried into every product of the backward pass, made
 /// a B-32 training step 20× slower on a Xeon (docs/speed-history.md). AMD's cores take no such penalty.
 #[inline(always)]
-pub(crate) fn exp(x: f32) -> f32 {
+pub(crate) fn exp<M: MulAdd>(x: f32) -> f32 {
     /// 1.5 · 2²³: adding it rounds to an integer, which then sits in the low mantissa bits.
     const ROUND: f32 = 12_582_912.0;
     const LOG2_E: f32 = std::f32::consts::LOG2_E;
@@ -31,10 +30,10 @@ pub(crate) fn exp(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     let clamped = x.clamp(-87.3, 88.7);
-    let shifted = clamped.mul_add(LOG2_E, ROUND);
+    let shifted = M::mul_add(clamped, LOG2_E, ROUND);
     let n = shifted - ROUND;
-    let r = (-n).mul_add(LN2_LO, (-n).mul_add(LN2_HI, clamped));
-    let p = horner(
+    let r = M::mul_add(-n, LN2_LO, M::mul_add(-n, LN2_HI, clamped));
+    let p = horner::<M, 8>(
         r,
         [
             1.0 / 5040.0,
@@ -61,10 +60,10 @@ pub(crate) fn exp(x: f32) -> f32 {
 /// Chebyshev fit of Numerical Recipes (`erfcc`, fractional error below 1.2·10⁻⁷), so the
 /// absolute error is a few 10⁻⁷ everywhere (libm's `erff` is within 1 ulp).
 #[inline(always)]
-pub(crate) fn erf(x: f32) -> f32 {
+pub(crate) fn erf<M: MulAdd>(x: f32) -> f32 {
     let z = x.abs();
-    let t = 1.0 / 0.5f32.mul_add(z, 1.0);
-    let poly = horner(
+    let t = 1.0 / M::mul_add(0.5, z, 1.0);
+    let poly = horner::<M, 10>(
         t,
         [
             0.170_872_77,
@@ -79,15 +78,15 @@ pub(crate) fn erf(x: f32) -> f32 {
             -1.265_512_2,
         ],
     );
-    let erfc = t * exp((-z).mul_add(z, poly));
+    let erfc = t * exp::<M>(M::mul_add(-z, z, poly));
     (1.0 - erfc).copysign(x)
 }
 
-/// `c₀·xⁿ + c₁·xⁿ⁻¹ + … + cₙ` by Horner's rule, one fused multiply-add per coefficient after
-/// the first (highest degree first).
+/// `c₀·xⁿ + c₁·xⁿ⁻¹ + … + cₙ` by Horner's rule, one multiply-add per coefficient after the
+/// first (highest degree first).
 #[inline(always)]
-fn horner<const N: usize>(x: f32, coefficients: [f32; N]) -> f32 {
+fn horner<M: MulAdd, const N: usize>(x: f32, coefficients: [f32; N]) -> f32 {
     coefficients[1..]
         .iter()
-        .fold(coefficients[0], |acc, &c| acc.mul_add(x, c))
+        .fold(coefficients[0], |acc, &c| M::mul_add(acc, x, c))
 }

@@ -135,7 +135,7 @@ multiversion! {
                 y.iter_mut().for_each(|y| *y = 0.0);
                 continue;
             }
-            y.iter_mut().for_each(|v| *v = exp(*v - max));
+            y.iter_mut().for_each(|v| *v = exp::<M>(*v - max));
             let inv = 1.0 / lane_sum(y, |v| v);
             y.iter_mut().for_each(|v| *v *= inv);
         }
