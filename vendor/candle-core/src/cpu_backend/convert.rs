@@ -85,6 +85,8 @@ pub fn convert_with<T: Copy, U: Copy, F: Fn(T) -> U>(
         src.len(),
         dst.len()
     );
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = width;
     #[cfg(target_arch = "x86_64")]
     if width.is_available() {
         match width {

@@ -93,12 +93,10 @@ fn axpy4_portable<T: WeightElement>(y: &mut [f32], x: [f32; 4], p: [&[T]; 4]) {
 }
 
 /// Whether the AVX2 loops may run (checked once by the standard library, then cached).
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    return std::arch::is_x86_feature_detected!("avx2");
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+    std::arch::is_x86_feature_detected!("avx2")
 }
 
 /// The dot products of a tile (see [`tile_portable`]).

@@ -8,7 +8,8 @@ use rayon::prelude::*;
 /// A weight element the kernels read: float32, or bfloat16 widened exactly to float32 (all
 /// arithmetic is float32 either way).
 pub trait WeightElement: Copy + Send + Sync {
-    /// Bits per element (32 or 16), for the SIMD loads.
+    /// Bits per element (32 or 16), for the SIMD loads (x86's AVX2 loops only).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     const BITS: u32;
     fn widen(self) -> f32;
 }
