@@ -7,8 +7,8 @@
 #
 # It needs the target's standard library (`rustup target add aarch64-unknown-linux-gnu`) and a C
 # cross compiler for the crates that compile C (`ring`: Debian's gcc-aarch64-linux-gnu); as root
-# it installs what is missing. Where either cannot be had it says so and exits 0 (skipped);
-# a compile error or warning exits 1, bad arguments 2.
+# it installs what is missing (each download within 10 minutes). Where either cannot be had it
+# says so and exits 0 (skipped); a compile error or warning exits 1, bad arguments 2.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 [ $# -eq 0 ] || { echo "check_aarch64.sh: no arguments expected, got $*" >&2; exit 2; }
@@ -16,16 +16,16 @@ TARGET=aarch64-unknown-linux-gnu
 CC_CROSS=aarch64-linux-gnu-gcc
 
 if ! rustup target list --installed 2>/dev/null | grep -qx "$TARGET"; then
-  rustup target add "$TARGET" >/dev/null 2>&1 || {
+  timeout 600 rustup target add "$TARGET" >/dev/null 2>&1 || {
     echo "check_aarch64.sh: skipped: rustup could not install the $TARGET standard library"
     exit 0
   }
 fi
 if ! command -v "$CC_CROSS" >/dev/null; then
   if [ "$(id -u)" = 0 ]; then
-    apt-get install -y -qq --no-install-recommends gcc-aarch64-linux-gnu >/dev/null 2>&1 \
-      || { apt-get update -qq \
-        && apt-get install -y -qq --no-install-recommends gcc-aarch64-linux-gnu >/dev/null 2>&1; }
+    install_cross_gcc() { timeout 600 apt-get install -y -qq --no-install-recommends gcc-aarch64-linux-gnu; }
+    install_cross_gcc >/dev/null 2>&1 \
+      || { timeout 600 apt-get update -qq >/dev/null 2>&1 && install_cross_gcc >/dev/null 2>&1; }
   fi
   command -v "$CC_CROSS" >/dev/null || {
     echo "check_aarch64.sh: skipped: no $CC_CROSS (Debian: apt-get install gcc-aarch64-linux-gnu)"
