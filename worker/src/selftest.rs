@@ -156,16 +156,7 @@ pub fn run(device: &Device) -> Result<Vec<OpCheck>> {
         )?);
         // Attention's probabilities under a causal mask.
         let (tokens, keys) = (50, 50);
-        let causal: Vec<f32> = (0..tokens * keys)
-            .map(|i| {
-                if i % keys > i / keys {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
-                }
-            })
-            .collect();
-        let mask = Tensor::from_vec(causal, (tokens, keys), device)?;
+        let mask = crate::model::transformer::causal_mask(tokens, device)?;
         checks.push(check(
             "masked_softmax",
             &[x(&[2, 12, tokens, keys], 4, 4.0)?],

@@ -107,6 +107,7 @@ pub fn frozen_self_attention(
 mod tests {
     use super::*;
     use crate::model::ops::attention_probs;
+    use crate::model::transformer::causal_mask;
 
     /// The general path: the heads split out, `attention_probs`, the product with `v`, the
     /// heads merged.
@@ -143,16 +144,7 @@ mod tests {
         for (b, t, heads, hd) in [(2, 7, 3, 4), (3, 50, 12, 64), (1, 1, 1, 8)] {
             let d = heads * hd;
             let qkv = Tensor::randn(0f32, 1.0, (b, t, 3 * d), &device).unwrap();
-            let causal: Vec<f32> = (0..t * t)
-                .map(|i| {
-                    if i % t > i / t {
-                        f32::NEG_INFINITY
-                    } else {
-                        0.0
-                    }
-                })
-                .collect();
-            let causal = Tensor::from_vec(causal, (t, t), &device).unwrap();
+            let causal = causal_mask(t, &device).unwrap();
             let per_sample = Tensor::randn(0f32, 1.0, (b, t, t), &device).unwrap();
             let scale = 1.0 / (hd as f64).sqrt();
             for mask in [None, Some(&causal), Some(&per_sample)] {
