@@ -33,7 +33,7 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
 /// `0.5 · x · (1 + erf(x / √2))` of one value, multiplying and adding as `M` does (see
 /// [`super::math`]).
 #[inline(always)]
-pub(crate) fn gelu_erf_value<M: MulAdd>(x: f32) -> f32 {
+pub(super) fn gelu_erf_value<M: MulAdd>(x: f32) -> f32 {
     0.5 * x * (1.0 + erf::<M>(x * FRAC_1_SQRT_2))
 }
 
