@@ -4,6 +4,7 @@ mod common;
 
 use coca_worker::eval::caption::caption_files;
 use coca_worker::eval::generate::{DecodePrecision, GenerateOptions, GenerationType};
+use coca_worker::eval::image_batches::ImageBatches;
 use std::path::PathBuf;
 
 #[test]
@@ -77,7 +78,7 @@ fn caption_prints_what_the_library_generates() {
             decode_precision,
             ..GenerateOptions::default()
         };
-        let expected = caption_files(&lib_model, &files, &opts, 5).unwrap();
+        let expected = caption_files(&lib_model, &files, &opts, &ImageBatches::serial(5)).unwrap();
         let lines: Vec<&str> = stdout.lines().collect();
         assert_eq!(lines.len(), names.len(), "{stdout}");
         for ((line, path), caption) in lines.iter().zip(&paths).zip(&expected) {
@@ -107,9 +108,9 @@ fn long_runs_on_huge_pages_caption_as_short_ones() {
         ..GenerateOptions::default()
     };
     // Three batches keep the weights where they are; 16 move them onto huge pages first.
-    let short = caption_files(&model, &images, &opts, 1).unwrap();
+    let short = caption_files(&model, &images, &opts, &ImageBatches::serial(1)).unwrap();
     let many: Vec<PathBuf> = images.iter().cycle().take(16).cloned().collect();
-    let long = caption_files(&model, &many, &opts, 1).unwrap();
+    let long = caption_files(&model, &many, &opts, &ImageBatches::serial(1)).unwrap();
     assert_eq!(long.len(), 16);
     for (i, caption) in long.iter().enumerate() {
         assert_eq!(caption, &short[i % 3], "image {i}");

@@ -4,6 +4,7 @@
 mod common;
 
 use coca_worker::eval::embed::{embed_images, embed_texts, read_npy};
+use coca_worker::eval::image_batches::ImageBatches;
 use std::path::PathBuf;
 
 #[test]
@@ -20,7 +21,7 @@ fn embeddings_round_trip_through_both_formats() {
         .collect();
     let image_args: Vec<String> = images.iter().map(|p| p.display().to_string()).collect();
     let texts = ["a photo of a cat", "two dogs in the snow", "a red circle"];
-    let expected_images = embed_images(&model, &images, 3).unwrap();
+    let expected_images = embed_images(&model, &images, &ImageBatches::serial(3)).unwrap();
     let expected_texts = embed_texts(
         &model,
         &texts.iter().map(|t| t.to_string()).collect::<Vec<_>>(),
@@ -70,4 +71,42 @@ fn embeddings_round_trip_through_both_formats() {
     );
     assert_eq!(code, 2);
     assert!(stderr.contains("--out"), "{stderr}");
+}
+
+/// A file that is not an image, among others decoded ahead of the model on two threads: an
+/// error naming that file, and no `--out` written.
+#[test]
+fn a_corrupt_image_stops_embedding_with_its_name() {
+    let Some(dir) = common::fixture("coca-tiny") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let corrupt = tmp.path().join("corrupt.jpg");
+    std::fs::write(&corrupt, b"\xff\xd8\xff\xe0 not really a JPEG").unwrap();
+    let good = dir.join("images").join("chelsea.jpg").display().to_string();
+    let corrupt_arg = corrupt.display().to_string();
+    let out = tmp.path().join("e.npy");
+    let (model_arg, out_arg) = (dir.display().to_string(), out.display().to_string());
+    let (code, _, stderr) = common::run(
+        "coca-worker",
+        &[
+            "embed",
+            "--model",
+            &model_arg,
+            "--out",
+            &out_arg,
+            "--batch_size",
+            "1",
+            "--dataloader_num_workers",
+            "2",
+            "--images",
+            &good,
+            &good,
+            &corrupt_arg,
+            &good,
+        ],
+    );
+    assert_ne!(code, 0, "{stderr}");
+    assert!(stderr.contains("corrupt.jpg"), "{stderr}");
+    assert!(!out.exists());
 }

@@ -125,6 +125,7 @@ fn eval_errors_name_the_flag() {
 #[test]
 fn retrieval_recalls_match_the_library_on_a_tiny_split() {
     use coca_worker::eval::embed::{embed_images, embed_texts};
+    use coca_worker::eval::image_batches::ImageBatches;
     use coca_worker::eval::retrieval::recall_at_k;
     let Some(fixture) = common::fixture("coca-tiny") else {
         return;
@@ -183,7 +184,7 @@ fn retrieval_recalls_match_the_library_on_a_tiny_split() {
     );
     let paths: Vec<_> = names.iter().map(|n| images_dir.join(n)).collect();
     let texts: Vec<String> = captions.iter().flatten().map(|s| s.to_string()).collect();
-    let img = embed_images(&model, &paths, 2).unwrap();
+    let img = embed_images(&model, &paths, &ImageBatches::serial(2)).unwrap();
     let txt = embed_texts(&model, &texts, 7).unwrap();
     let scores: Vec<Vec<f32>> = img.matmul(&txt.t().unwrap()).unwrap().to_vec2().unwrap();
     let t2i: Vec<Vec<f32>> = (0..texts.len())
@@ -206,6 +207,7 @@ fn captioning_writes_captions_and_scores_them() {
     use coca_worker::eval::caption::caption_files;
     use coca_worker::eval::caption_metrics::{bleu4, cider, tokenize};
     use coca_worker::eval::generate::{GenerateOptions, GenerationType};
+    use coca_worker::eval::image_batches::ImageBatches;
     let Some(fixture) = common::fixture("coca-tiny") else {
         return;
     };
@@ -264,7 +266,7 @@ fn captioning_writes_captions_and_scores_them() {
         seq_len: 12,
         ..GenerateOptions::default()
     };
-    let captions = caption_files(&model, &paths, &opts, 8).unwrap();
+    let captions = caption_files(&model, &paths, &opts, &ImageBatches::serial(8)).unwrap();
     for (w, c) in written.iter().zip(&captions) {
         assert_eq!(w["caption"].as_str().unwrap(), c);
     }

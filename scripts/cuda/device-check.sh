@@ -122,6 +122,31 @@ check selftest 120 "$W" selftest --device cuda
 check verify 300 "$W" verify --device cuda --reference "$KIT/fixture" \
   || check verify-portable-ops 300 env COCA_PORTABLE_OPS=1 "$W" verify --device cuda \
     --reference "$KIT/fixture"
+# 2. The inference commands on the GPU, as a user runs them (images decoded on CPU threads
+#    and put on the device by them): greedy captions equal the same command's on the CPU, and
+#    the image embeddings are within 1e-4 of the CPU's.
+inference_commands() {
+  local out="$WORK/inference" images=("$KIT"/fixture/images/*) d
+  mkdir -p "$out"
+  for d in cpu cuda; do
+    "$W" caption --device "$d" --model "$KIT/fixture" --generation_type greedy "${images[@]}" \
+      >"$out/captions-$d.tsv" || return 1
+    "$W" embed --device "$d" --model "$KIT/fixture" --out "$out/embed-$d.npy" \
+      --images "${images[@]}" || return 1
+  done
+  diff "$out/captions-cpu.tsv" "$out/captions-cuda.tsv" || return 1
+  "$PY" - "$out" <<'PYEOF'
+import json, sys
+import numpy as np
+cpu, gpu = (np.load(f"{sys.argv[1]}/embed-{d}.npy") for d in ("cpu", "cuda"))
+diff = float(np.abs(cpu - gpu).max())
+print(json.dumps({"images": len(cpu), "embed_max_abs_diff": diff}))
+sys.exit(0 if cpu.shape == gpu.shape and diff < 1e-4 else 1)
+PYEOF
+}
+export -f inference_commands
+export W KIT WORK PY
+check inference-commands 120 bash -c inference_commands
 # 3-5. B-32 at batch 256 beside open_clip (TF32 on for float32 matmuls in both).
 check bench-b32 300 "$W" bench --device cuda --tf32 True --model coca_ViT-B-32 --batch 256 --steps 3
 check torch-b32 300 "$PY" scripts/open_clip_train_bench.py --device cuda --tf32 --captions \

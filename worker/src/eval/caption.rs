@@ -1,12 +1,11 @@
 //! `coca-worker caption`: captions for image files.
 
 use super::generate::{generate_using, DecodePrecision, Decoding, GenerateOptions, GenerationType};
+use super::image_batches::ImageBatches;
 use super::model_args::ModelArgs;
-use crate::data::preprocess::open_image;
 use crate::data::tokenizer::ClipTokenizer;
 use crate::model::CoCa;
 use anyhow::{ensure, Result};
-use candle_core::{Device, Tensor};
 use clap::Args;
 use std::path::PathBuf;
 
@@ -96,19 +95,10 @@ pub struct CaptionArgs {
     /// Images per forward pass.
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
-}
-
-/// Preprocessed images `[B, 3, S, S]` (open_clip's eval transform).
-pub fn load_images(paths: &[PathBuf], size: usize) -> Result<Tensor> {
-    let mut pixels = Vec::with_capacity(paths.len() * 3 * size * size);
-    for p in paths {
-        pixels.extend(open_image(p)?.eval_transform(size));
-    }
-    Ok(Tensor::from_vec(
-        pixels,
-        (paths.len(), 3, size, size),
-        &Device::Cpu,
-    )?)
+    /// Threads decoding the images ahead of the model (0: the main thread, before each
+    /// batch's captions).
+    #[arg(long, default_value_t = 2)]
+    pub dataloader_num_workers: usize,
 }
 
 /// Batches from which captioning first moves the decoding weights onto huge pages: the move
@@ -116,28 +106,28 @@ pub fn load_images(paths: &[PathBuf], size: usize) -> Result<Tensor> {
 /// [`super::generate::DecodeWeights::move_to_huge_pages`]).
 const HUGE_PAGES_FROM_BATCHES: usize = 16;
 
-/// Captions `model` writes for `paths`, in order.
+/// Captions `model` writes for `paths`, in order, the images read as `batches` says.
 pub fn caption_files(
     model: &CoCa,
     paths: &[PathBuf],
     opts: &GenerateOptions,
-    batch_size: usize,
+    batches: &ImageBatches,
 ) -> Result<Vec<String>> {
-    ensure!(batch_size > 0, "--batch_size must be positive");
+    ensure!(batches.batch_size > 0, "--batch_size must be positive");
     opts.validate(model)?;
     let tokenizer = ClipTokenizer::new()?;
     let size = model.config.vision_cfg.image_size;
     let decoding = Decoding::new(model, opts.decode_precision)?;
-    if paths.len().div_ceil(batch_size) >= HUGE_PAGES_FROM_BATCHES {
+    if paths.len().div_ceil(batches.batch_size) >= HUGE_PAGES_FROM_BATCHES {
         decoding.move_to_huge_pages();
     }
     let mut captions = Vec::with_capacity(paths.len());
-    for chunk in paths.chunks(batch_size) {
-        let images = load_images(chunk, size)?;
+    batches.for_each_file(paths, size, model.device(), |_, images| {
         for ids in generate_using(&decoding, &images, opts)? {
             captions.push(tokenizer.decode(&ids).trim().to_string());
         }
-    }
+        Ok(())
+    })?;
     Ok(captions)
 }
 
@@ -145,7 +135,12 @@ pub fn caption_files(
 pub fn run(args: &CaptionArgs) -> Result<()> {
     let loaded = args.model.load()?;
     let opts = args.generate.options(&loaded.model);
-    let captions = caption_files(&loaded.model, &args.images, &opts, args.batch_size)?;
+    let batches = ImageBatches {
+        batch_size: args.batch_size,
+        decode_threads: args.dataloader_num_workers,
+        progress: false,
+    };
+    let captions = caption_files(&loaded.model, &args.images, &opts, &batches)?;
     for (path, caption) in args.images.iter().zip(captions) {
         println!("{}\t{caption}", path.display());
     }

@@ -1,6 +1,7 @@
 //! Zero-shot classification of an ImageFolder (`eval --classification_eval DIR`), with the
 //! text classifier cached in a file keyed by the weights, class names and templates.
 
+use super::image_batches::ImageBatches;
 use super::zeroshot::{zero_shot_classifier, zero_shot_logits};
 use crate::comm::HostTransport;
 use crate::data::image_folder::ImageFolder;
@@ -13,7 +14,6 @@ use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use coca_common::collective::{Collective, ReduceOp};
 use indicatif::{ProgressBar, ProgressStyle};
-use rayon::prelude::*;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -124,18 +124,6 @@ pub fn folder_classifier(
     Ok((classifier, false))
 }
 
-/// How the images of a zero-shot evaluation are read (the seed's `--per_device_eval_batch_size`,
-/// `--dataloader_num_workers`, `--disable_tqdm`).
-#[derive(Debug, Clone, Copy)]
-pub struct ImageBatches {
-    /// Images per forward pass.
-    pub batch_size: usize,
-    /// Threads decoding and transforming a batch's images (0: the calling thread).
-    pub decode_threads: usize,
-    /// A progress bar on stderr (rank 0, and only when stderr is a terminal).
-    pub progress: bool,
-}
-
 /// Zero-shot top-1/top-5 of `model` on `folder`, read as `batches` says. Each rank of `comm`
 /// classifies one block of the images and the hits are summed, so the result is the same for any
 /// number of ranks.
@@ -147,9 +135,8 @@ pub fn evaluate(
     batches: ImageBatches,
     comm: &Arc<dyn Collective>,
 ) -> Result<ClassificationResult> {
-    let batch_size = batches.batch_size;
     ensure!(
-        batch_size > 0,
+        batches.batch_size > 0,
         "--per_device_eval_batch_size must be positive"
     );
     ensure!(
@@ -173,43 +160,29 @@ pub fn evaluate(
     bar.set_message("zero-shot");
     let (mut top1, mut top5) = (0usize, 0usize);
     let indices: Vec<usize> = mine.collect();
-    let pool = match batches.decode_threads {
-        0 => None,
-        n => Some(
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(n)
-                .thread_name(|i| format!("eval-decode-{i}"))
-                .build()
-                .context("cannot start the --dataloader_num_workers threads")?,
-        ),
-    };
-    let decode = |i: &usize| -> Result<(Vec<f32>, usize)> {
-        let (image, label) = folder.get(*i)?;
+    let decode = |i: usize| -> Result<(Vec<f32>, usize)> {
+        let (image, label) = folder.get(indices[i])?;
         Ok((image.eval_transform(size), label))
     };
-    for chunk in indices.chunks(batch_size) {
-        let decoded: Vec<(Vec<f32>, usize)> = match &pool {
-            Some(pool) => pool.install(|| chunk.par_iter().map(decode).collect::<Result<_>>())?,
-            None => chunk.iter().map(decode).collect::<Result<_>>()?,
-        };
-        let mut pixels = Vec::with_capacity(chunk.len() * 3 * size * size);
-        let mut labels = Vec::with_capacity(chunk.len());
-        for (image, label) in decoded {
-            pixels.extend(image);
-            labels.push(label);
-        }
-        let images = Tensor::from_vec(pixels, (chunk.len(), 3, size, size), model.device())?;
-        let features = model.image_features(&images)?;
-        let logits = zero_shot_logits(&features, &classifier)?
-            .to_dtype(DType::F32)?
-            .to_vec2::<f32>()?;
-        for (row, &label) in logits.iter().zip(&labels) {
-            let better = row.iter().filter(|&&v| v > row[label]).count();
-            top1 += usize::from(better == 0);
-            top5 += usize::from(better < 5);
-        }
-        bar.inc(chunk.len() as u64);
-    }
+    batches.for_each(
+        indices.len(),
+        size,
+        model.device(),
+        decode,
+        |range, images, labels| {
+            let features = model.image_features(&images)?;
+            let logits = zero_shot_logits(&features, &classifier)?
+                .to_dtype(DType::F32)?
+                .to_vec2::<f32>()?;
+            for (row, &label) in logits.iter().zip(&labels) {
+                let better = row.iter().filter(|&&v| v > row[label]).count();
+                top1 += usize::from(better == 0);
+                top5 += usize::from(better < 5);
+            }
+            bar.inc(range.len() as u64);
+            Ok(())
+        },
+    )?;
     bar.finish_and_clear();
     let mut hits = [top1 as f32, top5 as f32];
     comm.all_reduce(&mut hits, ReduceOp::Sum)

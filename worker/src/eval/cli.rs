@@ -3,7 +3,7 @@
 
 use super::caption::{caption_files, GenerateArgs};
 use super::caption_metrics::{bleu4, cider, tokenize};
-use super::classification::ImageBatches;
+use super::image_batches::ImageBatches;
 use super::karpathy::{read_eval_split, EvalImage};
 use super::model_args::ModelArgs;
 use super::{classification, retrieval};
@@ -56,7 +56,8 @@ pub struct EvalArgs {
     /// Images (or texts) per forward pass (the seed's `--per_device_eval_batch_size`).
     #[arg(long, alias = "per-device-eval-batch-size", default_value_t = 32)]
     pub batch_size: usize,
-    /// Threads decoding the images of `--classification_eval` (0: the main thread).
+    /// Threads decoding the images of every evaluation ahead of the model (0: the main
+    /// thread, before each batch's forward pass).
     #[arg(long, default_value_t = 2)]
     pub dataloader_num_workers: usize,
     /// As in PaddleMIX, names the classifier cache:
@@ -199,6 +200,11 @@ fn evaluate(
     hub: &Hub,
 ) -> Result<Vec<serde_json::Value>> {
     let loaded = args.model.load_with(hub, args.precision.autocast())?;
+    let batches = ImageBatches {
+        batch_size: args.batch_size,
+        decode_threads: args.dataloader_num_workers,
+        progress: !args.disable_tqdm,
+    };
     let mut lines = Vec::new();
     if let (Some(dir), Some(folder)) = (&args.classification_eval, &inputs.folder) {
         let cache = classifier_cache_path(args, dir);
@@ -207,18 +213,8 @@ fn evaluate(
             Some(_) => loaded.weights_key()?,
             None => String::new(),
         };
-        let result = classification::evaluate(
-            &loaded.model,
-            &key,
-            folder,
-            cache.as_deref(),
-            ImageBatches {
-                batch_size: args.batch_size,
-                decode_threads: args.dataloader_num_workers,
-                progress: !args.disable_tqdm,
-            },
-            comm,
-        )?;
+        let result =
+            classification::evaluate(&loaded.model, &key, folder, cache.as_deref(), batches, comm)?;
         lines.push(serde_json::json!({
             "eval": "classification",
             "dir": dir.display().to_string(),
@@ -230,7 +226,7 @@ fn evaluate(
         }));
     }
     if let (Some(json), Some(split)) = (&args.retrieval, &inputs.retrieval) {
-        let r = retrieval::evaluate(&loaded.model, split, args.batch_size, comm)?;
+        let r = retrieval::evaluate(&loaded.model, split, &batches, comm)?;
         let mut line = serde_json::json!({
             "eval": "retrieval",
             "file": json.display().to_string(),
@@ -247,7 +243,7 @@ fn evaluate(
         let opts = args.generate.options(&loaded.model);
         let paths: Vec<PathBuf> = split.iter().map(|i| i.path.clone()).collect();
         let mine = block(paths.len(), comm.rank(), comm.size());
-        let captions = caption_files(&loaded.model, &paths[mine], &opts, args.batch_size)?;
+        let captions = caption_files(&loaded.model, &paths[mine], &opts, &batches)?;
         let captions = all_gather_strings(comm.as_ref(), &captions)?;
         if let (Some(out), 0) = (&args.out, comm.rank()) {
             let mut text = String::new();

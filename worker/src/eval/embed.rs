@@ -1,7 +1,7 @@
 //! `coca-worker embed`: L2-normalised image or text embeddings written to `.safetensors`
 //! (tensor `embeddings`) or `.npy` (float32, C order).
 
-use super::caption::load_images;
+use super::image_batches::ImageBatches;
 use super::model_args::ModelArgs;
 use crate::data::tokenizer::ClipTokenizer;
 use crate::model::CoCa;
@@ -29,11 +29,15 @@ pub struct EmbedArgs {
     /// Inputs per forward pass.
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
+    /// Threads decoding the images ahead of the model (0: the main thread, before each
+    /// batch's forward pass).
+    #[arg(long, default_value_t = 2)]
+    pub dataloader_num_workers: usize,
 }
 
-/// Normalised embeddings `[N, embed_dim]` of image files, `batch_size` per pass.
-pub fn embed_images(model: &CoCa, paths: &[PathBuf], batch_size: usize) -> Result<Tensor> {
-    ensure!(batch_size > 0, "--batch_size must be positive");
+/// Normalised embeddings `[N, embed_dim]` of image files, read as `batches` says.
+pub fn embed_images(model: &CoCa, paths: &[PathBuf], batches: &ImageBatches) -> Result<Tensor> {
+    ensure!(batches.batch_size > 0, "--batch_size must be positive");
     if paths.is_empty() {
         return Ok(Tensor::zeros(
             (0, model.config.embed_dim),
@@ -42,13 +46,11 @@ pub fn embed_images(model: &CoCa, paths: &[PathBuf], batch_size: usize) -> Resul
         )?);
     }
     let size = model.config.vision_cfg.image_size;
-    let parts = paths
-        .chunks(batch_size)
-        .map(|chunk| {
-            let images = load_images(chunk, size)?.to_device(model.device())?;
-            Ok(model.image_features(&images)?)
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let mut parts = Vec::with_capacity(paths.len().div_ceil(batches.batch_size));
+    batches.for_each_file(paths, size, model.device(), |_, images| {
+        parts.push(model.image_features(&images)?);
+        Ok(())
+    })?;
     Ok(Tensor::cat(&parts, 0)?)
 }
 
@@ -171,7 +173,12 @@ pub fn run(args: &EmbedArgs) -> Result<usize> {
     let embeddings = if args.images.is_empty() {
         embed_texts(&loaded.model, &args.texts, args.batch_size)?
     } else {
-        embed_images(&loaded.model, &args.images, args.batch_size)?
+        let batches = ImageBatches {
+            batch_size: args.batch_size,
+            decode_threads: args.dataloader_num_workers,
+            progress: false,
+        };
+        embed_images(&loaded.model, &args.images, &batches)?
     };
     write_embeddings(&embeddings, &args.out)?;
     Ok(embeddings.dim(0)?)

@@ -3,6 +3,7 @@
 //! among the k best texts, a text query when its image is among the k best images.
 
 use super::embed::{embed_images, embed_texts};
+use super::image_batches::ImageBatches;
 use super::karpathy::EvalImage;
 use crate::comm::HostTransport;
 use crate::distributed::share::block;
@@ -57,7 +58,7 @@ pub fn recall_at_k(scores: &[Vec<f32>], positives: &[Vec<usize>], k: usize) -> f
 pub fn evaluate(
     model: &CoCa,
     split: &[EvalImage],
-    batch_size: usize,
+    batches: &ImageBatches,
     comm: &Arc<dyn Collective>,
 ) -> Result<RetrievalResult> {
     let paths: Vec<_> = split.iter().map(|i| i.path.clone()).collect();
@@ -72,11 +73,15 @@ pub fn evaluate(
     let (rank, world) = (comm.rank(), comm.size());
     let group = HostTransport::shared(comm.clone());
     let image_emb = all_gather_rows(
-        &embed_images(model, &paths[block(paths.len(), rank, world)], batch_size)?,
+        &embed_images(model, &paths[block(paths.len(), rank, world)], batches)?,
         &group,
     )?;
     let text_emb = all_gather_rows(
-        &embed_texts(model, &texts[block(texts.len(), rank, world)], batch_size)?,
+        &embed_texts(
+            model,
+            &texts[block(texts.len(), rank, world)],
+            batches.batch_size,
+        )?,
         &group,
     )?;
     let scores = image_emb.matmul(&text_emb.t()?)?;
