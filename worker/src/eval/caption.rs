@@ -122,7 +122,7 @@ pub fn caption_files(
         decoding.move_to_huge_pages();
     }
     let mut captions = Vec::with_capacity(paths.len());
-    batches.for_each_file(paths, size, model.device(), |_, images| {
+    batches.for_each_file("caption", paths, size, model.device(), |_, images| {
         for ids in generate_using(&decoding, &images, opts)? {
             captions.push(tokenizer.decode(&ids).trim().to_string());
         }
@@ -138,7 +138,7 @@ pub fn run(args: &CaptionArgs) -> Result<()> {
     let batches = ImageBatches {
         batch_size: args.batch_size,
         decode_threads: args.dataloader_num_workers,
-        progress: false,
+        progress: true,
     };
     let captions = caption_files(&loaded.model, &args.images, &opts, &batches)?;
     for (path, caption) in args.images.iter().zip(captions) {

@@ -13,7 +13,6 @@ use crate::rng::hash_str;
 use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use coca_common::collective::{Collective, ReduceOp};
-use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -148,28 +147,23 @@ pub fn evaluate(
     let classes = folder.classnames().len();
     let size = model.config.vision_cfg.image_size;
     let mine = block(folder.len(), comm.rank(), comm.size());
-    let bar = if comm.rank() == 0 && batches.progress {
-        ProgressBar::new(mine.len() as u64)
-    } else {
-        ProgressBar::hidden()
-    };
-    bar.set_style(
-        ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} images [{elapsed} < {eta}]")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    bar.set_message("zero-shot");
     let (mut top1, mut top5) = (0usize, 0usize);
     let indices: Vec<usize> = mine.collect();
     let decode = |i: usize| -> Result<(Vec<f32>, usize)> {
         let (image, label) = folder.get(indices[i])?;
         Ok((image.eval_transform(size), label))
     };
+    let batches = ImageBatches {
+        progress: batches.progress && comm.rank() == 0,
+        ..batches
+    };
     batches.for_each(
+        "zero-shot",
         indices.len(),
         size,
         model.device(),
         decode,
-        |range, images, labels| {
+        |_, images, labels| {
             let features = model.image_features(&images)?;
             let logits = zero_shot_logits(&features, &classifier)?
                 .to_dtype(DType::F32)?
@@ -179,11 +173,9 @@ pub fn evaluate(
                 top1 += usize::from(better == 0);
                 top5 += usize::from(better < 5);
             }
-            bar.inc(range.len() as u64);
             Ok(())
         },
     )?;
-    bar.finish_and_clear();
     let mut hits = [top1 as f32, top5 as f32];
     comm.all_reduce(&mut hits, ReduceOp::Sum)
         .context("summing zero-shot hits over the ranks")?;

@@ -203,7 +203,7 @@ fn evaluate(
     let batches = ImageBatches {
         batch_size: args.batch_size,
         decode_threads: args.dataloader_num_workers,
-        progress: !args.disable_tqdm,
+        progress: !args.disable_tqdm && comm.rank() == 0,
     };
     let mut lines = Vec::new();
     if let (Some(dir), Some(folder)) = (&args.classification_eval, &inputs.folder) {

@@ -47,7 +47,7 @@ pub fn embed_images(model: &CoCa, paths: &[PathBuf], batches: &ImageBatches) -> 
     }
     let size = model.config.vision_cfg.image_size;
     let mut parts = Vec::with_capacity(paths.len().div_ceil(batches.batch_size));
-    batches.for_each_file(paths, size, model.device(), |_, images| {
+    batches.for_each_file("embed", paths, size, model.device(), |_, images| {
         parts.push(model.image_features(&images)?);
         Ok(())
     })?;
@@ -176,7 +176,7 @@ pub fn run(args: &EmbedArgs) -> Result<usize> {
         let batches = ImageBatches {
             batch_size: args.batch_size,
             decode_threads: args.dataloader_num_workers,
-            progress: false,
+            progress: true,
         };
         embed_images(&loaded.model, &args.images, &batches)?
     };

@@ -8,6 +8,7 @@
 use crate::data::preprocess::open_image;
 use anyhow::{ensure, Context, Result};
 use candle_core::{Device, Tensor};
+use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 use std::ops::Range;
 use std::path::PathBuf;
@@ -25,8 +26,8 @@ pub struct ImageBatches {
     /// Threads decoding and transforming images ahead of the model (0: the calling thread
     /// decodes each batch just before its forward pass).
     pub decode_threads: usize,
-    /// A progress bar on stderr (rank 0, and only when stderr is a terminal), where the
-    /// evaluation has one.
+    /// A progress bar on stderr (drawn only when stderr is a terminal; callers set it on one
+    /// rank).
     pub progress: bool,
 }
 
@@ -44,9 +45,10 @@ impl ImageBatches {
     /// order: `images` `[n, 3, image_size, image_size]` on `device`, image `i` and its label
     /// being `decode(i)` (pixels as [`crate::data::preprocess::LoadedImage::eval_transform`]
     /// makes them). Stops at the first error of `decode` or `each` and returns it; the
-    /// decoding threads stop with it.
+    /// decoding threads stop with it. The progress bar, if any, is labelled `what`.
     pub fn for_each<L: Send>(
         &self,
+        what: &str,
         count: usize,
         image_size: usize,
         device: &Device,
@@ -54,6 +56,46 @@ impl ImageBatches {
         mut each: impl FnMut(Range<usize>, Tensor, Vec<L>) -> Result<()>,
     ) -> Result<()> {
         ensure!(self.batch_size > 0, "the batch size must be positive");
+        let bar = self.progress_bar(what, count);
+        let outcome = self.run(
+            count,
+            image_size,
+            device,
+            decode,
+            |range, images, labels| {
+                let n = range.len() as u64;
+                each(range, images, labels)?;
+                bar.inc(n);
+                Ok(())
+            },
+        );
+        bar.finish_and_clear();
+        outcome
+    }
+
+    /// A bar of `count` images labelled `what`, or a hidden one without `progress`.
+    fn progress_bar(&self, what: &str, count: usize) -> ProgressBar {
+        if !self.progress {
+            return ProgressBar::hidden();
+        }
+        let bar = ProgressBar::new(count as u64);
+        bar.set_style(
+            ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} images [{elapsed} < {eta}]")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar.set_message(what.to_string());
+        bar
+    }
+
+    /// [`Self::for_each`] without the bar.
+    fn run<L: Send>(
+        &self,
+        count: usize,
+        image_size: usize,
+        device: &Device,
+        decode: impl Fn(usize) -> Result<(Vec<f32>, L)> + Sync,
+        mut each: impl FnMut(Range<usize>, Tensor, Vec<L>) -> Result<()>,
+    ) -> Result<()> {
         let ranges = (0..count)
             .step_by(self.batch_size)
             .map(|start| start..(start + self.batch_size).min(count));
@@ -123,12 +165,14 @@ impl ImageBatches {
     /// `paths`. A file that cannot be read or decoded is an error naming it.
     pub fn for_each_file(
         &self,
+        what: &str,
         paths: &[PathBuf],
         image_size: usize,
         device: &Device,
         mut each: impl FnMut(Range<usize>, Tensor) -> Result<()>,
     ) -> Result<()> {
         self.for_each(
+            what,
             paths.len(),
             image_size,
             device,
@@ -162,6 +206,7 @@ mod tests {
             progress: false,
         };
         opts.for_each(
+            "test",
             count,
             SIZE,
             &Device::Cpu,
@@ -197,8 +242,14 @@ mod tests {
             );
         }
         assert!(batches(2, 4, 0).is_empty());
-        let zero =
-            ImageBatches::serial(0).for_each(3, SIZE, &Device::Cpu, synthetic, |_, _, _| Ok(()));
+        let zero = ImageBatches::serial(0).for_each(
+            "test",
+            3,
+            SIZE,
+            &Device::Cpu,
+            synthetic,
+            |_, _, _| Ok(()),
+        );
         assert!(format!("{:#}", zero.unwrap_err()).contains("batch size must be positive"));
     }
 
@@ -212,6 +263,7 @@ mod tests {
             };
             let mut delivered = Vec::new();
             let result = opts.for_each(
+                "test",
                 20,
                 SIZE,
                 &Device::Cpu,
@@ -240,6 +292,7 @@ mod tests {
         };
         let mut calls = 0;
         let result = opts.for_each(
+            "test",
             1000,
             SIZE,
             &Device::Cpu,
