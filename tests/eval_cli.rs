@@ -303,3 +303,53 @@ fn evaluations_under_the_launcher_give_the_numbers_of_one_process() {
     assert_eq!(alone.len(), 3, "three evaluations");
     assert_eq!(alone, launched, "the same numbers on 1 and 3 ranks");
 }
+
+/// A rank that fails on its own (a corrupt image in its block) is the one the launcher's summary
+/// names, with its error, whatever the order the processes end in: its neighbour, whose
+/// collective then finds the connection closed, exits with the "peer failed" code (75) and is
+/// reported only as a consequence.
+#[test]
+fn the_rank_with_a_corrupt_image_is_the_failure_the_launcher_names() {
+    let Some(fixture) = common::fixture("coca-tiny") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("colours");
+    common::images::write_folder(&data);
+    // The last image in sorted order: in rank 1's block of two.
+    std::fs::write(
+        data.join("images/white/9.jpg"),
+        b"\xff\xd8\xff\xe0 not a JPEG",
+    )
+    .unwrap();
+    let (model_arg, data_arg) = (fixture.display().to_string(), data.display().to_string());
+    let logs = tmp.path().join("logs");
+    let log_arg = logs.display().to_string();
+    for _ in 0..2 {
+        let (code, out, err) = common::run(
+            "coca-launch",
+            &[
+                "--nproc-per-node",
+                "2",
+                "--log-dir",
+                &log_arg,
+                "--",
+                "eval",
+                "--classification_eval",
+                &data_arg,
+                "--model",
+                &model_arg,
+                "--per_device_eval_batch_size",
+                "2",
+            ],
+        );
+        assert_eq!(code, 2, "{out}\n{err}");
+        let summary = &err[err.find("first failure").expect("a summary")..];
+        assert!(
+            summary.contains("cause: rank 1 on node 0") && summary.contains("9.jpg"),
+            "{summary}"
+        );
+        let rank0 = std::fs::read_to_string(logs.join("workerlog.0")).unwrap();
+        assert!(rank0.contains("stopped or failed"), "rank 0: {rank0}");
+    }
+}

@@ -51,6 +51,7 @@ mod tests;
 mod tests_stall;
 
 use self::handshake::{accept_prev, connect_next, Abandoned, Identity, MAX_GROUP};
+pub use self::op::PeerClosed;
 use self::op::*;
 use self::sender::Sender;
 use self::stall::Progress;
@@ -93,7 +94,7 @@ struct Links {
     /// Operations started, the number in the next header.
     seq: u64,
     /// Why the group is unusable, once it is.
-    broken: Option<String>,
+    broken: Option<Broken>,
     /// What a reduction receives before adding it in ([`SEGMENT`] elements).
     segment: Vec<f32>,
     /// Reduce-scatter's partial sums on their way through this member (two blocks).
@@ -286,7 +287,7 @@ impl RingCollective {
         if let Some(links) = &self.links {
             let mut links = links.lock().unwrap_or_else(|p| p.into_inner());
             links.sender.shutdown();
-            links.broken.get_or_insert_with(|| format!("{err:#}"));
+            links.broken.get_or_insert_with(|| Broken::by(&err));
         }
         err
     }
@@ -300,11 +301,8 @@ impl RingCollective {
             .as_ref()
             .expect("a group of one runs no operation");
         let mut links = links.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(why) = &links.broken {
-            bail!(
-                "ring {:?}: unusable after an earlier failure: {why}",
-                self.group
-            );
+        if let Some(broken) = &links.broken {
+            return Err(broken.error(&self.group));
         }
         links.seq += 1;
         // The clock of stall detection starts with the operation: time between calls is no stall.
@@ -337,13 +335,13 @@ impl RingCollective {
         let _ = op.links.sender.wait(op.links.sender.queued());
         if result.is_ok() {
             result = drained.and_then(|()| match op.links.sender.error() {
-                Some(e) => Err(op.send_error(&e)),
+                Some((kind, e)) => Err(op.send_error(kind, &e)),
                 None => Ok(()),
             });
         }
         if let Err(e) = &result {
             op.links.sender.shutdown();
-            op.links.broken = Some(format!("{e:#}"));
+            op.links.broken = Some(Broken::by(e));
         }
         op.finished = true;
         result

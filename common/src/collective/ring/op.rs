@@ -7,6 +7,63 @@ use super::stall::{CollectiveTimeout, Verdict, Waiting, Watch};
 use super::*;
 use tracing::warn;
 
+/// The error of an operation whose neighbour closed or reset its connection: that member
+/// stopped (it failed, or was stopped) before this one, so this failure follows from its. A
+/// worker exits with its "peer failed" code for it, which lets the launcher's summary name the
+/// member that failed first instead of its neighbours.
+#[derive(Debug)]
+pub struct PeerClosed(pub String);
+
+impl fmt::Display for PeerClosed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for PeerClosed {}
+
+/// Whether an I/O error of a link means that the member at its other end closed it (its
+/// process ended or dropped the group).
+pub(super) fn closed_by_peer(kind: ErrorKind) -> bool {
+    matches!(
+        kind,
+        ErrorKind::UnexpectedEof
+            | ErrorKind::ConnectionReset
+            | ErrorKind::ConnectionAborted
+            | ErrorKind::BrokenPipe
+    )
+}
+
+/// Why a group is unusable, once it is: the first failure's text, and whether a neighbour
+/// closing its connection caused it (then every later operation's error says so too).
+#[derive(Debug, Clone)]
+pub(super) struct Broken {
+    pub(super) why: String,
+    pub(super) by_peer: bool,
+}
+
+impl Broken {
+    /// The state `err` leaves the group in.
+    pub(super) fn by(err: &anyhow::Error) -> Self {
+        Self {
+            why: format!("{err:#}"),
+            by_peer: err.is::<PeerClosed>(),
+        }
+    }
+
+    /// The error of an operation started on the broken group `group`.
+    pub(super) fn error(&self, group: &str) -> anyhow::Error {
+        let message = format!(
+            "ring {group:?}: unusable after an earlier failure: {}",
+            self.why
+        );
+        match self.by_peer {
+            true => anyhow::Error::new(PeerClosed(message)),
+            false => anyhow!(message),
+        }
+    }
+}
+
 /// Operation codes in the header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Kind {
@@ -177,9 +234,10 @@ impl Drop for Op<'_> {
         if !self.finished {
             self.links.sender.shutdown();
             let _ = self.links.sender.wait(self.links.sender.queued());
-            self.links
-                .broken
-                .get_or_insert_with(|| "an operation panicked".into());
+            self.links.broken.get_or_insert_with(|| Broken {
+                why: "an operation panicked".into(),
+                by_peer: false,
+            });
         }
     }
 }
@@ -201,26 +259,33 @@ impl Op<'_> {
         (self.me() + 1) % self.n()
     }
 
-    pub(super) fn send_error(&self, e: &str) -> anyhow::Error {
-        anyhow!(
-            "ring {:?}: sending to {} failed during {}: {e}",
-            self.ring.group,
-            self.ring.who(self.next()),
-            self.mine
-        )
+    /// The error of a failed write to the next member (`kind`, `e`: the sender's).
+    pub(super) fn send_error(&self, kind: ErrorKind, e: &str) -> anyhow::Error {
+        let (group, next, what) = (&self.ring.group, self.ring.who(self.next()), self.mine);
+        match closed_by_peer(kind) {
+            true => anyhow::Error::new(PeerClosed(format!(
+                "ring {group:?}: sending to {next} failed during {what}: {e} (it stopped or failed)"
+            ))),
+            false => anyhow!("ring {group:?}: sending to {next} failed during {what}: {e}"),
+        }
     }
 
+    /// The error of a failed read from the previous member (or of the write that failed
+    /// first, which shut both links down).
     pub(super) fn recv_error(&self, e: std::io::Error) -> anyhow::Error {
-        if let Some(se) = self.links.sender.error() {
-            return self.send_error(&se);
+        if let Some((kind, se)) = self.links.sender.error() {
+            return self.send_error(kind, &se);
         }
         let (group, prev, what) = (&self.ring.group, self.ring.who(self.prev()), self.mine);
-        if e.kind() == ErrorKind::UnexpectedEof {
-            anyhow!(
+        match e.kind() {
+            ErrorKind::UnexpectedEof => anyhow::Error::new(PeerClosed(format!(
                 "ring {group:?}: {prev} closed the connection during {what} (it stopped or failed)"
-            )
-        } else {
-            anyhow!("ring {group:?}: receiving from {prev} failed during {what}: {e}")
+            ))),
+            kind if closed_by_peer(kind) => anyhow::Error::new(PeerClosed(format!(
+                "ring {group:?}: receiving from {prev} failed during {what}: {e} (it stopped or \
+                 failed)"
+            ))),
+            _ => anyhow!("ring {group:?}: receiving from {prev} failed during {what}: {e}"),
         }
     }
 

@@ -30,8 +30,8 @@ unsafe impl Send for Job {}
 struct State {
     /// Jobs finished (written, or skipped after a failure).
     done: u64,
-    /// The first write error.
-    error: Option<String>,
+    /// The first write error: its kind and its text.
+    error: Option<(ErrorKind, String)>,
     /// The thread has exited (it holds no pointer any more).
     exited: bool,
 }
@@ -153,8 +153,8 @@ impl Sender {
         }
     }
 
-    /// The first write error, if a write failed.
-    pub(super) fn error(&self) -> Option<String> {
+    /// The first write error (its kind and its text), if a write failed.
+    pub(super) fn error(&self) -> Option<(ErrorKind, String)> {
         self.shared.lock().error.clone()
     }
 
@@ -218,7 +218,7 @@ fn run(
     let mut failed = false;
     if let Err(e) = stream.set_write_timeout(Some(WRITE_SLICE)) {
         failed = true;
-        shared.lock().error = Some(format!("cannot set the send timeout: {e}"));
+        shared.lock().error = Some((e.kind(), format!("cannot set the send timeout: {e}")));
     }
     while let Ok(job) = jobs.recv() {
         if !failed {
@@ -233,7 +233,7 @@ fn run(
             };
             if let Err(e) = written {
                 failed = true;
-                shared.lock().error = Some(e.to_string());
+                shared.lock().error = Some((e.kind(), e.to_string()));
                 let _ = stream.shutdown(Shutdown::Both);
                 let _ = recv.shutdown(Shutdown::Both);
             }

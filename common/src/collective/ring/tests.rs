@@ -408,6 +408,10 @@ fn mismatched_calls_fail_on_every_member() {
     for e in &errs {
         eprintln!("{e:#}");
         assert!(e.to_string().contains("mismatched"), "{e:#}");
+        assert!(
+            !e.is::<PeerClosed>(),
+            "a mismatch is this member's own failure: {e:#}"
+        );
     }
     // The group is unusable afterwards, at once.
     let errs = each(&rings, |c| c.barrier().unwrap_err());
@@ -447,6 +451,11 @@ fn mismatched_calls_fail_on_every_member() {
         eprintln!("{e:#}");
     }
     assert!(errs[1].to_string().contains("expected"), "{:#}", errs[1]);
+    // The member with the bad argument failed first; the others, because it closed its links.
+    assert!(!errs[1].is::<PeerClosed>(), "{:#}", errs[1]);
+    for e in [&errs[0], &errs[2]] {
+        assert!(e.is::<PeerClosed>(), "{e:#}");
+    }
     let errs = each(&rings, |c| {
         let mut buf = [0.0f32; 1];
         c.broadcast(&mut buf, 3).unwrap_err()
@@ -477,13 +486,24 @@ fn a_member_that_goes_away_fails_the_others_promptly() {
                         break e;
                     }
                 };
-                (err, Instant::now())
+                let at = Instant::now();
+                (err, c.barrier().unwrap_err(), at)
             });
             let gone = gone.lock().unwrap().unwrap();
-            for (e, at) in errs {
+            for (e, later, at) in errs {
+                // What broke the group stays the reason of every later operation's failure.
+                assert!(later.is::<PeerClosed>(), "{later:#}");
+                assert!(
+                    format!("{later:#}").contains("earlier failure"),
+                    "{later:#}"
+                );
                 let msg = format!("{e:#}");
                 eprintln!("n={n}: {msg}");
                 assert!(msg.contains("ring \"t/") && msg.contains("rank "), "{msg}");
+                assert!(
+                    e.is::<PeerClosed>(),
+                    "a peer's exit, not this member's: {msg}"
+                );
                 let late = at.saturating_duration_since(gone);
                 assert!(
                     late < Duration::from_secs(2),

@@ -23,8 +23,10 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use coca_common::collective::ReduceOp;
 use std::sync::{Arc, OnceLock};
 
-/// A collective error as a candle error (the collective's message names group and peer).
+/// A collective error as a candle error (the collective's message names group and peer; a
+/// peer's closed connection is recorded for the exit code, which the text cannot carry).
 fn comm_err(op: &str, e: anyhow::Error) -> candle_core::Error {
+    crate::comm::peer_failure::note_collective_error(&e);
     candle_core::Error::Msg(format!("{op}: {e:#}"))
 }
 
