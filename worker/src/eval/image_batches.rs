@@ -17,6 +17,15 @@ use std::sync::mpsc;
 /// Decoded batches waiting for the model (one more is being decoded meanwhile).
 const READY_AHEAD: usize = 1;
 
+/// A progress bar taken off the terminal however the work ends.
+struct ClearedOnDrop(ProgressBar);
+
+impl Drop for ClearedOnDrop {
+    fn drop(&mut self) {
+        self.0.finish_and_clear();
+    }
+}
+
 /// How the images of an evaluation are read (the seed's `--per_device_eval_batch_size`,
 /// `--dataloader_num_workers`, `--disable_tqdm`).
 #[derive(Debug, Clone, Copy)]
@@ -56,46 +65,13 @@ impl ImageBatches {
         mut each: impl FnMut(Range<usize>, Tensor, Vec<L>) -> Result<()>,
     ) -> Result<()> {
         ensure!(self.batch_size > 0, "the batch size must be positive");
-        let bar = self.progress_bar(what, count);
-        let outcome = self.run(
-            count,
-            image_size,
-            device,
-            decode,
-            |range, images, labels| {
-                let n = range.len() as u64;
-                each(range, images, labels)?;
-                bar.inc(n);
-                Ok(())
-            },
-        );
-        bar.finish_and_clear();
-        outcome
-    }
-
-    /// A bar of `count` images labelled `what`, or a hidden one without `progress`.
-    fn progress_bar(&self, what: &str, count: usize) -> ProgressBar {
-        if !self.progress {
-            return ProgressBar::hidden();
-        }
-        let bar = ProgressBar::new(count as u64);
-        bar.set_style(
-            ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} images [{elapsed} < {eta}]")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
-        bar.set_message(what.to_string());
-        bar
-    }
-
-    /// [`Self::for_each`] without the bar.
-    fn run<L: Send>(
-        &self,
-        count: usize,
-        image_size: usize,
-        device: &Device,
-        decode: impl Fn(usize) -> Result<(Vec<f32>, L)> + Sync,
-        mut each: impl FnMut(Range<usize>, Tensor, Vec<L>) -> Result<()>,
-    ) -> Result<()> {
+        let bar = ClearedOnDrop(self.progress_bar(what, count));
+        let mut each = |range: Range<usize>, images: Tensor, labels: Vec<L>| -> Result<()> {
+            let n = range.len() as u64;
+            each(range, images, labels)?;
+            bar.0.inc(n);
+            Ok(())
+        };
         let ranges = (0..count)
             .step_by(self.batch_size)
             .map(|start| start..(start + self.batch_size).min(count));
@@ -159,6 +135,20 @@ impl ImageBatches {
             }
             outcome
         })
+    }
+
+    /// A bar of `count` images labelled `what`, or a hidden one without `progress`.
+    fn progress_bar(&self, what: &str, count: usize) -> ProgressBar {
+        if !self.progress {
+            return ProgressBar::hidden();
+        }
+        let bar = ProgressBar::new(count as u64);
+        bar.set_style(
+            ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} images [{elapsed} < {eta}]")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar.set_message(what.to_string());
+        bar
     }
 
     /// [`Self::for_each`] over image files: `each(range, images)` for consecutive batches of
