@@ -100,6 +100,15 @@ pub fn open_image(path: &Path) -> Result<LoadedImage> {
     decode_image(&bytes).with_context(|| format!("decoding image {}", path.display()))
 }
 
+/// A decoder's error as one line: its own message, which already quotes its causes (the
+/// chain would repeat them), with the line breaks some decoders end their messages with.
+fn one_line(e: &image::ImageError) -> String {
+    e.to_string()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// Decodes an in-memory image file (e.g. a member of a tar/zip shard).
 pub fn decode_image(bytes: &[u8]) -> Result<LoadedImage> {
     let format = image::guess_format(bytes).context("unrecognised image format")?;
@@ -111,7 +120,9 @@ pub fn decode_image(bytes: &[u8]) -> Result<LoadedImage> {
         reader.decode()
     });
     let image = match decoded {
-        Ok(result) => result.with_context(|| format!("invalid or truncated {format:?} data"))?,
+        Ok(result) => result.map_err(|e| {
+            anyhow::anyhow!("invalid or truncated {format:?} data: {}", one_line(&e))
+        })?,
         Err(_) => bail!("the {format:?} decoder panicked on this data"),
     };
     if format == ImageFormat::Jpeg && !jpeg_is_complete(bytes) {

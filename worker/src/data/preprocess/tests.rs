@@ -245,10 +245,16 @@ fn corrupt_and_truncated_files_are_errors() {
         let path = dir.path().join(name);
         std::fs::write(&path, &data).expect("write");
         let err = load_image(&path).expect_err(name);
+        let message = format!("{err:#}");
         assert!(
-            format!("{err:#}").contains(name),
-            "error must name the file: {err:#}"
+            message.contains(name),
+            "error must name the file: {message}"
         );
+        // One line, each clause once (the decoders' own messages quote their causes).
+        assert!(!message.contains('\n'), "{message:?}");
+        let clauses: Vec<&str> = message.split(": ").collect();
+        let distinct: std::collections::HashSet<&str> = clauses.iter().copied().collect();
+        assert_eq!(distinct.len(), clauses.len(), "{message:?}");
     }
     let missing = dir.path().join("missing.png");
     let err = load_image(&missing).expect_err("missing file");
