@@ -305,9 +305,9 @@ fn evaluations_under_the_launcher_give_the_numbers_of_one_process() {
 }
 
 /// A rank that fails on its own (a corrupt image in its block) is the one the launcher's summary
-/// names, with its error, whatever the order the processes end in: its neighbour, whose
-/// collective then finds the connection closed, exits with the "peer failed" code (75) and is
-/// reported only as a consequence.
+/// names, with its error, whatever the order the processes end in: its neighbour, if its
+/// collective finds the connection closed before the launcher stops it, exits with the "peer
+/// failed" code (75) and is reported only as a consequence.
 #[test]
 fn the_rank_with_a_corrupt_image_is_the_failure_the_launcher_names() {
     let Some(fixture) = common::fixture("coca-tiny") else {
@@ -349,7 +349,11 @@ fn the_rank_with_a_corrupt_image_is_the_failure_the_launcher_names() {
             summary.contains("cause: rank 1 on node 0") && summary.contains("9.jpg"),
             "{summary}"
         );
+        // Rank 0 is stopped by the launcher, or first fails in a collective that lost rank 1.
         let rank0 = std::fs::read_to_string(logs.join("workerlog.0")).unwrap();
-        assert!(rank0.contains("stopped or failed"), "rank 0: {rank0}");
+        assert!(
+            !rank0.contains("error") || rank0.contains("stopped or failed"),
+            "rank 0: {rank0}"
+        );
     }
 }
