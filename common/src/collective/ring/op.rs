@@ -22,16 +22,19 @@ impl fmt::Display for PeerClosed {
 
 impl std::error::Error for PeerClosed {}
 
-/// Whether an I/O error of a link means that the member at its other end closed it (its
+/// A link's failure `message` as an error: [`PeerClosed`] (saying that member stopped or
+/// failed) when the I/O error's `kind` means the member at the other end closed the link (its
 /// process ended or dropped the group).
-pub(super) fn closed_by_peer(kind: ErrorKind) -> bool {
-    matches!(
-        kind,
+fn link_error(kind: ErrorKind, message: String) -> anyhow::Error {
+    match kind {
         ErrorKind::UnexpectedEof
-            | ErrorKind::ConnectionReset
-            | ErrorKind::ConnectionAborted
-            | ErrorKind::BrokenPipe
-    )
+        | ErrorKind::ConnectionReset
+        | ErrorKind::ConnectionAborted
+        | ErrorKind::BrokenPipe => {
+            anyhow::Error::new(PeerClosed(format!("{message} (it stopped or failed)")))
+        }
+        _ => anyhow!(message),
+    }
 }
 
 /// Why a group is unusable, once it is: the first failure's text, and whether a neighbour
@@ -262,12 +265,10 @@ impl Op<'_> {
     /// The error of a failed write to the next member (`kind`, `e`: the sender's).
     pub(super) fn send_error(&self, kind: ErrorKind, e: &str) -> anyhow::Error {
         let (group, next, what) = (&self.ring.group, self.ring.who(self.next()), self.mine);
-        match closed_by_peer(kind) {
-            true => anyhow::Error::new(PeerClosed(format!(
-                "ring {group:?}: sending to {next} failed during {what}: {e} (it stopped or failed)"
-            ))),
-            false => anyhow!("ring {group:?}: sending to {next} failed during {what}: {e}"),
-        }
+        link_error(
+            kind,
+            format!("ring {group:?}: sending to {next} failed during {what}: {e}"),
+        )
     }
 
     /// The error of a failed read from the previous member (or of the write that failed
@@ -277,16 +278,13 @@ impl Op<'_> {
             return self.send_error(kind, &se);
         }
         let (group, prev, what) = (&self.ring.group, self.ring.who(self.prev()), self.mine);
-        match e.kind() {
-            ErrorKind::UnexpectedEof => anyhow::Error::new(PeerClosed(format!(
-                "ring {group:?}: {prev} closed the connection during {what} (it stopped or failed)"
-            ))),
-            kind if closed_by_peer(kind) => anyhow::Error::new(PeerClosed(format!(
-                "ring {group:?}: receiving from {prev} failed during {what}: {e} (it stopped or \
-                 failed)"
-            ))),
-            _ => anyhow!("ring {group:?}: receiving from {prev} failed during {what}: {e}"),
-        }
+        let message = match e.kind() {
+            ErrorKind::UnexpectedEof => {
+                format!("ring {group:?}: {prev} closed the connection during {what}")
+            }
+            _ => format!("ring {group:?}: receiving from {prev} failed during {what}: {e}"),
+        };
+        link_error(e.kind(), message)
     }
 
     /// Called when a receive or a wait found nothing new: warns or fails once the operation
