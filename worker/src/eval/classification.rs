@@ -153,10 +153,6 @@ pub fn evaluate(
         let (image, label) = folder.get(indices[i])?;
         Ok((image.eval_transform(size), label))
     };
-    let batches = ImageBatches {
-        progress: batches.progress && comm.rank() == 0,
-        ..batches
-    };
     batches.for_each(
         "zero-shot",
         indices.len(),

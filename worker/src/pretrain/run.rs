@@ -134,7 +134,7 @@ impl TrainingRun<'_> {
             ImageBatches {
                 batch_size: args.per_device_eval_batch_size,
                 decode_threads: args.dataloader_num_workers,
-                progress: !args.disable_tqdm,
+                progress: !args.disable_tqdm && self.ctx.data.rank() == 0,
             },
             &self.ctx.data,
         )?;
