@@ -6,7 +6,8 @@
 #   scripts/check_aarch64.sh
 #
 # It needs the target's standard library (`rustup target add aarch64-unknown-linux-gnu`) and a C
-# cross compiler for the crates that compile C (`ring`: Debian's gcc-aarch64-linux-gnu); as root
+# cross compiler with the target's C library headers for the crates that compile C (`ring`:
+# Debian's gcc-aarch64-linux-gnu and libc6-dev-arm64-cross, which the compiler only recommends); as root
 # it installs what is missing (each download within 10 minutes). Where either cannot be had it
 # says so and exits 0 (skipped); a compile error or warning exits 1, bad arguments 2.
 set -uo pipefail
@@ -21,14 +22,19 @@ if ! rustup target list --installed 2>/dev/null | grep -qx "$TARGET"; then
     exit 0
   }
 fi
-if ! command -v "$CC_CROSS" >/dev/null; then
+CROSS_HEADER=/usr/aarch64-linux-gnu/include/stdio.h
+if ! command -v "$CC_CROSS" >/dev/null || [ ! -f "$CROSS_HEADER" ]; then
   if [ "$(id -u)" = 0 ]; then
-    install_cross_gcc() { timeout 600 apt-get install -y -qq --no-install-recommends gcc-aarch64-linux-gnu; }
+    install_cross_gcc() {
+      timeout 600 apt-get install -y -qq --no-install-recommends gcc-aarch64-linux-gnu \
+        libc6-dev-arm64-cross
+    }
     install_cross_gcc >/dev/null 2>&1 \
       || { timeout 600 apt-get update -qq >/dev/null 2>&1 && install_cross_gcc >/dev/null 2>&1; }
   fi
-  command -v "$CC_CROSS" >/dev/null || {
-    echo "check_aarch64.sh: skipped: no $CC_CROSS (Debian: apt-get install gcc-aarch64-linux-gnu)"
+  command -v "$CC_CROSS" >/dev/null && [ -f "$CROSS_HEADER" ] || {
+    echo "check_aarch64.sh: skipped: no $CC_CROSS with the target's C headers (Debian: apt-get" \
+      "install gcc-aarch64-linux-gnu libc6-dev-arm64-cross)"
     exit 0
   }
 fi

@@ -66,7 +66,10 @@ fn bench_reports_every_figure() {
         );
     }
     let bf16_products = line["bf16_product_kernels"].as_str().unwrap_or("");
-    assert!(["amx", "widened"].contains(&bf16_products), "{line}");
+    assert!(
+        ["amx", "avx512bf16", "widened"].contains(&bf16_products),
+        "{line}"
+    );
     // The worker restarted itself with its heap on huge pages where the kernel offers them
     // (THP `always` or `madvise`), and bench ran to the end after the restart.
     let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
@@ -96,7 +99,7 @@ fn bench_reports_every_figure() {
     let line: serde_json::Value =
         serde_json::from_str(stdout.lines().last().expect("one JSON line")).unwrap();
     assert_eq!(line["cpu_kernels"], "portable", "{line}");
-    // Held to portable kernels, bf16 products leave AMX too.
+    // Held to portable kernels, bf16 products leave AMX and AVX-512 BF16 too.
     assert_eq!(line["bf16_product_kernels"], "widened", "{line}");
     // Opted out: the heap stays on 4 KiB pages.
     if !std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("glibc.malloc.hugetlb")) {

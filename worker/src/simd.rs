@@ -11,7 +11,7 @@
 //! `COCA_CPU_KERNELS=avx512|avx2|portable` forces a family (for measurements and tests); a
 //! family the CPU lacks falls back to the best it has, with a warning. candle's matrix products
 //! (the `gemm` crate) choose their own kernels at run time: [`gemm_family`] says which, and
-//! [`bf16_product_kernels`] whether bf16 products run on AMX tiles.
+//! [`bf16_product_kernels`] whether bf16 products run on AMX tiles, AVX-512 BF16 or widened.
 
 use std::sync::OnceLock;
 
@@ -134,14 +134,12 @@ pub fn gemm_family() -> &'static str {
     "portable"
 }
 
-/// How candle's bf16 matrix products run here: `amx` on Intel AMX tiles (vendored candle
-/// change 12: a CPU with AMX-BF16, not held below AVX-512 by `COCA_CPU_KERNELS`, and
-/// `COCA_CPU_AMX` not `0`), else `widened` (float32 `gemm` on widened operands).
+/// How candle's bf16 matrix products run here (vendored candle change 12): `amx` on Intel AMX
+/// tiles, `avx512bf16` on AVX-512 BF16 dot products (AMD Zen 4 and later, Intel Cooper Lake),
+/// else `widened` (float32 `gemm` on widened operands). `COCA_CPU_KERNELS` below `avx512`,
+/// `COCA_CPU_BF16_PRODUCTS` and `COCA_CPU_AMX=0` hold it lower.
 pub fn bf16_product_kernels() -> &'static str {
-    match candle_core::cpu_backend::amx::is_active() {
-        true => "amx",
-        false => "widened",
-    }
+    candle_core::cpu_backend::amx::active().map_or("widened", |k| k.name())
 }
 
 /// The CPU's model name (`/proc/cpuinfo`), for benchmark reports.

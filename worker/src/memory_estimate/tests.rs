@@ -93,8 +93,9 @@ fn is_within_six_percent_of_the_measured_b32_step() {
     }
     // Under autocast (`--bf16 True`, `--fp16 True`; the measured peak is above float32's on
     // the CPU), with and without checkpointing.
-    // bf16 products run on AMX tiles where the CPU has them (the estimate counts what that
-    // path holds): both measured on the same Xeon, `COCA_CPU_AMX=0` for the widened one.
+    // bf16 products run on a native kernel where the CPU has one (the estimate counts what
+    // that path holds; AMX and AVX-512 BF16 hold the same buffers): both measured on the same
+    // Xeon, the widened one with the products held off AMX.
     let amx = candle_core::cpu_backend::amx::is_active();
     let bf16_measured: u64 = if amx { 6_539_157_504 } else { 6_665_433_088 };
     for (dtype, checkpointing, measured) in [

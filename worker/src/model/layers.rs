@@ -144,7 +144,7 @@ impl Linear {
     ///
     /// A trainable weight changes at every optimizer step, so this is made per call: the weight
     /// cast as it is stored (a contiguous pass; nothing in float32) and viewed transposed.
-    /// Every product takes the view (cuBLAS and AMX tiles either layout; the `gemm` crate packs
+    /// Every product takes the view (cuBLAS and the native bf16 kernels either layout; the `gemm` crate packs
     /// it a little more slowly where the input is wider than the output, `c_proj`), and its
     /// backward computes the view's gradient as a transpose ([`ops::biased_product`], vendored
     /// candle change 14), so the weight's gradient comes back contiguous through the cast. A
@@ -156,7 +156,8 @@ impl Linear {
     /// (autocast's cast cache, for models that record no graph): on the CPU a contiguous copy
     /// (the `gemm` crate packs a transposed view more slowly: B-32's image embedding took 5–7 %
     /// longer on an Intel Xeon with views of the weights whose input is not wider than their
-    /// output), on AMX tiles or a GPU the cast weight viewed transposed. A second dtype asked
+    /// output), on a native bf16 kernel (AMX, AVX-512 BF16) or a GPU the cast weight viewed
+    /// transposed. A second dtype asked
     /// of the same layer is made from the weight per call.
     fn weight_t(&self, compute: DType) -> Result<Tensor> {
         if self.weight.track_op() {
@@ -349,7 +350,7 @@ mod tests {
 
     #[test]
     fn a_trainable_weight_is_cast_then_viewed_and_its_gradient_comes_back_contiguous() {
-        // Float32 and bf16 (on AMX tiles or widened, whichever this CPU runs); an input wider
+        // Float32 and bf16 (on a native bf16 kernel or widened, whichever this CPU runs); an input wider
         // than the output (`c_proj`) and narrower; with a bias (one fused op) and without.
         for dtype in [DType::F32, DType::BF16] {
             for (out_dim, in_dim) in [(24, 80), (80, 24)] {

@@ -1,22 +1,32 @@
-//! coca: bf16 matrix products on Intel AMX tiles (change 12).
+//! coca: bf16 matrix products on native bf16 instructions (change 12): Intel AMX tiles, or
+//! AVX-512 BF16 dot products.
 //!
 //! 0.11.1 has no bf16 GEMM on the CPU: each bf16 product widens both operands to float32, runs
 //! the float32 `gemm` and rounds the result, so under autocast a bf16 product costs what a
-//! float32 one does plus three conversions. CPUs with AMX (Intel Xeon since Sapphire Rapids)
-//! multiply bf16 tiles into float32 accumulators (`tdpbf16ps`): on a 2-core Sapphire Rapids
-//! VM one core ran 1,530 G multiply-adds/s from tiles, against 103 G with AVX-512 float32 FMAs.
+//! float32 one does plus three conversions. Two instruction sets multiply bf16 pairs into
+//! float32 sums:
+//! - AMX (Intel Xeon since Sapphire Rapids) multiplies tiles (`tdpbf16ps`): on a 2-core
+//!   Sapphire Rapids VM one core ran 1,530 G multiply-adds/s from tiles, against 103 G with
+//!   AVX-512 float32 FMAs (and 52 G with `vdpbf16ps`, so that CPU uses its tiles).
+//! - AVX-512 BF16 (AMD Zen 4 and later, Intel Cooper Lake) multiplies 32 bf16 pairs per
+//!   instruction (`vdpbf16ps`): on a Zen 4 EPYC one core ran 117 G multiply-adds/s from it,
+//!   twice its 58.5 G with float32 FMAs.
 //!
-//! The arithmetic is that of the widening path up to the order of the float32 additions: a
-//! product of two bf16 values is exact in float32, and each output is the float32 sum over `k`
-//! (in order, 32 terms per tile step) rounded once to bf16, as the widened product's output
-//! is. AMX treats bf16 subnormal inputs (below 1.2e-38) as zero and flushes float32 subnormal
-//! sums to zero; nothing in a network's products lives there.
+//! Both kernels read the same packed operands (`A` in lines of 32 values of `k`, `B` in the
+//! pair layout) and fill the same 32 × 32 float32 blocks. The arithmetic is that of the
+//! widening path up to the order of the float32 additions: a product of two bf16 values is
+//! exact in float32, and each output is the float32 sum over `k` (in order, pair by pair)
+//! rounded once to bf16, as the widened product's output is. Both treat bf16 subnormal inputs
+//! (below 1.2e-38) as zero and flush float32 subnormal sums to zero; nothing in a network's
+//! products lives there.
 //!
-//! Used when the CPU has AMX-BF16, the kernel grants the process its tile state
-//! (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), `COCA_CPU_KERNELS` does not hold the process below
-//! AVX-512 (a run held to AVX2 is held to it here too) and `COCA_CPU_AMX` is not `0`.
-//! [`widened_on_this_thread`] makes the calling thread take the widening path (tests compare
-//! both).
+//! Which kernel runs is decided once ([`active`]): AMX where the CPU has AMX-BF16 and the
+//! kernel grants the process its tile state (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), else AVX-512
+//! BF16 where the CPU has it, else none (the widening path). `COCA_CPU_KERNELS` below AVX-512
+//! holds the process to the widening path, `COCA_CPU_BF16_PRODUCTS=amx|avx512bf16|widened`
+//! caps the choice at that kernel, and `COCA_CPU_AMX=0` (the earlier switch) is the cap
+//! `avx512bf16`. [`with_kernel_on_this_thread`] makes the calling thread use a given kernel
+//! (tests compare each with the widening path).
 
 use super::convert::bf16_from_f32_slice;
 use crate::Layout;
@@ -44,40 +54,110 @@ struct Line([u16; TILE_K]);
 
 const ZERO_LINE: Line = Line([0; TILE_K]);
 
+/// A native bf16 product kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Kernel {
+    /// `vdpbf16ps` on AVX-512 registers.
+    Avx512Bf16,
+    /// `tdpbf16ps` on AMX tiles.
+    Amx,
+}
+
+impl Kernel {
+    /// The kernel's name in reports and in `COCA_CPU_BF16_PRODUCTS`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Avx512Bf16 => "avx512bf16",
+            Self::Amx => "amx",
+        }
+    }
+
+    /// Whether this CPU (and, for AMX, the operating system) runs the kernel.
+    pub fn is_available(self) -> bool {
+        match self {
+            Self::Avx512Bf16 => dot::available(),
+            Self::Amx => {
+                static GRANTED: OnceLock<bool> = OnceLock::new();
+                *GRANTED.get_or_init(hardware::enable)
+            }
+        }
+    }
+
+    /// The kernels this CPU runs, best last.
+    pub fn available() -> Vec<Self> {
+        [Self::Avx512Bf16, Self::Amx]
+            .into_iter()
+            .filter(|k| k.is_available())
+            .collect()
+    }
+}
+
+/// Which kernel the calling thread was told to use, if any (`Some(None)`: the widening path).
+#[derive(Clone, Copy)]
+struct Forced(Option<Option<Kernel>>);
+
 thread_local! {
-    static WIDENED: Cell<bool> = const { Cell::new(false) };
+    static FORCED: Cell<Forced> = const { Cell::new(Forced(None)) };
+}
+
+/// Runs `f` with the bf16 products it makes on this thread going through `kernel` (`None`:
+/// the widening path, float32 `gemm`), whatever the process chose; the kernel must be
+/// available ([`Kernel::is_available`]). Tests compare the kernels this way.
+pub fn with_kernel_on_this_thread<R>(kernel: Option<Kernel>, f: impl FnOnce() -> R) -> R {
+    assert!(
+        kernel.is_none_or(Kernel::is_available),
+        "{kernel:?} is not available on this CPU"
+    );
+    let before = FORCED.with(|w| w.replace(Forced(Some(kernel))));
+    let result = f();
+    FORCED.with(|w| w.set(before));
+    result
 }
 
 /// Runs `f` with the bf16 products it makes on this thread going through the widening path
-/// (float32 `gemm`), whatever the CPU has: the tests' reference for the AMX products.
+/// (float32 `gemm`), whatever the CPU has: the tests' reference for the native kernels.
 pub fn widened_on_this_thread<R>(f: impl FnOnce() -> R) -> R {
-    let before = WIDENED.with(|w| w.replace(true));
-    let result = f();
-    WIDENED.with(|w| w.set(before));
-    result
+    with_kernel_on_this_thread(None, f)
 }
 
 /// Whether this CPU has AMX-BF16 and the kernel granted this process its tile state (asked
 /// once). False on other architectures.
 pub fn is_available() -> bool {
-    static AVAILABLE: OnceLock<bool> = OnceLock::new();
-    *AVAILABLE.get_or_init(hardware::enable)
+    Kernel::Amx.is_available()
 }
 
-/// Whether bf16 products in this process run on AMX (see the module's documentation for
-/// the switches). Decided once.
-pub fn is_active() -> bool {
-    static ACTIVE: OnceLock<bool> = OnceLock::new();
+/// The kernel bf16 products run on in this process (see the module's documentation for the
+/// switches), or `None` for the widening path. Decided once.
+pub fn active() -> Option<Kernel> {
+    static ACTIVE: OnceLock<Option<Kernel>> = OnceLock::new();
     *ACTIVE.get_or_init(|| {
         use super::convert::VectorWidth;
-        let disabled = std::env::var("COCA_CPU_AMX").is_ok_and(|v| v.trim() == "0");
-        !disabled && VectorWidth::active() == VectorWidth::Avx512 && is_available()
+        if VectorWidth::active() != VectorWidth::Avx512 {
+            return None;
+        }
+        let var = |name| std::env::var(name).map(|v| v.trim().to_ascii_lowercase());
+        let cap = match var("COCA_CPU_BF16_PRODUCTS").as_deref() {
+            Ok("widened") => return None,
+            Ok("avx512bf16") => Kernel::Avx512Bf16,
+            _ if var("COCA_CPU_AMX").as_deref() == Ok("0") => Kernel::Avx512Bf16,
+            _ => Kernel::Amx,
+        };
+        Kernel::available().into_iter().filter(|&k| k <= cap).max()
     })
 }
 
-/// Whether the bf16 product about to be made on this thread runs on AMX.
-pub(super) fn runs_here() -> bool {
-    is_active() && !WIDENED.with(|w| w.get())
+/// Whether bf16 products in this process run on a native kernel (AMX or AVX-512 BF16): they
+/// then read their operands through any strides and keep no float32 copies.
+pub fn is_active() -> bool {
+    active().is_some()
+}
+
+/// The kernel the bf16 product about to be made on this thread runs on (`None`: widened).
+pub(super) fn kernel_here() -> Option<Kernel> {
+    match FORCED.with(|w| w.get()) {
+        Forced(Some(forced)) => forced,
+        Forced(None) => active(),
+    }
 }
 
 /// The strides of one operand of a batch of products: between batch entries, rows and columns.
@@ -102,8 +182,9 @@ impl Strides {
 }
 
 /// The batch of products `lhs[i] · rhs[i]` (`[m, k]` by `[k, n]`, strided as given from the
-/// slices' starts) as contiguous bf16 `[b, m, n]`. Must only run where [`is_active`] holds.
+/// slices' starts) as contiguous bf16 `[b, m, n]`, on `kernel` (which must be available).
 pub(super) fn matmul(
+    kernel: Kernel,
     lhs: &[bf16],
     lhs_s: Strides,
     rhs: &[bf16],
@@ -144,17 +225,23 @@ pub(super) fn matmul(
             let b_packed = pack_b(&rhs[e * rhs_s.batch..], rhs_s, k, cols.clone(), k_lines);
             let a = &packed_a[e];
             let mut acc = [0f32; BLOCK * BLOCK];
-            // SAFETY: `is_active` held (the CPU has AMX-BF16, the tile state is granted); the
-            // tile loads read whole blocks of `a` and `b_packed` (sized by k_lines and whole
-            // register blocks), the store writes `acc` (32 rows of 128 bytes).
-            let _tiles = unsafe { hardware::Tiles::configure() };
+            // SAFETY: the kernel is available (the CPU has it; for AMX the tile state is
+            // granted); both kernels read whole blocks of `a` and `b_packed` (sized by k_lines
+            // and whole register blocks) and write `acc` (32 rows of 32 float32).
+            let _tiles = (kernel == Kernel::Amx).then(|| unsafe { hardware::Tiles::configure() });
             let first = part * blocks_per_part;
             for rb in first..(first + blocks_per_part).min(row_blocks) {
                 let a_block = &a[rb * k_lines * BLOCK..(rb + 1) * k_lines * BLOCK];
+                let row0 = rb * BLOCK;
+                let rows = BLOCK.min(m - row0);
                 for (cb, b_block) in b_packed.chunks_exact(k_lines * BLOCK).enumerate() {
-                    unsafe { hardware::block(a_block, b_block, k_lines, &mut acc) };
-                    let (row0, col0) = (rb * BLOCK, cols.start + cb * BLOCK);
-                    let rows = BLOCK.min(m - row0);
+                    match kernel {
+                        Kernel::Amx => unsafe { hardware::block(a_block, b_block, k_lines, &mut acc) },
+                        Kernel::Avx512Bf16 => unsafe {
+                            dot::block(a_block, b_block, k_lines, rows, &mut acc)
+                        },
+                    }
+                    let col0 = cols.start + cb * BLOCK;
                     let width = BLOCK.min(cols.end - col0);
                     for r in 0..rows {
                         let at = e * m * n + (row0 + r) * n + col0;
@@ -187,7 +274,7 @@ fn pack_a(a: &[bf16], s: Strides, (m, k): (usize, usize), k_lines: usize) -> Vec
     packed
         .par_chunks_mut(k_lines * BLOCK)
         .enumerate()
-        // SAFETY: AMX is active only where AVX-512 is (`is_active`).
+        // SAFETY: both kernels run only where AVX-512 F/BW/VL is (`Kernel::is_available`).
         .for_each(|(rb, block)| unsafe { pack_a_block(a, s, (m, k), rb, block) });
     packed
 }
@@ -256,7 +343,7 @@ unsafe fn pack_a_block(
 fn pack_b(b: &[bf16], s: Strides, k: usize, cols: Range<usize>, k_lines: usize) -> Vec<Line> {
     let lines = cols.len().div_ceil(BLOCK) * k_lines * BLOCK;
     let mut packed = Vec::with_capacity(lines);
-    // SAFETY: AMX is active only where AVX-512 is (`is_active`).
+    // SAFETY: both kernels run only where AVX-512 F/BW/VL is (`Kernel::is_available`).
     unsafe { pack_b_lines(b, s, k, cols, k_lines, &mut packed) };
     debug_assert_eq!(packed.len(), lines);
     packed
@@ -380,6 +467,85 @@ mod x86 {
             _mm256_storeu_si256(lines[1].0[at..].as_mut_ptr() as *mut __m256i, odd);
         }
         Some(lines)
+    }
+}
+
+/// The AVX-512 BF16 kernel: `vdpbf16ps` on the packed operands.
+#[cfg(target_arch = "x86_64")]
+mod dot {
+    use super::{Line, BLOCK, TILE_K, TILE_ROWS};
+    use std::arch::x86_64::*;
+
+    /// Output rows per register block: 8 rows × 2 vectors of 16 columns are 16 accumulators,
+    /// with the two lines of `B` and a broadcast of `A` 19 of the 32 registers.
+    const ROWS: usize = 8;
+
+    /// Whether the CPU has AVX-512 BF16 (and the F/BW/VL the packers use).
+    pub(super) fn available() -> bool {
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512bf16")
+    }
+
+    /// One 32 × 32 block of the output into `acc` (row-major, float32), its first `rows` rows
+    /// (the rest are left as they were): for each pair of `k` values, each row's pair (one
+    /// 32-bit broadcast) times the two lines of `B`'s pairs, added to float32 sums.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F/BW/VL and BF16 ([`available`]); `a` and `b` hold `k_lines × 32`
+    /// lines each.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub(super) unsafe fn block(
+        a: &[Line],
+        b: &[Line],
+        k_lines: usize,
+        rows: usize,
+        acc: &mut [f32; BLOCK * BLOCK],
+    ) {
+        assert!(a.len() >= k_lines * BLOCK && b.len() >= k_lines * BLOCK && rows <= BLOCK);
+        for r0 in (0..rows).step_by(ROWS) {
+            let mut sums = [[_mm512_setzero_ps(); 2]; ROWS];
+            for kl in 0..k_lines {
+                // Rows r0..r0 + ROWS of A's k line (r0 + ROWS ≤ 32), and B's two tiles.
+                let a_lines = a.as_ptr().add(kl * BLOCK + r0) as *const i32;
+                let b_lines = b.as_ptr().add(kl * BLOCK);
+                for p in 0..TILE_K / 2 {
+                    let b0: __m512bh = std::mem::transmute(_mm512_load_si512(
+                        b_lines.add(p) as *const __m512i,
+                    ));
+                    let b1: __m512bh = std::mem::transmute(_mm512_load_si512(
+                        b_lines.add(TILE_ROWS + p) as *const __m512i,
+                    ));
+                    for (r, sum) in sums.iter_mut().enumerate() {
+                        // Row r's pair (A[r][2p], A[r][2p+1]) as one 32-bit value.
+                        let pair = a_lines.add(r * TILE_K / 2 + p).read();
+                        let pair: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
+                        sum[0] = _mm512_dpbf16_ps(sum[0], pair, b0);
+                        sum[1] = _mm512_dpbf16_ps(sum[1], pair, b1);
+                    }
+                }
+            }
+            for (r, sum) in sums.iter().enumerate() {
+                let out = acc.as_mut_ptr().add((r0 + r) * BLOCK);
+                _mm512_storeu_ps(out, sum[0]);
+                _mm512_storeu_ps(out.add(TILE_ROWS), sum[1]);
+            }
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod dot {
+    use super::{Line, BLOCK};
+
+    /// No AVX-512 BF16 outside x86-64.
+    pub(super) fn available() -> bool {
+        false
+    }
+
+    pub(super) unsafe fn block(_: &[Line], _: &[Line], _: usize, _: usize, _: &mut [f32; BLOCK * BLOCK]) {
+        unreachable!("AVX-512 BF16 is never active outside x86-64")
     }
 }
 

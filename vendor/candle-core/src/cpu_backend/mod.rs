@@ -3208,9 +3208,9 @@ impl BackendStorage for CpuStorage {
         if cublas_layouts::enabled() {
             cublas_layouts::check(bmnk, lhs_l, rhs_l)?;
         }
-        // coca: bf16 products on AMX tiles where the CPU has them (amx.rs).
+        // coca: bf16 products on AMX tiles or AVX-512 BF16 where the CPU has them (amx.rs).
         if let (Self::BF16(lhs_v), Self::BF16(rhs_v)) = (self, rhs) {
-            if amx::runs_here() {
+            if let Some(kernel) = amx::kernel_here() {
                 let (a_skip, b_skip) = MatMul(bmnk).ab_skip(lhs_l, rhs_l)?;
                 let (b, m, n, k) = bmnk;
                 let lhs_s = amx::Strides::of(lhs_l, a_skip);
@@ -3222,7 +3222,9 @@ impl BackendStorage for CpuStorage {
                 };
                 let lhs_v = &lhs_v[lhs_l.start_offset()..];
                 let rhs_v = &rhs_v[rhs_l.start_offset()..];
-                return Ok(Self::BF16(amx::matmul(lhs_v, lhs_s, rhs_v, rhs_s, bmnk)));
+                return Ok(Self::BF16(amx::matmul(
+                    kernel, lhs_v, lhs_s, rhs_v, rhs_s, bmnk,
+                )));
             }
         }
         // no bf16 gemm kernel yet: widen to f32, multiply, narrow back

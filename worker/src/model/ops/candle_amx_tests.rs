@@ -1,7 +1,7 @@
-//! Vendored candle-core change 12 (vendor/README.md): bf16 products on AMX tiles against the
-//! widening path and the exact sums.
+//! Vendored candle-core change 12 (vendor/README.md): bf16 products on AMX tiles and on
+//! AVX-512 BF16 against the widening path and the exact sums.
 
-use candle_core::cpu_backend::amx::widened_on_this_thread;
+use candle_core::cpu_backend::amx::{widened_on_this_thread, with_kernel_on_this_thread, Kernel};
 use candle_core::{DType, Device, Tensor, D};
 use half::bf16;
 
@@ -16,19 +16,25 @@ fn bf16_operand(n: usize, seed: u32) -> Vec<bf16> {
 }
 
 #[test]
-fn bf16_products_on_amx_equal_the_widened_products_within_their_rounding() {
-    // vendor/candle-core change 12: on CPUs with AMX, bf16 products multiply tiles into
-    // float32 sums. Each output must be the exact sum of products (f64 here) up to float32
+fn bf16_products_on_native_kernels_equal_the_widened_products_within_their_rounding() {
+    // vendor/candle-core change 12: on CPUs with AMX or AVX-512 BF16, bf16 products multiply
+    // bf16 pairs into float32 sums. Each kernel the CPU has is checked, whichever the process
+    // chose: each output must be the exact sum of products (f64 here) up to float32
     // accumulation and one bf16 rounding, as the widening path's is, for shapes that fill no
-    // tile exactly, transposed operands, batches (with a shared right-hand side) and the
-    // attention layout; and most outputs the widening path's bits.
-    use candle_core::cpu_backend::amx;
-    if !amx::is_active() {
-        eprintln!(
-            "skipped: no AMX on this CPU (or COCA_CPU_AMX=0 / COCA_CPU_KERNELS below avx512)"
-        );
+    // tile or register block exactly, transposed operands, batches (with a shared right-hand
+    // side) and the attention layout; and most outputs the widening path's bits.
+    let kernels = Kernel::available();
+    if kernels.is_empty() {
+        eprintln!("skipped: this CPU has neither AMX-BF16 (granted) nor AVX-512 BF16");
         return;
     }
+    for kernel in kernels {
+        check_kernel(kernel);
+    }
+}
+
+fn check_kernel(kernel: Kernel) {
+    let name_of = kernel.name();
     let dev = &Device::Cpu;
     let tensor = |dims: &[usize], seed: u32| {
         let n = dims.iter().product();
@@ -36,6 +42,7 @@ fn bf16_products_on_amx_equal_the_widened_products_within_their_rounding() {
     };
     let cases: Vec<(&str, Tensor, Tensor)> = vec![
         ("1x1x1", tensor(&[1, 1], 1), tensor(&[1, 1], 2)),
+        ("nine rows", tensor(&[9, 70], 23), tensor(&[70, 33], 24)),
         ("odd", tensor(&[33, 31], 3), tensor(&[31, 17], 4)),
         ("wide", tensor(&[70, 300], 5), tensor(&[300, 1000], 6)),
         ("linear", tensor(&[400, 768], 7), tensor(&[768, 300], 8)),
@@ -71,9 +78,9 @@ fn bf16_products_on_amx_equal_the_widened_products_within_their_rounding() {
         ),
     ];
     for (name, a, b) in cases {
-        let got = a.matmul(&b).unwrap();
+        let got = with_kernel_on_this_thread(Some(kernel), || a.matmul(&b)).unwrap();
         let widened = widened_on_this_thread(|| a.matmul(&b)).unwrap();
-        assert_eq!(got.dims(), widened.dims(), "{name}");
+        assert_eq!(got.dims(), widened.dims(), "{name_of}: {name}");
         let (a64, b64) = (
             a.to_dtype(DType::F64).unwrap(),
             b.to_dtype(DType::F64).unwrap(),
@@ -99,10 +106,10 @@ fn bf16_products_on_amx_equal_the_widened_products_within_their_rounding() {
         let mut same = 0;
         for i in 0..got.len() {
             let bound = exact[i].abs() * 2f64.powi(-8) + 4.0 * k * magnitude[i] * 2f64.powi(-24);
-            for (path, v) in [("amx", got[i]), ("widened", widened[i])] {
+            for (path, v) in [(name_of, got[i]), ("widened", widened[i])] {
                 assert!(
                     (v - exact[i]).abs() <= bound,
-                    "{name}, element {i}: {path} gives {v}, the exact sum is {}",
+                    "{name_of}: {name}, element {i}: {path} gives {v}, the exact sum is {}",
                     exact[i]
                 );
             }
@@ -110,7 +117,7 @@ fn bf16_products_on_amx_equal_the_widened_products_within_their_rounding() {
         }
         assert!(
             same * 10 >= got.len() * 9,
-            "{name}: only {same} of {} outputs equal the widened path's",
+            "{name_of}: {name}: only {same} of {} outputs equal the widened path's",
             got.len()
         );
     }
@@ -120,7 +127,7 @@ fn bf16_products_on_amx_equal_the_widened_products_within_their_rounding() {
     a[7 * 70 + 69] = bf16::INFINITY;
     let a = Tensor::from_vec(a, (40, 70), dev).unwrap();
     let b = tensor(&[70, 45], 20);
-    let got = flat_f32(&a.matmul(&b).unwrap());
+    let got = flat_f32(&with_kernel_on_this_thread(Some(kernel), || a.matmul(&b)).unwrap());
     let want = flat_f32(&widened_on_this_thread(|| a.matmul(&b)).unwrap());
     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
         assert_eq!(g.is_nan(), w.is_nan(), "element {i}: {g} vs {w}");
