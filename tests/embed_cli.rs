@@ -73,6 +73,55 @@ fn embeddings_round_trip_through_both_formats() {
     assert!(stderr.contains("--out"), "{stderr}");
 }
 
+/// `--bf16 True` (the seed's flag, as `eval` takes it): the products in bf16, so the
+/// embeddings move by bf16's rounding from the float32 ones and no further, still unit length
+/// and written in float32; `--fp16 True` as well; both at once are refused.
+#[test]
+fn half_precision_embeddings_stay_within_their_rounding_of_float32() {
+    let Some(dir) = common::fixture("coca-tiny") else {
+        return;
+    };
+    let model = common::fixture_model(&dir);
+    let tmp = tempfile::tempdir().unwrap();
+    let model_arg = dir.display().to_string();
+    let images: Vec<PathBuf> = ["astronaut.png", "chelsea.jpg", "tiny_10x7.png"]
+        .iter()
+        .map(|n| dir.join("images").join(n))
+        .collect();
+    let image_args: Vec<String> = images.iter().map(|p| p.display().to_string()).collect();
+    let float32 = embed_images(&model, &images, &ImageBatches::serial(3)).unwrap();
+    for flag in ["--bf16", "--fp16"] {
+        let out = tmp.path().join(format!("e{flag}.safetensors"));
+        let out_arg = out.display().to_string();
+        let mut args = vec![
+            "embed", "--model", &model_arg, "--out", &out_arg, flag, "True", "--images",
+        ];
+        args.extend(image_args.iter().map(String::as_str));
+        let (code, _, stderr) = common::run("coca-worker", &args);
+        assert_eq!(code, 0, "{stderr}");
+        let got = common::load(&out)["embeddings"].clone();
+        assert_eq!(got.dtype(), candle_core::DType::F32, "{flag}");
+        assert_eq!(got.dims(), float32.dims(), "{flag}");
+        let diff = common::max_abs_diff(&got, &float32);
+        // Not the float32 numbers (the flag reached the products), within half precision's
+        // rounding of them (bf16 keeps 8 significant bits, float16 11).
+        let bound = if flag == "--bf16" { 3e-2 } else { 4e-3 };
+        assert!(diff > 1e-6 && diff < bound, "{flag}: {diff}");
+        let norms = got.sqr().unwrap().sum(1).unwrap().to_vec1::<f32>().unwrap();
+        assert!(norms.iter().all(|n| (n - 1.0).abs() < 1e-4), "{norms:?}");
+    }
+    let out_arg = tmp.path().join("both.npy").display().to_string();
+    let (code, _, stderr) = common::run(
+        "coca-worker",
+        &[
+            "embed", "--model", &model_arg, "--out", &out_arg, "--bf16", "True", "--fp16", "True",
+            "--texts", "a",
+        ],
+    );
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("choose one"), "{stderr}");
+}
+
 /// A file that is not an image, among others decoded ahead of the model on two threads: an
 /// error naming that file, and no `--out` written.
 #[test]

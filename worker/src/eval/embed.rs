@@ -3,7 +3,9 @@
 
 use super::image_batches::ImageBatches;
 use super::model_args::ModelArgs;
+use crate::cli::precision::PrecisionArgs;
 use crate::data::tokenizer::ClipTokenizer;
+use crate::hub::Hub;
 use crate::model::CoCa;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -33,6 +35,11 @@ pub struct EmbedArgs {
     /// batch's forward pass).
     #[arg(long, default_value_t = 2)]
     pub dataloader_num_workers: usize,
+    /// The seed's precision flags, as `eval` takes them: `--bf16 True`/`--fp16 True` compute
+    /// the matrix products in half precision (autocast: open_clip's `--precision amp_bf16`),
+    /// everything else in float32; the embeddings are written in float32.
+    #[command(flatten)]
+    pub precision: PrecisionArgs,
 }
 
 /// Normalised embeddings `[N, embed_dim]` of image files, read as `batches` says.
@@ -169,7 +176,10 @@ pub fn run(args: &EmbedArgs) -> Result<usize> {
     if args.images.is_empty() == args.texts.is_empty() {
         bail!("pass either --images FILES... or --texts TEXT...");
     }
-    let loaded = args.model.load()?;
+    args.precision.check()?;
+    let loaded = args
+        .model
+        .load_with(&Hub::from_env(), args.precision.autocast())?;
     let embeddings = if args.images.is_empty() {
         embed_texts(&loaded.model, &args.texts, args.batch_size)?
     } else {
@@ -180,6 +190,8 @@ pub fn run(args: &EmbedArgs) -> Result<usize> {
         };
         embed_images(&loaded.model, &args.images, &batches)?
     };
+    // Float32 whatever the products computed in (the features are float32 under autocast).
+    let embeddings = embeddings.to_dtype(DType::F32)?;
     write_embeddings(&embeddings, &args.out)?;
     Ok(embeddings.dim(0)?)
 }
