@@ -3,6 +3,26 @@
 
 mod common;
 
+/// `bench` of `config` at batch 2 for one step without captions, with `env`: its JSON line
+/// and its stderr (it must exit 0).
+fn bench_without_captions(config: &str, env: &[(&str, &str)]) -> (serde_json::Value, String) {
+    let args = [
+        "bench",
+        "--model",
+        config,
+        "--batch",
+        "2",
+        "--steps",
+        "1",
+        "--captions",
+        "False",
+    ];
+    let (code, stdout, stderr) = common::run_with_env("coca-worker", &args, env);
+    assert_eq!(code, 0, "{stderr}");
+    let line = serde_json::from_str(stdout.lines().last().expect("one JSON line")).unwrap();
+    (line, stderr)
+}
+
 #[test]
 fn bench_reports_every_figure() {
     let Some(config) = common::fixture("coca-tiny/config.json") else {
@@ -79,25 +99,11 @@ fn bench_reports_every_figure() {
     if !opted_out && !chosen {
         assert_eq!(line["heap_huge_pages"], thp, "{line}");
     }
-    let args = [
-        "bench",
-        "--model",
-        &config,
-        "--batch",
-        "2",
-        "--steps",
-        "1",
-        "--captions",
-        "False",
-    ];
     let env = [
         ("COCA_CPU_KERNELS", "portable"),
         ("COCA_HUGE_PAGE_HEAP", "0"),
     ];
-    let (code, stdout, stderr) = common::run_with_env("coca-worker", &args, &env);
-    assert_eq!(code, 0, "{stderr}");
-    let line: serde_json::Value =
-        serde_json::from_str(stdout.lines().last().expect("one JSON line")).unwrap();
+    let (line, _) = bench_without_captions(&config, &env);
     assert_eq!(line["cpu_kernels"], "portable", "{line}");
     // Held to portable kernels, bf16 products leave AMX and AVX-512 BF16 too.
     assert_eq!(line["bf16_product_kernels"], "widened", "{line}");
@@ -108,6 +114,40 @@ fn bench_reports_every_figure() {
     assert!(line.get("greedy_caption_s").is_none(), "{line}");
     let faults = line["train_page_faults_per_step"].as_array().map(Vec::len);
     assert_eq!(faults, Some(1), "{line}");
+}
+
+/// `COCA_CPU_BF16_PRODUCTS` caps the bf16 product kernel (`widened`: none); a value that names
+/// no kernel is ignored with a warning.
+#[test]
+fn the_bf16_product_kernel_is_capped_by_its_variable() {
+    let Some(config) = common::fixture("coca-tiny/config.json") else {
+        return;
+    };
+    let config = config.display().to_string();
+    let kernel = |value: &str| {
+        let env = [
+            ("COCA_CPU_BF16_PRODUCTS", value),
+            ("COCA_HUGE_PAGE_HEAP", "0"),
+        ];
+        let (line, stderr) = bench_without_captions(&config, &env);
+        let kernel = line["bf16_product_kernels"].as_str().unwrap_or("");
+        (kernel.to_string(), stderr)
+    };
+    assert_eq!(kernel("widened").0, "widened");
+    let (capped, _) = kernel("avx512bf16");
+    assert!(
+        ["avx512bf16", "widened"].contains(&capped.as_str()),
+        "{capped}"
+    );
+    let (ignored, stderr) = kernel("tiles please");
+    assert!(
+        ["amx", "avx512bf16", "widened"].contains(&ignored.as_str()),
+        "{ignored}"
+    );
+    assert!(
+        stderr.contains("COCA_CPU_BF16_PRODUCTS=tiles please is not one of"),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -5,7 +5,17 @@ mod common;
 
 use coca_worker::eval::embed::{embed_images, embed_texts, read_npy};
 use coca_worker::eval::image_batches::ImageBatches;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+/// Three of the fixture's images (one of 10 × 7 pixels), as paths and as arguments.
+fn fixture_images(dir: &Path) -> (Vec<PathBuf>, Vec<String>) {
+    let images: Vec<PathBuf> = ["astronaut.png", "chelsea.jpg", "tiny_10x7.png"]
+        .iter()
+        .map(|n| dir.join("images").join(n))
+        .collect();
+    let args = images.iter().map(|p| p.display().to_string()).collect();
+    (images, args)
+}
 
 #[test]
 fn embeddings_round_trip_through_both_formats() {
@@ -15,11 +25,7 @@ fn embeddings_round_trip_through_both_formats() {
     let model = common::fixture_model(&dir);
     let tmp = tempfile::tempdir().unwrap();
     let model_arg = dir.display().to_string();
-    let images: Vec<PathBuf> = ["astronaut.png", "chelsea.jpg", "tiny_10x7.png"]
-        .iter()
-        .map(|n| dir.join("images").join(n))
-        .collect();
-    let image_args: Vec<String> = images.iter().map(|p| p.display().to_string()).collect();
+    let (images, image_args) = fixture_images(&dir);
     let texts = ["a photo of a cat", "two dogs in the snow", "a red circle"];
     let expected_images = embed_images(&model, &images, &ImageBatches::serial(3)).unwrap();
     let expected_texts = embed_texts(
@@ -84,11 +90,7 @@ fn half_precision_embeddings_stay_within_their_rounding_of_float32() {
     let model = common::fixture_model(&dir);
     let tmp = tempfile::tempdir().unwrap();
     let model_arg = dir.display().to_string();
-    let images: Vec<PathBuf> = ["astronaut.png", "chelsea.jpg", "tiny_10x7.png"]
-        .iter()
-        .map(|n| dir.join("images").join(n))
-        .collect();
-    let image_args: Vec<String> = images.iter().map(|p| p.display().to_string()).collect();
+    let (images, image_args) = fixture_images(&dir);
     let float32 = embed_images(&model, &images, &ImageBatches::serial(3)).unwrap();
     for flag in ["--bf16", "--fp16"] {
         let out = tmp.path().join(format!("e{flag}.safetensors"));

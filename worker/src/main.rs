@@ -401,6 +401,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(coca_common::log_style::stderr_colour())
         .init();
+    coca_worker::simd::warn_on_unknown_bf16_products();
     let cli = Cli::parse_from(normalize_flag_spelling(std::env::args()));
     match run(cli) {
         Ok(code) => code,

@@ -142,6 +142,19 @@ pub fn bf16_product_kernels() -> &'static str {
     candle_core::cpu_backend::amx::active().map_or("widened", |k| k.name())
 }
 
+/// Warns about a `COCA_CPU_BF16_PRODUCTS` that names no kernel (it is then ignored, as an
+/// unknown `COCA_CPU_KERNELS` is); the worker calls it once at start.
+pub fn warn_on_unknown_bf16_products() {
+    let Ok(value) = std::env::var("COCA_CPU_BF16_PRODUCTS") else {
+        return;
+    };
+    if !["amx", "avx512bf16", "widened"].contains(&value.trim().to_ascii_lowercase().as_str()) {
+        tracing::warn!(
+            "COCA_CPU_BF16_PRODUCTS={value} is not one of amx, avx512bf16, widened; ignored"
+        );
+    }
+}
+
 /// The CPU's model name (`/proc/cpuinfo`), for benchmark reports.
 pub fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
