@@ -101,7 +101,8 @@ impl OpsPath {
     }
 
     /// Whether products in `compute` run on a native bf16 kernel in this process (AMX tiles
-    /// or AVX-512 BF16: vendored candle change 12 active) instead of on widened float32 operands.
+    /// or AVX-512 BF16: vendored candle change 12 active) instead of on widened float32
+    /// operands.
     fn multiplies_natively(self, compute: DType) -> bool {
         self.cpu() && compute == DType::BF16 && candle_core::cpu_backend::amx::is_active()
     }
@@ -173,10 +174,10 @@ pub fn estimate(
     };
     // Every weight but the token embeddings (looked up, not multiplied) is cast once per step
     // and the graph keeps the copy; the backward pass holds each copy's gradient in the
-    // compute dtype too, except where bf16 products run on a native kernel (AMX, AVX-512 BF16): measured on
-    // tiles, the
-    // peak holds the copies once (B-32 at batch 8 in bf16: 6.54 GB on tiles, 6.67 GB with
-    // the operands widened, whose float32 copies are in flight beside the gradients).
+    // compute dtype too, except where bf16 products run on a native kernel (AMX, AVX-512
+    // BF16): measured on tiles, the peak holds the copies once (B-32 at batch 8 in bf16:
+    // 6.54 GB on tiles, 6.67 GB with the operands widened, whose float32 copies are in
+    // flight beside the gradients).
     let embeddings: u64 = shapes
         .iter()
         .filter(|(name, _)| name.ends_with("token_embedding.weight"))

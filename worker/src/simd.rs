@@ -145,13 +145,13 @@ pub fn bf16_product_kernels() -> &'static str {
 /// Warns about a `COCA_CPU_BF16_PRODUCTS` that names no kernel (it is then ignored, as an
 /// unknown `COCA_CPU_KERNELS` is); the worker calls it once at start.
 pub fn warn_on_unknown_bf16_products() {
-    let Ok(value) = std::env::var("COCA_CPU_BF16_PRODUCTS") else {
-        return;
-    };
-    if !["amx", "avx512bf16", "widened"].contains(&value.trim().to_ascii_lowercase().as_str()) {
-        tracing::warn!(
-            "COCA_CPU_BF16_PRODUCTS={value} is not one of amx, avx512bf16, widened; ignored"
-        );
+    use candle_core::cpu_backend::amx::parse_cap;
+    if let Ok(value) = std::env::var("COCA_CPU_BF16_PRODUCTS") {
+        if parse_cap(&value).is_none() {
+            tracing::warn!(
+                "COCA_CPU_BF16_PRODUCTS={value} is not one of amx, avx512bf16, widened; ignored"
+            );
+        }
     }
 }
 

@@ -190,8 +190,6 @@ pub fn run(args: &EmbedArgs) -> Result<usize> {
         };
         embed_images(&loaded.model, &args.images, &batches)?
     };
-    // Float32 whatever the products computed in (the features are float32 under autocast).
-    let embeddings = embeddings.to_dtype(DType::F32)?;
     write_embeddings(&embeddings, &args.out)?;
     Ok(embeddings.dim(0)?)
 }

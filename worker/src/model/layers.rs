@@ -144,21 +144,21 @@ impl Linear {
     ///
     /// A trainable weight changes at every optimizer step, so this is made per call: the weight
     /// cast as it is stored (a contiguous pass; nothing in float32) and viewed transposed.
-    /// Every product takes the view (cuBLAS and the native bf16 kernels either layout; the `gemm` crate packs
-    /// it a little more slowly where the input is wider than the output, `c_proj`), and its
-    /// backward computes the view's gradient as a transpose ([`ops::biased_product`], vendored
-    /// candle change 14), so the weight's gradient comes back contiguous through the cast. A
-    /// transposed copy of `c_proj`'s weight, kept until 2026-12-07 for the forward pass's
-    /// packing, cost a second transposed copy in the backward pass: B-32 float32 steps of
-    /// 4.38–4.58 s against 4.25–4.30 s with the view, alternating on an Intel Xeon.
+    /// Every product takes the view (cuBLAS and the native bf16 kernels either layout; the
+    /// `gemm` crate packs it a little more slowly where the input is wider than the output,
+    /// `c_proj`), and its backward computes the view's gradient as a transpose
+    /// ([`ops::biased_product`], vendored candle change 14), so the weight's gradient comes back
+    /// contiguous through the cast. A transposed copy of `c_proj`'s weight, kept until
+    /// 2026-12-07 for the forward pass's packing, cost a second transposed copy in the backward
+    /// pass: B-32 float32 steps of 4.38–4.58 s against 4.25–4.30 s with the view, alternating
+    /// on an Intel Xeon.
     ///
     /// A frozen weight's is made once and kept beside the weight, already in the compute dtype
     /// (autocast's cast cache, for models that record no graph): on the CPU a contiguous copy
     /// (the `gemm` crate packs a transposed view more slowly: B-32's image embedding took 5–7 %
     /// longer on an Intel Xeon with views of the weights whose input is not wider than their
     /// output), on a native bf16 kernel (AMX, AVX-512 BF16) or a GPU the cast weight viewed
-    /// transposed. A second dtype asked
-    /// of the same layer is made from the weight per call.
+    /// transposed. A second dtype asked of the same layer is made from the weight per call.
     fn weight_t(&self, compute: DType) -> Result<Tensor> {
         if self.weight.track_op() {
             return self.weight.to_dtype(compute)?.t();
@@ -350,8 +350,9 @@ mod tests {
 
     #[test]
     fn a_trainable_weight_is_cast_then_viewed_and_its_gradient_comes_back_contiguous() {
-        // Float32 and bf16 (on a native bf16 kernel or widened, whichever this CPU runs); an input wider
-        // than the output (`c_proj`) and narrower; with a bias (one fused op) and without.
+        // Float32 and bf16 (on a native bf16 kernel or widened, whichever this CPU runs); an
+        // input wider than the output (`c_proj`) and narrower; with a bias (one fused op) and
+        // without.
         for dtype in [DType::F32, DType::BF16] {
             for (out_dim, in_dim) in [(24, 80), (80, 24)] {
                 for with_bias in [false, true] {

@@ -54,6 +54,9 @@ struct Line([u16; TILE_K]);
 
 const ZERO_LINE: Line = Line([0; TILE_K]);
 
+/// The AVX-512 BF16 kernel.
+mod dot;
+
 /// A native bf16 product kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Kernel {
@@ -120,10 +123,15 @@ pub fn widened_on_this_thread<R>(f: impl FnOnce() -> R) -> R {
     with_kernel_on_this_thread(None, f)
 }
 
-/// Whether this CPU has AMX-BF16 and the kernel granted this process its tile state (asked
-/// once). False on other architectures.
-pub fn is_available() -> bool {
-    Kernel::Amx.is_available()
+/// `COCA_CPU_BF16_PRODUCTS`'s value as a cap on the kernel: `Some(None)` for `widened`,
+/// `Some(Some(kernel))` for a kernel's name, `None` for anything else (which is ignored).
+pub fn parse_cap(value: &str) -> Option<Option<Kernel>> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "widened" => Some(None),
+        "avx512bf16" => Some(Some(Kernel::Avx512Bf16)),
+        "amx" => Some(Some(Kernel::Amx)),
+        _ => None,
+    }
 }
 
 /// The kernel bf16 products run on in this process (see the module's documentation for the
@@ -135,13 +143,15 @@ pub fn active() -> Option<Kernel> {
         if VectorWidth::active() != VectorWidth::Avx512 {
             return None;
         }
-        let var = |name| std::env::var(name).map(|v| v.trim().to_ascii_lowercase());
-        let cap = match var("COCA_CPU_BF16_PRODUCTS").as_deref() {
-            Ok("widened") => return None,
-            Ok("avx512bf16") => Kernel::Avx512Bf16,
-            _ if var("COCA_CPU_AMX").as_deref() == Ok("0") => Kernel::Avx512Bf16,
-            _ => Kernel::Amx,
+        let requested = std::env::var("COCA_CPU_BF16_PRODUCTS").ok();
+        let mut cap = match requested.as_deref().and_then(parse_cap) {
+            Some(None) => return None,
+            Some(Some(kernel)) => kernel,
+            None => Kernel::Amx,
         };
+        if std::env::var("COCA_CPU_AMX").is_ok_and(|v| v.trim() == "0") {
+            cap = cap.min(Kernel::Avx512Bf16);
+        }
         Kernel::available().into_iter().filter(|&k| k <= cap).max()
     })
 }
@@ -236,7 +246,9 @@ pub(super) fn matmul(
                 let rows = BLOCK.min(m - row0);
                 for (cb, b_block) in b_packed.chunks_exact(k_lines * BLOCK).enumerate() {
                     match kernel {
-                        Kernel::Amx => unsafe { hardware::block(a_block, b_block, k_lines, &mut acc) },
+                        Kernel::Amx => unsafe {
+                            hardware::block(a_block, b_block, k_lines, &mut acc)
+                        },
                         Kernel::Avx512Bf16 => unsafe {
                             dot::block(a_block, b_block, k_lines, rows, &mut acc)
                         },
@@ -467,85 +479,6 @@ mod x86 {
             _mm256_storeu_si256(lines[1].0[at..].as_mut_ptr() as *mut __m256i, odd);
         }
         Some(lines)
-    }
-}
-
-/// The AVX-512 BF16 kernel: `vdpbf16ps` on the packed operands.
-#[cfg(target_arch = "x86_64")]
-mod dot {
-    use super::{Line, BLOCK, TILE_K, TILE_ROWS};
-    use std::arch::x86_64::*;
-
-    /// Output rows per register block: 8 rows × 2 vectors of 16 columns are 16 accumulators,
-    /// with the two lines of `B` and a broadcast of `A` 19 of the 32 registers.
-    const ROWS: usize = 8;
-
-    /// Whether the CPU has AVX-512 BF16 (and the F/BW/VL the packers use).
-    pub(super) fn available() -> bool {
-        is_x86_feature_detected!("avx512f")
-            && is_x86_feature_detected!("avx512bw")
-            && is_x86_feature_detected!("avx512vl")
-            && is_x86_feature_detected!("avx512bf16")
-    }
-
-    /// One 32 × 32 block of the output into `acc` (row-major, float32), its first `rows` rows
-    /// (the rest are left as they were): for each pair of `k` values, each row's pair (one
-    /// 32-bit broadcast) times the two lines of `B`'s pairs, added to float32 sums.
-    ///
-    /// # Safety
-    /// The CPU has AVX-512 F/BW/VL and BF16 ([`available`]); `a` and `b` hold `k_lines × 32`
-    /// lines each.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-    pub(super) unsafe fn block(
-        a: &[Line],
-        b: &[Line],
-        k_lines: usize,
-        rows: usize,
-        acc: &mut [f32; BLOCK * BLOCK],
-    ) {
-        assert!(a.len() >= k_lines * BLOCK && b.len() >= k_lines * BLOCK && rows <= BLOCK);
-        for r0 in (0..rows).step_by(ROWS) {
-            let mut sums = [[_mm512_setzero_ps(); 2]; ROWS];
-            for kl in 0..k_lines {
-                // Rows r0..r0 + ROWS of A's k line (r0 + ROWS ≤ 32), and B's two tiles.
-                let a_lines = a.as_ptr().add(kl * BLOCK + r0) as *const i32;
-                let b_lines = b.as_ptr().add(kl * BLOCK);
-                for p in 0..TILE_K / 2 {
-                    let b0: __m512bh = std::mem::transmute(_mm512_load_si512(
-                        b_lines.add(p) as *const __m512i,
-                    ));
-                    let b1: __m512bh = std::mem::transmute(_mm512_load_si512(
-                        b_lines.add(TILE_ROWS + p) as *const __m512i,
-                    ));
-                    for (r, sum) in sums.iter_mut().enumerate() {
-                        // Row r's pair (A[r][2p], A[r][2p+1]) as one 32-bit value.
-                        let pair = a_lines.add(r * TILE_K / 2 + p).read();
-                        let pair: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
-                        sum[0] = _mm512_dpbf16_ps(sum[0], pair, b0);
-                        sum[1] = _mm512_dpbf16_ps(sum[1], pair, b1);
-                    }
-                }
-            }
-            for (r, sum) in sums.iter().enumerate() {
-                let out = acc.as_mut_ptr().add((r0 + r) * BLOCK);
-                _mm512_storeu_ps(out, sum[0]);
-                _mm512_storeu_ps(out.add(TILE_ROWS), sum[1]);
-            }
-        }
-    }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-mod dot {
-    use super::{Line, BLOCK};
-
-    /// No AVX-512 BF16 outside x86-64.
-    pub(super) fn available() -> bool {
-        false
-    }
-
-    pub(super) unsafe fn block(_: &[Line], _: &[Line], _: usize, _: usize, _: &mut [f32; BLOCK * BLOCK]) {
-        unreachable!("AVX-512 BF16 is never active outside x86-64")
     }
 }
 
