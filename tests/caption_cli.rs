@@ -32,27 +32,38 @@ fn caption_prints_what_the_library_generates() {
     let lib_model = common::fixture_model(&dir);
     let files: Vec<PathBuf> = paths.iter().map(PathBuf::from).collect();
     let model = dir.display().to_string();
-    for (generation_type, kind, precision, decode_precision) in [
+    // The same five images named three ways: as files, as their folder (whose sorted order is
+    // theirs), and as a list file of absolute paths.
+    let tmp = tempfile::tempdir().unwrap();
+    let list = tmp.path().join("images.txt");
+    std::fs::write(&list, paths.join("\n")).unwrap();
+    let folder = dir.join("images").display().to_string();
+    let list = list.display().to_string();
+    let as_files: Vec<&str> = paths.iter().map(String::as_str).collect();
+    for (inputs, generation_type, kind, precision, decode_precision) in [
         (
+            as_files,
             "beam_search",
             GenerationType::BeamSearch,
             "fp32",
             DecodePrecision::F32,
         ),
         (
+            vec![folder.as_str()],
             "greedy",
             GenerationType::Greedy,
             "fp32",
             DecodePrecision::F32,
         ),
         (
+            vec!["--image_list", list.as_str()],
             "beam_search",
             GenerationType::BeamSearch,
             "bf16",
             DecodePrecision::Bf16,
         ),
     ] {
-        let mut args: Vec<&str> = paths.iter().map(String::as_str).collect();
+        let mut args = inputs;
         args.extend([
             "--model",
             &model,

@@ -161,3 +161,90 @@ fn a_corrupt_image_stops_embedding_with_its_name() {
     assert!(stderr.contains("corrupt.jpg"), "{stderr}");
     assert!(!out.exists());
 }
+
+/// Images named by a folder (walked in torchvision's order, non-images ignored) and by a list
+/// file (relative to its folder), after a single file: one row per image in that order, each
+/// equal to the library's embedding of that file, and `OUT.paths.txt` naming each row's image.
+/// A folder without images and a missing path are errors before the model loads, with nothing
+/// written.
+#[test]
+fn folders_and_lists_of_images_embed_in_order_with_their_paths() {
+    let Some(dir) = common::fixture("coca-tiny") else {
+        return;
+    };
+    let model = common::fixture_model(&dir);
+    let tmp = tempfile::tempdir().unwrap();
+    let fixture = |n: &str| dir.join("images").join(n);
+    let folder = tmp.path().join("photos");
+    std::fs::create_dir_all(folder.join("sub")).unwrap();
+    std::fs::copy(fixture("chelsea.jpg"), folder.join("sub/b.jpg")).unwrap();
+    std::fs::copy(fixture("tiny_10x7.png"), folder.join("a.PNG")).unwrap();
+    std::fs::write(folder.join("notes.txt"), "not an image").unwrap();
+    let list = tmp.path().join("lists/more.txt");
+    std::fs::create_dir_all(list.parent().unwrap()).unwrap();
+    std::fs::copy(fixture("coffee_rgba.png"), tmp.path().join("coffee.png")).unwrap();
+    std::fs::write(&list, "../coffee.png\n\n").unwrap();
+    let expected_paths = [
+        fixture("astronaut.png"),
+        folder.join("a.PNG"),
+        folder.join("sub/b.jpg"),
+        tmp.path().join("lists/../coffee.png"),
+    ];
+    let expected = embed_images(&model, &expected_paths, &ImageBatches::serial(2)).unwrap();
+    let out = tmp.path().join("out/e.npy");
+    let [model_arg, out_arg, single, folder_arg, list_arg] =
+        [&dir, &out, &fixture("astronaut.png"), &folder, &list].map(|p| p.display().to_string());
+    let (code, stdout, stderr) = common::run(
+        "coca-worker",
+        &[
+            "embed",
+            "--model",
+            &model_arg,
+            "--out",
+            &out_arg,
+            "--batch_size",
+            "3",
+            "--images",
+            &single,
+            &folder_arg,
+            "--image_list",
+            &list_arg,
+        ],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("wrote 4 embeddings"), "{stdout}");
+    let got = read_npy(&out).unwrap();
+    assert_eq!(got.dims(), &[4, model.config.embed_dim]);
+    assert!(common::max_abs_diff(&got, &expected) < 1e-5);
+    let rows = std::fs::read_to_string(tmp.path().join("out/e.paths.txt")).unwrap();
+    let names: Vec<String> = expected_paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    assert_eq!(rows.lines().collect::<Vec<_>>(), names);
+
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    for (bad, message) in [
+        (empty.display().to_string(), "holds no image files"),
+        (
+            tmp.path().join("missing").display().to_string(),
+            "no such file or folder",
+        ),
+    ] {
+        let out = tmp.path().join("bad.npy");
+        let out_arg = out.display().to_string();
+        let (code, _, stderr) = common::run(
+            "coca-worker",
+            &[
+                "embed", "--model", &model_arg, "--out", &out_arg, "--images", &single, &bad,
+            ],
+        );
+        assert_ne!(code, 0, "{stderr}");
+        assert!(
+            stderr.contains(&bad) && stderr.contains(message),
+            "{stderr}"
+        );
+        assert!(!out.exists() && !tmp.path().join("bad.paths.txt").exists());
+    }
+}

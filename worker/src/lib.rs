@@ -1,5 +1,6 @@
 //! The CoCa worker: model, checkpoints and the commands one process per device runs.
 
+pub mod atomic_file;
 pub mod bench;
 pub mod bench_data;
 pub mod bench_memory;

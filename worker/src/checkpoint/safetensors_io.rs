@@ -1,5 +1,6 @@
 //! Reading and atomically writing safetensors files.
 
+use crate::atomic_file::write_atomically;
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use std::path::Path;
@@ -14,39 +15,19 @@ pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
     Ok(tensors)
 }
 
-/// Writes `tensors` to `path` through a temporary file in the same directory and a rename, so
-/// that a crash mid-write never leaves a truncated file under the final name.
+/// Writes `tensors` to `path` whole or not at all ([`write_atomically`]).
 pub fn write_safetensors_atomic(tensors: &[(String, Tensor)], path: &Path) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let file_name = path
-        .file_name()
-        .with_context(|| format!("{} has no file name", path.display()))?
-        .to_string_lossy();
-    let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
     let contiguous: Vec<(String, Tensor)> = tensors
         .iter()
         .map(|(n, t)| Ok((n.clone(), t.contiguous()?)))
         .collect::<candle_core::Result<_>>()?;
-    let result = candle_core::safetensors::save(
-        &contiguous
-            .iter()
-            .map(|(n, t)| (n.as_str(), t.clone()))
-            .collect(),
-        &tmp,
-    )
-    .with_context(|| format!("cannot write {}", tmp.display()))
-    .and_then(|()| {
-        let file = std::fs::File::open(&tmp)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)
-            .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
-    });
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    write_atomically(path, |tmp| {
+        Ok(candle_core::safetensors::save(
+            &contiguous
+                .iter()
+                .map(|(n, t)| (n.as_str(), t.clone()))
+                .collect(),
+            tmp,
+        )?)
+    })
 }

@@ -85,15 +85,15 @@ impl ImageFolder {
         let mut images = Vec::new();
         for (class, name) in class_dirs.iter().enumerate() {
             let folder = images_dir.join(name);
-            let before = images.len();
-            walk_images(&folder, class, &mut images)?;
-            if images.len() == before {
+            let files = image_files_under(&folder)?;
+            if files.is_empty() {
                 bail!(
                     "class folder {} holds no images ({})",
                     folder.display(),
                     IMAGE_EXTENSIONS.join(", ")
                 );
             }
+            images.extend(files.into_iter().map(|f| (f, class)));
         }
         let labels_file = dir.join("labels.txt");
         let classnames = if labels_file.exists() {
@@ -216,9 +216,10 @@ impl ImageFolder {
     }
 }
 
-/// Image files under `folder`, in torchvision's order: the folder and every folder below it
-/// sorted by path string (`sorted(os.walk(...))`), and within each, its files sorted by name.
-fn walk_images(folder: &Path, class: usize, out: &mut Vec<(PathBuf, usize)>) -> Result<()> {
+/// Image files (by [`IMAGE_EXTENSIONS`]) under `folder`, in torchvision's order: the folder and
+/// every folder below it sorted by path string (`sorted(os.walk(...))`), and within each, its
+/// files sorted by name.
+pub fn image_files_under(folder: &Path) -> Result<Vec<PathBuf>> {
     let mut pending = vec![folder.to_path_buf()];
     let mut files_of: Vec<(String, Vec<String>)> = Vec::new();
     while let Some(dir) = pending.pop() {
@@ -243,10 +244,10 @@ fn walk_images(folder: &Path, class: usize, out: &mut Vec<(PathBuf, usize)>) -> 
         files_of.push((dir.to_string_lossy().into_owned(), files));
     }
     files_of.sort_by(|a, b| a.0.cmp(&b.0));
-    for (_, files) in files_of {
-        out.extend(files.into_iter().map(|f| (PathBuf::from(f), class)));
-    }
-    Ok(())
+    Ok(files_of
+        .into_iter()
+        .flat_map(|(_, files)| files.into_iter().map(PathBuf::from))
+        .collect())
 }
 
 /// The lines of a UTF-8 text file (without line ends; trailing blank lines dropped).

@@ -83,7 +83,7 @@ impl LaionParts {
     /// Opens the part files that `list` names and that belong to this rank, and indexes their
     /// lines. An error when the list names nothing or no usable line is found.
     pub fn open(list: &Path, spec: ShardSpec, image_size: usize, seed: u64) -> Result<Self> {
-        let paths = read_file_list(list)?;
+        let paths = read_file_list(list, "part files")?;
         Self::from_files(&paths, spec, image_size, seed)
             .with_context(|| format!("LAION file list {}", list.display()))
     }

@@ -7,10 +7,12 @@
 //! Data sets on disk: [`train_set`] turns `--task_name` into one of [`coco_karpathy`] (COCO
 //! Karpathy-format JSON), [`laion`] (LAION part files) or [`webdataset`] (`.tar` shards), with
 //! [`parts`] locating shard files and splitting them across ranks; [`image_folder`] is the
-//! zero-shot classification set.
+//! zero-shot classification set; [`image_inputs`] expands the files, folders and lists that
+//! `embed` and `caption` read.
 
 pub mod coco_karpathy;
 pub mod image_folder;
+pub mod image_inputs;
 pub mod laion;
 pub mod loader;
 pub mod parts;

@@ -141,16 +141,17 @@ pub fn expand_braces(pattern: &str) -> Result<Vec<String>> {
     Ok(out)
 }
 
-/// The paths of a file list: one per line, blank lines ignored, relative paths resolved against
-/// the list's folder (`~` expanded). An error when the list cannot be read, holds no path, or
-/// looks like a data file rather than a list.
-pub fn read_file_list(list: &Path) -> Result<Vec<PathBuf>> {
+/// The paths of a file list naming `what` (for the messages: "part files", "images"): one per
+/// line, blank lines ignored, relative paths resolved against the list's folder (`~`
+/// expanded). An error when the list cannot be read, holds no path, or looks like one of the
+/// files it should name rather than a list.
+pub fn read_file_list(list: &Path, what: &str) -> Result<Vec<PathBuf>> {
     let text =
         std::fs::read(list).with_context(|| format!("reading file list {}", list.display()))?;
     let text = String::from_utf8(text).map_err(|_| {
         anyhow::anyhow!(
-            "{} is not a file list (UTF-8 text, one path per line); to read a single part file, \
-             name it in a file list",
+            "{} is not a file list (UTF-8 text, one path per line): pass a list naming the \
+             {what}, not one of the {what} itself",
             list.display()
         )
     })?;
@@ -164,7 +165,7 @@ pub fn read_file_list(list: &Path) -> Result<Vec<PathBuf>> {
         if line.contains('\t') {
             bail!(
                 "{}:{}: a file list has one path per line, but this line holds tab-separated \
-                 columns: pass a list naming the part files, not a part file itself",
+                 columns: pass a list naming the {what}, not one of the {what} itself",
                 list.display(),
                 n + 1
             );
@@ -308,7 +309,7 @@ mod tests {
         let list = dir.path().join("list.txt");
         std::fs::write(&list, "a.gz\n\n/abs/b.tsv\n  sub/c.tsv  \n").unwrap();
         assert_eq!(
-            read_file_list(&list).unwrap(),
+            read_file_list(&list, "part files").unwrap(),
             [
                 dir.path().join("a.gz"),
                 PathBuf::from("/abs/b.tsv"),
@@ -316,9 +317,16 @@ mod tests {
             ]
         );
         std::fs::write(&list, "\n \n").unwrap();
-        assert!(format!("{:#}", read_file_list(&list).unwrap_err()).contains("names no files"));
+        assert!(
+            format!("{:#}", read_file_list(&list, "part files").unwrap_err())
+                .contains("names no files")
+        );
         std::fs::write(&list, "x\t{}\t\t\tAAAA\n").unwrap();
-        let err = format!("{:#}", read_file_list(&list).unwrap_err());
+        let err = format!("{:#}", read_file_list(&list, "part files").unwrap_err());
         assert!(err.contains("list.txt:1"), "{err}");
+        assert!(err.contains("naming the part files, not one of"), "{err}");
+        std::fs::write(&list, b"\xff\xd8\xff\xe0 a JPEG").unwrap();
+        let err = format!("{:#}", read_file_list(&list, "images").unwrap_err());
+        assert!(err.contains("naming the images"), "{err}");
     }
 }

@@ -123,7 +123,7 @@ pub fn classify(task_name: &str, data_root: Option<&Path>) -> Result<DataSpec> {
         }
         _ => {}
     }
-    let entries = read_file_list(&path)
+    let entries = read_file_list(&path, "part files or shards")
         .with_context(|| format!("--task_name {task_name:?} (a file list)"))?;
     let tars = entries.iter().filter(|p| is_tar(p)).count();
     if tars == entries.len() {

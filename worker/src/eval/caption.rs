@@ -3,6 +3,7 @@
 use super::generate::{generate_using, DecodePrecision, Decoding, GenerateOptions, GenerationType};
 use super::image_batches::ImageBatches;
 use super::model_args::ModelArgs;
+use crate::data::image_inputs::expand_image_inputs;
 use crate::data::tokenizer::ClipTokenizer;
 use crate::model::CoCa;
 use anyhow::{ensure, Result};
@@ -83,9 +84,14 @@ impl GenerateArgs {
 /// `coca-worker caption` flags.
 #[derive(Debug, Clone, Args)]
 pub struct CaptionArgs {
-    /// Image files.
-    #[arg(required = true)]
+    /// Images: files, and folders (every image file under them, in torchvision's
+    /// `ImageFolder` order).
+    #[arg(required_unless_present = "image_list")]
     pub images: Vec<PathBuf>,
+    /// A file listing images to caption after the ones named before it, one path per line
+    /// (relative paths against the list's folder).
+    #[arg(long)]
+    pub image_list: Option<PathBuf>,
     /// The model.
     #[command(flatten)]
     pub model: ModelArgs,
@@ -133,6 +139,7 @@ pub fn caption_files(
 
 /// Runs `caption`: one `path<TAB>caption` line per image on stdout.
 pub fn run(args: &CaptionArgs) -> Result<()> {
+    let images = expand_image_inputs(&args.images, args.image_list.as_deref(), "caption")?;
     let loaded = args.model.load()?;
     let opts = args.generate.options(&loaded.model);
     let batches = ImageBatches {
@@ -140,8 +147,8 @@ pub fn run(args: &CaptionArgs) -> Result<()> {
         decode_threads: args.dataloader_num_workers,
         progress: true,
     };
-    let captions = caption_files(&loaded.model, &args.images, &opts, &batches)?;
-    for (path, caption) in args.images.iter().zip(captions) {
+    let captions = caption_files(&loaded.model, &images, &opts, &batches)?;
+    for (path, caption) in images.iter().zip(captions) {
         println!("{}\t{caption}", path.display());
     }
     Ok(())

@@ -3,14 +3,16 @@
 
 use super::image_batches::ImageBatches;
 use super::model_args::ModelArgs;
+use crate::atomic_file::write_bytes_atomically;
+use crate::checkpoint::write_safetensors_atomic;
 use crate::cli::precision::PrecisionArgs;
+use crate::data::image_inputs::{expand_image_inputs, paths_file_for, paths_text};
 use crate::data::tokenizer::ClipTokenizer;
 use crate::hub::Hub;
 use crate::model::CoCa;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::Args;
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 /// `coca-worker embed` flags.
@@ -19,9 +21,15 @@ pub struct EmbedArgs {
     /// The model.
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Image files to embed.
+    /// Images to embed: files, and folders (every image file under them, in torchvision's
+    /// `ImageFolder` order). Row `i` of `--out` is line `i` of `OUT.paths.txt`, written beside
+    /// it.
     #[arg(long, num_args = 1.., conflicts_with = "texts")]
     pub images: Vec<PathBuf>,
+    /// A file listing images to embed after `--images`, one path per line (relative paths
+    /// against the list's folder).
+    #[arg(long, conflicts_with = "texts")]
+    pub image_list: Option<PathBuf>,
     /// Texts to embed.
     #[arg(long, num_args = 1..)]
     pub texts: Vec<String>,
@@ -143,19 +151,19 @@ pub fn read_npy(path: &Path) -> Result<Tensor> {
     Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
 }
 
-/// Writes `embeddings` `[N, E]` to `out` in the format its extension names.
+/// Writes `embeddings` `[N, E]` to `out` in the format its extension names, whole or not at
+/// all.
 pub fn write_embeddings(embeddings: &Tensor, out: &Path) -> Result<()> {
     let ext = out.extension().and_then(|e| e.to_str()).unwrap_or("");
     match ext {
         "safetensors" => {
-            let map = HashMap::from([("embeddings".to_string(), embeddings.clone())]);
-            candle_core::safetensors::save(&map, out)
+            write_safetensors_atomic(&[("embeddings".to_string(), embeddings.clone())], out)
                 .with_context(|| format!("cannot write --out {}", out.display()))
         }
         "npy" => {
             let (rows, cols) = embeddings.dims2()?;
             let data: Vec<f32> = embeddings.flatten_all()?.to_vec1()?;
-            std::fs::write(out, npy_bytes(&data, rows, cols))
+            write_bytes_atomically(out, &npy_bytes(&data, rows, cols))
                 .with_context(|| format!("cannot write --out {}", out.display()))
         }
         _ => bail!(
@@ -165,7 +173,8 @@ pub fn write_embeddings(embeddings: &Tensor, out: &Path) -> Result<()> {
     }
 }
 
-/// Runs `embed`; returns the number of embeddings written.
+/// Runs `embed`; returns the number of embeddings written. For images, their paths are written
+/// first to [`paths_file_for`] `--out`, one per row; each file is written whole or not at all.
 pub fn run(args: &EmbedArgs) -> Result<usize> {
     let ext = args.out.extension().and_then(|e| e.to_str()).unwrap_or("");
     ensure!(
@@ -173,23 +182,39 @@ pub fn run(args: &EmbedArgs) -> Result<usize> {
         "--out {}: the file name must end in .safetensors or .npy",
         args.out.display()
     );
-    if args.images.is_empty() == args.texts.is_empty() {
-        bail!("pass either --images FILES... or --texts TEXT...");
+    let by_image = !args.images.is_empty() || args.image_list.is_some();
+    let by_text = !args.texts.is_empty();
+    if by_image == by_text {
+        bail!("pass either --images FILES_OR_FOLDERS... (or --image_list FILE) or --texts TEXT...");
     }
     args.precision.check()?;
+    let images = match by_image {
+        true => {
+            let files = expand_image_inputs(&args.images, args.image_list.as_deref(), "--images")?;
+            Some((paths_text(&files)?, files))
+        }
+        false => None,
+    };
     let loaded = args
         .model
         .load_with(&Hub::from_env(), args.precision.autocast())?;
-    let embeddings = if args.images.is_empty() {
-        embed_texts(&loaded.model, &args.texts, args.batch_size)?
-    } else {
-        let batches = ImageBatches {
-            batch_size: args.batch_size,
-            decode_threads: args.dataloader_num_workers,
-            progress: true,
-        };
-        embed_images(&loaded.model, &args.images, &batches)?
+    let embeddings = match &images {
+        None => embed_texts(&loaded.model, &args.texts, args.batch_size)?,
+        Some((_, files)) => {
+            let batches = ImageBatches {
+                batch_size: args.batch_size,
+                decode_threads: args.dataloader_num_workers,
+                progress: true,
+            };
+            embed_images(&loaded.model, files, &batches)?
+        }
     };
+    if let Some((rows, _)) = &images {
+        let paths_file = paths_file_for(&args.out);
+        write_bytes_atomically(&paths_file, rows.as_bytes()).with_context(|| {
+            format!("writing the rows' image paths to {}", paths_file.display())
+        })?;
+    }
     write_embeddings(&embeddings, &args.out)?;
     Ok(embeddings.dim(0)?)
 }
