@@ -248,3 +248,40 @@ fn folders_and_lists_of_images_embed_in_order_with_their_paths() {
         assert!(!out.exists() && !tmp.path().join("bad.paths.txt").exists());
     }
 }
+
+/// `--text_list`: one row per line (after `--texts`), CRLF line ends included, each equal to the
+/// library's embedding of that text; an empty list is an error.
+#[test]
+fn texts_from_a_list_embed_one_row_per_line() {
+    let Some(dir) = common::fixture("coca-tiny") else {
+        return;
+    };
+    let model = common::fixture_model(&dir);
+    let tmp = tempfile::tempdir().unwrap();
+    let list = tmp.path().join("captions.txt");
+    std::fs::write(&list, "a photo of a cat\r\ntwo dogs in the snow\n").unwrap();
+    let texts = ["a red circle", "a photo of a cat", "two dogs in the snow"];
+    let expected = embed_texts(&model, &texts.map(String::from), 2).unwrap();
+    let out = tmp.path().join("t.safetensors");
+    let [model_arg, out_arg, list_arg] = [&dir, &out, &list].map(|p| p.display().to_string());
+    let args = [
+        "embed",
+        "--model",
+        &model_arg,
+        "--out",
+        &out_arg,
+        "--texts",
+        texts[0],
+        "--text_list",
+        &list_arg,
+    ];
+    let (code, _, stderr) = common::run("coca-worker", &args);
+    assert_eq!(code, 0, "{stderr}");
+    let got = common::load(&out)["embeddings"].clone();
+    assert_eq!(got.dims(), &[3, model.config.embed_dim]);
+    assert!(common::max_abs_diff(&got, &expected) < 1e-5);
+    std::fs::write(&list, "").unwrap();
+    let (code, _, stderr) = common::run("coca-worker", &[&args[..5], &args[7..]].concat());
+    assert_ne!(code, 0, "{stderr}");
+    assert!(stderr.contains("holds no lines"), "{stderr}");
+}

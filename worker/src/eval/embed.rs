@@ -33,6 +33,10 @@ pub struct EmbedArgs {
     /// Texts to embed.
     #[arg(long, num_args = 1..)]
     pub texts: Vec<String>,
+    /// A UTF-8 file of texts to embed after `--texts`, one per line (every line, blank ones
+    /// too, is a row, so that row `i` is line `i`).
+    #[arg(long, conflicts_with_all = ["images", "image_list"])]
+    pub text_list: Option<PathBuf>,
     /// Output file: `.safetensors` (tensor `embeddings`) or `.npy`.
     #[arg(long)]
     pub out: PathBuf,
@@ -173,6 +177,16 @@ pub fn write_embeddings(embeddings: &Tensor, out: &Path) -> Result<()> {
     }
 }
 
+/// The lines of the UTF-8 text file `path` (`--text_list`), without their line ends (`\n` or
+/// `\r\n`); a final line end adds no empty line.
+fn read_text_lines(path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read(path)
+        .with_context(|| format!("--text_list {}: cannot read it", path.display()))?;
+    let text = String::from_utf8(text)
+        .map_err(|e| anyhow::anyhow!("--text_list {}: not UTF-8 text ({e})", path.display()))?;
+    Ok(text.lines().map(str::to_string).collect())
+}
+
 /// Runs `embed`; returns the number of embeddings written. For images, their paths are written
 /// first to [`paths_file_for`] `--out`, one per row; each file is written whole or not at all.
 pub fn run(args: &EmbedArgs) -> Result<usize> {
@@ -183,9 +197,19 @@ pub fn run(args: &EmbedArgs) -> Result<usize> {
         args.out.display()
     );
     let by_image = !args.images.is_empty() || args.image_list.is_some();
-    let by_text = !args.texts.is_empty();
+    let by_text = !args.texts.is_empty() || args.text_list.is_some();
     if by_image == by_text {
-        bail!("pass either --images FILES_OR_FOLDERS... (or --image_list FILE) or --texts TEXT...");
+        bail!(
+            "pass either --images FILES_OR_FOLDERS... (or --image_list FILE) or --texts TEXT... \
+             (or --text_list FILE)"
+        );
+    }
+    let texts = match &args.text_list {
+        Some(list) => [args.texts.clone(), read_text_lines(list)?].concat(),
+        None => args.texts.clone(),
+    };
+    if by_text && texts.is_empty() {
+        bail!("--text_list: the file holds no lines, and no --texts were given");
     }
     args.precision.check()?;
     let images = match by_image {
@@ -199,7 +223,7 @@ pub fn run(args: &EmbedArgs) -> Result<usize> {
         .model
         .load_with(&Hub::from_env(), args.precision.autocast())?;
     let embeddings = match &images {
-        None => embed_texts(&loaded.model, &args.texts, args.batch_size)?,
+        None => embed_texts(&loaded.model, &texts, args.batch_size)?,
         Some((_, files)) => {
             let batches = ImageBatches {
                 batch_size: args.batch_size,
