@@ -200,6 +200,14 @@ fn check_args(command: Vec<String>) -> Result<ExitCode> {
             coca_worker::eval::cli::check(&args)?;
             None
         }
+        Command::Embed(args) => {
+            coca_worker::eval::embed::check(&args)?;
+            None
+        }
+        Command::Caption(args) => {
+            coca_worker::eval::caption::check(&args)?;
+            None
+        }
         _ => None,
     };
     println!("{}", serde_json::json!({ "memory": memory }));
@@ -278,8 +286,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Embed(args) => {
-            let n = coca_worker::eval::embed::run(&args)?;
-            println!("wrote {n} embeddings to {}", args.out.display());
+            if let Some(n) = coca_worker::eval::embed::run(&args)? {
+                println!("wrote {n} embeddings to {}", args.out.display());
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Caption(args) => {

@@ -14,38 +14,57 @@ pub fn block(len: usize, rank: usize, world: usize) -> Range<usize> {
     start..start + base + usize::from(rank < extra)
 }
 
-/// Largest byte string one rank may contribute (lengths travel as exact `f32` integers).
-const MAX_BYTES: usize = 1 << 24;
+/// Bytes each rank sends per round of [`all_gather_bytes`] (each byte travels as one `f32`, so
+/// a round's buffers are 4 × this per rank).
+const ROUND_BYTES: usize = 1 << 22;
 
-/// Every rank's `bytes`, in rank order.
+/// Every rank's `bytes`, in rank order, of any length (the lengths travel first, then the
+/// bytes in rounds of [`ROUND_BYTES`]).
 pub fn all_gather_bytes(comm: &dyn Collective, bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
-    if bytes.len() > MAX_BYTES {
-        bail!(
-            "cannot gather {} bytes from one rank (at most {MAX_BYTES})",
-            bytes.len()
-        );
+    all_gather_bytes_in_rounds(comm, bytes, ROUND_BYTES)
+}
+
+/// [`all_gather_bytes`] with rounds of `round` bytes per rank.
+fn all_gather_bytes_in_rounds(
+    comm: &dyn Collective,
+    bytes: &[u8],
+    round: usize,
+) -> Result<Vec<Vec<u8>>> {
+    // Each length as two 24-bit halves, which an f32 holds exactly.
+    let len = bytes.len() as u64;
+    if len >= 1 << 48 {
+        bail!("cannot gather {len} bytes from one rank");
     }
-    let mut lengths = vec![0f32; comm.size()];
-    comm.all_gather(&[bytes.len() as f32], &mut lengths)
+    let halves = [(len >> 24) as f32, (len & 0xff_ffff) as f32];
+    let mut all_halves = vec![0f32; 2 * comm.size()];
+    comm.all_gather(&halves, &mut all_halves)
         .context("gathering result sizes")?;
-    let longest = lengths.iter().fold(0f32, |a, &b| a.max(b)) as usize;
-    let mut padded = vec![0f32; longest];
-    for (slot, &b) in padded.iter_mut().zip(bytes) {
-        *slot = b as f32;
+    let lengths: Vec<usize> = all_halves
+        .chunks_exact(2)
+        .map(|h| ((h[0] as u64) << 24 | h[1] as u64) as usize)
+        .collect();
+    let longest = lengths.iter().copied().max().unwrap_or(0);
+    let mut out: Vec<Vec<u8>> = lengths.iter().map(|&n| Vec::with_capacity(n)).collect();
+    let mut start = 0;
+    while start < longest {
+        let width = round.min(longest - start);
+        let mut padded = vec![0f32; width];
+        let mine = bytes
+            .get(start..(start + width).min(bytes.len()))
+            .unwrap_or(&[]);
+        for (slot, &b) in padded.iter_mut().zip(mine) {
+            *slot = b as f32;
+        }
+        let mut all = vec![0f32; width * comm.size()];
+        comm.all_gather(&padded, &mut all)
+            .context("gathering results")?;
+        for (r, (part, &n)) in out.iter_mut().zip(&lengths).enumerate() {
+            let take = n.saturating_sub(start).min(width);
+            part.extend(all[r * width..r * width + take].iter().map(|&v| v as u8));
+        }
+        start += width;
     }
-    let mut all = vec![0f32; longest * comm.size()];
-    comm.all_gather(&padded, &mut all)
-        .context("gathering results")?;
-    Ok(lengths
-        .iter()
-        .enumerate()
-        .map(|(r, &n)| {
-            all[r * longest..r * longest + n as usize]
-                .iter()
-                .map(|&v| v as u8)
-                .collect()
-        })
-        .collect())
+    Ok(out)
 }
 
 /// Every rank's strings, concatenated in rank order.
@@ -89,5 +108,43 @@ mod tests {
         assert_eq!(all_gather_strings(&SingleProcess, &s).unwrap(), s);
         let bytes = all_gather_bytes(&SingleProcess, b"xyz").unwrap();
         assert_eq!(bytes, vec![b"xyz".to_vec()]);
+    }
+
+    /// Three ranks over a loopback ring with rounds of 4 bytes: lengths 0, 9 and 4 (none, over
+    /// two rounds, exactly one) come back whole and in rank order on every rank.
+    #[test]
+    fn bytes_of_any_length_gather_in_rounds() {
+        use coca_common::collective::ring::RingCollective;
+        use coca_common::collective::MemoryKeyValue;
+        use std::net::{IpAddr, Ipv4Addr};
+        let kv = MemoryKeyValue::new();
+        let parts: [&[u8]; 3] = [b"", b"123456789", b"abcd"];
+        let members = [0, 1, 2];
+        let got: Vec<Vec<Vec<u8>>> = std::thread::scope(|s| {
+            let joins: Vec<_> = members
+                .iter()
+                .map(|&rank| {
+                    let kv = &kv;
+                    s.spawn(move || {
+                        let ring = RingCollective::connect(
+                            "share-bytes",
+                            &members,
+                            rank,
+                            IpAddr::V4(Ipv4Addr::LOCALHOST),
+                            kv,
+                            b"test token",
+                            std::time::Duration::from_secs(30),
+                        )
+                        .unwrap();
+                        all_gather_bytes_in_rounds(&ring, parts[rank], 4).unwrap()
+                    })
+                })
+                .collect();
+            joins.into_iter().map(|j| j.join().unwrap()).collect()
+        });
+        let expected: Vec<Vec<u8>> = parts.iter().map(|p| p.to_vec()).collect();
+        for (rank, g) in got.iter().enumerate() {
+            assert_eq!(g, &expected, "rank {rank}");
+        }
     }
 }

@@ -5,8 +5,12 @@ use super::image_batches::ImageBatches;
 use super::model_args::ModelArgs;
 use crate::data::image_inputs::expand_image_inputs;
 use crate::data::tokenizer::ClipTokenizer;
+use crate::distributed::context::RankContext;
+use crate::distributed::share::{all_gather_strings, block};
+use crate::hub::{Hub, HubEnv, NodeGate};
+use crate::model::autocast::Autocast;
 use crate::model::CoCa;
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use clap::Args;
 use std::path::PathBuf;
 
@@ -137,19 +141,35 @@ pub fn caption_files(
     Ok(captions)
 }
 
-/// Runs `caption`: one `path<TAB>caption` line per image on stdout.
+/// `caption`'s checks that need no model (also `coca-launch`'s, before any worker starts): the
+/// batch size, the model's name and the images, expanded (folders walked, lists read).
+pub fn check(args: &CaptionArgs) -> Result<Vec<PathBuf>> {
+    ensure!(args.batch_size > 0, "--batch_size must be positive");
+    args.model.check()?;
+    expand_image_inputs(&args.images, args.image_list.as_deref(), "caption")
+}
+
+/// Runs `caption`: one `path<TAB>caption` line per image on stdout. Under `coca-launch` each
+/// rank captions one block of the images, and rank 0 prints them all, in order.
 pub fn run(args: &CaptionArgs) -> Result<()> {
-    let images = expand_image_inputs(&args.images, args.image_list.as_deref(), "caption")?;
-    let loaded = args.model.load()?;
+    let images = check(args)?;
+    let ctx = RankContext::from_env(1, 1)?;
+    let hub = Hub::new(HubEnv::from_env(), NodeGate::for_rank(&ctx)?);
+    let loaded = args.model.load_with(&hub, Autocast::off())?;
     let opts = args.generate.options(&loaded.model);
     let batches = ImageBatches {
         batch_size: args.batch_size,
         decode_threads: args.dataloader_num_workers,
-        progress: true,
+        progress: ctx.is_main(),
     };
-    let captions = caption_files(&loaded.model, &images, &opts, &batches)?;
-    for (path, caption) in images.iter().zip(captions) {
-        println!("{}\t{caption}", path.display());
+    let mine = block(images.len(), ctx.world.rank(), ctx.world.size());
+    let captions = caption_files(&loaded.model, &images[mine], &opts, &batches)?;
+    let captions = all_gather_strings(ctx.world.as_ref(), &captions)
+        .context("gathering the ranks' captions")?;
+    if ctx.is_main() {
+        for (path, caption) in images.iter().zip(captions) {
+            println!("{}\t{caption}", path.display());
+        }
     }
     Ok(())
 }

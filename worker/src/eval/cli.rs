@@ -7,6 +7,7 @@ use super::image_batches::ImageBatches;
 use super::karpathy::{read_eval_split, EvalImage};
 use super::model_args::ModelArgs;
 use super::{classification, retrieval};
+use crate::atomic_file::write_bytes_atomically;
 use crate::cli::parse_bool;
 use crate::cli::precision::PrecisionArgs;
 use crate::data::image_folder::ImageFolder;
@@ -164,8 +165,11 @@ pub fn run(args: &EvalArgs) -> Result<Vec<serde_json::Value>> {
             "results": &lines,
             "settings": settings(args, ctx.world.size()),
         });
-        std::fs::write(&path, serde_json::to_string_pretty(&record)? + "\n")
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        write_bytes_atomically(
+            &path,
+            (serde_json::to_string_pretty(&record)? + "\n").as_bytes(),
+        )
+        .with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(lines)
 }
@@ -253,7 +257,7 @@ fn evaluate(
                 );
                 text.push('\n');
             }
-            std::fs::write(out, text)
+            write_bytes_atomically(out, text.as_bytes())
                 .with_context(|| format!("cannot write --out {}", out.display()))?;
         }
         let hyps: Vec<Vec<String>> = captions.iter().map(|c| tokenize(c)).collect();

@@ -6,10 +6,15 @@ use super::model_args::ModelArgs;
 use crate::atomic_file::write_bytes_atomically;
 use crate::checkpoint::write_safetensors_atomic;
 use crate::cli::precision::PrecisionArgs;
+use crate::comm::HostTransport;
 use crate::data::image_inputs::{expand_image_inputs, paths_file_for, paths_text};
 use crate::data::tokenizer::ClipTokenizer;
-use crate::hub::Hub;
+use crate::distributed::context::RankContext;
+use crate::distributed::share::block;
+use crate::hub::{Hub, HubEnv, NodeGate};
+use crate::model::ops::collective::all_gather_rows;
 use crate::model::CoCa;
+use crate::preflight::writable_dir;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::Args;
@@ -187,15 +192,43 @@ fn read_text_lines(path: &Path) -> Result<Vec<String>> {
     Ok(text.lines().map(str::to_string).collect())
 }
 
-/// Runs `embed`; returns the number of embeddings written. For images, their paths are written
-/// first to [`paths_file_for`] `--out`, one per row; each file is written whole or not at all.
-pub fn run(args: &EmbedArgs) -> Result<usize> {
+/// What `embed` reads, from its flags ([`check`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum EmbedInputs {
+    /// Image files, in row order, and the text of their [`paths_file_for`] file.
+    Images { files: Vec<PathBuf>, rows: String },
+    /// Texts, in row order.
+    Texts(Vec<String>),
+}
+
+impl EmbedInputs {
+    /// How many rows the embeddings will have.
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Images { files, .. } => files.len(),
+            Self::Texts(texts) => texts.len(),
+        }
+    }
+
+    /// Whether there is nothing to embed (never, after [`check`]).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// `embed`'s checks that need no model (also `coca-launch`'s, before any worker starts): the
+/// output's format and folder, one kind of input, the precision flags and the model's name,
+/// and every input expanded: folders walked, lists read.
+pub fn check(args: &EmbedArgs) -> Result<EmbedInputs> {
     let ext = args.out.extension().and_then(|e| e.to_str()).unwrap_or("");
     ensure!(
         ext == "safetensors" || ext == "npy",
         "--out {}: the file name must end in .safetensors or .npy",
         args.out.display()
     );
+    if let Some(dir) = args.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        writable_dir(dir, "--out")?;
+    }
     let by_image = !args.images.is_empty() || args.image_list.is_some();
     let by_text = !args.texts.is_empty() || args.text_list.is_some();
     if by_image == by_text {
@@ -204,41 +237,57 @@ pub fn run(args: &EmbedArgs) -> Result<usize> {
              (or --text_list FILE)"
         );
     }
+    ensure!(args.batch_size > 0, "--batch_size must be positive");
+    args.precision.check()?;
+    args.model.check()?;
+    if by_image {
+        let files = expand_image_inputs(&args.images, args.image_list.as_deref(), "--images")?;
+        let rows = paths_text(&files)?;
+        return Ok(EmbedInputs::Images { files, rows });
+    }
     let texts = match &args.text_list {
         Some(list) => [args.texts.clone(), read_text_lines(list)?].concat(),
         None => args.texts.clone(),
     };
-    if by_text && texts.is_empty() {
+    if texts.is_empty() {
         bail!("--text_list: the file holds no lines, and no --texts were given");
     }
-    args.precision.check()?;
-    let images = match by_image {
-        true => {
-            let files = expand_image_inputs(&args.images, args.image_list.as_deref(), "--images")?;
-            Some((paths_text(&files)?, files))
-        }
-        false => None,
-    };
-    let loaded = args
-        .model
-        .load_with(&Hub::from_env(), args.precision.autocast())?;
-    let embeddings = match &images {
-        None => embed_texts(&loaded.model, &texts, args.batch_size)?,
-        Some((_, files)) => {
+    Ok(EmbedInputs::Texts(texts))
+}
+
+/// Runs `embed`: under `coca-launch` each rank embeds one block of the rows and the blocks are
+/// gathered in rank order, so the file equals one process's. Rank 0 writes it (for images, the
+/// rows' paths first, to [`paths_file_for`] `--out`; each file whole or not at all) and gets
+/// the number of rows; the other ranks get `None`.
+pub fn run(args: &EmbedArgs) -> Result<Option<usize>> {
+    let inputs = check(args)?;
+    let ctx = RankContext::from_env(1, 1)?;
+    let hub = Hub::new(HubEnv::from_env(), NodeGate::for_rank(&ctx)?);
+    let loaded = args.model.load_with(&hub, args.precision.autocast())?;
+    let (rank, world) = (ctx.world.rank(), ctx.world.size());
+    let mine = block(inputs.len(), rank, world);
+    let embeddings = match &inputs {
+        EmbedInputs::Texts(texts) => embed_texts(&loaded.model, &texts[mine], args.batch_size)?,
+        EmbedInputs::Images { files, .. } => {
             let batches = ImageBatches {
                 batch_size: args.batch_size,
                 decode_threads: args.dataloader_num_workers,
-                progress: true,
+                progress: ctx.is_main(),
             };
-            embed_images(&loaded.model, files, &batches)?
+            embed_images(&loaded.model, &files[mine], &batches)?
         }
     };
-    if let Some((rows, _)) = &images {
+    let embeddings = all_gather_rows(&embeddings, &HostTransport::shared(ctx.world.clone()))
+        .context("gathering the ranks' embeddings")?;
+    if !ctx.is_main() {
+        return Ok(None);
+    }
+    if let EmbedInputs::Images { rows, .. } = &inputs {
         let paths_file = paths_file_for(&args.out);
         write_bytes_atomically(&paths_file, rows.as_bytes()).with_context(|| {
             format!("writing the rows' image paths to {}", paths_file.display())
         })?;
     }
     write_embeddings(&embeddings, &args.out)?;
-    Ok(embeddings.dim(0)?)
+    Ok(Some(embeddings.dim(0)?))
 }
