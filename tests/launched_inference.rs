@@ -1,5 +1,5 @@
-//! `embed` and `caption` under `coca-launch`: each rank takes one block of the images, and rank 0
-//! writes or prints them all, equal to what one process gives.
+//! `embed` and `caption` under `coca-launch`: the batches are dealt to the ranks in turn, and
+//! rank 0 writes or prints every round's results, equal to what one process gives.
 
 mod common;
 
@@ -33,7 +33,8 @@ fn three_ranks_embed_and_caption_as_one_process() {
     let tmp = tempfile::tempdir().unwrap();
     let logs = tmp.path().join("logs").display().to_string();
     let [model, images] = [dir.clone(), dir.join("images")].map(|p| p.display().to_string());
-    // The fixture's five images over three ranks: blocks of 2, 2 and 1.
+    // The fixture's five images, one per batch, dealt to three ranks: two rounds, and ranks 0
+    // and 1 alone have a batch in the second.
     let embed = |out: &str| {
         let out = tmp.path().join(out).display().to_string();
         [
@@ -45,7 +46,7 @@ fn three_ranks_embed_and_caption_as_one_process() {
             "--out",
             &out,
             "--batch_size",
-            "2",
+            "1",
         ]
         .map(String::from)
     };
@@ -71,6 +72,41 @@ fn three_ranks_embed_and_caption_as_one_process() {
     assert_eq!(paths("alone.paths.txt").lines().count(), 5);
     assert_eq!(paths("alone.paths.txt"), paths("launched.paths.txt"));
 
+    let texts = |out: &str| {
+        let out = tmp.path().join(out).display().to_string();
+        [
+            "embed",
+            "--model",
+            &model,
+            "--batch_size",
+            "1",
+            "--out",
+            &out,
+            "--texts",
+        ]
+        .into_iter()
+        .map(String::from)
+        .chain(["a cat", "two dogs", "a red circle", "snow"].map(String::from))
+        .collect::<Vec<_>>()
+    };
+    alone(
+        &texts("t1.npy")
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    launched(
+        &texts("t3.npy")
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+        "3",
+        &logs,
+    );
+    let (one, three) = (read("t1.npy"), read("t3.npy"));
+    assert_eq!(one.dim(0).unwrap(), 4);
+    assert!(common::max_abs_diff(&one, &three) < 1e-6);
+
     let caption = [
         "caption",
         &images,
@@ -81,7 +117,7 @@ fn three_ranks_embed_and_caption_as_one_process() {
         "--seq_len",
         "8",
         "--batch_size",
-        "2",
+        "1",
     ];
     let lines = |text: String| -> Vec<String> {
         text.lines()
@@ -92,4 +128,50 @@ fn three_ranks_embed_and_caption_as_one_process() {
     let one = lines(alone(&caption));
     assert_eq!(one.len(), 5, "{one:?}");
     assert_eq!(one, lines(launched(&caption, "3", &logs)));
+}
+
+/// A corrupt image in rank 1's batch: the launcher's summary names rank 1 and the file, and
+/// rank 0 writes nothing.
+#[test]
+fn a_corrupt_image_on_one_rank_stops_the_launched_embedding_with_nothing_written() {
+    let Some(dir) = common::fixture("coca-tiny") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let folder = tmp.path().join("photos");
+    std::fs::create_dir_all(&folder).unwrap();
+    for name in ["a.jpg", "c.jpg"] {
+        std::fs::copy(dir.join("images/chelsea.jpg"), folder.join(name)).unwrap();
+    }
+    // Sorted second: batch 1, rank 1's.
+    std::fs::write(folder.join("b.jpg"), b"\xff\xd8\xff\xe0 not really a JPEG").unwrap();
+    let out = tmp.path().join("e.npy");
+    let [model, folder, out_arg, logs] =
+        [&dir, &folder, &out, &tmp.path().join("logs")].map(|p| p.display().to_string());
+    let (code, stdout, stderr) = common::run(
+        "coca-launch",
+        &[
+            "--nproc-per-node",
+            "2",
+            "--log-dir",
+            &logs,
+            "--",
+            "embed",
+            "--model",
+            &model,
+            "--images",
+            &folder,
+            "--batch_size",
+            "1",
+            "--out",
+            &out_arg,
+        ],
+    );
+    assert_ne!(code, 0, "{stdout}\n{stderr}");
+    let summary = &stderr[stderr.find("first failure").expect("a summary")..];
+    assert!(
+        summary.contains("cause: rank 1 on node 0") && summary.contains("b.jpg"),
+        "{summary}"
+    );
+    assert!(!out.exists() && !tmp.path().join("e.paths.txt").exists());
 }

@@ -14,6 +14,44 @@ pub fn block(len: usize, rank: usize, world: usize) -> Range<usize> {
     start..start + base + usize::from(rank < extra)
 }
 
+/// `len` items in batches of `batch`, dealt to the `world` ranks in turn (batch `b` to rank
+/// `b % world`): in round `k` every rank handles one batch, and gathering a round's results in
+/// rank order gives items [`Self::round`] in order. So results can be written as each round
+/// ends, and every batch holds the same items as one process's batch would.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DealtBatches {
+    /// How many items.
+    pub len: usize,
+    /// Items per batch (at least 1).
+    pub batch: usize,
+    /// This rank.
+    pub rank: usize,
+    /// How many ranks.
+    pub world: usize,
+}
+
+impl DealtBatches {
+    /// The items of this rank's batches, in order.
+    pub fn mine(&self) -> Vec<usize> {
+        let batches = self.len.div_ceil(self.batch);
+        (self.rank..batches)
+            .step_by(self.world.max(1))
+            .flat_map(|b| b * self.batch..((b + 1) * self.batch).min(self.len))
+            .collect()
+    }
+
+    /// How many rounds every rank takes part in (the last may give some ranks no batch).
+    pub fn rounds(&self) -> usize {
+        self.len.div_ceil(self.batch * self.world.max(1))
+    }
+
+    /// The items round `k` covers over all ranks, in order.
+    pub fn round(&self, k: usize) -> Range<usize> {
+        let per_round = self.batch * self.world.max(1);
+        (k * per_round).min(self.len)..((k + 1) * per_round).min(self.len)
+    }
+}
+
 /// Bytes each rank sends per round of [`all_gather_bytes`] (each byte travels as one `f32`, so
 /// a round's buffers are 4 × this per rank).
 const ROUND_BYTES: usize = 1 << 22;
@@ -98,6 +136,38 @@ mod tests {
                     next = b.end;
                 }
                 assert_eq!(next, len);
+            }
+        }
+    }
+
+    #[test]
+    fn dealt_batches_cover_every_item_once_round_by_round() {
+        for len in [0, 1, 5, 7, 12] {
+            for batch in 1..4 {
+                for world in 1..5 {
+                    let deal = |rank| DealtBatches {
+                        len,
+                        batch,
+                        rank,
+                        world,
+                    };
+                    let mine: Vec<Vec<usize>> = (0..world).map(|r| deal(r).mine()).collect();
+                    // Round k is each rank's k-th batch, concatenated in rank order.
+                    let mut joined: Vec<usize> = Vec::new();
+                    for k in 0..deal(0).rounds() {
+                        let mut round: Vec<usize> = Vec::new();
+                        for m in &mine {
+                            round.extend(m.iter().skip(k * batch).take(batch).copied());
+                        }
+                        assert_eq!(round, deal(0).round(k).collect::<Vec<_>>());
+                        joined.extend(round);
+                    }
+                    assert_eq!(
+                        joined,
+                        (0..len).collect::<Vec<_>>(),
+                        "{len} {batch} {world}"
+                    );
+                }
             }
         }
     }

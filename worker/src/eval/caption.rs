@@ -6,7 +6,7 @@ use super::model_args::ModelArgs;
 use crate::data::image_inputs::expand_image_inputs;
 use crate::data::tokenizer::ClipTokenizer;
 use crate::distributed::context::RankContext;
-use crate::distributed::share::{all_gather_strings, block};
+use crate::distributed::share::{all_gather_strings, DealtBatches};
 use crate::hub::{Hub, HubEnv, NodeGate};
 use crate::model::autocast::Autocast;
 use crate::model::CoCa;
@@ -123,6 +123,22 @@ pub fn caption_files(
     opts: &GenerateOptions,
     batches: &ImageBatches,
 ) -> Result<Vec<String>> {
+    let mut captions = Vec::with_capacity(paths.len());
+    caption_each_batch(model, paths, opts, batches, |batch| {
+        captions.extend(batch);
+        Ok(())
+    })?;
+    Ok(captions)
+}
+
+/// [`caption_files`], handing each batch's captions to `each` as soon as they are written.
+pub fn caption_each_batch(
+    model: &CoCa,
+    paths: &[PathBuf],
+    opts: &GenerateOptions,
+    batches: &ImageBatches,
+    mut each: impl FnMut(Vec<String>) -> Result<()>,
+) -> Result<()> {
     ensure!(batches.batch_size > 0, "--batch_size must be positive");
     opts.validate(model)?;
     let tokenizer = ClipTokenizer::new()?;
@@ -131,14 +147,13 @@ pub fn caption_files(
     if paths.len().div_ceil(batches.batch_size) >= HUGE_PAGES_FROM_BATCHES {
         decoding.move_to_huge_pages();
     }
-    let mut captions = Vec::with_capacity(paths.len());
     batches.for_each_file("caption", paths, size, model.device(), |_, images| {
-        for ids in generate_using(&decoding, &images, opts)? {
-            captions.push(tokenizer.decode(&ids).trim().to_string());
-        }
-        Ok(())
-    })?;
-    Ok(captions)
+        let captions = generate_using(&decoding, &images, opts)?
+            .iter()
+            .map(|ids| tokenizer.decode(ids).trim().to_string())
+            .collect();
+        each(captions)
+    })
 }
 
 /// `caption`'s checks that need no model (also `coca-launch`'s, before any worker starts): the
@@ -149,8 +164,9 @@ pub fn check(args: &CaptionArgs) -> Result<Vec<PathBuf>> {
     expand_image_inputs(&args.images, args.image_list.as_deref(), "caption")
 }
 
-/// Runs `caption`: one `path<TAB>caption` line per image on stdout. Under `coca-launch` each
-/// rank captions one block of the images, and rank 0 prints them all, in order.
+/// Runs `caption`: one `path<TAB>caption` line per image on stdout, printed as each batch is
+/// done. Under `coca-launch` the batches are dealt to the ranks in turn ([`DealtBatches`]):
+/// after each round rank 0 gathers the round's captions and prints them, in order.
 pub fn run(args: &CaptionArgs) -> Result<()> {
     let images = check(args)?;
     let ctx = RankContext::from_env(1, 1)?;
@@ -162,14 +178,29 @@ pub fn run(args: &CaptionArgs) -> Result<()> {
         decode_threads: args.dataloader_num_workers,
         progress: ctx.is_main(),
     };
-    let mine = block(images.len(), ctx.world.rank(), ctx.world.size());
-    let captions = caption_files(&loaded.model, &images[mine], &opts, &batches)?;
-    let captions = all_gather_strings(ctx.world.as_ref(), &captions)
-        .context("gathering the ranks' captions")?;
-    if ctx.is_main() {
-        for (path, caption) in images.iter().zip(captions) {
-            println!("{}\t{caption}", path.display());
+    let deal = DealtBatches {
+        len: images.len(),
+        batch: args.batch_size,
+        rank: ctx.world.rank(),
+        world: ctx.world.size(),
+    };
+    let mine: Vec<PathBuf> = deal.mine().into_iter().map(|i| images[i].clone()).collect();
+    let round = std::cell::Cell::new(0);
+    let print_round = |captions: Vec<String>| -> Result<()> {
+        let all = all_gather_strings(ctx.world.as_ref(), &captions)
+            .context("gathering the ranks' captions")?;
+        if ctx.is_main() {
+            for (path, caption) in images[deal.round(round.get())].iter().zip(all) {
+                println!("{}\t{caption}", path.display());
+            }
         }
+        round.set(round.get() + 1);
+        Ok(())
+    };
+    caption_each_batch(&loaded.model, &mine, &opts, &batches, print_round)?;
+    // The last round gives some ranks no batch; they still take part in its gather.
+    while round.get() < deal.rounds() {
+        print_round(Vec::new())?;
     }
     Ok(())
 }

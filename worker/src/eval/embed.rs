@@ -10,7 +10,7 @@ use crate::comm::HostTransport;
 use crate::data::image_inputs::{expand_image_inputs, paths_file_for, paths_text};
 use crate::data::tokenizer::ClipTokenizer;
 use crate::distributed::context::RankContext;
-use crate::distributed::share::block;
+use crate::distributed::share::DealtBatches;
 use crate::hub::{Hub, HubEnv, NodeGate};
 use crate::model::ops::collective::all_gather_rows;
 use crate::model::CoCa;
@@ -61,33 +61,43 @@ pub struct EmbedArgs {
 
 /// Normalised embeddings `[N, embed_dim]` of image files, read as `batches` says.
 pub fn embed_images(model: &CoCa, paths: &[PathBuf], batches: &ImageBatches) -> Result<Tensor> {
+    let mut parts = Vec::with_capacity(paths.len().div_ceil(batches.batch_size.max(1)));
+    embed_each_batch(model, paths, batches, |part| {
+        parts.push(part);
+        Ok(())
+    })?;
+    rows_or_none(model, &parts)
+}
+
+/// [`embed_images`], handing each batch's embeddings to `each` as soon as they are computed.
+pub fn embed_each_batch(
+    model: &CoCa,
+    paths: &[PathBuf],
+    batches: &ImageBatches,
+    mut each: impl FnMut(Tensor) -> Result<()>,
+) -> Result<()> {
     ensure!(batches.batch_size > 0, "--batch_size must be positive");
-    if paths.is_empty() {
+    let size = model.config.vision_cfg.image_size;
+    batches.for_each_file("embed", paths, size, model.device(), |_, images| {
+        each(model.image_features(&images)?)
+    })
+}
+
+/// `parts` concatenated, or `[0, embed_dim]` when there are none.
+fn rows_or_none(model: &CoCa, parts: &[Tensor]) -> Result<Tensor> {
+    if parts.is_empty() {
         return Ok(Tensor::zeros(
             (0, model.config.embed_dim),
             DType::F32,
             model.device(),
         )?);
     }
-    let size = model.config.vision_cfg.image_size;
-    let mut parts = Vec::with_capacity(paths.len().div_ceil(batches.batch_size));
-    batches.for_each_file("embed", paths, size, model.device(), |_, images| {
-        parts.push(model.image_features(&images)?);
-        Ok(())
-    })?;
-    Ok(Tensor::cat(&parts, 0)?)
+    Ok(Tensor::cat(parts, 0)?)
 }
 
 /// Normalised embeddings `[N, embed_dim]` of texts (tokenized at the model's context length).
 pub fn embed_texts(model: &CoCa, texts: &[String], batch_size: usize) -> Result<Tensor> {
     ensure!(batch_size > 0, "--batch_size must be positive");
-    if texts.is_empty() {
-        return Ok(Tensor::zeros(
-            (0, model.config.embed_dim),
-            DType::F32,
-            model.device(),
-        )?);
-    }
     let tokenizer = ClipTokenizer::new()?;
     let ctx = model.config.text_cfg.context_length;
     let parts = texts
@@ -101,7 +111,7 @@ pub fn embed_texts(model: &CoCa, texts: &[String], batch_size: usize) -> Result<
             Ok(model.encode_text(&ids)?.0)
         })
         .collect::<Result<Vec<_>>>()?;
-    Ok(Tensor::cat(&parts, 0)?)
+    rows_or_none(model, &parts)
 }
 
 /// A float32 `[rows, cols]` array as NumPy's `.npy` format 1.0.
@@ -255,33 +265,59 @@ pub fn check(args: &EmbedArgs) -> Result<EmbedInputs> {
     Ok(EmbedInputs::Texts(texts))
 }
 
-/// Runs `embed`: under `coca-launch` each rank embeds one block of the rows and the blocks are
-/// gathered in rank order, so the file equals one process's. Rank 0 writes it (for images, the
-/// rows' paths first, to [`paths_file_for`] `--out`; each file whole or not at all) and gets
-/// the number of rows; the other ranks get `None`.
+/// Runs `embed`. Under `coca-launch` the batches are dealt to the ranks in turn
+/// ([`DealtBatches`]) and rank 0 gathers each round's rows, in order, so the file equals one
+/// process's and only rank 0 holds all of it. Rank 0 writes it (for images, the rows' paths
+/// first, to [`paths_file_for`] `--out`; each file whole or not at all) and gets the number of
+/// rows; the other ranks get `None`.
 pub fn run(args: &EmbedArgs) -> Result<Option<usize>> {
     let inputs = check(args)?;
     let ctx = RankContext::from_env(1, 1)?;
     let hub = Hub::new(HubEnv::from_env(), NodeGate::for_rank(&ctx)?);
     let loaded = args.model.load_with(&hub, args.precision.autocast())?;
-    let (rank, world) = (ctx.world.rank(), ctx.world.size());
-    let mine = block(inputs.len(), rank, world);
-    let embeddings = match &inputs {
-        EmbedInputs::Texts(texts) => embed_texts(&loaded.model, &texts[mine], args.batch_size)?,
+    let model = &loaded.model;
+    let deal = DealtBatches {
+        len: inputs.len(),
+        batch: args.batch_size,
+        rank: ctx.world.rank(),
+        world: ctx.world.size(),
+    };
+    let group = HostTransport::shared(ctx.world.clone());
+    let mut rounds = Vec::with_capacity(if ctx.is_main() { deal.rounds() } else { 0 });
+    let mut gather_round = |rows: Tensor| -> Result<()> {
+        let all = all_gather_rows(&rows, &group).context("gathering the ranks' embeddings")?;
+        if ctx.is_main() {
+            rounds.push(all);
+        }
+        Ok(())
+    };
+    let mine = deal.mine();
+    match &inputs {
+        EmbedInputs::Texts(texts) => {
+            let mine: Vec<String> = mine.iter().map(|&i| texts[i].clone()).collect();
+            for batch in mine.chunks(args.batch_size) {
+                gather_round(embed_texts(model, batch, args.batch_size)?)?;
+            }
+        }
         EmbedInputs::Images { files, .. } => {
+            let mine: Vec<PathBuf> = mine.iter().map(|&i| files[i].clone()).collect();
             let batches = ImageBatches {
                 batch_size: args.batch_size,
                 decode_threads: args.dataloader_num_workers,
                 progress: ctx.is_main(),
             };
-            embed_images(&loaded.model, &files[mine], &batches)?
+            embed_each_batch(model, &mine, &batches, &mut gather_round)?;
         }
-    };
-    let embeddings = all_gather_rows(&embeddings, &HostTransport::shared(ctx.world.clone()))
-        .context("gathering the ranks' embeddings")?;
+    }
+    // The last round gives some ranks no batch; they still take part in its gather.
+    let done = mine.len().div_ceil(args.batch_size);
+    for _ in done..deal.rounds() {
+        gather_round(rows_or_none(model, &[])?)?;
+    }
     if !ctx.is_main() {
         return Ok(None);
     }
+    let embeddings = rows_or_none(model, &rounds)?;
     if let EmbedInputs::Images { rows, .. } = &inputs {
         let paths_file = paths_file_for(&args.out);
         write_bytes_atomically(&paths_file, rows.as_bytes()).with_context(|| {
