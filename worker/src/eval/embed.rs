@@ -27,8 +27,8 @@ pub struct EmbedArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     /// Images to embed: files, and folders (every image file under them, in torchvision's
-    /// `ImageFolder` order). Row `i` of `--out` is line `i` of `OUT.paths.txt`, written beside
-    /// it.
+    /// `ImageFolder` order). Row `i` of `--out` is the image on line `i` of the paths file
+    /// written beside it (`e.npy` → `e.paths.txt`).
     #[arg(long, num_args = 1.., conflicts_with = "texts")]
     pub images: Vec<PathBuf>,
     /// A file listing images to embed after `--images`, one path per line (relative paths
