@@ -165,3 +165,31 @@ fn caption_errors_name_the_file_and_flag() {
         "expected fp32 or bf16",
     );
 }
+
+/// A reader that closes the output (`caption DIR | head`, here before the first line): the
+/// command stops with 141, as a shell reports a program a closed pipe ended, and no panic.
+#[test]
+fn a_closed_output_stops_caption_quietly() {
+    let Some(dir) = common::fixture("coca-tiny") else {
+        return;
+    };
+    let [model, images] = [dir.clone(), dir.join("images")].map(|p| p.display().to_string());
+    let (code, stderr) = common::run_with_stdout_closed(
+        "coca-worker",
+        &[
+            "caption",
+            &images,
+            "--model",
+            &model,
+            "--seq_len",
+            "8",
+            "--batch_size",
+            "1",
+        ],
+    );
+    assert_eq!(code, 141, "{stderr}");
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("error"),
+        "{stderr}"
+    );
+}

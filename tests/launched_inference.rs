@@ -175,3 +175,39 @@ fn a_corrupt_image_on_one_rank_stops_the_launched_embedding_with_nothing_written
     );
     assert!(!out.exists() && !tmp.path().join("e.paths.txt").exists());
 }
+
+/// `coca-launch ... caption | head`, its reader gone before the first line: the launcher stops
+/// echoing (no panic), the job finishes, and rank 0's captions are all in its log.
+#[test]
+fn a_closed_output_stops_the_launchers_echo_not_the_job() {
+    let Some(dir) = common::fixture("coca-tiny") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let logs = tmp.path().join("logs");
+    let [model, images, logs_arg] =
+        [&dir, &dir.join("images"), &logs].map(|p| p.display().to_string());
+    let (code, stderr) = common::run_with_stdout_closed(
+        "coca-launch",
+        &[
+            "--nproc-per-node",
+            "2",
+            "--log-dir",
+            &logs_arg,
+            "--",
+            "caption",
+            &images,
+            "--model",
+            &model,
+            "--seq_len",
+            "8",
+            "--batch_size",
+            "1",
+        ],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(stderr.contains("standard output is closed"), "{stderr}");
+    let log = std::fs::read_to_string(logs.join("workerlog.0")).unwrap();
+    assert_eq!(log.lines().filter(|l| l.contains('\t')).count(), 5, "{log}");
+}

@@ -82,7 +82,8 @@ impl WorkerProcess {
         drop(command);
         let tail = Arc::new(Mutex::new(VecDeque::with_capacity(TAIL_LINES)));
         let pump_tail = tail.clone();
-        let (rank, echo) = (spec.rank, spec.echo);
+        let (rank, mut echo) = (spec.rank, spec.echo);
+        let echo_log = log_path.clone();
         let pump = std::thread::Builder::new()
             .name(format!("log-rank-{rank}"))
             .spawn(move || {
@@ -97,8 +98,15 @@ impl WorkerProcess {
                     let _ = log.write_all(&line);
                     let text = String::from_utf8_lossy(&line);
                     let text = text.trim_end_matches(['\n', '\r']);
-                    if echo {
-                        println!("[rank {rank}] {text}");
+                    // A closed standard output (`coca-launch ... | head`) stops the echo, not
+                    // the pump: the worker's lines still reach its log file.
+                    if echo && writeln!(std::io::stdout().lock(), "[rank {rank}] {text}").is_err() {
+                        echo = false;
+                        eprintln!(
+                            "coca-launch: standard output is closed; rank {rank}'s output \
+                             continues in {}",
+                            echo_log.display()
+                        );
                     }
                     if let Ok(mut t) = pump_tail.lock() {
                         if t.len() == TAIL_LINES {

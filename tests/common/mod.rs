@@ -197,25 +197,46 @@ pub fn run_in(
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("spawn binary");
+    let out = wait_bounded(child, &format!("{bin} {args:?}"));
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Runs a binary whose standard output is closed before it starts (a reader that went away, as
+/// `| head` leaves it), bounded in time; returns (exit code, stderr).
+pub fn run_with_stdout_closed(bin: &str, args: &[&str]) -> (i32, String) {
+    let mut child = std::process::Command::new(binary(bin))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn binary");
+    drop(child.stdout.take());
+    let out = wait_bounded(child, &format!("{bin} {args:?}"));
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `child`'s output once it exits; after 300 s it is killed (a launcher's workers die with it)
+/// and the test fails, naming `what`.
+fn wait_bounded(child: std::process::Child, what: &str) -> std::process::Output {
     let pid = child.id();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let _ = tx.send(child.wait_with_output());
     });
     match rx.recv_timeout(std::time::Duration::from_secs(300)) {
-        Ok(out) => {
-            let out = out.expect("collect output");
-            (
-                out.status.code().unwrap_or(-1),
-                String::from_utf8_lossy(&out.stdout).into_owned(),
-                String::from_utf8_lossy(&out.stderr).into_owned(),
-            )
-        }
+        Ok(out) => out.expect("collect output"),
         Err(_) => {
             let _ = std::process::Command::new("kill")
                 .args(["-9", &pid.to_string()])
                 .status();
-            panic!("{bin} {args:?} did not finish within 300 s");
+            panic!("{what} did not finish within 300 s");
         }
     }
 }

@@ -414,6 +414,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse_from(normalize_flag_spelling(std::env::args()));
     match run(cli) {
         Ok(code) => code,
+        Err(e) if coca_worker::cli::stdout::is_output_closed(&e) => {
+            ExitCode::from(coca_worker::cli::stdout::EXIT_OUTPUT_CLOSED)
+        }
         Err(e) => {
             eprintln!("coca-worker: error: {e:#}");
             match coca_worker::comm::peer_failure::exit_code(&e) {

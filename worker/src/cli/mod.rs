@@ -1,7 +1,8 @@
 //! Flag handling shared by every worker command: the seed's boolean spellings, its
-//! underscore flag names, and its precision flags.
+//! underscore flag names, and its precision flags; and lines on standard output.
 
 pub mod precision;
+pub mod stdout;
 
 /// Parses the seed's boolean spellings.
 pub fn parse_bool(s: &str) -> Result<bool, String> {

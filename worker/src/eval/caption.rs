@@ -3,6 +3,7 @@
 use super::generate::{generate_using, DecodePrecision, Decoding, GenerateOptions, GenerationType};
 use super::image_batches::ImageBatches;
 use super::model_args::ModelArgs;
+use crate::cli::stdout::print_line;
 use crate::data::image_inputs::expand_image_inputs;
 use crate::data::tokenizer::ClipTokenizer;
 use crate::distributed::context::RankContext;
@@ -165,7 +166,7 @@ pub fn check(args: &CaptionArgs) -> Result<Vec<PathBuf>> {
 }
 
 /// Runs `caption`: one `path<TAB>caption` line per image on stdout, printed as each batch is
-/// done. Under `coca-launch` the batches are dealt to the ranks in turn ([`DealtBatches`]):
+/// done (a reader that closes it stops the command: [`crate::cli::stdout::OutputClosed`]). Under `coca-launch` the batches are dealt to the ranks in turn ([`DealtBatches`]):
 /// after each round rank 0 gathers the round's captions and prints them, in order.
 pub fn run(args: &CaptionArgs) -> Result<()> {
     let images = check(args)?;
@@ -191,7 +192,7 @@ pub fn run(args: &CaptionArgs) -> Result<()> {
             .context("gathering the ranks' captions")?;
         if ctx.is_main() {
             for (path, caption) in images[deal.round(round.get())].iter().zip(all) {
-                println!("{}\t{caption}", path.display());
+                print_line(&format!("{}\t{caption}", path.display()))?;
             }
         }
         round.set(round.get() + 1);
