@@ -4,6 +4,7 @@
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use coca_worker::cli::normalize_flag_spelling;
+use coca_worker::cli::stdout::print_line;
 use coca_worker::device::DeviceArgs;
 use coca_worker::pretrain::args::PretrainArgs;
 use coca_worker::{bench, bench_data, checkpoint, pretrain, runtime, verify};
@@ -161,7 +162,7 @@ fn check_args(command: Vec<String>) -> Result<ExitCode> {
         Ok(cli) => cli,
         // `--help`, `--version`: the workers print them.
         Err(e) if !e.use_stderr() => {
-            println!("{}", serde_json::json!({ "memory": null }));
+            print_line(&serde_json::json!({ "memory": null }).to_string())?;
             return Ok(ExitCode::SUCCESS);
         }
         Err(e) => {
@@ -210,7 +211,7 @@ fn check_args(command: Vec<String>) -> Result<ExitCode> {
         }
         _ => None,
     };
-    println!("{}", serde_json::json!({ "memory": memory }));
+    print_line(&serde_json::json!({ "memory": memory }).to_string())?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -238,9 +239,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 .filter(|r| r.status == verify::Status::Pass)
                 .count();
             for r in &reports {
-                println!("{r}");
+                print_line(&r.to_string())?;
             }
-            println!("verify: {passed} passed, {failed} failed");
+            print_line(&format!("verify: {passed} passed, {failed} failed"))?;
             Ok(if failed == 0 {
                 ExitCode::SUCCESS
             } else {
@@ -257,7 +258,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 "ok": ok,
                 "checks": checks,
             });
-            println!("{line}");
+            print_line(&line.to_string())?;
             Ok(if ok {
                 ExitCode::SUCCESS
             } else {
@@ -276,18 +277,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     .with_context(|| format!("checkpoint {}", input.display()))?;
             }
             let n = checkpoint::convert(&input, &output)?;
-            println!("wrote {n} tensors to {}", output.display());
+            print_line(&format!("wrote {n} tensors to {}", output.display()))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Eval(args) => {
             for line in coca_worker::eval::cli::run(&args)? {
-                println!("{line}");
+                print_line(&line.to_string())?;
             }
             Ok(ExitCode::SUCCESS)
         }
         Command::Embed(args) => {
             if let Some(n) = coca_worker::eval::embed::run(&args)? {
-                println!("wrote {n} embeddings to {}", args.out.display());
+                print_line(&format!("wrote {n} embeddings to {}", args.out.display()))?;
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -305,7 +306,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 image_size,
                 batch,
             })?;
-            println!("{line}");
+            print_line(&line.to_string())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::BenchMemory {
@@ -330,7 +331,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 device,
             };
             for line in coca_worker::bench_memory::run(&opts)? {
-                println!("{line}");
+                print_line(&line.to_string())?;
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -354,9 +355,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     iters,
                 )?;
                 if ctx.is_main() {
-                    println!(
-                        "{}",
-                        serde_json::json!({
+                    print_line(
+                        &serde_json::json!({
                             "collective": "all_reduce",
                             "backend": world.backend,
                             "device": coca_worker::device::device_name(&device),
@@ -366,7 +366,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                             "algbw_gb_s": report.algbw_gbps,
                             "busbw_gb_s": report.busbw_gbps,
                         })
-                    );
+                        .to_string(),
+                    )?;
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -392,7 +393,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 grad_checkpointing,
             })?;
             if let Some(line) = line {
-                println!("{line}");
+                print_line(&line.to_string())?;
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -1,6 +1,8 @@
 //! The end of the demo: zero-shot accuracy on held-out synthetic images over the set's class
 //! names, and greedy captions beside the true ones.
 
+use crate::atomic_file::write_bytes_atomically;
+use crate::cli::stdout::print_line;
 use crate::data::synthetic::{SyntheticCaptions, POSITIONS};
 use crate::data::synthetic_source::normalize_rgb;
 use crate::data::tokenizer::ClipTokenizer;
@@ -93,32 +95,33 @@ pub fn report(
         caption_attribute_accuracy: attributes,
         captions,
     };
-    println!(
+    // The results file first: the lines below may meet a closed output.
+    let path = output_dir.join("demo_results.json");
+    write_bytes_atomically(&path, &serde_json::to_vec_pretty(&results)?)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    print_line(&format!(
         "zero-shot on {} held-out synthetic images over {} classes: top-1 {:.1}% top-5 {:.1}% (chance {:.1}%)",
         HELD_OUT,
         results.classes,
         100.0 * top1,
         100.0 * top5,
         100.0 * results.chance
-    );
+    ))?;
     let parts: Vec<String> = results
         .caption_attribute_accuracy
         .iter()
         .map(|(name, acc)| format!("{name} {:.0}%", 100.0 * acc))
         .collect();
-    println!(
+    print_line(&format!(
         "greedy captions of {} held-out images: {:.0}% exactly right; attributes right: {}",
         results.captions.len(),
         100.0 * exact,
         parts.join(", ")
-    );
-    println!("some of them (generated | true):");
+    ))?;
+    print_line("some of them (generated | true):")?;
     for (generated, truth) in results.captions.iter().take(CAPTIONS_SHOWN) {
-        println!("  {generated} | {truth}");
+        print_line(&format!("  {generated} | {truth}"))?;
     }
-    let path = output_dir.join("demo_results.json");
-    std::fs::write(&path, serde_json::to_vec_pretty(&results)?)
-        .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(results)
 }
 
