@@ -17,6 +17,7 @@
 
 use super::preprocess::{open_image, LoadedImage};
 use anyhow::{bail, Context, Result};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 /// The 1000 ImageNet-1K class names, one per line, in class-index order.
@@ -217,12 +218,21 @@ impl ImageFolder {
 }
 
 /// Image files (by [`IMAGE_EXTENSIONS`]) under `folder`, in torchvision's order: the folder and
-/// every folder below it sorted by path string (`sorted(os.walk(...))`), and within each, its
-/// files sorted by name.
+/// every folder below it sorted by path string (`sorted(os.walk(..., followlinks=True))`), and
+/// within each, its files sorted by name. Links to folders are followed as torchvision follows
+/// them, except one that leads back to a folder it lies in: that would never end (`os.walk`
+/// recurses until the path is too long), so it is skipped.
 pub fn image_files_under(folder: &Path) -> Result<Vec<PathBuf>> {
-    let mut pending = vec![folder.to_path_buf()];
-    let mut files_of: Vec<(String, Vec<String>)> = Vec::new();
-    while let Some(dir) = pending.pop() {
+    // Each pending folder with the identities (device, inode) of the folders above it.
+    let mut pending = vec![(folder.to_path_buf(), Vec::new())];
+    let mut files_of: Vec<(PathBuf, Vec<PathBuf>)> = Vec::new();
+    while let Some((dir, mut above)) = pending.pop() {
+        let meta = std::fs::metadata(&dir).with_context(|| format!("reading {}", dir.display()))?;
+        let identity = (meta.dev(), meta.ino());
+        if above.contains(&identity) {
+            continue;
+        }
+        above.push(identity);
         let mut files = Vec::new();
         for entry in
             std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))?
@@ -231,23 +241,21 @@ pub fn image_files_under(folder: &Path) -> Result<Vec<PathBuf>> {
                 .with_context(|| format!("listing {}", dir.display()))?
                 .path();
             if path.is_dir() {
-                pending.push(path);
+                pending.push((path, above.clone()));
             } else if path
                 .extension()
                 .and_then(|e| e.to_str())
                 .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
             {
-                files.push(path.to_string_lossy().into_owned());
+                files.push(path);
             }
         }
-        files.sort();
-        files_of.push((dir.to_string_lossy().into_owned(), files));
+        // By the path's bytes, as Python sorts strings (`Path`'s own order goes by components).
+        files.sort_by(|a, b| a.as_os_str().cmp(b.as_os_str()));
+        files_of.push((dir, files));
     }
-    files_of.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(files_of
-        .into_iter()
-        .flat_map(|(_, files)| files.into_iter().map(PathBuf::from))
-        .collect())
+    files_of.sort_by(|a, b| a.0.as_os_str().cmp(b.0.as_os_str()));
+    Ok(files_of.into_iter().flat_map(|(_, files)| files).collect())
 }
 
 /// The lines of a UTF-8 text file (without line ends; trailing blank lines dropped).

@@ -140,6 +140,35 @@ mod tests {
         );
     }
 
+    /// Folders sort as path strings (`a-b` before `a/b`, as Python sorts them), a link to a
+    /// folder elsewhere is followed, and a link back up the tree is skipped rather than walked
+    /// for ever.
+    #[test]
+    fn links_are_followed_but_never_in_a_circle() {
+        let tmp = tempfile::tempdir().unwrap();
+        let folder = tmp.path().join("photos");
+        let elsewhere = tmp.path().join("elsewhere");
+        for path in [
+            folder.join("a/b/1.jpg"),
+            folder.join("a-b/2.jpg"),
+            elsewhere.join("3.png"),
+        ] {
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, b"x").unwrap();
+        }
+        std::os::unix::fs::symlink(&elsewhere, folder.join("linked")).unwrap();
+        std::os::unix::fs::symlink(&folder, folder.join("a/b/up")).unwrap();
+        let got = expand_image_inputs(std::slice::from_ref(&folder), None, "--images").unwrap();
+        assert_eq!(
+            got,
+            [
+                folder.join("a-b/2.jpg"),
+                folder.join("a/b/1.jpg"),
+                folder.join("linked/3.png"),
+            ]
+        );
+    }
+
     #[test]
     fn the_row_list_names_each_row_or_refuses() {
         assert_eq!(
