@@ -267,7 +267,7 @@ pub fn check(args: &EmbedArgs) -> Result<EmbedInputs> {
 
 /// Runs `embed`. Under `coca-launch` the batches are dealt to the ranks in turn
 /// ([`DealtBatches`]) and rank 0 gathers each round's rows, in order, so the file equals one
-/// process's and only rank 0 holds all of it. Rank 0 writes it (for images, the rows' paths
+/// process's and only rank 0 holds all of it (in host memory). Rank 0 writes it (for images, the rows' paths
 /// first, to [`paths_file_for`] `--out`; each file whole or not at all) and gets the number of
 /// rows; the other ranks get `None`.
 pub fn run(args: &EmbedArgs) -> Result<Option<usize>> {
@@ -283,8 +283,16 @@ pub fn run(args: &EmbedArgs) -> Result<Option<usize>> {
         world: ctx.world.size(),
     };
     let group = HostTransport::shared(ctx.world.clone());
+    // Between ranks the rows travel through host memory anyway. Gathering them there, a rank
+    // with no batch in the last round sends an empty host tensor, never a zero-size device
+    // allocation (which CUDA refuses), and rank 0 keeps the embeddings in host memory.
+    let gathered_on = match deal.world {
+        1 => model.device().clone(),
+        _ => Device::Cpu,
+    };
     let mut rounds = Vec::with_capacity(if ctx.is_main() { deal.rounds() } else { 0 });
     let mut gather_round = |rows: Tensor| -> Result<()> {
+        let rows = rows.to_device(&gathered_on)?;
         let all = all_gather_rows(&rows, &group).context("gathering the ranks' embeddings")?;
         if ctx.is_main() {
             rounds.push(all);
@@ -312,7 +320,8 @@ pub fn run(args: &EmbedArgs) -> Result<Option<usize>> {
     // The last round gives some ranks no batch; they still take part in its gather.
     let done = mine.len().div_ceil(args.batch_size);
     for _ in done..deal.rounds() {
-        gather_round(rows_or_none(model, &[])?)?;
+        let dim = model.config.embed_dim;
+        gather_round(Tensor::zeros((0, dim), DType::F32, &gathered_on)?)?;
     }
     if !ctx.is_main() {
         return Ok(None);
