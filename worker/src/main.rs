@@ -162,7 +162,7 @@ fn check_args(command: Vec<String>) -> Result<ExitCode> {
         Ok(cli) => cli,
         // `--help`, `--version`: the workers print them.
         Err(e) if !e.use_stderr() => {
-            print_line(&serde_json::json!({ "memory": null }).to_string())?;
+            print_line(serde_json::json!({ "memory": null }))?;
             return Ok(ExitCode::SUCCESS);
         }
         Err(e) => {
@@ -211,7 +211,7 @@ fn check_args(command: Vec<String>) -> Result<ExitCode> {
         }
         _ => None,
     };
-    print_line(&serde_json::json!({ "memory": memory }).to_string())?;
+    print_line(serde_json::json!({ "memory": memory }))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -239,9 +239,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 .filter(|r| r.status == verify::Status::Pass)
                 .count();
             for r in &reports {
-                print_line(&r.to_string())?;
+                print_line(r)?;
             }
-            print_line(&format!("verify: {passed} passed, {failed} failed"))?;
+            print_line(format_args!("verify: {passed} passed, {failed} failed"))?;
             Ok(if failed == 0 {
                 ExitCode::SUCCESS
             } else {
@@ -258,7 +258,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 "ok": ok,
                 "checks": checks,
             });
-            print_line(&line.to_string())?;
+            print_line(line)?;
             Ok(if ok {
                 ExitCode::SUCCESS
             } else {
@@ -277,18 +277,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     .with_context(|| format!("checkpoint {}", input.display()))?;
             }
             let n = checkpoint::convert(&input, &output)?;
-            print_line(&format!("wrote {n} tensors to {}", output.display()))?;
+            print_line(format_args!("wrote {n} tensors to {}", output.display()))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Eval(args) => {
             for line in coca_worker::eval::cli::run(&args)? {
-                print_line(&line.to_string())?;
+                print_line(line)?;
             }
             Ok(ExitCode::SUCCESS)
         }
         Command::Embed(args) => {
             if let Some(n) = coca_worker::eval::embed::run(&args)? {
-                print_line(&format!("wrote {n} embeddings to {}", args.out.display()))?;
+                print_line(format_args!(
+                    "wrote {n} embeddings to {}",
+                    args.out.display()
+                ))?;
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -306,7 +309,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 image_size,
                 batch,
             })?;
-            print_line(&line.to_string())?;
+            print_line(line)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::BenchMemory {
@@ -331,7 +334,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 device,
             };
             for line in coca_worker::bench_memory::run(&opts)? {
-                print_line(&line.to_string())?;
+                print_line(line)?;
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -355,8 +358,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     iters,
                 )?;
                 if ctx.is_main() {
-                    print_line(
-                        &serde_json::json!({
+                    print_line(serde_json::json!({
                             "collective": "all_reduce",
                             "backend": world.backend,
                             "device": coca_worker::device::device_name(&device),
@@ -365,9 +367,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                             "seconds": report.seconds,
                             "algbw_gb_s": report.algbw_gbps,
                             "busbw_gb_s": report.busbw_gbps,
-                        })
-                        .to_string(),
-                    )?;
+                    }))?;
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -393,7 +393,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 grad_checkpointing,
             })?;
             if let Some(line) = line {
-                print_line(&line.to_string())?;
+                print_line(line)?;
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -3,6 +3,7 @@
 //! (which `println!` raises on a closed pipe, since Rust ignores SIGPIPE).
 
 use anyhow::{Context, Result};
+use std::fmt::Display;
 use std::io::Write;
 
 /// Standard output was closed by its reader: the command stops, printing nothing more.
@@ -15,7 +16,7 @@ pub struct OutputClosed;
 pub const EXIT_OUTPUT_CLOSED: u8 = 141;
 
 /// Writes `line` and a line end to `out`; a closed pipe is [`OutputClosed`].
-pub fn write_line(out: &mut impl Write, line: &str) -> Result<()> {
+pub fn write_line(out: &mut impl Write, line: impl Display) -> Result<()> {
     match writeln!(out, "{line}").and_then(|()| out.flush()) {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(OutputClosed.into()),
         other => other.context("writing to standard output"),
@@ -23,7 +24,7 @@ pub fn write_line(out: &mut impl Write, line: &str) -> Result<()> {
 }
 
 /// [`write_line`] to standard output.
-pub fn print_line(line: &str) -> Result<()> {
+pub fn print_line(line: impl Display) -> Result<()> {
     write_line(&mut std::io::stdout().lock(), line)
 }
 

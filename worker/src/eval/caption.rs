@@ -192,7 +192,7 @@ pub fn run(args: &CaptionArgs) -> Result<()> {
             .context("gathering the ranks' captions")?;
         if ctx.is_main() {
             for (path, caption) in images[deal.round(round.get())].iter().zip(all) {
-                print_line(&format!("{}\t{caption}", path.display()))?;
+                print_line(format_args!("{}\t{caption}", path.display()))?;
             }
         }
         round.set(round.get() + 1);

@@ -99,7 +99,7 @@ pub fn report(
     let path = output_dir.join("demo_results.json");
     write_bytes_atomically(&path, &serde_json::to_vec_pretty(&results)?)
         .with_context(|| format!("cannot write {}", path.display()))?;
-    print_line(&format!(
+    print_line(format_args!(
         "zero-shot on {} held-out synthetic images over {} classes: top-1 {:.1}% top-5 {:.1}% (chance {:.1}%)",
         HELD_OUT,
         results.classes,
@@ -112,7 +112,7 @@ pub fn report(
         .iter()
         .map(|(name, acc)| format!("{name} {:.0}%", 100.0 * acc))
         .collect();
-    print_line(&format!(
+    print_line(format_args!(
         "greedy captions of {} held-out images: {:.0}% exactly right; attributes right: {}",
         results.captions.len(),
         100.0 * exact,
@@ -120,7 +120,7 @@ pub fn report(
     ))?;
     print_line("some of them (generated | true):")?;
     for (generated, truth) in results.captions.iter().take(CAPTIONS_SHOWN) {
-        print_line(&format!("  {generated} | {truth}"))?;
+        print_line(format_args!("  {generated} | {truth}"))?;
     }
     Ok(results)
 }
