@@ -3,27 +3,33 @@
 # profiler libcoca_kernel_profile.so), without a GPU:
 # installs (or reuses) the toolchain of scripts/cuda/toolchain.sh, builds with the worker's `cuda`
 # feature into target/cuda (beside the CPU build's target/release, never over it) and checks that
-# the worker links the CUDA libraries by SONAME only (no path to the link stubs baked in).
+# the worker starts without any CUDA library: it links none (the CUDA runtime statically), opens
+# the driver, cuBLAS, cuRAND and NCCL when a GPU is first asked for, and computes on the CPU here.
 #
 #   scripts/cuda/build.sh             # build and check
 #   scripts/cuda/build.sh --pack      # also target/cuda/dist/{coca-worker,coca-launch}.xz: stripped,
 #                                     # `xz -9`, to carry to a GPU machine (+ SHA256SUMS), and
 #                                     # the kernel profiler libcoca_kernel_profile.so
+#   scripts/cuda/build.sh --test      # also the worker's tests in this build, on the CPU (those
+#                                     # that need a GPU skip themselves): what CI runs
 #   scripts/cuda/build.sh --compute-cap 80 [-- <more cargo build arguments>]
 #
-# The binaries need an NVIDIA driver (libcuda.so.1) and the CUDA 13 libraries (libcublas.so.13,
-# libcublasLt.so.13, libcurand.so.10, libcudart.so.13, ...) to start; see the README's "GPU".
+# On the GPU they need an NVIDIA driver (libcuda.so.1) and the CUDA 13 libraries (libcublas.so.13,
+# libcublasLt.so.13, libcurand.so.10; libnccl.so.2 for jobs of several GPUs) on the library
+# path; see the README's "GPU".
 set -euo pipefail
 
 die() { echo "build.sh: error: $*" >&2; exit 1; }
 say() { echo "build.sh: $*" >&2; }
 
 PACK=0
+TEST=0
 TOOLCHAIN_ARGS=(--env)
 CARGO_EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --pack) PACK=1 ;;
+    --test) TEST=1 ;;
     --compute-cap) [ $# -ge 2 ] || die "--compute-cap needs a value (e.g. 90)"; TOOLCHAIN_ARGS+=(--compute-cap "$2"); shift ;;
     --compute-cap=*) TOOLCHAIN_ARGS+=(--compute-cap "${1#*=}") ;;
     --) shift; CARGO_EXTRA=("$@"); break ;;
@@ -45,8 +51,8 @@ TARGET_DIR=target/cuda
 # Features of the CUDA build. The launcher has no device code and does not depend on the worker;
 # it is built here only so that it sits beside the worker it starts (it runs the coca-worker in
 # its own folder).
-# `nccl` (= cuda + NCCL) links libnccl.so.2 through the toolchain's link stub; at run time the
-# nvidia-nccl-cu13 wheel's lib folder provides it (LD_LIBRARY_PATH).
+# `nccl` (= cuda + NCCL) opens libnccl.so.2 when a GPU job first needs it; the nvidia-nccl-cu13
+# wheel's lib folder provides it (LD_LIBRARY_PATH).
 FEATURES=(coca-worker/cuda coca-worker/nccl)
 PACKAGES=(-p coca-worker -p coca-launch)
 
@@ -61,12 +67,15 @@ for b in coca-worker coca-launch; do
   [ -x "$BIN/$b" ] || die "$BIN/$b was not produced"
 done
 
-# The check: the worker needs the driver and the CUDA libraries by SONAME, and no RPATH/RUNPATH
-# or path (to the stubs or the toolchain cache) is recorded in its dynamic section.
+# The check: the worker records no CUDA library among its NEEDED entries (it would not start
+# without one) and no RPATH/RUNPATH or path in its dynamic section.
 DYN="$(readelf -d "$BIN/coca-worker")"
 NEEDED="$(sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p' <<<"$DYN")"
-for lib in libcuda.so.1 libcublas.so.13 libcurand.so.10 libcudart.so.13 libnccl.so.2; do
-  grep -qx "$lib" <<<"$NEEDED" || die "$BIN/coca-worker does not link $lib (NEEDED: $(echo $NEEDED)): are the cuda and nccl features on?"
+for lib in $NEEDED; do
+  case "$lib" in
+    libcuda.*|libcublas*|libcurand*|libcudart*|libnccl*|libnvrtc*)
+      die "$BIN/coca-worker links $lib (NEEDED: $(echo $NEEDED)): the CUDA build must open the CUDA libraries at run time (cudarc's dynamic-loading) and link the runtime statically (worker/build.rs)" ;;
+  esac
 done
 if grep -qE '\((RPATH|RUNPATH)\)' <<<"$DYN"; then
   die "$BIN/coca-worker has an RPATH/RUNPATH: $(grep -E 'RPATH|RUNPATH' <<<"$DYN")"
@@ -75,6 +84,7 @@ if grep -q / <<<"$NEEDED"; then
   die "$BIN/coca-worker records a library by path: $(grep / <<<"$NEEDED")"
 fi
 say "coca-worker NEEDED: $(echo $NEEDED)"
+scripts/cuda/runs_without_gpu.sh "$BIN/coca-worker" || die "the CUDA worker failed its run without a GPU (scripts/cuda/runs_without_gpu.sh)"
 
 # The kernel profiler for the GPU machine (scripts/cuda/kernel_profile.c): a CUPTI injection
 # library that needs libcupti.so.13 at run time (PyTorch's environment has it), by SONAME only.
@@ -110,6 +120,14 @@ want = (1, 10, 6, 2, {"matmul": 4, "fused_ops": 1, "memcpy": 1, "memset": 1})
 assert (got[0], round(got[1]), round(got[2]), got[3], got[4]) == want, f"{got} != {want}"
 ' || die "the kernel profiler's records or summary are wrong (scripts/cuda/kernel_profile_check.c)"
 say "kernel profiler: $PROFILER (checked against a stand-in CUPTI)"
+
+if [ "$TEST" = 1 ]; then
+  say "cargo test --release --target-dir $TARGET_DIR -p coca-worker --features ${FEATURES[*]}"
+  start=$SECONDS
+  cargo test --release --target-dir "$TARGET_DIR" -p coca-worker \
+    --features "$(IFS=,; echo "${FEATURES[*]}")" || die "the worker's tests failed in the CUDA build"
+  say "the worker's tests passed in the CUDA build in $((SECONDS - start)) s"
+fi
 
 if [ "$PACK" = 1 ]; then
   command -v xz >/dev/null || die "xz is required for --pack (apt-get install xz-utils)"

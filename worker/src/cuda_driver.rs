@@ -1,7 +1,11 @@
 //! Checks before a CUDA device is opened, so that a machine that cannot run this build fails
-//! with the cause and what to do, not with a driver error code at the first kernel: a driver
-//! that initialises, one new enough for the build's PTX (CUDA 13.0, driver 580 or newer), and
-//! a device index among the visible GPUs.
+//! with the cause and what to do, not with a driver error code at the first kernel (or, as
+//! cudarc does when a library is missing, a panic): the driver and the CUDA libraries present,
+//! a driver that initialises, one new enough for the build's PTX (CUDA 13.0, driver 580 or
+//! newer), and a device index among the visible GPUs.
+//!
+//! The CUDA build opens the driver and the libraries when a device is first asked for (cudarc's
+//! `dynamic-loading`), so it starts, and computes on the CPU, where they are absent.
 
 use anyhow::{bail, Result};
 
@@ -9,16 +13,100 @@ use anyhow::{bail, Result};
 /// 1000 × major + 10 × minor): CUDA 13.0, the toolchain `scripts/cuda/toolchain.sh` pins.
 pub const REQUIRED_DRIVER_CUDA: i32 = 13000;
 
-/// Checks the driver and that `ordinal` names a visible GPU (CPU builds have nothing to check).
+/// What a machine without the NVIDIA driver is told.
+#[cfg(feature = "cuda")]
+const NO_DRIVER: &str = "no NVIDIA driver on this machine (libcuda.so.1 could not be loaded): \
+     run GPU work where a GPU and its driver (580 or newer) are installed, or use --device cpu";
+
+/// Whether the driver's library can be loaded (nothing is initialised).
+#[cfg(feature = "cuda")]
+fn driver_present() -> bool {
+    // SAFETY: loading and unloading libcuda runs no CUDA call.
+    unsafe { candle_core::cuda_backend::cudarc::driver::sys::is_culib_present() }
+}
+
+/// Why `--device auto` computes on the CPU: the reason no GPU is usable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NoGpu {
+    /// A CPU build.
+    NotBuilt,
+    /// libcuda.so.1 does not load: no NVIDIA driver on this machine.
+    NoDriver,
+    /// The driver loads but `cuInit` fails (a broken install, a driver/kernel mismatch).
+    DriverFailed(String),
+    /// The driver works and no GPU is visible (`CUDA_VISIBLE_DEVICES` as set).
+    NoneVisible(String),
+}
+
+impl NoGpu {
+    /// Whether the user should hear of it: a driver that is there but fails is a fault, the
+    /// rest are how the machine is.
+    pub fn is_fault(&self) -> bool {
+        matches!(self, Self::DriverFailed(_))
+    }
+}
+
+impl std::fmt::Display for NoGpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NotBuilt => f.write_str("this build has no CUDA"),
+            Self::NoDriver => f.write_str("no NVIDIA driver (libcuda.so.1 could not be loaded)"),
+            Self::DriverFailed(e) => write!(f, "the NVIDIA driver did not initialise ({e})"),
+            Self::NoneVisible(visible) => {
+                write!(f, "no GPU is visible (CUDA_VISIBLE_DEVICES={visible})")
+            }
+        }
+    }
+}
+
+/// `None` when this process can compute on a GPU (the build has CUDA, the driver loads and
+/// initialises, a GPU is visible), else why not. What `--device auto` asks; never fails.
+#[cfg(feature = "cuda")]
+pub fn why_no_gpu() -> Option<NoGpu> {
+    use candle_core::cuda_backend::cudarc::driver::result;
+    if !driver_present() {
+        return Some(NoGpu::NoDriver);
+    }
+    if let Err(e) = result::init() {
+        return Some(NoGpu::DriverFailed(e.to_string()));
+    }
+    match result::device::get_count() {
+        Ok(count) if count > 0 => None,
+        _ => Some(NoGpu::NoneVisible(
+            std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_else(|_| "(unset)".into()),
+        )),
+    }
+}
+
+/// A CPU build has no GPU to use.
+#[cfg(not(feature = "cuda"))]
+pub fn why_no_gpu() -> Option<NoGpu> {
+    Some(NoGpu::NotBuilt)
+}
+
+/// Checks the driver, the libraries a device needs, and that `ordinal` names a visible GPU
+/// (CPU builds have nothing to check).
 #[cfg(feature = "cuda")]
 pub fn check(ordinal: usize) -> Result<()> {
-    use candle_core::cuda_backend::cudarc::driver::{result, sys};
+    use candle_core::cuda_backend::cudarc::{cublas, curand, driver::result, driver::sys};
+    if !driver_present() {
+        bail!("{NO_DRIVER}");
+    }
+    // SAFETY (both): loading and unloading a library runs no CUDA call.
+    let libraries = [
+        ("libcublas.so.13 (cuBLAS)", unsafe {
+            cublas::sys::is_culib_present()
+        }),
+        ("libcurand.so.10 (cuRAND)", unsafe {
+            curand::sys::is_culib_present()
+        }),
+    ];
+    check_libraries(&libraries)?;
     let visible = std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_else(|_| "(unset)".into());
     if let Err(e) = result::init() {
         bail!(
-            "the NVIDIA driver did not initialise ({e}): this is the CUDA build; run it where a \
-             GPU and its driver (580 or newer) are installed, or use the CPU build \
-             (target/release/coca-worker) with --device cpu"
+            "the NVIDIA driver did not initialise ({e}): run GPU work where a GPU and its \
+             driver (580 or newer) are installed, or use --device cpu"
         );
     }
     let mut version = 0;
@@ -29,6 +117,26 @@ pub fn check(ordinal: usize) -> Result<()> {
     let count = result::device::get_count()
         .map_err(|e| anyhow::anyhow!("counting the visible GPUs: {e}"))?;
     check_values(version, count.max(0) as usize, ordinal, &visible)
+}
+
+/// Names the CUDA libraries (of `(name, present)`) that could not be loaded, and where they
+/// come from.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn check_libraries(libraries: &[(&str, bool)]) -> Result<()> {
+    let missing: Vec<&str> = libraries
+        .iter()
+        .filter(|(_, present)| !present)
+        .map(|(name, _)| *name)
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "the CUDA 13 libraries {} could not be loaded: put their folder on LD_LIBRARY_PATH \
+             (a CUDA 13 toolkit's lib64, or PyTorch's site-packages/nvidia/cu13/lib), or use \
+             --device cpu",
+            missing.join(", ")
+        );
+    }
+    Ok(())
 }
 
 /// A CPU build opens no CUDA device.
@@ -67,6 +175,38 @@ fn check_values(version: i32, count: usize, ordinal: usize, visible: &str) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn missing_libraries_are_named_with_where_they_come_from() {
+        assert!(check_libraries(&[("a", true), ("b", true)]).is_ok());
+        let err = check_libraries(&[("libcublas.so.13 (cuBLAS)", false), ("libthere.so", true)])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("libcublas.so.13 (cuBLAS)"), "{err}");
+        assert!(!err.contains("libthere.so"), "{err}");
+        assert!(
+            err.contains("LD_LIBRARY_PATH") && err.contains("--device cpu"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn no_gpu_is_seen_without_a_driver() {
+        // This holds on the machines CI and these tests run on (no NVIDIA driver); on a GPU
+        // machine the check is that the answer and the driver's presence agree.
+        if std::path::Path::new("/proc/driver/nvidia").exists() {
+            eprintln!("skipped: this machine has an NVIDIA driver");
+            return;
+        }
+        assert!(why_no_gpu().is_some_and(|why| !why.is_fault()));
+        if cfg!(feature = "cuda") {
+            let err = check(0).unwrap_err().to_string();
+            assert!(
+                err.contains("libcuda.so.1") && err.contains("--device cpu"),
+                "{err}"
+            );
+        }
+    }
 
     #[test]
     fn old_drivers_missing_gpus_and_bad_indices_are_named() {

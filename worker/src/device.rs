@@ -14,7 +14,7 @@ use std::str::FromStr;
 
 /// What a CPU build says when CUDA is asked for.
 pub const CUDA_BUILD_HINT: &str = "this coca-worker was built without CUDA: build one with \
-     `scripts/cuda/build.sh` and run target/cuda/release/coca-worker (it needs an NVIDIA driver)";
+     `scripts/cuda/build.sh` and run target/cuda/release/coca-worker (it computes on the CPU too)";
 
 /// The device flag as the user wrote it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -141,26 +141,34 @@ impl DeviceArgs {
 }
 
 impl DeviceChoice {
-    /// Whether [`Self::open`] gives a GPU (or fails trying to): `cuda:N`, or `auto` in a CUDA
-    /// build. Decided without touching the driver, for the checks made before any worker
-    /// starts.
+    /// Whether [`Self::open`] gives a GPU (or fails trying to): `cuda:N`, or `auto` where a
+    /// GPU is usable (for the checks made before any worker starts).
     pub fn is_gpu(self) -> bool {
         match self {
             Self::Cpu => false,
             Self::Cuda(_) => true,
-            Self::Auto => cuda_built(),
+            Self::Auto => launched_for_gpu() || crate::cuda_driver::why_no_gpu().is_none(),
         }
     }
 
     /// The device, checked: a CPU build asked for CUDA, a missing driver or an index beyond the
-    /// visible GPUs is an error naming the cause.
+    /// visible GPUs is an error naming the cause. `auto` is the CPU where no GPU is usable
+    /// (said in the log), except in a worker the launcher started for a GPU.
     pub fn open(self) -> Result<Device> {
         match self {
             Self::Cpu => Ok(Device::Cpu),
-            Self::Auto if cuda_built() && candle_core::utils::cuda_is_available() => {
-                open_cuda(0).context("--device auto found a GPU but could not open it")
-            }
-            Self::Auto => Ok(Device::Cpu),
+            Self::Auto if launched_for_gpu() => Self::Cuda(0).open(),
+            Self::Auto => match crate::cuda_driver::why_no_gpu() {
+                None => open_cuda(0).context("--device auto found a GPU but could not open it"),
+                Some(why) => {
+                    if why.is_fault() {
+                        tracing::warn!("--device auto: {why}; computing on the CPU");
+                    } else if cuda_built() {
+                        tracing::info!("--device auto: {why}; computing on the CPU");
+                    }
+                    Ok(Device::Cpu)
+                }
+            },
             Self::Cuda(_) if !cuda_built() => bail!("--device {self}: {CUDA_BUILD_HINT}"),
             Self::Cuda(ordinal) => open_cuda(ordinal),
         }
@@ -199,7 +207,10 @@ mod tests {
     fn a_gpu_is_named_or_auto_in_a_cuda_build() {
         assert!(!DeviceChoice::Cpu.is_gpu());
         assert!(DeviceChoice::Cuda(1).is_gpu());
-        assert_eq!(DeviceChoice::Auto.is_gpu(), cuda_built());
+        assert_eq!(
+            DeviceChoice::Auto.is_gpu(),
+            launched_for_gpu() || crate::cuda_driver::why_no_gpu().is_none()
+        );
     }
 
     #[test]

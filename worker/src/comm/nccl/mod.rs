@@ -1,9 +1,11 @@
-//! NCCL between GPU workers (`--features nccl`): a thin wrapper of our own over cudarc's raw
-//! bindings ([`raw`]) and the [`Communicator`](super::Communicator) it serves
+//! NCCL between GPU workers (`--features nccl`): the library opened at run time ([`library`]),
+//! a thin wrapper of our own over its raw functions ([`raw`]) and the
+//! [`Communicator`](super::Communicator) it serves
 //! ([`NcclCommunicator`]). The unique id goes through the control plane's key-value store
 //! (`super::unique_id`), and a watchdog releases blocked collectives (`super::watchdog`).
 
 pub mod communicator;
+pub mod library;
 pub mod raw;
 
 pub use communicator::NcclCommunicator;

@@ -1,15 +1,16 @@
-//! An NCCL communicator over cudarc's raw `result`/`sys` layer: created non-blocking
+//! An NCCL communicator over the raw functions of [`super::library`]: created non-blocking
 //! (`ncclCommInitRankConfig` with `blocking = 0`) and polled to completion with a deadline,
 //! abortable from another thread, errors with NCCL's own text.
 //!
 //! cudarc's safe `Comm` is not used: it inits blocking (a dead peer hangs the init), has no
-//! abort, no `Send`/`Sync`, and its `Drop` panics on error. The bindings are cudarc's
-//! `nccl-02030` (through candle-core's `nccl` feature, the only NCCL version feature enabled);
-//! `ncclConfig_t` is passed with its size and version, and NCCL copies only the prefix it knows,
-//! so an older 2.x library reads the fields it has.
+//! abort, no `Send`/`Sync`, and its `Drop` panics on error. The types are cudarc's
+//! `nccl-02030` bindings (through candle-core's `nccl` feature, the only NCCL version feature
+//! enabled); `ncclConfig_t` is passed with its size and version, and NCCL copies only the
+//! prefix it knows, so an older 2.x library reads the fields it has.
 
+use super::library::{functions, Functions};
 use anyhow::{bail, Result};
-use candle_core::cuda_backend::cudarc::nccl::{result, sys};
+use candle_core::cuda_backend::cudarc::nccl::sys;
 use std::ffi::{c_int, c_void, CStr};
 use std::sync::atomic::{AtomicPtr, Ordering};
 use std::time::{Duration, Instant};
@@ -24,10 +25,19 @@ const MIN_LIBRARY_VERSION: c_int = 21900;
 /// How often a pending non-blocking call is polled.
 const POLL: Duration = Duration::from_micros(50);
 
+/// Whether a call's result means it succeeded or was accepted and is still running (what a
+/// non-blocking communicator answers).
+fn accepted(code: sys::ncclResult_t) -> bool {
+    matches!(
+        code,
+        sys::ncclResult_t::ncclSuccess | sys::ncclResult_t::ncclInProgress
+    )
+}
+
 /// NCCL's text for `code`.
-fn error_string(code: sys::ncclResult_t) -> String {
+fn error_string(f: &Functions, code: sys::ncclResult_t) -> String {
     // SAFETY: ncclGetErrorString returns a pointer to a static NUL-terminated string (or null).
-    let ptr = unsafe { sys::ncclGetErrorString(code) };
+    let ptr = unsafe { (f.ncclGetErrorString)(code) };
     if ptr.is_null() {
         return format!("{code:?}");
     }
@@ -38,10 +48,10 @@ fn error_string(code: sys::ncclResult_t) -> String {
 }
 
 /// The library's last error message for `comm` (may be null for "no communicator").
-fn last_error(comm: sys::ncclComm_t) -> String {
+fn last_error(f: &Functions, comm: sys::ncclComm_t) -> String {
     // SAFETY: `comm` is a live communicator or null (allowed); the returned string is owned by
     // NCCL and valid until the next NCCL call on this thread, and is copied at once.
-    let ptr = unsafe { sys::ncclGetLastError(comm) };
+    let ptr = unsafe { (f.ncclGetLastError)(comm) };
     if ptr.is_null() {
         return String::new();
     }
@@ -52,9 +62,14 @@ fn last_error(comm: sys::ncclComm_t) -> String {
 }
 
 /// An error naming `what`, NCCL's text for `code` and its last error message.
-fn nccl_error(what: &str, code: sys::ncclResult_t, comm: sys::ncclComm_t) -> anyhow::Error {
-    let last = last_error(comm);
-    let text = error_string(code);
+fn nccl_error(
+    f: &Functions,
+    what: &str,
+    code: sys::ncclResult_t,
+    comm: sys::ncclComm_t,
+) -> anyhow::Error {
+    let last = last_error(f, comm);
+    let text = error_string(f, code);
     if last.is_empty() {
         anyhow::anyhow!("NCCL {what}: {text}")
     } else {
@@ -64,8 +79,13 @@ fn nccl_error(what: &str, code: sys::ncclResult_t, comm: sys::ncclComm_t) -> any
 
 /// The NCCL library's version code, refused when older than [`MIN_LIBRARY_VERSION`].
 pub fn library_version() -> Result<c_int> {
-    let v = result::get_nccl_version()
-        .map_err(|e| nccl_error("ncclGetVersion", e.0, std::ptr::null_mut()))?;
+    let f = functions()?;
+    let mut v = 0;
+    // SAFETY: ncclGetVersion writes one int through the pointer, which outlives the call.
+    let code = unsafe { (f.ncclGetVersion)(&mut v) };
+    if code != sys::ncclResult_t::ncclSuccess {
+        bail!(nccl_error(f, "ncclGetVersion", code, std::ptr::null_mut()));
+    }
     if v < MIN_LIBRARY_VERSION {
         bail!(
             "the NCCL library is version {v}, older than {MIN_LIBRARY_VERSION} (NCCL 2.19) that \
@@ -78,8 +98,13 @@ pub fn library_version() -> Result<c_int> {
 
 /// A fresh unique id (rank 0 of a group makes it and publishes it through the key-value store).
 pub fn new_unique_id() -> Result<[u8; 128]> {
-    let id = result::get_uniqueid()
-        .map_err(|e| nccl_error("ncclGetUniqueId", e.0, std::ptr::null_mut()))?;
+    let f = functions()?;
+    let mut id = sys::ncclUniqueId { internal: [0; 128] };
+    // SAFETY: ncclGetUniqueId writes one ncclUniqueId through the pointer, which outlives it.
+    let code = unsafe { (f.ncclGetUniqueId)(&mut id) };
+    if code != sys::ncclResult_t::ncclSuccess {
+        bail!(nccl_error(f, "ncclGetUniqueId", code, std::ptr::null_mut()));
+    }
     // `c_char` is i8 on x86-64 and u8 on aarch64: the bytes are moved as they are.
     Ok(id.internal.map(|c| c as u8))
 }
@@ -105,6 +130,7 @@ impl RawOp {
 /// One NCCL communicator. Operations are issued from one thread at a time (the trainer's);
 /// [`RawComm::abort`] may be called from any thread at any time.
 pub struct RawComm {
+    f: &'static Functions,
     comm: AtomicPtr<sys::ncclComm>,
     rank: usize,
     size: usize,
@@ -123,6 +149,7 @@ impl RawComm {
     /// `timeout` (the init is aborted, not left hanging).
     pub fn init(id: &[u8; 128], rank: usize, size: usize, timeout: Duration) -> Result<Self> {
         library_version()?;
+        let f = functions()?;
         let mut unique = sys::ncclUniqueId { internal: [0; 128] };
         for (dst, src) in unique.internal.iter_mut().zip(id) {
             *dst = *src as _;
@@ -132,7 +159,7 @@ impl RawComm {
         // SAFETY: `comm` and `config` are valid for writes/reads for the call; the config is
         // fully initialised (undefined ints, null pointers) with its size, magic and version.
         let status = unsafe {
-            result::comm_init_rank_config(
+            (f.ncclCommInitRankConfig)(
                 &mut comm,
                 c_int::try_from(size)?,
                 unique,
@@ -141,12 +168,13 @@ impl RawComm {
             )
         };
         let raw = RawComm {
+            f,
             comm: AtomicPtr::new(comm),
             rank,
             size,
         };
-        if let Err(e) = status {
-            bail!(nccl_error("ncclCommInitRankConfig", e.0, comm));
+        if !accepted(status) {
+            bail!(nccl_error(f, "ncclCommInitRankConfig", status, comm));
         }
         raw.wait("ncclCommInitRankConfig", Instant::now() + timeout)?;
         Ok(raw)
@@ -178,9 +206,9 @@ impl RawComm {
             let mut state = sys::ncclResult_t::ncclSuccess;
             // SAFETY: `comm` is live (not yet aborted; an abort racing this call is allowed by
             // NCCL) and `state` is valid for the write.
-            let code = unsafe { sys::ncclCommGetAsyncError(comm, &mut state) };
+            let code = unsafe { (self.f.ncclCommGetAsyncError)(comm, &mut state) };
             if code != sys::ncclResult_t::ncclSuccess {
-                bail!(nccl_error("ncclCommGetAsyncError", code, comm));
+                bail!(nccl_error(self.f, "ncclCommGetAsyncError", code, comm));
             }
             match state {
                 sys::ncclResult_t::ncclSuccess => return Ok(()),
@@ -193,7 +221,7 @@ impl RawComm {
                         "NCCL {what}: not complete by its deadline; the communicator was aborted"
                     );
                 }
-                error => bail!(nccl_error(what, error, comm)),
+                error => bail!(nccl_error(self.f, what, error, comm)),
             }
         }
     }
@@ -205,7 +233,7 @@ impl RawComm {
         if !comm.is_null() {
             // SAFETY: `comm` was live and is aborted exactly once (the swap above); no new call
             // can take it (the handle is now null). The result is ignored: nothing can be done.
-            let _ = unsafe { result::comm_abort(comm) };
+            let _ = unsafe { (self.f.ncclCommAbort)(comm) };
         }
     }
 
@@ -231,23 +259,24 @@ impl RawComm {
         let f32_ = sys::ncclDataType_t::ncclFloat32;
         let (s, r) = (send as *const c_void, recv as *mut c_void);
         let stream = stream as sys::cudaStream_t;
+        let f = self.f;
         // SAFETY: the caller's contract above; `comm` is live.
         let status = unsafe {
             match kind {
                 RawKind::AllReduce(op) => {
-                    result::all_reduce(s, r, count, f32_, op.nccl(), comm, stream)
+                    (f.ncclAllReduce)(s, r, count, f32_, op.nccl(), comm, stream)
                 }
                 RawKind::ReduceScatter(op) => {
-                    result::reduce_scatter(s, r, count, f32_, op.nccl(), comm, stream)
+                    (f.ncclReduceScatter)(s, r, count, f32_, op.nccl(), comm, stream)
                 }
-                RawKind::AllGather => result::all_gather(s, r, count, f32_, comm, stream),
+                RawKind::AllGather => (f.ncclAllGather)(s, r, count, f32_, comm, stream),
                 RawKind::Broadcast(root) => {
-                    result::broadcast(s, r, count, f32_, c_int::try_from(root)?, comm, stream)
+                    (f.ncclBroadcast)(s, r, count, f32_, c_int::try_from(root)?, comm, stream)
                 }
             }
         };
-        if let Err(e) = status {
-            bail!(nccl_error(what, e.0, comm));
+        if !accepted(status) {
+            bail!(nccl_error(f, what, status, comm));
         }
         self.wait(what, Instant::now() + Duration::from_secs(600))
     }
