@@ -6,4 +6,6 @@
 
 pub mod context;
 pub mod job_groups;
+#[cfg(test)]
+pub mod loopback_ring;
 pub mod share;

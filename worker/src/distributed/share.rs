@@ -184,34 +184,11 @@ mod tests {
     /// two rounds, exactly one) come back whole and in rank order on every rank.
     #[test]
     fn bytes_of_any_length_gather_in_rounds() {
-        use coca_common::collective::ring::RingCollective;
-        use coca_common::collective::MemoryKeyValue;
-        use std::net::{IpAddr, Ipv4Addr};
-        let kv = MemoryKeyValue::new();
         let parts: [&[u8]; 3] = [b"", b"123456789", b"abcd"];
-        let members = [0, 1, 2];
-        let got: Vec<Vec<Vec<u8>>> = std::thread::scope(|s| {
-            let joins: Vec<_> = members
-                .iter()
-                .map(|&rank| {
-                    let kv = &kv;
-                    s.spawn(move || {
-                        let ring = RingCollective::connect(
-                            "share-bytes",
-                            &members,
-                            rank,
-                            IpAddr::V4(Ipv4Addr::LOCALHOST),
-                            kv,
-                            b"test token",
-                            std::time::Duration::from_secs(30),
-                        )
-                        .unwrap();
-                        all_gather_bytes_in_rounds(&ring, parts[rank], 4).unwrap()
-                    })
-                })
-                .collect();
-            joins.into_iter().map(|j| j.join().unwrap()).collect()
-        });
+        let got =
+            crate::distributed::loopback_ring::on_loopback_ring("share-bytes", 3, |rank, ring| {
+                all_gather_bytes_in_rounds(ring.as_ref(), parts[rank], 4).unwrap()
+            });
         let expected: Vec<Vec<u8>> = parts.iter().map(|p| p.to_vec()).collect();
         for (rank, g) in got.iter().enumerate() {
             assert_eq!(g, &expected, "rank {rank}");

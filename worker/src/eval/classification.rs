@@ -1,13 +1,12 @@
 //! Zero-shot classification of an ImageFolder (`eval --classification_eval DIR`), with the
 //! text classifier cached in a file keyed by the weights, class names and templates.
 
+use super::host_gather::gather_rows_via_host;
 use super::image_batches::ImageBatches;
 use super::zeroshot::{zero_shot_classifier, zero_shot_logits};
-use crate::comm::HostTransport;
 use crate::data::image_folder::ImageFolder;
 use crate::data::tokenizer::ClipTokenizer;
 use crate::distributed::share::block;
-use crate::model::ops::collective::all_gather_rows;
 use crate::model::CoCa;
 use crate::rng::hash_str;
 use anyhow::{ensure, Context, Result};
@@ -105,14 +104,15 @@ pub fn folder_classifier(
     }
     let tokenizer = ClipTokenizer::new()?;
     let names = &folder.classnames()[block(folder.classnames().len(), comm.rank(), comm.size())];
+    // A rank with no class (fewer classes than ranks) sends an empty host tensor.
     let mine = if names.is_empty() {
-        Tensor::zeros((0, model.config.embed_dim), DType::F32, model.device())?
+        Tensor::zeros((0, model.config.embed_dim), DType::F32, &Device::Cpu)?
     } else {
         zero_shot_classifier(model, &tokenizer, names, folder.templates(), model.device())?
             .t()?
             .contiguous()?
     };
-    let classifier = all_gather_rows(&mine, &HostTransport::shared(comm.clone()))?
+    let classifier = gather_rows_via_host(&mine, comm, model.device())?
         .t()?
         .contiguous()?;
     if let (Some(p), 0) = (cache, comm.rank()) {

@@ -1,18 +1,17 @@
 //! `coca-worker embed`: L2-normalised image or text embeddings written to `.safetensors`
 //! (tensor `embeddings`) or `.npy` (float32, C order).
 
+use super::host_gather::gather_rows_via_host;
 use super::image_batches::ImageBatches;
 use super::model_args::ModelArgs;
 use crate::atomic_file::write_bytes_atomically;
 use crate::checkpoint::write_safetensors_atomic;
 use crate::cli::precision::PrecisionArgs;
-use crate::comm::HostTransport;
 use crate::data::image_inputs::{expand_image_inputs, paths_file_for, paths_text};
 use crate::data::tokenizer::ClipTokenizer;
 use crate::distributed::context::RankContext;
 use crate::distributed::share::DealtBatches;
 use crate::hub::{Hub, HubEnv, NodeGate};
-use crate::model::ops::collective::all_gather_rows;
 use crate::model::CoCa;
 use crate::preflight::writable_dir;
 use anyhow::{bail, ensure, Context, Result};
@@ -83,13 +82,15 @@ pub fn embed_each_batch(
     })
 }
 
-/// `parts` concatenated, or `[0, embed_dim]` when there are none.
+/// `parts` concatenated, or `[0, embed_dim]` in host memory when there are none: CUDA has no
+/// zero-size allocation, and the callers that can have none (a rank with an empty share of an
+/// evaluation) move their rows to the host to gather them anyway.
 fn rows_or_none(model: &CoCa, parts: &[Tensor]) -> Result<Tensor> {
     if parts.is_empty() {
         return Ok(Tensor::zeros(
             (0, model.config.embed_dim),
             DType::F32,
-            model.device(),
+            &Device::Cpu,
         )?);
     }
     Ok(Tensor::cat(parts, 0)?)
@@ -282,18 +283,16 @@ pub fn run(args: &EmbedArgs) -> Result<Option<usize>> {
         rank: ctx.world.rank(),
         world: ctx.world.size(),
     };
-    let group = HostTransport::shared(ctx.world.clone());
-    // Between ranks the rows travel through host memory anyway. Gathering them there, a rank
-    // with no batch in the last round sends an empty host tensor, never a zero-size device
-    // allocation (which CUDA refuses), and rank 0 keeps the embeddings in host memory.
+    // Gathered through host memory ([`gather_rows_via_host`]: a rank with no batch in the last
+    // round sends an empty host tensor), and kept there by rank 0 when there are several ranks.
     let gathered_on = match deal.world {
         1 => model.device().clone(),
         _ => Device::Cpu,
     };
     let mut rounds = Vec::with_capacity(if ctx.is_main() { deal.rounds() } else { 0 });
     let mut gather_round = |rows: Tensor| -> Result<()> {
-        let rows = rows.to_device(&gathered_on)?;
-        let all = all_gather_rows(&rows, &group).context("gathering the ranks' embeddings")?;
+        let all = gather_rows_via_host(&rows, &ctx.world, &gathered_on)
+            .context("gathering the ranks' embeddings")?;
         if ctx.is_main() {
             rounds.push(all);
         }

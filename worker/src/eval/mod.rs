@@ -7,6 +7,7 @@ pub mod classification;
 pub mod cli;
 pub mod embed;
 pub mod generate;
+pub mod host_gather;
 pub mod image_batches;
 pub mod karpathy;
 pub mod model_args;

@@ -3,13 +3,12 @@
 //! among the k best texts, a text query when its image is among the k best images.
 
 use super::embed::{embed_images, embed_texts};
+use super::host_gather::gather_rows_via_host;
 use super::image_batches::ImageBatches;
 use super::karpathy::EvalImage;
-use crate::comm::HostTransport;
 use crate::distributed::share::block;
-use crate::model::ops::collective::all_gather_rows;
 use crate::model::CoCa;
-use anyhow::Result;
+use anyhow::{ensure, Result};
 use coca_common::collective::Collective;
 use std::sync::Arc;
 
@@ -70,19 +69,26 @@ pub fn evaluate(
             text_image.push(i);
         }
     }
+    ensure!(
+        !texts.is_empty(),
+        "the retrieval split has {} images and no captions",
+        split.len()
+    );
     let (rank, world) = (comm.rank(), comm.size());
-    let group = HostTransport::shared(comm.clone());
-    let image_emb = all_gather_rows(
+    let device = model.device();
+    let image_emb = gather_rows_via_host(
         &embed_images(model, &paths[block(paths.len(), rank, world)], batches)?,
-        &group,
+        comm,
+        device,
     )?;
-    let text_emb = all_gather_rows(
+    let text_emb = gather_rows_via_host(
         &embed_texts(
             model,
             &texts[block(texts.len(), rank, world)],
             batches.batch_size,
         )?,
-        &group,
+        comm,
+        device,
     )?;
     let scores = image_emb.matmul(&text_emb.t()?)?;
     let i2t: Vec<Vec<f32>> = scores.to_vec2()?;
