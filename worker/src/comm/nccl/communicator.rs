@@ -150,6 +150,8 @@ impl InplaceOp1 for Issue<'_> {
                 .map_err(|e| anyhow::anyhow!("waiting for the collective: {e:?}"))
         });
         done.map_err(|e| {
+            // The error goes on as candle's text: its type (a peer's failure) is noted first.
+            crate::comm::peer_failure::note_collective_error(&e);
             candle_core::Error::Msg(format!("the {} group's {:?}: {e:#}", c.group, self.kind))
         })
     }

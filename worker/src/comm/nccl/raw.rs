@@ -11,6 +11,7 @@
 use super::library::{functions, Functions};
 use anyhow::{bail, Result};
 use candle_core::cuda_backend::cudarc::nccl::sys;
+use coca_common::collective::ring::PeerClosed;
 use std::ffi::{c_int, c_void, CStr};
 use std::sync::atomic::{AtomicPtr, Ordering};
 use std::time::{Duration, Instant};
@@ -70,10 +71,23 @@ fn nccl_error(
 ) -> anyhow::Error {
     let last = last_error(f, comm);
     let text = error_string(f, code);
-    if last.is_empty() {
-        anyhow::anyhow!("NCCL {what}: {text}")
+    let message = if last.is_empty() {
+        format!("NCCL {what}: {text}")
     } else {
-        anyhow::anyhow!("NCCL {what}: {text} ({last})")
+        format!("NCCL {what}: {text} ({last})")
+    };
+    typed(code, message)
+}
+
+/// `message` as the error type the exit code is read from: NCCL's `ncclRemoteError` ("a remote
+/// process exiting prematurely", or the network between) is another rank's failure seen from
+/// here, so the worker exits with the "peer failed" code (75), as after a closed ring
+/// connection, even when the control plane's verdict has not reached it; any other code is
+/// this rank's own error.
+fn typed(code: sys::ncclResult_t, message: String) -> anyhow::Error {
+    match code {
+        sys::ncclResult_t::ncclRemoteError => anyhow::Error::new(PeerClosed(message)),
+        _ => anyhow::anyhow!(message),
     }
 }
 
@@ -338,5 +352,32 @@ fn blocking_off_config() -> sys::ncclConfig_t {
         graphUsageMode: UNDEF,
         numRmaCtx: UNDEF,
         maxP2pPeers: UNDEF,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::comm::peer_failure::{exit_code, EXIT_PEER_FAILED};
+
+    #[test]
+    fn a_remote_error_is_a_peer_failure_and_the_rest_are_this_ranks() {
+        let remote = typed(
+            sys::ncclResult_t::ncclRemoteError,
+            "NCCL ncclAllReduce: remote process exited or there was a network error".into(),
+        );
+        assert!(remote.is::<PeerClosed>());
+        let wrapped = remote.context("the dp group's all-reduce");
+        assert_eq!(exit_code(&wrapped), Some(EXIT_PEER_FAILED));
+        assert!(format!("{wrapped:#}").contains("remote process exited"));
+        for code in [
+            sys::ncclResult_t::ncclSystemError,
+            sys::ncclResult_t::ncclInternalError,
+            sys::ncclResult_t::ncclInvalidUsage,
+            sys::ncclResult_t::ncclUnhandledCudaError,
+        ] {
+            let own = typed(code, format!("NCCL ncclAllReduce: {code:?}"));
+            assert!(!own.is::<PeerClosed>(), "{code:?}");
+        }
     }
 }
