@@ -18,11 +18,18 @@ pub const REQUIRED_DRIVER_CUDA: i32 = 13000;
 const NO_DRIVER: &str = "no NVIDIA driver on this machine (libcuda.so.1 could not be loaded): \
      run GPU work where a GPU and its driver (580 or newer) are installed, or use --device cpu";
 
-/// Whether the driver's library can be loaded (nothing is initialised).
+/// Whether this build has CUDA and the driver's library loads (nothing is initialised: cheap
+/// enough for the checks made before any worker starts).
 #[cfg(feature = "cuda")]
-fn driver_present() -> bool {
+pub fn driver_present() -> bool {
     // SAFETY: loading and unloading libcuda runs no CUDA call.
     unsafe { candle_core::cuda_backend::cudarc::driver::sys::is_culib_present() }
+}
+
+/// A CPU build uses no driver.
+#[cfg(not(feature = "cuda"))]
+pub fn driver_present() -> bool {
+    false
 }
 
 /// Why `--device auto` computes on the CPU: the reason no GPU is usable.

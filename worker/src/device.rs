@@ -141,13 +141,14 @@ impl DeviceArgs {
 }
 
 impl DeviceChoice {
-    /// Whether [`Self::open`] gives a GPU (or fails trying to): `cuda:N`, or `auto` where a
-    /// GPU is usable (for the checks made before any worker starts).
+    /// Whether [`Self::open`] gives a GPU (or fails trying to): `cuda:N`, or `auto` in a CUDA
+    /// build where the NVIDIA driver is installed. Decided without initialising the driver
+    /// (which can take seconds), for the checks made before any worker starts.
     pub fn is_gpu(self) -> bool {
         match self {
             Self::Cpu => false,
             Self::Cuda(_) => true,
-            Self::Auto => launched_for_gpu() || crate::cuda_driver::why_no_gpu().is_none(),
+            Self::Auto => launched_for_gpu() || crate::cuda_driver::driver_present(),
         }
     }
 
@@ -209,7 +210,7 @@ mod tests {
         assert!(DeviceChoice::Cuda(1).is_gpu());
         assert_eq!(
             DeviceChoice::Auto.is_gpu(),
-            launched_for_gpu() || crate::cuda_driver::why_no_gpu().is_none()
+            launched_for_gpu() || crate::cuda_driver::driver_present()
         );
     }
 

@@ -122,8 +122,10 @@ fn load() -> std::result::Result<Loaded, String> {
     Err(format!(
         "the NCCL library could not be loaded ({}): GPU jobs of more than one worker need \
          NCCL 2.19 or newer; install it (e.g. `pip install nvidia-nccl-cu13` and put its \
-         nvidia/nccl/lib folder on LD_LIBRARY_PATH, or the distribution's libnccl2)",
-        failures.join("; ")
+         nvidia/nccl/lib folder on LD_LIBRARY_PATH, or the distribution's libnccl2), or set \
+         {}=host to reduce through host memory instead (slower)",
+        failures.join("; "),
+        crate::distributed::job_groups::GPU_COLLECTIVES_ENV
     ))
 }
 
@@ -156,6 +158,7 @@ mod tests {
                 let text = e.to_string();
                 assert!(text.contains("libnccl.so.2"), "{text}");
                 assert!(text.contains("LD_LIBRARY_PATH"), "{text}");
+                assert!(text.contains("COCA_GPU_COLLECTIVES=host"), "{text}");
             }
         }
     }
