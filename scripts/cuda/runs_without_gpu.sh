@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs a CUDA coca-worker where there is no GPU (this machine, CI): it must start, compute on the
-# CPU (`verify` against the open_clip fixtures with --device auto and --device cpu), and refuse
-# --device cuda with exit 2 and a message naming the missing driver and --device cpu.
+# CPU (`verify` against the open_clip fixtures with --device auto and --device cpu; `embed` on two
+# CPU workers under the coca-launch beside it), and refuse --device cuda with exit 2 and a
+# message naming the missing driver and --device cpu.
 # build.sh calls it after every build.
 #
 #   scripts/cuda/runs_without_gpu.sh target/cuda/release/coca-worker
@@ -29,6 +30,18 @@ if [ -f "$FIXTURES/config.json" ]; then
   grep -q "0 failed" <<<"$out" || die "verify --device cpu did not report its sections: $out"
 else
   say "skipped the verify checks: $FIXTURES is absent"
+fi
+
+# Under the launcher beside it (CPU workers, as on a login node): the five fixture images
+# embedded by two ranks.
+LAUNCHER="$(dirname "$WORKER")/coca-launch"
+if [ -f "$FIXTURES/config.json" ] && [ -x "$LAUNCHER" ]; then
+  TMP="$(mktemp -d)"
+  trap 'rm -rf "$TMP"' EXIT
+  out="$("$LAUNCHER" --nproc-per-node 2 --log-dir "$TMP/logs" -- embed --device cpu \
+    --model "$FIXTURES" --images "$FIXTURES/images" --out "$TMP/e.npy" 2>&1)" ||
+    die "embed under $LAUNCHER with 2 CPU workers failed: $out"
+  grep -q "wrote 5 embeddings" <<<"$out" || die "embed under the launcher did not write 5 rows: $out"
 fi
 
 if [ -e /proc/driver/nvidia ]; then
