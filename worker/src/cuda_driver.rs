@@ -13,11 +13,6 @@ use anyhow::{bail, Result};
 /// 1000 × major + 10 × minor): CUDA 13.0, the toolchain `scripts/cuda/toolchain.sh` pins.
 pub const REQUIRED_DRIVER_CUDA: i32 = 13000;
 
-/// What a machine without the NVIDIA driver is told.
-#[cfg(feature = "cuda")]
-const NO_DRIVER: &str = "no NVIDIA driver on this machine (libcuda.so.1 could not be loaded): \
-     run GPU work where a GPU and its driver (580 or newer) are installed, or use --device cpu";
-
 /// Whether this build has CUDA and the driver's library loads (nothing is initialised: cheap
 /// enough for the checks made before any worker starts).
 #[cfg(feature = "cuda")]
@@ -97,7 +92,11 @@ pub fn why_no_gpu() -> Option<NoGpu> {
 pub fn check(ordinal: usize) -> Result<()> {
     use candle_core::cuda_backend::cudarc::{cublas, curand, driver::result, driver::sys};
     if !driver_present() {
-        bail!("{NO_DRIVER}");
+        bail!(
+            "{}: run GPU work where a GPU and its driver (580 or newer) are installed, or use \
+             --device cpu",
+            NoGpu::NoDriver
+        );
     }
     // SAFETY (both): loading and unloading a library runs no CUDA call.
     let libraries = [

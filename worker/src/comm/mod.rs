@@ -18,6 +18,10 @@ pub mod watchdog;
 
 pub use buffer::{FlatBuffer, Placement, PlacementRule};
 
+/// `COCA_GPU_COLLECTIVES=nccl|host`: which backend a GPU job's collectives use (read by
+/// `distributed::job_groups`; defined here, below it, for NCCL's messages too).
+pub const GPU_COLLECTIVES_ENV: &str = "COCA_GPU_COLLECTIVES";
+
 use anyhow::{ensure, Result};
 use candle_core::Tensor;
 use coca_common::collective::{Collective, ReduceOp, SingleProcess};

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 /// Environment variable choosing a GPU job's collectives: `nccl` (the default in an NCCL
 /// build) or `host`.
-pub const GPU_COLLECTIVES_ENV: &str = "COCA_GPU_COLLECTIVES";
+pub use crate::comm::GPU_COLLECTIVES_ENV;
 
 /// Which backend a GPU job's flat-buffer collectives use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

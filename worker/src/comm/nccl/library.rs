@@ -125,7 +125,7 @@ fn load() -> std::result::Result<Loaded, String> {
          nvidia/nccl/lib folder on LD_LIBRARY_PATH, or the distribution's libnccl2), or set \
          {}=host to reduce through host memory instead (slower)",
         failures.join("; "),
-        crate::distributed::job_groups::GPU_COLLECTIVES_ENV
+        crate::comm::GPU_COLLECTIVES_ENV
     ))
 }
 
