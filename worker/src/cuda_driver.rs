@@ -61,16 +61,23 @@ impl std::fmt::Display for NoGpu {
     }
 }
 
+/// The driver loaded and initialised (`cuInit`, idempotent), or why not.
+#[cfg(feature = "cuda")]
+fn driver_ready() -> std::result::Result<(), NoGpu> {
+    if !driver_present() {
+        return Err(NoGpu::NoDriver);
+    }
+    candle_core::cuda_backend::cudarc::driver::result::init()
+        .map_err(|e| NoGpu::DriverFailed(e.to_string()))
+}
+
 /// `None` when this process can compute on a GPU (the build has CUDA, the driver loads and
 /// initialises, a GPU is visible), else why not. What `--device auto` asks; never fails.
 #[cfg(feature = "cuda")]
 pub fn why_no_gpu() -> Option<NoGpu> {
     use candle_core::cuda_backend::cudarc::driver::result;
-    if !driver_present() {
-        return Some(NoGpu::NoDriver);
-    }
-    if let Err(e) = result::init() {
-        return Some(NoGpu::DriverFailed(e.to_string()));
+    if let Err(why) = driver_ready() {
+        return Some(why);
     }
     match result::device::get_count() {
         Ok(count) if count > 0 => None,
@@ -91,11 +98,10 @@ pub fn why_no_gpu() -> Option<NoGpu> {
 #[cfg(feature = "cuda")]
 pub fn check(ordinal: usize) -> Result<()> {
     use candle_core::cuda_backend::cudarc::{cublas, curand, driver::result, driver::sys};
-    if !driver_present() {
+    if let Err(why) = driver_ready() {
         bail!(
-            "{}: run GPU work where a GPU and its driver (580 or newer) are installed, or use \
-             --device cpu",
-            NoGpu::NoDriver
+            "{why}: run GPU work where a GPU and its driver (580 or newer) are installed, or use \
+             --device cpu"
         );
     }
     // SAFETY (both): loading and unloading a library runs no CUDA call.
@@ -109,12 +115,6 @@ pub fn check(ordinal: usize) -> Result<()> {
     ];
     check_libraries(&libraries)?;
     let visible = std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_else(|_| "(unset)".into());
-    if let Err(e) = result::init() {
-        bail!(
-            "the NVIDIA driver did not initialise ({e}): run GPU work where a GPU and its \
-             driver (580 or newer) are installed, or use --device cpu"
-        );
-    }
     let mut version = 0;
     // SAFETY: cuDriverGetVersion writes one int through the pointer, which outlives the call.
     unsafe { sys::cuDriverGetVersion(&mut version) }
