@@ -114,6 +114,11 @@ pub fn check(ordinal: usize) -> Result<()> {
         }),
     ];
     check_libraries(&libraries)?;
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+    check_cublas_major(
+        cublas_major()?,
+        mapped_library(&maps, "libcublas.so").as_deref(),
+    )?;
     let visible = std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_else(|_| "(unset)".into());
     let mut version = 0;
     // SAFETY: cuDriverGetVersion writes one int through the pointer, which outlives the call.
@@ -140,6 +145,59 @@ fn check_libraries(libraries: &[(&str, bool)]) -> Result<()> {
              (a CUDA 13 toolkit's lib64, or PyTorch's site-packages/nvidia/cu13/lib), or use \
              --device cpu",
             missing.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// The major version of the cuBLAS that cudarc loaded. Its list of names starts with the
+/// unversioned `libcublas.so` and ends with older ones (`libcublas.so.12`, `.11`, ...), so a
+/// CUDA 12 toolkit on the library path would otherwise be taken without a word.
+#[cfg(feature = "cuda")]
+fn cublas_major() -> Result<i32> {
+    use candle_core::cuda_backend::cudarc::cublas::sys;
+    let mut major = 0;
+    // SAFETY: cublasGetProperty writes one int through the pointer, which outlives the call,
+    // and needs no handle or context.
+    let status =
+        unsafe { sys::cublasGetProperty(sys::libraryPropertyType::MAJOR_VERSION, &mut major) };
+    if status != sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+        bail!("asking cuBLAS for its version: {status:?}");
+    }
+    Ok(major)
+}
+
+/// The file of the first library mapped into this process whose name starts with `stem`, from
+/// the text of `/proc/self/maps`: which cuBLAS was loaded, for the message.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn mapped_library(maps: &str, stem: &str) -> Option<String> {
+    maps.lines()
+        .map(|line| {
+            line.split_whitespace()
+                .skip(5)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .find(|path| {
+            std::path::Path::new(path)
+                .file_name()
+                .and_then(|name| name.to_str())
+                .is_some_and(|name| name.starts_with(stem))
+        })
+}
+
+/// Refuses a cuBLAS of another CUDA major version than the build's (`file`: where it was
+/// loaded from, when known).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn check_cublas_major(major: i32, file: Option<&str>) -> Result<()> {
+    let required = REQUIRED_DRIVER_CUDA / 1000;
+    if major != required {
+        bail!(
+            "the cuBLAS loaded ({}) is CUDA {major}'s, and this build needs CUDA {required}'s \
+             libcublas.so.{required}: put its folder (a CUDA {required} toolkit's lib64, or \
+             PyTorch's site-packages/nvidia/cu{required}/lib) first on LD_LIBRARY_PATH, or use \
+             --device cpu",
+            file.unwrap_or("libcublas")
         );
     }
     Ok(())
@@ -194,6 +252,34 @@ mod tests {
             err.contains("LD_LIBRARY_PATH") && err.contains("--device cpu"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_cublas_of_another_cuda_is_refused_naming_its_file() {
+        let maps =
+            "7f00-7f10 r--p 00000000 08:01 42 /opt/cuda-12.4/lib64/libcublasLt.so.12.4.5.8\n\
+                    7f10-7f20 r-xp 00001000 08:01 43 /opt/cuda 12/lib64/libcublas.so.12.4.5.8\n\
+                    7f20-7f30 rw-p 00000000 00:00 0 [heap]\n";
+        let file = mapped_library(maps, "libcublas.so");
+        assert_eq!(
+            file.as_deref(),
+            Some("/opt/cuda 12/lib64/libcublas.so.12.4.5.8")
+        );
+        assert_eq!(mapped_library(maps, "libcurand.so"), None);
+        assert!(check_cublas_major(13, file.as_deref()).is_ok());
+        let err = check_cublas_major(12, file.as_deref())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("/opt/cuda 12/lib64/libcublas.so.12.4.5.8")
+                && err.contains("CUDA 12's")
+                && err.contains("libcublas.so.13")
+                && err.contains("LD_LIBRARY_PATH")
+                && err.contains("--device cpu"),
+            "{err}"
+        );
+        let unknown = check_cublas_major(11, None).unwrap_err().to_string();
+        assert!(unknown.contains("(libcublas) is CUDA 11's"), "{unknown}");
     }
 
     #[test]
