@@ -13,6 +13,10 @@ use anyhow::{bail, Result};
 /// 1000 × major + 10 × minor): CUDA 13.0, the toolchain `scripts/cuda/toolchain.sh` pins.
 pub const REQUIRED_DRIVER_CUDA: i32 = 13000;
 
+/// Where the CUDA 13 libraries come from, for the messages that ask for them.
+const WHERE_CUDA_LIBRARIES: &str =
+    "a CUDA 13 toolkit's lib64, or PyTorch's site-packages/nvidia/cu13/lib";
+
 /// Whether this build has CUDA and the driver's library loads (nothing is initialised: cheap
 /// enough for the checks made before any worker starts).
 #[cfg(feature = "cuda")]
@@ -114,11 +118,10 @@ pub fn check(ordinal: usize) -> Result<()> {
         }),
     ];
     check_libraries(&libraries)?;
-    let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
-    check_cublas_major(
-        cublas_major()?,
-        mapped_library(&maps, "libcublas.so").as_deref(),
-    )?;
+    check_cublas_major(cublas_major()?, || {
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+        mapped_library(&maps, "libcublas.so")
+    })?;
     let visible = std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_else(|_| "(unset)".into());
     let mut version = 0;
     // SAFETY: cuDriverGetVersion writes one int through the pointer, which outlives the call.
@@ -142,8 +145,7 @@ fn check_libraries(libraries: &[(&str, bool)]) -> Result<()> {
     if !missing.is_empty() {
         bail!(
             "the CUDA 13 libraries {} could not be loaded: put their folder on LD_LIBRARY_PATH \
-             (a CUDA 13 toolkit's lib64, or PyTorch's site-packages/nvidia/cu13/lib), or use \
-             --device cpu",
+             ({WHERE_CUDA_LIBRARIES}), or use --device cpu",
             missing.join(", ")
         );
     }
@@ -186,18 +188,17 @@ fn mapped_library(maps: &str, stem: &str) -> Option<String> {
         })
 }
 
-/// Refuses a cuBLAS of another CUDA major version than the build's (`file`: where it was
-/// loaded from, when known).
+/// Refuses a cuBLAS of another CUDA major version than the build's; `file` tells where it was
+/// loaded from, asked only for the message.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-fn check_cublas_major(major: i32, file: Option<&str>) -> Result<()> {
+fn check_cublas_major(major: i32, file: impl FnOnce() -> Option<String>) -> Result<()> {
     let required = REQUIRED_DRIVER_CUDA / 1000;
     if major != required {
         bail!(
             "the cuBLAS loaded ({}) is CUDA {major}'s, and this build needs CUDA {required}'s \
-             libcublas.so.{required}: put its folder (a CUDA {required} toolkit's lib64, or \
-             PyTorch's site-packages/nvidia/cu{required}/lib) first on LD_LIBRARY_PATH, or use \
-             --device cpu",
-            file.unwrap_or("libcublas")
+             libcublas.so.{required}: put its folder ({WHERE_CUDA_LIBRARIES}) first on \
+             LD_LIBRARY_PATH, or use --device cpu",
+            file().as_deref().unwrap_or("libcublas")
         );
     }
     Ok(())
@@ -266,8 +267,8 @@ mod tests {
             Some("/opt/cuda 12/lib64/libcublas.so.12.4.5.8")
         );
         assert_eq!(mapped_library(maps, "libcurand.so"), None);
-        assert!(check_cublas_major(13, file.as_deref()).is_ok());
-        let err = check_cublas_major(12, file.as_deref())
+        assert!(check_cublas_major(13, || unreachable!("asked only for a message")).is_ok());
+        let err = check_cublas_major(12, || file.clone())
             .unwrap_err()
             .to_string();
         assert!(
@@ -278,7 +279,7 @@ mod tests {
                 && err.contains("--device cpu"),
             "{err}"
         );
-        let unknown = check_cublas_major(11, None).unwrap_err().to_string();
+        let unknown = check_cublas_major(11, || None).unwrap_err().to_string();
         assert!(unknown.contains("(libcublas) is CUDA 11's"), "{unknown}");
     }
 
