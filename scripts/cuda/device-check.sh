@@ -9,8 +9,11 @@
 # when it prints one), "tail" (its last output lines when it failed)}. Every check has its own
 # time limit, and a failed check does not stop the others. --quick runs only the start-up,
 # `verify` and the B-32 pair; --only runs only the named checks (in the script's order), for a
-# device lease too short for all of them. Results also go to $OUT/device-check.jsonl when $OUT
-# is set.
+# device lease too short for all of them. COCA_CHECK_MAX_S caps each check's time limit, and
+# COCA_CHECK_DEADLINE_S (seconds from the script's start) caps them all together: a check left
+# without time is skipped with a JSON line that says so, so a call whose own limit is that
+# deadline plus a margin always returns what ran. Results also go to $OUT/device-check.jsonl
+# when $OUT is set.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 KIT=${COCA_DEVICE_KIT:-target/device-kit}
@@ -57,6 +60,13 @@ if ls "$KIT"/wheels/*.whl >/dev/null 2>&1; then
     >/dev/null 2>&1 && export PYTHONPATH="$WORK/pylib${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
+# report LINE: one check's JSON line, on stdout and in $RESULTS.
+report() {
+  echo "$1"
+  [ -n "$RESULTS" ] && echo "$1" >>"$RESULTS"
+  return 0
+}
+
 # check NAME SECONDS COMMAND...: runs it, prints one JSON line; returns the command's status.
 check() {
   local name=$1 limit=$2
@@ -67,6 +77,15 @@ check() {
   # COCA_CHECK_MAX_S caps every check's limit (a short lease: fail fast, run the rest).
   if [ -n "${COCA_CHECK_MAX_S:-}" ] && [ "$limit" -gt "$COCA_CHECK_MAX_S" ]; then
     limit=$COCA_CHECK_MAX_S
+  fi
+  # COCA_CHECK_DEADLINE_S caps the whole run: what is left of it, and nothing under 10 s.
+  if [ -n "${COCA_CHECK_DEADLINE_S:-}" ]; then
+    local left=$((COCA_CHECK_DEADLINE_S - SECONDS))
+    if [ "$left" -lt 10 ]; then
+      report "{\"check\": \"$name\", \"ok\": false, \"skipped\": \"COCA_CHECK_DEADLINE_S=$COCA_CHECK_DEADLINE_S reached after $SECONDS s\"}"
+      return 1
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
   fi
   local start end rc
   start=$(date +%s.%N)
@@ -100,8 +119,7 @@ if rc != 0:
 print(json.dumps(report))
 PYEOF
 )
-  echo "$line"
-  [ -n "$RESULTS" ] && echo "$line" >>"$RESULTS"
+  report "$line"
   if [ "$rc" != 0 ] && [ -n "$FAILURES" ]; then
     { echo "=== $name (exit $rc): $*"; tail -n 300 "$WORK/out"; tail -n 300 "$WORK/err"; } >>"$FAILURES"
   fi
