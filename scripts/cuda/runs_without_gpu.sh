@@ -64,3 +64,59 @@ grep -q "libcuda.so.1" <<<"$out" && grep -q -- "--device cpu" <<<"$out" ||
   die "--device cuda without a driver did not name libcuda.so.1 and --device cpu: $out"
 [ "$(wc -l <<<"$out")" = 1 ] || die "--device cuda without a driver printed more than one line: $out"
 say "starts without a GPU, computes on the CPU, refuses --device cuda naming the driver: ok"
+
+# With stand-ins for the driver and the CUDA libraries (scripts/cuda/stand_in_libraries.c: the
+# symbols the checks call, no GPU), the checks a GPU node's start makes run through cudarc's own
+# loader: missing libraries, a CUDA 12 cuBLAS (cudarc's names reach libcublas.so.12), an old
+# driver, no visible GPU; each one line and exit 2. And --device auto computes on the CPU beside
+# a driver that sees no GPU, or whose cuInit fails (a warning).
+if ! command -v cc >/dev/null; then
+  say "skipped the checks with stand-in CUDA libraries: no C compiler (cc)"
+  exit 0
+fi
+S="$(mktemp -d)"
+trap 'rm -rf "${TMP:-}" "$S"' EXIT
+for lib in driver:libcuda.so.1:-DSTAND_IN_DRIVER cu13:libcublas.so.13:-DSTAND_IN_CUBLAS_MAJOR=13 \
+  cu12:libcublas.so.12:-DSTAND_IN_CUBLAS_MAJOR=12 curand:libcurand.so.10:-DSTAND_IN_CURAND; do
+  IFS=: read -r dir file flag <<<"$lib"
+  mkdir -p "$S/$dir"
+  cc -shared -fPIC "$flag" -o "$S/$dir/$file" scripts/cuda/stand_in_libraries.c
+done
+# refused WHAT LIBRARY_PATH ENV TEXT...: `selftest --device cuda` with those libraries (and ENV,
+# space-separated NAME=VALUE) exits 2 with one line that holds every TEXT.
+refused() {
+  local what=$1 path=$2 vars=$3 out rc text
+  shift 3
+  set +e
+  # shellcheck disable=SC2086 # ENV is split into its assignments
+  out="$(env $vars LD_LIBRARY_PATH="$path" "$WORKER" selftest --device cuda 2>&1)"
+  rc=$?
+  set -e
+  [ "$rc" = 2 ] || die "$what: --device cuda exited $rc, not 2: $out"
+  [ "$(wc -l <<<"$out")" = 1 ] || die "$what: --device cuda printed more than one line: $out"
+  for text in "$@"; do
+    grep -qF -- "$text" <<<"$out" || die "$what: the message lacks \"$text\": $out"
+  done
+}
+refused "a driver without the CUDA libraries" "$S/driver" "" \
+  "libcublas.so.13 (cuBLAS), libcurand.so.10 (cuRAND) could not be loaded" "LD_LIBRARY_PATH"
+refused "a CUDA 12 cuBLAS" "$S/driver:$S/cu12:$S/curand" "" \
+  "the cuBLAS loaded ($S/cu12/libcublas.so.12) is CUDA 12's" "libcublas.so.13"
+refused "a CUDA 12.8 driver" "$S/driver:$S/cu13:$S/curand" "STAND_IN_CUDA_VERSION=12080" \
+  "the NVIDIA driver supports CUDA 12.8" "--device cpu"
+refused "no visible GPU" "$S/driver:$S/cu13:$S/curand" "CUDA_VISIBLE_DEVICES=3" \
+  "no GPU is visible (CUDA_VISIBLE_DEVICES=3)" "--device cpu"
+# auto_on_cpu WHAT ENV TEXT: `selftest --device auto` beside the stand-in driver computes on the
+# CPU, passes, and its log holds TEXT.
+auto_on_cpu() {
+  local what=$1 vars=$2 text=$3 out
+  # shellcheck disable=SC2086 # ENV is split into its assignments
+  out="$(env $vars RUST_LOG=info LD_LIBRARY_PATH="$S/driver" "$WORKER" selftest --device auto 2>&1)" ||
+    die "$what: selftest --device auto failed: $out"
+  grep -qF -- "$text" <<<"$out" && grep -q '"device":"cpu"' <<<"$out" ||
+    die "$what: --device auto did not say \"$text\" and compute on the CPU: $out"
+}
+auto_on_cpu "a driver that sees no GPU" "" "no GPU is visible"
+auto_on_cpu "a driver whose cuInit fails" "STAND_IN_INIT_ERROR=999" \
+  "the NVIDIA driver did not initialise"
+say "with stand-in CUDA libraries: missing libraries, a CUDA 12 cuBLAS, an old driver and no visible GPU refused; --device auto on the CPU: ok"
