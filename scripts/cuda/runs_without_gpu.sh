@@ -69,7 +69,8 @@ say "starts without a GPU, computes on the CPU, refuses --device cuda naming the
 # symbols the checks call, no GPU), the checks a GPU node's start makes run through cudarc's own
 # loader: missing libraries, a CUDA 12 cuBLAS (cudarc's names reach libcublas.so.12), an old
 # driver, no visible GPU; each one line and exit 2. And --device auto computes on the CPU beside
-# a driver that sees no GPU, or whose cuInit fails (a warning).
+# a driver that sees no GPU, or whose cuInit fails (a warning); a GPU job under the launcher
+# stops on a missing or old NCCL, and on GPUs the driver does not see.
 if ! command -v cc >/dev/null; then
   say "skipped the checks with stand-in CUDA libraries: no C compiler (cc)"
   exit 0
@@ -117,6 +118,31 @@ auto_on_cpu() {
     die "$what: --device auto did not say \"$text\" and compute on the CPU: $out"
 }
 auto_on_cpu "a driver that sees no GPU" "" "no GPU is visible"
-auto_on_cpu "a driver whose cuInit fails" "STAND_IN_INIT_ERROR=999" \
-  "the NVIDIA driver did not initialise"
-say "with stand-in CUDA libraries: missing libraries, a CUDA 12 cuBLAS, an old driver and no visible GPU refused; --device auto on the CPU: ok"
+# A GPU job of two workers under the launcher, each given its GPU (CUDA_VISIBLE_DEVICES):
+# without NCCL, or with one older than 2.19, it stops at once naming the library; with NCCL, the
+# workers the launcher asked for a GPU never fall back to the CPU: they are refused, and the job
+# stops with the rank and the cause.
+# gpu_job_refused WHAT LIBRARY_PATH ENV PATTERN: the job exits 2 and its output matches PATTERN.
+gpu_job_refused() {
+  local what=$1 path=$2 vars=$3 pattern=$4 out rc
+  set +e
+  # shellcheck disable=SC2086 # ENV is split into its assignments
+  out="$(env $vars CUDA_VISIBLE_DEVICES=0,1 LD_LIBRARY_PATH="$path" "$LAUNCHER" \
+    --nproc-per-node gpu --log-dir "$S/logs" -- pretrain --max_steps 1 --output_dir "$S/run" 2>&1)"
+  rc=$?
+  set -e
+  [ "$rc" = 2 ] || die "$what: the GPU job exited $rc, not 2: $out"
+  grep -q "the job failed" <<<"$out" && grep -q -- "$pattern" <<<"$out" ||
+    die "$what: the GPU job did not stop saying \"$pattern\": $out"
+}
+if [ -x "$LAUNCHER" ]; then
+  cc -shared -fPIC -DSTAND_IN_NCCL -o "$S/curand/libnccl.so.2" scripts/cuda/stand_in_libraries.c
+  mkdir -p "$S/no-nccl" && cp "$S/curand/libcurand.so.10" "$S/no-nccl/"
+  gpu_job_refused "no NCCL" "$S/driver:$S/cu13:$S/no-nccl" "" \
+    "the NCCL library could not be loaded (libnccl.so.2: "
+  gpu_job_refused "NCCL 2.18" "$S/driver:$S/cu13:$S/curand" "STAND_IN_NCCL_VERSION=21805" \
+    "the NCCL library is 2.18.5 (version code 21805), older than the NCCL 2.19.0"
+  gpu_job_refused "a driver that sees no GPU" "$S/driver:$S/cu13:$S/curand" "" \
+    "no GPU is visible (CUDA_VISIBLE_DEVICES=[01])"
+fi
+say "with stand-in CUDA libraries: missing libraries, a CUDA 12 cuBLAS, an old driver and no visible GPU refused; --device auto on the CPU; GPU jobs without NCCL, with NCCL 2.18 and without GPUs stopped: ok"

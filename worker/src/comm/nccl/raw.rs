@@ -102,12 +102,24 @@ pub fn library_version() -> Result<c_int> {
     }
     if v < MIN_LIBRARY_VERSION {
         bail!(
-            "the NCCL library is version {v}, older than {MIN_LIBRARY_VERSION} (NCCL 2.19) that \
-             this build needs; put a newer libnccl.so.2 (the nvidia-nccl-cu13 wheel's lib folder) \
-             on LD_LIBRARY_PATH"
+            "the NCCL library is {} (version code {v}), older than the NCCL {} this build needs; \
+             put a newer libnccl.so.2 (the nvidia-nccl-cu13 wheel's lib folder) on \
+             LD_LIBRARY_PATH",
+            version_name(v),
+            version_name(MIN_LIBRARY_VERSION)
         );
     }
     Ok(v)
+}
+
+/// `major.minor.patch` of an `ncclGetVersion` code: `NCCL_VERSION_CODE`, which is
+/// `major·10000 + minor·100 + patch` since 2.9 and `major·1000 + minor·100 + patch` before.
+fn version_name(code: c_int) -> String {
+    let (major, rest) = match code {
+        20900.. => (code / 10000, code % 10000),
+        _ => (code / 1000, code % 1000),
+    };
+    format!("{major}.{}.{}", rest / 100, rest % 100)
 }
 
 /// A fresh unique id (rank 0 of a group makes it and publishes it through the key-value store).
@@ -359,6 +371,15 @@ fn blocking_off_config() -> sys::ncclConfig_t {
 mod tests {
     use super::*;
     use crate::comm::peer_failure::{exit_code, EXIT_PEER_FAILED};
+
+    #[test]
+    fn version_codes_are_named_as_nccl_releases() {
+        assert_eq!(version_name(MIN_LIBRARY_VERSION), "2.19.0");
+        assert_eq!(version_name(21805), "2.18.5");
+        assert_eq!(version_name(23206), "2.32.6");
+        // Before 2.9 the minor version had one digit.
+        assert_eq!(version_name(2804), "2.8.4");
+    }
 
     #[test]
     fn a_remote_error_is_a_peer_failure_and_the_rest_are_this_ranks() {
