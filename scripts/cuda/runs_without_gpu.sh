@@ -67,10 +67,11 @@ say "starts without a GPU, computes on the CPU, refuses --device cuda naming the
 
 # With stand-ins for the driver and the CUDA libraries (scripts/cuda/stand_in_libraries.c: the
 # symbols the checks call, no GPU), the checks a GPU node's start makes run through cudarc's own
-# loader: missing libraries, a CUDA 12 cuBLAS (cudarc's names reach libcublas.so.12), an old
-# driver, no visible GPU; each one line and exit 2. And --device auto computes on the CPU beside
-# a driver that sees no GPU, or whose cuInit fails (a warning); a GPU job under the launcher
-# stops on a missing or old NCCL, and on GPUs the driver does not see.
+# loader and ours for NCCL: missing libraries, a CUDA 12 cuBLAS (cudarc's names reach
+# libcublas.so.12), an old driver, no visible GPU, an index past the visible ones; each one line
+# and exit 2. --device auto computes on the CPU beside a driver that sees no GPU, or whose cuInit
+# fails (a warning). A GPU job under the launcher stops on a missing or old NCCL, and on GPUs the
+# driver does not see.
 if ! command -v cc >/dev/null; then
   say "skipped the checks with stand-in CUDA libraries: no C compiler (cc)"
   exit 0
@@ -78,35 +79,39 @@ fi
 S="$(mktemp -d)"
 trap 'rm -rf "${TMP:-}" "$S"' EXIT
 for lib in driver:libcuda.so.1:-DSTAND_IN_DRIVER cu13:libcublas.so.13:-DSTAND_IN_CUBLAS_MAJOR=13 \
-  cu12:libcublas.so.12:-DSTAND_IN_CUBLAS_MAJOR=12 curand:libcurand.so.10:-DSTAND_IN_CURAND; do
+  cu12:libcublas.so.12:-DSTAND_IN_CUBLAS_MAJOR=12 curand:libcurand.so.10:-DSTAND_IN_CURAND \
+  nccl:libnccl.so.2:-DSTAND_IN_NCCL; do
   IFS=: read -r dir file flag <<<"$lib"
   mkdir -p "$S/$dir"
   cc -shared -fPIC "$flag" -o "$S/$dir/$file" scripts/cuda/stand_in_libraries.c
 done
-# refused WHAT LIBRARY_PATH ENV TEXT...: `selftest --device cuda` with those libraries (and ENV,
-# space-separated NAME=VALUE) exits 2 with one line that holds every TEXT.
+# refused WHAT DEVICE LIBRARY_PATH ENV TEXT...: `selftest --device DEVICE` with those libraries
+# (and ENV, space-separated NAME=VALUE) exits 2 with one line that holds every TEXT.
 refused() {
-  local what=$1 path=$2 vars=$3 out rc text
-  shift 3
+  local what=$1 device=$2 path=$3 vars=$4 out rc text
+  shift 4
   set +e
   # shellcheck disable=SC2086 # ENV is split into its assignments
-  out="$(env $vars LD_LIBRARY_PATH="$path" "$WORKER" selftest --device cuda 2>&1)"
+  out="$(env $vars LD_LIBRARY_PATH="$path" "$WORKER" selftest --device "$device" 2>&1)"
   rc=$?
   set -e
-  [ "$rc" = 2 ] || die "$what: --device cuda exited $rc, not 2: $out"
-  [ "$(wc -l <<<"$out")" = 1 ] || die "$what: --device cuda printed more than one line: $out"
+  [ "$rc" = 2 ] || die "$what: --device $device exited $rc, not 2: $out"
+  [ "$(wc -l <<<"$out")" = 1 ] || die "$what: --device $device printed more than one line: $out"
   for text in "$@"; do
     grep -qF -- "$text" <<<"$out" || die "$what: the message lacks \"$text\": $out"
   done
 }
-refused "a driver without the CUDA libraries" "$S/driver" "" \
+refused "a driver without the CUDA libraries" cuda "$S/driver" "" \
   "libcublas.so.13 (cuBLAS), libcurand.so.10 (cuRAND) could not be loaded" "LD_LIBRARY_PATH"
-refused "a CUDA 12 cuBLAS" "$S/driver:$S/cu12:$S/curand" "" \
+refused "a CUDA 12 cuBLAS" cuda "$S/driver:$S/cu12:$S/curand" "" \
   "the cuBLAS loaded ($S/cu12/libcublas.so.12) is CUDA 12's" "libcublas.so.13"
-refused "a CUDA 12.8 driver" "$S/driver:$S/cu13:$S/curand" "STAND_IN_CUDA_VERSION=12080" \
+refused "a CUDA 12.8 driver" cuda "$S/driver:$S/cu13:$S/curand" "STAND_IN_CUDA_VERSION=12080" \
   "the NVIDIA driver supports CUDA 12.8" "--device cpu"
-refused "no visible GPU" "$S/driver:$S/cu13:$S/curand" "CUDA_VISIBLE_DEVICES=3" \
+refused "no visible GPU" cuda "$S/driver:$S/cu13:$S/curand" "CUDA_VISIBLE_DEVICES=3" \
   "no GPU is visible (CUDA_VISIBLE_DEVICES=3)" "--device cpu"
+refused "an index past the visible GPUs" cuda:2 "$S/driver:$S/cu13:$S/curand" \
+  "STAND_IN_GPU_COUNT=2 CUDA_VISIBLE_DEVICES=4,5" \
+  "--device cuda:2, but 2 GPU(s) are visible (CUDA_VISIBLE_DEVICES=4,5)"
 # auto_on_cpu WHAT ENV TEXT: `selftest --device auto` beside the stand-in driver computes on the
 # CPU, passes, and its log holds TEXT.
 auto_on_cpu() {
@@ -118,6 +123,8 @@ auto_on_cpu() {
     die "$what: --device auto did not say \"$text\" and compute on the CPU: $out"
 }
 auto_on_cpu "a driver that sees no GPU" "" "no GPU is visible"
+auto_on_cpu "a driver whose cuInit fails" "STAND_IN_INIT_ERROR=999" \
+  "the NVIDIA driver did not initialise"
 # A GPU job of two workers under the launcher, each given its GPU (CUDA_VISIBLE_DEVICES):
 # without NCCL, or with one older than 2.19, it stops at once naming the library; with NCCL, the
 # workers the launcher asked for a GPU never fall back to the CPU: they are refused, and the job
@@ -136,13 +143,11 @@ gpu_job_refused() {
     die "$what: the GPU job did not stop saying \"$pattern\": $out"
 }
 if [ -x "$LAUNCHER" ]; then
-  cc -shared -fPIC -DSTAND_IN_NCCL -o "$S/curand/libnccl.so.2" scripts/cuda/stand_in_libraries.c
-  mkdir -p "$S/no-nccl" && cp "$S/curand/libcurand.so.10" "$S/no-nccl/"
-  gpu_job_refused "no NCCL" "$S/driver:$S/cu13:$S/no-nccl" "" \
+  gpu_job_refused "no NCCL" "$S/driver:$S/cu13:$S/curand" "" \
     "the NCCL library could not be loaded (libnccl.so.2: "
-  gpu_job_refused "NCCL 2.18" "$S/driver:$S/cu13:$S/curand" "STAND_IN_NCCL_VERSION=21805" \
+  gpu_job_refused "NCCL 2.18" "$S/driver:$S/cu13:$S/curand:$S/nccl" "STAND_IN_NCCL_VERSION=21805" \
     "the NCCL library is 2.18.5 (version code 21805), older than the NCCL 2.19.0"
-  gpu_job_refused "a driver that sees no GPU" "$S/driver:$S/cu13:$S/curand" "" \
+  gpu_job_refused "a driver that sees no GPU" "$S/driver:$S/cu13:$S/curand:$S/nccl" "" \
     "no GPU is visible (CUDA_VISIBLE_DEVICES=[01])"
 fi
-say "with stand-in CUDA libraries: missing libraries, a CUDA 12 cuBLAS, an old driver and no visible GPU refused; --device auto on the CPU; GPU jobs without NCCL, with NCCL 2.18 and without GPUs stopped: ok"
+say "with stand-in CUDA libraries: each start-up refusal, --device auto on the CPU, GPU jobs stopped: ok"

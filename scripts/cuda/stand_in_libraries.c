@@ -11,8 +11,9 @@
 //   cc -shared -fPIC -DSTAND_IN_NCCL -o libnccl.so.2 stand_in_libraries.c
 //
 // The driver reads STAND_IN_INIT_ERROR (cuInit's result, default 0; it must be a CUresult, e.g.
-// 999 CUDA_ERROR_UNKNOWN) and STAND_IN_CUDA_VERSION (cuDriverGetVersion's, default 13000) from
-// the environment, and sees no GPU. NCCL reads STAND_IN_NCCL_VERSION (ncclGetVersion's, default
+// 999 CUDA_ERROR_UNKNOWN), STAND_IN_CUDA_VERSION (cuDriverGetVersion's, default 13000) and
+// STAND_IN_GPU_COUNT (cuDeviceGetCount's, default 0; it has no device to open) from the
+// environment. NCCL reads STAND_IN_NCCL_VERSION (ncclGetVersion's, default
 // 23000 for 2.30.0); its other functions exist only to be resolved, and fail if called.
 #include <stdlib.h>
 
@@ -30,7 +31,7 @@ int cuDriverGetVersion(int* version) {
   return 0;
 }
 int cuDeviceGetCount(int* count) {
-  *count = 0;
+  *count = env_int("STAND_IN_GPU_COUNT", 0);
   return 0;
 }
 int cuGetErrorString(int error, const char** text) {
