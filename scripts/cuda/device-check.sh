@@ -183,8 +183,9 @@ check bench-b32-portable-ops 300 env COCA_PORTABLE_OPS=1 "$W" bench --device cud
 check launch-train 300 "$BIN/coca-launch" --nproc-per-node gpu --log-dir "$WORK/log" -- \
   pretrain --max_steps 4 --save_steps 4 --output_dir "$WORK/run"
 check checkpoint-written 10 test -d "$WORK/run/checkpoint-4"
-# Issue #17: all-reduce bus bandwidth of a one-rank NCCL communicator made through the launcher's
-# control plane (one GPU: NCCL refuses two ranks on one device).
+# Issue #17: a one-rank NCCL communicator made through the launcher's control plane (one GPU:
+# NCCL refuses two ranks on one device): every operation against the host rings' result
+# (`checked_max_abs_diff`), then its all-reduce bus bandwidth.
 check bench-collectives 120 "$BIN/coca-launch" --nproc-per-node gpu --log-dir "$WORK/log-comm" -- \
   bench-collectives --device cuda --bytes 1048576,67108864,268435456
 check bench-l14 400 "$W" bench --device cuda --tf32 True --model coca_ViT-L-14 --batch 64 \

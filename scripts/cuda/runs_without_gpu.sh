@@ -128,13 +128,14 @@ auto_on_cpu "a driver whose cuInit fails" "STAND_IN_INIT_ERROR=999" \
 # A GPU job of two workers under the launcher, each given its GPU (CUDA_VISIBLE_DEVICES):
 # without NCCL, or with one older than 2.19, it stops at once naming the library; with NCCL, the
 # workers the launcher asked for a GPU never fall back to the CPU: they are refused, and the job
-# stops with the rank and the cause.
-# gpu_job_refused WHAT LIBRARY_PATH ENV PATTERN: the job exits 2 and its output matches PATTERN.
+# stops with the rank and the cause. A job of one GPU worker does not ask for NCCL.
+# gpu_job_refused WHAT LIBRARY_PATH ENV PATTERN: the job (CUDA_VISIBLE_DEVICES=0,1 unless ENV
+# says otherwise) exits 2 and its output matches PATTERN.
 gpu_job_refused() {
   local what=$1 path=$2 vars=$3 pattern=$4 out rc
   set +e
   # shellcheck disable=SC2086 # ENV is split into its assignments
-  out="$(env $vars CUDA_VISIBLE_DEVICES=0,1 LD_LIBRARY_PATH="$path" "$LAUNCHER" \
+  out="$(env CUDA_VISIBLE_DEVICES=0,1 $vars LD_LIBRARY_PATH="$path" "$LAUNCHER" \
     --nproc-per-node gpu --log-dir "$S/logs" -- pretrain --max_steps 1 --output_dir "$S/run" 2>&1)"
   rc=$?
   set -e
@@ -149,5 +150,8 @@ if [ -x "$LAUNCHER" ]; then
     "the NCCL library is 2.18.5 (version code 21805), older than the NCCL 2.19.0"
   gpu_job_refused "a driver that sees no GPU" "$S/driver:$S/cu13:$S/curand:$S/nccl" "" \
     "no GPU is visible (CUDA_VISIBLE_DEVICES=[01])"
+  # One GPU worker needs no NCCL (its groups are of one): it gets as far as its device.
+  gpu_job_refused "one GPU without NCCL" "$S/driver:$S/cu13:$S/curand" "CUDA_VISIBLE_DEVICES=0" \
+    "no GPU is visible (CUDA_VISIBLE_DEVICES=0)"
 fi
 say "with stand-in CUDA libraries: each start-up refusal, --device auto on the CPU, GPU jobs stopped: ok"

@@ -349,6 +349,24 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let world =
                 coca_worker::distributed::job_groups::WorldGroup::for_device(&ctx, &device)?;
             let placement = coca_worker::comm::PlacementRule::from_env()?.placement(&device);
+            // Every operation against the host rings' result first: what the timed backend
+            // computes is right before its speed is.
+            let host = coca_worker::comm::HostTransport::shared(world.comm.transport().clone());
+            let checked = coca_worker::comm::bench::check_against_host(
+                world.comm.as_ref(),
+                host.as_ref(),
+                &placement,
+            )
+            .with_context(|| {
+                format!(
+                    "rank {}: the {} backend's collectives",
+                    ctx.rank, world.backend
+                )
+            })?;
+            let checked: serde_json::Map<String, serde_json::Value> = checked
+                .into_iter()
+                .map(|(op, diff)| (op.to_string(), serde_json::json!(diff)))
+                .collect();
             for size in bytes {
                 let report = coca_worker::comm::bench::bench_all_reduce(
                     world.comm.as_ref(),
@@ -367,6 +385,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                             "seconds": report.seconds,
                             "algbw_gb_s": report.algbw_gbps,
                             "busbw_gb_s": report.busbw_gbps,
+                            "checked_max_abs_diff": checked,
                     }))?;
                 }
             }

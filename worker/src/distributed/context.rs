@@ -86,13 +86,14 @@ impl RankContext {
     /// worker's own flags ask for (they must match the launcher's).
     pub fn from_env(tp: usize, sharding: usize) -> Result<Self> {
         crate::device::check_launched_kind()?;
-        // A GPU worker of an NCCL build refuses an NCCL library older than it supports before
-        // anything trains (the message names the version and where a newer one comes from).
+        let world = env_number("WORLD_SIZE")?.unwrap_or(1);
+        // A GPU worker of an NCCL build in a job of several refuses a missing NCCL, or one older
+        // than it supports, before anything trains (the message names the version and where a
+        // newer one comes from). A job of one GPU trains without NCCL: its groups are of one.
         #[cfg(feature = "nccl")]
-        if crate::device::launched_for_gpu() {
+        if crate::device::launched_for_gpu() && world > 1 {
             crate::comm::nccl::library_version()?;
         }
-        let world = env_number("WORLD_SIZE")?.unwrap_or(1);
         let control_addr = std::env::var("COCA_CONTROL_ADDR").ok();
         if world == 1 && control_addr.is_none() {
             Topology::new(1, tp, sharding)?;
