@@ -46,10 +46,11 @@ pub fn check_against_host(
                 c.broadcast(&mut buf, size - 1)?;
                 buf
             }
-            _ => {
+            "barrier" => {
                 c.barrier()?;
                 buf
             }
+            other => anyhow::bail!("no collective named {other}"),
         };
         out.to_vec()
     };
